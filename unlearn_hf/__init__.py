@@ -1,0 +1,44 @@
+"""unlearn_hf: training-free skill unlearning for Hugging Face causal language models.
+
+Implements Neuron Adjust and Key Space Detection (Li, Sun, Weng, NAACL 2025) and the Selective Pruning
+baseline, attached to any ``AutoModelForCausalLM`` through owned forward hooks.
+"""
+
+__version__ = "0.1.0"
+
+from .data import DataSpec
+from .methods import (
+    KeySpaceDetection,
+    KeySpaceDetectionConfig,
+    MethodConfig,
+    NeuronAdjust,
+    NeuronAdjustConfig,
+    SelectivePruning,
+    SelectivePruningConfig,
+    UnlearningMethod,
+)
+from .model import UnlearnedModelForCausalLM
+from .probe import probe
+from .sites import FFLSite, SiteError, find_ffl_sites
+from .stats import RunningStats, SiteStatistics, merge
+
+__all__ = [
+    "DataSpec",
+    "FFLSite",
+    "KeySpaceDetection",
+    "KeySpaceDetectionConfig",
+    "MethodConfig",
+    "NeuronAdjust",
+    "NeuronAdjustConfig",
+    "RunningStats",
+    "SelectivePruning",
+    "SelectivePruningConfig",
+    "SiteError",
+    "SiteStatistics",
+    "UnlearnedModelForCausalLM",
+    "UnlearningMethod",
+    "__version__",
+    "find_ffl_sites",
+    "merge",
+    "probe",
+]

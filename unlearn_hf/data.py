@@ -1,0 +1,223 @@
+"""Turning user data into padded token batches with a mask of the tokens to count.
+
+Accepted inputs (the same for the probe and every ``fit``):
+
+* a list of strings (full texts, or prompts in query mode);
+* a list of dicts or a ``datasets.Dataset`` with a named text column, or prompt + completion columns;
+* an iterable of tokenized batches: mappings with ``input_ids`` and ``attention_mask`` tensors (optionally a
+  boolean ``select_mask`` of the tokens to count).
+
+Token modes: ``"all"`` (every real token), ``"prompt"`` / ``"completion"`` (only that part of prompt +
+completion pairs), ``"last"`` (query mode: the last real token of each prompt).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+TOKEN_MODES = ("all", "prompt", "completion", "last")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How to read examples out of user data.
+
+    Args:
+        text_column: column (or dict key) holding the full text, or the prompt in query mode.
+        prompt_column / completion_column: columns of prompt + completion pairs; the text is their
+            concatenation and the prompt's tokens are known, which the ``"prompt"``/``"completion"`` modes need.
+        batch_size: examples per forward pass.
+        max_length: truncation length in tokens (query mode truncates on the left, keeping the prompt's end).
+    """
+
+    text_column: str = "text"
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    batch_size: int = 8
+    max_length: int = 512
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}.")
+        if (self.prompt_column is None) != (
+            self.completion_column is None
+        ) and self.completion_column is not None:
+            raise ValueError("completion_column needs prompt_column as well.")
+
+
+@dataclass
+class TokenBatch:
+    """One padded batch: ``input_ids``/``attention_mask`` ``[B, T]`` and ``select`` (bool ``[B, T]``)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    select: torch.Tensor
+
+
+def _is_tokenized_batch(item: Any) -> bool:
+    return isinstance(item, Mapping) and "input_ids" in item and torch.is_tensor(item["input_ids"])
+
+
+def last_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean mask selecting the last real token of each row, whatever the padding side."""
+    mask = attention_mask.bool()
+    t = mask.shape[1]
+    last = t - 1 - mask.flip(1).int().argmax(1)
+    out = torch.zeros_like(mask)
+    has_token = mask.any(1)
+    out[has_token.nonzero().squeeze(1), last[has_token]] = True
+    return out
+
+
+def _columns_of(data: Any) -> list[str] | None:
+    names = getattr(data, "column_names", None)
+    if names is not None:
+        return list(names)
+    return None
+
+
+def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None]]:
+    """Return ``(text_or_prompt, completion_or_None)`` pairs out of strings, dicts or a Dataset."""
+    wants_pairs = mode in ("prompt", "completion") or (spec.prompt_column is not None and mode != "last")
+    columns = _columns_of(data)
+    if columns is not None:  # datasets.Dataset (or anything column-addressable)
+        needed = [spec.prompt_column, spec.completion_column] if wants_pairs else None
+        if mode == "last":
+            needed = [spec.prompt_column or spec.text_column]
+        elif not wants_pairs:
+            needed = [spec.text_column]
+        missing = [c for c in needed if c is None or c not in columns]
+        if missing:
+            raise ValueError(
+                f"Column(s) {missing} not found in the data set; available columns: {columns}."
+                + (f" Token mode {mode!r} needs prompt_column and completion_column." if wants_pairs else "")
+            )
+        if len(needed) == 2:
+            return list(zip(data[needed[0]], data[needed[1]]))
+        return [(t, None) for t in data[needed[0]]]
+    records = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            if wants_pairs:
+                raise ValueError(
+                    f"Token mode {mode!r} needs prompt + completion pairs (dicts or a Dataset with prompt_column "
+                    "and completion_column), got plain strings."
+                )
+            records.append((item, None))
+        elif isinstance(item, Mapping):
+            keys = [spec.prompt_column, spec.completion_column] if wants_pairs else None
+            if mode == "last":
+                keys = [spec.prompt_column or spec.text_column]
+            elif not wants_pairs:
+                keys = [spec.text_column]
+            missing = [k for k in keys if k is None or k not in item]
+            if missing:
+                raise ValueError(f"Example {i} has no key(s) {missing}; available keys: {sorted(item)}.")
+            records.append((item[keys[0]], item[keys[1]] if len(keys) == 2 else None))
+        elif isinstance(item, Sequence) and len(item) == 2 and all(isinstance(s, str) for s in item):
+            records.append((item[0], item[1]) if mode != "last" else (item[0], None))
+        else:
+            raise TypeError(f"Example {i} is a {type(item).__name__}; expected a string, a dict or a pair.")
+    for i, (a, b) in enumerate(records):
+        if not isinstance(a, str) or (b is not None and not isinstance(b, str)):
+            raise TypeError(f"Example {i} does not hold text (got {type(a).__name__}).")
+    return records
+
+
+def prepare_tokenizer(tokenizer: Any, mode: str):
+    """Return a copy of ``tokenizer`` with a pad token and, in query mode, left truncation."""
+    if tokenizer is None:
+        raise ValueError("A tokenizer is needed to tokenize text data (pass tokenizer=...).")
+    tok = copy.deepcopy(tokenizer)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad token nor an eos token to pad with.")
+        tok.pad_token = tok.eos_token
+    if mode == "last":
+        tok.truncation_side = "left"
+    return tok
+
+
+def iter_token_batches(
+    data: Any, tokenizer: Any = None, *, mode: str = "all", spec: DataSpec | None = None
+) -> tuple[int | None, Iterator[TokenBatch]]:
+    """Return ``(number_of_examples_or_None, iterator of TokenBatch)`` for any accepted input.
+
+    Raises:
+        ValueError: empty data, missing columns, unknown mode, no tokenizer for text.
+    """
+    spec = spec or DataSpec()
+    if mode not in TOKEN_MODES:
+        raise ValueError(f"Unknown token mode {mode!r}; choose one of {TOKEN_MODES}.")
+    if isinstance(data, str):
+        raise TypeError("Pass a list of strings, not a single string.")
+    if isinstance(data, Mapping) and _is_tokenized_batch(data):
+        data = [data]
+    if not isinstance(data, Sequence) and _columns_of(data) is None:
+        return None, _tokenized_iter(iter(data), mode)  # a generator of tokenized batches
+    if len(data) == 0:
+        raise ValueError("The data set is empty: at least one example is needed.")
+    if _columns_of(data) is None and _is_tokenized_batch(data[0]):
+        return sum(int(b["input_ids"].shape[0]) for b in data), _tokenized_iter(iter(data), mode)
+    records = _records(data, spec, mode)
+    tok = prepare_tokenizer(tokenizer, mode)
+    return len(records), _text_iter(records, tok, mode, spec)
+
+
+def _tokenized_iter(batches: Iterable[Mapping[str, Any]], mode: str) -> Iterator[TokenBatch]:
+    seen = False
+    for i, b in enumerate(batches):
+        if not _is_tokenized_batch(b):
+            raise TypeError(f"Batch {i} is not a mapping with an 'input_ids' tensor.")
+        ids = b["input_ids"]
+        mask = b.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"Batch {i}: attention_mask {tuple(mask.shape)} != input_ids {tuple(ids.shape)}."
+            )
+        if mode == "last":
+            select = last_token_mask(mask)
+        elif "select_mask" in b:
+            select = b["select_mask"].bool() & mask.bool()
+        elif mode == "all":
+            select = mask.bool()
+        else:
+            raise ValueError(f"Token mode {mode!r} on tokenized batches needs a 'select_mask' in each batch.")
+        seen = True
+        yield TokenBatch(ids, mask, select)
+    if not seen:
+        raise ValueError("The data set is empty: the iterable yielded no batches.")
+
+
+def _text_iter(records: list[tuple[str, str | None]], tok, mode: str, spec: DataSpec) -> Iterator[TokenBatch]:
+    for start in range(0, len(records), spec.batch_size):
+        chunk = records[start : start + spec.batch_size]
+        texts = [p if c is None else p + c for p, c in chunk]
+        enc = tok(texts, padding=True, truncation=True, max_length=spec.max_length, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if mode == "last":
+            select = last_token_mask(mask)
+        elif mode == "all":
+            select = mask.bool()
+        else:
+            select = _part_mask(tok, [p for p, _ in chunk], mask, prompt=(mode == "prompt"))
+        yield TokenBatch(ids, mask, select)
+
+
+def _part_mask(tok, prompts: list[str], mask: torch.Tensor, prompt: bool) -> torch.Tensor:
+    """Mask of the prompt (or completion) tokens of prompt + completion rows, for either padding side."""
+    n_prompt = [len(ids) for ids in tok(prompts, truncation=False)["input_ids"]]
+    m = mask.bool()
+    # position of each token among the row's real tokens (0 for the first real token)
+    rank = m.long().cumsum(1) - 1
+    n_prompt_t = torch.tensor(n_prompt).unsqueeze(1)
+    part = rank < n_prompt_t if prompt else rank >= n_prompt_t
+    return part & m

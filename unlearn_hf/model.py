@@ -1,0 +1,348 @@
+"""``UnlearnedModelForCausalLM``: a causal LM with unlearning methods attached through hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import torch
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .data import DataSpec
+from .methods.base import METHOD_CLASSES, MethodConfig, UnlearningMethod
+from .runtime import _CURRENT, _DISABLED, _GENERATION, ForwardContext, HookRegistrar, RequestState
+from .sites import FFLSite, SiteOverride, find_ffl_sites
+
+logger = logging.getLogger(__name__)
+
+
+def _cache_of(values: Mapping[str, Any]) -> Any:
+    """The KV cache among forward arguments or outputs (``cache`` in transformers 5, ``past_key_values`` before)."""
+    for key in ("cache", "past_key_values"):
+        if values.get(key) is not None:
+            return values[key]
+    return None
+
+
+class UnlearnedModelForCausalLM:
+    """A causal LM whose skills can be unlearned by attached methods (Neuron Adjust, Key Space Detection,
+    Selective Pruning), without changing a single weight.
+
+    **Mechanism.** :meth:`from_base` returns an object of a class created on the fly that subclasses both this
+    class and the base model's own class (e.g. ``LlamaForCausalLM``), sharing the base model's modules,
+    parameters and config. We chose this over a PEFT-style wrapper because it keeps everything the ecosystem
+    checks working unchanged: ``isinstance(m, LlamaForCausalLM)`` and ``isinstance(m, PreTrainedModel)`` hold,
+    ``generate`` and ``pipeline("text-generation")`` run their normal code (the class keeps the base class's
+    ``__name__``, which pipelines use to accept the model), ``save_pretrained`` writes a config whose
+    ``architectures`` loads with plain ``transformers``. The original object is left as it was: it stays the
+    plain base model (``unlearned.base_model``), because every hook we add is gated on the unlearned object being
+    the one called, in the current thread or task (see :mod:`unlearn_hf.runtime`).
+
+    **Subclassing.** Subclass this class (not the dynamic one) and call ``MySubclass.from_base(model)``. Override
+    :attr:`method_classes` to swap in your own method implementations (e.g. a ``NeuronAdjust`` subclass with
+    another replacement rule), or :meth:`combine_abstention` to change how several abstaining methods vote.
+    """
+
+    #: method_type -> implementation used by :meth:`fit` and loading. Override in subclasses.
+    method_classes: ClassVar[Mapping[str, type[UnlearningMethod]]] = METHOD_CLASSES
+    _dynamic_classes: ClassVar[dict[tuple[type, type], type]] = {}
+    _forward_signatures: ClassVar[dict[type, inspect.Signature]] = {}
+
+    # -- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, model: PreTrainedModel, sites: SiteOverride | None = None):
+        """Wrap ``model`` (any ``AutoModelForCausalLM`` instance) with nothing attached yet.
+
+        Args:
+            model: the base model; it is not modified and remains usable as the plain model.
+            sites: optional override of the FFL sites (see :func:`unlearn_hf.sites.find_ffl_sites`).
+        """
+        if isinstance(model, UnlearnedModelForCausalLM):
+            raise TypeError(
+                "This model is already an UnlearnedModelForCausalLM; attach more methods to it directly."
+            )
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                f"Expected a transformers PreTrainedModel (a causal LM), got {type(model).__name__}."
+            )
+        if not model.can_generate():
+            raise TypeError(f"{type(model).__name__} is not a generative (causal LM) model.")
+        dyn = cls._dynamic_class(type(model))
+        obj = object.__new__(dyn)
+        obj.__dict__.update(model.__dict__)  # shares modules, parameters, buffers, config and hooks
+        obj._unlearn_base = model
+        obj._unlearn_site_override = sites
+        obj._unlearn_sites = None
+        obj._unlearn_methods = {}
+        obj._unlearn_hooks = {}
+        return obj
+
+    @classmethod
+    def _dynamic_class(cls, base_cls: type) -> type:
+        key = (cls, base_cls)
+        if key not in cls._dynamic_classes:
+            cls._dynamic_classes[key] = type(
+                base_cls.__name__,
+                (cls, base_cls),
+                {
+                    "__module__": base_cls.__module__,
+                    "__qualname__": f"{cls.__qualname__}[{base_cls.__name__}]",
+                    "__doc__": cls.__doc__,
+                    "_unlearn_base_class": base_cls,
+                },
+            )
+        return cls._dynamic_classes[key]
+
+    # -- the base model --------------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The plain base model (same modules; unlearning never applies when it is called)."""
+        return self._unlearn_base
+
+    def get_base_model(self) -> PreTrainedModel:
+        return self._unlearn_base
+
+    @property
+    def ffl_sites(self) -> list[FFLSite]:
+        """The validated FFL sites of every decoder layer (found once, lazily)."""
+        if self._unlearn_sites is None:
+            self._unlearn_sites = find_ffl_sites(self._unlearn_base, self._unlearn_site_override)
+        return self._unlearn_sites
+
+    # -- methods ---------------------------------------------------------------------------------------------
+    @property
+    def methods(self) -> Mapping[str, UnlearningMethod]:
+        """Attached methods by name (read-only view)."""
+        return MappingProxyType(self._unlearn_methods)
+
+    @property
+    def has_abstention(self) -> bool:
+        """Whether an attached method can make the model abstain."""
+        return any(m.abstains for m in self._unlearn_methods.values())
+
+    def fit(
+        self,
+        config: MethodConfig,
+        forget: Any,
+        retain: Any = None,
+        tokenizer: Any = None,
+        *,
+        name: str | None = None,
+        batch_size: int = 8,
+        max_length: int = 512,
+        text_column: str = "text",
+        prompt_column: str | None = None,
+        completion_column: str | None = None,
+        show_progress: bool = True,
+    ) -> UnlearningMethod:
+        """Fit a method on forget (and retain) data, attach it under ``name`` and return it.
+
+        Args:
+            config: a method config (``NeuronAdjustConfig``, ``KeySpaceDetectionConfig``, ...).
+            forget / retain: strings, dicts, a ``datasets.Dataset`` or tokenized batches.
+            tokenizer: the model's tokenizer (for text data; also refusal texts).
+            name: name of the attached method (default: the method type).
+            batch_size / max_length / *_column: how data is read (see :class:`unlearn_hf.data.DataSpec`).
+            show_progress: tqdm progress bars.
+        """
+        if not isinstance(config, MethodConfig):
+            raise TypeError(f"config must be a method config, got {type(config).__name__}.")
+        if config.method_type not in self.method_classes:
+            raise ValueError(
+                f"No implementation for method {config.method_type!r}; known: {sorted(self.method_classes)}."
+            )
+        name = name or config.method_type
+        if name in self._unlearn_methods:
+            raise ValueError(
+                f"A method named {name!r} is already attached; remove it first or pick another name."
+            )
+        spec = DataSpec(text_column, prompt_column, completion_column, batch_size, max_length)
+        method = self.method_classes[config.method_type].fit(
+            self, config, forget, retain, tokenizer, spec=spec, show_progress=show_progress
+        )
+        self.add_method(name, method)
+        return method
+
+    def add_method(self, name: str, method: UnlearningMethod) -> None:
+        """Attach a fitted method. Either every hook is registered or none is."""
+        if name in self._unlearn_methods:
+            raise ValueError(f"A method named {name!r} is already attached.")
+        if not isinstance(method, UnlearningMethod):
+            raise TypeError(f"Expected a fitted UnlearningMethod, got {type(method).__name__}.")
+        registrar = HookRegistrar(self, name)
+        try:
+            method.attach(self, registrar)
+        except BaseException:
+            registrar.remove()
+            raise
+        self._unlearn_methods[name] = method
+        self._unlearn_hooks[name] = registrar
+
+    def remove_method(self, name: str) -> UnlearningMethod:
+        """Detach a method (removing only its own hooks) and return it."""
+        if name not in self._unlearn_methods:
+            raise KeyError(f"No method named {name!r}; attached: {sorted(self._unlearn_methods)}.")
+        self._unlearn_hooks.pop(name).remove()
+        return self._unlearn_methods.pop(name)
+
+    def remove_all_methods(self) -> None:
+        """Detach every method: the model is then exactly the base model again."""
+        for name in list(self._unlearn_methods):
+            self.remove_method(name)
+
+    def unload(self) -> PreTrainedModel:
+        """Detach every method and return the plain base model."""
+        self.remove_all_methods()
+        return self._unlearn_base
+
+    @contextlib.contextmanager
+    def disable_unlearning(self, *names: str) -> Iterator[None]:
+        """Within the block (in this thread/task), the model is the plain base model; with ``names``, only those
+        methods are switched off."""
+        unknown = [n for n in names if n not in self._unlearn_methods]
+        if unknown:
+            raise KeyError(f"No methods named {unknown}; attached: {sorted(self._unlearn_methods)}.")
+        outer = _DISABLED.get()
+        previous = outer[1] if outer is not None and outer[0] is self else frozenset()
+        now = None if (not names or previous is None) else previous | frozenset(names)
+        token = _DISABLED.set((self, now))
+        try:
+            yield
+        finally:
+            _DISABLED.reset(token)
+
+    def disable_abstention(self) -> contextlib.AbstractContextManager[None]:
+        """Switch off the abstaining methods only (e.g. to score text whose abstention was decided apart)."""
+        names = [n for n, m in self._unlearn_methods.items() if m.abstains]
+        return self.disable_unlearning(*names) if names else contextlib.nullcontext()
+
+    def _disabled_names(self) -> frozenset[str] | None:
+        """Methods switched off in this context; ``None`` when all are."""
+        state = _DISABLED.get()
+        if state is None or state[0] is not self:
+            return frozenset()
+        return state[1]
+
+    # -- calling ---------------------------------------------------------------------------------------------
+    def _bind_forward(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        base_cls = type(self)._unlearn_base_class
+        sig = self._forward_signatures.get(base_cls)
+        if sig is None:
+            sig = self._forward_signatures[base_cls] = inspect.signature(base_cls.forward)
+        return sig.bind_partial(None, *args, **kwargs).arguments
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        disabled = self._disabled_names()
+        active = (
+            []
+            if disabled is None
+            else [(n, m) for n, m in self._unlearn_methods.items() if n not in disabled]
+        )
+        if not active:
+            return super().__call__(*args, **kwargs)
+        ctx = self._forward_context(self._bind_forward(args, kwargs), disabled)
+        token = _CURRENT.set(ctx)
+        try:
+            for _, method in active:
+                method.on_forward_start(ctx)
+            output = super().__call__(*args, **kwargs)
+            for _, method in active:
+                output = method.on_forward_end(ctx, output)
+        finally:
+            _CURRENT.reset(token)
+        cache = _cache_of(output) if isinstance(output, ModelOutput) else None
+        if cache is not None and _GENERATION.get() is None:
+            with contextlib.suppress(AttributeError):  # legacy tuple caches cannot carry state
+                cache._unlearn_request = ctx.request
+        return output
+
+    def _forward_context(self, bound: dict[str, Any], disabled: frozenset[str]) -> ForwardContext:
+        ids = bound.get("input_ids")
+        if ids is None:
+            ids = bound.get("inputs_embeds")
+        if ids is None:
+            raise ValueError("The unlearned model needs input_ids or inputs_embeds.")
+        cache = _cache_of({**bound.get("kwargs", {}), **bound})
+        past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        request = _GENERATION.get()
+        if request is None or request.owner is not self:
+            request = getattr(cache, "_unlearn_request", None)
+            if request is None or request.owner is not self or past == 0:
+                request = RequestState(self)
+        input_len = ids.shape[1]
+        is_prefill = request.prefill_len is None
+        if is_prefill:
+            request.prefill_len = past + input_len
+        mask = bound.get("attention_mask")
+        if mask is not None:
+            if mask.ndim != 2:
+                mask = None  # 4D custom masks: treat every position as real
+            else:
+                mask = mask[:, -input_len:]
+        return ForwardContext(self, request, is_prefill, input_len, past + input_len, mask, disabled)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``transformers`` ``generate`` with the attached methods active.
+
+        With an abstaining method and ``return_dict_in_generate=True``, the output has ``abstained``: a bool
+        tensor with one entry per returned sequence.
+        """
+        request = RequestState(self)
+        token = _GENERATION.set(request)
+        try:
+            output = super().generate(*args, **kwargs)
+        finally:
+            _GENERATION.reset(token)
+        if isinstance(output, ModelOutput) and self.has_abstention:
+            n_inputs = self._count_inputs(args, kwargs)
+            output["abstained"] = self.abstained_rows(request, n_inputs, output.sequences.shape[0])
+        return output
+
+    @staticmethod
+    def _count_inputs(args: tuple, kwargs: dict) -> int:
+        ids = (
+            args[0]
+            if args and torch.is_tensor(args[0])
+            else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        )
+        return 1 if ids is None else ids.shape[0]
+
+    def abstained_rows(self, request: RequestState, n_inputs: int, n_returned: int) -> torch.Tensor:
+        """Per returned row, whether it abstained (rows of one input share the input's decision)."""
+        flags = self.combine_abstention(
+            {n: request.data[n] for n, m in self._unlearn_methods.items() if m.abstains and n in request.data}
+        )
+        if flags is None:
+            return torch.zeros(n_returned, dtype=torch.bool)
+        per_input = flags.view(n_inputs, -1).any(1).cpu()
+        return per_input.repeat_interleave(n_returned // n_inputs)
+
+    def combine_abstention(self, states: dict[str, Any]) -> torch.Tensor | None:
+        """Combine the per-row abstention flags of several abstaining methods (default: any abstains)."""
+        flags = [s.abstained for s in states.values() if getattr(s, "abstained", None) is not None]
+        if not flags:
+            return None
+        out = flags[0].clone()
+        for f in flags[1:]:
+            out |= f.to(out.device)
+        return out
+
+    @torch.no_grad()
+    def detect(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Which rows the attached abstaining methods would refuse (bool ``[batch]``), from one forward pass."""
+        if not self.has_abstention:
+            raise RuntimeError("No abstaining method (e.g. Key Space Detection) is attached.")
+        request = RequestState(self)
+        token = _GENERATION.set(request)
+        try:
+            self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            _GENERATION.reset(token)
+        flags = self.combine_abstention({n: request.data[n] for n in request.data})
+        return flags.cpu() if flags is not None else torch.zeros(input_ids.shape[0], dtype=torch.bool)

@@ -1,0 +1,155 @@
+"""Streaming probe: per-neuron statistics at the FFL sites without keeping activations (METHOD.md §2)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import DataSpec, iter_token_batches
+from .sites import FFLSite, SiteError, find_ffl_sites
+from .stats import RunningStats, SiteStatistics
+
+logger = logging.getLogger(__name__)
+
+SITE_KINDS = ("pre", "key")
+
+
+class _StopForward(Exception):
+    """Raised by the probe's last hook: the rest of the forward pass is not needed."""
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short string identifying the model architecture, to refuse mixing statistics of different models."""
+    config = getattr(model, "config", None)
+    parts = [
+        str(getattr(config, "model_type", type(model).__name__)),
+        str(getattr(config, "vocab_size", "")),
+        str(sum(1 for _ in model.parameters())),
+        str(sum(p.numel() for p in model.parameters())),
+    ]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
+        return emb.weight.device
+    return next(p.device for p in model.parameters())
+
+
+@torch.no_grad()
+def probe(
+    model: nn.Module,
+    data: Any,
+    tokenizer: Any = None,
+    *,
+    site: str | Sequence[str] = "pre",
+    mode: str = "all",
+    layers: Sequence[int] | None = None,
+    sites: Sequence[FFLSite] | None = None,
+    spec: DataSpec | None = None,
+    track_extremes: bool | None = None,
+    show_progress: bool = True,
+    desc: str = "probing",
+) -> SiteStatistics | dict[str, SiteStatistics]:
+    """Run ``model`` over ``data`` and return mergeable statistics of the chosen FFL sites.
+
+    Args:
+        model: a causal LM (the plain base model: hooks of an unlearned wrapper are not active here).
+        data: strings, dicts, a ``datasets.Dataset`` or an iterable of tokenized batches (see :mod:`unlearn_hf.data`).
+        tokenizer: needed for text data.
+        site: ``"pre"`` (pre-activation), ``"key"`` (input of the output projection) or both.
+        mode: ``"all"``, ``"prompt"``, ``"completion"`` or ``"last"`` (query mode: last real prompt token).
+        layers: layer indices to probe (default: all).
+        sites: precomputed :class:`FFLSite` list (default: :func:`find_ffl_sites`).
+        spec: columns, batch size and truncation length.
+        track_extremes: keep per-dimension min/max (default: in query mode).
+        show_progress: show a tqdm bar.
+
+    Returns:
+        :class:`SiteStatistics` for a single site kind, or ``{kind: SiteStatistics}`` for several.
+    """
+    kinds = (site,) if isinstance(site, str) else tuple(site)
+    if not kinds or any(k not in SITE_KINDS for k in kinds):
+        raise ValueError(f"site must be one or more of {SITE_KINDS}, got {site!r}.")
+    sites = list(sites) if sites is not None else find_ffl_sites(model)
+    by_layer = {s.layer: s for s in sites}
+    layer_ids = sorted(by_layer) if layers is None else sorted(set(layers))
+    bad = [i for i in layer_ids if i not in by_layer]
+    if bad or not layer_ids:
+        raise SiteError(
+            f"Layers {bad or list(layers or [])} are not FFL layers of this model (0..{len(sites) - 1})."
+        )
+    track = (mode == "last") if track_extremes is None else track_extremes
+    n_examples, batches = iter_token_batches(data, tokenizer, mode=mode, spec=spec)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    stats = {k: {i: RunningStats(by_layer[i].d_ff, track) for i in layer_ids} for k in kinds}
+    selection: dict[torch.device, torch.Tensor] = {}
+    last_layer, last_kind = layer_ids[-1], ("key" if "key" in kinds else "pre")
+
+    def select_on(device: torch.device) -> torch.Tensor:
+        if device not in selection:
+            selection[device] = selection[torch.device("cpu")].to(device)
+        return selection[device]
+
+    def make_hook(kind: str, layer: int):
+        def capture(x: torch.Tensor) -> None:
+            if x.shape[-1] != by_layer[layer].d_ff or x.shape[:2] != selection[torch.device("cpu")].shape:
+                raise SiteError(
+                    f"Layer {layer} {kind} site produced shape {tuple(x.shape)}, expected [batch, seq, "
+                    f"{by_layer[layer].d_ff}]; the site does not match the model."
+                )
+            stats[kind][layer].update(x[select_on(x.device)])
+            if layer == last_layer and kind == last_kind:
+                raise _StopForward
+
+        if kind == "pre":
+            return lambda mod, args, out: capture(out)
+        return lambda mod, args: capture(args[0])
+
+    handles = []
+    try:
+        for kind in kinds:
+            for i in layer_ids:
+                s = by_layer[i]
+                if kind == "pre":
+                    handles.append(s.pre.register_forward_hook(make_hook(kind, i)))
+                else:
+                    handles.append(s.key.register_forward_pre_hook(make_hook(kind, i)))
+        device = _input_device(model)
+        bar = tqdm(total=n_examples, desc=desc, disable=not show_progress, unit="ex")
+        for batch in batches:
+            if vocab is not None and int(batch.input_ids.max()) >= vocab:
+                raise ValueError(
+                    f"Token id {int(batch.input_ids.max())} is outside the model's vocabulary ({vocab}): "
+                    "the data was tokenized for another model."
+                )
+            selection.clear()
+            selection[torch.device("cpu")] = batch.select.cpu()
+            try:
+                model(
+                    input_ids=batch.input_ids.to(device),
+                    attention_mask=batch.attention_mask.to(device),
+                    use_cache=False,
+                )
+            except _StopForward:
+                pass
+            bar.update(batch.input_ids.shape[0])
+        bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+    fp = model_fingerprint(model)
+    results = {k: SiteStatistics(k, mode, stats[k], fp) for k in kinds}
+    for k, r in results.items():
+        if r.count == 0:
+            raise ValueError(
+                f"No tokens were selected at the {k} site (mode {mode!r}): nothing to learn from."
+            )
+    return results[kinds[0]] if isinstance(site, str) else results

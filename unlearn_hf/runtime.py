@@ -1,0 +1,130 @@
+"""Per-call state of an unlearned model: which forward is running, for which request, and hook gating.
+
+Hooks on the shared FFL modules do nothing unless the *unlearned* model is being called in the current context
+(thread / asyncio task), so the plain base model and other wrappers over the same modules are unaffected, and
+concurrent calls never see each other's state. State that must survive across the forward calls of one
+request (prefill length, per-row abstention flags) lives in a :class:`RequestState`, held by the ``generate``
+call, or attached to the KV cache for hand-written decoding loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .data import last_token_mask
+
+
+@dataclass
+class RequestState:
+    """State of one request (a ``generate`` call, or a sequence of cached forwards).
+
+    Attributes:
+        owner: the unlearned model serving the request.
+        prefill_len: total sequence length after the prefill forward (``None`` before it).
+        data: per-method scratch space, keyed by method name.
+    """
+
+    owner: Any
+    prefill_len: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ForwardContext:
+    """What the hooks of one forward call may read.
+
+    Attributes:
+        model: the unlearned model being called.
+        request: the request this forward belongs to.
+        is_prefill: first forward of the request.
+        input_len: number of positions in this forward's input.
+        total_len: sequence length including the cached past.
+        attention_mask: mask of this forward's positions ``[batch, input_len]`` (``None`` = all real).
+        disabled: names of methods switched off for this call.
+    """
+
+    model: Any
+    request: RequestState
+    is_prefill: bool
+    input_len: int
+    total_len: int
+    attention_mask: torch.Tensor | None
+    disabled: frozenset[str] = frozenset()
+    _last: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def steps_generated(self) -> int:
+        """Tokens generated before the one predicted at this forward's last position."""
+        return self.total_len - (self.request.prefill_len or self.total_len)
+
+    def last_token_mask(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Bool ``[batch, input_len]`` mask of each row's last real position in this forward."""
+        if device not in self._last:
+            if self.attention_mask is None:
+                mask = torch.zeros(batch, self.input_len, dtype=torch.bool)
+                mask[:, -1] = True
+            else:
+                mask = last_token_mask(self.attention_mask)
+            self._last[device] = mask.to(device)
+        return self._last[device]
+
+
+_CURRENT: ContextVar[ForwardContext | None] = ContextVar("unlearn_hf_forward", default=None)
+_GENERATION: ContextVar[RequestState | None] = ContextVar("unlearn_hf_generation", default=None)
+_DISABLED: ContextVar[tuple[Any, frozenset[str] | None] | None] = ContextVar(
+    "unlearn_hf_disabled", default=None
+)
+
+
+def current_context() -> ForwardContext | None:
+    """The forward context of the unlearned model running in this thread/task, if any."""
+    return _CURRENT.get()
+
+
+class HookRegistrar:
+    """Registers hooks owned by one method of one unlearned model, gated on that model's forward context.
+
+    Only the handles created here are ever removed: other libraries' hooks on the same modules are untouched.
+    """
+
+    def __init__(self, owner: Any, method_name: str) -> None:
+        self.owner = owner
+        self.method_name = method_name
+        self.handles: list[RemovableHandle] = []
+
+    def forward_hook(self, module: nn.Module, fn: Callable[[ForwardContext, Any], Any]) -> None:
+        """``fn(ctx, output) -> new output or None`` runs after ``module`` when the owner is being called."""
+        owner, name = self.owner, self.method_name
+
+        def hook(mod, args, output):
+            ctx = _CURRENT.get()
+            if ctx is None or ctx.model is not owner or name in ctx.disabled:
+                return None
+            return fn(ctx, output)
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def forward_pre_hook(self, module: nn.Module, fn: Callable[[ForwardContext, torch.Tensor], Any]) -> None:
+        """``fn(ctx, first_input) -> new first input or None`` runs before ``module`` when the owner is called."""
+        owner, name = self.owner, self.method_name
+
+        def hook(mod, args):
+            ctx = _CURRENT.get()
+            if ctx is None or ctx.model is not owner or name in ctx.disabled:
+                return None
+            new = fn(ctx, args[0])
+            return None if new is None else (new, *args[1:])
+
+        self.handles.append(module.register_forward_pre_hook(hook))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
