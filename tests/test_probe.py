@@ -1,0 +1,208 @@
+"""The streaming probe against numpy float64 statistics of activations captured independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from tests.conftest import tiny_llama
+from unlearn_hf import SiteError, merge, probe
+from unlearn_hf.data import DataSpec
+from unlearn_hf.sites import find_ffl_sites
+
+TEXTS = [
+    "Question: What is 12 plus 30?\nAnswer: 42",
+    "def add(a, b):\n    return a + b",
+    "The quick brown fox jumps over the lazy dog.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "x",
+    "Bonjour, comment allez-vous aujourd'hui ?",
+    "import numpy as np\nprint(np.arange(10).sum())",
+    "A train leaves at 3 pm going 60 miles per hour; when does it arrive 150 miles away?",
+    "hello world",
+]
+
+
+def capture_raw(model, tokenizer, texts, layer, batch_size=8):
+    """Run the texts in the probe's batches with an independent hook and return the real tokens' raw pre/key
+    activations of ``layer`` (and each text's last-token key vector) as float64 numpy arrays."""
+    site = find_ffl_sites(model)[layer]
+    got = {}
+    h1 = site.pre.register_forward_hook(lambda m, a, o: got.__setitem__("pre", o.double().numpy()))
+    h2 = site.key.register_forward_pre_hook(lambda m, a: got.__setitem__("key", a[0].double().numpy()))
+    out = {"pre": [], "key": [], "last_key": []}
+    try:
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt")
+                model(**enc)
+                mask = enc["attention_mask"].numpy().astype(bool)
+                for kind in ("pre", "key"):
+                    out[kind].append(got[kind][mask])
+                for row, m in enumerate(mask):
+                    out["last_key"].append(got["key"][row, np.nonzero(m)[0][-1]])
+    finally:
+        h1.remove()
+        h2.remove()
+    return {
+        "pre": np.concatenate(out["pre"]),
+        "key": np.concatenate(out["key"]),
+        "last_key": np.stack(out["last_key"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(layers=3)
+
+
+def test_statistics_equal_numpy_float64(model, smol_tokenizer):
+    stats = probe(model, TEXTS, smol_tokenizer, site=("pre", "key"), show_progress=False)
+    for layer in range(3):
+        raw = capture_raw(model, smol_tokenizer, TEXTS, layer)
+        for kind in ("pre", "key"):
+            s, x = stats[kind].layers[layer], raw[kind]
+            assert s.count == x.shape[0]
+            np.testing.assert_allclose(s.mean.numpy(), x.mean(0), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(s.variance.numpy(), x.var(0, ddof=1), rtol=1e-7, atol=1e-12)
+            np.testing.assert_allclose(s.abs_mean.numpy(), np.abs(x).mean(0), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_batch_size_and_padding_invariance(model, smol_tokenizer, side, batch_size):
+    ref = probe(model, TEXTS, smol_tokenizer, spec=DataSpec(batch_size=3), show_progress=False)
+    tok = smol_tokenizer
+    old = tok.padding_side
+    tok.padding_side = side
+    try:
+        got = probe(model, TEXTS, tok, spec=DataSpec(batch_size=batch_size), show_progress=False)
+    finally:
+        tok.padding_side = old
+    for layer, s in ref.layers.items():
+        g = got.layers[layer]
+        assert g.count == s.count
+        torch.testing.assert_close(g.mean, s.mean, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g.m2, s.m2, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g.abs_sum, s.abs_sum, rtol=1e-5, atol=1e-7)
+
+
+def test_merge_equals_probe_of_union(model, smol_tokenizer):
+    a, b = TEXTS[:4], TEXTS[4:]
+    # batch size 1: each text's activations are then the same in every call, so only the merge can differ
+    kw = dict(site="key", mode="last", spec=DataSpec(batch_size=1), show_progress=False)
+    whole = probe(model, a + b, smol_tokenizer, **kw)
+    merged = merge(probe(model, a, smol_tokenizer, **kw), probe(model, b, smol_tokenizer, **kw))
+    for layer, s in whole.layers.items():
+        m = merged.layers[layer]
+        assert m.count == s.count == len(TEXTS)
+        for name in ("mean", "m2", "abs_sum", "minimum", "maximum"):
+            torch.testing.assert_close(getattr(m, name), getattr(s, name), rtol=1e-9, atol=1e-10)
+
+
+def test_merge_refuses_mismatched_results(model, smol_tokenizer):
+    a = probe(model, TEXTS[:3], smol_tokenizer, site="key", show_progress=False)
+    b = probe(model, TEXTS[:3], smol_tokenizer, site="pre", show_progress=False)
+    with pytest.raises(ValueError, match="Cannot merge"):
+        merge(a, b)
+
+
+def test_query_mode_takes_last_real_token(model, smol_tokenizer):
+    tok = smol_tokenizer
+    for side in ("left", "right"):
+        old = tok.padding_side
+        tok.padding_side = side
+        try:
+            stats = probe(model, TEXTS, tok, site="key", mode="last", layers=[1], show_progress=False)
+        finally:
+            tok.padding_side = old
+        last = capture_raw(model, tok, TEXTS, 1)["last_key"]
+        s = stats.layers[1]
+        assert s.count == len(TEXTS)
+        np.testing.assert_allclose(s.mean.numpy(), last.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(s.minimum.numpy(), last.min(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(s.maximum.numpy(), last.max(0), rtol=1e-6, atol=1e-9)
+
+
+def test_dataset_columns_and_prompt_completion_modes(model, smol_tokenizer):
+    prompts = ["Question: 2+2?\nAnswer:", "Question: capital of France?\nAnswer:"]
+    answers = [" 4", " Paris is the capital."]
+    ds = Dataset.from_dict({"q": prompts, "a": answers, "text": [p + a for p, a in zip(prompts, answers)]})
+    spec = DataSpec(prompt_column="q", completion_column="a")
+    full = probe(model, ds, smol_tokenizer, site="pre", mode="all", spec=DataSpec(), show_progress=False)
+    p = probe(model, ds, smol_tokenizer, site="pre", mode="prompt", spec=spec, show_progress=False)
+    c = probe(model, ds, smol_tokenizer, site="pre", mode="completion", spec=spec, show_progress=False)
+    n_prompt = sum(len(smol_tokenizer(q)["input_ids"]) for q in prompts)
+    assert p.count == n_prompt
+    assert p.count + c.count == full.count
+    for layer, s in full.layers.items():  # prompt + completion statistics merge back to the whole texts
+        m = p.layers[layer].merge(c.layers[layer])
+        torch.testing.assert_close(m.mean, s.mean, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(m.m2, s.m2, rtol=1e-7, atol=1e-9)
+    # query mode on a Dataset reads the prompt column
+    q = probe(
+        model,
+        ds,
+        smol_tokenizer,
+        site="key",
+        mode="last",
+        spec=DataSpec(text_column="q"),
+        show_progress=False,
+    )
+    assert q.count == 2
+
+
+def test_tokenized_batches_equal_text_input(model, smol_tokenizer):
+    enc = smol_tokenizer(TEXTS[:4], padding=True, return_tensors="pt")
+    from_ids = probe(model, [dict(enc)], show_progress=False)
+    from_text = probe(model, TEXTS[:4], smol_tokenizer, show_progress=False)
+    for layer, s in from_text.layers.items():
+        torch.testing.assert_close(from_ids.layers[layer].mean, s.mean, rtol=1e-6, atol=1e-8)
+    # a generator of batches works too (length unknown up front)
+    gen = (dict(smol_tokenizer([t], return_tensors="pt")) for t in TEXTS[:4])
+    assert probe(model, gen, show_progress=False).count == from_text.count
+
+
+def test_progress_bar_can_be_silenced(model, smol_tokenizer, capsys):
+    probe(model, TEXTS, smol_tokenizer, show_progress=False)
+    assert capsys.readouterr().err == ""
+    probe(model, TEXTS, smol_tokenizer, show_progress=True)
+    assert "probing" in capsys.readouterr().err
+
+
+def test_clear_errors(model, smol_tokenizer):
+    with pytest.raises(ValueError, match="empty"):
+        probe(model, [], smol_tokenizer, show_progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        probe(model, Dataset.from_dict({"text": []}), smol_tokenizer, show_progress=False)
+    with pytest.raises(ValueError, match=r"available columns: \['question', 'answer'\]"):
+        probe(
+            model,
+            Dataset.from_dict({"question": ["a"], "answer": ["b"]}),
+            smol_tokenizer,
+            show_progress=False,
+        )
+    with pytest.raises(ValueError, match="available keys"):
+        probe(model, [{"question": "a"}], smol_tokenizer, show_progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        probe(model, TEXTS, None, show_progress=False)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        probe(model, [{"input_ids": torch.tensor([[1, 2, 10**6]])}], show_progress=False)
+    with pytest.raises(SiteError, match="not FFL layers"):
+        probe(model, TEXTS, smol_tokenizer, layers=[7], show_progress=False)
+
+    class NoFFL(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+
+    with pytest.raises(SiteError):
+        probe(NoFFL(), [{"input_ids": torch.tensor([[1, 2]])}], show_progress=False)
+
+
+def test_memory_is_independent_of_tokens(model, smol_tokenizer):
+    s = probe(model, TEXTS * 5, smol_tokenizer, site="pre", show_progress=False)
+    tensors = [t for r in s.layers.values() for t in (r.mean, r.m2, r.abs_sum)]
+    assert all(t.shape == (64,) and t.dtype == torch.float64 for t in tensors)
