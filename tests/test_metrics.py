@@ -1,0 +1,393 @@
+"""Metrics against independent hand computations on a tiny trained llama, code execution and reports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from unlearn_hf.evaluation.execution import build_program, pass_at_1, run_program
+from unlearn_hf.evaluation.metrics import (
+    MetricResult,
+    abstention_rate,
+    answer_token_accuracy,
+    detect_abstention,
+    extract_gsm8k_reference,
+    extract_last_number,
+    generate_completions,
+    gsm8k_exact_match,
+    mmlu_accuracy,
+    mmlu_prompt,
+    relative_drop,
+)
+from unlearn_hf.evaluation.report import build_report, load_json, markdown_table, save_report
+from unlearn_hf.evaluation.skills import EvalItem, get_skill
+
+
+def shared_data_dir() -> Path:
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+ITEMS = [
+    EvalItem("Question: What is 2 + 3?\nAnswer:", "2 + 3 = 5. #### 5"),
+    EvalItem(
+        "Question: Tom has 4 apples and eats one. How many are left?\nAnswer:", "4 - 1 = 3 apples. #### 3"
+    ),
+    EvalItem(
+        "Question: Write a function that adds two numbers.\nAnswer:", "def add(a, b):\n    return a + b"
+    ),
+    EvalItem("Question: What is the capital of France?\nAnswer:", "Paris"),
+    EvalItem("Question: Double 21.\nAnswer:", "21 * 2 = 42 #### 42"),
+    EvalItem("Question: Name a colour.\nAnswer:", "blue, like the sky"),
+    EvalItem("Question: What is 10 / 2?\nAnswer:", "10 / 2 = 5 #### 5"),
+    EvalItem("Question: Say hello.\nAnswer:", "hello hello hello world"),
+    EvalItem("Question: Count to three.\nAnswer:", "one two three"),
+]
+MC = [
+    EvalItem(
+        "Question: Which is a fruit?\nAnswer:",
+        "apple",
+        "mc/0",
+        choices=("stone", "apple", "car", "sky"),
+        label=1,
+        subject="food",
+        shots=(
+            EvalItem(
+                "Question: Which is red?\nAnswer:",
+                "a cherry",
+                choices=("a cherry", "grass", "sea", "sky"),
+                label=0,
+            ),
+        ),
+    ),  # fmt: skip
+    EvalItem(
+        "Question: Which is blue?\nAnswer:",
+        "sky",
+        "mc/1",
+        choices=("sun", "grass", "coal", "sky"),
+        label=3,
+        subject="colours",
+    ),  # fmt: skip
+    EvalItem(
+        "Question: 2 + 2?\nAnswer:", "4", "mc/2", choices=("3", "5", "4", "22"), label=2, subject="maths"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = [it.text for it in ITEMS] + [mmlu_prompt(it, 1) + " A B C D" for it in MC]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(corpus * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny llama, trained for a few steps on the items so that its accuracy is neither 0 nor 1."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    lm = AutoModelForCausalLM.from_config(config)
+    opt = torch.optim.Adam(lm.parameters(), lr=1e-2)
+    for _ in range(25):
+        for it in ITEMS:
+            ids = torch.tensor([tokenizer(it.text)["input_ids"]])
+            loss = lm(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return lm.eval()
+
+
+def reference_accuracy(model, tokenizer, items) -> tuple[list[int], list[int]]:
+    """Per item (correct, total) answer tokens, one unpadded forward per item, argmax in numpy."""
+    correct, total = [], []
+    for it in items:
+        ids = tokenizer(it.text)["input_ids"]
+        n_prompt = len(tokenizer(it.prompt)["input_ids"])
+        assert ids[:n_prompt] == tokenizer(it.prompt)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        pred = np.argmax(logits[n_prompt - 1 : -1], axis=-1)
+        correct.append(int((pred == np.array(ids[n_prompt:])).sum()))
+        total.append(len(ids) - n_prompt)
+    return correct, total
+
+
+def test_answer_token_accuracy_matches_reference(model, tokenizer):
+    correct, total = reference_accuracy(model, tokenizer, ITEMS)
+    expected = sum(correct) / sum(total)
+    assert 0.05 < expected < 0.98  # the check is meaningful
+    result = answer_token_accuracy(model, tokenizer, ITEMS, batch_size=4)
+    assert isinstance(result, MetricResult)
+    assert result.score == pytest.approx(expected, abs=1e-12)
+    assert result.per_item == pytest.approx([c / t for c, t in zip(correct, total)])
+    assert result.details["n_tokens"] == sum(total) and result.details["n_correct"] == sum(correct)
+    assert result.abstention_rate == 0.0 and result.abstained == [False] * len(ITEMS)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_answer_token_accuracy_batch_and_padding_invariant(model, tokenizer, batch_size, side):
+    base = answer_token_accuracy(model, tokenizer, ITEMS, batch_size=1, padding_side="right")
+    other = answer_token_accuracy(model, tokenizer, ITEMS, batch_size=batch_size, padding_side=side)
+    assert other.score == base.score
+    assert other.per_item == base.per_item
+
+
+def test_answer_token_accuracy_tuples_and_truncation(model, tokenizer):
+    pairs = [(it.prompt, it.completion) for it in ITEMS[:3]]
+    assert (
+        answer_token_accuracy(model, tokenizer, pairs).score
+        == answer_token_accuracy(model, tokenizer, ITEMS[:3]).score
+    )
+    short = answer_token_accuracy(model, tokenizer, ITEMS[:3], max_length=8)
+    assert short.details["n_tokens"] <= 3 * 7
+    assert 0.0 <= short.score <= 1.0
+    assert math.isnan(answer_token_accuracy(model, tokenizer, []).score)
+
+
+class FakeAbstainingModel(torch.nn.Module):
+    """Wraps a model; abstains on prompts containing ``marker``; scoring must run with abstention disabled."""
+
+    has_abstention = True
+
+    def __init__(self, inner, marker_ids):
+        super().__init__()
+        self.inner = inner
+        self.marker_ids = set(marker_ids)
+        self.enabled = True
+        self.detect_calls = []
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def detect(self, input_ids, attention_mask):
+        self.detect_calls.append(attention_mask.sum(1).tolist())
+        return torch.tensor(
+            [bool(self.marker_ids & set(row[m.bool()].tolist())) for row, m in zip(input_ids, attention_mask)]
+        )
+
+    @contextlib.contextmanager
+    def disable_abstention(self):
+        self.enabled = False
+        try:
+            yield self
+        finally:
+            self.enabled = True
+
+    def forward(self, **kwargs):
+        assert not self.enabled, "scoring forward ran with abstention enabled"
+        return self.inner(**kwargs)
+
+
+def test_abstention_items_score_zero(model, tokenizer):
+    marker = tokenizer(" apples", add_special_tokens=False)["input_ids"][-1:]
+    fake = FakeAbstainingModel(model, marker)
+    flags = [bool(set(marker) & set(tokenizer(it.prompt)["input_ids"])) for it in ITEMS]
+    assert sum(flags) == 1
+    correct, total = reference_accuracy(model, tokenizer, ITEMS)
+    result = answer_token_accuracy(fake, tokenizer, ITEMS, batch_size=4, padding_side="left")
+    assert result.abstained == flags
+    assert result.abstention_rate == pytest.approx(sum(flags) / len(ITEMS))
+    expected = sum(c for c, f in zip(correct, flags) if not f) / sum(total)
+    assert result.score == pytest.approx(expected)
+    assert all(result.per_item[i] == 0.0 for i, f in enumerate(flags) if f)
+    # detect saw the prompts only (their real lengths), not prompt + answer
+    prompt_lengths = sorted(len(tokenizer(it.prompt)["input_ids"]) for it in ITEMS)
+    assert sorted(n for call in fake.detect_calls for n in call) == prompt_lengths
+    assert detect_abstention(fake, tokenizer, ITEMS) == flags
+    assert abstention_rate(fake, tokenizer, [it.prompt for it in ITEMS], batch_size=2) == pytest.approx(1 / 9)
+    assert abstention_rate(model, tokenizer, ITEMS) == 0.0
+    assert fake.enabled
+
+
+def test_mmlu_accuracy_matches_reference(model, tokenizer):
+    prompt = mmlu_prompt(MC[0], shots=5)
+    assert prompt == (
+        "The following are multiple choice questions (with answers) about food.\n\n"
+        "Question: Which is red?\nA. a cherry\nB. grass\nC. sea\nD. sky\nAnswer: A\n\n"
+        "Question: Which is a fruit?\nA. stone\nB. apple\nC. car\nD. sky\nAnswer:"
+    )
+    letters = [tokenizer(" " + x, add_special_tokens=False)["input_ids"] for x in "ABCD"]
+    assert all(len(t) == 1 for t in letters)
+    expected = []
+    for it in MC:
+        ids = tokenizer(mmlu_prompt(it, 5))["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1).numpy()
+        expected.append(int(np.argmax([logp[t[0]] for t in letters])))
+    for bs, side in [(1, "right"), (2, "left"), (3, "right")]:
+        result = mmlu_accuracy(model, tokenizer, MC, batch_size=bs, padding_side=side)
+        assert result.details["predictions"] == expected
+        assert result.per_item == [float(p == it.label) for p, it in zip(expected, MC)]
+        assert result.score == pytest.approx(sum(result.per_item) / len(MC))
+
+    fake = FakeAbstainingModel(model, tokenizer(" fruit", add_special_tokens=False)["input_ids"][-1:])
+    abst = mmlu_accuracy(fake, tokenizer, MC)
+    assert abst.abstained == [True, False, False]
+    assert abst.per_item[0] == 0.0 and abst.details["predictions"][0] == -1
+    assert abst.per_item[1:] == [float(p == it.label) for p, it in zip(expected[1:], MC[1:])]
+
+
+def test_mmlu_accuracy_multi_token_letters(model, tokenizer, monkeypatch):
+    """When the answer letters are not single tokens, full continuations are scored."""
+    import unlearn_hf.evaluation.metrics as metrics
+
+    monkeypatch.setattr(metrics, "MMLU_LETTERS", ("Aq", "Bq", "Cq", "Dq"))
+    conts = [tokenizer(" " + x, add_special_tokens=False)["input_ids"] for x in metrics.MMLU_LETTERS]
+    assert any(len(c) > 1 for c in conts)
+    expected = []
+    for it in MC:
+        ctx = tokenizer(metrics.mmlu_prompt(it, 5))["input_ids"]
+        scores = []
+        for c in conts:
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + c])).logits[0], -1)
+            scores.append(sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(c)))
+        expected.append(int(np.argmax(scores)))
+    assert metrics.mmlu_accuracy(model, tokenizer, MC, batch_size=3).details["predictions"] == expected
+
+
+def test_mmlu_on_real_items_builds_prompts():
+    items = get_skill("mmlu", shared_data_dir()).eval_items(3)
+    prompt = mmlu_prompt(items[0])
+    assert prompt.count("\nAnswer:") == 6 and prompt.endswith("\nD. " + items[0].choices[3] + "\nAnswer:")
+
+
+def test_generate_completions_cuts_at_stop(model, tokenizer):
+    out = generate_completions(model, tokenizer, ITEMS[:3], max_new_tokens=6, batch_size=2)
+    assert len(out) == 3 and all(isinstance(o, str) and "\nQuestion:" not in o for o in out)
+
+
+def test_relative_drop():
+    assert relative_drop(0.8, 0.2) == pytest.approx(0.75)
+    assert relative_drop(0.5, 0.5) == 0.0
+    assert relative_drop(0.5, 0.6) == pytest.approx(-0.2)
+    assert relative_drop(0.0, 0.0) == 0.0
+    assert math.isnan(relative_drop(0.0, 0.3))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The answer is 42.", "42"),
+        ("She pays $1,234.50 in total", "1234.5"),
+        ("first 3 then 7\n", "7"),
+        ("It costs $18.00.", "18"),
+        ("-5 degrees", "-5"),
+        ("so #### 1,000\n\nQuestion: 3 more", "1000"),
+        ("no numbers here", None),
+    ],
+)
+def test_extract_last_number(text, expected):
+    assert extract_last_number(text) == expected
+
+
+def test_gsm8k_exact_match():
+    items = get_skill("gsm8k", shared_data_dir()).eval_items(3)
+    assert extract_gsm8k_reference(items[0].answer) == "18"
+    preds = ["Janet makes $18 every day.", "It takes 3 bolts.", "The answer is 1,000,000."]
+    result = gsm8k_exact_match(preds, items)
+    assert result.per_item == [1.0, 1.0, 0.0] and result.score == pytest.approx(2 / 3)
+    assert extract_gsm8k_reference("blah #### 1,234") == "1234"
+    with pytest.raises(ValueError, match="####"):
+        gsm8k_exact_match(["1"], ["no final answer"])
+    with pytest.raises(ValueError, match="predictions"):
+        gsm8k_exact_match(["1", "2"], items[:1])
+
+
+def test_pass_at_1_humaneval_canonical_solutions_pass():
+    items = get_skill("humaneval", shared_data_dir()).eval_items()[::4]
+    assert len(items) >= 20
+    result = pass_at_1(items, [it.answer for it in items], timeout=20)
+    assert result.score == 1.0, [s for s in result.details["status"]]
+
+
+def test_pass_at_1_mbpp_and_failures():
+    mbpp = get_skill("mbpp", shared_data_dir()).eval_items(3)
+    human = get_skill("humaneval", shared_data_dir()).eval_items(1)[0]
+    assert "\r" not in build_program(mbpp[0], mbpp[0].completion)
+    completions = [
+        mbpp[0].completion,  # canonical code after "Answer:" (leading space stripped)
+        "```python\n" + mbpp[1].answer + "\n```",  # fenced code is extracted
+        "def nothing(:\n",  # syntax error
+    ]
+    result = pass_at_1(mbpp, completions, timeout=10)
+    assert result.per_item == [1.0, 1.0, 0.0]
+    assert result.details["status"] == ["passed", "passed", "failed"]
+    broken = pass_at_1(
+        [human] * 4,
+        [
+            "    return not True\n",  # wrong answer
+            "    while True:\n        pass\n",  # infinite loop
+            "    import socket\n    socket.create_connection(('93.184.216.34', 80))\n    return False\n",
+            "    import sys\n    sys.exit(0)\n",  # leaves before the tests; must not count as a pass
+        ],
+        timeout=3,
+    )
+    assert broken.per_item == [0.0, 0.0, 0.0, 0.0]
+    assert broken.details["status"][1] == "timeout"
+
+
+def test_run_program_sandbox():
+    assert run_program("print('ok')").passed
+    net = run_program("import socket\ns = socket.socket()\n")
+    assert not net.passed and "disabled" in net.stderr
+    sub = run_program("import subprocess\nsubprocess.run(['echo', 'hi'])\n")
+    assert not sub.passed
+    mem = run_program("x = bytearray(3 * 1024**3)\n", memory_mb=512)
+    assert not mem.passed and "MemoryError" in mem.stderr
+    cwd = run_program(
+        f"import os\nopen('f.txt', 'w').write('x')\nassert os.getcwd() != {str(Path.cwd())!r}\n"
+    )
+    assert cwd.passed and not Path("f.txt").exists()
+
+
+def test_report_files(tmp_path):
+    base = MetricResult("answer_token_accuracy", 0.64, 10, per_item=[0.5] * 10, abstained=[False] * 10)
+    scores = {
+        "base": {"gsm8k": base, "mbpp": 0.69, "mmlu": 0.25},
+        "ksd": {"gsm8k": 0.064, "mbpp": 0.66, "mmlu": 0.25},
+        "na": {"gsm8k": 0.32, "mbpp": float("nan")},
+    }
+    report = build_report(scores, metadata={"model": "tiny"})
+    assert report["baseline"] == "base" and report["skills"] == ["gsm8k", "mbpp", "mmlu"]
+    assert report["relative_drop"]["ksd"]["gsm8k"] == pytest.approx(0.9)
+    assert report["relative_drop"]["na"]["mbpp"] is None and report["scores"]["na"]["mmlu"] is None
+    paths = save_report(report, tmp_path / "out")
+    loaded = load_json(paths["json"])
+    assert loaded == json.loads(json.dumps(report))
+    assert loaded["metrics"]["base"]["gsm8k"]["score"] == 0.64
+    md = paths["markdown"].read_text()
+    assert md == markdown_table(report)
+    lines = md.strip().splitlines()
+    assert lines[0] == "| skill | base (baseline) | ksd | na |" and len(lines) == 5
+    assert "| gsm8k | 0.640 | 0.064 (drop 90.0%) | 0.320 (drop 50.0%) |" in lines
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    with pytest.raises(ValueError, match="Baseline"):
+        build_report(scores, baseline="nope")

@@ -1,0 +1,61 @@
+"""Skill data sets and metrics for measuring what an unlearned model still knows."""
+
+from .execution import ExecutionResult, build_program, check_completion, extract_code, pass_at_1, run_program
+from .metrics import (
+    MetricResult,
+    abstention_rate,
+    answer_token_accuracy,
+    detect_abstention,
+    extract_gsm8k_reference,
+    extract_last_number,
+    generate_completions,
+    gsm8k_exact_match,
+    mmlu_accuracy,
+    mmlu_prompt,
+    normalize_number,
+    relative_drop,
+)
+from .report import build_report, load_json, markdown_table, plot_report, save_report, write_json
+from .skills import (
+    MLQA_LANGUAGES,
+    PROMPT_TEMPLATE,
+    EvalItem,
+    Skill,
+    SkillSpec,
+    available_skills,
+    get_skill,
+)
+
+__all__ = [
+    "MLQA_LANGUAGES",
+    "PROMPT_TEMPLATE",
+    "EvalItem",
+    "ExecutionResult",
+    "MetricResult",
+    "Skill",
+    "SkillSpec",
+    "abstention_rate",
+    "answer_token_accuracy",
+    "available_skills",
+    "build_program",
+    "build_report",
+    "check_completion",
+    "detect_abstention",
+    "extract_code",
+    "extract_gsm8k_reference",
+    "extract_last_number",
+    "generate_completions",
+    "get_skill",
+    "gsm8k_exact_match",
+    "load_json",
+    "markdown_table",
+    "mmlu_accuracy",
+    "mmlu_prompt",
+    "normalize_number",
+    "pass_at_1",
+    "plot_report",
+    "relative_drop",
+    "run_program",
+    "save_report",
+    "write_json",
+]
