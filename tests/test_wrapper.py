@@ -1,0 +1,201 @@
+"""UnlearnedModelForCausalLM with nothing fitted is the base model; hooks are owned; drop-in compatibility."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, PreTrainedModel, TextStreamer, pipeline
+
+from tests.conftest import tiny_llama
+from unlearn_hf import NeuronAdjustConfig, SelectivePruningConfig, UnlearnedModelForCausalLM
+from unlearn_hf.methods import SelectivePruning
+
+
+def token_batches(seed: int, n: int = 3, length: int = 12, vocab: int = 49152):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, vocab, (4, length), generator=g)} for _ in range(n)]
+
+
+def left_padded(tokenizer, texts):
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(texts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+
+
+PROMPTS = ["Question: What is 2 + 3?\nAnswer:", "Write a haiku", "def fib(n):"]
+
+
+@pytest.fixture
+def pair():
+    model = tiny_llama()
+    return model, UnlearnedModelForCausalLM.from_base(model)
+
+
+def test_types_and_base_model(pair):
+    model, unlearned = pair
+    assert isinstance(unlearned, UnlearnedModelForCausalLM)
+    assert isinstance(unlearned, LlamaForCausalLM) and isinstance(unlearned, PreTrainedModel)
+    assert type(unlearned).__name__ == "LlamaForCausalLM"  # what pipelines check
+    assert unlearned.base_model is model and unlearned.get_base_model() is model
+    assert type(model) is LlamaForCausalLM  # the base object is left as it was
+    assert unlearned.config is model.config
+    assert unlearned.model.layers[0].mlp.gate_proj is model.model.layers[0].mlp.gate_proj
+    assert unlearned.get_decoder() is model.get_decoder()
+
+
+def test_bad_base_models(pair):
+    _, unlearned = pair
+    with pytest.raises(TypeError, match="already an UnlearnedModelForCausalLM"):
+        UnlearnedModelForCausalLM.from_base(unlearned)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        UnlearnedModelForCausalLM.from_base(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identical_logits_and_generation_without_methods(smol_tokenizer, dtype):
+    model = tiny_llama().to(dtype)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    enc = left_padded(smol_tokenizer, PROMPTS)
+    with torch.no_grad():
+        assert torch.equal(unlearned(**enc).logits, model(**enc).logits)
+    kw = dict(max_new_tokens=8, pad_token_id=smol_tokenizer.pad_token_id)
+    assert torch.equal(unlearned.generate(**enc, do_sample=False, **kw), model.generate(**enc, do_sample=False, **kw))
+    torch.manual_seed(7)
+    a = unlearned.generate(**enc, do_sample=True, top_k=50, **kw)
+    torch.manual_seed(7)
+    b = model.generate(**enc, do_sample=True, top_k=50, **kw)
+    assert torch.equal(a, b)
+    beam = dict(num_beams=3, num_return_sequences=2, do_sample=False, **kw)
+    assert torch.equal(unlearned.generate(**enc, **beam), model.generate(**enc, **beam))
+
+
+def test_pipeline_and_streamer_without_warnings(pair, smol_tokenizer, caplog, capsys):
+    from transformers.utils import logging as hf_logging
+
+    model, unlearned = pair
+    hf_logging.enable_propagation()  # let caplog see transformers' own warnings and errors
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        pipe = pipeline("text-generation", model=unlearned, tokenizer=smol_tokenizer)
+        out = pipe(PROMPTS[0], max_new_tokens=6, do_sample=False)
+        plain = pipeline("text-generation", model=model, tokenizer=smol_tokenizer)(
+            PROMPTS[0], max_new_tokens=6, do_sample=False
+        )
+    hf_logging.disable_propagation()
+    assert not [str(w.message) for w in caught]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert out[0]["generated_text"] == plain[0]["generated_text"]
+    enc = smol_tokenizer(PROMPTS[0], return_tensors="pt")
+    streamed = unlearned.generate(**enc, max_new_tokens=6, do_sample=False, streamer=TextStreamer(smol_tokenizer))
+    text = capsys.readouterr().out
+    assert smol_tokenizer.decode(streamed[0, enc["input_ids"].shape[1] :]).strip() in text
+
+
+def test_device_map_loaded_model(tmp_path, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": "cpu"}).eval()
+    unlearned = UnlearnedModelForCausalLM.from_base(mapped)
+    enc = left_padded(smol_tokenizer, PROMPTS)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=smol_tokenizer.pad_token_id)
+    assert torch.equal(unlearned.generate(**enc, **kw), plain.generate(**enc, **kw))
+    unlearned.fit(SelectivePruningConfig(ratio=0.1), token_batches(0), token_batches(1), show_progress=False)
+    with torch.no_grad():
+        assert not torch.equal(unlearned(**enc).logits, plain(**enc).logits)
+        with unlearned.disable_unlearning():
+            assert torch.equal(unlearned(**enc).logits, plain(**enc).logits)
+
+
+def hook_counts(model):
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+
+def test_hooks_are_owned_and_removal_restores_the_base(pair, smol_tokenizer):
+    model, unlearned = pair
+    enc = left_padded(smol_tokenizer, PROMPTS)
+    with torch.no_grad():
+        reference = model(**enc).logits.clone()
+    foreign_calls = []
+    gate = model.model.layers[1].mlp.gate_proj
+    foreign = gate.register_forward_hook(lambda m, a, o: foreign_calls.append(1))
+    before = hook_counts(model)
+    unlearned.fit(SelectivePruningConfig(ratio=0.2), token_batches(0), token_batches(1), show_progress=False)
+    unlearned.fit(
+        NeuronAdjustConfig(ratio=0.2, deterministic=True), token_batches(2), token_batches(3), show_progress=False
+    )
+    assert hook_counts(model) != before
+    with torch.no_grad():
+        changed = unlearned(**enc).logits
+        assert not torch.equal(changed, reference)
+        # the base object stays the plain model while the wrapper has methods attached
+        assert torch.equal(model(**enc).logits, reference)
+        assert torch.equal(unlearned.base_model(**enc).logits, reference)
+        with unlearned.disable_unlearning():
+            assert torch.equal(unlearned(**enc).logits, reference)
+        with unlearned.disable_unlearning("neuron_adjust"):
+            only_sp = unlearned(**enc).logits
+        assert not torch.equal(only_sp, reference) and not torch.equal(only_sp, changed)
+        assert torch.equal(unlearned(**enc).logits, changed)  # the context ended
+    unlearned.remove_method("selective_pruning")
+    with torch.no_grad():
+        only_na = unlearned(**enc).logits
+    assert not torch.equal(only_na, reference)
+    n_calls = len(foreign_calls)
+    assert unlearned.unload() is model
+    assert hook_counts(model) == before  # our hooks are gone, the foreign one is still there
+    with torch.no_grad():
+        assert torch.equal(unlearned(**enc).logits, reference)
+    assert len(foreign_calls) > n_calls
+    foreign.remove()
+    with pytest.raises(KeyError, match="No method named"):
+        unlearned.remove_method("neuron_adjust")
+
+
+def test_failed_attach_leaves_no_hooks(pair):
+    model, unlearned = pair
+    before = hook_counts(model)
+    method = SelectivePruning.fit(
+        unlearned, SelectivePruningConfig(ratio=0.5), token_batches(0), token_batches(1), spec=__import__(
+            "unlearn_hf"
+        ).DataSpec(), show_progress=False
+    )
+    method.state["neuron_index"][-1] = 10_000  # out of range for d_ff = 64, found only when attaching
+    with pytest.raises(ValueError, match="neuron index"):
+        unlearned.add_method("bad", method)
+    assert hook_counts(model) == before
+    assert "bad" not in unlearned.methods
+
+
+def test_user_subclass_overrides_a_method_piece(pair, smol_tokenizer):
+    model, _ = pair
+
+    class ZeroEverything(SelectivePruning):
+        """A user variant: prune every selected neuron *and* report how often it ran."""
+
+        calls = 0
+
+        def attach(self, model, hooks):
+            super().attach(model, hooks)
+            for site in model.ffl_sites:
+                hooks.forward_pre_hook(site.key, self._count)
+
+        def _count(self, ctx, key):
+            type(self).calls += 1
+
+    class MyUnlearned(UnlearnedModelForCausalLM):
+        method_classes = {**UnlearnedModelForCausalLM.method_classes, "selective_pruning": ZeroEverything}
+
+    mine = MyUnlearned.from_base(model)
+    assert isinstance(mine, MyUnlearned) and isinstance(mine, LlamaForCausalLM)
+    method = mine.fit(SelectivePruningConfig(ratio=0.1), token_batches(0), token_batches(1), show_progress=False)
+    assert isinstance(method, ZeroEverything)
+    with torch.no_grad():
+        mine(**smol_tokenizer(PROMPTS[:1], return_tensors="pt"))
+    assert ZeroEverything.calls == len(mine.ffl_sites)
