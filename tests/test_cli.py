@@ -1,0 +1,203 @@
+"""The unlearn-hf command line end to end on a tiny model, its user errors, and a short demo on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import tiny_llama
+from unlearn_hf import UnlearnedModelForCausalLM, __version__
+from unlearn_hf.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smol_tokenizer):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(layers=4).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "unlearn_hf.cli.main", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_version_and_help():
+    out = run_cli("--version")
+    assert out.returncode == 0 and __version__ in out.stdout
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("fit", "evaluate", "generate", "push", "demo"):
+        assert command in out.stdout
+
+
+def test_fit_save_evaluate_generate(tiny_dir, shared_data, tmp_path, capsys):
+    out_dir = tmp_path / "unlearned"
+    code = main(
+        [
+            "fit",
+            "--model",
+            str(tiny_dir),
+            "--method",
+            "sp",
+            "--method",
+            "ksd",
+            "--forget",
+            "gsm8k",
+            "--retain",
+            "mbpp",
+            "--n-probe",
+            "8",
+            "--ratio",
+            "0.05",
+            "--data-dir",
+            str(shared_data),
+            "--output",
+            str(out_dir),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert (out_dir / "unlearn_config.json").is_file() and (out_dir / "unlearn_model.safetensors").is_file()
+    config = json.loads((out_dir / "unlearn_config.json").read_text())
+    assert json.dumps(config).count("selective_pruning") >= 1 and "key_space_detection" in json.dumps(config)
+
+    loaded = UnlearnedModelForCausalLM.from_pretrained(str(out_dir))
+    assert set(loaded.methods) == {"selective_pruning", "key_space_detection"}
+
+    results = tmp_path / "results.json"
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(out_dir),
+            "--skills",
+            "gsm8k,mbpp",
+            "--n-eval",
+            "4",
+            "--data-dir",
+            str(shared_data),
+            "--output",
+            str(results),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    report = json.loads(results.read_text())
+    assert report["skills"] == ["gsm8k", "mbpp"]
+    scores = report["scores"][str(out_dir)]
+    assert all(0.0 <= scores[s] <= 1.0 for s in ("gsm8k", "mbpp"))
+    capsys.readouterr()
+
+    # the CLI's score equals the library's own metric on the same items
+    from unlearn_hf.evaluation import answer_token_accuracy, get_skill
+
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(out_dir)
+    items = get_skill("mbpp", shared_data).eval_items(4)
+    assert scores["mbpp"] == pytest.approx(answer_token_accuracy(loaded, tok, items).score)
+
+    code = main(
+        ["generate", "--model", str(out_dir), "--prompt", "What is 2 + 2?", "--max-new-tokens", "5", "-q"]
+    )
+    assert code == 0
+    generated = capsys.readouterr().out.strip()
+    enc = tok("Question: What is 2 + 2?\nAnswer:", return_tensors="pt")
+    with torch.no_grad():
+        ref = loaded.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert generated == tok.decode(ref[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_interactive_generate(tiny_dir):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unlearn_hf.cli.main",
+            "generate",
+            "--model",
+            str(tiny_dir),
+            "--max-new-tokens",
+            "3",
+            "-q",
+        ],
+        input="hello\nsecond question\n\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) >= 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["evaluate", "--skills", "cooking", "--data-dir", "{data}", "--model", "{tiny}"],
+            "Unknown skill 'cooking'",
+        ),
+        (
+            ["evaluate", "--skills", "gsm8k", "--data-dir", "/nonexistent/data", "--model", "{tiny}"],
+            "does not exist",
+        ),
+        (["evaluate", "--skills", "gsm8k", "--model", "/nonexistent/model"], "Cannot load model"),
+        (["push", "--model", "{tiny}", "--repo-id", "a/b"], "not a folder saved by unlearn_hf"),
+        (["demo", "--data-dir", "/nonexistent/data"], "not found"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(args, message, tiny_dir, shared_data):
+    args = [a.format(data=shared_data, tiny=tiny_dir) for a in args]
+    out = run_cli(*args, "-q")
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2):
+    out_dir = tmp_path / "demo"
+    code = main(
+        [
+            "demo",
+            "--data-dir",
+            str(shared_data),
+            "--n-probe",
+            "24",
+            "--n-eval",
+            "6",
+            "--n-eval-mmlu",
+            "3",
+            "--output",
+            str(out_dir),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out_dir / "results.json").read_text())
+    assert report["models"] == ["base", "Neuron Adjust", "Selective Pruning", "Key Space Detection"]
+    assert report["skills"] == ["gsm8k", "mbpp", "mmlu"]
+    for label, drops in report["relative_drop"].items():
+        for skill, drop in drops.items():
+            before, after = report["scores"]["base"][skill], report["scores"][label][skill]
+            if before:
+                assert drop == pytest.approx((before - after) / before)
+    table = (out_dir / "results.md").read_text()
+    assert "Key Space Detection" in table and "gsm8k" in table
+    assert (out_dir / "results.png").stat().st_size > 1000
+    model_dir = out_dir / "smollm2-no-gsm8k-ksd"
+    card = (model_dir / "README.md").read_text()
+    assert "library_name: unlearn_hf" in card and "gsm8k" in card
+    loaded = UnlearnedModelForCausalLM.from_pretrained(str(model_dir))
+    assert list(loaded.methods) == ["key_space_detection"]
+    # the saved hypercube gives the same decisions as reported: GSM8K prompts abstain at the reported rate
+    rate = report["metadata"]["abstention_rate"]["Key Space Detection"]["gsm8k"]
+    from unlearn_hf.evaluation import abstention_rate, get_skill
+
+    prompts = [i.prompt for i in get_skill("gsm8k", shared_data).eval_items(6)]
+    assert abstention_rate(loaded, smollm2[1], prompts) == pytest.approx(rate)

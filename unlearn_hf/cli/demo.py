@@ -1,0 +1,170 @@
+"""The main job: unlearn one skill from SmolLM2-135M-Instruct with each method, on real data, measured."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..evaluation import build_report, markdown_table, save_report
+from ..evaluation.runner import abstention_rates, evaluate_skills
+from ..model import UnlearnedModelForCausalLM
+from .common import UserError, load_model, load_skills, split_names
+from .recipes import METHOD_NAMES, fit_methods
+
+logger = logging.getLogger(__name__)
+
+LABELS = {"na": "Neuron Adjust", "sp": "Selective Pruning", "ksd": "Key Space Detection"}
+
+
+def _say(quiet: bool, text: str) -> None:
+    print(text, flush=True) if not quiet else None
+
+
+def _sample_answer(model: Any, tok: Any, prompt: str, max_new_tokens: int = 40) -> str:
+    enc = tok(prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return (
+        tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip().replace("\n", " ")
+    )
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Fit NA, SP and KSD forgetting ``args.forget`` while retaining ``args.retain``; evaluate the base model and
+    each unlearned model on held-out items; write results.json/.md/.png and the KSD model folder with its card."""
+    start = time.perf_counter()
+    quiet = args.quiet
+    methods = split_names(args.methods)
+    bad = [m for m in methods if m not in METHOD_NAMES]
+    if bad or not methods:
+        raise UserError(f"Unknown methods {bad}; choose from {sorted(METHOD_NAMES)}.")
+    if not Path(args.data_dir).is_dir():
+        raise UserError(
+            f"Data folder {args.data_dir!r} not found (expected the skill data sets, e.g. ../shared/data)."
+        )
+    forget = load_skills([args.forget], args.data_dir)[0]
+    retain = load_skills(split_names(args.retain), args.data_dir)
+    skills = [forget, *retain]
+    n_eval = {s.name: (args.n_eval_mmlu if s.name == "mmlu" else args.n_eval) for s in skills}
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    _say(quiet, f"== unlearn-hf demo: forget {forget.name}, retain {', '.join(s.name for s in retain)} ==")
+    model, tok = load_model(args.model, args.dtype)
+    torch.manual_seed(0)
+    eval_kw = dict(batch_size=args.batch_size, show_progress=not quiet)
+    _say(quiet, "evaluating the base model ...")
+    scores = {"base": evaluate_skills(model, tok, skills, n_eval, **eval_kw)}
+    abstention = {"base": {s.name: 0.0 for s in skills}}
+    timings, fitted = {}, {}
+    for m in methods:
+        label = LABELS[m]
+        _say(quiet, f"fitting {label} ...")
+        unlearned = UnlearnedModelForCausalLM.from_base(model)
+        t0 = time.perf_counter()
+        fitted[m] = fit_methods(
+            unlearned,
+            tok,
+            [m],
+            forget,
+            retain,
+            n_probe=args.n_probe,
+            ratio=args.ratio,
+            alpha=args.alpha,
+            batch_size=args.batch_size,
+            show_progress=not quiet,
+        )[m]
+        timings[f"fit_{m}_s"] = round(time.perf_counter() - t0, 1)
+        _say(quiet, f"evaluating {label} ...")
+        scores[label] = evaluate_skills(unlearned, tok, skills, n_eval, **eval_kw)
+        abstention[label] = abstention_rates(
+            unlearned, tok, skills, max(n_eval.values()), batch_size=args.batch_size
+        )
+        unlearned.remove_all_methods()
+
+    settings = {
+        "model": args.model,
+        "forget": forget.name,
+        "retain": [s.name for s in retain],
+        "n_probe": args.n_probe,
+        "n_eval": n_eval,
+        "ratio": args.ratio,
+        "alpha": args.alpha,
+        "methods": methods,
+        "metric": "teacher-forced answer-token accuracy (MMLU: 5-shot multiple-choice accuracy); abstained = 0",
+    }
+    report = build_report(scores, baseline="base", metadata={**settings, "abstention_rate": abstention})
+    table = markdown_table(report)
+    paths = save_report(report, out_dir, stem="results")
+    _say(quiet, "\n" + table)
+    _say(
+        quiet,
+        "abstention rates: "
+        + "; ".join(
+            f"{k}: " + ", ".join(f"{s} {v:.0%}" for s, v in rates.items()) for k, rates in abstention.items()
+        ),
+    )
+
+    # one answer per skill from the base model and from each unlearned model
+    _say(quiet, "\nsample answers (greedy, 40 tokens):")
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    for skill in skills:
+        prompt = skill.eval_items(1)[0].prompt
+        _say(quiet, f"[{skill.name}] {prompt.splitlines()[0][:100]}")
+        _say(quiet, f"    base: {_sample_answer(model, tok, prompt)[:160]}")
+        for m, method in fitted.items():
+            unlearned.add_method(METHOD_NAMES[m], method)
+            _say(quiet, f"    {m:>4}: {_sample_answer(unlearned, tok, prompt)[:160]}")
+            unlearned.remove_all_methods()
+
+    # save the headline model (KSD if fitted) with its model card
+    keep = "ksd" if "ksd" in fitted else methods[-1]
+    saved = UnlearnedModelForCausalLM.from_base(model)
+    saved.add_method(METHOD_NAMES[keep], fitted[keep])
+    model_dir = out_dir / f"smollm2-no-{forget.name}-{keep}"
+    evaluation_rows = [
+        {
+            "method": label,
+            "skill": s,
+            "metric": "score",
+            "before": report["scores"]["base"][s],
+            "after": report["scores"][label][s],
+            "relative_drop": report["relative_drop"][label][s],
+        }
+        for label in report["relative_drop"]
+        for s in report["skills"]
+        if report["scores"]["base"][s] is not None and report["scores"][label][s] is not None
+    ]
+    saved.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    _write_card(saved, model_dir, forget, retain, args, evaluation_rows)
+    elapsed = time.perf_counter() - start
+    report["metadata"]["timings"] = {**timings, "total_s": round(elapsed, 1)}
+    save_report(report, out_dir, stem="results")
+    _say(quiet, f"\nresults: {paths['json']}, {paths['markdown']}, {paths.get('png')}")
+    _say(
+        quiet,
+        f"unlearned model ({LABELS[keep]}): {model_dir}  (load with UnlearnedModelForCausalLM.from_pretrained)",
+    )
+    _say(quiet, f"total time {elapsed:.0f} s")
+    return report
+
+
+def _write_card(unlearned, model_dir: Path, forget, retain, args, rows) -> None:
+    from ..model_card import ModelCardInfo, render_model_card
+
+    info = ModelCardInfo(
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == "smollm2" else args.model,
+        forget_skill=forget.name,
+        retain_skills=[s.name for s in retain],
+        forget_data=f"{args.n_probe} {forget.name} probe examples ({args.data_dir})",
+        retain_data=f"{args.n_probe} examples of {', '.join(s.name for s in retain)}",
+        methods=[{"name": n, "config": m.config.to_dict()} for n, m in unlearned.methods.items()],
+        evaluation=rows,
+        repo_id=f"your-name/{model_dir.name}",
+    )
+    render_model_card(info).save(str(model_dir / "README.md"))

@@ -1,0 +1,233 @@
+"""``unlearn-hf``: fit, evaluate, generate, push, and the end-to-end demo.
+
+Exit codes: 0 success, 1 unexpected failure (with traceback), 2 user error (one line, no traceback),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .. import __version__
+from .common import UserError, load_model, load_skills, setup_logging, split_names
+
+logger = logging.getLogger("unlearn_hf.cli")
+
+DEFAULT_DATA = "../shared/data"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and results; no progress bars")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="local folder of skill data sets (e.g. ../shared/data); without it skills load from the Hub",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unlearn-hf",
+        description="Training-free skill unlearning for Hugging Face causal LMs "
+        "(Neuron Adjust, Key Space Detection, Selective Pruning).",
+    )
+    parser.add_argument("--version", action="version", version=f"unlearn-hf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="fit unlearning methods and save the unlearned model folder")
+    fit.add_argument("--model", default="smollm2", help="'smollm2', a model folder or a Hub id")
+    fit.add_argument(
+        "--method",
+        action="append",
+        choices=["na", "sp", "ksd"],
+        required=True,
+        help="method to fit (repeat for several): na=Neuron Adjust, sp=Selective Pruning, "
+        "ksd=Key Space Detection",
+    )
+    fit.add_argument("--forget", required=True, help="skill to forget, e.g. gsm8k")
+    fit.add_argument("--retain", default="mbpp", help="comma-separated skills to keep (for na/sp)")
+    fit.add_argument("--n-probe", type=int, default=200, help="probe examples per skill")
+    fit.add_argument("--ratio", type=float, default=0.03, help="fraction of neurons for na/sp")
+    fit.add_argument("--layers", default=None, help="comma-separated layers for ksd (default: middle layer)")
+    fit.add_argument("--alpha", type=float, default=1.0, help="ksd hypercube multiplier")
+    fit.add_argument("--refusal", default="I can't help with that.", help="ksd refusal text")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--batch-size", type=int, default=8)
+    fit.add_argument("--output", required=True, help="folder to save the unlearned model to")
+    fit.add_argument("--save-base-model", action="store_true", help="also copy the base model's weights")
+    _add_data(fit)
+    _add_common(fit)
+
+    ev = sub.add_parser("evaluate", help="score a (possibly unlearned) model on skills")
+    ev.add_argument(
+        "--model", default="smollm2", help="'smollm2', a saved unlearned folder, a model folder or Hub id"
+    )
+    ev.add_argument("--skills", default="gsm8k,mbpp,mmlu", help="comma-separated skill names")
+    ev.add_argument("--n-eval", type=int, default=50, help="held-out items per skill")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--output", default=None, help="write the results JSON here")
+    _add_data(ev)
+    _add_common(ev)
+
+    gen = sub.add_parser("generate", help="generate from a prompt, or chat interactively")
+    gen.add_argument("--model", default="smollm2")
+    gen.add_argument("--prompt", default=None, help="the prompt; without it, an interactive chat on stdin")
+    gen.add_argument("--template", default="Question: {prompt}\nAnswer:", help="prompt template ('{prompt}')")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    _add_common(gen)
+
+    push = sub.add_parser("push", help="upload a saved unlearned model folder to the Hugging Face Hub")
+    push.add_argument("--model", required=True, help="folder saved by `unlearn-hf fit` / save_pretrained")
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", default=None)
+    push.add_argument("--commit-message", default=None)
+    _add_common(push)
+
+    demo = sub.add_parser("demo", help="the end-to-end run: unlearn GSM8K math from SmolLM2, measured")
+    demo.add_argument("--forget", default="gsm8k")
+    demo.add_argument("--retain", default="mbpp,mmlu")
+    demo.add_argument("--data-dir", default=DEFAULT_DATA, help=f"skill data sets (default {DEFAULT_DATA})")
+    demo.add_argument("--n-probe", type=int, default=200, help="probe examples per skill")
+    demo.add_argument("--n-eval", type=int, default=50, help="held-out items per skill (MMLU: --n-eval-mmlu)")
+    demo.add_argument("--n-eval-mmlu", type=int, default=40, help="MMLU items (5-shot prompts are long)")
+    demo.add_argument("--ratio", type=float, default=0.03, help="neuron ratio for NA and SP")
+    demo.add_argument("--alpha", type=float, default=1.0, help="KSD alpha")
+    demo.add_argument("--methods", default="na,sp,ksd", help="comma-separated subset of na,sp,ksd")
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--output", default="outputs/demo", help="results, chart and model folder")
+    demo.add_argument("--model", default="smollm2", help="base model ('smollm2', a folder or a Hub id)")
+    _add_common(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"unlearn-hf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .. import UnlearnedModelForCausalLM
+    from .recipes import fit_methods
+
+    model, tok = load_model(args.model, args.dtype)
+    if isinstance(model, UnlearnedModelForCausalLM):
+        raise UserError(f"{args.model!r} is already an unlearned model; fit on its base model.")
+    forget = load_skills([args.forget], args.data_dir)[0]
+    retain = load_skills(split_names(args.retain), args.data_dir)
+    layers = [int(x) for x in split_names(args.layers)] if args.layers else None
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    fit_methods(
+        unlearned,
+        tok,
+        args.method,
+        forget,
+        retain,
+        n_probe=args.n_probe,
+        ratio=args.ratio,
+        alpha=args.alpha,
+        layers=layers,
+        refusal=args.refusal,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        show_progress=not args.quiet,
+    )
+    out = Path(args.output)
+    unlearned.save_pretrained(out, save_base_model=args.save_base_model)
+    tok.save_pretrained(out)
+    print(f"saved {', '.join(unlearned.methods)} to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluation import build_report, markdown_table, write_json
+    from ..evaluation.runner import evaluate_skills
+
+    model, tok = load_model(args.model, args.dtype)
+    skills = load_skills(split_names(args.skills), args.data_dir)
+    scores = evaluate_skills(
+        model, tok, skills, args.n_eval, batch_size=args.batch_size, show_progress=not args.quiet
+    )
+    report = build_report({args.model: scores}, metadata={"model": args.model, "n_eval": args.n_eval})
+    print(markdown_table(report))
+    if args.output:
+        write_json(report, args.output)
+        print(f"results written to {args.output}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tok = load_model(args.model, args.dtype)
+
+    def answer(prompt: str) -> str:
+        text = args.template.format(prompt=prompt)
+        enc = tok(text, return_tensors="pt")
+        out = model.generate(
+            **enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tok.pad_token_id
+        )
+        return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    if args.prompt is not None:
+        print(answer(args.prompt))
+        return 0
+    print("Interactive chat: one question per line; an empty line or Ctrl-D ends it.", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        print(answer(line.strip()), flush=True)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from ..persistence.format import CONFIG_NAME
+
+    if not (Path(args.model) / CONFIG_NAME).is_file():
+        raise UserError(f"{args.model!r} is not a folder saved by unlearn_hf (no {CONFIG_NAME}).")
+    model, _ = load_model(args.model, args.dtype)
+    url = model.push_to_hub(
+        args.repo_id, private=args.private, token=args.token, commit_message=args.commit_message
+    )
+    print(f"pushed to {url}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args)
+    print(json.dumps({"results": str(Path(args.output) / "results.json")}))
+    return 0 if report else 1
+
+
+COMMANDS = {
+    "fit": cmd_fit,
+    "evaluate": cmd_evaluate,
+    "generate": cmd_generate,
+    "push": cmd_push,
+    "demo": cmd_demo,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

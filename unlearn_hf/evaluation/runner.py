@@ -1,0 +1,57 @@
+"""Scoring a model on several skills at once (used by ``unlearn-hf evaluate`` and the demo)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .metrics import MetricResult, abstention_rate, answer_token_accuracy, mmlu_accuracy
+from .skills import Skill
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_skill(
+    model: Any,
+    tokenizer: Any,
+    skill: Skill,
+    n_items: int,
+    *,
+    batch_size: int = 8,
+    max_length: int = 512,
+    show_progress: bool = False,
+) -> MetricResult:
+    """Score ``model`` on ``n_items`` held-out items of ``skill``: MMLU by 5-shot multiple-choice log-likelihood,
+    every other skill by teacher-forced answer-token accuracy (abstained items score 0)."""
+    items = skill.eval_items(n_items)
+    if skill.name == "mmlu":
+        return mmlu_accuracy(model, tokenizer, items, batch_size=batch_size, show_progress=show_progress)
+    return answer_token_accuracy(
+        model, tokenizer, items, batch_size=batch_size, max_length=max_length, show_progress=show_progress
+    )
+
+
+def evaluate_skills(
+    model: Any, tokenizer: Any, skills: list[Skill], n_items: int | dict[str, int], **kwargs: Any
+) -> dict[str, MetricResult]:
+    """:func:`evaluate_skill` for each skill; ``n_items`` may differ per skill name."""
+    out = {}
+    for skill in skills:
+        n = n_items[skill.name] if isinstance(n_items, dict) else n_items
+        out[skill.name] = evaluate_skill(model, tokenizer, skill, n, **kwargs)
+        logger.info("%s: %.4f", skill.name, out[skill.name].score)
+    return out
+
+
+def abstention_rates(
+    model: Any, tokenizer: Any, skills: list[Skill], n_items: int, *, batch_size: int = 8
+) -> dict[str, float]:
+    """Share of each skill's held-out prompts the model abstains on (0 without abstaining methods)."""
+    if not getattr(model, "has_abstention", False):
+        return {s.name: 0.0 for s in skills}
+    return {
+        s.name: abstention_rate(
+            model, tokenizer, [i.prompt for i in s.eval_items(n_items)], batch_size=batch_size
+        )
+        for s in skills
+    }
