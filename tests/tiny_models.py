@@ -1,0 +1,174 @@
+"""Tiny random causal LMs of many dense architectures, for tests that must hold across model families.
+
+``tiny_model("gpt2")`` builds a 2-layer model with hidden width 32 (64 for MPT, whose ALiBi needs it), a
+feed-forward width of 80, not ``4 * hidden``, wherever the config lets it (so a wrong ``d_ff`` shows), 4
+attention heads and a 128-token vocabulary (``vocab_size=49152`` gives the SmolLM2 vocabulary).
+``tiny_tokenizer()`` is a character-level tokenizer built offline whose ids fit that vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+HIDDEN = 32
+D_FF = 80
+LAYERS = 2
+HEADS = 4
+
+
+def _llama_like(**extra: Any) -> dict[str, Any]:
+    return dict(
+        hidden_size=HIDDEN,
+        intermediate_size=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **extra,
+    )
+
+
+def _gpt2_like(**extra: Any) -> dict[str, Any]:
+    return dict(n_embd=HIDDEN, n_inner=D_FF, n_layer=LAYERS, n_head=HEADS, n_positions=128, **extra)
+
+
+#: model_type -> keyword arguments of ``AutoConfig.for_model`` (besides the vocabulary and special tokens).
+_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": _llama_like(),
+    "mistral": _llama_like(head_dim=HIDDEN // HEADS, sliding_window=None),
+    "qwen2": _llama_like(),
+    "qwen3": _llama_like(head_dim=HIDDEN // HEADS),
+    "gemma": _llama_like(head_dim=HIDDEN // HEADS),
+    "gemma2": _llama_like(head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=16),
+    "gemma3_text": _llama_like(
+        head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=16
+    ),
+    "stablelm": _llama_like(),
+    "olmo": _llama_like(),
+    "olmo2": _llama_like(),
+    "granite": _llama_like(),
+    "cohere": _llama_like(),
+    "starcoder2": _llama_like(),
+    "ministral": _llama_like(head_dim=HIDDEN // HEADS, sliding_window=16),
+    "olmo3": _llama_like(sliding_window=16),
+    "smollm3": _llama_like(),
+    "helium": _llama_like(head_dim=HIDDEN // HEADS),
+    "exaone4": _llama_like(sliding_window=16),
+    "seed_oss": _llama_like(head_dim=HIDDEN // HEADS),
+    "nemotron": _llama_like(head_dim=HIDDEN // HEADS),
+    "arcee": _llama_like(),
+    "falcon": dict(
+        hidden_size=HIDDEN,
+        ffn_hidden_size=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=128,
+    ),
+    "biogpt": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=128,
+    ),
+    "phi": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=128,
+    ),
+    "persimmon": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=128,
+    ),
+    "gpt_neox": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=128,
+    ),
+    "gpt2": _gpt2_like(),
+    "gpt_bigcode": _gpt2_like(),
+    "gptj": _gpt2_like(rotary_dim=4),
+    "codegen": _gpt2_like(n_ctx=128, rotary_dim=4),
+    "gpt_neo": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=D_FF,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        attention_types=[[["global", "local"], 1]],
+        window_size=16,
+        max_position_embeddings=128,
+    ),
+    "bloom": dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),  # d_ff is always 4 * hidden
+    "mpt": dict(d_model=64, n_heads=HEADS, n_layers=LAYERS, max_seq_len=128),  # d_ff is always 4 * hidden
+    "opt": dict(
+        hidden_size=HIDDEN,
+        ffn_dim=D_FF,
+        word_embed_proj_dim=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=128,
+    ),
+    "xglm": dict(
+        d_model=HIDDEN, ffn_dim=D_FF, num_layers=LAYERS, attention_heads=HEADS, max_position_embeddings=128
+    ),
+}
+
+#: Every architecture ``tiny_model`` can build.
+TINY_MODEL_TYPES: tuple[str, ...] = tuple(_CONFIGS)
+
+
+def tiny_config(model_type: str, vocab_size: int = 128, **overrides: Any):
+    """The shrunken config of ``model_type`` (special tokens 0/1/2 inside the vocabulary)."""
+    if model_type not in _CONFIGS:
+        raise ValueError(f"No tiny config for {model_type!r}; known: {', '.join(TINY_MODEL_TYPES)}.")
+    kwargs = {
+        **_CONFIGS[model_type],
+        "vocab_size": vocab_size,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        **overrides,
+    }
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, seed: int = 0, vocab_size: int = 128, **overrides: Any) -> torch.nn.Module:
+    """A tiny random ``AutoModelForCausalLM`` of ``model_type`` in float32, eval mode (dropout off).
+
+    Biases and norm weights are randomized too (many are initialized to 0/1), so a test that forgets a bias
+    or a norm cannot pass by luck.
+    """
+    config = tiny_config(model_type, vocab_size, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn_like(param) * 0.1)
+            elif param.dim() == 1:  # norm scales
+                param.copy_(1.0 + torch.randn_like(param) * 0.1)
+    return model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, then printable ASCII and
+    newline (100 ids, right padding); it matches the special tokens of :func:`tiny_model`."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for char in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
