@@ -1,0 +1,169 @@
+"""push_to_hub and loading from the Hub, end to end with the real huggingface_hub client against a loopback Hub."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from hub_server import HubServer, hub_env, start_hub_server
+from huggingface_hub import HfApi, ModelCard
+from test_persistence import assert_same_methods, assert_same_outputs, encode, fit_methods, outputs
+from transformers import AutoModelForCausalLM
+
+import unlearn_hf
+from unlearn_hf import UnlearnedModelForCausalLM
+from unlearn_hf.persistence import CONFIG_NAME, WEIGHTS_NAME, FingerprintMismatchError, UnlearnFormatError
+
+TOKEN = "hf_unlearn_test_token"
+USER = "test-user"
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubServer]:
+    with start_hub_server(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def batch(smol_tokenizer):
+    return encode(smol_tokenizer)
+
+
+EVALUATION = [
+    {
+        "method": "ksd",
+        "skill": "arithmetic",
+        "metric": "answer-token accuracy",
+        "before": 0.64,
+        "after": 0.08,
+    },
+    {"method": "ksd", "skill": "English", "metric": "answer-token accuracy", "before": 0.7, "after": 0.69},
+]
+
+
+def test_push_full_checkpoint_card_revisions_and_offline(hub, tmp_path, smol_tokenizer, batch):
+    repo = f"{USER}/tiny-unlearned"
+    v1 = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama(seed=4)), smol_tokenizer, ("na", "ksd"))
+    out1 = outputs(v1, batch)
+    with hub_env(hub.endpoint, tmp_path / "push-cache", token=TOKEN):
+        info1 = v1.push_to_hub(
+            "tiny-unlearned",  # the namespace comes from the token's user, as with the real Hub
+            save_base_model=True,
+            private=True,
+            commit_message="Unlearn arithmetic",
+            base_model_name_or_path="test-user/tiny-origin",
+            forget_skill="arithmetic",
+            retain_skills=["English"],
+            forget_data="5 arithmetic strings",
+            card_info={"retain_data": "5 English sentences", "license": "apache-2.0"},
+            evaluation=EVALUATION,
+        )
+        api = HfApi()
+        assert api.model_info(repo).private is True
+        assert api.list_repo_commits(repo)[0].title == "Unlearn arithmetic"
+    assert hub.head(repo) == info1.oid
+    files = hub.files(repo)
+    assert {"README.md", CONFIG_NAME, WEIGHTS_NAME, "config.json", "model.safetensors"} <= set(files)
+    assert hub.is_lfs_file(repo, WEIGHTS_NAME)
+    saved = json.loads(files[CONFIG_NAME])
+    assert saved["layout"] == "full" and saved["forget_data"] == "5 arithmetic strings"
+    assert saved["retain_data"] == "5 English sentences"  # card_info data descriptions go into the config too
+
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == "test-user/tiny-origin" and card.data.library_name == "unlearn_hf"
+    assert card.data.pipeline_tag == "text-generation" and card.data.license == "apache-2.0"
+    assert {"unlearn_hf", "neuron-adjust", "key-space-detection"} <= set(card.data.tags)
+    text = card.text
+    assert "The weights are unchanged" in text and "arithmetic" in text and "English" in text
+    assert "5 arithmetic strings" in text and "5 English sentences" in text
+    assert "| ksd | arithmetic | answer-token accuracy | 0.64 | 0.08 | 87.5% |" in text  # (0.64-0.08)/0.64
+    assert f'UnlearnedModelForCausalLM.from_pretrained("{repo}")' in text
+    assert "`alpha`" in text and "`ratio`" in text  # the methods' settings
+    assert unlearn_hf.__version__ in text
+
+    # second version on main: only Selective Pruning
+    v2 = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama(seed=4)), smol_tokenizer, ("sp",))
+    out2 = outputs(v2, batch)
+    with hub_env(hub.endpoint, tmp_path / "push-cache", token=TOKEN):
+        info2 = v2.push_to_hub(repo, save_base_model=True, base_model_name_or_path="test-user/tiny-origin")
+    assert info2.oid != info1.oid
+
+    fresh = tmp_path / "fresh-cache"
+    with hub_env(hub.endpoint, fresh, token=TOKEN):
+        latest = UnlearnedModelForCausalLM.from_pretrained(repo)
+        pinned = UnlearnedModelForCausalLM.from_pretrained(repo, revision=info1.oid)
+    assert list(latest.methods) == ["sp"] and list(pinned.methods) == ["na", "ksd"]
+    assert_same_methods(v2, latest)
+    assert_same_methods(v1, pinned)
+    assert_same_outputs(out2, outputs(latest, batch))
+    assert_same_outputs(out1, outputs(pinned, batch))
+
+    hub.clear_requests()
+    with hub_env(hub.endpoint, fresh, token=TOKEN, offline=True):
+        offline_latest = UnlearnedModelForCausalLM.from_pretrained(repo)
+        offline_pinned = UnlearnedModelForCausalLM.from_pretrained(repo, revision=info1.oid)
+    assert hub.requests == []  # served from the cache alone
+    assert_same_outputs(out2, outputs(offline_latest, batch))
+    assert_same_outputs(out1, outputs(offline_pinned, batch))
+
+
+def test_light_checkpoint_resolves_pinned_base_from_the_hub(hub, tmp_path, smol_tokenizer, batch):
+    base_repo, repo = f"{USER}/tiny-base", f"{USER}/tiny-light"
+    with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        api = HfApi()
+        api.create_repo(base_repo)
+        tiny_llama(seed=0).save_pretrained(tmp_path / "base-v1")
+        base_v1 = api.upload_folder(folder_path=tmp_path / "base-v1", repo_id=base_repo).oid
+        base = AutoModelForCausalLM.from_pretrained(base_repo)
+        model = fit_methods(UnlearnedModelForCausalLM.from_base(base), smol_tokenizer, ("na", "ksd", "sp"))
+        before = outputs(model, batch)
+        model.push_to_hub(repo, base_model_revision=base_v1, forget_skill="arithmetic")
+        # the base repo moves on to other weights
+        tiny_llama(seed=9).save_pretrained(tmp_path / "base-v2")
+        api.upload_folder(folder_path=tmp_path / "base-v2", repo_id=base_repo)
+    files = hub.files(repo)
+    assert set(files) == {".gitattributes", "README.md", CONFIG_NAME, WEIGHTS_NAME}
+    saved = json.loads(files[CONFIG_NAME])["base_model"]
+    assert (saved["name_or_path"], saved["revision"]) == (base_repo, base_v1)
+    assert ModelCard(files["README.md"].decode()).data.base_model == base_repo
+
+    fresh = tmp_path / "fresh-cache"
+    with hub_env(hub.endpoint, fresh, token=TOKEN):
+        loaded = UnlearnedModelForCausalLM.from_pretrained(repo)
+        assert_same_outputs(before, outputs(loaded, batch))
+        # the base model at its newest revision is another model: refused
+        with pytest.raises(FingerprintMismatchError, match="weight values differ"):
+            UnlearnedModelForCausalLM.from_pretrained(repo, base_model_revision="main")
+
+    hub.clear_requests()
+    with hub_env(hub.endpoint, fresh, token=TOKEN, offline=True):
+        again = UnlearnedModelForCausalLM.from_pretrained(repo)
+    assert hub.requests == []
+    assert_same_outputs(before, outputs(again, batch))
+
+
+def test_hub_repo_without_unlearning_or_with_a_pickle(hub, tmp_path, smol_tokenizer, monkeypatch):
+    with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        api = HfApi()
+        api.create_repo("plain")
+        tiny_llama().save_pretrained(tmp_path / "plain")
+        api.upload_folder(folder_path=tmp_path / "plain", repo_id=f"{USER}/plain")
+        with pytest.raises(
+            UnlearnFormatError,
+            match=f"No {CONFIG_NAME} in the Hub repo {USER}/plain@[0-9a-f]{{40}}: it holds no saved",
+        ):
+            UnlearnedModelForCausalLM.from_pretrained(f"{USER}/plain")
+
+        model = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama()), smol_tokenizer, ("sp",))
+        model.save_pretrained(tmp_path / "pickled", base_model_name_or_path=f"{USER}/plain")
+        (tmp_path / "pickled" / WEIGHTS_NAME).unlink()
+        torch.save(model.methods["sp"].state_dict(), tmp_path / "pickled" / "unlearn_model.bin")
+        api.create_repo("pickled")
+        api.upload_folder(folder_path=tmp_path / "pickled", repo_id=f"{USER}/pickled")
+        monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+        with pytest.raises(UnlearnFormatError, match="unlearn_model.bin.*pickle-based files are refused"):
+            UnlearnedModelForCausalLM.from_pretrained(f"{USER}/pickled")

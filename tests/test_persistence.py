@@ -1,0 +1,381 @@
+"""Saving and loading unlearned models: round trips, both layouts, the file format, atomic saves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import tiny_llama
+from transformers import AutoModelForCausalLM
+
+import unlearn_hf
+from unlearn_hf import (
+    KeySpaceDetectionConfig,
+    NeuronAdjust,
+    NeuronAdjustConfig,
+    SelectivePruningConfig,
+    UnlearnedModelForCausalLM,
+)
+from unlearn_hf.methods import METHOD_CLASSES
+from unlearn_hf.persistence import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, UnlearnFormatError
+from unlearn_hf.persistence import save as save_module
+
+FORGET = [
+    "What is 2 + 3? Answer: 5",
+    "Compute 7 * 8 = 56",
+    "12 divided by 4 is 3",
+    "The sum of 10 and 15 is 25",
+    "Half of 18 is 9",
+]
+RETAIN = [
+    "The cat sat on the mat.",
+    "Paris is the capital of France.",
+    "I like green tea in the morning.",
+    "Birds can fly high above the hills.",
+    "Rain falls softly in spring.",
+]
+#: A forget query (inside the KSD hypercube by construction: k covers every fitted query) and an unrelated one.
+PROMPTS = [FORGET[0], "The old dog sleeps"]
+CONFIGS = {
+    "na": lambda: NeuronAdjustConfig(ratio=0.1, seed=3),
+    "ksd": lambda: KeySpaceDetectionConfig(alpha=1.0),
+    "sp": lambda: SelectivePruningConfig(ratio=0.1),
+}
+COMBOS = [("na",), ("ksd",), ("sp",), ("na", "ksd", "sp")]
+
+
+def fit_methods(model: UnlearnedModelForCausalLM, tokenizer, names) -> UnlearnedModelForCausalLM:
+    for name in names:
+        retain = None if name == "ksd" else RETAIN
+        model.fit(CONFIGS[name](), FORGET, retain, tokenizer, name=name, show_progress=False, batch_size=4)
+    return model
+
+
+def encode(tokenizer) -> dict[str, torch.Tensor]:
+    return dict(tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left"))
+
+
+@torch.no_grad()
+def outputs(model, batch) -> dict[str, torch.Tensor]:
+    """Logits, greedy and sampled generations (and abstention flags) of ``model`` on ``batch``."""
+    out = {"logits": model(**batch).logits}
+    greedy = model.generate(**batch, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    out["greedy"] = greedy.sequences
+    if "abstained" in greedy:
+        out["abstained"] = greedy["abstained"]
+    torch.manual_seed(1234)
+    out["sampled"] = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=50).clone()
+    return out
+
+
+def assert_same_outputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_methods(a: UnlearnedModelForCausalLM, b: UnlearnedModelForCausalLM) -> None:
+    assert list(a.methods) == list(b.methods)
+    for name, m in a.methods.items():
+        n = b.methods[name]
+        assert type(n) is type(m) and n.config.to_dict() == m.config.to_dict()
+        sa, sb = m.state_dict(), n.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), (name, key)
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved as a transformers folder (so that the base model has a name to be found by)."""
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tiny_llama(seed=0).save_pretrained(folder)
+    return folder
+
+
+def load_base(base_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(base_dir).eval()
+
+
+@pytest.fixture
+def batch(smol_tokenizer):
+    return encode(smol_tokenizer)
+
+
+# -- round trips -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("names", COMBOS, ids=["+".join(c) for c in COMBOS])
+def test_round_trip_light(names, base_dir, smol_tokenizer, batch, tmp_path):
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(load_base(base_dir)), smol_tokenizer, names)
+    before = outputs(model, batch)
+    with model.disable_unlearning():
+        plain = model(**batch).logits
+    assert not torch.equal(plain, before["logits"])  # the methods do change the model
+    if "ksd" in names:
+        assert before["abstained"].tolist() == [True, False]
+
+    model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert loaded.base_model is not model.base_model
+    assert_same_methods(model, loaded)
+    assert_same_outputs(before, outputs(loaded, batch))
+
+
+def test_round_trip_full_layout(smol_tokenizer, batch, tmp_path):
+    # a base built from a config has no name: only the full layout can be loaded again
+    model = fit_methods(
+        UnlearnedModelForCausalLM.from_base(tiny_llama(seed=5)), smol_tokenizer, ("na", "ksd")
+    )
+    before = outputs(model, batch)
+    model.save_pretrained(tmp_path / "full", save_base_model=True)
+    files = {p.name for p in (tmp_path / "full").iterdir()}
+    assert {CONFIG_NAME, WEIGHTS_NAME, "config.json", "model.safetensors"} <= files
+    saved = json.loads((tmp_path / "full" / CONFIG_NAME).read_text())
+    assert saved["layout"] == "full"
+    assert set(saved["companion_files"]) == files - {CONFIG_NAME, WEIGHTS_NAME}
+
+    loaded = UnlearnedModelForCausalLM.from_pretrained(str(tmp_path / "full"))
+    base_a, base_b = model.base_model.state_dict(), loaded.base_model.state_dict()
+    assert base_a.keys() == base_b.keys() and all(torch.equal(base_a[k], base_b[k]) for k in base_a)
+    assert_same_methods(model, loaded)
+    assert_same_outputs(before, outputs(loaded, batch))
+
+
+def test_keyword_calling_convention_and_dtype(base_dir, smol_tokenizer, tmp_path):
+    model = fit_methods(
+        UnlearnedModelForCausalLM.from_base(load_base(base_dir)), smol_tokenizer, ("na", "sp")
+    )
+    model.save_pretrained(tmp_path / "saved")
+    # the way transformers-based tools call it
+    loaded = UnlearnedModelForCausalLM.from_pretrained(
+        pretrained_model_name_or_path=str(tmp_path / "saved"), torch_dtype=torch.bfloat16
+    )
+    assert loaded.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in loaded.base_model.parameters())
+    assert_same_methods(model, loaded)  # a bf16 base passes the fingerprint check (tolerant across dtypes)
+    also = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+    assert also.dtype == torch.bfloat16
+
+
+def test_attach_to_model_in_memory(base_dir, smol_tokenizer, batch, tmp_path):
+    model = fit_methods(
+        UnlearnedModelForCausalLM.from_base(load_base(base_dir)), smol_tokenizer, ("na", "ksd")
+    )
+    before = outputs(model, batch)
+    model.save_pretrained(tmp_path / "saved")
+
+    base = load_base(base_dir)
+    with torch.no_grad():
+        plain = base(**batch).logits
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "saved", base_model=base)
+    assert loaded.base_model is base and type(base).__name__ == "LlamaForCausalLM"
+    assert not isinstance(base, UnlearnedModelForCausalLM)
+    assert_same_outputs(before, outputs(loaded, batch))
+    with torch.no_grad():
+        assert torch.equal(base(**batch).logits, plain)  # the base object stays the plain model
+
+    # onto an unlearned model: the saved methods are added to the ones it has
+    target = UnlearnedModelForCausalLM.from_base(load_base(base_dir))
+    fit_methods(target, smol_tokenizer, ("sp",))
+    same = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "saved", base_model=target)
+    assert same is target and list(target.methods) == ["sp", "na", "ksd"]
+    with pytest.raises(ValueError, match="already attached"):
+        UnlearnedModelForCausalLM.from_pretrained(tmp_path / "saved", base_model=target)
+    assert list(target.methods) == ["sp", "na", "ksd"]
+
+
+def test_user_subclass_and_its_method_classes(base_dir, smol_tokenizer, batch, tmp_path):
+    class MyNeuronAdjust(NeuronAdjust):
+        pass
+
+    class MyUnlearned(UnlearnedModelForCausalLM):
+        method_classes = {**METHOD_CLASSES, "neuron_adjust": MyNeuronAdjust}
+
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(load_base(base_dir)), smol_tokenizer, ("na",))
+    before = outputs(model, batch)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = MyUnlearned.from_pretrained(tmp_path / "saved")
+    assert isinstance(loaded, MyUnlearned) and type(loaded.methods["na"]) is MyNeuronAdjust
+    assert_same_outputs(before, outputs(loaded, batch))
+
+
+# -- the files ---------------------------------------------------------------------------------------------------
+def _read_safetensors_header(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def test_file_contents_match_format_md(base_dir, smol_tokenizer, tmp_path):
+    model = fit_methods(
+        UnlearnedModelForCausalLM.from_base(load_base(base_dir)), smol_tokenizer, ("ksd", "na", "sp")
+    )
+    model.save_pretrained(tmp_path / "saved", forget_data="5 arithmetic strings", retain_data="5 sentences")
+    saved = json.loads((tmp_path / "saved" / CONFIG_NAME).read_text())
+    assert saved["format"] == "unlearn_hf" and saved["format_version"] == FORMAT_VERSION
+    assert saved["library_version"] == unlearn_hf.__version__
+    assert saved["layout"] == "light" and saved["companion_files"] == []
+    assert saved["base_model"]["name_or_path"] == str(base_dir.resolve())
+    assert (saved["forget_data"], saved["retain_data"]) == ("5 arithmetic strings", "5 sentences")
+    assert [m["name"] for m in saved["methods"]] == ["ksd", "na", "sp"]  # attach order
+    for entry in saved["methods"]:
+        method = model.methods[entry["name"]]
+        assert {"method_type": entry["method_type"], **entry["config"]} == method.config.to_dict()
+
+    header, body = _read_safetensors_header(tmp_path / "saved" / WEIGHTS_NAME)
+    meta = header.pop("__metadata__")
+    assert meta["unlearn_hf.format_version"] == str(FORMAT_VERSION)
+    assert json.loads(meta["unlearn_hf.methods"]) == [
+        {"name": m["name"], "method_type": m["method_type"]} for m in saved["methods"]
+    ]
+    expected_keys = {f"{m['name']}.{t}" for m in saved["methods"] for t in m["tensors"]}
+    assert set(header) == expected_keys
+    for entry in saved["methods"]:
+        state = model.methods[entry["name"]].state_dict()
+        assert set(entry["tensors"]) == set(state)
+        for tname, rec in entry["tensors"].items():
+            tensor = state[tname]
+            # independent: numpy little-endian bytes of the tensor
+            digest = hashlib.sha256(tensor.numpy().astype(tensor.numpy().dtype.newbyteorder("<")).tobytes())
+            assert rec["sha256"] == digest.hexdigest()
+            assert rec["shape"] == list(tensor.shape)
+            start, end = header[f"{entry['name']}.{tname}"]["data_offsets"]
+            assert hashlib.sha256(body[start:end]).hexdigest() == rec["sha256"]
+
+
+def test_fingerprint_slices_are_what_format_md_says(base_dir, smol_tokenizer, tmp_path):
+    base = load_base(base_dir)
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(base), smol_tokenizer, ("sp",))
+    model.save_pretrained(tmp_path / "saved")
+    fp = json.loads((tmp_path / "saved" / CONFIG_NAME).read_text())["base_model"]["fingerprint"]
+    cfg = base.config
+    assert (fp["model_type"], fp["num_layers"], fp["vocab_size"], fp["hidden_size"]) == (
+        "llama",
+        cfg.num_hidden_layers,
+        cfg.vocab_size,
+        cfg.hidden_size,
+    )
+    layers = base.model.layers
+    assert [s["key"] for s in fp["ffl_sites"]] == [
+        f"model.layers.{i}.mlp.down_proj" for i in range(len(layers))
+    ]
+    assert all(s["d_ff"] == cfg.intermediate_size for s in fp["ffl_sites"])
+    slices = {
+        "input embedding": base.model.embed_tokens.weight,
+        "first FFL key projection": layers[0].mlp.down_proj.weight,
+        "last FFL key projection": layers[-1].mlp.down_proj.weight,
+    }
+    assert [w["label"] for w in fp["weights"]] == list(slices)
+    for entry in fp["weights"]:
+        rows = slices[entry["label"]].detach()[:4].float().numpy().astype("<f4")
+        assert entry["sha256"] == hashlib.sha256(rows.tobytes()).hexdigest()
+
+
+# -- atomic saves ------------------------------------------------------------------------------------------------
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".unlearn-tmp-" in p.name]
+
+
+def test_crash_while_writing_tensors_keeps_old_content(
+    base_dir, smol_tokenizer, batch, tmp_path, monkeypatch
+):
+    old = fit_methods(UnlearnedModelForCausalLM.from_base(load_base(base_dir)), smol_tokenizer, ("na",))
+    old.save_pretrained(tmp_path / "saved")
+    expected = outputs(old, batch)
+    new = fit_methods(UnlearnedModelForCausalLM.from_base(load_base(base_dir)), smol_tokenizer, ("ksd", "sp"))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="simulated"):
+        new.save_pretrained(tmp_path / "saved")
+    with pytest.raises(OSError, match="simulated"):
+        new.save_pretrained(tmp_path / "fresh")
+    monkeypatch.undo()
+
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "fresh").exists()
+    assert_same_outputs(
+        expected, outputs(UnlearnedModelForCausalLM.from_pretrained(tmp_path / "saved"), batch)
+    )
+
+
+class Interrupted(BaseException):
+    """A simulated crash (not an Exception, so no ``except Exception`` on the way can swallow it)."""
+
+
+def test_interrupted_overwrite_never_loads_as_another_model(smol_tokenizer, batch, tmp_path, monkeypatch):
+    """Interrupt a full-layout overwrite at every file operation: the folder loads as the old model or fails with
+    a clear error, never as the new base with the old methods or the reverse."""
+    old = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama(seed=1)), smol_tokenizer, ("na",))
+    new = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama(seed=2)), smol_tokenizer, ("ksd", "sp"))
+    pristine = tmp_path / "pristine"
+    old.save_pretrained(pristine, save_base_model=True)
+    old_out, new_out = outputs(old, batch), outputs(new, batch)
+    assert not torch.equal(old_out["logits"], new_out["logits"])
+
+    real = {"_replace": save_module._replace, "_remove": save_module._remove}
+    calls: list[str] = []
+
+    def patch(fail_at: int) -> None:
+        calls.clear()
+        for name, fn in real.items():
+
+            def step(*args, fn=fn):
+                calls.append(Path(args[-1]).name)
+                if len(calls) == fail_at:
+                    raise Interrupted(f"crash before {args[-1]}")
+                return fn(*args)
+
+            monkeypatch.setattr(save_module, name, step)
+
+    patch(0)  # count the steps of a complete overwrite
+    shutil.copytree(pristine, tmp_path / "complete")
+    new.save_pretrained(tmp_path / "complete", save_base_model=True)
+    monkeypatch.undo()
+    steps = list(calls)
+    assert steps[0] == CONFIG_NAME and steps[-1] == CONFIG_NAME and "model.safetensors" in steps
+    assert_same_outputs(
+        new_out, outputs(UnlearnedModelForCausalLM.from_pretrained(tmp_path / "complete"), batch)
+    )
+
+    outcomes = []
+    for fail_at in range(1, len(steps) + 1):
+        target = tmp_path / f"crash{fail_at}"
+        shutil.copytree(pristine, target)
+        patch(fail_at)
+        with pytest.raises(Interrupted):
+            new.save_pretrained(target, save_base_model=True)
+        monkeypatch.undo()
+        try:
+            loaded = UnlearnedModelForCausalLM.from_pretrained(target)
+        except UnlearnFormatError as err:
+            assert f"No {CONFIG_NAME}" in str(err)
+            outcomes.append("error")
+        else:
+            assert_same_outputs(old_out, outputs(loaded, batch))
+            outcomes.append("old")
+    assert outcomes[0] == "old" and outcomes[1:] == ["error"] * (len(steps) - 1)
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_removes_only_stale_companion_files(smol_tokenizer, base_dir, batch, tmp_path):
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(load_base(base_dir)), smol_tokenizer, ("sp",))
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder, save_base_model=True)
+    (folder / "notes.txt").write_text("mine")
+    model.save_pretrained(folder)  # now light: the base model files of the previous save go
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "notes.txt"])
+    assert_same_outputs(
+        outputs(model, batch), outputs(UnlearnedModelForCausalLM.from_pretrained(folder), batch)
+    )

@@ -1,0 +1,40 @@
+"""Saving, loading and sharing unlearned models (the format is described in ``FORMAT.md``).
+
+- :func:`save_unlearned` (``model.save_pretrained``): ``unlearn_config.json`` + ``unlearn_model.safetensors``,
+  optionally with the base model's own files (full layout), written atomically.
+- :func:`load_unlearned` (``UnlearnedModelForCausalLM.from_pretrained``): from a folder or a Hub repo, or onto a
+  model already in memory, with strict validation and a base-model fingerprint check.
+- :func:`push_unlearned` (``model.push_to_hub``): upload with a model card.
+"""
+
+from .fingerprint import check_fingerprint, compare_fingerprints, compute_fingerprint
+from .format import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    FingerprintMismatchError,
+    UnlearnConfig,
+    UnlearnFormatError,
+    read_config,
+    read_weights,
+)
+from .hub import push_unlearned
+from .load import load_unlearned
+from .save import save_unlearned
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "FingerprintMismatchError",
+    "UnlearnConfig",
+    "UnlearnFormatError",
+    "check_fingerprint",
+    "compare_fingerprints",
+    "compute_fingerprint",
+    "load_unlearned",
+    "push_unlearned",
+    "read_config",
+    "read_weights",
+    "save_unlearned",
+]

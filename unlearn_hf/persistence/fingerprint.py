@@ -1,0 +1,176 @@
+"""A cheap fingerprint of a base model, to refuse attaching unlearning fitted on another model.
+
+The fingerprint holds the architecture (model type, layer count, vocabulary and hidden sizes, the FFL sites'
+module names and weight shapes) and, for a few weight slices (the first rows of the input embedding and of the
+first and last FFL key projections), the sha256 of their float32 values plus a small sample of those values. Only
+these slices are read, never the whole model. When the model is loaded in another dtype than at save time
+(e.g. saved in float32, loaded in bfloat16) the hash cannot match, so the samples are compared with a tolerance
+suited to half precision instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sites import FFLSite
+from .format import FingerprintMismatchError
+
+logger = logging.getLogger(__name__)
+
+#: Rows of each weight that are hashed.
+SLICE_ROWS = 4
+#: Values of each slice kept for dtype-tolerant comparison.
+SAMPLE_SIZE = 32
+#: Tolerance of the sample comparison across dtypes: |a - b| <= ATOL + RTOL * |b| (bf16 rounds at 2^-9 relative).
+RTOL = 2.0**-6
+ATOL = 1e-5
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _weight_slice(label: str, name: str, weight: torch.Tensor) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "label": label,
+        "name": name,
+        "shape": list(weight.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "rows": min(SLICE_ROWS, weight.shape[0]) if weight.ndim else 0,
+        "sha256": None,
+        "sample": None,
+    }
+    if weight.device.type == "meta" or weight.ndim == 0:
+        logger.info("Fingerprint: %s (%s) is not materialized; its values are not hashed.", label, name)
+        return entry
+    values = weight.detach()[:SLICE_ROWS].to("cpu", torch.float32).contiguous().reshape(-1)
+    entry["sha256"] = hashlib.sha256(values.numpy().astype("<f4").tobytes()).hexdigest()
+    if values.numel():
+        idx = torch.linspace(0, values.numel() - 1, min(SAMPLE_SIZE, values.numel())).round().long()
+        entry["sample"] = [float(v) for v in values[idx]]
+    return entry
+
+
+def compute_fingerprint(model: nn.Module, sites: list[FFLSite]) -> dict[str, Any]:
+    """The fingerprint of ``model`` (the plain base model) with its FFL ``sites``, as a JSON-ready dict."""
+    config = getattr(model, "config", None)
+    names = _param_names(model)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_weight = getattr(emb, "weight", None)
+    vocab = int(emb_weight.shape[0]) if emb_weight is not None else getattr(config, "vocab_size", None)
+    hidden = int(emb_weight.shape[1]) if emb_weight is not None and emb_weight.ndim == 2 else None
+    weights = []
+    if emb_weight is not None:
+        weights.append(
+            _weight_slice("input embedding", names.get(id(emb_weight), "input_embeddings"), emb_weight)
+        )
+    for label, site in (("first FFL key projection", sites[0]), ("last FFL key projection", sites[-1])):
+        w = getattr(site.key, "weight", None)
+        if isinstance(w, torch.Tensor):
+            weights.append(_weight_slice(label, names.get(id(w), site.key_name + ".weight"), w))
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "num_layers": len(sites),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "ffl_sites": [
+            {
+                "pre": s.pre_name,
+                "key": s.key_name,
+                "d_ff": s.d_ff,
+                "pre_shape": _shape(s.pre),
+                "key_shape": _shape(s.key),
+            }
+            for s in sites
+        ],
+        "weights": weights,
+    }
+
+
+def _shape(module: nn.Module) -> list[int] | None:
+    w = getattr(module, "weight", None)
+    return list(w.shape) if isinstance(w, torch.Tensor) else None
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= ATOL + RTOL * abs(y) for x, y in zip(a, b))
+
+
+def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The differences between a saved fingerprint and a model's, as readable sentences (empty: same model)."""
+    problems = []
+    for key, what in (
+        ("model_type", "model type"),
+        ("num_layers", "number of FFL layers"),
+        ("num_hidden_layers", "config.num_hidden_layers"),
+        ("vocab_size", "vocabulary size"),
+        ("hidden_size", "hidden size"),
+    ):
+        if key in saved and saved[key] != current.get(key):
+            problems.append(f"{what}: saved {saved[key]!r}, model has {current.get(key)!r}")
+    saved_sites, cur_sites = saved.get("ffl_sites") or [], current.get("ffl_sites") or []
+    if len(saved_sites) == len(cur_sites):
+        for i, (s, c) in enumerate(zip(saved_sites, cur_sites)):
+            for key in ("pre", "key"):
+                if s.get(key) != c.get(key):
+                    problems.append(
+                        f"layer {i} FFL {key} module: saved {s.get(key)!r}, model has {c.get(key)!r}"
+                    )
+            for key in ("d_ff", "pre_shape", "key_shape"):
+                if s.get(key) != c.get(key):
+                    problems.append(f"layer {i} FFL {key}: saved {s.get(key)!r}, model has {c.get(key)!r}")
+                    break
+    saved_w = {w.get("label"): w for w in saved.get("weights") or []}
+    cur_w = {w.get("label"): w for w in current.get("weights") or []}
+    for label, s in saved_w.items():
+        c = cur_w.get(label)
+        if c is None:
+            problems.append(f"{label}: not found in the model")
+            continue
+        if s.get("shape") != c.get("shape"):
+            problems.append(f"{label} shape: saved {s.get('shape')}, model has {c.get('shape')}")
+            continue
+        if s.get("sha256") is None or c.get("sha256") is None:
+            logger.warning("Fingerprint: the values of the %s cannot be compared (not materialized).", label)
+            continue
+        if s["sha256"] == c["sha256"]:
+            continue
+        if s.get("dtype") != c.get("dtype") and _close(c.get("sample") or [], s.get("sample") or []):
+            logger.info(
+                "Fingerprint: %s matches within %s-precision tolerance (saved %s, model %s).",
+                label,
+                c.get("dtype"),
+                s.get("dtype"),
+                c.get("dtype"),
+            )
+            continue
+        problems.append(f"{label} ({s.get('name')}): the weight values differ")
+    return problems
+
+
+def check_fingerprint(
+    saved: dict[str, Any], model: nn.Module, sites: list[FFLSite], *, ignore: bool = False, source: str = ""
+) -> None:
+    """Raise :class:`FingerprintMismatchError` listing the differences when ``model`` is not the saved base model.
+
+    With ``ignore=True`` the differences are logged as a warning instead.
+    """
+    problems = compare_fingerprints(saved, compute_fingerprint(model, sites))
+    if not problems:
+        return
+    listing = "; ".join(problems)
+    if ignore:
+        logger.warning(
+            "Attaching %s despite base model differences (ignore_fingerprint=True): %s.", source, listing
+        )
+        return
+    raise FingerprintMismatchError(
+        f"The unlearning in {source} was fitted on another base model than the one given: {listing}. "
+        "Pass ignore_fingerprint=True to attach it anyway (only if you know the models are equivalent)."
+    )

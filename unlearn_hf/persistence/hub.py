@@ -1,0 +1,202 @@
+"""Uploading an unlearned model to the Hugging Face Hub, with a model card."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .format import read_config
+from .save import save_unlearned
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+
+    from ..model import UnlearnedModelForCausalLM
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMMIT_MESSAGE = "Upload unlearned model (unlearn_hf)"
+_CARD_FIELDS = (
+    "forget_skill",
+    "retain_skills",
+    "forget_data",
+    "retain_data",
+    "evaluation",
+    "license",
+    "tags",
+    "base_model",
+    "base_model_revision",
+)
+
+
+def evaluation_rows(evaluation: Any) -> list[dict[str, Any]] | None:
+    """Model-card evaluation rows from a list of rows, or from ``{skill: {"metric", "before", "after", ...}}``."""
+    if evaluation is None:
+        return None
+    if isinstance(evaluation, Mapping):
+        rows = []
+        for skill, values in evaluation.items():
+            if not isinstance(values, Mapping):
+                raise TypeError(
+                    f"evaluation[{skill!r}] must be a dict with 'metric', 'before' and 'after', got "
+                    f"{type(values).__name__}."
+                )
+            rows.append({"skill": skill, **values})
+        return rows
+    if isinstance(evaluation, Sequence) and not isinstance(evaluation, str):
+        rows = []
+        for row in evaluation:
+            if dataclasses.is_dataclass(row) and not isinstance(row, type):
+                row = dataclasses.asdict(row)
+            if not isinstance(row, Mapping):
+                raise TypeError(f"Each evaluation row must be a dict, got {type(row).__name__}.")
+            rows.append(dict(row))
+        return rows
+    raise TypeError(f"evaluation must be a list of rows or a dict by skill, got {type(evaluation).__name__}.")
+
+
+def _card_values(card_info: Any, explicit: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``card_info`` (a dict or a ``ModelCardInfo``) with the explicit arguments (which win)."""
+    values: dict[str, Any] = {}
+    if card_info is not None:
+        if dataclasses.is_dataclass(card_info) and not isinstance(card_info, type):
+            card_info = {f.name: getattr(card_info, f.name) for f in dataclasses.fields(card_info)}
+        if not isinstance(card_info, Mapping):
+            raise TypeError(f"card_info must be a dict or a ModelCardInfo, got {type(card_info).__name__}.")
+        unknown = sorted(set(card_info) - set(_CARD_FIELDS) - {"methods", "repo_id", "library_version"})
+        if unknown:
+            raise ValueError(f"Unknown card_info keys {unknown}; known: {sorted(_CARD_FIELDS)}.")
+        values.update({k: v for k, v in card_info.items() if k in _CARD_FIELDS and v is not None})
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    return values
+
+
+def build_model_card(folder: Path, repo_id: str, values: dict[str, Any]):
+    """Render the model card of the checkpoint saved in ``folder`` (see :mod:`unlearn_hf.model_card`)."""
+    from ..model_card import ModelCardInfo, render_model_card
+
+    saved = read_config(folder)
+    forget_skill = values.get("forget_skill")
+    if not forget_skill:
+        logger.warning("No forget_skill given: the model card will call the unlearned skill 'unspecified'.")
+        forget_skill = "unspecified"
+    retain = values.get("retain_skills") or []
+    if isinstance(retain, str):
+        retain = [retain]
+    base_model = values.get("base_model") or saved.base_model.name_or_path
+    if not base_model:
+        raise ValueError(
+            "The model card needs the base model's name: pass base_model_name_or_path=... (or card_info="
+            "{'base_model': ...}); this base model was built without one."
+        )
+    info = ModelCardInfo(
+        base_model=base_model,
+        base_model_revision=values.get("base_model_revision") or saved.base_model.revision,
+        forget_skill=forget_skill,
+        retain_skills=list(retain),
+        methods=[
+            {
+                "name": m.method_type,
+                "config": {**({"attached_as": m.name} if m.name != m.method_type else {}), **m.config},
+            }
+            for m in saved.methods
+        ],
+        repo_id=repo_id,
+        forget_data=values.get("forget_data") or saved.forget_data,
+        retain_data=values.get("retain_data") or saved.retain_data,
+        evaluation=evaluation_rows(values.get("evaluation")),
+        library_version=saved.library_version,
+        license=values.get("license"),
+        tags=list(values.get("tags") or []),
+    )
+    return render_model_card(info)
+
+
+def push_unlearned(
+    model: UnlearnedModelForCausalLM,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    save_base_model: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    forget_skill: str | None = None,
+    retain_skills: list[str] | None = None,
+    forget_data: str | None = None,
+    retain_data: str | None = None,
+    evaluation: Any = None,
+    card_info: Any = None,
+    license: str | None = None,
+    tags: list[str] | None = None,
+    tokenizer: Any = None,
+    base_model_name_or_path: str | None = None,
+    base_model_revision: str | None = None,
+) -> CommitInfo:
+    """Save ``model`` (see :func:`save_unlearned`) and upload it with a model card ``README.md`` in one commit.
+
+    Args:
+        repo_id: the Hub repo (``name`` or ``namespace/name``); created if it does not exist.
+        private / token: as in ``HfApi.create_repo``.
+        commit_message: the commit title (default: ``"Upload unlearned model (unlearn_hf)"``).
+        save_base_model: also upload the base model's files (full layout); default ``False`` (light).
+        revision / create_pr: the branch to commit to, or open a pull request.
+        forget_skill / retain_skills / forget_data / retain_data / evaluation / license / tags: what the model card
+            says (they override the same keys of ``card_info``). ``forget_data``/``retain_data`` are also stored in
+            ``unlearn_config.json``. ``evaluation``: rows ``{"skill", "metric", "before", "after", "method"?}`` or a
+            dict ``{skill: {"metric", "before", "after"}}``.
+        card_info: a dict or :class:`unlearn_hf.model_card.ModelCardInfo` with the same keys.
+        tokenizer: also upload this tokenizer.
+        base_model_name_or_path / base_model_revision: see :func:`save_unlearned`.
+
+    Returns:
+        The ``huggingface_hub.CommitInfo`` of the upload.
+    """
+    from huggingface_hub import HfApi
+
+    values = _card_values(
+        card_info,
+        {
+            "forget_skill": forget_skill,
+            "retain_skills": retain_skills,
+            "forget_data": forget_data,
+            "retain_data": retain_data,
+            "evaluation": evaluation,
+            "license": license,
+            "tags": tags,
+        },
+    )
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="unlearn_hf-push-") as tmp:
+        folder = Path(tmp) / "model"
+        # Everything that can fail locally (saving, the card) runs before the repo is created.
+        save_unlearned(
+            model,
+            folder,
+            save_base_model=save_base_model,
+            forget_data=values.get("forget_data"),
+            retain_data=values.get("retain_data"),
+            tokenizer=tokenizer,
+            base_model_name_or_path=base_model_name_or_path,
+            base_model_revision=base_model_revision,
+        )
+        card = build_model_card(folder, repo_id, values)  # fails here, before any request, on bad card values
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        full_id = url.repo_id
+        if full_id != repo_id:
+            card = build_model_card(folder, full_id, values)
+        card.save(folder / "README.md")
+        info = api.upload_folder(
+            repo_id=full_id,
+            folder_path=folder,
+            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            revision=revision,
+            create_pr=create_pr,
+        )
+    logger.info("Pushed the unlearned model to %s (%s).", full_id, getattr(info, "oid", ""))
+    return info
