@@ -9,11 +9,18 @@ Accepted inputs (the same for the probe and every ``fit``):
 
 Token modes: ``"all"`` (every real token), ``"prompt"`` / ``"completion"`` (only that part of prompt +
 completion pairs), ``"last"`` (query mode: the last real token of each prompt).
+
+Sharding (data-parallel probing, see :mod:`unlearn_hf.distributed`): with ``shard=(rank, world_size)``,
+:func:`iter_token_batches` yields only this process's share. The data is cut into the same batches as without
+sharding and batch ``i`` goes to rank ``i % world_size``, so every example is probed exactly once, in exactly
+the batch it would have been in on one process (tokenized batches: batch ``i`` of the iterable). A rank may
+get no batch at all.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +90,13 @@ def _columns_of(data: Any) -> list[str] | None:
     return None
 
 
-def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None]]:
-    """Return ``(text_or_prompt, completion_or_None)`` pairs out of strings, dicts or a Dataset."""
+def _records(
+    data: Any, spec: DataSpec, mode: str, index_of: Sequence[int] | None = None
+) -> list[tuple[str, str | None]]:
+    """Return ``(text_or_prompt, completion_or_None)`` pairs out of strings, dicts or a Dataset.
+
+    ``index_of`` maps positions in ``data`` to the example numbers named in error messages (for a shard).
+    """
     wants_pairs = mode in ("prompt", "completion") or (spec.prompt_column is not None and mode != "last")
     columns = _columns_of(data)
     if columns is not None:  # datasets.Dataset (or anything column-addressable)
@@ -103,7 +115,8 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
             return list(zip(data[needed[0]], data[needed[1]]))
         return [(t, None) for t in data[needed[0]]]
     records = []
-    for i, item in enumerate(data):
+    for j, item in enumerate(data):
+        i = index_of[j] if index_of is not None else j
         if isinstance(item, str):
             if wants_pairs:
                 raise ValueError(
@@ -125,8 +138,9 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
             records.append((item[0], item[1]) if mode != "last" else (item[0], None))
         else:
             raise TypeError(f"Example {i} is a {type(item).__name__}; expected a string, a dict or a pair.")
-    for i, (a, b) in enumerate(records):
+    for j, (a, b) in enumerate(records):
         if not isinstance(a, str) or (b is not None and not isinstance(b, str)):
+            i = index_of[j] if index_of is not None else j
             raise TypeError(f"Example {i} does not hold text (got {type(a).__name__}).")
     return records
 
@@ -145,10 +159,48 @@ def prepare_tokenizer(tokenizer: Any, mode: str):
     return tok
 
 
+def shard_batch_indices(n_batches: int, rank: int, world_size: int) -> range:
+    """Indices of the batches that ``rank`` probes out of ``n_batches``: ``rank, rank + world_size, ...``."""
+    check_shard((rank, world_size))
+    return range(rank, n_batches, world_size)
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """Validate a ``(rank, world_size)`` pair."""
+    try:
+        rank, world_size = (int(v) for v in shard)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"shard must be a (rank, world_size) pair of integers, got {shard!r}.") from err
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"Invalid shard (rank {rank}, world_size {world_size}): need 0 <= rank < world_size."
+        )
+    return rank, world_size
+
+
+def _shard_rows(data: Any, rows: list[int]) -> Any:
+    """The given rows of a list or a column-addressable data set (``datasets.Dataset.select``)."""
+    if _columns_of(data) is not None:
+        if not hasattr(data, "select"):
+            raise TypeError(f"Cannot shard a {type(data).__name__}: it has no .select(indices) method.")
+        return data.select(rows)
+    return [data[i] for i in rows]
+
+
 def iter_token_batches(
-    data: Any, tokenizer: Any = None, *, mode: str = "all", spec: DataSpec | None = None
+    data: Any,
+    tokenizer: Any = None,
+    *,
+    mode: str = "all",
+    spec: DataSpec | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[int | None, Iterator[TokenBatch]]:
     """Return ``(number_of_examples_or_None, iterator of TokenBatch)`` for any accepted input.
+
+    Args:
+        shard: ``(rank, world_size)``: yield only the batches of that rank (batch ``i`` goes to rank
+            ``i % world_size``); the count is then this rank's, possibly 0, and an empty share is not an error
+            (emptiness of the whole data is still checked where it is known up front).
 
     Raises:
         ValueError: empty data, missing columns, unknown mode, no tokenizer for text.
@@ -156,24 +208,41 @@ def iter_token_batches(
     spec = spec or DataSpec()
     if mode not in TOKEN_MODES:
         raise ValueError(f"Unknown token mode {mode!r}; choose one of {TOKEN_MODES}.")
+    rank, world_size = check_shard(shard) if shard is not None else (0, 1)
     if isinstance(data, str):
         raise TypeError("Pass a list of strings, not a single string.")
     if isinstance(data, Mapping) and _is_tokenized_batch(data):
         data = [data]
-    if not isinstance(data, Sequence) and _columns_of(data) is None:
-        return None, _tokenized_iter(iter(data), mode)  # a generator of tokenized batches
+    if not isinstance(data, Sequence) and _columns_of(data) is None:  # a generator of tokenized batches
+        indexed = enumerate(data)
+        if shard is not None:
+            indexed = itertools.islice(indexed, rank, None, world_size)
+        return None, _tokenized_iter(indexed, mode, allow_empty=shard is not None)
     if len(data) == 0:
         raise ValueError("The data set is empty: at least one example is needed.")
     if _columns_of(data) is None and _is_tokenized_batch(data[0]):
-        return sum(int(b["input_ids"].shape[0]) for b in data), _tokenized_iter(iter(data), mode)
-    records = _records(data, spec, mode)
+        mine = shard_batch_indices(len(data), rank, world_size)
+        n = sum(int(data[i]["input_ids"].shape[0]) for i in mine)
+        return n, _tokenized_iter(((i, data[i]) for i in mine), mode, allow_empty=shard is not None)
+    rows = None
+    if shard is not None:
+        n_batches = -(-len(data) // spec.batch_size)
+        rows = [
+            r
+            for b in shard_batch_indices(n_batches, rank, world_size)
+            for r in range(b * spec.batch_size, min(len(data), (b + 1) * spec.batch_size))
+        ]
+        data = _shard_rows(data, rows)
+    records = _records(data, spec, mode, index_of=rows)
     tok = prepare_tokenizer(tokenizer, mode)
     return len(records), _text_iter(records, tok, mode, spec)
 
 
-def _tokenized_iter(batches: Iterable[Mapping[str, Any]], mode: str) -> Iterator[TokenBatch]:
-    seen = False
-    for i, b in enumerate(batches):
+def _tokenized_iter(
+    batches: Iterable[tuple[int, Mapping[str, Any]]], mode: str, allow_empty: bool = False
+) -> Iterator[TokenBatch]:
+    seen = allow_empty
+    for i, b in batches:
         if not _is_tokenized_batch(b):
             raise TypeError(f"Batch {i} is not a mapping with an 'input_ids' tensor.")
         ids = b["input_ids"]

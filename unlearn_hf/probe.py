@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -11,8 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from .data import DataSpec, iter_token_batches
-from .sites import FFLSite, SiteError, find_ffl_sites
+from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites
 from .stats import RunningStats, SiteStatistics
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ def probe(
     track_extremes: bool | None = None,
     show_progress: bool = True,
     desc: str = "probing",
+    distributed: bool | None = None,
 ) -> SiteStatistics | dict[str, SiteStatistics]:
     """Run ``model`` over ``data`` and return mergeable statistics of the chosen FFL sites.
 
@@ -70,11 +73,62 @@ def probe(
         sites: precomputed :class:`FFLSite` list (default: :func:`find_ffl_sites`).
         spec: columns, batch size and truncation length.
         track_extremes: keep per-dimension min/max (default: in query mode).
-        show_progress: show a tqdm bar.
+        show_progress: show a tqdm bar (on rank 0 only when distributed).
+        distributed: shard the data over the processes of the default ``torch.distributed`` process group and
+            combine their statistics (every rank gets the same result; see :mod:`unlearn_hf.distributed`).
+            ``None`` (default): when a process group is initialized (or as set by
+            :func:`unlearn_hf.distributed.distributed_probing`); ``False``: probe all of ``data`` here.
 
     Returns:
         :class:`SiteStatistics` for a single site kind, or ``{kind: SiteStatistics}`` for several.
     """
+    kinds = (site,) if isinstance(site, str) else tuple(site)
+    local_kw = dict(
+        site=site, mode=mode, layers=layers, sites=sites, spec=spec, track_extremes=track_extremes, desc=desc
+    )
+    if not _dist.resolve_distributed(distributed):
+        results, _ = _probe_local(model, data, tokenizer, show_progress=show_progress, **local_kw)
+    else:
+        rank, world = _dist.get_rank(), _dist.get_world_size()
+        local, error, n_batches = None, None, 0
+        try:
+            local, n_batches = _probe_local(
+                model,
+                data,
+                tokenizer,
+                shard=(rank, world),
+                show_progress=show_progress and rank == 0,
+                **{**local_kw, "desc": f"{desc} [rank {rank}/{world}]"},
+            )
+        except Exception as err:  # every rank must learn of it, or the others would wait forever
+            error = err
+        results, total_batches = _dist.exchange_statistics(local, error, n_batches=n_batches)
+        if total_batches == 0:
+            raise ValueError("The data set is empty: the iterable yielded no batches.")
+    for k, r in results.items():
+        if r.count == 0:
+            raise ValueError(
+                f"No tokens were selected at the {k} site (mode {mode!r}): nothing to learn from."
+            )
+    return results[kinds[0]] if isinstance(site, str) else results
+
+
+def _probe_local(
+    model: nn.Module,
+    data: Any,
+    tokenizer: Any,
+    *,
+    site: str | Sequence[str],
+    mode: str,
+    layers: Sequence[int] | None,
+    sites: Sequence[FFLSite] | None,
+    spec: DataSpec | None,
+    track_extremes: bool | None,
+    show_progress: bool,
+    desc: str,
+    shard: tuple[int, int] | None = None,
+) -> tuple[dict[str, SiteStatistics], int]:
+    """Probe ``data`` (or this rank's ``shard`` of it) here; returns ``({kind: statistics}, batches probed)``."""
     kinds = (site,) if isinstance(site, str) else tuple(site)
     if not kinds or any(k not in SITE_KINDS for k in kinds):
         raise ValueError(f"site must be one or more of {SITE_KINDS}, got {site!r}.")
@@ -87,11 +141,12 @@ def probe(
             f"Layers {bad or list(layers or [])} are not FFL layers of this model (0..{len(sites) - 1})."
         )
     track = (mode == "last") if track_extremes is None else track_extremes
-    n_examples, batches = iter_token_batches(data, tokenizer, mode=mode, spec=spec)
+    n_examples, batches = iter_token_batches(data, tokenizer, mode=mode, spec=spec, shard=shard)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     stats = {k: {i: RunningStats(by_layer[i].d_ff, track) for i in layer_ids} for k in kinds}
     selection: dict[torch.device, torch.Tensor] = {}
     last_layer, last_kind = layer_ids[-1], ("key" if "key" in kinds else "pre")
+    all_selected = False
 
     def select_on(device: torch.device) -> torch.Tensor:
         if device not in selection:
@@ -100,18 +155,30 @@ def probe(
 
     def make_hook(kind: str, layer: int):
         def capture(x: torch.Tensor) -> None:
-            if x.shape[-1] != by_layer[layer].d_ff or x.shape[:2] != selection[torch.device("cpu")].shape:
+            grid = selection[torch.device("cpu")].shape
+            if x.dim() == 2 and x.shape[0] == grid.numel():
+                x = as_token_grid(x, grid[1])  # OPT runs its FFL on [batch * seq, d_ff]
+            if x.shape[-1] != by_layer[layer].d_ff or x.shape[:2] != grid:
                 raise SiteError(
                     f"Layer {layer} {kind} site produced shape {tuple(x.shape)}, expected [batch, seq, "
                     f"{by_layer[layer].d_ff}]; the site does not match the model."
                 )
-            stats[kind][layer].update(x[select_on(x.device)])
+            rows = x.flatten(0, 1) if all_selected else x[select_on(x.device)]
+            stats[kind][layer].update(rows)
             if layer == last_layer and kind == last_kind:
                 raise _StopForward
 
         if kind == "pre":
             return lambda mod, args, out: capture(out)
         return lambda mod, args: capture(args[0])
+
+    accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    def position_kwargs(mask: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        # positions count real tokens only: left padding must not shift absolute position embeddings (GPT-2...)
+        if not accepts_positions:
+            return {}
+        return {"position_ids": (mask.long().cumsum(-1) - 1).clamp_min(0).to(device)}
 
     handles = []
     try:
@@ -124,7 +191,9 @@ def probe(
                     handles.append(s.key.register_forward_pre_hook(make_hook(kind, i)))
         device = _input_device(model)
         bar = tqdm(total=n_examples, desc=desc, disable=not show_progress, unit="ex")
+        n_batches = 0
         for batch in batches:
+            n_batches += 1
             if vocab is not None and int(batch.input_ids.max()) >= vocab:
                 raise ValueError(
                     f"Token id {int(batch.input_ids.max())} is outside the model's vocabulary ({vocab}): "
@@ -132,10 +201,12 @@ def probe(
                 )
             selection.clear()
             selection[torch.device("cpu")] = batch.select.cpu()
+            all_selected = bool(batch.select.all())
             try:
                 model(
                     input_ids=batch.input_ids.to(device),
                     attention_mask=batch.attention_mask.to(device),
+                    **position_kwargs(batch.attention_mask, device),
                     use_cache=False,
                 )
             except _StopForward:
@@ -146,10 +217,4 @@ def probe(
         for h in handles:
             h.remove()
     fp = model_fingerprint(model)
-    results = {k: SiteStatistics(k, mode, stats[k], fp) for k in kinds}
-    for k, r in results.items():
-        if r.count == 0:
-            raise ValueError(
-                f"No tokens were selected at the {k} site (mode {mode!r}): nothing to learn from."
-            )
-    return results[kinds[0]] if isinstance(site, str) else results
+    return {k: SiteStatistics(k, mode, stats[k], fp) for k in kinds}, n_batches

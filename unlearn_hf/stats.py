@@ -49,12 +49,18 @@ class RunningStats:
         n = x.shape[0]
         if n == 0:
             return
-        x = x.detach().to(torch.float64)
-        mean_b = x.mean(0)
-        m2_b = (x - mean_b).square_().sum(0)
-        batch = RunningStats(self.dim, self.track_extremes, n, mean_b.cpu(), m2_b.cpu(), x.abs().sum(0).cpu())
+        x = x.detach()
+        # three reductions over the raw activations, accumulated in float64 without a float64 copy of x;
+        # within a batch M2 = Σx² − n·mean² (float64 keeps the cancellation harmless at activation scales)
+        f64 = torch.float64
+        total = x.sum(0, dtype=f64)
+        sumsq = torch.linalg.vector_norm(x, 2, dim=0, dtype=f64).square_()
+        abs_sum = torch.linalg.vector_norm(x, 1, dim=0, dtype=f64)
+        mean_b = total / n
+        m2_b = (sumsq - mean_b * total).clamp_min_(0)
+        batch = RunningStats(self.dim, self.track_extremes, n, mean_b.cpu(), m2_b.cpu(), abs_sum.cpu())
         if self.track_extremes:
-            batch.minimum, batch.maximum = x.amin(0).cpu(), x.amax(0).cpu()
+            batch.minimum, batch.maximum = x.amin(0).to(f64).cpu(), x.amax(0).to(f64).cpu()
         self.merge_(batch)
 
     def merge_(self, other: RunningStats) -> RunningStats:

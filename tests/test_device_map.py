@@ -1,0 +1,145 @@
+"""Models dispatched by accelerate (``device_map`` with CPU and disk offload) fit and generate like plain ones."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from accelerate import dispatch_model
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import tiny_llama
+from unlearn_hf import (
+    KeySpaceDetectionConfig,
+    NeuronAdjustConfig,
+    SelectivePruningConfig,
+    UnlearnedModelForCausalLM,
+    find_ffl_sites,
+)
+from unlearn_hf.sites import module_device
+
+#: Layers 1 and 2 and the LM head live on disk (weights on "meta" until accelerate loads them for a forward).
+DEVICE_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.layers.2": "disk",
+    "model.norm": "cpu",
+    "lm_head": "disk",
+}
+OFFLOADED = (1, 2)
+
+FORGET = [f"Question: what is {i} plus {3 * i + 1}?\nAnswer: {4 * i + 1}" for i in range(9)]
+RETAIN = [f"def scale_{i}(values):\n    return [v * {i} for v in values]" for i in range(7)]
+QUERIES = [f"Question: what is {i} times {i + 2}?\nAnswer:" for i in range(8)]
+OTHER = ["import os\nfor root, dirs, files in os.walk('.'):\n    print(root)", "Bonjour, je m'appelle Marie."]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    tiny_llama(layers=3).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["from_pretrained", "dispatch_model"])
+def models(request, checkpoint, tmp_path_factory):
+    """``(plain, dispatched)``: the same checkpoint, undispatched and dispatched with disk offload."""
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    offload = tmp_path_factory.mktemp("offload")
+    if request.param == "from_pretrained":
+        dispatched = AutoModelForCausalLM.from_pretrained(
+            checkpoint, device_map=DEVICE_MAP, offload_folder=offload
+        ).eval()
+    else:
+        dispatched = dispatch_model(
+            AutoModelForCausalLM.from_pretrained(checkpoint).eval(),
+            device_map=DEVICE_MAP,
+            offload_dir=str(offload),
+            main_device="cpu",
+        )
+    return plain, dispatched
+
+
+def offloaded_on_meta(model) -> bool:
+    return all(model.model.layers[i].mlp.gate_proj.weight.device.type == "meta" for i in OFFLOADED)
+
+
+def fit_all(model, tokenizer):
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    kw = dict(batch_size=4, max_length=64, show_progress=False)
+    # NA and SP after the KSD layer, so that they do not move the keys KSD was fitted on (base-model keys)
+    na = NeuronAdjustConfig(ratio=0.1, deterministic=True, layers=[2])
+    unlearned.fit(na, FORGET, RETAIN, tokenizer, **kw)
+    unlearned.fit(SelectivePruningConfig(ratio=0.1, layers=[2]), FORGET, RETAIN, tokenizer, **kw)
+    # alpha 1.5: at 1 the fitted queries lie on the hypercube's faces, and generating with left padding (the fit
+    # padded on the right) moves float32 keys by a few ulps
+    unlearned.fit(KeySpaceDetectionConfig(layers=[1], alpha=1.5), QUERIES, None, tokenizer, **kw)
+    return unlearned
+
+
+def test_sites_are_found_and_run_on_the_execution_device(models):
+    plain, dispatched = models
+    assert offloaded_on_meta(dispatched)  # the offload really happened
+    got, ref = find_ffl_sites(dispatched), find_ffl_sites(plain)
+    assert [(s.pre_name, s.key_name, s.d_ff) for s in got] == [(s.pre_name, s.key_name, s.d_ff) for s in ref]
+    for s in got:  # not the parameters' "meta": accelerate's execution device
+        assert module_device(s.pre) == module_device(s.key) == torch.device("cpu")
+
+
+def test_fit_and_generation_match_the_undispatched_model(models, smol_tokenizer):
+    plain, dispatched = models
+    fitted = {name: fit_all(m, smol_tokenizer) for name, m in (("plain", plain), ("dispatched", dispatched))}
+    try:
+        ref, got = fitted["plain"], fitted["dispatched"]
+        assert offloaded_on_meta(dispatched)  # probing (which stops forwards early) left nothing loaded
+        for name, method in ref.methods.items():
+            for key, value in method.state_dict().items():
+                assert torch.equal(got.methods[name].state_dict()[key], value), (name, key)
+        na = got.methods["neuron_adjust"]
+        assert list(na.layers) == [2]
+        for layer in na.layers.values():  # tensors on the offloaded layer's execution device, not "meta"
+            assert layer.neurons.device == torch.device("cpu")
+        assert got.methods["selective_pruning"].layers[2].neurons.device == torch.device("cpu")
+        assert got.methods["key_space_detection"].layers[1].center.device == torch.device("cpu")
+
+        tok = copy.deepcopy(smol_tokenizer)
+        tok.padding_side = "left"
+        enc = tok(QUERIES[:3] + OTHER, return_tensors="pt", padding=True)
+        gen = dict(
+            max_new_tokens=10, do_sample=False, return_dict_in_generate=True, pad_token_id=tok.pad_token_id
+        )
+        out = {name: u.generate(**enc, **gen) for name, u in fitted.items()}
+        assert torch.equal(out["dispatched"].sequences, out["plain"].sequences)
+        assert torch.equal(out["dispatched"].abstained, out["plain"].abstained)
+        abstained = out["plain"].abstained
+        assert abstained[:3].all() and not abstained[3:].any()  # fitted queries refuse, the others do not
+        refusal = tok("I can't help with that.", add_special_tokens=False)["input_ids"]
+        new = out["dispatched"].sequences[:, enc["input_ids"].shape[1] :]
+        assert new[0, : len(refusal)].tolist() == refusal
+
+        # NA + SP change the activations identically on both (abstention off to see them)
+        logits = {}
+        for name, u in fitted.items():
+            with u.disable_abstention():
+                logits[name] = u(**enc).logits
+        base = plain(**enc).logits
+        assert torch.equal(logits["dispatched"], logits["plain"])
+        assert not torch.allclose(logits["plain"], base, atol=1e-4)
+        assert torch.equal(dispatched(**enc).logits, base)  # the base model itself stays plain
+    finally:
+        for u in fitted.values():
+            u.remove_all_methods()
+
+
+def test_direct_forward_applies_unlearning_on_a_dispatched_model(models, smol_tokenizer):
+    _, dispatched = models
+    unlearned = UnlearnedModelForCausalLM.from_base(dispatched)
+    try:
+        unlearned.fit(NeuronAdjustConfig(ratio=0.05, deterministic=True), FORGET, RETAIN, smol_tokenizer)
+        enc = smol_tokenizer(FORGET[:2], return_tensors="pt", padding=True)
+        assert torch.equal(unlearned.forward(**enc).logits, unlearned(**enc).logits)
+    finally:
+        unlearned.remove_all_methods()
