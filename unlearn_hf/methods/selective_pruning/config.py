@@ -5,19 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import MethodConfig, check_ratio
-from ..neurons import NEURON_TOKEN_MODES
+from ..neurons import NEURON_TOKEN_MODES, check_layer_list
 
 
 @dataclass
 class SelectivePruningConfig(MethodConfig):
     """Selective Pruning (Pochinkov & Schoots 2023; METHOD.md §5), the paper's baseline: zero the key-site
-    neurons most important to the forget set relative to the retain set.
+    neurons (inputs of the FFL output projection) most important to the forget set relative to the retain set.
 
     Args:
-        ratio: fraction of all key neurons of all (chosen) layers to prune, selected globally.
-        tokens: which tokens are probed (``"all"``, ``"prompt"``, ``"completion"``).
-        eps: added to the retain mean |x| in the importance ratio mean|x|_F / (mean|x|_R + eps).
-        layers: restrict selection to these layers (``None`` = all).
+        ratio: fraction in (0, 1] of all key neurons of all (chosen) layers to prune, selected globally; the
+            count is ``round(ratio * total)`` with halves rounded up, at least 1. Ties go to the lower layer,
+            then the lower neuron index.
+        tokens: which tokens are probed (``"all"``, ``"prompt"``, ``"completion"``; padding never counts).
+        eps: added to the retain mean |x| in the importance mean|x|_F / (mean|x|_R + eps), so neurons that are
+            silent on the retain set get a large finite importance.
+        layers: restrict probing and selection to these layers (negative ones count from the end;
+            ``None`` = all).
     """
 
     method_type = "selective_pruning"
@@ -31,7 +35,6 @@ class SelectivePruningConfig(MethodConfig):
         check_ratio(self.ratio)
         if self.tokens not in NEURON_TOKEN_MODES:
             raise ValueError(f"tokens must be one of {NEURON_TOKEN_MODES}, got {self.tokens!r}.")
-        if not self.eps > 0:
+        if not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps!r}.")
-        if self.layers is not None:
-            self.layers = [int(i) for i in self.layers]
+        self.layers = check_layer_list(self.layers)

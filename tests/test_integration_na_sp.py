@@ -1,0 +1,105 @@
+"""Neuron Adjust and Selective Pruning on the real SmolLM2-135M-Instruct: forgetting GSM8K (math) hurts GSM8K
+more than MBPP (code), measured with the teacher-forced answer-token accuracy (METHOD.md §7).
+
+Forget: GSM8K train, question + answer. Retain: MBPP train (task_id 601-974), task + code (CRLF normalised by
+the skill loader). One probe of both FFL sites feeds both methods (precomputed statistics are part of the fit
+API). Evaluation: 50 GSM8K test items and 50 MBPP test items (task_id 11-510), before and after.
+
+Measured when written (64 + 64 probe items, 50 + 50 eval items): base 0.657 / 0.664; Neuron Adjust 0.03:
+relative drop 12.6% GSM8K vs 1.1% MBPP; Selective Pruning 0.03: 43.7% vs 3.5%.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from unlearn_hf import DataSpec, NeuronAdjustConfig, SelectivePruningConfig, UnlearnedModelForCausalLM, probe
+from unlearn_hf.evaluation.metrics import answer_token_accuracy, relative_drop
+from unlearn_hf.evaluation.skills import get_skill
+
+logger = logging.getLogger(__name__)
+
+pytestmark = pytest.mark.slow
+
+N_PROBE = 64
+N_EVAL = 50
+EVAL = dict(batch_size=8, max_length=256)
+
+
+@pytest.fixture(scope="module")
+def skills(shared_data):
+    return get_skill("gsm8k", shared_data), get_skill("mbpp", shared_data)
+
+
+@pytest.fixture(scope="module")
+def statistics(smollm2, skills):
+    """``(forget, retain)``: ``{"pre": ..., "key": ...}`` statistics of GSM8K and MBPP probe texts."""
+    model, tok = smollm2
+    gsm8k, mbpp = skills
+    texts = mbpp.probe_texts(N_PROBE)
+    assert not any("\r" in t for t in texts)  # CRLF normalised
+    kw = dict(site=("pre", "key"), spec=DataSpec(batch_size=8, max_length=256), show_progress=False)
+    return probe(model, gsm8k.probe_texts(N_PROBE), tok, **kw), probe(model, texts, tok, **kw)
+
+
+@pytest.fixture(scope="module")
+def eval_items(skills):
+    gsm8k, mbpp = skills
+    return {"gsm8k": gsm8k.eval_items(N_EVAL), "mbpp": mbpp.eval_items(N_EVAL)}
+
+
+def scores(model, tok, eval_items) -> dict[str, float]:
+    return {
+        name: answer_token_accuracy(model, tok, items, **EVAL).score for name, items in eval_items.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def base_scores(smollm2, eval_items):
+    model, tok = smollm2
+    return scores(model, tok, eval_items)
+
+
+@pytest.fixture
+def unlearned(smollm2):
+    wrapper = UnlearnedModelForCausalLM.from_base(smollm2[0])
+    yield wrapper
+    wrapper.remove_all_methods()
+
+
+@pytest.mark.parametrize(
+    "config,margin",
+    [
+        (NeuronAdjustConfig(ratio=0.03, seed=0), 0.05),
+        (SelectivePruningConfig(ratio=0.03), 0.15),
+    ],
+    ids=["neuron_adjust", "selective_pruning"],
+)
+def test_forgetting_gsm8k_hurts_math_more_than_code(
+    smollm2, unlearned, statistics, eval_items, base_scores, config, margin
+):
+    model, tok = smollm2
+    forget, retain = statistics
+    site = "pre" if config.method_type == "neuron_adjust" else "key"
+    method = unlearned.fit(config, forget[site], retain[site])
+    assert method.state["layer_index"].numel() == round(config.ratio * 30 * 1536)
+    after = scores(unlearned, tok, eval_items)
+    drop = {k: relative_drop(base_scores[k], after[k]) for k in after}
+    logger.info(
+        "%s: before %s, after %s, relative drop GSM8K %.3f, MBPP %.3f",
+        config.method_type,
+        base_scores,
+        after,
+        drop["gsm8k"],
+        drop["mbpp"],
+    )
+    assert drop["gsm8k"] > drop["mbpp"] + margin, (base_scores, after)
+    # the base model is untouched meanwhile, and the wrapper is the base model again once the method is removed
+    ids = tok([eval_items["mbpp"][0].text], return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**ids).logits
+        unlearned.remove_all_methods()
+        assert torch.equal(unlearned(**ids).logits, plain)
