@@ -190,6 +190,8 @@ def test_clear_errors(model, smol_tokenizer):
         probe(model, TEXTS, None, show_progress=False)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         probe(model, [{"input_ids": torch.tensor([[1, 2, 10**6]])}], show_progress=False)
+    with pytest.raises(ValueError, match="Token id -3 is outside the model's vocabulary"):
+        probe(model, [{"input_ids": torch.tensor([[1, -3, 2]])}], show_progress=False)
     with pytest.raises(SiteError, match="not FFL layers"):
         probe(model, TEXTS, smol_tokenizer, layers=[7], show_progress=False)
 

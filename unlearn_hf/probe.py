@@ -194,10 +194,11 @@ def _probe_local(
         n_batches = 0
         for batch in batches:
             n_batches += 1
-            if vocab is not None and int(batch.input_ids.max()) >= vocab:
+            lo, hi = int(batch.input_ids.min()), int(batch.input_ids.max())
+            if lo < 0 or (vocab is not None and hi >= vocab):
                 raise ValueError(
-                    f"Token id {int(batch.input_ids.max())} is outside the model's vocabulary ({vocab}): "
-                    "the data was tokenized for another model."
+                    f"Token id {lo if lo < 0 else hi} is outside the model's vocabulary "
+                    f"(0..{'?' if vocab is None else vocab - 1}): the data was tokenized for another model."
                 )
             selection.clear()
             selection[torch.device("cpu")] = batch.select.cpu()

@@ -27,13 +27,36 @@ class RequestState:
 
     Attributes:
         owner: the unlearned model serving the request.
-        prefill_len: total sequence length after the prefill forward (``None`` before it).
+        prefill_len: total sequence length after the forward that ended the prompt (``None`` before it).
+        prompt_len: total length of the prompt when known in advance (``generate`` sets it): forwards that end
+            before it are prompt chunks (chunked prefill) and do not end the prompt.
+        eos_token_id: the end-of-sequence token of this request (``generate``'s own, when it differs from the
+            model's default).
+        group_size: rows that move together (``num_beams``: beam search reorders rows within a group).
+        stop_when_decided: names of the abstaining methods still to decide; when the set empties the forward may
+            stop early (:meth:`UnlearnedModelForCausalLM.detect` needs nothing after the decision).
         data: per-method scratch space, keyed by method name.
     """
 
     owner: Any
     prefill_len: int | None = None
+    prompt_len: int | None = None
+    eos_token_id: int | None = None
+    group_size: int = 1
+    stop_when_decided: set[str] | None = None
     data: dict[str, Any] = field(default_factory=dict)
+
+    def decided(self, name: str) -> None:
+        """Called by an abstaining method once its decision for this request is final; raises
+        :class:`StopForward` when nothing else in the forward is needed."""
+        if self.stop_when_decided is not None:
+            self.stop_when_decided.discard(name)
+            if not self.stop_when_decided:
+                raise StopForward
+
+
+class StopForward(Exception):
+    """Raised inside a forward whose remaining computation is not needed (see :meth:`RequestState.decided`)."""
 
 
 @dataclass
@@ -43,11 +66,14 @@ class ForwardContext:
     Attributes:
         model: the unlearned model being called.
         request: the request this forward belongs to.
-        is_prefill: first forward of the request.
+        is_prefill: the forward that ends the prompt (the first forward of a request, or the last prompt chunk
+            with chunked prefill): abstention is decided here.
+        is_prompt_chunk: a forward over the prompt that does not end it (chunked prefill).
         input_len: number of positions in this forward's input.
         total_len: sequence length including the cached past.
         attention_mask: mask of this forward's positions ``[batch, input_len]`` (``None`` = all real).
         disabled: names of methods switched off for this call.
+        labels: the ``labels`` passed to the forward, if any (a method that rewrites logits recomputes the loss).
     """
 
     model: Any
@@ -57,7 +83,9 @@ class ForwardContext:
     total_len: int
     attention_mask: torch.Tensor | None
     disabled: frozenset[str] = frozenset()
-    _last: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    is_prompt_chunk: bool = False
+    labels: torch.Tensor | None = None
+    _last: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def steps_generated(self) -> int:
@@ -74,6 +102,23 @@ class ForwardContext:
                 mask = last_token_mask(self.attention_mask)
             self._last[device] = mask.to(device)
         return self._last[device]
+
+    def last_token_index(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, real)``: int64 ``[batch]`` position of each row's last real token in this forward (the last
+        position for a row without any) and bool ``[batch]`` whether the row has a real token at all."""
+        key = ("index", device)
+        if key not in self._last:
+            if self.attention_mask is None:
+                index = torch.full((batch,), self.input_len - 1, dtype=torch.long)
+                real = torch.ones(batch, dtype=torch.bool)
+            else:
+                mask = self.attention_mask.bool()
+                real = mask.any(1)
+                index = torch.where(
+                    real, self.input_len - 1 - mask.flip(1).int().argmax(1), self.input_len - 1
+                )
+            self._last[key] = (index.to(device), real.to(device))
+        return self._last[key]
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("unlearn_hf_forward", default=None)

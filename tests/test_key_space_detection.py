@@ -1,0 +1,377 @@
+"""Key Space Detection: the fit against a brute-force computation, per-row decisions against a numpy reference,
+forward (scoring) semantics and bad input.
+
+Tiny random models are made meaningful by construction: the forget queries share their ending (``Answer:``), the
+other prompts end differently, so their key vectors at the last real token fall apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_llama
+from unlearn_hf import KeySpaceDetection, KeySpaceDetectionConfig, UnlearnedModelForCausalLM
+from unlearn_hf.methods.key_space_detection.layer import KeySpaceLayer
+
+FORGET = [f"Question: What is {a} plus {b}?\nAnswer:" for a, b in zip(range(1, 40, 3), range(50, 90, 3))]
+OTHER = [
+    "def fib(n):",
+    "Write a haiku about the sea",
+    "Bonjour, comment allez-vous",
+    "import numpy as np",
+    "The capital of France is",
+    "Once upon a time",
+]
+N_LAYERS = 4
+
+
+@pytest.fixture
+def tok(smol_tokenizer):
+    """A private copy of the SmolLM2 tokenizer (tests change its padding side)."""
+    return copy.deepcopy(smol_tokenizer)
+
+
+def encode(tok, texts, side="left"):
+    tok.padding_side = side
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+def hook_counts(model):
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+
+class KeyCapture:
+    """Records the key vector at the last real token of every row, at the given layers, with our own hooks.
+
+    ``masks`` are the attention masks of the forwards to come, in order (for forwards run by someone else, e.g. the
+    fit's probe); :meth:`run` supplies them itself.
+    """
+
+    def __init__(self, model, layers, masks=()):
+        self.first = min(layers)
+        self.pending = list(masks)
+        self.vectors = {i: [] for i in layers}
+        self.mask: torch.Tensor | None = None
+        self.handles = [
+            model.model.layers[i].mlp.down_proj.register_forward_pre_hook(self._hook(i)) for i in layers
+        ]
+
+    def _hook(self, layer):
+        def hook(module, args):
+            if layer == self.first:
+                self.mask = self.pending.pop(0)
+            key = args[0].detach().double()
+            last = self.mask.shape[1] - 1 - self.mask.flip(1).int().argmax(1)  # not the library's helper
+            self.vectors[layer].append(key[torch.arange(key.shape[0]), last].numpy())
+
+        return hook
+
+    def run(self, model, batches):
+        self.pending = [b["attention_mask"] for b in batches]
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+        return self
+
+    def array(self, layer) -> np.ndarray:
+        return np.concatenate(self.vectors[layer])
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def numpy_reference(vectors: np.ndarray, eps: float):
+    """μ, σ (sample std floored at eps) and the brute-force k: the smallest k with every vector inside."""
+    mu = vectors.mean(0)
+    sd = np.maximum(vectors.std(0, ddof=1), eps)
+    z = np.abs(vectors - mu) / sd  # [n, d]
+    return mu, sd, z.max()
+
+
+def batches_of(tok, texts, size=5, side="right"):
+    return [dict(encode(tok, texts[i : i + size], side)) for i in range(0, len(texts), size)]
+
+
+def test_fit_matches_brute_force_on_the_fitted_vectors(tok):
+    """k, μ and σ equal a numpy computation on the very vectors the fit saw; k is the smallest radius that holds
+    them all: at α = 1 every fitted vector is inside, just below it one is outside."""
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    layers = [1, 3]
+    batches = batches_of(tok, FORGET)  # right padding, several batches: streaming and merging are exercised
+    # our hooks run before the probe's, on the same activations (the probe stops the forward after layer 3)
+    capture = KeyCapture(model, layers, masks=[b["attention_mask"] for b in batches])
+    config = KeySpaceDetectionConfig(layers=layers, eps=1e-5)
+    method = unlearned.fit(config, forget=batches, tokenizer=tok, show_progress=False)
+    capture.remove()
+    assert method.state["count"].tolist() == [len(FORGET)] * 2
+    for row, layer in enumerate(layers):
+        vectors = capture.array(layer)
+        assert vectors.shape == (len(FORGET), model.config.intermediate_size)
+        mu, sd, k_ref = numpy_reference(vectors, config.eps)
+        np.testing.assert_allclose(method.state["center"][row].numpy(), mu, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(method.state["scale"][row].numpy(), sd, rtol=1e-9, atol=1e-12)
+        assert method.state["k"][row].item() == pytest.approx(k_ref, rel=1e-9)
+        # the library's own test on the fitted vectors
+        at_one = method.layers[layer].inside(torch.from_numpy(vectors))
+        assert bool(at_one.all())
+        below = KeySpaceLayer(
+            method.state["center"][row], method.state["scale"][row], method.state["k"][row], 1 - 1e-9, "cpu"
+        )
+        assert not bool(below.inside(torch.from_numpy(vectors)).all())
+        # and the numpy decision agrees: a radius just below k_ref leaves a vector outside
+        z = np.abs(vectors - mu) / sd
+        assert (z <= k_ref).all() and not (z <= k_ref * (1 - 1e-9)).all()
+
+
+def test_no_probe_vectors_are_kept(tok):
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    method = unlearned.fit(
+        KeySpaceDetectionConfig(layers=[2]), forget=FORGET, tokenizer=tok, show_progress=False
+    )
+    d_ff = model.config.intermediate_size
+    shapes = {k: tuple(v.shape) for k, v in method.state.items()}
+    assert shapes["center"] == shapes["scale"] == (1, d_ff)
+    assert all(len(FORGET) not in s for s in shapes.values())  # nothing is stored per query
+
+
+@pytest.mark.parametrize("rule", ["all", "any"])
+def test_decisions_match_a_numpy_reference(tok, rule):
+    """Per-row decisions of ``detect`` (left padding, mixed batch) equal a numpy evaluation of the hypercube test
+    on vectors we capture ourselves, for several layers and alphas that split the rows both ways."""
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    layers = [0, 2]
+    fitted = unlearned.fit(
+        KeySpaceDetectionConfig(layers=layers, rule=rule),
+        forget=FORGET[:8],
+        tokenizer=tok,
+        show_progress=False,
+    )
+    unlearned.remove_method("key_space_detection")
+    texts = FORGET + OTHER  # 8 fitted queries, 5 unseen ones, 6 others
+    batch = dict(encode(tok, texts, "left"))
+    capture = KeyCapture(model, layers).run(model, [batch])
+    capture.remove()
+    z = {}
+    for row, layer in enumerate(layers):
+        v = capture.array(layer)
+        mu, sd = fitted.state["center"][row].numpy(), fitted.state["scale"][row].numpy()
+        z[layer] = (np.abs(v - mu) / sd).max(1) / fitted.state["k"][row].item()  # inside iff z <= alpha
+    # alphas between observed values, so each one splits the rows differently
+    values = np.unique(np.concatenate(list(z.values())))
+    alphas = [float((a + b) / 2) for a, b in zip(values[:-1], values[1:])][:: max(1, len(values) // 6)]
+    seen = set()
+    for alpha in alphas:
+        per_layer = np.stack([z[i] <= alpha for i in layers])
+        expected = per_layer.all(0) if rule == "all" else per_layer.any(0)
+        margin = np.abs(np.stack(list(z.values())) / alpha - 1).min()
+        assert margin > 1e-6  # no row sits on the boundary, where float32 noise could flip it
+        method = KeySpaceDetection(dataclasses.replace(fitted.config, alpha=alpha), fitted.state)
+        unlearned.add_method("ksd", method)
+        try:
+            flags = unlearned.detect(batch["input_ids"], batch["attention_mask"])
+        finally:
+            unlearned.remove_method("ksd")
+        assert flags.tolist() == expected.tolist(), alpha
+        seen.add(tuple(expected.tolist()))
+    assert len(seen) >= 3  # the comparison covered several different splits
+
+
+def test_separable_tiny_model_abstains_on_the_forget_rows(tok):
+    """The construction the other tests rely on: fitted on the forget queries, the mixed batch splits exactly."""
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5), forget=FORGET, tokenizer=tok, show_progress=False
+    )
+    texts = [FORGET[0], OTHER[0], FORGET[5], OTHER[3], OTHER[4], FORGET[9]]
+    expected = [t in FORGET for t in texts]
+    for side in ("left", "right"):
+        batch = encode(tok, texts, side)
+        assert unlearned.detect(batch["input_ids"], batch["attention_mask"]).tolist() == expected
+    # one row at a time, without any padding, gives the same decisions
+    single = [unlearned.detect(tok(t, return_tensors="pt")["input_ids"]).item() for t in texts]
+    assert single == expected
+
+
+def test_default_layer_alpha_and_config_copy(tok):
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    config = KeySpaceDetectionConfig()
+    method = unlearned.fit(config, forget=FORGET, tokenizer=tok, show_progress=False)
+    assert method.config.layers == [N_LAYERS // 2] and method.state["layers"].tolist() == [N_LAYERS // 2]
+    assert config.layers is None  # the user's config is not modified
+    assert method.config.alpha == 1.0
+    unlearned.remove_method("key_space_detection")
+    method = unlearned.fit(
+        KeySpaceDetectionConfig(layers=[-1, 0]), forget=FORGET, tokenizer=tok, show_progress=False
+    )
+    assert method.config.layers == [0, N_LAYERS - 1]  # resolved and sorted; the state validates against it
+    KeySpaceDetection(method.config, method.state_dict())  # a reloaded method validates
+
+
+# -- forward (scoring) semantics -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def separable(tok):
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    method = unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5), forget=FORGET, tokenizer=tok, show_progress=False
+    )
+    return model, unlearned, method
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_scoring_forward_semantics(separable, tok, side):
+    """A forward without cache is its own request: abstaining rows get one-hot logits of the refusal's first token
+    at every position; other rows are bit-for-bit the base model's; the loss is recomputed from the forced logits."""
+    model, unlearned, method = separable
+    texts = [OTHER[0], FORGET[2], OTHER[1], FORGET[7]]
+    batch = encode(tok, texts, side)
+    with torch.no_grad():
+        base = model(**batch).logits
+        out = unlearned(**batch).logits
+        direct = unlearned.forward(**batch).logits  # calling forward directly applies the method as well
+    first = tok(method.config.refusal, add_special_tokens=False)["input_ids"][0]
+    for row, text in enumerate(texts):
+        if text in FORGET:
+            expected = torch.full_like(out[row], float("-inf"))
+            expected[:, first] = 0.0
+            assert torch.equal(out[row], expected)
+        else:
+            assert torch.equal(out[row], base[row])
+    assert torch.equal(direct, out)
+    # a second call is a new request: same result (no state leaks between calls)
+    with torch.no_grad():
+        assert torch.equal(unlearned(**batch).logits, out)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        scored = unlearned(**batch, labels=labels)
+        as_tuple = unlearned(**batch, labels=labels, return_dict=False)
+    shift_logits, shift_labels = out[:, :-1].reshape(-1, out.shape[-1]), labels[:, 1:].reshape(-1)
+    reference = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    assert torch.equal(scored.logits, out)
+    assert torch.equal(scored.loss, reference) and torch.equal(as_tuple[0], reference)
+    assert torch.equal(as_tuple[1], out)
+    with torch.no_grad(), unlearned.disable_abstention():
+        assert torch.equal(unlearned(**batch).logits, base)
+
+
+def test_forward_keeps_the_base_signature(separable):
+    """``generate`` and pipelines inspect ``forward`` (e.g. for ``logits_to_keep``): it must look like the base's."""
+    import inspect
+
+    model, unlearned, _ = separable
+    assert inspect.signature(unlearned.forward) == inspect.signature(model.forward)
+    assert unlearned._supports_logits_to_keep()
+
+
+def test_eos_action_scoring(tok):
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    method = unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5, action="eos"),
+        forget=FORGET,
+        tokenizer=tok,
+        show_progress=False,
+    )
+    assert method.state["refusal_ids"].numel() == 0
+    batch = encode(tok, [FORGET[0], OTHER[0]])
+    with torch.no_grad():
+        logits = unlearned(**batch).logits
+    assert (logits[0].argmax(-1) == model.generation_config.eos_token_id).all()
+    assert torch.isinf(logits[0]).sum().item() == logits.shape[1] * (logits.shape[2] - 1)
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(alpha=0.0), "alpha must be > 0"),
+        (dict(alpha=-1.0), "alpha must be > 0"),
+        (dict(alpha=float("nan")), "alpha must be a finite number"),
+        (dict(eps=0.0), "eps must be > 0"),
+        (dict(layers=[]), "at least one layer"),
+        (dict(layers=[1.5]), "integer layer indices"),
+        (dict(rule="most"), "rule must be one of"),
+        (dict(action="shout"), "action must be one of"),
+        (dict(refusal="   "), "non-empty refusal"),
+    ],
+)
+def test_bad_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KeySpaceDetectionConfig(**kwargs)
+
+
+class EmptyTokenizer:
+    """Wraps a real tokenizer but turns the refusal text into no tokens (as a tokenizer that drops it would)."""
+
+    def __init__(self, tok, refusal):
+        self.tok, self.refusal = tok, refusal
+
+    def __len__(self):
+        return len(self.tok)
+
+    def __call__(self, text, **kwargs):
+        if text == self.refusal:
+            return {"input_ids": []}
+        return self.tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+@pytest.mark.parametrize(
+    "case", ["layer_out_of_range", "negative_out_of_range", "one_query", "empty_refusal"]
+)
+def test_failed_fit_is_clear_and_leaves_no_hooks(tok, case):
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    before = hook_counts(model)
+    config, forget, tokenizer = KeySpaceDetectionConfig(layers=[1]), FORGET, tok
+    if case == "layer_out_of_range":
+        config, message = KeySpaceDetectionConfig(layers=[N_LAYERS]), f"Layer {N_LAYERS} is out of range"
+    elif case == "negative_out_of_range":
+        config, message = KeySpaceDetectionConfig(layers=[0, -N_LAYERS - 1]), "out of range"
+    elif case == "one_query":
+        forget, message = FORGET[:1], "at least 2 forget queries"
+    else:
+        tokenizer, message = EmptyTokenizer(tok, config.refusal), "tokenizes to no tokens"
+    with pytest.raises(ValueError, match=message):
+        unlearned.fit(config, forget=forget, tokenizer=tokenizer, show_progress=False)
+    assert hook_counts(model) == before
+    assert not unlearned.methods and not unlearned.has_abstention
+    with pytest.raises(RuntimeError, match="No abstaining method"):
+        unlearned.detect(encode(tok, OTHER[:1])["input_ids"])
+
+
+def test_bad_state_is_refused(separable):
+    _, _, method = separable
+    state = method.state_dict()
+    bad = dict(state, scale=state["scale"].clone().fill_(0.0))
+    with pytest.raises(ValueError, match="non-positive"):
+        KeySpaceDetection(method.config, bad)
+    with pytest.raises(ValueError, match="do not match config layers"):
+        KeySpaceDetection(dataclasses.replace(method.config, layers=[2]), state)
+    with pytest.raises(ValueError, match="shape"):
+        KeySpaceDetection(method.config, dict(state, center=state["center"][:, :5]))
+
+
+def test_detect_input_checks(separable, tok):
+    _, unlearned, _ = separable
+    ids = encode(tok, OTHER[:2])["input_ids"]
+    with pytest.raises(ValueError, match=r"\[batch, length\]"):
+        unlearned.detect(ids[0])
+    with pytest.raises(ValueError, match="does not match"):
+        unlearned.detect(ids, torch.ones(2, ids.shape[1] + 1, dtype=torch.long))

@@ -1,0 +1,296 @@
+"""Key Space Detection however the model is driven: ``generate`` (greedy, sampling, beams,
+``num_return_sequences``), chunked prefill, ``pipeline``, ``TextStreamer``, threads, hand-written cached loops.
+
+Every check compares against an independent run: the base model for rows that do not abstain (token for token),
+the refusal's own tokenization for rows that do.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache, TextStreamer, pipeline
+
+from tests.conftest import tiny_llama
+from tests.test_key_space_detection import FORGET, N_LAYERS, OTHER, encode
+from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
+
+REFUSAL = "I can't help with that."
+MIXED = [FORGET[0], OTHER[0], FORGET[4], OTHER[2], OTHER[4], FORGET[9]]
+IS_FORGET = [t in FORGET for t in MIXED]
+
+
+@pytest.fixture
+def tok(smol_tokenizer):
+    return copy.deepcopy(smol_tokenizer)
+
+
+@pytest.fixture
+def setup(tok):
+    """A tiny model whose forget queries are separable from the other prompts (see test_key_space_detection)."""
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5, refusal=REFUSAL),
+        forget=FORGET,
+        tokenizer=tok,
+        show_progress=False,
+    )
+    return model, unlearned
+
+
+def refusal_ids(tok):
+    return tok(REFUSAL, add_special_tokens=False)["input_ids"]
+
+
+def expected_abstaining_row(tok, model, new_tokens: int) -> list[int]:
+    """What an abstaining row must generate: the refusal, end-of-sequence, then padding (as generate pads)."""
+    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    row = [*refusal_ids(tok), eos]
+    return (row + [pad] * new_tokens)[:new_tokens]
+
+
+def check_rows(tok, model, new, reference, is_forget):
+    """``new`` rows (generated part) of abstaining inputs are the refusal; the others equal ``reference``."""
+    for i, forget in enumerate(is_forget):
+        if forget:
+            assert new[i].tolist() == expected_abstaining_row(tok, model, new.shape[1]), i
+        else:
+            assert torch.equal(new[i], reference[i]), i
+
+
+def test_greedy_left_padded_mixed_batch(setup, tok):
+    model, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+    n = batch["input_ids"].shape[1]
+    kw = dict(max_new_tokens=12, do_sample=False)
+    out = unlearned.generate(**batch, **kw, return_dict_in_generate=True, output_logits=True)
+    base = model.generate(**batch, **kw)
+    assert out.abstained.tolist() == IS_FORGET
+    assert unlearned.detect(batch["input_ids"], batch["attention_mask"]).tolist() == IS_FORGET
+    width = max(out.sequences.shape[1], base.shape[1]) - n
+    pad = model.generation_config.pad_token_id
+    grow = lambda t: torch.nn.functional.pad(t[:, n:], (0, width - (t.shape[1] - n)), value=pad)  # noqa: E731
+    check_rows(tok, model, grow(out.sequences), grow(base), IS_FORGET)
+    # the raw logits of an abstaining row carry nothing of the model: one finite entry per step
+    for step_logits in out.logits:
+        for i, forget in enumerate(IS_FORGET):
+            if forget:
+                assert torch.isfinite(step_logits[i]).sum().item() == 1
+    # plain tensor output (no return_dict_in_generate) is the same
+    assert torch.equal(unlearned.generate(**batch, **kw), out.sequences)
+
+
+def test_refusal_survives_other_logits_processors(setup, tok):
+    """min_new_tokens would ban end-of-sequence, repetition penalties and n-gram bans would alter the refusal: the
+    abstention processor runs after them all, so abstaining rows still say the refusal and end."""
+    model, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+    n = batch["input_ids"].shape[1]
+    kw = dict(
+        max_new_tokens=16, min_new_tokens=16, do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=1
+    )
+    out = unlearned.generate(**batch, **kw)
+    base = model.generate(**batch, **kw)
+    check_rows(tok, model, out[:, n:], base[:, n:], IS_FORGET)
+
+
+def test_eos_token_given_to_generate_ends_the_refusal(setup, tok):
+    model, unlearned = setup
+    batch = encode(tok, MIXED[:2], "left")
+    n = batch["input_ids"].shape[1]
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert eos != model.generation_config.eos_token_id
+    out = unlearned.generate(**batch, max_new_tokens=12, do_sample=False, eos_token_id=eos)
+    refusal = refusal_ids(tok)
+    assert out[0, n : n + len(refusal) + 1].tolist() == [*refusal, eos]
+
+
+def test_sampling_with_fixed_seed(setup, tok):
+    model, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+    n = batch["input_ids"].shape[1]
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=100, num_return_sequences=2)
+    torch.manual_seed(11)
+    out = unlearned.generate(**batch, **kw, return_dict_in_generate=True)
+    torch.manual_seed(11)
+    base = model.generate(**batch, **kw)
+    expanded = [f for f in IS_FORGET for _ in range(2)]
+    assert out.abstained.tolist() == expanded
+    assert out.sequences.shape == base.shape
+    check_rows(tok, model, out.sequences[:, n:], base[:, n:], expanded)
+    torch.manual_seed(11)
+    assert torch.equal(unlearned.generate(**batch, **kw), out.sequences)  # reproducible
+
+
+def test_beam_search_and_num_return_sequences(setup, tok):
+    model, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+    n = batch["input_ids"].shape[1]
+    kw = dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False, output_scores=True)
+    out = unlearned.generate(**batch, **kw, return_dict_in_generate=True)
+    base = model.generate(**batch, **kw, return_dict_in_generate=True)
+    expanded = [f for f in IS_FORGET for _ in range(2)]
+    assert out.abstained.tolist() == expanded
+    width = max(out.sequences.shape[1], base.sequences.shape[1]) - n
+    pad = model.generation_config.pad_token_id
+    grow = lambda t: torch.nn.functional.pad(t[:, n:], (0, width - (t.shape[1] - n)), value=pad)  # noqa: E731
+    check_rows(tok, model, grow(out.sequences), grow(base.sequences), expanded)
+    keep = [i for i, f in enumerate(expanded) if not f]
+    assert torch.equal(out.sequences_scores[keep], base.sequences_scores[keep])
+
+
+def test_chunked_prefill_decides_on_the_last_prompt_token(setup, tok):
+    _, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+    kw = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    whole = unlearned.generate(**batch, **kw)
+    chunked = unlearned.generate(**batch, **kw, prefill_chunk_size=3)
+    assert chunked.abstained.tolist() == IS_FORGET
+    assert torch.equal(chunked.sequences, whole.sequences)
+
+
+def test_streamer_receives_the_refusal(setup, tok, capsys):
+    _, unlearned = setup
+    enc = tok(FORGET[3], return_tensors="pt")
+    unlearned.generate(
+        **enc,
+        max_new_tokens=12,
+        do_sample=False,
+        streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+    )
+    assert capsys.readouterr().out.strip() == REFUSAL
+
+
+def test_pipeline_refuses_forget_prompts_and_answers_others_without_warnings(setup, tok, caplog):
+    from transformers.utils import logging as hf_logging
+
+    model, unlearned = setup
+    hf_logging.enable_propagation()
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            pipe = pipeline("text-generation", model=unlearned, tokenizer=tok)
+            refused = pipe(FORGET[1], max_new_tokens=12, do_sample=False, return_full_text=False)
+            answered = pipe(OTHER[1], max_new_tokens=12, do_sample=False, return_full_text=False)
+            plain = pipeline("text-generation", model=model, tokenizer=tok)
+            reference = plain(OTHER[1], max_new_tokens=12, do_sample=False, return_full_text=False)
+    finally:
+        hf_logging.disable_propagation()
+    assert not [str(w.message) for w in caught]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert refused[0]["generated_text"] == REFUSAL
+    assert answered[0]["generated_text"] == reference[0]["generated_text"]
+    assert answered[0]["generated_text"] != REFUSAL
+
+
+def test_threads_get_what_sequential_calls_get(setup, tok):
+    """Four threads generating at once, each its own mix of prompts, get exactly the sequential results."""
+    _, unlearned = setup
+    jobs = [MIXED[0:2], MIXED[2:4], [MIXED[4], MIXED[1]], [MIXED[5], MIXED[0]]]
+    batches = [encode(tok, texts, "left") for texts in jobs]
+    kw = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    sequential = [unlearned.generate(**b, **kw) for b in batches]
+    for repeat in range(2):
+        results: list = [None] * len(jobs)
+        errors: list = []
+        barrier = threading.Barrier(len(jobs))
+
+        def work(i, barrier=barrier, results=results, errors=errors):
+            try:
+                barrier.wait()
+                results[i] = unlearned.generate(**batches[i], **kw)
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for i, (got, want) in enumerate(zip(results, sequential)):
+            assert torch.equal(got.sequences, want.sequences), (repeat, i)
+            assert got.abstained.tolist() == [t in FORGET for t in jobs[i]]
+
+
+def greedy_loop(model, batch, steps, cache_kw):
+    """A hand-written greedy decoding loop with a KV cache, as users write it."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    out, nxt, tokens = None, None, []
+    with torch.no_grad():
+        for _ in range(steps):
+            if out is None:
+                kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+                if cache_kw == "cache":
+                    kwargs["cache"] = DynamicCache()
+            else:
+                kwargs = dict(input_ids=nxt, attention_mask=mask, position_ids=position[:, -1:] + 1)
+                kwargs[cache_kw] = out.cache
+                position = torch.cat([position, position[:, -1:] + 1], 1)
+            out = model(**kwargs)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize("cache_kw", ["cache", "past_key_values"])
+def test_hand_written_cached_loop(setup, tok, cache_kw):
+    model, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+    steps = len(refusal_ids(tok)) + 3
+    got = greedy_loop(unlearned, batch, steps, cache_kw)
+    base = greedy_loop(model, batch, steps, cache_kw)
+    eos = model.generation_config.eos_token_id
+    refusal = [*refusal_ids(tok), eos]
+    for i, forget in enumerate(IS_FORGET):
+        if forget:  # the refusal, then end-of-sequence for as long as the loop goes on
+            assert got[i].tolist() == (refusal + [eos] * steps)[:steps], i
+        else:
+            assert torch.equal(got[i], base[i]), i
+    # a new loop is a new request: nothing carries over from the previous one
+    assert torch.equal(greedy_loop(unlearned, batch, steps, cache_kw), got)
+
+
+def test_recheck_each_token_abstains_from_the_step_that_falls_inside(tok):
+    """With ``recheck_each_token``, a row whose prompt is outside starts refusing at the first decoding step whose
+    key vector is inside: teacher-force tokens that complete a forget query and compare with the step that
+    ``detect`` (an independent single forward over the same prefix) marks as inside."""
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5, recheck_each_token=True),
+        forget=FORGET,
+        tokenizer=tok,
+        show_progress=False,
+    )
+    # the prompt is a forget query cut before its last token (outside); the loop then feeds that token and more
+    prompt = tok(FORGET[6][: -len("Answer:")], return_tensors="pt")["input_ids"]
+    fed = tok("Answer: 87 apples", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    # independent: at which fed token does the prefix first fall inside? (a plain forward per prefix)
+    prefixes = [torch.cat([prompt[0], fed[: j + 1]]).unsqueeze(0) for j in range(len(fed))]
+    inside = [unlearned.detect(p).item() for p in prefixes]
+    assert not unlearned.detect(prompt).item() and any(inside)
+    first = inside.index(True)
+    assert 0 < first < len(fed) - 2  # steps before, at and after the switch are all checked
+    forced = [*refusal_ids(tok), model.generation_config.eos_token_id]
+    with torch.no_grad():
+        out = unlearned(input_ids=prompt, use_cache=True)
+        assert torch.isfinite(out.logits[0, -1]).all()
+        for j, token in enumerate(fed.tolist()):
+            out = unlearned(input_ids=torch.tensor([[token]]), cache=out.cache)
+            logits = out.logits[0, -1]
+            if j < first:
+                assert torch.isfinite(logits).all(), j
+            else:  # forced: refusal tokens in order from the step that fell inside
+                assert (
+                    torch.isfinite(logits).sum() == 1
+                    and logits.argmax().item() == forced[min(j - first, len(forced) - 1)]
+                ), j
