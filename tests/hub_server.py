@@ -1037,6 +1037,10 @@ def hub_env(
         (_http, "_HUB_ORIGINS", _http._HUB_ORIGINS | {_http._url_origin(endpoint)}),
         (hf_api_module.api, "endpoint", endpoint),
     ]
+    transformers_hub = sys.modules.get("transformers.utils.hub")
+    if transformers_hub is not None and hasattr(transformers_hub, "_hf_api"):
+        # transformers keeps one shared HfApi, made on first use with the endpoint of that moment
+        patches.append((transformers_hub, "_hf_api", None))
     datasets_config = sys.modules.get("datasets.config")
     if datasets_config is not None:
         patches += [
