@@ -63,7 +63,9 @@ def main() -> None:
     @torch.no_grad()
     def plain(full: bool = True) -> None:
         for b in batches:
-            (model if full else decoder)(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            (model if full else decoder)(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
+            )
 
     def probed() -> None:
         feed = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask} for b in batches]
@@ -77,7 +79,9 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{len(texts)} examples, {n_tokens} real tokens, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    print(
+        f"{len(texts)} examples, {n_tokens} real tokens, batch {args.batch_size}, {torch.get_num_threads()} threads"
+    )
     for name in times:
         print(f"  {name:14s} {n_tokens / med[name]:9.0f} tokens/s  (median of {args.repeats})")
     print(f"  ratio probe / plain forward          = {med['plain'] / med['probe']:.3f}  (target >= 0.90)")
