@@ -294,3 +294,30 @@ def test_recheck_each_token_abstains_from_the_step_that_falls_inside(tok):
                     torch.isfinite(logits).sum() == 1
                     and logits.argmax().item() == forced[min(j - first, len(forced) - 1)]
                 ), j
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "llama"])
+def test_left_padding_decides_like_the_fit_on_absolute_position_models(model_type):
+    """GPT-2 and OPT add absolute position embeddings, and OPT runs its FFL on ``[batch * positions, d_ff]``:
+    left-padded queries must get the keys the (right-padded) fit saw, in ``detect`` and in ``generate`` alike."""
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(model_type)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.01, refusal="no"),
+        forget=FORGET,
+        tokenizer=tok,
+        show_progress=False,
+    )
+    tok.padding_side = "left"
+    long_other = "Once upon a time, in a land far away, there lived a king who had three daughters."
+    enc = tok([*MIXED, long_other], return_tensors="pt", padding=True)
+    assert (enc["attention_mask"][: len(MIXED)] == 0).sum(1).min() > 30  # every query is shifted a lot
+    decided = unlearned.detect(**enc)
+    assert decided[: len(MIXED)][torch.tensor(IS_FORGET)].all()
+    out = unlearned.generate(
+        **enc, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+    )
+    assert torch.equal(out.abstained, decided)

@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 
 from .data import DataSpec
 from .methods.base import METHOD_CLASSES, MethodConfig, UnlearningMethod
+from .probe import position_ids_from_mask
 from .runtime import (
     _CURRENT,
     _DISABLED,
@@ -509,6 +510,8 @@ class UnlearnedModelForCausalLM:
         inputs = {"input_ids": input_ids.to(device), "use_cache": False}
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask.to(device)
+            if "position_ids" in self._forward_parameters():  # as generate does: the same decision
+                inputs["position_ids"] = position_ids_from_mask(attention_mask).to(device)
         if "logits_to_keep" in self._forward_parameters():
             inputs["logits_to_keep"] = 1
         request = RequestState(self, stop_when_decided={n for n, _ in abstaining})

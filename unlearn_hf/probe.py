@@ -38,6 +38,12 @@ def model_fingerprint(model: nn.Module) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, as ``generate`` makes them: left padding must not shift absolute
+    position embeddings (GPT-2, OPT...), and a row reads the same whatever its padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def _input_device(model: nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
@@ -175,10 +181,7 @@ def _probe_local(
     accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def position_kwargs(mask: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        # positions count real tokens only: left padding must not shift absolute position embeddings (GPT-2...)
-        if not accepts_positions:
-            return {}
-        return {"position_ids": (mask.long().cumsum(-1) - 1).clamp_min(0).to(device)}
+        return {"position_ids": position_ids_from_mask(mask).to(device)} if accepts_positions else {}
 
     handles = []
     try:
