@@ -160,7 +160,7 @@ def test_user_errors_exit_2_without_traceback(args, message, tiny_dir, shared_da
 
 
 @pytest.mark.slow
-def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2):
+def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2, capsys):
     out_dir = tmp_path / "demo"
     code = main(
         [
@@ -179,8 +179,10 @@ def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2):
         ]
     )
     assert code == 0
+    printed = capsys.readouterr().out  # --quiet still prints the results
     report = json.loads((out_dir / "results.json").read_text())
     assert report["models"] == ["base", "Neuron Adjust", "Selective Pruning", "Key Space Detection"]
+    assert (out_dir / "results.md").read_text().strip() in printed
     assert report["skills"] == ["gsm8k", "mbpp", "mmlu"]
     for label, drops in report["relative_drop"].items():
         for skill, drop in drops.items():

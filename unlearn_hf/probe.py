@@ -70,7 +70,7 @@ def probe(
     """Run ``model`` over ``data`` and return mergeable statistics of the chosen FFL sites.
 
     Args:
-        model: a causal LM (the plain base model: hooks of an unlearned wrapper are not active here).
+        model: a causal LM; an ``UnlearnedModelForCausalLM`` is probed as it runs, its attached methods active.
         data: strings, dicts, a ``datasets.Dataset`` or an iterable of tokenized batches (see :mod:`unlearn_hf.data`).
         tokenizer: needed for text data.
         site: ``"pre"`` (pre-activation), ``"key"`` (input of the output projection) or both.

@@ -100,9 +100,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     report = build_report(scores, baseline="base", metadata={**settings, "abstention_rate": abstention})
     table = markdown_table(report)
     paths = save_report(report, out_dir, stem="results")
-    _say(quiet, "\n" + table)
-    _say(
-        quiet,
+    print("\n" + table, flush=True)  # the results: printed even with --quiet
+    print(
         "abstention rates: "
         + "; ".join(
             f"{k}: " + ", ".join(f"{s} {v:.0%}" for s, v in rates.items()) for k, rates in abstention.items()
@@ -145,9 +144,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     report["metadata"]["timings"] = {**timings, "total_s": round(elapsed, 1)}
     save_report(report, out_dir, stem="results")
-    _say(quiet, f"\nresults: {paths['json']}, {paths['markdown']}, {paths.get('png')}")
-    _say(
-        quiet,
+    print(f"\nresults: {paths['json']}, {paths['markdown']}, {paths.get('png')}", flush=True)
+    print(
         f"unlearned model ({LABELS[keep]}): {model_dir}  (load with UnlearnedModelForCausalLM.from_pretrained)",
     )
     _say(quiet, f"total time {elapsed:.0f} s")
