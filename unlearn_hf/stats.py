@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+_CHUNK_ROWS = 1024
+
 
 @dataclass
 class RunningStats:
@@ -50,12 +52,17 @@ class RunningStats:
         if n == 0:
             return
         x = x.detach()
-        # three reductions over the raw activations, accumulated in float64 without a float64 copy of x;
-        # within a batch M2 = Σx² − n·mean² (float64 keeps the cancellation harmless at activation scales)
+        # three reductions accumulated in float64, over float64 copies of row chunks: a bounded transient
+        # (``_CHUNK_ROWS`` rows) and several times faster than reducing float32 with ``dtype=float64``.
+        # Within a batch M2 = Σx² − n·mean² (float64 keeps the cancellation harmless at activation scales).
         f64 = torch.float64
-        total = x.sum(0, dtype=f64)
-        sumsq = torch.linalg.vector_norm(x, 2, dim=0, dtype=f64).square_()
-        abs_sum = torch.linalg.vector_norm(x, 1, dim=0, dtype=f64)
+        total = torch.zeros(self.dim, dtype=f64, device=x.device)
+        sumsq, abs_sum = total.clone(), total.clone()
+        for chunk in x.split(_CHUNK_ROWS):
+            c = chunk.to(f64)
+            total += c.sum(0)
+            abs_sum += c.abs_().sum(0)
+            sumsq += c.square_().sum(0)
         mean_b = total / n
         m2_b = (sumsq - mean_b * total).clamp_min_(0)
         batch = RunningStats(self.dim, self.track_extremes, n, mean_b.cpu(), m2_b.cpu(), abs_sum.cpu())
