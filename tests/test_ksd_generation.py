@@ -241,6 +241,8 @@ def greedy_loop(model, batch, steps, cache_kw):
     return torch.cat(tokens, 1)
 
 
+# ``past_key_values`` is deprecated in transformers 5 (in favour of ``cache``) but still what most loops pass
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("cache_kw", ["cache", "past_key_values"])
 def test_hand_written_cached_loop(setup, tok, cache_kw):
     model, unlearned = setup
