@@ -208,3 +208,21 @@ def test_memory_is_independent_of_tokens(model, smol_tokenizer):
     s = probe(model, TEXTS * 5, smol_tokenizer, site="pre", show_progress=False)
     tensors = [t for r in s.layers.values() for t in (r.mean, r.m2, r.abs_sum)]
     assert all(t.shape == (64,) and t.dtype == torch.float64 for t in tensors)
+
+
+def test_running_stats_leave_float64_input_untouched_and_match_numpy():
+    """``update`` works on float64 copies in place: a float64 input (whose ``.to(float64)`` would be the same
+    tensor) must come back unchanged, and its statistics and extremes must still be right, over several chunks."""
+    from unlearn_hf import stats as stats_mod
+
+    x = torch.randn(2 * stats_mod._CHUNK_ROWS + 5, 3, dtype=torch.float64) * 4 - 1
+    before = x.clone()
+    rs = stats_mod.RunningStats(3, track_extremes=True)
+    rs.update(x)
+    assert torch.equal(x, before)
+    ref = before.numpy()
+    np.testing.assert_allclose(rs.mean.numpy(), ref.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(rs.variance.numpy(), ref.var(0, ddof=1), rtol=1e-10)
+    np.testing.assert_allclose(rs.abs_mean.numpy(), np.abs(ref).mean(0), rtol=1e-12)
+    np.testing.assert_array_equal(rs.minimum.numpy(), ref.min(0))
+    np.testing.assert_array_equal(rs.maximum.numpy(), ref.max(0))

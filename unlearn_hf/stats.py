@@ -53,13 +53,14 @@ class RunningStats:
             return
         x = x.detach()
         # three reductions accumulated in float64, over float64 copies of row chunks: a bounded transient
-        # (``_CHUNK_ROWS`` rows) and several times faster than reducing float32 with ``dtype=float64``.
+        # (``_CHUNK_ROWS`` rows) and several times faster than reducing float32 with ``dtype=float64``. The copy
+        # is forced (``copy=True``) because it is modified in place: float64 activations must stay untouched.
         # Within a batch M2 = Σx² − n·mean² (float64 keeps the cancellation harmless at activation scales).
         f64 = torch.float64
         total = torch.zeros(self.dim, dtype=f64, device=x.device)
         sumsq, abs_sum = total.clone(), total.clone()
         for chunk in x.split(_CHUNK_ROWS):
-            c = chunk.to(f64)
+            c = chunk.to(f64, copy=True)
             total += c.sum(0)
             abs_sum += c.abs_().sum(0)
             sumsq += c.square_().sum(0)
