@@ -1,0 +1,143 @@
+"""Discovery of the FFL sites of unknown model types: the decoder layer list, then in every layer the one
+projection pair ``h -> d_ff -> h`` (the gate, for gated FFLs), refusing mixtures of experts and fused projections."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from .ffl_site import SiteError, linear_io
+from .model_config import text_config
+
+_MLP_CONTAINER_NAMES = ("mlp", "ffn", "feed_forward", "feedforward", "ff", "ffl")
+_ATTENTION_MARKERS = ("attn", "attention")
+
+
+def find_decoder_layers(
+    model: nn.Module, path: str | None = None, holding: Sequence[str] = ()
+) -> tuple[str, nn.ModuleList]:
+    """Return ``(name, module_list)`` of the decoder layers.
+
+    With ``path`` the list is taken from there. Otherwise the candidates are the ``nn.ModuleList`` of identical
+    blocks holding linear modules (and every module named in ``holding``), of length ``num_hidden_layers`` when
+    the config gives it; lists nested in another candidate are dropped, and exactly one must remain.
+
+    Raises:
+        SiteError: no list, or several, were found (the message names them).
+    """
+    if path is not None:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError as err:
+            raise SiteError(f"No module named {path!r} in {type(model).__name__}.") from err
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise SiteError(
+                f"{path!r} is a {type(layers).__name__}, expected a non-empty nn.ModuleList of layers."
+            )
+        return path, layers
+    n_layers = getattr(text_config(model), "num_hidden_layers", None)
+    candidates = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList)
+        and len(mod) > 0
+        and len({type(m) for m in mod}) == 1
+        and any(linear_io(sub) is not None for sub in mod[0].modules())
+        and all(_has_submodule(mod[0], h) for h in holding)
+    ]
+    if isinstance(n_layers, int) and any(len(m) == n_layers for _, m in candidates):
+        candidates = [(n, m) for n, m in candidates if len(m) == n_layers]
+    else:
+        longest = max((len(m) for _, m in candidates), default=0)
+        candidates = [(n, m) for n, m in candidates if len(m) == longest]
+    outer = [
+        (n, m)
+        for n, m in candidates
+        if not any(o != n and (o == "" or n.startswith(o + ".")) for o, _ in candidates)
+    ]
+    if len(outer) != 1:
+        found = ", ".join(f"{n or '<root>'} ({len(m)} x {type(m[0]).__name__})" for n, m in outer) or "none"
+        expected = f" holding {', '.join(holding)}" if holding else ""
+        raise SiteError(
+            f"Cannot tell the decoder layers of {type(model).__name__}: lists of identical blocks{expected} "
+            f"found: {found}. Name them with a site override {{'layers': ..., 'pre': ..., 'key': ...}}."
+        )
+    return outer[0]
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _describe(linears: Sequence[tuple[str, tuple[int, int]]]) -> str:
+    return ", ".join(f"{n} ({i}->{o})" for n, (i, o) in linears) or "no linear modules"
+
+
+def discover_in_layer(
+    layer: nn.Module, index: int, hidden: int | None, d_ff_hint: int | None
+) -> tuple[str, str]:
+    """Find the ``(pre, key)`` names, relative to one decoder layer, or raise naming what was found."""
+    prefix, scope = "", layer
+    for name in _MLP_CONTAINER_NAMES:
+        sub = getattr(layer, name, None)
+        if isinstance(sub, nn.Module) and linear_io(sub) is None:
+            prefix, scope = name + ".", sub
+            break
+    linears = [
+        (prefix + n, io)
+        for n, m in scope.named_modules()
+        if n
+        and (io := linear_io(m)) is not None
+        and (prefix or not any(a in n.lower() for a in _ATTENTION_MARKERS))
+    ]
+    found = _describe(linears)
+    where = f"layer {index}" + (f" ({prefix[:-1]})" if prefix else "")
+    ffl_modules = [
+        m for n, m in scope.named_modules() if prefix or not any(a in n.lower() for a in _ATTENTION_MARKERS)
+    ]
+    if any(
+        isinstance(m, nn.ModuleList) or any(p.dim() > 2 for p in m.parameters(recurse=False))
+        for m in ffl_modules
+    ):
+        raise SiteError(
+            f"The FFL of {where} looks like a mixture of experts (expert lists or fused expert weights), which "
+            f"is not supported; found: {found}. Name the sites yourself to use one projection pair."
+        )
+    if hidden is None:
+        raise SiteError(f"Cannot discover FFL sites without the model's hidden size; {where} has: {found}.")
+
+    def wide_in(i: int) -> bool:  # the input width of an output projection: d_ff
+        return i == d_ff_hint if d_ff_hint is not None and d_ff_hint == hidden else i != hidden
+
+    downs = [(n, i) for n, (i, o) in linears if o == hidden and wide_in(i)]
+    if len(downs) > 1 and d_ff_hint is not None:
+        downs = [(n, i) for n, i in downs if i == d_ff_hint] or downs
+    if len(downs) != 1:
+        what = "Several candidate" if downs else "No"
+        raise SiteError(
+            f"{what} FFL output projections (input width d_ff, output width {hidden}) in {where}: "
+            f"{', '.join(n for n, _ in downs) or 'none'}; found: {found}. Name the sites yourself."
+        )
+    key_name, d_ff = downs[0]
+    ups = [n for n, (i, o) in linears if i == hidden and o == d_ff and n != key_name]
+    if len(ups) > 1:  # gated FFL: the pre-activation is the gate
+        gates = [n for n in ups if "gate" in n.rsplit(".", 1)[-1].lower()]
+        ups = gates if len(gates) == 1 else ups
+    if len(ups) != 1:
+        fused = [n for n, (i, o) in linears if i == hidden and o == 2 * d_ff]
+        hint = (
+            f" {', '.join(fused)} computes gate and up in one fused projection, which is not supported."
+            if fused and not ups
+            else ""
+        )
+        what = "Several candidate" if ups else "No"
+        raise SiteError(
+            f"{what} FFL pre-activation projections (input width {hidden}, output width {d_ff}) in {where}: "
+            f"{', '.join(ups) or 'none'}; found: {found}.{hint} Name the sites yourself."
+        )
+    return ups[0], key_name

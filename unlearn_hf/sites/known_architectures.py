@@ -1,0 +1,52 @@
+"""The table of known architectures: where each model type's FFL sites are, and which model types do not declare
+their FFL width in the config."""
+
+from __future__ import annotations
+
+_GATED = ("mlp.gate_proj", "mlp.down_proj")
+
+#: model_type -> (pre-activation module, key module), relative to the decoder layer.
+KNOWN_SITES: dict[str, tuple[str, str]] = {
+    **{
+        t: _GATED
+        for t in (
+            "llama",
+            "mistral",
+            "ministral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "stablelm",
+            "olmo",
+            "olmo2",
+            "olmo3",
+            "granite",
+            "cohere",
+            "smollm3",
+            "helium",
+            "exaone4",
+            "seed_oss",
+        )
+    },
+    "phi": ("mlp.fc1", "mlp.fc2"),
+    **{t: ("mlp.c_fc", "mlp.c_proj") for t in ("gpt2", "gpt_bigcode", "gpt_neo", "starcoder2")},
+    **{t: ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h") for t in ("gpt_neox", "bloom", "persimmon", "falcon")},
+    **{t: ("fc1", "fc2") for t in ("opt", "xglm", "biogpt")},
+    **{t: ("mlp.fc_in", "mlp.fc_out") for t in ("gptj", "codegen")},
+    **{t: ("mlp.up_proj", "mlp.down_proj") for t in ("nemotron", "arcee")},
+    "mpt": ("ffn.up_proj", "ffn.down_proj"),
+}
+
+#: model types whose FFL width is not a config attribute: d_ff = 4 * hidden (or ``n_inner``/``intermediate_size``
+#: when set).
+FOUR_X_HIDDEN = {
+    "bloom": None,
+    "mpt": None,  # transformers' MptMLP ignores config.expansion_ratio
+    "gpt2": "n_inner",
+    "gpt_bigcode": "n_inner",
+    "gptj": "n_inner",
+    "codegen": "n_inner",
+    "gpt_neo": "intermediate_size",
+}
