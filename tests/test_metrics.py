@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +14,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from unlearn_hf.evaluation.abstention import abstention_rate, detect_abstention
+from unlearn_hf.evaluation.exact_match import extract_gsm8k_reference, extract_last_number, gsm8k_exact_match
 from unlearn_hf.evaluation.execution import build_program, pass_at_1, run_program
-from unlearn_hf.evaluation.metrics import (
-    MetricResult,
-    abstention_rate,
-    answer_token_accuracy,
-    detect_abstention,
-    extract_gsm8k_reference,
-    extract_last_number,
-    generate_completions,
-    gsm8k_exact_match,
-    mmlu_accuracy,
-    mmlu_prompt,
-    relative_drop,
-)
+from unlearn_hf.evaluation.generation import generate_completions
+from unlearn_hf.evaluation.items import EvalItem
+from unlearn_hf.evaluation.multiple_choice import mmlu_accuracy, mmlu_prompt
 from unlearn_hf.evaluation.report import build_report, load_json, markdown_table, save_report
-from unlearn_hf.evaluation.skills import EvalItem, get_skill
+from unlearn_hf.evaluation.results import MetricResult, relative_drop
+from unlearn_hf.evaluation.skills import get_skill
+from unlearn_hf.evaluation.token_accuracy import answer_token_accuracy
 
 
 def shared_data_dir() -> Path:
@@ -50,6 +45,26 @@ ITEMS = [
     EvalItem("Question: Say hello.\nAnswer:", "hello hello hello world"),
     EvalItem("Question: Count to three.\nAnswer:", "one two three"),
 ]
+# Never trained on: the model mispredicts most of their answer tokens while it has memorised most of ITEMS,
+# so the accuracy on ITEMS + HELD_OUT lies far from 0 and from 1 whatever the (thread-count dependent)
+# training run.
+HELD_OUT = [
+    EvalItem("Question: What is 7 + 6?\nAnswer:", "7 + 6 = 13. #### 13"),
+    EvalItem("Question: Name a planet.\nAnswer:", "Mars, the red planet"),
+    EvalItem(
+        "Question: Write a function that multiplies two numbers.\nAnswer:", "def mul(x, y):\n    return x * y"
+    ),
+    EvalItem("Question: What is the capital of Italy?\nAnswer:", "Rome"),
+    EvalItem("Question: Say goodbye.\nAnswer:", "goodbye cruel world"),
+    EvalItem("Question: Count to five backwards.\nAnswer:", "five four three two one"),
+]
+EVAL_ITEMS = ITEMS + HELD_OUT
+
+# Logit (or log-probability) gap below which a top-1 decision is a tie that a padded batch may resolve either
+# way. The metric's logits (padded batches of 1-15 rows, either side) differed from the unpadded reference
+# forward by at most 7.6e-6 over 16 training runs with 1, 4 and 16 threads, so a gap between two logits by at
+# most 1.5e-5: TIE is ~65 times that. (No answer token of those runs had a margin under TIE.)
+TIE = 1e-3
 MC = [
     EvalItem(
         "Question: Which is a fruit?\nAnswer:",
@@ -96,7 +111,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    """A tiny llama, trained for a few steps on the items so that its accuracy is neither 0 nor 1."""
+    """A tiny llama, trained for a few steps on ITEMS (not HELD_OUT): its accuracy is neither 0 nor 1."""
     torch.manual_seed(0)
     config = AutoConfig.for_model(
         "llama",
@@ -121,40 +136,74 @@ def model(tokenizer):
     return lm.eval()
 
 
-def reference_accuracy(model, tokenizer, items) -> tuple[list[int], list[int]]:
-    """Per item (correct, total) answer tokens, one unpadded forward per item, argmax in numpy."""
-    correct, total = [], []
+@dataclass
+class Reference:
+    """Per item: ``lo`` answer tokens that are the top-1 prediction by more than TIE, ``hi`` those plus the
+    ties (within TIE of the best other token), ``total`` answer tokens. Without ties ``lo == hi``."""
+
+    lo: list[int]
+    hi: list[int]
+    total: list[int]
+
+
+def reference_accuracy(model, tokenizer, items) -> Reference:
+    """Answer-token hits counted from one unpadded forward per item, margins in float64 numpy."""
+    lo, hi, total = [], [], []
     for it in items:
         ids = tokenizer(it.text)["input_ids"]
         n_prompt = len(tokenizer(it.prompt)["input_ids"])
         assert ids[:n_prompt] == tokenizer(it.prompt)["input_ids"]
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-        pred = np.argmax(logits[n_prompt - 1 : -1], axis=-1)
-        correct.append(int((pred == np.array(ids[n_prompt:])).sum()))
-        total.append(len(ids) - n_prompt)
-    return correct, total
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()[n_prompt - 1 : -1]
+        target = np.array(ids[n_prompt:])
+        rows = np.arange(len(target))
+        others = logits.copy()
+        others[rows, target] = -np.inf
+        margin = logits[rows, target] - others.max(-1)  # > 0: the answer token is the top-1 prediction
+        lo.append(int((margin > TIE).sum()))
+        hi.append(int((margin >= -TIE).sum()))
+        total.append(len(target))
+    return Reference(lo, hi, total)
 
 
-def test_answer_token_accuracy_matches_reference(model, tokenizer):
-    correct, total = reference_accuracy(model, tokenizer, ITEMS)
-    expected = sum(correct) / sum(total)
-    assert 0.05 < expected < 0.98  # the check is meaningful
-    result = answer_token_accuracy(model, tokenizer, ITEMS, batch_size=4)
+def assert_matches_reference(result: MetricResult, ref: Reference, abstained=None) -> None:
+    """Each item's hit count lies in ``[lo, hi]`` of the reference (exactly ``lo`` without ties), abstained
+    items count 0, and score, per-item accuracies and token counts are consistent with those counts."""
+    abstained = abstained or [False] * len(ref.total)
+    counts = [round(p * t) for p, t in zip(result.per_item, ref.total)]
+    assert result.per_item == [c / t for c, t in zip(counts, ref.total)]
+    assert all(c == 0 if a else lo <= c <= hi for c, lo, hi, a in zip(counts, ref.lo, ref.hi, abstained))
+    assert result.details["n_tokens"] == sum(ref.total) and result.details["n_correct"] == sum(counts)
+    assert result.score == sum(counts) / sum(ref.total)
+
+
+@pytest.fixture(scope="module")
+def reference(model, tokenizer) -> Reference:
+    return reference_accuracy(model, tokenizer, EVAL_ITEMS)
+
+
+def test_answer_token_accuracy_matches_reference(model, tokenizer, reference):
+    # The check is meaningful: at least 10% of the answer tokens right and 10% wrong (measured over 16
+    # training runs with 1, 4 and 16 threads: 63-87 of 154 right, 67-91 wrong, so >= 4x the 15.4 needed),
+    # and ties rare (measured: none).
+    n = sum(reference.total)
+    assert sum(reference.lo) >= 0.1 * n and n - sum(reference.hi) >= 0.1 * n
+    assert sum(reference.hi) - sum(reference.lo) <= n // 20
+    result = answer_token_accuracy(model, tokenizer, EVAL_ITEMS, batch_size=4)
     assert isinstance(result, MetricResult)
-    assert result.score == pytest.approx(expected, abs=1e-12)
-    assert result.per_item == pytest.approx([c / t for c, t in zip(correct, total)])
-    assert result.details["n_tokens"] == sum(total) and result.details["n_correct"] == sum(correct)
-    assert result.abstention_rate == 0.0 and result.abstained == [False] * len(ITEMS)
+    assert_matches_reference(result, reference)
+    assert result.abstention_rate == 0.0 and result.abstained == [False] * len(EVAL_ITEMS)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_answer_token_accuracy_batch_and_padding_invariant(model, tokenizer, batch_size, side):
-    base = answer_token_accuracy(model, tokenizer, ITEMS, batch_size=1, padding_side="right")
-    other = answer_token_accuracy(model, tokenizer, ITEMS, batch_size=batch_size, padding_side=side)
-    assert other.score == base.score
-    assert other.per_item == base.per_item
+def test_answer_token_accuracy_batch_and_padding_invariant(model, tokenizer, reference, batch_size, side):
+    base = answer_token_accuracy(model, tokenizer, EVAL_ITEMS, batch_size=1, padding_side="right")
+    other = answer_token_accuracy(model, tokenizer, EVAL_ITEMS, batch_size=batch_size, padding_side=side)
+    assert_matches_reference(base, reference)
+    assert_matches_reference(other, reference)
+    untied = [i for i, (lo, hi) in enumerate(zip(reference.lo, reference.hi)) if lo == hi]
+    assert [other.per_item[i] for i in untied] == [base.per_item[i] for i in untied]
 
 
 def test_answer_token_accuracy_tuples_and_truncation(model, tokenizer):
@@ -209,12 +258,10 @@ def test_abstention_items_score_zero(model, tokenizer):
     fake = FakeAbstainingModel(model, marker)
     flags = [bool(set(marker) & set(tokenizer(it.prompt)["input_ids"])) for it in ITEMS]
     assert sum(flags) == 1
-    correct, total = reference_accuracy(model, tokenizer, ITEMS)
     result = answer_token_accuracy(fake, tokenizer, ITEMS, batch_size=4, padding_side="left")
     assert result.abstained == flags
     assert result.abstention_rate == pytest.approx(sum(flags) / len(ITEMS))
-    expected = sum(c for c, f in zip(correct, flags) if not f) / sum(total)
-    assert result.score == pytest.approx(expected)
+    assert_matches_reference(result, reference_accuracy(model, tokenizer, ITEMS), abstained=flags)
     assert all(result.per_item[i] == 0.0 for i, f in enumerate(flags) if f)
     # detect saw the prompts only (their real lengths), not prompt + answer
     prompt_lengths = sorted(len(tokenizer(it.prompt)["input_ids"]) for it in ITEMS)
@@ -223,6 +270,12 @@ def test_abstention_items_score_zero(model, tokenizer):
     assert abstention_rate(fake, tokenizer, [it.prompt for it in ITEMS], batch_size=2) == pytest.approx(1 / 9)
     assert abstention_rate(model, tokenizer, ITEMS) == 0.0
     assert fake.enabled
+
+
+def best_choices(scores) -> set[int]:
+    """The choices within TIE of the best score: the one argmax, or the tied ones a padded batch may pick."""
+    best = max(scores)
+    return {k for k, v in enumerate(scores) if v >= best - TIE}
 
 
 def test_mmlu_accuracy_matches_reference(model, tokenizer):
@@ -234,42 +287,47 @@ def test_mmlu_accuracy_matches_reference(model, tokenizer):
     )
     letters = [tokenizer(" " + x, add_special_tokens=False)["input_ids"] for x in "ABCD"]
     assert all(len(t) == 1 for t in letters)
-    expected = []
+    allowed = []
     for it in MC:
         ids = tokenizer(mmlu_prompt(it, 5))["input_ids"]
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1).numpy()
-        expected.append(int(np.argmax([logp[t[0]] for t in letters])))
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
+        allowed.append(best_choices([logp[t[0]] for t in letters]))
     for bs, side in [(1, "right"), (2, "left"), (3, "right")]:
         result = mmlu_accuracy(model, tokenizer, MC, batch_size=bs, padding_side=side)
-        assert result.details["predictions"] == expected
-        assert result.per_item == [float(p == it.label) for p, it in zip(expected, MC)]
+        predictions = result.details["predictions"]
+        assert all(p in a for p, a in zip(predictions, allowed))
+        assert result.per_item == [float(p == it.label) for p, it in zip(predictions, MC)]
         assert result.score == pytest.approx(sum(result.per_item) / len(MC))
 
     fake = FakeAbstainingModel(model, tokenizer(" fruit", add_special_tokens=False)["input_ids"][-1:])
     abst = mmlu_accuracy(fake, tokenizer, MC)
     assert abst.abstained == [True, False, False]
     assert abst.per_item[0] == 0.0 and abst.details["predictions"][0] == -1
-    assert abst.per_item[1:] == [float(p == it.label) for p, it in zip(expected[1:], MC[1:])]
+    assert all(p in a for p, a in zip(abst.details["predictions"][1:], allowed[1:]))
+    assert abst.per_item[1:] == [
+        float(p == it.label) for p, it in zip(abst.details["predictions"][1:], MC[1:])
+    ]
 
 
 def test_mmlu_accuracy_multi_token_letters(model, tokenizer, monkeypatch):
     """When the answer letters are not single tokens, full continuations are scored."""
-    import unlearn_hf.evaluation.metrics as metrics
+    import unlearn_hf.evaluation.multiple_choice as multiple_choice
 
-    monkeypatch.setattr(metrics, "MMLU_LETTERS", ("Aq", "Bq", "Cq", "Dq"))
-    conts = [tokenizer(" " + x, add_special_tokens=False)["input_ids"] for x in metrics.MMLU_LETTERS]
+    monkeypatch.setattr(multiple_choice, "MMLU_LETTERS", ("Aq", "Bq", "Cq", "Dq"))
+    conts = [tokenizer(" " + x, add_special_tokens=False)["input_ids"] for x in multiple_choice.MMLU_LETTERS]
     assert any(len(c) > 1 for c in conts)
-    expected = []
+    allowed = []
     for it in MC:
-        ctx = tokenizer(metrics.mmlu_prompt(it, 5))["input_ids"]
+        ctx = tokenizer(multiple_choice.mmlu_prompt(it, 5))["input_ids"]
         scores = []
         for c in conts:
             with torch.no_grad():
-                logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + c])).logits[0], -1)
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + c])).logits[0].double(), -1)
             scores.append(sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(c)))
-        expected.append(int(np.argmax(scores)))
-    assert metrics.mmlu_accuracy(model, tokenizer, MC, batch_size=3).details["predictions"] == expected
+        allowed.append(best_choices(scores))
+    predictions = multiple_choice.mmlu_accuracy(model, tokenizer, MC, batch_size=3).details["predictions"]
+    assert all(p in a for p, a in zip(predictions, allowed))
 
 
 def test_mmlu_on_real_items_builds_prompts():

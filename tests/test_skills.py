@@ -8,7 +8,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from unlearn_hf.evaluation.skills import MLQA_LANGUAGES, EvalItem, available_skills, get_skill
+from unlearn_hf.evaluation.items import EvalItem
+from unlearn_hf.evaluation.skill_specs import MLQA_LANGUAGES
+from unlearn_hf.evaluation.skills import available_skills, get_skill
 
 
 def shared_data_dir() -> Path:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .metrics import MetricResult
-from .skills import EvalItem
+from .items import EvalItem
+from .results import MetricResult
 
 logger = logging.getLogger(__name__)
 

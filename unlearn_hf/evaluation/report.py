@@ -4,7 +4,7 @@ The report is a plain dict (``json.dump``-able)::
 
     {"baseline": "base", "models": [...], "skills": [...],
      "scores": {model: {skill: float | None}},
-     "relative_drop": {model: {skill: float | None}},   # (baseline - model) / baseline, METHOD.md §7
+     "relative_drop": {model: {skill: float | None}},   # (baseline - model) / baseline, ``docs/METHOD.md`` §7
      "metrics": {model: {skill: MetricResult.to_dict()}},  # when MetricResults were given
      "metadata": {...}}
 """
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .metrics import MetricResult, relative_drop
+from .results import MetricResult, relative_drop
 
 logger = logging.getLogger(__name__)
 

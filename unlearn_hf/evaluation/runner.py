@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .metrics import MetricResult, abstention_rate, answer_token_accuracy, mmlu_accuracy
+from .abstention import abstention_rate
+from .multiple_choice import mmlu_accuracy
+from .results import MetricResult
 from .skills import Skill
+from .token_accuracy import answer_token_accuracy
 
 logger = logging.getLogger(__name__)
 

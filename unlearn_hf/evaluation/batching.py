@@ -1,0 +1,122 @@
+"""Padding-aware batched forwards for the metrics, and the tokenization they rely on.
+
+All forwards are padding-aware (either padding side, position ids from the attention mask), so the scores do
+not depend on the batch size. Longer texts are truncated on the left; special tokens a tokenizer appends (an
+EOS) are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..model_inputs import accepts, input_device, position_ids_from_mask
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def resolve_padding_side(tokenizer: Any, padding_side: str | None) -> str:
+    side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}.")
+    return side
+
+
+def pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Padded ``input_ids``, ``attention_mask`` and each row's offset (where its first real token sits)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    offsets = []
+    for r, s in enumerate(seqs):
+        o = width - len(s) if side == "left" else 0
+        ids[r, o : o + len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, o : o + len(s)] = 1
+        offsets.append(o)
+    return ids, mask, offsets
+
+
+def forward_at(
+    model: Any,
+    seqs: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    reduce: Callable[[int, torch.Tensor], Any],
+    pad_id: int,
+    side: str,
+) -> list[Any]:
+    """One padded forward; for row ``r`` returns ``reduce(r, logits[r, positions[r]])`` (float32 logits)."""
+    device = input_device(model)
+    ids, mask, offsets = pad(seqs, pad_id, side)
+    width = ids.shape[1]
+    kwargs: dict[str, Any] = {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "use_cache": False,
+    }
+    if side == "left" and accepts(model, "position_ids", through_kwargs=True):
+        kwargs["position_ids"] = position_ids_from_mask(mask).to(device)
+    first = min((offsets[r] + min(p) for r, p in enumerate(positions) if len(p)), default=width - 1)
+    if accepts(model, "logits_to_keep", through_kwargs=True):
+        kwargs["logits_to_keep"] = width - first
+    out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    base = width - logits.shape[1]
+    results = []
+    for r, pos in enumerate(positions):
+        idx = torch.tensor([offsets[r] + p - base for p in pos], dtype=torch.long, device=logits.device)
+        results.append(reduce(r, logits[r].index_select(0, idx).float()))
+    return results
+
+
+def special_layout(tokenizer: Any) -> tuple[int, int]:
+    """How many special tokens the tokenizer adds before and after a text."""
+    plain = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello world")["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return k, len(full) - k - len(plain)
+    return 0, 0
+
+
+def encode_pairs(
+    tokenizer: Any, prompts: Sequence[str], texts: Sequence[str], max_length: int
+) -> list[tuple[list[int], int, int]]:
+    """Token ids of ``texts`` (left-truncated to ``max_length``), the index of the first answer token, and how
+    many answer tokens were cut off by truncation. The answer starts where the text's ids stop matching the
+    prompt's; special tokens the tokenizer appends (an EOS) are dropped."""
+    _, n_suffix = special_layout(tokenizer)
+    full = tokenizer(list(texts))["input_ids"]
+    pre = tokenizer(list(prompts))["input_ids"]
+    out = []
+    for f, p in zip(full, pre):
+        if n_suffix:
+            f, p = f[:-n_suffix], p[:-n_suffix]
+        start = 0
+        while start < min(len(f), len(p)) and f[start] == p[start]:
+            start += 1
+        cut = max(0, len(f) - max_length)
+        lost = max(0, cut + 1 - start)  # answer tokens without a preceding position in the window
+        out.append((f[cut:], max(start - cut, 1), lost))
+    return out
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int) -> list[list[int]]:
+    _, n_suffix = special_layout(tokenizer)
+    ids = tokenizer(list(prompts))["input_ids"]
+    return [(s[:-n_suffix] if n_suffix else s)[-max_length:] for s in ids]
+
+
+def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    return [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
