@@ -7,20 +7,14 @@
 - :func:`push_unlearned` (``model.push_to_hub``): upload with a model card.
 """
 
+from .config_file import read_config
+from .config_schema import UnlearnConfig
 from .fingerprint import check_fingerprint, compare_fingerprints, compute_fingerprint
-from .format import (
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    WEIGHTS_NAME,
-    FingerprintMismatchError,
-    UnlearnConfig,
-    UnlearnFormatError,
-    read_config,
-    read_weights,
-)
+from .format import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, FingerprintMismatchError, UnlearnFormatError
 from .hub import push_unlearned
 from .load import load_unlearned
 from .save import save_unlearned
+from .weights_file import read_weights
 
 __all__ = [
     "CONFIG_NAME",

@@ -1,0 +1,265 @@
+"""The schema of ``unlearn_config.json``: its dataclasses (:class:`UnlearnConfig`, :class:`BaseModelInfo`,
+:class:`SavedMethod`, :class:`TensorRecord`), their JSON form, and the strict validation of a parsed file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .format import (
+    CONFIG_NAME,
+    DTYPE_NAMES,
+    DTYPE_SIZES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LAYOUTS,
+    UnlearnFormatError,
+)
+
+#: the logger of the format's readers (records keep the name they had before the format module was split)
+logger = logging.getLogger("unlearn_hf.persistence.format")
+
+_TOP_KEYS = {
+    "format",
+    "format_version",
+    "library_version",
+    "layout",
+    "base_model",
+    "methods",
+    "forget_data",
+    "retain_data",
+    "companion_files",
+}
+_BASE_KEYS = {"name_or_path", "revision", "fingerprint"}
+_METHOD_KEYS = {"name", "method_type", "config", "tensors"}
+_TENSOR_KEYS = {"dtype", "shape", "sha256"}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a CPU tensor as safetensors stores them (row-major, little-endian)."""
+    t = tensor.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    if t.element_size() > 1 and not _LITTLE_ENDIAN:  # pragma: no cover - big-endian hosts
+        raise RuntimeError("Saving unlearned models is only supported on little-endian machines.")
+    return data
+
+
+_LITTLE_ENDIAN = struct.pack("=H", 1) == struct.pack("<H", 1)
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """What ``unlearn_config.json`` records about one tensor: safetensors dtype name, shape and the sha256 of
+    its bytes as stored in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorRecord:
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ValueError(f"Tensors of dtype {tensor.dtype} cannot be saved.")
+        return cls(
+            DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256}
+
+
+@dataclass
+class SavedMethod:
+    """One attached method as saved: its name, type, config values and tensor records (attach order kept)."""
+
+    name: str
+    method_type: str
+    config: dict[str, Any]
+    tensors: dict[str, TensorRecord]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "method_type": self.method_type,
+            "config": self.config,
+            "tensors": {k: r.to_dict() for k, r in self.tensors.items()},
+        }
+
+
+@dataclass
+class BaseModelInfo:
+    """The base model the unlearning was fitted on."""
+
+    name_or_path: str | None
+    revision: str | None
+    fingerprint: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name_or_path": self.name_or_path, "revision": self.revision, "fingerprint": self.fingerprint}
+
+
+@dataclass
+class UnlearnConfig:
+    """The content of ``unlearn_config.json``.
+
+    Args:
+        layout: ``"light"`` (base model resolved from ``base_model.name_or_path``) or ``"full"`` (the base model's
+            own files are in the same folder).
+        base_model: name, revision and fingerprint of the base model.
+        methods: the attached methods, in attach order.
+        forget_data / retain_data: optional free-text descriptions of the data used to fit.
+        companion_files: other files this save wrote in the folder (the base model's and tokenizer's files);
+            a later save into the same folder removes the ones it does not rewrite.
+        library_version: ``unlearn_hf.__version__`` of the writer.
+        format_version: :data:`FORMAT_VERSION` of the writer.
+    """
+
+    layout: str
+    base_model: BaseModelInfo
+    methods: list[SavedMethod]
+    library_version: str
+    forget_data: str | None = None
+    retain_data: str | None = None
+    companion_files: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "library_version": self.library_version,
+            "layout": self.layout,
+            "base_model": self.base_model.to_dict(),
+            "methods": [m.to_dict() for m in self.methods],
+            "forget_data": self.forget_data,
+            "retain_data": self.retain_data,
+            "companion_files": list(self.companion_files),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = CONFIG_NAME) -> UnlearnConfig:
+        """Validate and parse; raise :class:`UnlearnFormatError` naming ``source`` and the problem. Unknown keys
+        are ignored with a warning (a newer writer of the same format version may add optional keys)."""
+
+        def fail(msg: str) -> UnlearnFormatError:
+            return UnlearnFormatError(f"{source}: {msg}")
+
+        if not isinstance(data, dict):
+            raise fail(f"expected a JSON object, got {type(data).__name__}.")
+        if data.get("format") != FORMAT_NAME:
+            raise fail(
+                f"'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}: not an unlearn_hf config."
+            )
+        version = data.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise fail(f"'format_version' must be a positive integer, got {version!r}.")
+        library_version = data.get("library_version")
+        if version > FORMAT_VERSION:
+            raise fail(
+                f"written with format version {version} (unlearn_hf {library_version}); this unlearn_hf reads "
+                f"format versions up to {FORMAT_VERSION}. Upgrade unlearn_hf to load it."
+            )
+        _warn_unknown(data, _TOP_KEYS, source, "top-level")
+        if not isinstance(library_version, str):
+            raise fail(f"'library_version' must be a string, got {library_version!r}.")
+        layout = data.get("layout")
+        if layout not in LAYOUTS:
+            raise fail(f"'layout' must be one of {LAYOUTS}, got {layout!r}.")
+
+        base = data.get("base_model")
+        if not isinstance(base, dict):
+            raise fail("'base_model' must be an object.")
+        _warn_unknown(base, _BASE_KEYS, source, "base_model")
+        for key in ("name_or_path", "revision"):
+            if base.get(key) is not None and not isinstance(base[key], str):
+                raise fail(f"'base_model.{key}' must be a string or null, got {base[key]!r}.")
+        fingerprint = base.get("fingerprint")
+        if not isinstance(fingerprint, dict):
+            raise fail("'base_model.fingerprint' must be an object.")
+
+        methods_raw = data.get("methods")
+        if not isinstance(methods_raw, list) or not methods_raw:
+            raise fail("'methods' must be a non-empty list.")
+        methods: list[SavedMethod] = []
+        for i, m in enumerate(methods_raw):
+            methods.append(_parse_method(m, i, fail, source))
+        names = [m.name for m in methods]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise fail(f"duplicate method names {dupes}.")
+
+        for key in ("forget_data", "retain_data"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise fail(f"'{key}' must be a string or null, got {type(data[key]).__name__}.")
+        companions = data.get("companion_files", [])
+        if not isinstance(companions, list) or not all(
+            isinstance(p, str) and _safe_relpath(p) for p in companions
+        ):
+            raise fail("'companion_files' must be a list of relative file paths inside the folder.")
+        return cls(
+            layout=layout,
+            base_model=BaseModelInfo(base.get("name_or_path"), base.get("revision"), fingerprint),
+            methods=methods,
+            library_version=library_version,
+            forget_data=data.get("forget_data"),
+            retain_data=data.get("retain_data"),
+            companion_files=companions,
+            format_version=version,
+        )
+
+
+def _warn_unknown(values: dict, known: set[str], source: str, where: str) -> None:
+    unknown = sorted(set(values) - known)
+    if unknown:
+        logger.warning(
+            "%s: ignoring unknown %s keys %s (written by a newer unlearn_hf?).", source, where, unknown
+        )
+
+
+def _safe_relpath(path: str) -> bool:
+    p = Path(path)
+    return bool(path) and not p.is_absolute() and ".." not in p.parts and "\\" not in path
+
+
+def _parse_method(m: Any, i: int, fail, source: str) -> SavedMethod:
+    if not isinstance(m, dict):
+        raise fail(f"methods[{i}] must be an object.")
+    _warn_unknown(m, _METHOD_KEYS, source, f"methods[{i}]")
+    name, kind, config, tensors = m.get("name"), m.get("method_type"), m.get("config"), m.get("tensors")
+    if not isinstance(name, str) or not name:
+        raise fail(f"methods[{i}].name must be a non-empty string, got {name!r}.")
+    if not isinstance(kind, str) or not kind:
+        raise fail(f"method {name!r}: 'method_type' must be a non-empty string, got {kind!r}.")
+    if not isinstance(config, dict):
+        raise fail(f"method {name!r}: 'config' must be an object.")
+    if not isinstance(tensors, dict) or not tensors:
+        raise fail(f"method {name!r}: 'tensors' must be a non-empty object.")
+    records = {}
+    for tname, rec in tensors.items():
+        where = f"method {name!r}, tensor {tname!r}"
+        if not isinstance(rec, dict):
+            raise fail(f"{where}: record must be an object.")
+        _warn_unknown(rec, _TENSOR_KEYS, source, where)
+        dtype, shape, sha = rec.get("dtype"), rec.get("shape"), rec.get("sha256")
+        if dtype not in DTYPE_SIZES:
+            raise fail(f"{where}: unknown dtype {dtype!r}.")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise fail(f"{where}: shape must be a list of non-negative integers, got {shape!r}.")
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise fail(f"{where}: sha256 must be 64 lowercase hex digits, got {sha!r}.")
+        records[tname] = TensorRecord(dtype, tuple(shape), sha)
+    return SavedMethod(name, kind, config, records)

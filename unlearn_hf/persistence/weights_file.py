@@ -1,0 +1,186 @@
+"""``unlearn_model.safetensors``: the keys of the fitted tensors, the header metadata, and the strict reader
+(validated against ``unlearn_config.json`` before anything is loaded; never unpickles)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config_schema import UnlearnConfig
+from .format import (
+    CONFIG_NAME,
+    DTYPE_SIZES,
+    MAX_HEADER_BYTES,
+    META_FORMAT_VERSION,
+    META_METHODS,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    UnlearnFormatError,
+)
+
+
+def tensor_key(method_name: str, tensor_name: str) -> str:
+    """Key of a fitted tensor in ``unlearn_model.safetensors``: ``<method_name>.<tensor_name>``."""
+    return f"{method_name}.{tensor_name}"
+
+
+def weights_metadata(config: UnlearnConfig) -> dict[str, str]:
+    """The safetensors header metadata: format version and the methods' names and types, in attach order."""
+    methods = [{"name": m.name, "method_type": m.method_type} for m in config.methods]
+    return {
+        "format": "pt",
+        META_FORMAT_VERSION: str(config.format_version),
+        META_METHODS: json.dumps(methods),
+    }
+
+
+def _sniff_pickle(head: bytes) -> str | None:
+    """Name the container when ``head`` starts like a pickle-based file."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (the format of torch.save)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle"
+    return None
+
+
+def read_weights(folder: Path, config: UnlearnConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Read ``folder / unlearn_model.safetensors`` strictly and return ``{method_name: {tensor_name: tensor}}``.
+
+    Checks, in order: the file exists (a pickle-based sibling such as ``unlearn_model.bin`` is refused by name);
+    it is a safetensors file (not a pickle / zip); the header is valid JSON and the data section has exactly the
+    size the header declares (truncation); the header metadata matches the config's format version and methods;
+    the tensors are exactly the ones the config lists, with its dtypes and shapes; every tensor's bytes have the
+    sha256 the config recorded (bit flips). Never unpickles anything.
+    """
+    folder = Path(folder)
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = sorted(p.name for p in folder.glob("unlearn_model.*") if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise UnlearnFormatError(
+                f"{folder} has {pickled} but no {WEIGHTS_NAME}: pickle-based files are refused (unlearn_hf never "
+                "unpickles, loading a pickle can run arbitrary code). Re-save the model with unlearn_hf."
+            )
+        raise UnlearnFormatError(
+            f"{path} is missing: the folder has {CONFIG_NAME} but not the fitted tensors."
+        )
+    data = path.read_bytes()
+    src = str(path)
+    kind = _sniff_pickle(data[:8])
+    if kind is not None:
+        raise UnlearnFormatError(
+            f"{src} is {kind}, not a safetensors file: refused (unlearn_hf never unpickles; loading a pickle can "
+            "run arbitrary code)."
+        )
+    if len(data) < 8:
+        raise UnlearnFormatError(f"{src} is truncated: {len(data)} bytes, shorter than a safetensors header.")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise UnlearnFormatError(
+            f"{src} is not a valid safetensors file (declared header length {header_len}, file size {len(data)}): "
+            "truncated or not safetensors."
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnlearnFormatError(
+            f"{src}: the safetensors header is corrupted (not valid JSON: {err})."
+        ) from err
+    if not isinstance(header, dict):
+        raise UnlearnFormatError(f"{src}: the safetensors header is corrupted (not a JSON object).")
+    metadata = header.pop("__metadata__", None) or {}
+    body = memoryview(data)[8 + header_len :]
+    _check_metadata(metadata, config, src)
+
+    expected = {
+        tensor_key(m.name, t): (m.name, t, rec) for m in config.methods for t, rec in m.tensors.items()
+    }
+    if len(expected) != sum(len(m.tensors) for m in config.methods):
+        raise UnlearnFormatError(f"{CONFIG_NAME}: two methods' tensors map to the same safetensors key.")
+    missing = sorted(set(expected) - set(header))
+    if missing:
+        raise UnlearnFormatError(f"{src} is missing tensors listed in {CONFIG_NAME}: {missing}.")
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        raise UnlearnFormatError(f"{src} holds tensors that {CONFIG_NAME} does not list: {extra}.")
+
+    end_max = 0
+    for key, entry in header.items():
+        if not isinstance(entry, dict):
+            raise UnlearnFormatError(f"{src}: header entry {key!r} is corrupted.")
+        _, _, rec = expected[key]
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype != rec.dtype:
+            raise UnlearnFormatError(
+                f"{src}: tensor {key!r} has dtype {dtype}, {CONFIG_NAME} records {rec.dtype}."
+            )
+        if not isinstance(shape, list) or tuple(shape) != rec.shape:
+            raise UnlearnFormatError(
+                f"{src}: tensor {key!r} has shape {shape}, {CONFIG_NAME} records {list(rec.shape)}."
+            )
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise UnlearnFormatError(f"{src}: tensor {key!r} has corrupted data offsets {offsets!r}.")
+        if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise UnlearnFormatError(f"{src}: tensor {key!r}: data size does not match its shape and dtype.")
+        if offsets[1] > len(body):
+            raise UnlearnFormatError(
+                f"{src} is truncated: tensor {key!r} ends at byte {offsets[1]} of a {len(body)}-byte data section."
+            )
+        end_max = max(end_max, offsets[1])
+        digest = hashlib.sha256(body[offsets[0] : offsets[1]]).hexdigest()
+        if digest != rec.sha256:
+            raise UnlearnFormatError(
+                f"{src}: the bytes of tensor {key!r} do not match the sha256 recorded in {CONFIG_NAME} "
+                "(the file is corrupted, or the two files come from different saves)."
+            )
+    if end_max != len(body):
+        raise UnlearnFormatError(
+            f"{src}: the data section has {len(body)} bytes but the tensors use {end_max} (corrupted or appended)."
+        )
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        flat = load_safetensors(bytes(data))
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise UnlearnFormatError(f"{src}: not a valid safetensors file ({err}).") from err
+    out: dict[str, dict[str, torch.Tensor]] = {m.name: {} for m in config.methods}
+    for key, tensor in flat.items():
+        name, tname, _ = expected[key]
+        out[name][tname] = tensor
+    return out
+
+
+def _check_metadata(metadata: Any, config: UnlearnConfig, src: str) -> None:
+    if not isinstance(metadata, dict) or META_FORMAT_VERSION not in metadata:
+        raise UnlearnFormatError(
+            f"{src}: the header metadata lacks {META_FORMAT_VERSION!r}: not an unlearn_hf file."
+        )
+    version = metadata[META_FORMAT_VERSION]
+    if version != str(config.format_version):
+        raise UnlearnFormatError(
+            f"{src}: format version {version} in the header, {config.format_version} in {CONFIG_NAME}: the two "
+            "files come from different saves."
+        )
+    try:
+        methods = json.loads(metadata.get(META_METHODS, ""))
+    except json.JSONDecodeError as err:
+        raise UnlearnFormatError(f"{src}: header metadata {META_METHODS!r} is corrupted ({err}).") from err
+    expected = [{"name": m.name, "method_type": m.method_type} for m in config.methods]
+    if methods != expected:
+        raise UnlearnFormatError(
+            f"{src}: the header lists methods {methods}, {CONFIG_NAME} lists {expected}: the two files come from "
+            "different saves."
+        )
