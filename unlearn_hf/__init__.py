@@ -4,8 +4,6 @@ Implements Neuron Adjust and Key Space Detection (Li, Sun, Weng, NAACL 2025) and
 baseline, attached to any ``AutoModelForCausalLM`` through owned forward hooks.
 """
 
-__version__ = "0.1.0"
-
 from .data import DataSpec
 from .methods import (
     KeySpaceDetection,
@@ -17,10 +15,11 @@ from .methods import (
     SelectivePruningConfig,
     UnlearningMethod,
 )
-from .model import UnlearnedModelForCausalLM
 from .probe import probe
 from .sites import FFLSite, SiteError, find_ffl_sites
 from .stats import RunningStats, SiteStatistics, merge
+from .version import __version__
+from .wrapper import UnlearnedModelForCausalLM
 
 __all__ = [
     "DataSpec",

@@ -1,4 +1,4 @@
-"""Per-call state of an unlearned model: which forward is running, for which request, and hook gating.
+"""Per-call state of an unlearned model: which forward is running, for which request, and whether hooks apply.
 
 Hooks on the shared FFL modules do nothing unless the *unlearned* model is being called in the current context
 (thread / asyncio task), so the plain base model and other wrappers over the same modules are unaffected, and
@@ -9,16 +9,13 @@ call, or attached to the KV cache for hand-written decoding loops.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from .data import last_token_mask
+from .model_inputs import StopForward, last_token_index
 
 
 @dataclass
@@ -55,10 +52,6 @@ class RequestState:
                 raise StopForward
 
 
-class StopForward(Exception):
-    """Raised inside a forward whose remaining computation is not needed (see :meth:`RequestState.decided`)."""
-
-
 @dataclass
 class ForwardContext:
     """What the hooks of one forward call may read.
@@ -92,33 +85,13 @@ class ForwardContext:
         """Tokens generated before the one predicted at this forward's last position."""
         return self.total_len - (self.request.prefill_len or self.total_len)
 
-    def last_token_mask(self, batch: int, device: torch.device) -> torch.Tensor:
-        """Bool ``[batch, input_len]`` mask of each row's last real position in this forward."""
-        if device not in self._last:
-            if self.attention_mask is None:
-                mask = torch.zeros(batch, self.input_len, dtype=torch.bool)
-                mask[:, -1] = True
-            else:
-                mask = last_token_mask(self.attention_mask)
-            self._last[device] = mask.to(device)
-        return self._last[device]
-
     def last_token_index(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(index, real)``: int64 ``[batch]`` position of each row's last real token in this forward (the last
-        position for a row without any) and bool ``[batch]`` whether the row has a real token at all."""
-        key = ("index", device)
-        if key not in self._last:
-            if self.attention_mask is None:
-                index = torch.full((batch,), self.input_len - 1, dtype=torch.long)
-                real = torch.ones(batch, dtype=torch.bool)
-            else:
-                mask = self.attention_mask.bool()
-                real = mask.any(1)
-                index = torch.where(
-                    real, self.input_len - 1 - mask.flip(1).int().argmax(1), self.input_len - 1
-                )
-            self._last[key] = (index.to(device), real.to(device))
-        return self._last[key]
+        """``(index, real)`` of each row's last real token in this forward, on ``device`` (computed once per
+        device; see :func:`unlearn_hf.model_inputs.last_token_index`)."""
+        if device not in self._last:
+            index, real = last_token_index(self.attention_mask, batch, self.input_len)
+            self._last[device] = (index.to(device), real.to(device))
+        return self._last[device]
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("unlearn_hf_forward", default=None)
@@ -133,43 +106,7 @@ def current_context() -> ForwardContext | None:
     return _CURRENT.get()
 
 
-class HookRegistrar:
-    """Registers hooks owned by one method of one unlearned model, gated on that model's forward context.
-
-    Only the handles created here are ever removed: other libraries' hooks on the same modules are untouched.
-    """
-
-    def __init__(self, owner: Any, method_name: str) -> None:
-        self.owner = owner
-        self.method_name = method_name
-        self.handles: list[RemovableHandle] = []
-
-    def forward_hook(self, module: nn.Module, fn: Callable[[ForwardContext, Any], Any]) -> None:
-        """``fn(ctx, output) -> new output or None`` runs after ``module`` when the owner is being called."""
-        owner, name = self.owner, self.method_name
-
-        def hook(mod, args, output):
-            ctx = _CURRENT.get()
-            if ctx is None or ctx.model is not owner or name in ctx.disabled:
-                return None
-            return fn(ctx, output)
-
-        self.handles.append(module.register_forward_hook(hook))
-
-    def forward_pre_hook(self, module: nn.Module, fn: Callable[[ForwardContext, torch.Tensor], Any]) -> None:
-        """``fn(ctx, first_input) -> new first input or None`` runs before ``module`` when the owner is called."""
-        owner, name = self.owner, self.method_name
-
-        def hook(mod, args):
-            ctx = _CURRENT.get()
-            if ctx is None or ctx.model is not owner or name in ctx.disabled:
-                return None
-            new = fn(ctx, args[0])
-            return None if new is None else (new, *args[1:])
-
-        self.handles.append(module.register_forward_pre_hook(hook))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+def is_unlearned_model(obj: Any) -> bool:
+    """Whether ``obj`` is an unlearned model (an instance of a runtime class of ``UnlearnedModelForCausalLM``),
+    without importing the wrapper."""
+    return "_unlearn_base_class" in dir(type(obj))

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .model_inputs import last_token_mask
+
 TOKEN_MODES = ("all", "prompt", "completion", "last")
 
 
@@ -70,17 +72,6 @@ class TokenBatch:
 
 def _is_tokenized_batch(item: Any) -> bool:
     return isinstance(item, Mapping) and "input_ids" in item and torch.is_tensor(item["input_ids"])
-
-
-def last_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Boolean mask selecting the last real token of each row, whatever the padding side."""
-    mask = attention_mask.bool()
-    t = mask.shape[1]
-    last = t - 1 - mask.flip(1).int().argmax(1)
-    out = torch.zeros_like(mask)
-    has_token = mask.any(1)
-    out[has_token.nonzero().squeeze(1), last[has_token]] = True
-    return out
 
 
 def _columns_of(data: Any) -> list[str] | None:

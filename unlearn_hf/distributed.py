@@ -185,7 +185,7 @@ def _layout(results: Mapping[str, SiteStatistics]) -> list[tuple[str, int, int, 
 def _signature(results: Mapping[str, SiteStatistics]) -> int:
     """A 62-bit hash of what was probed (sites, modes, layers, widths, model), to refuse mismatched ranks."""
     parts = [repr(_layout(results))]
-    parts += [f"{k}:{results[k].mode}:{results[k].model_fingerprint}" for k in sorted(results)]
+    parts += [f"{k}:{results[k].mode}:{results[k].architecture_id}" for k in sorted(results)]
     return int.from_bytes(hashlib.sha1("|".join(parts).encode()).digest()[:8], "little") >> 2
 
 
@@ -280,7 +280,7 @@ def exchange_statistics(
             st.site,
             st.mode,
             {i: merged[(kind, i)] for i in sorted(st.layers)},
-            st.model_fingerprint,
+            st.architecture_id,
         )
         for kind, st in local.items()
     }

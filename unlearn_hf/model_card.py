@@ -12,6 +12,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .persistence.format import looks_like_local_path
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "unlearned_model.md"
@@ -62,6 +64,16 @@ def _template_text() -> str:
 def method_tag(name: str) -> str:
     """Hub tag of a method name: ``neuron_adjust`` / ``Neuron Adjust`` -> ``neuron-adjust``."""
     return "-".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def _method_title(name: str, config: dict[str, Any]) -> str:
+    """The registered method's label (``Neuron Adjust``) for a config with a known ``method_type``; else the
+    attached name in title case."""
+    from .methods.registry import METHOD_CLASSES, discover
+
+    discover()
+    cls = METHOD_CLASSES.get(config.get("method_type"))
+    return cls.label if cls is not None else name.replace("_", " ").replace("-", " ").title()
 
 
 def _cell(value: Any) -> str:
@@ -121,15 +133,11 @@ def _relative_drop(row: dict[str, Any]) -> Any:
     return None
 
 
-def _is_local_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).exists()
-
-
 def render_model_card(info: ModelCardInfo) -> ModelCard:
     """Render the model card of an unlearned model (metadata + markdown body)."""
     _validate(info)
     if info.library_version is None:
-        from . import __version__ as library_version
+        from .version import __version__ as library_version
     else:
         library_version = info.library_version
 
@@ -145,7 +153,7 @@ def render_model_card(info: ModelCardInfo) -> ModelCard:
     methods = [
         {
             "name": name,
-            "title": name.replace("_", " ").replace("-", " ").title(),
+            "title": _method_title(name, m.get("config") or {}),
             "config": [(_cell(k), _cell(v)) for k, v in (m.get("config") or {}).items()],
         }
         for name, m in zip(method_names, info.methods)
@@ -161,7 +169,7 @@ def render_model_card(info: ModelCardInfo) -> ModelCard:
         }
         for row in info.evaluation or []
     ]
-    local_base = _is_local_path(info.base_model)
+    local_base = looks_like_local_path(info.base_model) or Path(info.base_model).exists()
     card = ModelCard.from_template(
         card_data,
         template_str=_template_text(),

@@ -1,9 +1,8 @@
-"""Streaming probe: per-neuron statistics at the FFL sites without keeping activations (METHOD.md §2)."""
+"""Streaming probe: per-neuron statistics at the FFL sites without keeping activations (``docs/METHOD.md`` §2)."""
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .data import DataSpec, iter_token_batches
+from .model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites
 from .stats import RunningStats, SiteStatistics
 
@@ -22,12 +22,9 @@ logger = logging.getLogger(__name__)
 SITE_KINDS = ("pre", "key")
 
 
-class _StopForward(Exception):
-    """Raised by the probe's last hook: the rest of the forward pass is not needed."""
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short string identifying the model architecture, to refuse mixing statistics of different models."""
+def architecture_id(model: nn.Module) -> str:
+    """A short id of the model's architecture and size, kept with probe statistics to refuse merging or using
+    statistics of another model (not the saved checkpoint's fingerprint: see :mod:`unlearn_hf.persistence`)."""
     config = getattr(model, "config", None)
     parts = [
         str(getattr(config, "model_type", type(model).__name__)),
@@ -36,19 +33,6 @@ def model_fingerprint(model: nn.Module) -> str:
         str(sum(p.numel() for p in model.parameters())),
     ]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count real tokens only, as ``generate`` makes them: left padding must not shift absolute
-    position embeddings (GPT-2, OPT...), and a row reads the same whatever its padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
-        return emb.weight.device
-    return next(p.device for p in model.parameters())
 
 
 @torch.no_grad()
@@ -172,13 +156,13 @@ def _probe_local(
             rows = x.flatten(0, 1) if all_selected else x[select_on(x.device)]
             stats[kind][layer].update(rows)
             if layer == last_layer and kind == last_kind:
-                raise _StopForward
+                raise StopForward
 
         if kind == "pre":
             return lambda mod, args, out: capture(out)
         return lambda mod, args: capture(args[0])
 
-    accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
+    accepts_positions = accepts(model, "position_ids")
 
     def position_kwargs(mask: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         return {"position_ids": position_ids_from_mask(mask).to(device)} if accepts_positions else {}
@@ -192,7 +176,7 @@ def _probe_local(
                     handles.append(s.pre.register_forward_hook(make_hook(kind, i)))
                 else:
                     handles.append(s.key.register_forward_pre_hook(make_hook(kind, i)))
-        device = _input_device(model)
+        device = input_device(model)
         bar = tqdm(total=n_examples, desc=desc, disable=not show_progress, unit="ex")
         n_batches = 0
         for batch in batches:
@@ -213,12 +197,12 @@ def _probe_local(
                     **position_kwargs(batch.attention_mask, device),
                     use_cache=False,
                 )
-            except _StopForward:
+            except StopForward:
                 pass
             bar.update(batch.input_ids.shape[0])
         bar.close()
     finally:
         for h in handles:
             h.remove()
-    fp = model_fingerprint(model)
+    fp = architecture_id(model)
     return {k: SiteStatistics(k, mode, stats[k], fp) for k in kinds}, n_batches

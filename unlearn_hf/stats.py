@@ -129,13 +129,13 @@ class SiteStatistics:
         site: ``"pre"`` (pre-activation) or ``"key"`` (input of the output projection).
         mode: which tokens were counted (``"all"``, ``"prompt"``, ``"completion"`` or ``"last"``).
         layers: layer index -> :class:`RunningStats`.
-        model_fingerprint: short description of the probed model, used to refuse merging unrelated results.
+        architecture_id: short description of the probed model, used to refuse merging unrelated results.
     """
 
     site: str
     mode: str
     layers: dict[int, RunningStats]
-    model_fingerprint: str = ""
+    architecture_id: str = ""
 
     def merge(self, other: SiteStatistics) -> SiteStatistics:
         """Combine two probe results of the same site, mode, layers and model."""
@@ -144,17 +144,13 @@ class SiteStatistics:
                 f"Cannot merge statistics of site/mode/layers {self.site}/{self.mode}/{sorted(self.layers)} "
                 f"with {other.site}/{other.mode}/{sorted(other.layers)}."
             )
-        if (
-            self.model_fingerprint
-            and other.model_fingerprint
-            and self.model_fingerprint != other.model_fingerprint
-        ):
+        if self.architecture_id and other.architecture_id and self.architecture_id != other.architecture_id:
             raise ValueError("Cannot merge statistics probed on different models.")
         return SiteStatistics(
             self.site,
             self.mode,
             {i: s.merge(other.layers[i]) for i, s in self.layers.items()},
-            self.model_fingerprint or other.model_fingerprint,
+            self.architecture_id or other.architecture_id,
         )
 
     @property

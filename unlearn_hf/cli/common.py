@@ -30,8 +30,8 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
     unlearn_hf (an ``UnlearnedModelForCausalLM``), or any transformers causal LM folder / Hub id."""
     from transformers import AutoModelForCausalLM
 
-    from ..model import UnlearnedModelForCausalLM
     from ..persistence.format import CONFIG_NAME
+    from ..wrapper import UnlearnedModelForCausalLM
 
     torch_dtype = DTYPES[dtype]
     if name.lower() in ("smollm2", "smollm2-135m-instruct"):

@@ -12,13 +12,11 @@ import torch
 
 from ..evaluation import build_report, markdown_table, save_report
 from ..evaluation.runner import abstention_rates, evaluate_skills
-from ..model import UnlearnedModelForCausalLM
+from ..wrapper import UnlearnedModelForCausalLM
 from .common import UserError, load_model, load_skills, split_names
-from .recipes import METHOD_NAMES, fit_methods
+from .recipes import fit_methods, method_names
 
 logger = logging.getLogger(__name__)
-
-LABELS = {"na": "Neuron Adjust", "sp": "Selective Pruning", "ksd": "Key Space Detection"}
 
 
 def _say(quiet: bool, text: str) -> None:
@@ -39,9 +37,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     quiet = args.quiet
     methods = split_names(args.methods)
-    bad = [m for m in methods if m not in METHOD_NAMES]
+    labels = method_names()
+    bad = [m for m in methods if m not in labels]
     if bad or not methods:
-        raise UserError(f"Unknown methods {bad}; choose from {sorted(METHOD_NAMES)}.")
+        raise UserError(f"Unknown methods {bad}; choose from {sorted(labels)}.")
     if not Path(args.data_dir).is_dir():
         raise UserError(
             f"Data folder {args.data_dir!r} not found (expected the skill data sets, e.g. ../shared/data)."
@@ -62,7 +61,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     abstention = {"base": {s.name: 0.0 for s in skills}}
     timings, fitted = {}, {}
     for m in methods:
-        label = LABELS[m]
+        label = labels[m]
         _say(quiet, f"fitting {label} ...")
         unlearned = UnlearnedModelForCausalLM.from_base(model)
         t0 = time.perf_counter()
@@ -116,14 +115,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         _say(quiet, f"[{skill.name}] {prompt.splitlines()[0][:100]}")
         _say(quiet, f"    base: {_sample_answer(model, tok, prompt)[:160]}")
         for m, method in fitted.items():
-            unlearned.add_method(METHOD_NAMES[m], method)
+            unlearned.add_method(method.method_type, method)
             _say(quiet, f"    {m:>4}: {_sample_answer(unlearned, tok, prompt)[:160]}")
             unlearned.remove_all_methods()
 
-    # save the headline model (KSD if fitted) with its model card
-    keep = "ksd" if "ksd" in fitted else methods[-1]
+    # save the headline model (the first abstaining method if one was fitted, e.g. KSD) with its model card
+    keep = next((m for m in methods if fitted[m].abstains), methods[-1])
     saved = UnlearnedModelForCausalLM.from_base(model)
-    saved.add_method(METHOD_NAMES[keep], fitted[keep])
+    saved.add_method(fitted[keep].method_type, fitted[keep])
     model_dir = out_dir / f"smollm2-no-{forget.name}-{keep}"
     evaluation_rows = [
         {
@@ -146,7 +145,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     save_report(report, out_dir, stem="results")
     print(f"\nresults: {paths['json']}, {paths['markdown']}, {paths.get('png')}", flush=True)
     print(
-        f"unlearned model ({LABELS[keep]}): {model_dir}  (load with UnlearnedModelForCausalLM.from_pretrained)",
+        f"unlearned model ({labels[keep]}): {model_dir}  (load with UnlearnedModelForCausalLM.from_pretrained)",
     )
     _say(quiet, f"total time {elapsed:.0f} s")
     return report

@@ -12,8 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .. import __version__
+from ..version import __version__
 from .common import UserError, load_model, load_skills, setup_logging, split_names
+from .recipes import method_names
 
 logger = logging.getLogger("unlearn_hf.cli")
 
@@ -44,13 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit", help="fit unlearning methods and save the unlearned model folder")
     fit.add_argument("--model", default="smollm2", help="'smollm2', a model folder or a Hub id")
+    names = method_names()
     fit.add_argument(
         "--method",
         action="append",
-        choices=["na", "sp", "ksd"],
+        choices=list(names),
         required=True,
-        help="method to fit (repeat for several): na=Neuron Adjust, sp=Selective Pruning, "
-        "ksd=Key Space Detection",
+        help="method to fit (repeat for several; fitted in this order, each on the model with the earlier ones "
+        "attached, as the Python API does: put ksd last): " + ", ".join(f"{k}={v}" for k, v in names.items()),
     )
     fit.add_argument("--forget", required=True, help="skill to forget, e.g. gsm8k")
     fit.add_argument("--retain", default="mbpp", help="comma-separated skills to keep (for na/sp)")
@@ -102,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-eval-mmlu", type=int, default=40, help="MMLU items (5-shot prompts are long)")
     demo.add_argument("--ratio", type=float, default=0.03, help="neuron ratio for NA and SP")
     demo.add_argument("--alpha", type=float, default=1.0, help="KSD alpha")
-    demo.add_argument("--methods", default="na,sp,ksd", help="comma-separated subset of na,sp,ksd")
+    demo.add_argument(
+        "--methods", default=",".join(names), help=f"comma-separated subset of {','.join(names)}"
+    )
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--output", default="outputs/demo", help="results, chart and model folder")
     demo.add_argument("--model", default="smollm2", help="base model ('smollm2', a folder or a Hub id)")
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .. import UnlearnedModelForCausalLM
+    from ..wrapper import UnlearnedModelForCausalLM
     from .recipes import fit_methods
 
     model, tok = load_model(args.model, args.dtype)
@@ -138,21 +142,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
     retain = load_skills(split_names(args.retain), args.data_dir)
     layers = [int(x) for x in split_names(args.layers)] if args.layers else None
     unlearned = UnlearnedModelForCausalLM.from_base(model)
-    fit_methods(
-        unlearned,
-        tok,
-        args.method,
-        forget,
-        retain,
-        n_probe=args.n_probe,
-        ratio=args.ratio,
-        alpha=args.alpha,
-        layers=layers,
-        refusal=args.refusal,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        show_progress=not args.quiet,
-    )
+    try:
+        fit_methods(
+            unlearned,
+            tok,
+            args.method,
+            forget,
+            retain,
+            n_probe=args.n_probe,
+            ratio=args.ratio,
+            alpha=args.alpha,
+            layers=layers,
+            refusal=args.refusal,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            show_progress=not args.quiet,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
     out = Path(args.output)
     unlearned.save_pretrained(out, save_base_model=args.save_base_model)
     tok.save_pretrained(out)

@@ -1,17 +1,20 @@
-"""Fitting the methods from skills, sharing one probing pass between Neuron Adjust and Selective Pruning."""
+"""Fitting the methods named on the command line, exactly as the Python API does: one ``unlearned.fit`` per method,
+in the order given, each on the model as it runs with the methods fitted before it attached."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
-from ..data import DataSpec
-from ..methods import KeySpaceDetectionConfig, NeuronAdjustConfig, SelectivePruningConfig
-from ..probe import probe
+from ..methods.registry import by_short_name
 
 logger = logging.getLogger(__name__)
 
-METHOD_NAMES = {"na": "neuron_adjust", "sp": "selective_pruning", "ksd": "key_space_detection"}
+
+def method_names() -> dict[str, str]:
+    """``{short name: label}`` of every registered method (``na``: Neuron Adjust, ...)."""
+    return {short: cls.label for short, cls in by_short_name().items()}
 
 
 def retain_texts(retain: list[Any], n_probe: int) -> list[str]:
@@ -22,6 +25,18 @@ def retain_texts(retain: list[Any], n_probe: int) -> list[str]:
     return [t for skill in retain for t in skill.probe_texts(per)]
 
 
+def method_config(short_name: str, options: dict[str, Any]) -> Any:
+    """The config of method ``short_name`` from the CLI ``options`` that its class takes (``cli_options``); an
+    option left at ``None`` keeps the config's default."""
+    registry = by_short_name()
+    if short_name not in registry:
+        raise ValueError(f"Unknown method {short_name!r}; choose from {sorted(registry)}.")
+    cls = registry[short_name]
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    kwargs = {k: options[k] for k in cls.cli_options if k in fields and options.get(k) is not None}
+    return cls.config_class(**kwargs)
+
+
 def fit_methods(
     unlearned: Any,
     tokenizer: Any,
@@ -30,53 +45,52 @@ def fit_methods(
     retain: list[Any],
     *,
     n_probe: int = 200,
-    ratio: float = 0.03,
-    alpha: float = 1.0,
-    layers: list[int] | None = None,
-    refusal: str = "I can't help with that.",
-    seed: int = 0,
     batch_size: int = 8,
     max_length: int = 512,
     show_progress: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Fit ``methods`` (``na``, ``sp``, ``ksd``) on ``unlearned`` and return ``{name: method}``.
+    """Fit ``methods`` (short names: ``na``, ``sp``, ``ksd``, ...) on ``unlearned`` in the order given and return
+    ``{short name: fitted method}``.
 
-    Neuron Adjust and Selective Pruning read the same forget/retain texts, so both sites are probed in one pass
-    and the statistics handed to both fits.
+    Each method is fitted with ``unlearned.fit`` on the model as it runs, with the methods fitted before it
+    attached, as the API does: Key Space Detection fitted after Neuron Adjust describes the adjusted model's key
+    vectors. Methods that fit on queries (Key Space Detection) read the forget skill's questions; the others read
+    its question + answer texts and the retain skills' texts.
+
+    Args:
+        options: CLI settings (``ratio``, ``alpha``, ``layers``, ``refusal``, ``seed``, ...); each method takes
+            the ones its class lists in ``cli_options``.
     """
-    unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown:
-        raise ValueError(f"Unknown methods {unknown}; choose from {sorted(METHOD_NAMES)}.")
-    spec = DataSpec(batch_size=batch_size, max_length=max_length)
+    registry = by_short_name()
+    configs = {m: method_config(m, options) for m in methods}  # every config is checked before any probing
+    if any(registry[m].needs_retain for m in methods) and not retain:
+        needing = [registry[m].label for m in methods if registry[m].needs_retain]
+        raise ValueError(f"{', '.join(needing)} need at least one retain skill.")
+    abstaining = [m for m in methods if registry[m].fit_on == "queries"]
+    later = (
+        [m for m in methods[methods.index(abstaining[0]) + 1 :] if m not in abstaining] if abstaining else []
+    )
+    if later:
+        logger.warning(
+            "%s is fitted before %s: its hypercube describes the model without them (fit it last).",
+            registry[abstaining[0]].label,
+            ", ".join(registry[m].label for m in later),
+        )
+    forget_texts = forget.probe_texts(n_probe)
+    retain_data = retain_texts(retain, n_probe)
     fitted = {}
-    if {"na", "sp"} & set(methods):
-        if not retain:
-            raise ValueError("Neuron Adjust and Selective Pruning need at least one retain skill.")
-        sites = [s for s, m in (("pre", "na"), ("key", "sp")) if m in methods]
-        kw = dict(site=sites, spec=spec, show_progress=show_progress)
-        stats_f = probe(
-            unlearned.base_model, forget.probe_texts(n_probe), tokenizer, desc="probing forget", **kw
-        )
-        stats_r = probe(
-            unlearned.base_model, retain_texts(retain, n_probe), tokenizer, desc="probing retain", **kw
-        )
-        if "na" in methods:
-            fitted["na"] = unlearned.fit(
-                NeuronAdjustConfig(ratio=ratio, seed=seed), stats_f["pre"], stats_r["pre"], tokenizer
-            )
-        if "sp" in methods:
-            fitted["sp"] = unlearned.fit(
-                SelectivePruningConfig(ratio=ratio), stats_f["key"], stats_r["key"], tokenizer
-            )
-    if "ksd" in methods:
-        fitted["ksd"] = unlearned.fit(
-            KeySpaceDetectionConfig(layers=layers, alpha=alpha, refusal=refusal),
-            forget.probe_queries(n_probe),
-            tokenizer=tokenizer,
+    for m in methods:
+        cls = registry[m]
+        forget_data = forget.probe_queries(n_probe) if cls.fit_on == "queries" else forget_texts
+        fitted[m] = unlearned.fit(
+            configs[m],
+            forget_data,
+            retain_data if cls.needs_retain else None,
+            tokenizer,
             batch_size=batch_size,
             max_length=max_length,
             show_progress=show_progress,
         )
-    for name, method in fitted.items():
-        logger.info("fitted %s: %s", name, method.config)
+        logger.info("fitted %s: %s", cls.label, fitted[m].config)
     return fitted

@@ -1,102 +1,149 @@
-"""The contract every unlearning method implements, and its configuration base class."""
+"""The contract every unlearning method implements.
+
+A method comes in two parts:
+
+* the **fitted method** (:class:`UnlearningMethod`): an immutable config plus fitted tensors. It holds nothing
+  about any model it is attached to, so one fitted method can be attached to any number of models at once,
+  saved, loaded and compared;
+* its **attachment** (:class:`Attachment`): what one model needs to run the method (per-layer tensors on each
+  layer's device, the hooks, per-request scratch space), created by :meth:`UnlearningMethod.attach` and owned by
+  that model until it is detached.
+
+Abstaining methods (the model refuses instead of answering) implement :class:`AbstainingMethod`, whose
+attachments are :class:`AbstainingAttachment`: a per-row decision per request, the logits processor that
+forces the refusal in ``generate``, and the report of which rows abstained.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 
+from ..context import ForwardContext, RequestState
 from ..data import DataSpec
-from ..runtime import ForwardContext, HookRegistrar
-from ..sites import FFLSite
-
-if TYPE_CHECKING:
-    from ..model import UnlearnedModelForCausalLM
-
-logger = logging.getLogger(__name__)
+from ..hooks import HookRegistrar
+from .config import MethodConfig
 
 
-@dataclasses.dataclass
-class MethodConfig:
-    """Base class of method configurations: plain values only, serialisable to JSON.
+class Attachment:
+    """What one fitted method holds for one model it is attached to.
 
-    Subclasses set ``method_type`` and validate their fields in ``__post_init__``.
+    Args:
+        method: the fitted method.
+        model: the unlearned model it is attached to.
+        name: the name it is attached under (keys its per-request data in :attr:`RequestState.data`).
+        hooks: the registrar of its hooks (removed by :meth:`detach`).
     """
 
-    method_type: ClassVar[str] = ""
+    def __init__(self, method: UnlearningMethod, model: Any, name: str, hooks: HookRegistrar) -> None:
+        self.method = method
+        self.model = model
+        self.name = name
+        self.hooks = hooks
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-        return {"method_type": self.method_type, **out}
+    def on_forward_start(self, ctx: ForwardContext) -> None:  # noqa: B027 - optional hook
+        """Called before every forward of the model (not when this method is disabled)."""
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MethodConfig:
-        """Build a config from a dict; unknown keys are ignored with a warning (newer writers may add fields)."""
-        values = dict(values)
-        kind = values.pop("method_type", cls.method_type)
-        if kind != cls.method_type:
-            raise ValueError(f"Config of method {kind!r} given to {cls.__name__} ({cls.method_type!r}).")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            logger.warning("Ignoring unknown %s config keys: %s", cls.method_type, unknown)
-        return cls(**{k: v for k, v in values.items() if k in names})
+    def on_forward_end(self, ctx: ForwardContext, output: Any) -> Any:
+        """Called after every forward; may modify and return ``output``."""
+        return output
 
+    def request_data(self, request: RequestState, factory: Any = None) -> Any:
+        """This attachment's scratch space in ``request`` (created with ``factory()`` when missing and given)."""
+        data = request.data.get(self.name)
+        if data is None and factory is not None:
+            data = request.data[self.name] = factory()
+        return data
 
-def check_ratio(ratio: float) -> None:
-    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}.")
+    def detach(self) -> None:
+        """Remove this attachment's hooks (and only them)."""
+        self.hooks.remove()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {type(self.method).__name__})"
 
 
-def check_layers(layers, sites: list[FFLSite]) -> list[int]:
-    """Resolve a config's ``layers`` (``None`` = all; negative indices count from the end)."""
-    n = len(sites)
-    if layers is None:
-        return list(range(n))
-    out = []
-    for i in layers:
-        if not isinstance(i, int) or not -n <= i < n:
-            raise ValueError(f"Layer {i!r} is out of range: this model has {n} FFL layers (0..{n - 1}).")
-        out.append(i % n)
-    if not out:
-        raise ValueError("layers is empty.")
-    return sorted(set(out))
+class AbstainingAttachment(Attachment, ABC):
+    """The attachment of an abstaining method: the contract the model relies on to abstain.
+
+    * **decision** -- :meth:`decision`: the per-row decision of a request, taken during its prefill by the
+      method's hooks (see the method's ``decision.py``);
+    * **processor** -- :meth:`logits_processor`: run by ``generate`` after every other logits processor, so no
+      sampling setting can alter a refusal;
+    * **report** -- :meth:`decision` is what ``generate(..., return_dict_in_generate=True)`` reports per returned
+      row (``abstained``, and per method in ``abstained_by``) and what :meth:`detect` returns.
+    """
+
+    @abstractmethod
+    def decision(self, request: RequestState) -> torch.Tensor | None:
+        """Bool ``[rows]`` (CPU): which rows of ``request`` abstain; ``None`` before the decision was taken."""
+
+    @abstractmethod
+    def logits_processor(self, request: RequestState) -> Any:
+        """A ``transformers`` ``LogitsProcessor`` forcing the refusal of the abstaining rows of ``request``
+        (``None`` when the method forces nothing through ``generate``'s processors)."""
 
 
 class UnlearningMethod(ABC):
-    """A fitted unlearning method: its config (plain values) plus its fitted tensors, attachable to a model.
+    """A fitted unlearning method: its config (plain values) plus its fitted tensors, attachable to models.
 
-    Subclasses implement :meth:`fit`, :meth:`attach` and describe their tensors in :meth:`state_spec`;
-    they may react to whole forward calls through :meth:`on_forward_start` / :meth:`on_forward_end`.
+    Subclasses set :attr:`config_class`, :attr:`short_name` and :attr:`label`, implement :meth:`fit`,
+    :meth:`state_spec` and :meth:`attach`, and register with :func:`unlearn_hf.methods.registry.register_method`.
+    The fitted state is read-only: attaching never changes it.
     """
 
     config_class: ClassVar[type[MethodConfig]]
-    #: Whether the method makes the model abstain (refuse) rather than change activations.
-    abstains: ClassVar[bool] = False
+    #: The name on the command line (``--method na``).
+    short_name: ClassVar[str] = ""
+    #: The name in reports, the demo table and model cards.
+    label: ClassVar[str] = ""
+    #: Whether :meth:`fit` needs retain data.
+    needs_retain: ClassVar[bool] = True
+    #: What the forget data is, for the CLI and demo: ``"texts"`` (question + answer) or ``"queries"``
+    #: (questions only).
+    fit_on: ClassVar[str] = "texts"
+    #: Config fields the command line sets (``--ratio``, ``--alpha``, ...) for this method.
+    cli_options: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: MethodConfig, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, config: MethodConfig, state: Mapping[str, torch.Tensor]) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(
                 f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}."
             )
-        self.config = config
-        self.state = dict(state)
-        self.validate_state(self.state, config)
+        state = dict(state)
+        self.validate_state(state, config)
+        self._config = config
+        self._state = state
+
+    @property
+    def config(self) -> MethodConfig:
+        """The method's config (frozen)."""
+        return self._config
+
+    @property
+    def state(self) -> Mapping[str, torch.Tensor]:
+        """The fitted tensors by name (a read-only mapping)."""
+        return MappingProxyType(self._state)
 
     @property
     def method_type(self) -> str:
         return self.config.method_type
+
+    @property
+    def abstains(self) -> bool:
+        """Whether the method makes the model abstain (refuse) rather than change activations."""
+        return isinstance(self, AbstainingMethod)
 
     # -- fitting ---------------------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
     def fit(
         cls,
-        model: UnlearnedModelForCausalLM,
+        model: Any,
         config: MethodConfig,
         forget: Any,
         retain: Any = None,
@@ -105,7 +152,7 @@ class UnlearningMethod(ABC):
         spec: DataSpec,
         show_progress: bool = True,
     ) -> UnlearningMethod:
-        """Probe ``forget`` (and ``retain``) on the model's base and return the fitted method."""
+        """Probe ``forget`` (and ``retain``) on ``model`` as it runs and return the fitted method."""
 
     # -- state -----------------------------------------------------------------------------------------------
     @classmethod
@@ -116,7 +163,7 @@ class UnlearningMethod(ABC):
         """Expected ``{name: (shape, dtype)}`` of the fitted tensors (shapes may depend on ``state``)."""
 
     @classmethod
-    def validate_state(cls, state: dict[str, torch.Tensor], config: MethodConfig | None = None) -> None:
+    def validate_state(cls, state: Mapping[str, torch.Tensor], config: MethodConfig | None = None) -> None:
         """Raise ``ValueError`` naming the problem if a tensor is missing, misshapen, of wrong dtype or not finite."""
         spec = cls.state_spec(config, state) if config is not None else None
         if spec is None:
@@ -135,37 +182,23 @@ class UnlearningMethod(ABC):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The fitted tensors (CPU), as saved in ``unlearn_model.safetensors``."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.state.items()}
+        return {k: v.detach().cpu().contiguous() for k, v in self._state.items()}
 
     # -- applying --------------------------------------------------------------------------------------------
     @abstractmethod
-    def attach(self, model: UnlearnedModelForCausalLM, hooks: HookRegistrar) -> None:
-        """Prepare per-layer tensors on each layer's device/dtype and register hooks through ``hooks``."""
-
-    def on_forward_start(self, ctx: ForwardContext) -> None:  # noqa: B027 - optional hook
-        """Called before every forward of the unlearned model (not when this method is disabled)."""
-
-    def on_forward_end(self, ctx: ForwardContext, output: Any) -> Any:
-        """Called after every forward; may modify and return ``output``."""
-        return output
+    def attach(self, model: Any, hooks: HookRegistrar) -> Attachment:
+        """Prepare what ``model`` needs (per-layer tensors on each layer's device and dtype), register hooks
+        through ``hooks`` and return the attachment. Must not change ``self``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
 
-#: method_type -> method class; filled by :func:`register_method`.
-METHOD_CLASSES: dict[str, type[UnlearningMethod]] = {}
+class AbstainingMethod(UnlearningMethod):
+    """A method that makes the model abstain: its :meth:`attach` returns an :class:`AbstainingAttachment`."""
 
+    needs_retain: ClassVar[bool] = False
+    fit_on: ClassVar[str] = "queries"
 
-def register_method(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
-    """Class decorator registering a method under its config's ``method_type``."""
-    METHOD_CLASSES[cls.config_class.method_type] = cls
-    return cls
-
-
-def config_from_dict(values: dict[str, Any]) -> MethodConfig:
-    """Build the right config class from a dict with a ``method_type`` key."""
-    kind = values.get("method_type")
-    if kind not in METHOD_CLASSES:
-        raise ValueError(f"Unknown method_type {kind!r}; known: {sorted(METHOD_CLASSES)}.")
-    return METHOD_CLASSES[kind].config_class.from_dict(values)
+    @abstractmethod
+    def attach(self, model: Any, hooks: HookRegistrar) -> AbstainingAttachment: ...

@@ -9,13 +9,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .format import read_config
+from .config_file import read_config
 from .save import save_unlearned
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
-
-    from ..model import UnlearnedModelForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +115,7 @@ def build_model_card(folder: Path, repo_id: str, values: dict[str, Any]):
 
 
 def push_unlearned(
-    model: UnlearnedModelForCausalLM,
+    model: Any,
     repo_id: str,
     *,
     private: bool | None = None,

@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..context import is_unlearned_model
 from ..sites import SiteError
+from .config_file import read_config
+from .config_schema import UnlearnConfig
 from .fingerprint import check_fingerprint
 from .format import (
     CONFIG_NAME,
@@ -25,16 +28,13 @@ from .format import (
     PICKLE_SUFFIXES,
     WEIGHTS_NAME,
     FingerprintMismatchError,
-    UnlearnConfig,
     UnlearnFormatError,
-    read_config,
-    read_weights,
+    looks_like_local_path,
 )
+from .weights_file import read_weights
 
 if TYPE_CHECKING:
     from ..methods.base import UnlearningMethod
-    from ..model import UnlearnedModelForCausalLM
-
 logger = logging.getLogger(__name__)
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -75,10 +75,6 @@ class SavedSites:
         return f"SavedSites({len(self.pairs)} layers, e.g. {self.pairs[0] if self.pairs else None})"
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name)
-
-
 def resolve_source(
     path_or_repo_id: str | os.PathLike[str],
     *,
@@ -104,7 +100,7 @@ def resolve_source(
         raise UnlearnFormatError(
             f"{path} is a file; expected a folder (or a Hub repo id) holding {CONFIG_NAME} and {WEIGHTS_NAME}.{note}"
         )
-    if _looks_local(name):
+    if looks_like_local_path(name):
         raise FileNotFoundError(f"{path} does not exist (and is not a Hub repo id).")
     from huggingface_hub import snapshot_download
 
@@ -123,7 +119,7 @@ def resolve_source(
 
 
 def build_methods(
-    wrapper_cls: type[UnlearnedModelForCausalLM], config: UnlearnConfig, source: str, folder: Path
+    wrapper_cls: type, config: UnlearnConfig, source: str, folder: Path
 ) -> list[tuple[str, UnlearningMethod]]:
     """Read the tensors and build every method (config + validated state), attached to nothing yet."""
     unknown = [m.method_type for m in config.methods if m.method_type not in wrapper_cls.method_classes]
@@ -151,9 +147,7 @@ def build_methods(
     return out
 
 
-def _wrap(
-    wrapper_cls: type[UnlearnedModelForCausalLM], base: nn.Module, config: UnlearnConfig
-) -> UnlearnedModelForCausalLM:
+def _wrap(wrapper_cls: type, base: nn.Module, config: UnlearnConfig) -> Any:
     """Wrap ``base`` with the FFL sites the unlearning was fitted on (by their saved module names)."""
     saved = [(s.get("pre"), s.get("key")) for s in config.base_model.fingerprint.get("ffl_sites") or []]
     wrapper = wrapper_cls.from_base(base)
@@ -178,19 +172,17 @@ def _wrap(
 
 
 def attach_saved(
-    wrapper_cls: type[UnlearnedModelForCausalLM],
+    wrapper_cls: type,
     base: nn.Module,
     config: UnlearnConfig,
     methods: list[tuple[str, UnlearningMethod]],
     *,
     ignore_fingerprint: bool = False,
     source: str = "",
-) -> UnlearnedModelForCausalLM:
+) -> Any:
     """Check the fingerprint, then attach every method to ``base`` (a plain model or an existing unlearned one),
     all or nothing."""
-    from ..model import UnlearnedModelForCausalLM
-
-    if isinstance(base, UnlearnedModelForCausalLM):
+    if is_unlearned_model(base):
         wrapper = base
         clash = sorted(set(wrapper.methods) & {n for n, _ in methods})
         if clash:
@@ -199,7 +191,7 @@ def attach_saved(
         wrapper = _wrap(wrapper_cls, base, config)
     check_fingerprint(
         config.base_model.fingerprint,
-        wrapper.base_model,
+        wrapper.get_base_model(),
         wrapper.ffl_sites,
         ignore=ignore_fingerprint,
         source=source,
@@ -261,7 +253,7 @@ def _load_base(
 
 
 def load_unlearned(
-    wrapper_cls: type[UnlearnedModelForCausalLM],
+    wrapper_cls: type,
     pretrained_model_name_or_path: str | os.PathLike[str],
     *model_args: Any,
     base_model: nn.Module | None = None,
@@ -274,7 +266,7 @@ def load_unlearned(
     force_download: bool = False,
     local_files_only: bool = False,
     **base_kwargs: Any,
-) -> UnlearnedModelForCausalLM:
+) -> Any:
     """Load an unlearned model saved with ``save_pretrained`` / ``push_to_hub``.
 
     Args:

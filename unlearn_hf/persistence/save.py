@@ -23,31 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 
-from .. import __version__
+from ..context import is_unlearned_model
+from ..version import __version__
+from .config_schema import BaseModelInfo, SavedMethod, TensorRecord, UnlearnConfig
 from .fingerprint import compute_fingerprint
-from .format import (
-    CONFIG_NAME,
-    LAYOUT_FULL,
-    LAYOUT_LIGHT,
-    WEIGHTS_NAME,
-    BaseModelInfo,
-    SavedMethod,
-    TensorRecord,
-    UnlearnConfig,
-    tensor_key,
-    weights_metadata,
-)
+from .format import CONFIG_NAME, LAYOUT_FULL, LAYOUT_LIGHT, WEIGHTS_NAME
+from .weights_file import tensor_key, weights_metadata
 
 if TYPE_CHECKING:
     import torch
-
-    from ..model import UnlearnedModelForCausalLM
 
 logger = logging.getLogger(__name__)
 
 
 def build_checkpoint(
-    model: UnlearnedModelForCausalLM,
+    model: Any,
     *,
     save_base_model: bool = False,
     forget_data: str | None = None,
@@ -56,9 +46,7 @@ def build_checkpoint(
     base_model_revision: str | None = None,
 ) -> tuple[UnlearnConfig, dict[str, torch.Tensor]]:
     """The config and the flat ``{<method>.<tensor>: tensor}`` dict of ``model``'s attached methods, validated."""
-    from ..model import UnlearnedModelForCausalLM
-
-    if not isinstance(model, UnlearnedModelForCausalLM):
+    if not is_unlearned_model(model):
         raise TypeError(f"Expected an UnlearnedModelForCausalLM, got {type(model).__name__}.")
     if not model.methods:
         raise ValueError("Nothing to save: no unlearning method is attached to this model.")
@@ -66,7 +54,7 @@ def build_checkpoint(
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{key} must be a text description (str), got {type(value).__name__}.")
 
-    base = model.base_model
+    base = model.get_base_model()
     cfg = base.config
     name = base_model_name_or_path or getattr(cfg, "_name_or_path", None) or None
     if name is not None and os.path.isdir(name):
@@ -119,7 +107,7 @@ def build_checkpoint(
 
 
 def save_unlearned(
-    model: UnlearnedModelForCausalLM,
+    model: Any,
     save_directory: str | os.PathLike[str],
     *,
     save_base_model: bool = False,
@@ -140,7 +128,7 @@ def save_unlearned(
         save_base_model: ``False`` (default): the *light* layout, only ``unlearn_config.json`` and
             ``unlearn_model.safetensors``; loading resolves the base model from its recorded name (a Hub id or a
             local path) and revision. ``True``: the *full* layout, the base model's own files
-            (``model.base_model.save_pretrained``) are saved in the same folder.
+            (``model.get_base_model().save_pretrained``) are saved in the same folder.
         forget_data / retain_data: optional text descriptions of the fitting data, stored in the config and shown
             on model cards.
         base_model_name_or_path / base_model_revision: record another base model id / revision than
@@ -185,7 +173,7 @@ def save_unlearned(
     os.mkdir(tmp)
     try:
         if save_base_model:
-            model.base_model.save_pretrained(tmp, **kwargs)
+            model.get_base_model().save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         companions = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())

@@ -1,5 +1,12 @@
 from .config import KeySpaceDetectionConfig
-from .layer import KeySpaceLayer
-from .model import KeySpaceDetection, hypercube_radius
+from .decision import KeySpaceAttachment
+from .hypercube import KeySpaceLayer, hypercube_radius
+from .method import KeySpaceDetection
 
-__all__ = ["KeySpaceDetection", "KeySpaceDetectionConfig", "KeySpaceLayer", "hypercube_radius"]
+__all__ = [
+    "KeySpaceAttachment",
+    "KeySpaceDetection",
+    "KeySpaceDetectionConfig",
+    "KeySpaceLayer",
+    "hypercube_radius",
+]

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from ..base import MethodConfig
+from .. import config as cfg
+from ..config import MethodConfig
 
 RULES = ("all", "any")
 ACTIONS = ("refuse", "eos")
 
 
-@dataclass
+@dataclass(frozen=True)
 class KeySpaceDetectionConfig(MethodConfig):
-    """Key Space Detection (METHOD.md §4): a query abstains when its key vector falls inside the forget skill's
+    """Key Space Detection (``docs/METHOD.md`` §4): a query abstains when its key vector falls inside the forget skill's
     hypercube μ ± α·k·σ.
 
     Args:
@@ -44,32 +44,12 @@ class KeySpaceDetectionConfig(MethodConfig):
     recheck_each_token: bool = False
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            if isinstance(self.layers, int) and not isinstance(self.layers, bool):
-                self.layers = [self.layers]
-            if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
-                raise ValueError(f"layers must be a layer index or a list of them, got {self.layers!r}.")
-            layers = list(self.layers)
-            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)]
-            if bad:
-                raise ValueError(f"layers must hold integer layer indices, got {bad}.")
-            if not layers:
-                raise ValueError("layers must name at least one layer (or be None for the middle layer).")
-            self.layers = [int(i) for i in layers]
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}.")
-        for name in ("alpha", "eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}.")
-            setattr(self, name, float(value))
-        if self.action not in ACTIONS:
-            raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}.")
-        if not isinstance(self.refusal, str):
-            raise ValueError(f"refusal must be a string, got {type(self.refusal).__name__}.")
+        self._set("layers", cfg.layer_list("layers", self.layers))
+        self._set("rule", cfg.choice("rule", self.rule, RULES))
+        self._set("alpha", cfg.positive_float("alpha", self.alpha))
+        self._set("eps", cfg.positive_float("eps", self.eps))
+        self._set("action", cfg.choice("action", self.action, ACTIONS))
+        self._set("refusal", cfg.text("refusal", self.refusal))
         if self.action == "refuse" and not self.refusal.strip():
             raise ValueError("action='refuse' needs a non-empty refusal text (or use action='eos').")
-        if not isinstance(self.recheck_each_token, bool):
-            raise ValueError(f"recheck_each_token must be a bool, got {self.recheck_each_token!r}.")
+        self._set("recheck_each_token", cfg.flag("recheck_each_token", self.recheck_each_token))

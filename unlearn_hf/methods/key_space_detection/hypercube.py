@@ -1,8 +1,15 @@
-"""The hypercube test of one layer's key vectors."""
+"""The hypercube of one layer: its fitted radius, and the test of whether key vectors lie inside it."""
 
 from __future__ import annotations
 
 import torch
+
+
+def hypercube_radius(
+    mean: torch.Tensor, std: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor
+) -> float:
+    """The smallest k with every probe vector inside μ ± k·σ: max over d of max(max−μ, μ−min)/σ (exact)."""
+    return float(torch.maximum(maximum - mean, mean - minimum).div(std).max())
 
 
 class KeySpaceLayer:

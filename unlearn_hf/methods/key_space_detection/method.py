@@ -1,85 +1,35 @@
-"""Key Space Detection: fit the forget skill's hypercube, decide per row at prefill, and abstain."""
+"""Key Space Detection, the fitted method: fit the forget skill's hypercube, its state, and attaching it (the
+per-row decision is in :mod:`.decision`, the refusal in :mod:`.refusal`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor
 
 from ...data import DataSpec
-from ...runtime import ForwardContext, HookRegistrar, RequestState
-from ...sites import as_token_grid, module_device
-from ..base import UnlearningMethod, check_layers, register_method
-from ..neurons import check_tokenizer, probe_or_check
+from ...hooks import HookRegistrar
+from ...model_inputs import eos_token_id
+from ...sites import module_device
+from ..base import AbstainingMethod
+from ..config import resolve_layers
+from ..fitting import check_tokenizer, probe_or_check
+from ..registry import register_method
 from .config import KeySpaceDetectionConfig
-from .layer import KeySpaceLayer
-
-
-def hypercube_radius(
-    mean: torch.Tensor, std: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor
-) -> float:
-    """The smallest k with every probe vector inside μ ± k·σ: max over d of max(max−μ, μ−min)/σ (exact)."""
-    return float(torch.maximum(maximum - mean, mean - minimum).div(std).max())
-
-
-@dataclass
-class AbstentionState:
-    """Per-request abstention of one KSD method.
-
-    Attributes:
-        abstained: bool ``[rows]`` (CPU), rows abstaining (``None`` before the decision).
-        start: int64 ``[rows]``, generation step at which each abstaining row began its refusal.
-        pending: per-layer inside flags gathered during the current forward.
-        any: whether any row abstains (kept as a Python bool: decoding steps check it for free).
-    """
-
-    abstained: torch.Tensor | None = None
-    start: torch.Tensor | None = None
-    pending: dict[int, torch.Tensor] = field(default_factory=dict)
-    any: bool = False
-
-
-class AbstentionLogitsProcessor(LogitsProcessor):
-    """Runs last in ``generate``: re-imposes the forced token of every abstaining row after all other processors
-    (``min_new_tokens``, repetition penalties, bad words, temperature, top-k/p...), which could otherwise move or
-    erase it."""
-
-    def __init__(self, method: KeySpaceDetection, request: RequestState) -> None:
-        self.method = method
-        self.request = request
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        st = self.request.data.get(self.method._name)
-        if st is None or not st.any or self.request.prefill_len is None:
-            return scores
-        step = input_ids.shape[1] - self.request.prefill_len
-        self.method.force(scores, st, step, self.request)
-        return scores
-
-
-# ``LogitsProcessorList`` inspects every processor's signature at every step: give it a ready one.
-AbstentionLogitsProcessor.__call__.__signature__ = inspect.signature(AbstentionLogitsProcessor.__call__)
+from .decision import KeySpaceAttachment
+from .hypercube import KeySpaceLayer, hypercube_radius
+from .refusal import Refusal
 
 
 @register_method
-class KeySpaceDetection(UnlearningMethod):
+class KeySpaceDetection(AbstainingMethod):
     """Key Space Detection (abstention). State: ``layers`` (int64 ``[L]``), ``center`` and ``scale`` (float64
     ``[L, d_ff]``: μ and floored σ), ``k`` (float64 ``[L]``), ``count`` (int64 ``[L]``, queries fitted) and
     ``refusal_ids`` (int64, the refusal's tokens; end-of-sequence is appended at run time).
 
-    **Decision.** Per row, on the key vector of the prompt's last real token (found through the attention mask,
-    so either padding side works), in the forward that ends the prompt (the prefill). With several layers, the
-    config's ``rule`` combines them. Beam search and ``num_return_sequences`` expand the decision with the rows.
-
-    **Forward semantics.** An abstaining row's logits are replaced at every position by a one-hot distribution
-    (0 for the forced token, -inf elsewhere): the refusal's tokens in order, then end-of-sequence (repeated).
-    Position ``p`` of a forward whose last position predicts generation step ``s`` is forced to the token of step
-    ``s - (P - 1 - p)`` (earlier steps: the refusal's first token). If ``labels`` were given, the loss is
-    recomputed from the forced logits. Rows that do not abstain are untouched.
+    **Decision and refusal.** Per row, at the prefill, on the key vector of the prompt's last real token: see
+    :mod:`.decision`, where it is made; an abstaining row's logits carry only the refusal (:mod:`.refusal`).
 
     **Requests.** Each ``generate`` call is one request. Outside ``generate``, a forward given a KV cache that
     holds a past continues the request that filled the cache (a hand-written decoding loop); a forward without
@@ -88,19 +38,21 @@ class KeySpaceDetection(UnlearningMethod):
     """
 
     config_class = KeySpaceDetectionConfig
-    abstains = True
+    short_name = "ksd"
+    label = "Key Space Detection"
+    cli_options = ("layers", "alpha", "refusal")
 
     @classmethod
     def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):
-        """One streaming pass over the forget queries' last real tokens (METHOD.md §4): per layer μ, σ (sample std,
+        """One streaming pass over the forget queries' last real tokens (``docs/METHOD.md`` §4): per layer μ, σ (sample std,
         floored at ``eps``), min and max, then k = max_d max(max_d − μ_d, μ_d − min_d) / σ_d. ``retain`` is unused.
 
         ``config`` is copied: the fitted method's config holds the resolved layer indices.
         """
-        base = model.base_model
+        base = model.get_base_model()
         check_tokenizer(base, tokenizer)
         sites = model.ffl_sites
-        layers = check_layers([len(sites) // 2] if config.layers is None else config.layers, sites)
+        layers = resolve_layers([len(sites) // 2] if config.layers is None else config.layers, len(sites))
         config = dataclasses.replace(config, layers=layers)
         refusal_ids = cls.refusal_token_ids(config, tokenizer)
         vocab = getattr(base.config, "vocab_size", None)
@@ -165,13 +117,10 @@ class KeySpaceDetection(UnlearningMethod):
     @staticmethod
     def eos_token_id(model) -> int:
         """The model's end-of-sequence token (the first one when there are several)."""
-        for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-            eos = getattr(cfg, "eos_token_id", None)
-            if isinstance(eos, (list, tuple)):
-                eos = eos[0] if eos else None
-            if eos is not None:
-                return int(eos)
-        raise ValueError("The model has no eos_token_id: abstaining rows could not end their output.")
+        eos = eos_token_id(model)
+        if eos is None:
+            raise ValueError("The model has no eos_token_id: abstaining rows could not end their output.")
+        return eos
 
     @classmethod
     def state_spec(cls, config, state):
@@ -209,9 +158,9 @@ class KeySpaceDetection(UnlearningMethod):
                 raise ValueError("Tensor 'refusal_ids' holds negative token ids.")
 
     # -- applying --------------------------------------------------------------------------------------------
-    def attach(self, model, hooks: HookRegistrar) -> None:
+    def attach(self, model, hooks: HookRegistrar) -> KeySpaceAttachment:
         sites = model.ffl_sites
-        self._eos = self.eos_token_id(model)
+        eos = self.eos_token_id(model)
         emb = model.get_output_embeddings()
         vocab = emb.weight.shape[0] if emb is not None else getattr(model.config, "vocab_size", None)
         ids = self.state["refusal_ids"]
@@ -237,121 +186,7 @@ class KeySpaceDetection(UnlearningMethod):
                 self.config.alpha,
                 module_device(site.key),
             )
-        self._name = hooks.method_name
-        self.layers = layers
-        self._last_layer = max(layers)
-        self._forced: dict[int, torch.Tensor] = {}
-        for layer, kl in layers.items():
-            hooks.forward_pre_hook(sites[layer].key, self._make_hook(layer, kl))
-
-    def forced_tokens(self, eos: int) -> torch.Tensor:
-        """The tokens an abstaining row emits: the refusal, then ``eos`` (int64, CPU)."""
-        tokens = self._forced.get(eos)
-        if tokens is None:
-            tokens = self._forced[eos] = torch.cat([self.state["refusal_ids"], torch.tensor([eos])])
-        return tokens
-
-    def _make_hook(self, layer: int, kl: KeySpaceLayer):
-        recheck = self.config.recheck_each_token
-
-        def hook(ctx: ForwardContext, key: torch.Tensor) -> None:
-            key = as_token_grid(key, ctx.input_len)  # OPT runs its FFL on [batch * positions, d_ff]
-            if ctx.is_prefill:
-                index, real = ctx.last_token_index(key.shape[0], key.device)
-                rows = torch.arange(key.shape[0], device=key.device)
-                inside = kl.inside(key[rows, index]) & real
-            elif recheck and not ctx.is_prompt_chunk:
-                inside = kl.inside(key[:, -1])
-            else:
-                return None
-            st = ctx.request.data.get(self._name)
-            if st is None:
-                st = ctx.request.data[self._name] = AbstentionState()
-            st.pending[layer] = inside.cpu()
-            if layer == self._last_layer:
-                self._decide(ctx, st)
-            return None
-
-        return hook
-
-    def inside(self, per_layer: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Combine per-layer inside flags with the configured rule."""
-        stacked = torch.stack([per_layer[i] for i in sorted(per_layer)])
-        return stacked.all(0) if self.config.rule == "all" else stacked.any(0)
-
-    def _decide(self, ctx: ForwardContext, st: AbstentionState) -> None:
-        if len(st.pending) != len(self.layers):
-            missing = sorted(set(self.layers) - set(st.pending))
-            st.pending = {}
-            raise RuntimeError(f"Key Space Detection did not see layers {missing} in this forward.")
-        flags = self.inside(st.pending)
-        st.pending = {}
-        group = ctx.request.group_size
-        if group > 1 and flags.numel() % group == 0:  # beams of one input move together
-            flags = flags.view(-1, group).any(1).repeat_interleave(group)
-        if ctx.is_prefill or st.abstained is None:
-            st.abstained = flags
-            st.start = torch.full(flags.shape, ctx.steps_generated, dtype=torch.long)
-        else:
-            new = flags & ~st.abstained
-            st.start[new] = ctx.steps_generated
-            st.abstained |= new
-        st.any = bool(st.abstained.any())
-        if ctx.is_prefill:
-            ctx.request.decided(self._name)
-
-    def on_forward_start(self, ctx: ForwardContext) -> None:
-        st = ctx.request.data.get(self._name)
-        if st is not None and st.pending:
-            st.pending = {}  # left over from a forward that raised
-
-    def on_forward_end(self, ctx: ForwardContext, output: Any) -> Any:
-        st = ctx.request.data.get(self._name)
-        if ctx.is_prefill and (st is None or st.abstained is None):
-            raise RuntimeError(
-                f"Key Space Detection did not run at layers {sorted(self.layers)} during the prefill: the key "
-                "modules were not called."
-            )
-        if st is None or not st.any:
-            return output
-        if isinstance(output, tuple):  # return_dict=False: (loss?, logits, ...)
-            at = 1 if ctx.labels is not None else 0
-            self.force(output[at], st, ctx.steps_generated, ctx.request)
-            if at == 1:
-                output = (self._loss(ctx, output[1]), *output[1:])
-            return output
-        logits = output.get("logits") if hasattr(output, "get") else getattr(output, "logits", None)
-        if logits is not None:
-            self.force(logits, st, ctx.steps_generated, ctx.request)
-            if ctx.labels is not None and output.get("loss") is not None:
-                output["loss"] = self._loss(ctx, logits)
-        return output
-
-    @staticmethod
-    def _loss(ctx: ForwardContext, logits: torch.Tensor) -> torch.Tensor:
-        """The model's own loss function applied to the forced logits."""
-        return ctx.model.loss_function(logits=logits, labels=ctx.labels, vocab_size=logits.shape[-1])
-
-    def force(
-        self, scores: torch.Tensor, st: AbstentionState, step: int, request: RequestState | None
-    ) -> None:
-        """Overwrite, in place, the abstaining rows of ``scores`` (``[rows, vocab]``, or ``[rows, positions, vocab]``
-        whose last position predicts generation step ``step``) with the one-hot forced token."""
-        eos = request.eos_token_id if request is not None and request.eos_token_id is not None else self._eos
-        forced = self.forced_tokens(eos)
-        rows = st.abstained.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return
-        view = scores.unsqueeze(1) if scores.ndim == 2 else scores
-        n_pos = view.shape[1]
-        steps = torch.arange(step - n_pos + 1, step + 1)
-        index = (steps.unsqueeze(0) - st.start[rows].unsqueeze(1)).clamp_(0, forced.numel() - 1)
-        device = scores.device
-        tokens = forced[index].to(device)
-        rows = rows.to(device)
-        view[rows] = float("-inf")
-        view[rows.unsqueeze(1), torch.arange(n_pos, device=device).unsqueeze(0), tokens] = 0.0
-
-    def logits_processor(self, request: RequestState) -> LogitsProcessor:
-        """The processor ``generate`` runs after all others for this request."""
-        return AbstentionLogitsProcessor(self, request)
+        key_modules = {layer: sites[layer].key for layer in layers}
+        return KeySpaceAttachment(
+            self, model, hooks.method_name, hooks, layers, key_modules, Refusal(ids, eos)
+        )

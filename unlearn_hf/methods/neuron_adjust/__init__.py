@@ -1,5 +1,6 @@
+from .attachment import NeuronAdjustAttachment
 from .config import NeuronAdjustConfig
 from .layer import NeuronAdjustLayer
-from .model import NeuronAdjust
+from .method import NeuronAdjust
 
-__all__ = ["NeuronAdjust", "NeuronAdjustConfig", "NeuronAdjustLayer"]
+__all__ = ["NeuronAdjust", "NeuronAdjustAttachment", "NeuronAdjustConfig", "NeuronAdjustLayer"]

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import MethodConfig, check_ratio
-from ..neurons import NEURON_TOKEN_MODES, check_layer_list
+from .. import config as cfg
+from ..config import NEURON_TOKEN_MODES, MethodConfig
 
 SCORES = ("mean_diff", "abs_mean_diff", "standardized")
 
 
-@dataclass
+@dataclass(frozen=True)
 class NeuronAdjustConfig(MethodConfig):
-    """Neuron Adjust (METHOD.md §3): move selected pre-activation neurons from the forget distribution to the
+    """Neuron Adjust (``docs/METHOD.md`` §3): move selected pre-activation neurons from the forget distribution to the
     retain distribution.
 
     Args:
         ratio: fraction in (0, 1] of all pre-activation neurons of all (chosen) layers to adjust, selected
             globally across layers; the count is ``round(ratio * total)`` with halves rounded up, at least 1
-            (see :func:`unlearn_hf.methods.neurons.selection_size`). Paper: 0.03 for math/code, 0.005 for
+            (see :func:`unlearn_hf.methods.selection.selection_size`). Paper: 0.03 for math/code, 0.005 for
             languages.
         score: neuron ranking. ``"mean_diff"`` = μF − μR (the paper's one-sided score), ``"abs_mean_diff"`` =
             |μF − μR|, ``"standardized"`` = (μF − μR) / sqrt((σF² + σR²) / 2). Ties go to the lower layer, then
@@ -46,15 +46,10 @@ class NeuronAdjustConfig(MethodConfig):
     deterministic: bool = False
 
     def __post_init__(self) -> None:
-        check_ratio(self.ratio)
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}.")
-        if self.tokens not in NEURON_TOKEN_MODES:
-            raise ValueError(f"tokens must be one of {NEURON_TOKEN_MODES}, got {self.tokens!r}.")
-        if not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}.")
-        self.layers = check_layer_list(self.layers)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
-        if not isinstance(self.deterministic, bool):
-            raise ValueError(f"deterministic must be True or False, got {self.deterministic!r}.")
+        self._set("ratio", cfg.ratio("ratio", self.ratio))
+        self._set("score", cfg.choice("score", self.score, SCORES))
+        self._set("tokens", cfg.choice("tokens", self.tokens, NEURON_TOKEN_MODES))
+        self._set("eps", cfg.positive_float("eps", self.eps))
+        self._set("layers", cfg.layer_list("layers", self.layers))
+        self._set("seed", cfg.integer("seed", self.seed, lo=-(2**63), hi=2**64 - 1))
+        self._set("deterministic", cfg.flag("deterministic", self.deterministic))

@@ -11,6 +11,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def weight_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's floating-point weights (the dtype its output comes in)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def thresholds_from_uniforms(u: torch.Tensor) -> torch.Tensor:
     """``max(0, logit(u))``, in place: a value with log density ratio d is replaced where d exceeds it, which
     happens with probability sigmoid(d) for d > 0 and never for d <= 0."""
@@ -30,7 +38,7 @@ def uses_full_width(output: torch.Tensor) -> bool:
 
 
 class NeuronAdjustLayer:
-    """Rewrites the selected neurons of one pre-activation site (METHOD.md §3).
+    """Rewrites the selected neurons of one pre-activation site (``docs/METHOD.md`` §3).
 
     For a value x of neuron j, with zF = (x − μF)/σF and zR = (x − μR)/σR, the log density ratio is computed in
     float32 (float64 for float64 models), in log space, as
@@ -190,50 +198,6 @@ class NeuronAdjustLayer:
             return new if new.dtype is output.dtype else new.to(output.dtype)
 
         return run
-
-    # -- the math, on the selected values ------------------------------------------------------------------
-    def _log_ratio(self, x: torch.Tensor) -> torch.Tensor:
-        half_diff = torch.addcmul(self.half_diff_bias, x, self.half_diff_slope)
-        return torch.addcmul(self.log_ratio, half_diff, torch.addcmul(self.sum_bias, x, self.sum_slope))
-
-    def _adjust(self, x: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
-        replace = torch.gt(self._log_ratio(x), self.zero if thresholds is None else thresholds)
-        return torch.where(replace, torch.addcmul(self.mirror_bias, x, self.mirror_slope), x)
-
-    def log_density_ratio(self, x: torch.Tensor) -> torch.Tensor:
-        """log pF(x) − log pR(x) for ``x[..., n_selected]``, in the compute dtype."""
-        return self._log_ratio(x.to(self.dtype))
-
-    def mirror(self, x: torch.Tensor) -> torch.Tensor:
-        """The mirror image μR − (x − μF)/σF · σR of ``x[..., n_selected]``, in the compute dtype."""
-        return torch.addcmul(self.mirror_bias, x.to(self.dtype), self.mirror_slope)
-
-    def replace_mask(self, x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
-        """Where values ``x[..., n_selected]`` are replaced: ``d > 0`` when ``u`` is ``None`` (deterministic),
-        else ``d > max(0, logit(u))`` for uniforms ``u`` of ``x``'s shape."""
-        d = self.log_density_ratio(x)
-        if u is None:
-            return d > 0
-        return d > thresholds_from_uniforms(u.to(d.dtype, copy=True))
-
-    def transform(
-        self,
-        x: torch.Tensor,
-        generator: torch.Generator | None = None,
-        thresholds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Adjusted values of ``x[..., n_selected]``, in the compute dtype (the same arithmetic as a call).
-
-        Args:
-            x: the selected values.
-            generator: draw ``u = torch.rand(x.shape)`` from it and replace where ``d > max(0, logit(u))``.
-            thresholds: ``max(0, logit(u))`` given directly (see :func:`thresholds_from_uniforms`); wins over
-                ``generator``. With neither, the transform is deterministic (replace where ``d > 0``).
-        """
-        if thresholds is None and generator is not None:
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=self.dtype)
-            thresholds = thresholds_from_uniforms(u)
-        return self._adjust(x.to(self.dtype), thresholds)
 
     # -- the hook's work -------------------------------------------------------------------------------------
     def __call__(self, output: torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,10 @@
 from .config import SelectivePruningConfig
 from .layer import SelectivePruningLayer
-from .model import SelectivePruning
+from .method import SelectivePruning, SelectivePruningAttachment
 
-__all__ = ["SelectivePruning", "SelectivePruningConfig", "SelectivePruningLayer"]
+__all__ = [
+    "SelectivePruning",
+    "SelectivePruningAttachment",
+    "SelectivePruningConfig",
+    "SelectivePruningLayer",
+]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import MethodConfig, check_ratio
-from ..neurons import NEURON_TOKEN_MODES, check_layer_list
+from .. import config as cfg
+from ..config import NEURON_TOKEN_MODES, MethodConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelectivePruningConfig(MethodConfig):
-    """Selective Pruning (Pochinkov & Schoots 2023; METHOD.md §5), the paper's baseline: zero the key-site
+    """Selective Pruning (Pochinkov & Schoots 2023; ``docs/METHOD.md`` §5), the paper's baseline: zero the key-site
     neurons (inputs of the FFL output projection) most important to the forget set relative to the retain set.
 
     Args:
@@ -32,9 +32,7 @@ class SelectivePruningConfig(MethodConfig):
     layers: list[int] | None = None
 
     def __post_init__(self) -> None:
-        check_ratio(self.ratio)
-        if self.tokens not in NEURON_TOKEN_MODES:
-            raise ValueError(f"tokens must be one of {NEURON_TOKEN_MODES}, got {self.tokens!r}.")
-        if not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}.")
-        self.layers = check_layer_list(self.layers)
+        self._set("ratio", cfg.ratio("ratio", self.ratio))
+        self._set("tokens", cfg.choice("tokens", self.tokens, NEURON_TOKEN_MODES))
+        self._set("eps", cfg.positive_float("eps", self.eps))
+        self._set("layers", cfg.layer_list("layers", self.layers))

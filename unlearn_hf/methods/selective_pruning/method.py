@@ -5,20 +5,25 @@ from __future__ import annotations
 import torch
 
 from ...data import DataSpec
-from ...runtime import HookRegistrar
+from ...hooks import HookRegistrar
 from ...sites import module_device
-from ..base import UnlearningMethod, check_layers, register_method
-from ..neurons import check_selection, check_tokenizer, probe_or_check, select_global, split_by_layer
+from ..base import Attachment, UnlearningMethod
+from ..fitting import probe_forget_and_retain
+from ..registry import register_method
+from ..selection import check_selection, select_global, split_by_layer
 from .config import SelectivePruningConfig
 from .layer import SelectivePruningLayer
 
 
 @register_method
 class SelectivePruning(UnlearningMethod):
-    """Selective Pruning (METHOD.md §5). State: ``layer_index``, ``neuron_index`` (int64) and ``score``
+    """Selective Pruning (``docs/METHOD.md`` §5). State: ``layer_index``, ``neuron_index`` (int64) and ``score``
     (float32, the importance mean|x|_F / (mean|x|_R + eps)) of the pruned neurons, highest importance first."""
 
     config_class = SelectivePruningConfig
+    short_name = "sp"
+    label = "Selective Pruning"
+    cli_options = ("ratio",)
 
     @classmethod
     def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):
@@ -29,17 +34,17 @@ class SelectivePruning(UnlearningMethod):
             ValueError: missing/empty data, a tokenizer or statistics that do not belong to the model, token
                 ids outside its vocabulary.
         """
-        base = model.base_model
-        sites = model.ffl_sites
-        check_tokenizer(base, tokenizer)
-        layers = check_layers(config.layers, sites)
-        kw = dict(
-            site="key", mode=config.tokens, layers=layers, spec=spec, show_progress=show_progress, sites=sites
+        layers, stats_f, stats_r = probe_forget_and_retain(
+            model,
+            config,
+            forget,
+            retain,
+            tokenizer,
+            site="key",
+            spec=spec,
+            show_progress=show_progress,
+            label="Selective Pruning",
         )
-        if retain is None:
-            raise ValueError("Selective Pruning needs retain data (got None).")
-        stats_f = probe_or_check(model, forget, tokenizer, role="forget", **kw)
-        stats_r = probe_or_check(model, retain, tokenizer, role="retain", **kw)
         scores = {i: stats_f.layers[i].abs_mean / (stats_r.layers[i].abs_mean + config.eps) for i in layers}
         layer_index, neuron_index, score = select_global(scores, config.ratio)
         return cls(config, {"layer_index": layer_index, "neuron_index": neuron_index, "score": score.float()})
@@ -59,7 +64,7 @@ class SelectivePruning(UnlearningMethod):
         if config is not None and state["layer_index"].numel() == 0:
             raise ValueError("Selective Pruning state selects no neurons.")
 
-    def attach(self, model, hooks: HookRegistrar) -> None:
+    def attach(self, model, hooks: HookRegistrar) -> SelectivePruningAttachment:
         sites = model.ffl_sites
         check_selection(self.state, sites, "Selective Pruning")
         layers: dict[int, SelectivePruningLayer] = {}
@@ -68,5 +73,14 @@ class SelectivePruning(UnlearningMethod):
             layers[layer] = SelectivePruningLayer(self.state["neuron_index"][pos], module_device(site.key))
         for layer, prune in layers.items():
             hooks.forward_pre_hook(sites[layer].key, lambda ctx, key, prune=prune: prune(key))
-        #: The per-layer pruning of the latest attachment (for inspection).
+        return SelectivePruningAttachment(self, model, hooks.method_name, hooks, layers)
+
+
+class SelectivePruningAttachment(Attachment):
+    """Selective Pruning attached to one model: the pruning of each layer (:attr:`layers`) on its device."""
+
+    def __init__(
+        self, method, model, name: str, hooks: HookRegistrar, layers: dict[int, SelectivePruningLayer]
+    ):
+        super().__init__(method, model, name, hooks)
         self.layers = layers

@@ -1,0 +1,128 @@
+"""Probing for a fit, shared by every method: the tokenizer check, and probing data or validating precomputed
+statistics in its place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..data import DataSpec
+from ..probe import architecture_id, probe
+from ..sites import FFLSite
+from ..stats import SiteStatistics
+from .config import resolve_layers
+
+
+def check_tokenizer(model, tokenizer: Any) -> None:
+    """Refuse a tokenizer whose vocabulary does not fit the model's embedding table."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: "
+            "they do not belong together."
+        )
+
+
+def _check_precomputed(
+    data: SiteStatistics, model, *, role: str, site: str, mode: str, layers: list[int], sites
+) -> None:
+    problems = []
+    if data.site != site:
+        problems.append(f"site {data.site!r} != {site!r}")
+    if data.mode != mode:
+        problems.append(f"token mode {data.mode!r} != {mode!r}")
+    if sorted(data.layers) != sorted(layers):
+        problems.append(f"layers {sorted(data.layers)} != {sorted(layers)}")
+    if data.architecture_id and data.architecture_id != architecture_id(model):
+        problems.append("they were probed on a different model")
+    if sites is not None and not problems:
+        by_layer = {s.layer: s for s in sites}
+        for i in sorted(data.layers):
+            dim = data.layers[i].dim
+            if i in by_layer and dim != by_layer[i].d_ff:
+                problems.append(f"layer {i} has width {dim}, the model's FFL has {by_layer[i].d_ff}")
+    if not problems and data.count == 0:
+        problems.append("they hold no values")
+    if problems:
+        raise ValueError(f"Precomputed {role} statistics do not fit: " + "; ".join(problems) + ".")
+
+
+def probe_or_check(
+    model,
+    data: Any,
+    tokenizer: Any,
+    *,
+    role: str,
+    site: str,
+    mode: str,
+    layers: list[int],
+    spec: DataSpec,
+    show_progress: bool,
+    sites: Sequence[FFLSite] | None = None,
+) -> SiteStatistics:
+    """Probe ``data`` at ``site``, or validate precomputed :class:`SiteStatistics` given in its place.
+
+    Args:
+        model: the unlearned model being fitted. It is probed as it runs, with the methods already attached
+            active, so a method fitted after others (e.g. KSD after Neuron Adjust) sees the activations the
+            others produce; with nothing attached this is exactly the base model.
+        data: anything :func:`unlearn_hf.probe.probe` accepts, or precomputed statistics.
+        role: ``"forget"`` / ``"retain"``, for messages.
+        site / mode / layers: where and which tokens to probe (precomputed statistics must match them).
+        spec / show_progress: passed to the probe.
+        sites: the model's FFL sites (e.g. the wrapper's, honouring a site override); also used to check the
+            width of precomputed statistics. Default: found on ``model``.
+
+    Raises:
+        ValueError: ``data`` is ``None`` or empty, or precomputed statistics belong to another site, token mode,
+            layer set or model.
+    """
+    if data is None:
+        raise ValueError(f"This method needs {role} data (got None).")
+    if isinstance(data, SiteStatistics):
+        _check_precomputed(data, model, role=role, site=site, mode=mode, layers=layers, sites=sites)
+        return data
+    return probe(
+        model,
+        data,
+        tokenizer,
+        site=site,
+        mode=mode,
+        layers=layers,
+        sites=sites,
+        spec=spec,
+        show_progress=show_progress,
+        desc=f"probing {role}",
+    )
+
+
+def probe_forget_and_retain(
+    model,
+    config: Any,
+    forget: Any,
+    retain: Any,
+    tokenizer: Any,
+    *,
+    site: str,
+    spec: DataSpec,
+    show_progress: bool,
+    label: str,
+) -> tuple[list[int], SiteStatistics, SiteStatistics]:
+    """The paired probe of a neuron-level method: ``forget`` then ``retain`` at ``site`` of the config's layers,
+    with the config's token mode, on the model as it runs. Returns ``(layers, forget stats, retain stats)``.
+
+    Raises:
+        ValueError: no retain data, a tokenizer that does not fit the model, or what :func:`probe_or_check`
+            refuses.
+    """
+    check_tokenizer(model.get_base_model(), tokenizer)
+    sites = model.ffl_sites
+    layers = resolve_layers(config.layers, len(sites))
+    if retain is None:
+        raise ValueError(f"{label} needs retain data (got None).")
+    kw = dict(
+        site=site, mode=config.tokens, layers=layers, spec=spec, show_progress=show_progress, sites=sites
+    )
+    stats_f = probe_or_check(model, forget, tokenizer, role="forget", **kw)
+    stats_r = probe_or_check(model, retain, tokenizer, role="retain", **kw)
+    return layers, stats_f, stats_r

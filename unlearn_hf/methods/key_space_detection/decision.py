@@ -1,0 +1,158 @@
+"""Where Key Space Detection decides, per row, whether a request abstains.
+
+**The decision.** In the forward that ends the prompt (the prefill), at every checked layer, the key vector of
+each row's last real prompt token (found through the attention mask, so either padding side works) is tested
+against that layer's hypercube (:mod:`.hypercube`). With several layers, the config's ``rule`` combines the
+per-layer results (``"all"``: inside at every layer; ``"any"``: at one of them). Beam search moves the rows of one
+input together, so an input abstains when any of its beams does. With ``recheck_each_token``, every later
+decoding step also tests its new token, and a row abstains from the first step found inside.
+
+**After the decision.** An abstaining row's logits carry only the refusal (:mod:`.refusal`); the other rows are
+untouched, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...context import ForwardContext, RequestState
+from ...hooks import HookRegistrar
+from ...sites import as_token_grid
+from ..base import AbstainingAttachment
+from .hypercube import KeySpaceLayer
+from .refusal import AbstentionLogitsProcessor, Refusal
+
+
+@dataclass
+class AbstentionState:
+    """Per-request abstention of one attached Key Space Detection.
+
+    Attributes:
+        abstained: bool ``[rows]`` (CPU), rows abstaining (``None`` before the decision).
+        start: int64 ``[rows]``, generation step at which each abstaining row began its refusal.
+        pending: per-layer inside flags gathered during the current forward.
+        any: whether any row abstains (kept as a Python bool: decoding steps check it for free).
+    """
+
+    abstained: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+    pending: dict[int, torch.Tensor] = field(default_factory=dict)
+    any: bool = False
+
+
+def combine_layers(per_layer: dict[int, torch.Tensor], rule: str) -> torch.Tensor:
+    """Combine per-layer inside flags with the ``rule`` (``"all"`` or ``"any"``)."""
+    stacked = torch.stack([per_layer[i] for i in sorted(per_layer)])
+    return stacked.all(0) if rule == "all" else stacked.any(0)
+
+
+class KeySpaceAttachment(AbstainingAttachment):
+    """Key Space Detection attached to one model: the hypercube of each checked layer on that layer's device,
+    the refusal, and a pre-hook on each checked layer's key module that takes the decision."""
+
+    def __init__(
+        self,
+        method: Any,
+        model: Any,
+        name: str,
+        hooks: HookRegistrar,
+        layers: dict[int, KeySpaceLayer],
+        key_modules: dict[int, Any],
+        refusal: Refusal,
+    ) -> None:
+        super().__init__(method, model, name, hooks)
+        self.layers = layers
+        self.refusal = refusal
+        self.rule = method.config.rule
+        self.recheck = method.config.recheck_each_token
+        self._last_layer = max(layers)
+        for layer, kl in layers.items():
+            hooks.forward_pre_hook(key_modules[layer], self._make_hook(layer, kl))
+
+    # -- the contract ----------------------------------------------------------------------------------------
+    def decision(self, request: RequestState) -> torch.Tensor | None:
+        st = self.request_data(request)
+        return None if st is None else st.abstained
+
+    def logits_processor(self, request: RequestState) -> AbstentionLogitsProcessor:
+        return AbstentionLogitsProcessor(self, request)
+
+    # -- deciding --------------------------------------------------------------------------------------------
+    def _make_hook(self, layer: int, kl: KeySpaceLayer):
+        def hook(ctx: ForwardContext, key: torch.Tensor) -> None:
+            key = as_token_grid(key, ctx.input_len)  # OPT runs its FFL on [batch * positions, d_ff]
+            if ctx.is_prefill:
+                index, real = ctx.last_token_index(key.shape[0], key.device)
+                rows = torch.arange(key.shape[0], device=key.device)
+                inside = kl.inside(key[rows, index]) & real
+            elif self.recheck and not ctx.is_prompt_chunk:
+                inside = kl.inside(key[:, -1])
+            else:
+                return None
+            st = self.request_data(ctx.request, AbstentionState)
+            st.pending[layer] = inside.cpu()
+            if layer == self._last_layer:
+                self._decide(ctx, st)
+            return None
+
+        return hook
+
+    def _decide(self, ctx: ForwardContext, st: AbstentionState) -> None:
+        if len(st.pending) != len(self.layers):
+            missing = sorted(set(self.layers) - set(st.pending))
+            st.pending = {}
+            raise RuntimeError(f"Key Space Detection did not see layers {missing} in this forward.")
+        flags = combine_layers(st.pending, self.rule)
+        st.pending = {}
+        group = ctx.request.group_size
+        if group > 1 and flags.numel() % group == 0:  # beams of one input move together
+            flags = flags.view(-1, group).any(1).repeat_interleave(group)
+        if ctx.is_prefill or st.abstained is None:
+            st.abstained = flags
+            st.start = torch.full(flags.shape, ctx.steps_generated, dtype=torch.long)
+        else:
+            new = flags & ~st.abstained
+            st.start[new] = ctx.steps_generated
+            st.abstained |= new
+        st.any = bool(st.abstained.any())
+        if ctx.is_prefill:
+            ctx.request.decided(self.name)
+
+    # -- the forward -----------------------------------------------------------------------------------------
+    def on_forward_start(self, ctx: ForwardContext) -> None:
+        st = self.request_data(ctx.request)
+        if st is not None and st.pending:
+            st.pending = {}  # left over from a forward that raised
+
+    def on_forward_end(self, ctx: ForwardContext, output: Any) -> Any:
+        """Force the refusal onto the logits of the abstaining rows (and recompute the loss from them when
+        ``labels`` were given)."""
+        st = self.request_data(ctx.request)
+        if ctx.is_prefill and (st is None or st.abstained is None):
+            raise RuntimeError(
+                f"Key Space Detection did not run at layers {sorted(self.layers)} during the prefill: the key "
+                "modules were not called."
+            )
+        if st is None or not st.any:
+            return output
+        force = self.refusal.force
+        if isinstance(output, tuple):  # return_dict=False: (loss?, logits, ...)
+            at = 1 if ctx.labels is not None else 0
+            force(output[at], st.abstained, st.start, ctx.steps_generated, ctx.request)
+            if at == 1:
+                output = (self._loss(ctx, output[1]), *output[1:])
+            return output
+        logits = output.get("logits") if hasattr(output, "get") else getattr(output, "logits", None)
+        if logits is not None:
+            force(logits, st.abstained, st.start, ctx.steps_generated, ctx.request)
+            if ctx.labels is not None and output.get("loss") is not None:
+                output["loss"] = self._loss(ctx, logits)
+        return output
+
+    @staticmethod
+    def _loss(ctx: ForwardContext, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own loss function applied to the forced logits."""
+        return ctx.model.loss_function(logits=logits, labels=ctx.labels, vocab_size=logits.shape[-1])

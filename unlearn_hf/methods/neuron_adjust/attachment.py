@@ -1,0 +1,75 @@
+"""Neuron Adjust attached to one model: the per-layer transforms on each layer's device and the hooks that run
+them on the pre-activation outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...context import ForwardContext
+from ...hooks import HookRegistrar
+from ..base import Attachment
+from .layer import NeuronAdjustLayer
+from .sampling import Draws, LayerGroup
+
+
+class NeuronAdjustAttachment(Attachment):
+    """The per-layer transforms (:attr:`layers`, ``{layer: NeuronAdjustLayer}``) of one model and their hooks.
+
+    The layers of each device share one block of thresholds per forward (:class:`~.sampling.LayerGroup`); in
+    deterministic mode nothing is drawn.
+    """
+
+    def __init__(
+        self,
+        method: Any,
+        model: Any,
+        name: str,
+        hooks: HookRegistrar,
+        layers: dict[int, NeuronAdjustLayer],
+        modules: dict[int, Any],
+    ) -> None:
+        super().__init__(method, model, name, hooks)
+        self.layers = layers
+        by_device: dict[torch.device, dict[int, NeuronAdjustLayer]] = {}
+        for layer, adj in layers.items():
+            by_device.setdefault(adj.device, {})[layer] = adj
+        groups = {device: LayerGroup(group) for device, group in by_device.items()}
+        for layer, adj in layers.items():
+            if method.config.deterministic:
+                hook = self._deterministic_hook(adj)
+            else:
+                hook = self._stochastic_hook(adj, layer, groups[adj.device])
+            hooks.forward_hook(modules[layer], hook)
+
+    @staticmethod
+    def _deterministic_hook(adj: NeuronAdjustLayer):
+        return lambda ctx, output: adj(output)
+
+    def _stochastic_hook(self, adj: NeuronAdjustLayer, layer: int, group: LayerGroup):
+        seed = self.method.current_seed
+        name = self.name
+
+        def hook(ctx: ForwardContext, output: torch.Tensor) -> torch.Tensor:
+            draws = ctx.request.data.get(name)
+            if draws is None:
+                draws = ctx.request.data[name] = Draws()
+            if draws.forward is not ctx or output.shape[:-1] != draws.lead:  # a new forward (or shape)
+                draws.forward, draws.lead, draws.views = ctx, output.shape[:-1], {}
+            thresholds = draws.views.get(layer)
+            if thresholds is None:  # first layer of this forward on this device
+                draws.draw(output, group, adj.dtype, seed)
+                thresholds = draws.views[layer]
+            return adj(output, thresholds)
+
+        return hook
+
+    def thresholds_layout(self) -> dict[int, tuple[int, int]]:
+        """Where each layer's columns sit in a forward's block of thresholds: ``{layer: (offset, width)}``
+        (single-device models; layers in increasing order, each layer's neurons in state order)."""
+        out, offset = {}, 0
+        for layer, adj in sorted(self.layers.items()):
+            out[layer] = (offset, adj.num_neurons)
+            offset += adj.num_neurons
+        return out

@@ -1,0 +1,184 @@
+"""Abstention on the model's side: ``generate`` tells the request what it will do and runs the abstaining
+attachments' logits processors last; their per-row decisions are combined, mapped onto the returned rows and
+reported; :meth:`detect` takes the same decision from one (shortened) forward.
+
+Each abstaining method decides in its own ``decision.py`` (see :class:`unlearn_hf.methods.AbstainingAttachment`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+from transformers.utils import ModelOutput
+
+from ..context import _GENERATION, RequestState
+from ..methods.base import AbstainingAttachment
+from ..model_inputs import StopForward, accepts, eos_token_id, input_device, position_ids_from_mask
+
+
+class AbstentionMixin:
+    """``generate`` with abstention, the report of which rows abstained, and :meth:`detect`."""
+
+    @property
+    def has_abstention(self) -> bool:
+        """Whether an attached method can make the model abstain."""
+        return any(isinstance(a, AbstainingAttachment) for a in self._unlearn_attachments.values())
+
+    def _active_abstaining(self) -> dict[str, AbstainingAttachment]:
+        """The attached abstaining methods that are not switched off in this context."""
+        disabled = self._disabled_names()
+        if disabled is None:
+            return {}
+        return {
+            n: a
+            for n, a in self._unlearn_attachments.items()
+            if isinstance(a, AbstainingAttachment) and n not in disabled
+        }
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``transformers`` ``generate`` with the attached methods active.
+
+        Every call is one request: abstaining methods decide per row at the prefill, and their logits processor
+        runs after every other processor, so sampling settings, ``min_new_tokens``, repetition penalties and the
+        like cannot alter an abstaining row's refusal. With an abstaining method and
+        ``return_dict_in_generate=True``, the output has ``abstained`` (a bool tensor with one entry per returned
+        sequence) and ``abstained_by`` (the same, per abstaining method name).
+        """
+        request = RequestState(self)
+        bound = self._signature("generate").bind_partial(self, *args, **kwargs)
+        del bound.arguments["self"]
+        abstaining = self._active_abstaining()
+        if abstaining:
+            self._prepare_generate(request, bound, abstaining)
+        token = _GENERATION.set(request)
+        try:
+            output = super().generate(*bound.args, **bound.kwargs)
+        finally:
+            _GENERATION.reset(token)
+        if isinstance(output, ModelOutput) and self.has_abstention:
+            n_inputs, n_returned = self._count_inputs(bound), output.sequences.shape[0]
+            by = {
+                n: self._rows(f, n_inputs, n_returned)
+                for n, f in self._decisions(request, abstaining).items()
+            }
+            output["abstained_by"] = by
+            output["abstained"] = self._rows(self.combine_abstention(by), n_inputs, n_returned)
+        return output
+
+    @staticmethod
+    def _generate_inputs(bound: inspect.BoundArguments) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        extra = bound.arguments.get("kwargs", {})
+        ids = bound.arguments.get("inputs")
+        if not torch.is_tensor(ids):
+            ids = extra.get("input_ids", extra.get("inputs_embeds"))
+        return (ids if torch.is_tensor(ids) else None), extra
+
+    def _prepare_generate(
+        self,
+        request: RequestState,
+        bound: inspect.BoundArguments,
+        abstaining: dict[str, AbstainingAttachment],
+    ) -> None:
+        """Tell the request what ``generate`` will do (prompt length, end-of-sequence token, beam groups) and add
+        the abstaining attachments' logits processors at the end of the processor list."""
+        ids, extra = self._generate_inputs(bound)
+        config = bound.arguments.get("generation_config") or self.generation_config
+        mask = extra.get("attention_mask")
+        if torch.is_tensor(mask) and mask.ndim == 2:
+            request.prompt_len = mask.shape[1]
+        elif ids is not None and ids.ndim >= 2:
+            request.prompt_len = ids.shape[1]
+        eos = extra.get("eos_token_id")
+        eos = getattr(config, "eos_token_id", None) if eos is None else eos
+        request.eos_token_id = eos_token_id(self, {"eos_token_id": eos})
+        request.group_size = max(1, int(extra.get("num_beams", getattr(config, "num_beams", 1)) or 1))
+        processors = [p for a in abstaining.values() if (p := a.logits_processor(request)) is not None]
+        if processors:
+            user = bound.arguments.get("logits_processor")
+            bound.arguments["logits_processor"] = LogitsProcessorList([*(user or []), *processors])
+
+    def _count_inputs(self, bound: inspect.BoundArguments) -> int:
+        ids, _ = self._generate_inputs(bound)
+        return 1 if ids is None or ids.ndim < 2 else ids.shape[0]
+
+    @staticmethod
+    def _decisions(
+        request: RequestState, abstaining: dict[str, AbstainingAttachment]
+    ) -> dict[str, torch.Tensor]:
+        """The decisions taken in ``request``, per abstaining method (CPU bool ``[rows]``)."""
+        out = {}
+        for name, attachment in abstaining.items():
+            flags = attachment.decision(request)
+            if flags is not None:
+                out[name] = flags.cpu()
+        return out
+
+    @staticmethod
+    def _rows(flags: torch.Tensor | None, n_inputs: int, n_returned: int) -> torch.Tensor:
+        """Per returned row, whether it abstained.
+
+        Rows map one to one when ``generate`` returns as many rows as it ran (greedy, sampling, also with
+        ``num_return_sequences``); with beam search the rows of one input share the input's decision.
+        """
+        if flags is None:
+            return torch.zeros(n_returned, dtype=torch.bool)
+        if flags.numel() == n_returned:
+            return flags
+        if flags.numel() % n_inputs or n_returned % n_inputs:
+            raise RuntimeError(
+                f"Cannot map {flags.numel()} abstention flags onto {n_returned} returned rows of {n_inputs} inputs."
+            )
+        per_input = flags.view(n_inputs, -1).any(1)
+        return per_input.repeat_interleave(n_returned // n_inputs)
+
+    def combine_abstention(self, decisions: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Combine the per-row decisions of several abstaining methods (default: a row abstains when any method
+        says so). Override in a subclass for another vote."""
+        flags = [f for f in decisions.values() if f is not None]
+        if not flags:
+            return None
+        out = flags[0].clone()
+        for f in flags[1:]:
+            out |= f.to(out.device)
+        return out
+
+    @torch.no_grad()
+    def detect(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Which rows the attached abstaining methods would refuse (bool ``[batch]``), from one forward pass.
+
+        The decision is the one ``generate`` takes at the prefill (last real token of each row, either padding
+        side). The forward stops as soon as every abstaining method has decided (e.g. after the last layer Key
+        Space Detection reads), so this is cheaper than a full forward.
+        """
+        if not self.has_abstention:
+            raise RuntimeError("No abstaining method (e.g. Key Space Detection) is attached.")
+        if not torch.is_tensor(input_ids) or input_ids.ndim != 2:
+            raise ValueError("input_ids must be a [batch, length] tensor of token ids.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}."
+            )
+        abstaining = self._active_abstaining()
+        device = input_device(self)
+        inputs = {"input_ids": input_ids.to(device), "use_cache": False}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask.to(device)
+            if accepts(self, "position_ids"):  # as generate does: the same decision
+                inputs["position_ids"] = position_ids_from_mask(attention_mask).to(device)
+        if accepts(self, "logits_to_keep"):
+            inputs["logits_to_keep"] = 1
+        request = RequestState(self, stop_when_decided=set(abstaining))
+        token = _GENERATION.set(request)
+        try:
+            if abstaining:
+                self(**inputs)
+        except StopForward:
+            pass
+        finally:
+            _GENERATION.reset(token)
+        flags = self.combine_abstention(self._decisions(request, abstaining))
+        return flags if flags is not None else torch.zeros(input_ids.shape[0], dtype=torch.bool)

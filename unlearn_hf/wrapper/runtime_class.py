@@ -1,0 +1,101 @@
+"""The runtime class of an unlearned model: a class made on the fly that subclasses both the wrapper class and
+the base model's own class (e.g. ``LlamaForCausalLM``), and the construction of an instance over a base model."""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, ClassVar
+
+from transformers import PreTrainedModel
+
+from ..context import _CURRENT
+
+
+def _forward_passthrough(base_cls: type) -> Any:
+    """``forward`` of a runtime class: applies the attached methods when ``forward`` is called directly (not through
+    ``__call__``, which already did), with the base class's signature so ``transformers`` inspects it unchanged."""
+    base_forward = base_cls.forward
+
+    @functools.wraps(base_forward)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = _CURRENT.get()
+        if ctx is not None and ctx.model is self:  # inside __call__ (or a nested call of the same model)
+            return base_forward(self, *args, **kwargs)
+        return self._unlearned_call(functools.partial(base_forward, self), args, kwargs)
+
+    return forward
+
+
+class RuntimeClassMixin:
+    """Builds and caches the runtime classes, and wraps a base model into an instance of one (sharing its modules,
+    parameters, buffers and config; the base model object itself is left unchanged)."""
+
+    _dynamic_classes: ClassVar[dict[tuple[type, type], type]] = {}
+
+    @classmethod
+    def from_base(cls, model: PreTrainedModel, sites: Any = None):
+        """Wrap ``model`` (any ``AutoModelForCausalLM`` instance) with nothing attached yet.
+
+        Args:
+            model: the base model; it is not modified and remains usable as the plain model.
+            sites: optional override of the FFL sites (see :func:`unlearn_hf.sites.find_ffl_sites`).
+        """
+        if isinstance(model, RuntimeClassMixin):
+            raise TypeError(
+                "This model is already an UnlearnedModelForCausalLM; attach more methods to it directly."
+            )
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                f"Expected a transformers PreTrainedModel (a causal LM), got {type(model).__name__}."
+            )
+        if not model.can_generate():
+            raise TypeError(f"{type(model).__name__} is not a generative (causal LM) model.")
+        dyn = cls._dynamic_class(type(model))
+        obj = object.__new__(dyn)
+        obj.__dict__.update(model.__dict__)  # shares submodules, parameters, buffers, config and hooks
+        for name in ("_modules", "_parameters", "_buffers"):  # own top-level registries, same members
+            obj.__dict__[name] = type(model.__dict__[name])(model.__dict__[name])
+        # a plain attribute (not a registered child module): the base must not become a submodule of itself
+        object.__setattr__(obj, "_unlearn_base", model)
+        fwd = model.__dict__.get("forward")
+        if "_old_forward" in model.__dict__ and isinstance(fwd, functools.partial):
+            # accelerate's hook put `forward = partial(new_forward, base)` on the instance: rebind it to the
+            # wrapper so that a direct `unlearned.forward(...)` also runs with unlearning
+            obj.__dict__["_old_forward"] = types.MethodType(dyn.forward, obj)
+            obj.__dict__["forward"] = functools.update_wrapper(
+                functools.partial(fwd.func, obj), obj._old_forward
+            )
+        obj._unlearn_site_override = sites
+        obj._unlearn_sites = None
+        obj._unlearn_methods = {}
+        obj._unlearn_attachments = {}
+        return obj
+
+    @classmethod
+    def _dynamic_class(cls, base_cls: type) -> type:
+        key = (cls, base_cls)
+        if key not in cls._dynamic_classes:
+            cls._dynamic_classes[key] = type(
+                base_cls.__name__,
+                (cls, base_cls),
+                {
+                    "__module__": base_cls.__module__,
+                    "__qualname__": f"{cls.__qualname__}[{base_cls.__name__}]",
+                    "__doc__": cls.__doc__,
+                    "_unlearn_base_class": base_cls,
+                },
+            )
+        return cls._dynamic_classes[key]
+
+    @classmethod
+    def _wrapper_class(cls) -> type:
+        """The user-facing class (``UnlearnedModelForCausalLM`` or a user subclass) behind a runtime class."""
+        return cls.__bases__[0] if "_unlearn_base_class" in cls.__dict__ else cls
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        base_cls = cls.__dict__.get("_unlearn_base_class")
+        wrapper_mro = [c for c in cls.__mro__[1:] if issubclass(c, RuntimeClassMixin)]
+        if base_cls is not None and not any("forward" in c.__dict__ for c in wrapper_mro):
+            cls.forward = _forward_passthrough(base_cls)
