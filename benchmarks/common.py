@@ -85,7 +85,7 @@ class Variant:
         for n, m in self.methods.items():
             self.model.add_method(n, m)
         try:
-            yield self.model.base_model if self.call_base else self.model
+            yield self.model.get_base_model() if self.call_base else self.model
         finally:
             self.model.remove_all_methods()
 
@@ -259,7 +259,7 @@ def compare_speed(
         log: optional ``print``-like callable for progress lines.
     """
     if isinstance(model, UnlearnedModelForCausalLM):
-        model = model.base_model
+        model = model.get_base_model()
     results = {(c.name, v.name): SpeedResult(c, v.name) for c in cases for v in variants}
     batches = {c.name: make_batch(stream, c) for c in cases}
     runners: list[Variant | None] = [None, *variants]  # None = the bare model

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import PrefillClock  # noqa: E402
-from tests.test_integration_ksd import gsm8k_questions, left_batches, mbpp_questions  # noqa: E402
+from benchmarks.ksd_eval import gsm8k_questions, left_batches, mbpp_questions  # noqa: E402
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM  # noqa: E402
 from unlearn_hf.models import load_smollm2  # noqa: E402
 

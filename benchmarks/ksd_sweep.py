@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_integration_ksd import (  # noqa: E402 - the same data and helpers as the integration test
+from benchmarks.ksd_eval import (  # noqa: E402 - the same data and helpers as the integration test
     BATCH,
     MAX_LENGTH,
     by_length,
