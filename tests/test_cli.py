@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
-from tests.conftest import tiny_llama
 from unlearn_hf import UnlearnedModelForCausalLM, __version__
 from unlearn_hf.cli.main import main
 
@@ -111,6 +111,39 @@ def test_fit_save_evaluate_generate(tiny_dir, shared_data, tmp_path, capsys):
     with torch.no_grad():
         ref = loaded.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert generated == tok.decode(ref[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_cli_fits_exactly_as_the_api(tiny_dir, shared_data, tmp_path):
+    """``unlearn-hf fit`` = ``unlearned.fit`` per method, in the order given, each on the model as it runs."""
+    from transformers import AutoModelForCausalLM
+
+    from unlearn_hf import KeySpaceDetectionConfig, NeuronAdjustConfig, SelectivePruningConfig
+    from unlearn_hf.cli.recipes import retain_texts
+    from unlearn_hf.evaluation import get_skill
+
+    out_dir = tmp_path / "cli"
+    args = ["fit", "--model", str(tiny_dir), "--forget", "gsm8k", "--retain", "mbpp", "--n-probe", "8"]
+    args += ["--method", "na", "--method", "sp", "--method", "ksd", "--ratio", "0.05", "--seed", "4"]
+    assert main([*args, "--data-dir", str(shared_data), "--output", str(out_dir), "--quiet"]) == 0
+    cli = UnlearnedModelForCausalLM.from_pretrained(str(out_dir))
+
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_dir)
+    forget, retain = get_skill("gsm8k", shared_data), [get_skill("mbpp", shared_data)]
+    api = UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_pretrained(tiny_dir))
+    kw = dict(tokenizer=tok, show_progress=False)
+    api.fit(NeuronAdjustConfig(ratio=0.05, seed=4), forget.probe_texts(8), retain_texts(retain, 8), **kw)
+    api.fit(SelectivePruningConfig(ratio=0.05), forget.probe_texts(8), retain_texts(retain, 8), **kw)
+    api.fit(KeySpaceDetectionConfig(), forget.probe_queries(8), **kw)
+    assert list(cli.methods) == list(api.methods)
+    for name, method in api.methods.items():
+        assert cli.methods[name].config == method.config
+        for key, value in method.state_dict().items():
+            assert torch.equal(cli.methods[name].state_dict()[key], value), (name, key)
+
+    # sequential: Selective Pruning was probed with Neuron Adjust active, not on the bare model
+    bare = UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_pretrained(tiny_dir))
+    alone = bare.fit(SelectivePruningConfig(ratio=0.05), forget.probe_texts(8), retain_texts(retain, 8), **kw)
+    assert not torch.equal(alone.state["score"], api.methods["selective_pruning"].state["score"])
 
 
 def test_interactive_generate(tiny_dir):

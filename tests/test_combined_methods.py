@@ -12,9 +12,9 @@ import copy
 
 import numpy as np
 import torch
+from helpers_ksd import FORGET, OTHER, KeyCapture, batches_of, numpy_reference
+from tiny_models import tiny_llama
 
-from tests.conftest import tiny_llama
-from tests.test_key_space_detection import FORGET, OTHER, KeyCapture, batches_of, numpy_reference
 from unlearn_hf import KeySpaceDetectionConfig, NeuronAdjustConfig, UnlearnedModelForCausalLM
 
 N_LAYERS = 4
@@ -55,7 +55,10 @@ def test_ksd_fitted_after_neuron_adjust_sees_adjusted_keys(smol_tokenizer):
     )
     assert set(na.state["layer_index"].tolist()) & set(range(KSD_LAYER + 1))  # NA acts before the KSD layer
     batches = batches_of(tok, FORGET)
-    config = KeySpaceDetectionConfig(layers=[KSD_LAYER], eps=1e-5)
+    # α a hair above 1: the query that sets k lies exactly on the boundary, and generate's batch layout (left
+    # padding, one batch) rounds its key differently from the fit's (measured: 1 + 5e-7 of the threshold); 1e-3
+    # leaves a margin of 2000x that rounding, far below the distance to the plain model's keys (checked below)
+    config = KeySpaceDetectionConfig(layers=[KSD_LAYER], eps=1e-5, alpha=1.001)
     ksd = unlearned.fit(config, forget=batches, tokenizer=tok, show_progress=False)
 
     # reference: the plain base model, Neuron Adjust applied by our own hooks, keys captured by our own hooks
@@ -79,7 +82,7 @@ def test_ksd_fitted_after_neuron_adjust_sees_adjusted_keys(smol_tokenizer):
     mu_plain = plain.mean(0)
     assert np.abs(mu_plain - mu).max() > 100 * np.abs(ksd.state["center"][0].numpy() - mu).max()
 
-    # deployed together, every fitted query is inside the hypercube (α = 1 covers every fitted vector)
+    # deployed together, every fitted query is inside the hypercube (α ≥ 1 covers every fitted vector)
     tok.padding_side = "left"
     out = unlearned.generate(
         **tok(FORGET, return_tensors="pt", padding=True), max_new_tokens=2, return_dict_in_generate=True

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 from accelerate import dispatch_model
+from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import tiny_llama
 from unlearn_hf import (
     KeySpaceDetectionConfig,
     NeuronAdjustConfig,
@@ -98,12 +98,12 @@ def test_fit_and_generation_match_the_undispatched_model(models, smol_tokenizer)
         for name, method in ref.methods.items():
             for key, value in method.state_dict().items():
                 assert torch.equal(got.methods[name].state_dict()[key], value), (name, key)
-        na = got.methods["neuron_adjust"]
+        na = got.attachments["neuron_adjust"]
         assert list(na.layers) == [2]
         for layer in na.layers.values():  # tensors on the offloaded layer's execution device, not "meta"
             assert layer.neurons.device == torch.device("cpu")
-        assert got.methods["selective_pruning"].layers[2].neurons.device == torch.device("cpu")
-        assert got.methods["key_space_detection"].layers[1].center.device == torch.device("cpu")
+        assert got.attachments["selective_pruning"].layers[2].neurons.device == torch.device("cpu")
+        assert got.attachments["key_space_detection"].layers[1].center.device == torch.device("cpu")
 
         tok = copy.deepcopy(smol_tokenizer)
         tok.padding_side = "left"

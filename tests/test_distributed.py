@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_data import REPO_ROOT, read_jsonl
 from safetensors.torch import load_file
+from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO_ROOT, read_jsonl, tiny_llama
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM, merge, probe
 from unlearn_hf.data import DataSpec, iter_token_batches, shard_batch_indices
 from unlearn_hf.distributed import (

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers_persistence import assert_same_methods, assert_same_outputs, encode, fit_methods, outputs
 from hub_server import HubServer, hub_env, start_hub_server
 from huggingface_hub import HfApi, ModelCard
-from test_persistence import assert_same_methods, assert_same_outputs, encode, fit_methods, outputs
+from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 
 import unlearn_hf

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from unlearn_hf import DataSpec, NeuronAdjustConfig, SelectivePruningConfig, UnlearnedModelForCausalLM, probe
-from unlearn_hf.evaluation.metrics import answer_token_accuracy, relative_drop
+from unlearn_hf.evaluation import answer_token_accuracy, relative_drop
 from unlearn_hf.evaluation.skills import get_skill
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ def unlearned(smollm2):
     wrapper.remove_all_methods()
 
 
+# Margins on drop(GSM8K) − drop(MBPP), re-measured with probe/eval batches of 8/8 and 5/5 on 1 thread: Neuron
+# Adjust 0.116 / 0.119 (margin 0.05: 0.066 to spare, ~20x the 0.0035 the batch layout moved it; the MBPP drop
+# moved 1.1% -> 0.7%), Selective Pruning 0.40 / 0.40 (margin 0.15); the base scores were identical
 @pytest.mark.parametrize(
     "config,margin",
     [

@@ -13,21 +13,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers_ksd import FORGET, N_LAYERS, OTHER, KeyCapture, batches_of, encode, numpy_reference
+from tiny_models import tiny_llama
 
-from tests.conftest import tiny_llama
 from unlearn_hf import KeySpaceDetection, KeySpaceDetectionConfig, UnlearnedModelForCausalLM
-from unlearn_hf.methods.key_space_detection.layer import KeySpaceLayer
-
-FORGET = [f"Question: What is {a} plus {b}?\nAnswer:" for a, b in zip(range(1, 40, 3), range(50, 90, 3))]
-OTHER = [
-    "def fib(n):",
-    "Write a haiku about the sea",
-    "Bonjour, comment allez-vous",
-    "import numpy as np",
-    "The capital of France is",
-    "Once upon a time",
-]
-N_LAYERS = 4
+from unlearn_hf.methods.key_space_detection.hypercube import KeySpaceLayer
 
 
 @pytest.fixture
@@ -36,66 +26,8 @@ def tok(smol_tokenizer):
     return copy.deepcopy(smol_tokenizer)
 
 
-def encode(tok, texts, side="left"):
-    tok.padding_side = side
-    return tok(texts, return_tensors="pt", padding=True)
-
-
 def hook_counts(model):
     return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
-
-
-class KeyCapture:
-    """Records the key vector at the last real token of every row, at the given layers, with our own hooks.
-
-    ``masks`` are the attention masks of the forwards to come, in order (for forwards run by someone else, e.g. the
-    fit's probe); :meth:`run` supplies them itself.
-    """
-
-    def __init__(self, model, layers, masks=()):
-        self.first = min(layers)
-        self.pending = list(masks)
-        self.vectors = {i: [] for i in layers}
-        self.mask: torch.Tensor | None = None
-        self.handles = [
-            model.model.layers[i].mlp.down_proj.register_forward_pre_hook(self._hook(i)) for i in layers
-        ]
-
-    def _hook(self, layer):
-        def hook(module, args):
-            if layer == self.first:
-                self.mask = self.pending.pop(0)
-            key = args[0].detach().double()
-            last = self.mask.shape[1] - 1 - self.mask.flip(1).int().argmax(1)  # not the library's helper
-            self.vectors[layer].append(key[torch.arange(key.shape[0]), last].numpy())
-
-        return hook
-
-    def run(self, model, batches):
-        self.pending = [b["attention_mask"] for b in batches]
-        with torch.no_grad():
-            for b in batches:
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-        return self
-
-    def array(self, layer) -> np.ndarray:
-        return np.concatenate(self.vectors[layer])
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def numpy_reference(vectors: np.ndarray, eps: float):
-    """μ, σ (sample std floored at eps) and the brute-force k: the smallest k with every vector inside."""
-    mu = vectors.mean(0)
-    sd = np.maximum(vectors.std(0, ddof=1), eps)
-    z = np.abs(vectors - mu) / sd  # [n, d]
-    return mu, sd, z.max()
-
-
-def batches_of(tok, texts, size=5, side="right"):
-    return [dict(encode(tok, texts[i : i + size], side)) for i in range(0, len(texts), size)]
 
 
 def test_fit_matches_brute_force_on_the_fitted_vectors(tok):
@@ -119,7 +51,7 @@ def test_fit_matches_brute_force_on_the_fitted_vectors(tok):
         np.testing.assert_allclose(method.state["scale"][row].numpy(), sd, rtol=1e-9, atol=1e-12)
         assert method.state["k"][row].item() == pytest.approx(k_ref, rel=1e-9)
         # the library's own test on the fitted vectors
-        at_one = method.layers[layer].inside(torch.from_numpy(vectors))
+        at_one = unlearned.attachments["key_space_detection"].layers[layer].inside(torch.from_numpy(vectors))
         assert bool(at_one.all())
         below = KeySpaceLayer(
             method.state["center"][row], method.state["scale"][row], method.state["k"][row], 1 - 1e-9, "cpu"
@@ -165,15 +97,18 @@ def test_decisions_match_a_numpy_reference(tok, rule):
         v = capture.array(layer)
         mu, sd = fitted.state["center"][row].numpy(), fitted.state["scale"][row].numpy()
         z[layer] = (np.abs(v - mu) / sd).max(1) / fitted.state["k"][row].item()  # inside iff z <= alpha
-    # alphas between observed values, so each one splits the rows differently
+    # alphas between observed values, so each one splits the rows differently, taken only from gaps wider than
+    # 0.2%: rows that set k sit at 1 ± 1e-6 at both layers (measured: 1.0 and 1.0000004), and an alpha between two
+    # such values would leave the outcome to float rounding (cross-machine noise measured ~1e-6 relative)
     values = np.unique(np.concatenate(list(z.values())))
-    alphas = [float((a + b) / 2) for a, b in zip(values[:-1], values[1:])][:: max(1, len(values) // 6)]
+    gaps = [(a, b) for a, b in zip(values[:-1], values[1:]) if b > a * 1.002]
+    alphas = [float((a + b) / 2) for a, b in gaps][:: max(1, len(gaps) // 6)]
     seen = set()
     for alpha in alphas:
         per_layer = np.stack([z[i] <= alpha for i in layers])
         expected = per_layer.all(0) if rule == "all" else per_layer.any(0)
         margin = np.abs(np.stack(list(z.values())) / alpha - 1).min()
-        assert margin > 1e-6  # no row sits on the boundary, where float32 noise could flip it
+        assert margin > 5e-4  # no row sits near the boundary, where float32 noise could flip it
         method = KeySpaceDetection(dataclasses.replace(fitted.config, alpha=alpha), fitted.state)
         unlearned.add_method("ksd", method)
         try:
@@ -302,8 +237,8 @@ def test_eos_action_scoring(tok):
         (dict(alpha=-1.0), "alpha must be > 0"),
         (dict(alpha=float("nan")), "alpha must be a finite number"),
         (dict(eps=0.0), "eps must be > 0"),
-        (dict(layers=[]), "at least one layer"),
-        (dict(layers=[1.5]), "integer layer indices"),
+        (dict(layers=[]), "non-empty list of ints"),
+        (dict(layers=[1.5]), "non-empty list of ints"),
         (dict(rule="most"), "rule must be one of"),
         (dict(action="shout"), "action must be one of"),
         (dict(refusal="   "), "non-empty refusal"),

@@ -14,10 +14,10 @@ import warnings
 
 import pytest
 import torch
+from helpers_ksd import FORGET, N_LAYERS, OTHER, encode
+from tiny_models import tiny_llama
 from transformers import DynamicCache, TextStreamer, pipeline
 
-from tests.conftest import tiny_llama
-from tests.test_key_space_detection import FORGET, N_LAYERS, OTHER, encode
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
 
 REFUSAL = "I can't help with that."
@@ -302,7 +302,7 @@ def test_recheck_each_token_abstains_from_the_step_that_falls_inside(tok):
 def test_left_padding_decides_like_the_fit_on_absolute_position_models(model_type):
     """GPT-2 and OPT add absolute position embeddings, and OPT runs its FFL on ``[batch * positions, d_ff]``:
     left-padded queries must get the keys the (right-padded) fit saw, in ``detect`` and in ``generate`` alike."""
-    from tests.tiny_models import tiny_model, tiny_tokenizer
+    from tiny_models import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     model = tiny_model(model_type)

@@ -1,16 +1,18 @@
-"""Neuron Adjust: the transform against a numpy reference, statistics, selection, reproducibility, dtypes, the
-untouched parts of the model, and bad input."""
+"""Neuron Adjust: the layer's real call (gather and full-width paths) against a numpy reference, statistics,
+selection, reproducibility, dtypes, the untouched parts of the model, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+from helpers_na import FORGET, RETAIN, Capture, token_batches
+from tiny_models import hook_count, tiny_llama
 
-from tests.conftest import tiny_llama
 from unlearn_hf import NeuronAdjustConfig, SelectivePruningConfig, UnlearnedModelForCausalLM, probe
 from unlearn_hf.methods import NeuronAdjust
 from unlearn_hf.methods.neuron_adjust import layer as layer_module
@@ -19,7 +21,8 @@ from unlearn_hf.methods.neuron_adjust.layer import (
     thresholds_from_uniforms,
     uses_full_width,
 )
-from unlearn_hf.methods.neurons import select_global, selection_size
+from unlearn_hf.methods.neuron_adjust.sampling import Draws, LayerGroup
+from unlearn_hf.methods.selection import select_global, selection_size
 from unlearn_hf.stats import RunningStats, SiteStatistics
 
 # -- numpy reference (float64, straight from METHOD.md §3) -----------------------------------------------------
@@ -88,11 +91,15 @@ STATS = {
     "retain_mean": [0.1, 0.1, -0.3, 0.1, 0.2, -4.0],
     "retain_std": [0.5, 0.4, 0.4, 0.6, EPS, 0.3],
 }
+#: The width of the synthetic layer's site and its six selected columns, in state order (any order).
+WIDTH = 16
+NEURONS = torch.tensor([9, 3, 14, 6, 0, 11])
+PATHS = ["gather", "full_width"]
 
 
 def synthetic_layer(dtype=torch.float32) -> tuple[NeuronAdjustLayer, tuple[np.ndarray, ...]]:
     t = {k: torch.tensor(v, dtype=torch.float32) for k, v in STATS.items()}
-    layer = NeuronAdjustLayer(torch.arange(6), *t.values(), device="cpu", dtype=dtype)
+    layer = NeuronAdjustLayer(NEURONS, *t.values(), device="cpu", dtype=dtype, width=WIDTH)
     # the reference uses exactly the float32 statistics the layer received
     ref = tuple(t[k].double().numpy() for k in ("forget_mean", "forget_std", "retain_mean", "retain_std"))
     return layer, ref
@@ -111,29 +118,140 @@ def synthetic_values(n: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def test_log_density_ratio_and_mirror_match_numpy():
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit patterns, to compare values bit for bit (NaN and -0.0 included)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, exact_nan: bool = True) -> None:
+    """``got`` equals ``want`` bit for bit (-0.0 and ±inf included); with ``exact_nan`` false, NaNs only need to
+    stay NaNs."""
+    if exact_nan:
+        assert torch.equal(bits(got), bits(want))
+        return
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(bits(got[~nan]), bits(want[~nan]))
+
+
+def f32_rounded(v: np.ndarray, up: bool) -> np.ndarray:
+    """``v`` rounded to float32 upwards (``up``) or downwards, so a float32 threshold tests at least the claim
+    made for the float64 value."""
+    f = v.astype(np.float32)
+    if up:
+        return np.where(f < v, np.nextafter(f, np.float32(np.inf)), f)
+    return np.where(f > v, np.nextafter(f, np.float32(-np.inf)), f)
+
+
+def full_output(x: torch.Tensor, neurons: torch.Tensor, width: int, seed: int = 0) -> torch.Tensor:
+    """A pre-activation output ``[m, width]`` in ``x``'s dtype: the rows ``x[m, K]`` in the selected columns
+    ``neurons``, random values elsewhere (NaN, ±inf and -0.0 in the first row)."""
+    out = torch.randn(x.shape[0], width, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
+    others = [c for c in range(width) if c not in set(neurons.tolist())]
+    for col, value in zip(others, [float("nan"), float("inf"), -float("inf"), -0.0]):
+        out[0, col] = value
+    out[:, neurons] = x
+    return out
+
+
+def run_real_path(layer, x, path, thresholds=None, draws=None) -> torch.Tensor:
+    """What the layer's real call writes to its K selected neurons for values ``x[..., K]`` (state order):
+    ``[..., K]`` in ``x``'s dtype.
+
+    ``x`` goes into the selected columns of full pre-activation outputs ``[..., width]`` (random values, NaN, ±inf
+    and -0.0 included, elsewhere), and every call is checked to take ``path`` (``"gather"`` rewrites the output in
+    place, ``"full_width"`` returns a new tensor and leaves the output alone) and to leave the unselected columns
+    unchanged bit for bit. ``"gather"`` is one call (rows of random values appended when the output would be small
+    enough for the full width); ``"full_width"`` cuts the rows into calls ``[rows, 1, width]`` of at most
+    ``FULL_WIDTH_MAX_NUMEL`` values, like decoding steps.
+
+    Args:
+        thresholds: ``[..., K]`` in state order, put in the layout of the path (zeros at the unselected columns
+            for the full width); ``None`` = deterministic.
+        draws: ``(Draws(), seed)``: draw the thresholds as an attachment does instead, once per call (its
+            generator seeded at the first call).
+    """
+    k, width = layer.num_neurons, layer.width
+    neurons = layer.neurons.cpu()
+    others = torch.ones(width, dtype=torch.bool)
+    others[neurons] = False
+    lead, rows = x.shape[:-1], x.reshape(-1, k)
+    th = None if thresholds is None else thresholds.reshape(-1, k)
+    limit = layer_module.FULL_WIDTH_MAX_NUMEL
+    step = len(rows) if path == "gather" else limit // width
+    group = LayerGroup({0: layer}) if draws is not None else None
+    results = []
+    for start in range(0, len(rows), step):
+        xs, ts = rows[start : start + step], None if th is None else th[start : start + step]
+        output = full_output(xs, neurons, width, seed=start)
+        if path == "gather":
+            pad = max(0, limit // width + 1 - len(xs))
+            if pad:  # too small to gather: more rows
+                output = torch.cat(
+                    [output, full_output(torch.zeros(pad, k, dtype=x.dtype), neurons, width, 1)]
+                )
+                ts = None if ts is None else torch.cat([ts, ts.new_zeros(pad, k)])
+            else:  # the caller's leading shape
+                output = output.reshape(*lead, width)
+                ts = None if ts is None else ts.reshape(*lead, k)
+        else:
+            output = output.unsqueeze(1)
+            if ts is not None:
+                ts = ts.new_zeros(*output.shape).index_copy_(-1, neurons, ts.unsqueeze(1))
+        assert uses_full_width(output) == (path == "full_width")
+        given = output.clone()
+        if draws is not None:
+            draws[0].draw(given, group, layer.dtype, lambda: draws[1])
+            ts = draws[0].views[0]
+            assert ts.shape == (*output.shape[:-1], width if path == "full_width" else k)
+            if path == "full_width":
+                assert (ts[..., others] == 0).all()
+        got = layer(given, ts)
+        assert got.shape == output.shape and got.dtype == output.dtype
+        if path == "gather":
+            assert got is given  # rewritten in place
+        else:
+            assert got is not given and torch.equal(bits(given), bits(output))
+        # unselected columns unchanged bit for bit; only a full-width call on a half-precision output (computed in
+        # float32 and cast back) may rewrite the sign and payload of a NaN, which stays a NaN (torch's cast)
+        exact_nan = path == "gather" or output.dtype == layer.dtype
+        assert_same_bits(got[..., others], output[..., others], exact_nan)
+        results.append(got[..., neurons].reshape(-1, k)[: len(xs)])
+    return torch.cat(results).reshape(*lead, k)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_log_density_ratio_and_mirror_match_numpy(path):
+    """d and the mirror image, seen through the real call: thresholds at (float32 at or above) d_np - e_d replace
+    every value (so d > d_np - e_d), by its mirror image to within e_mirror; thresholds at (or below)
+    d_np + e_d keep every value (so d <= d_np + e_d)."""
     layer, ref = synthetic_layer()
     x = synthetic_values(2000)
     xn = x.double().numpy()
     e_d, e_mirror = np_error_bounds(xn, *ref)
-    d, d_np = layer.log_density_ratio(x).double().numpy(), np_log_ratio(xn, *ref)
-    np.testing.assert_array_less(np.abs(d - d_np), e_d)
-    np.testing.assert_array_less(np.abs(layer.mirror(x).double().numpy() - np_mirror(xn, *ref)), e_mirror)
+    d_np, mirror = np_log_ratio(xn, *ref), np_mirror(xn, *ref)
+    # a replacement shows almost everywhere (0.994 of the values here)
+    assert (np.abs(mirror - xn) > 2 * e_mirror).mean() > 0.95
+    low = torch.from_numpy(f32_rounded(d_np - e_d, up=True))
+    replaced = run_real_path(layer, x, path, low).double().numpy()
+    np.testing.assert_array_less(np.abs(replaced - mirror), e_mirror)
+    high = torch.from_numpy(f32_rounded(d_np + e_d, up=False))
+    assert torch.equal(bits(run_real_path(layer, x, path, high)), bits(x))
     # for neurons of ordinary width the bound is tight
     assert (e_d / (1 + np.abs(d_np)))[:, [0, 1, 2]].max() < 1e-5
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_transform_matches_numpy(stochastic):
+def test_transform_matches_numpy(stochastic, path):
     layer, ref = synthetic_layer()
     x = synthetic_values(4000, seed=1).reshape(2, 2000, 6)  # any leading shape
     xn = x.double().numpy()
-    u = None
-    gen = None
+    u = thresholds = None
     if stochastic:
-        gen = torch.Generator().manual_seed(11)
-        u = torch.rand(x.shape, generator=torch.Generator().manual_seed(11)).double().numpy()  # same draws
-    out = layer.transform(x.clone(), gen)
+        uniforms = torch.rand(x.shape, generator=torch.Generator().manual_seed(11))
+        u, thresholds = uniforms.double().numpy(), thresholds_from_uniforms(uniforms.clone())
+    out = run_real_path(layer, x, path, thresholds)
     expected = np_replace(xn, ref, u)
     clear = clear_of_boundary(xn, ref, u)
     assert clear.mean() > 0.95
@@ -147,40 +265,51 @@ def test_transform_matches_numpy(stochastic):
     got = out.double().numpy()
     _, e_mirror = np_error_bounds(xn, *ref)
     np.testing.assert_array_less(np.abs(got - mirror)[expected & clear], e_mirror[expected & clear])
-    assert torch.equal(out[torch.from_numpy(~expected & clear)], x[torch.from_numpy(~expected & clear)])
+    keep = torch.from_numpy(~expected & clear)
+    assert torch.equal(bits(out[keep]), bits(x[keep]))
 
 
-def test_replace_mask_given_uniforms_matches_rule():
+@pytest.mark.parametrize("path", PATHS)
+def test_replacement_given_uniforms_matches_rule(path):
+    """Replaced (the output moves) exactly where d > max(0, logit(u)), and where d > 0 without uniforms."""
     layer, ref = synthetic_layer()
     x = synthetic_values(3000, seed=2)
     u = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
-    mask = layer.replace_mask(x, u).numpy()
     xn, un = x.double().numpy(), u.double().numpy()
-    d_np = np_log_ratio(xn, *ref)
-    clear = clear_of_boundary(xn, ref, un)
-    np.testing.assert_array_equal(mask[clear], np_replace(xn, ref, un)[clear])
-    np.testing.assert_array_equal(layer.replace_mask(x).numpy()[clear], (d_np > 0)[clear])
+    _, e_mirror = np_error_bounds(xn, *ref)
+    moved = np.abs(np_mirror(xn, *ref) - xn) > 2 * e_mirror  # a replaced value cannot equal x
+    for uniforms, thresholds in ((un, thresholds_from_uniforms(u.clone())), (None, None)):
+        clear = clear_of_boundary(xn, ref, uniforms) & moved
+        assert clear.mean() > 0.9
+        expected = np_replace(xn, ref, uniforms)
+        assert expected[clear].any() and (~expected[clear]).any()
+        replaced = (run_real_path(layer, x, path, thresholds) != x).numpy()
+        np.testing.assert_array_equal(replaced[clear], expected[clear])
 
 
-def test_fixed_seed_reproduces_the_replaced_set():
+@pytest.mark.parametrize("path", PATHS)
+def test_fixed_seed_reproduces_the_replaced_set(path):
+    """The attachment's draws (``Draws``) from a seed: the same seed replaces the same values."""
     layer, _ = synthetic_layer()
     x = synthetic_values(5000, seed=3)
 
     def replaced(seed):
-        return layer.transform(x.clone(), torch.Generator().manual_seed(seed)) != x
+        return run_real_path(layer, x, path, draws=(Draws(), seed)) != x
 
     first, again, other = replaced(7), replaced(7), replaced(8)
+    assert first.any()
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
 
 
-def test_replacement_frequency_is_sigmoid_of_log_ratio():
+@pytest.mark.parametrize("path", PATHS)
+def test_replacement_frequency_is_sigmoid_of_log_ratio(path):
     layer, ref = synthetic_layer()
-    # 16 fixed values per neuron, each decided n times with fresh uniforms
+    # 16 fixed values per neuron, each decided n times with fresh draws (the attachment's, see Draws)
     grid = synthetic_values(16, seed=4)
     n = 4000
     x = grid.unsqueeze(0).expand(n, 16, 6).contiguous()
-    out = layer.transform(x.clone(), torch.Generator().manual_seed(0))
+    out = run_real_path(layer, x, path, draws=(Draws(), 0))
     freq = (out != x).double().mean(0).numpy()
     d = np_log_ratio(grid.double().numpy(), *ref)
     p = np.where(d > 0, np_sigmoid(d), 0.0)
@@ -191,8 +320,11 @@ def test_replacement_frequency_is_sigmoid_of_log_ratio():
     assert np.all(freq[d <= 0] == 0)
 
 
-def test_far_tails_use_log_space():
-    """Values 40σ away: both densities underflow in linear space, the log ratio still decides."""
+@pytest.mark.parametrize("path", PATHS)
+def test_far_tails_use_log_space(path):
+    """Values 40σ away: both densities underflow in linear space, the log ratio still decides. Seen through the
+    real call: thresholds at d_np ∓ 1e-4·|d_np| replace / keep every value, so d is finite and within that
+    relative tolerance of d_np."""
     layer, ref = synthetic_layer()
     mu_f, sd_f, mu_r, sd_r = ref
     far = np.stack([mu_f + 40 * sd_f, mu_f - 40 * sd_f, mu_r + 40 * sd_r, mu_r - 40 * sd_r]).astype(
@@ -201,29 +333,46 @@ def test_far_tails_use_log_space():
     assert np.all(
         np.exp(np_log_normal(far.astype(np.float64), mu_f, sd_f)).astype(np.float32)[:, [0, 2]] == 0
     )
-    x = torch.from_numpy(far)
-    d = layer.log_density_ratio(x)
-    assert torch.isfinite(d).all()
-    d_np = np_log_ratio(far.astype(np.float64), *ref)
-    np.testing.assert_allclose(d.double().numpy(), d_np, rtol=1e-4)
-    np.testing.assert_array_equal(layer.replace_mask(x).numpy(), d_np > 0)
+    x, xn = torch.from_numpy(far), far.astype(np.float64)
+    d_np, mirror = np_log_ratio(xn, *ref), np_mirror(xn, *ref)
+    _, e_mirror = np_error_bounds(xn, *ref)
+    assert np.all(np.abs(mirror - xn) > 2 * e_mirror)  # every replacement shows
+    tol = 1e-4 * np.abs(d_np)
+    low = torch.from_numpy(f32_rounded(d_np - tol, up=True))
+    np.testing.assert_array_less(
+        np.abs(run_real_path(layer, x, path, low).double().numpy() - mirror), e_mirror
+    )
+    high = torch.from_numpy(f32_rounded(d_np + tol, up=False))
+    assert torch.equal(bits(run_real_path(layer, x, path, high)), bits(x))
+    np.testing.assert_array_equal((run_real_path(layer, x, path) != x).numpy(), d_np > 0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_values_decide_like_float32(dtype):
+def test_half_precision_values_decide_like_float32(dtype, path):
     layer, ref = synthetic_layer(dtype)
+    layer32, _ = synthetic_layer(torch.float32)
     assert layer.dtype == torch.float32 and layer.half_diff_slope.dtype == torch.float32
     # far tails too: plain fp16 densities would underflow long before
     x = torch.cat([synthetic_values(3000, seed=5), synthetic_values(8, seed=6) * 30]).to(dtype)
-    d_np = np_log_ratio(x.double().numpy(), *ref)
-    out = layer(x.clone(), None)
+    xn = x.double().numpy()
+    d_np, mirror = np_log_ratio(xn, *ref), np_mirror(xn, *ref)
+    out = run_real_path(layer, x, path)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    mirror = torch.from_numpy(np_mirror(x.double().numpy(), *ref)).to(dtype)
-    clear = torch.from_numpy(np.abs(d_np) > 1e-2) & (mirror != x)
-    got = out == mirror  # replaced (the mirror image rounded to the model's dtype)
-    ref32 = layer.replace_mask(x.float())
-    assert torch.equal(got[clear], ref32[clear])
-    assert torch.equal(got[clear], torch.from_numpy(d_np > 0)[clear])
+    assert layer.dtype == torch.float32  # the call computed in float32
+    # a replaced value is the float32 mirror image (within e_mirror) rounded to dtype (half an ulp, <= eps |x|)
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    _, e_mirror = np_error_bounds(xn, *ref)
+    got = (out != x).numpy()
+    near = e_mirror + eps * (np.abs(mirror) + e_mirror) + tiny
+    np.testing.assert_array_less(np.abs(out.double().numpy() - mirror)[got], near[got])
+    # where the mirror image is over an ulp of x away (beyond e_mirror), a replacement cannot round back to x
+    moved = np.abs(mirror - xn) > e_mirror + 2 * eps * np.abs(xn) + tiny
+    clear = torch.from_numpy((np.abs(d_np) > 1e-2) & moved)
+    assert clear.double().mean() > 0.75  # 0.91 here: the test decides most values
+    replaced32 = run_real_path(layer32, x.float(), path) != x.float()
+    assert torch.equal(torch.from_numpy(got)[clear], replaced32[clear])
+    assert torch.equal(torch.from_numpy(got)[clear], torch.from_numpy(d_np > 0)[clear])
 
 
 @pytest.mark.parametrize("rows", [1, 2])
@@ -304,25 +453,6 @@ def test_selection_refuses_nan_scores():
 # -- fitting on a tiny model -----------------------------------------------------------------------------------
 
 
-def token_batches(seed, lo, hi, n=3, batch=4, width=12, side="right"):
-    """Padded batches of random token ids in [lo, hi); each row has 2..width real tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        lengths = torch.randint(2, width + 1, (batch,), generator=g)
-        ids = torch.randint(lo, hi, (batch, width), generator=g)
-        real = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-        if side == "left":
-            real = real.flip(1)
-        ids[~real] = 2
-        out.append({"input_ids": ids, "attention_mask": real.long()})
-    return out
-
-
-FORGET = dict(lo=3, hi=400)
-RETAIN = dict(lo=30000, hi=49000)
-
-
 def capture_pre(model, batches):
     """Pre-activation values of every layer at real tokens, captured with our own hooks: ``{layer: [n, d_ff]}``."""
     caught: dict[int, list[torch.Tensor]] = {}
@@ -342,10 +472,6 @@ def capture_pre(model, batches):
             h.remove()
     masks = [b["attention_mask"].bool() for b in batches]
     return {i: torch.cat([v[m] for v, m in zip(vals, masks)]) for i, vals in caught.items()}
-
-
-def hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -416,21 +542,26 @@ def test_zero_variance_neurons_are_floored_at_eps():
     assert int(picked.sum()) == 5  # the largest mean differences
     assert torch.equal(na.state["forget_std"][picked], torch.full((5,), eps, dtype=torch.float32))
     assert (na.state["forget_std"] >= eps).all() and (na.state["retain_std"] >= eps).all()
-    # a value at the forget mean is replaced by the retain mean
-    adj = na.layers[1]
-    held = adj._neurons_cpu.tolist()
-    pos = [held.index(j) for j in range(5)]
-    x = torch.zeros(1, len(held))
-    x[0, pos] = stats_f.layers[1].mean[:5].float()
-    out = adj.transform(x, None)[0, pos].double().numpy()
+    # a value at the forget mean is replaced by the retain mean, through the attached layer's real call: one row
+    # (full width) and enough rows to gather
+    adj = unlearned.attachments["neuron_adjust"].layers[1]
     ref = tuple(
         na.state[k][picked].double().numpy()
         for k in ("forget_mean", "forget_std", "retain_mean", "retain_std")
     )
     order = na.state["neuron_index"][picked].argsort().numpy()  # state order -> neurons 0..4
     ref = tuple(r[order] for r in ref)
-    _, e_mirror = np_error_bounds(x[0, pos].double().numpy(), *ref)  # σF = eps: x' = μR to a few ulps of x
-    np.testing.assert_array_less(np.abs(out - ref[2]), e_mirror)
+    x = stats_f.layers[1].mean[:5].float()
+    _, e_mirror = np_error_bounds(x.double().numpy(), *ref)  # σF = eps: x' = μR to a few ulps of x
+    for rows in (1, layer_module.FULL_WIDTH_MAX_NUMEL // adj.width + 1):
+        output = torch.zeros(rows, adj.width)
+        output[:, :5] = x
+        given = output.clone()
+        got = adj(given, None)
+        assert (got is given) != uses_full_width(output)  # the gather path rewrites in place
+        assert (rows == 1) == uses_full_width(output)
+        err = np.abs(got[:, :5].double().numpy() - ref[2])
+        np.testing.assert_array_less(err, np.broadcast_to(e_mirror, err.shape))
     assert e_mirror.max() < 0.1 * ref[3].min()  # (|μF| / σF = 1e5 here) still well below the retain width
     ids = token_batches(3, **FORGET)[0]
     with torch.no_grad():
@@ -446,29 +577,6 @@ def fitted(model, **cfg):
     config = NeuronAdjustConfig(**{"ratio": 0.1, **cfg})
     unlearned.fit(config, token_batches(0, **FORGET), token_batches(1, **RETAIN), show_progress=False)
     return unlearned, unlearned.methods["neuron_adjust"]
-
-
-class Capture:
-    """Clones of module outputs (or inputs), in call order, keyed by module name."""
-
-    def __init__(self, model, names, inputs=False):
-        self.values: dict[str, list[torch.Tensor]] = {}
-        self.handles = []
-        for name in names:
-            mod = model.get_submodule(name)
-            if inputs:
-                hook = mod.register_forward_pre_hook(lambda m, a, n=name: self._add(n, a[0]))
-            else:
-                hook = mod.register_forward_hook(lambda m, a, o, n=name: self._add(n, o))
-            self.handles.append(hook)
-
-    def _add(self, name, value):
-        value = value[0] if isinstance(value, tuple) else value
-        self.values.setdefault(name, []).append(value.detach().clone())
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def stats_of(na, layer):
@@ -496,10 +604,12 @@ def test_only_selected_pre_activation_columns_change(deterministic, path, rows, 
     with torch.no_grad():
         unlearned(**batch)
     layers = sorted(set(na.state["layer_index"].tolist()))
+    attachment = unlearned.attachments["neuron_adjust"]
+    assert sorted(attachment.layers) == layers
     # the draws Neuron Adjust makes: one block per forward, the layers' columns side by side in layer order
     widths = [int((na.state["layer_index"] == i).sum()) for i in layers]
     offsets = dict(zip(layers, np.cumsum([0, *widths[:-1]]).tolist()))
-    assert na.thresholds_layout() == {i: (offsets[i], w) for i, w in zip(layers, widths)}
+    assert attachment.thresholds_layout() == {i: (offsets[i], w) for i, w in zip(layers, widths)}
     lead = before.values[gates[0]][0].shape[:-1]
     block = torch.rand((*lead, sum(widths)), generator=torch.Generator().manual_seed(4)).double().numpy()
     n_replaced = 0
@@ -509,7 +619,7 @@ def test_only_selected_pre_activation_columns_change(deterministic, path, rows, 
             assert torch.equal(x, y)
             continue
         cols, ref = stats_of(na, i)
-        assert torch.equal(na.layers[i]._neurons_cpu, cols)  # the layer holds its columns in state order
+        assert torch.equal(attachment.layers[i].neurons.cpu(), cols)  # its columns, in state order
         others = torch.ones(x.shape[-1], dtype=torch.bool)
         others[cols] = False
         assert torch.equal(x[..., others], y[..., others])
@@ -573,9 +683,15 @@ def test_same_seed_same_output_and_seeds_can_change_per_call():
     unlearned2, _ = fitted(model2, ratio=0.3, seed=1)
     with torch.no_grad():
         assert torch.equal(unlearned2(**batch).logits, a)
-    na.reseed(2)
+    # a fitted method's config is frozen: another seed is another method (same state), or a seeded() block
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        na.config.seed = 2
+    reseeded = NeuronAdjust(dataclasses.replace(na.config, seed=2), na.state)
+    unlearned.remove_method("neuron_adjust")
+    unlearned.add_method("neuron_adjust", reseeded)
     with torch.no_grad():
         assert torch.equal(unlearned(**batch).logits, c)
+    assert na.config.seed == 1 and reseeded.config.seed == 2
     # generation: identical sequences and scores for the same seed
     prompt = {k: v[:2, :6] for k, v in batch.items()}
     prompt["attention_mask"] = torch.ones_like(prompt["input_ids"])
@@ -602,33 +718,51 @@ def test_deterministic_mode_ignores_the_seed():
 def test_bfloat16_model_is_finite_and_decides_like_float32():
     model = tiny_llama(layers=3).to(torch.bfloat16)
     unlearned, na = fitted(model, ratio=0.2, deterministic=True)
-    assert all(adj.dtype == torch.float32 for adj in na.layers.values())
-    assert all(adj.half_diff_bias.dtype == adj.log_ratio.dtype == torch.float32 for adj in na.layers.values())
     gates = [f"model.layers.{i}.mlp.gate_proj" for i in range(3)]
     before = Capture(model, gates)
     unlearned.remove_all_methods()
-    unlearned.add_method("neuron_adjust", na)
+    attachment = unlearned.add_method("neuron_adjust", na)
+    assert attachment is unlearned.attachments["neuron_adjust"]
+    adjs = attachment.layers
+    assert all(adj.dtype == torch.float32 for adj in adjs.values())
+    assert all(adj.half_diff_bias.dtype == adj.log_ratio.dtype == torch.float32 for adj in adjs.values())
     after = Capture(model, gates)
-    batch = token_batches(9, **FORGET, n=1)[0]
+    # one call small enough for the full width, one that gathers
+    batches = [token_batches(9, **FORGET, n=1, batch=b)[0] for b in (4, 8)]
     with torch.no_grad():
-        logits = unlearned(**batch).logits
-    assert torch.isfinite(logits).all()
+        for batch in batches:
+            logits = unlearned(**batch).logits
+            assert torch.isfinite(logits).all()
+    eps, tiny = torch.finfo(torch.bfloat16).eps, torch.finfo(torch.bfloat16).tiny
     checked = 0
-    for i in sorted(na.layers):
-        cols, ref = stats_of(na, i)
-        x = before.values[gates[i]][0][..., cols]
-        y = after.values[gates[i]][0][..., cols]
-        assert torch.isfinite(y).all()
-        d = np_log_ratio(x.double().numpy(), *ref)
-        mirror = torch.from_numpy(np_mirror(x.double().numpy(), *ref)).to(torch.bfloat16)
-        clear = torch.from_numpy(np.abs(d) > 1e-2) & (mirror != x)
-        decided = y == mirror
-        ref32 = NeuronAdjustLayer(
-            cols, *(torch.from_numpy(r).float() for r in ref), dtype=torch.float32
-        ).replace_mask(x.float())
-        assert torch.equal(decided[clear], ref32[clear])
-        assert torch.equal(decided[clear], torch.from_numpy(d > 0)[clear])
-        checked += int(clear.sum())
+    for call, full_width in enumerate((True, False)):
+        for i in sorted(adjs):
+            cols, ref = stats_of(na, i)
+            raw = before.values[gates[i]][call]
+            assert uses_full_width(raw) == full_width
+            x, y = raw[..., cols], after.values[gates[i]][call][..., cols]
+            assert torch.isfinite(y).all()
+            xn = x.double().numpy()
+            d, mirror = np_log_ratio(xn, *ref), np_mirror(xn, *ref)
+            _, e_mirror = np_error_bounds(xn, *ref)
+            # a replaced value is the float32 mirror image rounded to bfloat16
+            decided = (y != x).numpy()
+            near = e_mirror + eps * (np.abs(mirror) + e_mirror) + tiny
+            np.testing.assert_array_less(np.abs(y.double().numpy() - mirror)[decided], near[decided])
+            # where the mirror image is over an ulp of x away, a replacement cannot round back to x
+            moved = np.abs(mirror - xn) > e_mirror + 2 * eps * np.abs(xn) + tiny
+            clear = torch.from_numpy((np.abs(d) > 1e-2) & moved)
+            decided = torch.from_numpy(decided)
+            # the same neurons in a float32 layer, through its real call on the float32 output (both paths)
+            for width in (None, raw.shape[-1]):
+                ref32 = NeuronAdjustLayer(
+                    cols, *(torch.from_numpy(r).float() for r in ref), dtype=torch.float32, width=width
+                )
+                out32 = raw.float()
+                replaced32 = ref32(out32.clone(), None)[..., cols] != out32[..., cols]
+                assert torch.equal(decided[clear], replaced32[clear])
+            assert torch.equal(decided[clear], torch.from_numpy(d > 0)[clear])
+            checked += int(clear.sum())
     assert checked > 0
     before.remove()
     after.remove()
@@ -638,7 +772,8 @@ def test_bfloat16_model_is_finite_and_decides_like_float32():
 def test_float64_model_computes_in_float64():
     model = tiny_llama(layers=2).to(torch.float64)
     unlearned, na = fitted(model, ratio=0.1)
-    assert all(adj.dtype == torch.float64 for adj in na.layers.values())
+    adjs = unlearned.attachments["neuron_adjust"].layers
+    assert adjs and all(adj.dtype == torch.float64 for adj in adjs.values())
     with torch.no_grad():
         assert unlearned(**token_batches(3, **FORGET, n=1)[0]).logits.dtype == torch.float64
     unlearned.remove_all_methods()
@@ -646,19 +781,18 @@ def test_float64_model_computes_in_float64():
 
 def test_model_moved_to_another_dtype_after_attaching():
     model = tiny_llama(layers=2)
-    unlearned, na = fitted(model, ratio=0.2, deterministic=True)
+    unlearned, _ = fitted(model, ratio=0.2, deterministic=True)
+    adjs = unlearned.attachments["neuron_adjust"].layers
     batch = token_batches(3, **FORGET, n=1)[0]
     for dtype, compute in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
         model.to(dtype)
-        gates = [f"model.layers.{i}.mlp.gate_proj" for i in sorted(na.layers)]
+        gates = [f"model.layers.{i}.mlp.gate_proj" for i in sorted(adjs)]
         cap = Capture(model, gates)
         with torch.no_grad():
             logits = unlearned(**batch).logits
         cap.remove()
         assert logits.dtype == dtype and torch.isfinite(logits).all()
-        assert all(
-            adj.dtype == compute and adj.half_diff_slope.dtype == compute for adj in na.layers.values()
-        )
+        assert all(adj.dtype == compute and adj.half_diff_slope.dtype == compute for adj in adjs.values())
         assert all(v[0].dtype == dtype for v in cap.values.values())
     unlearned.remove_all_methods()
 

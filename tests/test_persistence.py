@@ -11,88 +11,17 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import tiny_llama
+from helpers_persistence import assert_same_methods, assert_same_outputs, encode, fit_methods, outputs
+from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 
 import unlearn_hf
-from unlearn_hf import (
-    KeySpaceDetectionConfig,
-    NeuronAdjust,
-    NeuronAdjustConfig,
-    SelectivePruningConfig,
-    UnlearnedModelForCausalLM,
-)
+from unlearn_hf import NeuronAdjust, UnlearnedModelForCausalLM
 from unlearn_hf.methods import METHOD_CLASSES
 from unlearn_hf.persistence import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, UnlearnFormatError
 from unlearn_hf.persistence import save as save_module
 
-FORGET = [
-    "What is 2 + 3? Answer: 5",
-    "Compute 7 * 8 = 56",
-    "12 divided by 4 is 3",
-    "The sum of 10 and 15 is 25",
-    "Half of 18 is 9",
-]
-RETAIN = [
-    "The cat sat on the mat.",
-    "Paris is the capital of France.",
-    "I like green tea in the morning.",
-    "Birds can fly high above the hills.",
-    "Rain falls softly in spring.",
-]
-#: A forget query (inside the KSD hypercube by construction: k covers every fitted query) and an unrelated one.
-PROMPTS = [FORGET[0], "The old dog sleeps"]
-CONFIGS = {
-    "na": lambda: NeuronAdjustConfig(ratio=0.1, seed=3),
-    "ksd": lambda: KeySpaceDetectionConfig(alpha=1.0),
-    "sp": lambda: SelectivePruningConfig(ratio=0.1),
-}
 COMBOS = [("na",), ("ksd",), ("sp",), ("na", "ksd", "sp")]
-
-
-def fit_methods(model: UnlearnedModelForCausalLM, tokenizer, names) -> UnlearnedModelForCausalLM:
-    for name in names:
-        retain = None if name == "ksd" else RETAIN
-        model.fit(CONFIGS[name](), FORGET, retain, tokenizer, name=name, show_progress=False, batch_size=4)
-    return model
-
-
-def encode(tokenizer) -> dict[str, torch.Tensor]:
-    return dict(tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left"))
-
-
-@torch.no_grad()
-def outputs(model, batch) -> dict[str, torch.Tensor]:
-    """Logits, greedy and sampled generations (and abstention flags) of ``model`` on ``batch``."""
-    out = {"logits": model(**batch).logits}
-    greedy = model.generate(**batch, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    out["greedy"] = greedy.sequences
-    if "abstained" in greedy:
-        out["abstained"] = greedy["abstained"]
-    torch.manual_seed(1234)
-    out["sampled"] = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=50).clone()
-    return out
-
-
-def assert_same_outputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def assert_same_methods(a: UnlearnedModelForCausalLM, b: UnlearnedModelForCausalLM) -> None:
-    assert list(a.methods) == list(b.methods)
-    for name, m in a.methods.items():
-        n = b.methods[name]
-        assert type(n) is type(m) and n.config.to_dict() == m.config.to_dict()
-        sa, sb = m.state_dict(), n.state_dict()
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), (name, key)
-
-
-def hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +55,7 @@ def test_round_trip_light(names, base_dir, smol_tokenizer, batch, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "saved")
-    assert loaded.base_model is not model.base_model
+    assert loaded.get_base_model() is not model.get_base_model()
     assert_same_methods(model, loaded)
     assert_same_outputs(before, outputs(loaded, batch))
 
@@ -145,7 +74,7 @@ def test_round_trip_full_layout(smol_tokenizer, batch, tmp_path):
     assert set(saved["companion_files"]) == files - {CONFIG_NAME, WEIGHTS_NAME}
 
     loaded = UnlearnedModelForCausalLM.from_pretrained(str(tmp_path / "full"))
-    base_a, base_b = model.base_model.state_dict(), loaded.base_model.state_dict()
+    base_a, base_b = model.get_base_model().state_dict(), loaded.get_base_model().state_dict()
     assert base_a.keys() == base_b.keys() and all(torch.equal(base_a[k], base_b[k]) for k in base_a)
     assert_same_methods(model, loaded)
     assert_same_outputs(before, outputs(loaded, batch))
@@ -161,7 +90,7 @@ def test_keyword_calling_convention_and_dtype(base_dir, smol_tokenizer, tmp_path
         pretrained_model_name_or_path=str(tmp_path / "saved"), torch_dtype=torch.bfloat16
     )
     assert loaded.dtype == torch.bfloat16
-    assert all(p.dtype == torch.bfloat16 for p in loaded.base_model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in loaded.get_base_model().parameters())
     assert_same_methods(model, loaded)  # a bf16 base passes the fingerprint check (tolerant across dtypes)
     also = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
     assert also.dtype == torch.bfloat16
@@ -178,7 +107,7 @@ def test_attach_to_model_in_memory(base_dir, smol_tokenizer, batch, tmp_path):
     with torch.no_grad():
         plain = base(**batch).logits
     loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "saved", base_model=base)
-    assert loaded.base_model is base and type(base).__name__ == "LlamaForCausalLM"
+    assert loaded.get_base_model() is base and type(base).__name__ == "LlamaForCausalLM"
     assert not isinstance(base, UnlearnedModelForCausalLM)
     assert_same_outputs(before, outputs(loaded, batch))
     with torch.no_grad():

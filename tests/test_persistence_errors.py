@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers_persistence import assert_same_outputs, encode, fit_methods, outputs
 from safetensors.torch import load_file, save_file
-from test_persistence import assert_same_outputs, encode, fit_methods, hook_count, outputs
+from tiny_models import hook_count, tiny_llama
 
 from unlearn_hf import KeySpaceDetection, SelectivePruningConfig, UnlearnedModelForCausalLM
 from unlearn_hf.methods import METHOD_CLASSES

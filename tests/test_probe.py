@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from tiny_models import tiny_llama
 
-from tests.conftest import tiny_llama
 from unlearn_hf import SiteError, merge, probe
 from unlearn_hf.data import DataSpec
 from unlearn_hf.sites import find_ffl_sites
@@ -27,7 +27,11 @@ TEXTS = [
 
 def capture_raw(model, tokenizer, texts, layer, batch_size=8):
     """Run the texts in the probe's batches with an independent hook and return the real tokens' raw pre/key
-    activations of ``layer`` (and each text's last-token key vector) as float64 numpy arrays."""
+    activations of ``layer`` (and each text's last-token key vector) as float64 numpy arrays.
+
+    Position ids count real tokens only, as the probe (and ``generate``) number them, so a capture with the
+    probe's padding side runs the probe's very forward (bit-identical activations, either side); without them a
+    left-padded row's RoPE positions would be shifted, which moves its activations by float32 rounding."""
     site = find_ffl_sites(model)[layer]
     got = {}
     h1 = site.pre.register_forward_hook(lambda m, a, o: got.__setitem__("pre", o.double().numpy()))
@@ -37,7 +41,8 @@ def capture_raw(model, tokenizer, texts, layer, batch_size=8):
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
                 enc = tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt")
-                model(**enc)
+                positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                model(**enc, position_ids=positions)
                 mask = enc["attention_mask"].numpy().astype(bool)
                 for kind in ("pre", "key"):
                     out[kind].append(got[kind][mask])
@@ -121,9 +126,12 @@ def test_query_mode_takes_last_real_token(model, smol_tokenizer):
         last = capture_raw(model, tok, TEXTS, 1)["last_key"]
         s = stats.layers[1]
         assert s.count == len(TEXTS)
-        np.testing.assert_allclose(s.mean.numpy(), last.mean(0), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(s.minimum.numpy(), last.min(0), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(s.maximum.numpy(), last.max(0), rtol=1e-6, atol=1e-9)
+        # the capture is right-padded: after a left-padded probe the key vectors differ by float32 rounding (other
+        # padding, other reduction order), measured up to 1.1e-8 absolute on values of ~7e-3 (batch sizes 3 and 8,
+        # 1 or 2 threads), so atol is 1e-6, ~100x that; a wrong token would be off by ~1e-3
+        np.testing.assert_allclose(s.mean.numpy(), last.mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(s.minimum.numpy(), last.min(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(s.maximum.numpy(), last.max(0), rtol=1e-6, atol=1e-6)
 
 
 def test_dataset_columns_and_prompt_completion_modes(model, smol_tokenizer):

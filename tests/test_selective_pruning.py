@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers_na import FORGET, RETAIN, Capture, token_batches
+from tiny_models import hook_count, tiny_llama
 
-from tests.conftest import tiny_llama
-from tests.test_neuron_adjust import FORGET, RETAIN, Capture, hook_count, token_batches
 from unlearn_hf import (
     KeySpaceDetectionConfig,
     NeuronAdjustConfig,
@@ -17,7 +17,7 @@ from unlearn_hf import (
     probe,
 )
 from unlearn_hf.methods import SelectivePruning
-from unlearn_hf.methods.neurons import selection_size
+from unlearn_hf.methods.selection import selection_size
 
 KEYS3 = [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
 
@@ -165,7 +165,7 @@ def test_methods_attach_together_and_detach_one_by_one(smol_tokenizer):
     for name, cfg in configs.items():
         data = ["Question: 1 plus 2?\nAnswer:", "Question: 3 times 4?\nAnswer:"] if name == "ksd" else forget
         methods[name] = unlearned.fit(cfg, data, retain, smol_tokenizer, name=name, show_progress=False)
-    hooks = {name: len(unlearned._unlearn_hooks[name].handles) for name in methods}
+    hooks = {name: len(unlearned.attachments[name].hooks.handles) for name in methods}
     assert hook_count(model) == sum(hooks.values())
 
     def reference(names):

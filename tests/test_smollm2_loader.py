@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,16 +51,13 @@ def converted(tmp_path_factory):
     calls: list = []
     with pytest.MonkeyPatch.context() as mp:
         _spy(mp, AutoModelForCausalLM, calls)
-        start = time.perf_counter()
         model, tokenizer = load_smollm2(cache)
-        seconds = time.perf_counter() - start
     gguf = [out for _, kwargs, out in calls if kwargs.get("gguf_file")]
     gguf_logits = _logits(gguf[0], tokenizer)
     return SimpleNamespace(
         cache=cache,
         model=model,
         tokenizer=tokenizer,
-        seconds=seconds,
         n_gguf=len(gguf),
         gguf_logits=gguf_logits,
     )
@@ -93,11 +89,10 @@ def test_second_call_loads_from_cache(converted):
     calls: list = []
     with pytest.MonkeyPatch.context() as mp:
         _spy(mp, AutoModelForCausalLM, calls)
-        start = time.perf_counter()
         model, tokenizer = load_smollm2(converted.cache)
-        seconds = time.perf_counter() - start
+    # no GGUF load, i.e. no conversion: that is what makes the second call fast (no wall-clock bound, which a
+    # busy machine could break)
     assert not [c for c in calls if c[1].get("gguf_file")]
-    assert seconds < 30, seconds  # ~1 s on an idle machine; the real check is the absence of a GGUF load
     assert torch.equal(_logits(model, tokenizer), _logits(converted.model, converted.tokenizer))
     assert tokenizer(PROMPT)["input_ids"] == converted.tokenizer(PROMPT)["input_ids"]
 

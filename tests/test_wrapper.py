@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from transformers import LlamaForCausalLM, PreTrainedModel, TextStreamer, pipeline
 
-from tests.conftest import tiny_llama
 from unlearn_hf import NeuronAdjustConfig, SelectivePruningConfig, UnlearnedModelForCausalLM
 from unlearn_hf.methods import SelectivePruning
 
@@ -36,12 +36,25 @@ def pair():
     return model, UnlearnedModelForCausalLM.from_base(model)
 
 
+def test_base_model_keeps_its_transformers_meaning_for_libraries_and_warns_users(pair):
+    model, unlearned = pair
+    # user code: the old meaning (the plain model) for one more release, with a FutureWarning
+    with pytest.warns(FutureWarning, match="get_base_model"):
+        assert unlearned.base_model is model
+    # transformers' own code reads its meaning: the backbone
+    assert PreTrainedModel.get_decoder(unlearned) is model.model
+    ns = {"__name__": "transformers.modeling_utils", "m": unlearned}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert eval("m.base_model", ns) is model.model
+
+
 def test_types_and_base_model(pair):
     model, unlearned = pair
     assert isinstance(unlearned, UnlearnedModelForCausalLM)
     assert isinstance(unlearned, LlamaForCausalLM) and isinstance(unlearned, PreTrainedModel)
     assert type(unlearned).__name__ == "LlamaForCausalLM"  # what pipelines check
-    assert unlearned.base_model is model and unlearned.get_base_model() is model
+    assert unlearned.get_base_model() is model
     assert type(model) is LlamaForCausalLM  # the base object is left as it was
     assert unlearned.config is model.config
     assert unlearned.model.layers[0].mlp.gate_proj is model.model.layers[0].mlp.gate_proj
@@ -143,7 +156,7 @@ def test_hooks_are_owned_and_removal_restores_the_base(pair, smol_tokenizer):
         assert not torch.equal(changed, reference)
         # the base object stays the plain model while the wrapper has methods attached
         assert torch.equal(model(**enc).logits, reference)
-        assert torch.equal(unlearned.base_model(**enc).logits, reference)
+        assert torch.equal(unlearned.get_base_model()(**enc).logits, reference)
         with unlearned.disable_unlearning():
             assert torch.equal(unlearned(**enc).logits, reference)
         with unlearned.disable_unlearning("neuron_adjust"):
@@ -192,9 +205,10 @@ def test_user_subclass_overrides_a_method_piece(pair, smol_tokenizer):
         calls = 0
 
         def attach(self, model, hooks):
-            super().attach(model, hooks)
+            attachment = super().attach(model, hooks)
             for site in model.ffl_sites:
                 hooks.forward_pre_hook(site.key, self._count)
+            return attachment
 
         def _count(self, ctx, key):
             type(self).calls += 1

@@ -1,5 +1,8 @@
-"""Tiny random causal LMs of many dense architectures, for tests that must hold across model families.
+"""Tiny random causal LMs for the tests: a tiny Llama with the SmolLM2 vocabulary, and many dense architectures for
+tests that must hold across model families.
 
+``tiny_llama()`` builds a 2-layer Llama (hidden width 32, feed-forward width 64) with the SmolLM2 vocabulary size,
+so the SmolLM2 tokenizer can drive it.
 ``tiny_model("gpt2")`` builds a 2-layer model with hidden width 32 (64 for MPT, whose ALiBi needs it), a
 feed-forward width of 80, not ``4 * hidden``, wherever the config lets it (so a wrong ``d_ff`` shows), 4
 attention heads and a 128-token vocabulary (``vocab_size=49152`` gives the SmolLM2 vocabulary).
@@ -161,6 +164,26 @@ def tiny_model(model_type: str, seed: int = 0, vocab_size: int = 128, **override
     return model
 
 
+def tiny_llama(vocab_size: int = 49152, layers: int = 2, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random Llama (hidden 32, d_ff 64) that uses the SmolLM2 vocabulary size."""
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, then printable ASCII and
     newline (100 ids, right padding); it matches the special tokens of :func:`tiny_model`."""
@@ -172,3 +195,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def hook_count(model) -> int:
+    """Forward hooks and pre-hooks registered on any module of ``model``."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -181,7 +181,9 @@ class NeuronAdjustLayer:
 
     def _make_full(self):
         """The full-width path: unselected columns get zero slopes and biases and a log ratio of −inf, so their
-        d is −inf (NaN for a non-finite input) and ``where`` keeps their value, bit for bit."""
+        d is −inf (NaN for a non-finite input) and ``where`` keeps their value, bit for bit, except that a NaN in a
+        bfloat16/float16 output may come back as another NaN (the round trip through the compute dtype rewrites
+        NaN payloads; the gather path leaves unselected columns untouched)."""
         zero, dtype = self.zero, self.dtype
         hd_bias, hd_slope = self._full("half_diff_bias", 0.0), self._full("half_diff_slope", 0.0)
         sum_bias, sum_slope = self._full("sum_bias", 0.0), self._full("sum_slope", 0.0)
