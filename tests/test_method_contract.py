@@ -241,3 +241,96 @@ def test_seeds_are_64_bit():
     for bad in (2**64, -(2**63) - 1, 1.0, True):
         with pytest.raises(ValueError, match="seed"):
             NeuronAdjustConfig(seed=bad)
+
+
+EXTRA_METHOD = '''
+import dataclasses
+
+import torch
+
+from unlearn_hf.methods import Attachment, MethodConfig, UnlearningMethod, register_method
+from unlearn_hf.methods import config as cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class DampConfig(MethodConfig):
+    method_type = "damp"
+    factor: float = 0.5
+
+    def __post_init__(self):
+        self._set("factor", cfg.positive_float("factor", self.factor))
+
+
+@register_method
+class Damp(UnlearningMethod):
+    """Scales every key vector by ``factor`` (a stand-in for a real method)."""
+
+    config_class = DampConfig
+    short_name = "damp"
+    label = "Damp"
+    needs_retain = False
+    cli_options = ()
+
+    @classmethod
+    def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec, show_progress=True):
+        return cls(config, {"factor": torch.tensor([config.factor], dtype=torch.float32)})
+
+    @classmethod
+    def state_spec(cls, config, state):
+        return {"factor": ((1,), torch.float32)}
+
+    def attach(self, model, hooks):
+        factor = float(self.state["factor"])
+        for site in model.ffl_sites:
+            hooks.forward_pre_hook(site.key, lambda ctx, key: key * factor)
+        return Attachment(self, model, hooks.method_name, hooks)
+'''
+
+
+def test_a_fourth_method_is_one_folder(tmp_path, monkeypatch):
+    """A method written in one folder (here a plug-in package found through the entry point group) is fitted,
+    run, saved and loaded, offered by the CLI and named in model cards, with no list edited anywhere."""
+    from importlib.metadata import EntryPoint
+
+    from unlearn_hf.cli.main import build_parser
+    from unlearn_hf.methods import registry
+    from unlearn_hf.model_card import ModelCardInfo, render_model_card
+
+    (tmp_path / "damp_method").mkdir()
+    (tmp_path / "damp_method" / "__init__.py").write_text(EXTRA_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = EntryPoint("damp", "damp_method", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == point.group else [])
+    monkeypatch.setattr(registry, "_discovered", False)
+    try:
+        registry.discover()
+        assert (
+            "damp" in METHOD_CLASSES and list(registry.by_short_name())[-1] != "damp"
+        )  # abstaining ones last
+        assert (
+            "damp"
+            in build_parser().parse_args(["fit", "--method", "damp", "--forget", "x", "--output", "o"]).method
+        )
+        base = tiny_llama(vocab_size=VOCAB, layers=3)
+        a = UnlearnedModelForCausalLM.from_base(base)
+        method = a.fit(METHOD_CLASSES["damp"].config_class(factor=0.25), FORGET, show_progress=False)
+        assert not torch.equal(logits(a, OTHER), logits(base, OTHER))
+        a.save_pretrained(tmp_path / "saved", base_model_name_or_path="tiny-llama")
+        loaded = UnlearnedModelForCausalLM.from_pretrained(
+            tmp_path / "saved", base_model=tiny_llama(VOCAB, 3)
+        )
+        assert loaded.methods["damp"].config == method.config
+        assert torch.equal(logits(loaded, OTHER), logits(a, OTHER))
+        card = render_model_card(
+            ModelCardInfo(
+                base_model="tiny-llama",
+                forget_skill="x",
+                retain_skills=[],
+                methods=[{"name": "damp", "config": method.config.to_dict()}],
+                repo_id="me/tiny",
+            )
+        )
+        assert "### Damp (`damp`)" in card.text
+    finally:
+        registry._METHODS.pop("damp", None)
+    assert "damp" not in METHOD_CLASSES
