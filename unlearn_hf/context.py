@@ -109,4 +109,4 @@ def current_context() -> ForwardContext | None:
 def is_unlearned_model(obj: Any) -> bool:
     """Whether ``obj`` is an unlearned model (an instance of a runtime class of ``UnlearnedModelForCausalLM``),
     without importing the wrapper."""
-    return "_unlearn_base_class" in dir(type(obj))
+    return hasattr(type(obj), "_unlearn_base_class")
