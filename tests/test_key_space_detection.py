@@ -82,7 +82,7 @@ def test_decisions_match_a_numpy_reference(tok, rule):
     unlearned = UnlearnedModelForCausalLM.from_base(model)
     layers = [0, 2]
     fitted = unlearned.fit(
-        KeySpaceDetectionConfig(layers=layers, rule=rule),
+        KeySpaceDetectionConfig(layers=layers, rule=rule, inputs="prompts"),
         forget=FORGET[:8],
         tokenizer=tok,
         show_progress=False,
@@ -142,9 +142,16 @@ def test_default_layer_alpha_and_config_copy(tok):
     unlearned = UnlearnedModelForCausalLM.from_base(model)
     config = KeySpaceDetectionConfig()
     method = unlearned.fit(config, forget=FORGET, tokenizer=tok, show_progress=False)
+    # without retain data nothing is calibrated: the middle layer, alpha 1, the narrowest window that reaches the
+    # question's end in every rendering (the chat template's closing tokens are the longest)
     assert method.config.layers == [N_LAYERS // 2] and method.state["layers"].tolist() == [N_LAYERS // 2]
-    assert config.layers is None  # the user's config is not modified
+    assert config.layers == "auto" and config.alpha == "auto"  # the user's config is not modified
     assert method.config.alpha == 1.0
+    closing = tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
+    )
+    closing = closing[closing.rindex("x") + 1 :]
+    assert method.config.window == len(tok(closing, add_special_tokens=False)["input_ids"]) + 1
     unlearned.remove_method("key_space_detection")
     method = unlearned.fit(
         KeySpaceDetectionConfig(layers=[-1, 0]), forget=FORGET, tokenizer=tok, show_progress=False

@@ -159,7 +159,7 @@ def test_methods_attach_together_and_detach_one_by_one(smol_tokenizer):
         "na": NeuronAdjustConfig(ratio=0.1, seed=1),
         "sp": SelectivePruningConfig(ratio=0.05),
         "na2": NeuronAdjustConfig(ratio=0.05, score="abs_mean_diff", seed=2),
-        "ksd": KeySpaceDetectionConfig(layers=[1]),
+        "ksd": KeySpaceDetectionConfig(layers=[1], alpha=1.0, window=1, inputs="prompts"),
     }
     methods = {}
     for name, cfg in configs.items():

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .model_inputs import StopForward, last_token_index
+from .model_inputs import StopForward, last_token_index, trailing_token_index
 
 
 @dataclass
@@ -92,6 +92,18 @@ class ForwardContext:
             index, real = last_token_index(self.attention_mask, batch, self.input_len)
             self._last[device] = (index.to(device), real.to(device))
         return self._last[device]
+
+    def trailing_token_index(
+        self, batch: int, window: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, valid)`` ``[batch, window]`` of each row's last ``window`` real tokens in this forward, on
+        ``device`` (see :func:`unlearn_hf.model_inputs.trailing_token_index`)."""
+        key = (device, window)
+        if key not in self._last:
+            mask = None if self.attention_mask is None else self.attention_mask.cpu()
+            index, valid = trailing_token_index(mask, batch, self.input_len, window)
+            self._last[key] = (index.to(device), valid.to(device))
+        return self._last[key]
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("unlearn_hf_forward", default=None)

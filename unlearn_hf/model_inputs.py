@@ -96,6 +96,22 @@ def last_token_index(
     return index, real
 
 
+def trailing_token_index(
+    attention_mask: torch.Tensor | None, batch: int, length: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, valid)``: int64 ``[batch, window]`` positions of each row's last ``window`` real tokens (column 0
+    the last one, then backwards) and bool ``[batch, window]`` whether each is a real token of this input (a
+    shorter prompt, padding, or a row without real tokens leaves ``False``; ``index`` is then clamped to a valid
+    position). Works for either padding side."""
+    last, real = last_token_index(attention_mask, batch, length)
+    index = last.unsqueeze(1) - torch.arange(window, dtype=torch.long).unsqueeze(0)
+    valid = (index >= 0) & real.unsqueeze(1)
+    index = index.clamp_min(0)
+    if attention_mask is not None:
+        valid &= attention_mask.bool().cpu().gather(1, index)
+    return index, valid
+
+
 def last_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Bool mask of the same shape selecting each row's last real token (no position in an all-padding row)."""
     index, real = last_token_index(attention_mask, *attention_mask.shape)

@@ -147,11 +147,13 @@ class AbstentionMixin:
         return out
 
     @torch.no_grad()
-    def detect(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Which rows the attached abstaining methods would refuse (bool ``[batch]``), from one forward pass.
+    def detect(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, by_method: bool = False
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Which rows the attached abstaining methods would refuse (bool ``[batch]``), from one forward pass;
+        with ``by_method=True``, ``{method name: bool [batch]}`` (which skill makes each row abstain).
 
-        The decision is the one ``generate`` takes at the prefill (last real token of each row, either padding
-        side). The forward stops as soon as every abstaining method has decided (e.g. after the last layer Key
+        The decision is the one ``generate`` takes at the prefill (either padding side). The forward stops as soon as every abstaining method has decided (e.g. after the last layer Key
         Space Detection reads), so this is cheaper than a full forward.
         """
         if not self.has_abstention:
@@ -180,5 +182,11 @@ class AbstentionMixin:
             pass
         finally:
             _GENERATION.reset(token)
-        flags = self.combine_abstention(self._decisions(request, abstaining))
+        decisions = self._decisions(request, abstaining)
+        if by_method:
+            none = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return {
+                n: (decisions.get(n) if decisions.get(n) is not None else none.clone()) for n in abstaining
+            }
+        flags = self.combine_abstention(decisions)
         return flags if flags is not None else torch.zeros(input_ids.shape[0], dtype=torch.bool)

@@ -3,53 +3,128 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .. import config as cfg
 from ..config import MethodConfig
+from .rendering import check_templates
 
 RULES = ("all", "any")
 ACTIONS = ("refuse", "eos")
+INPUTS = ("questions", "prompts")
+AUTO = "auto"
+#: The widest trailing window the decision may read (tokens before and including the prompt's last).
+MAX_WINDOW = 32
+
+
+def _auto_or(name: str, value: Any, check) -> Any:
+    return AUTO if value == AUTO else check(name, value)
+
+
+def _fraction(name: str, value: Any) -> float:
+    value = cfg.positive_float(name, value)
+    if not value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}.")
+    return value
 
 
 @dataclass(frozen=True)
 class KeySpaceDetectionConfig(MethodConfig):
-    """Key Space Detection (``docs/METHOD.md`` §4): a query abstains when its key vector falls inside the forget skill's
-    hypercube μ ± α·k·σ.
+    """Key Space Detection (``docs/METHOD.md`` §4): a query abstains when the key vector at the end of its question
+    falls inside the forget skill's hypercube μ ± α·k·σ.
+
+    **What is fitted.** Forget queries are *questions* (strings, or chat message lists whose last user turn is
+    the question), rendered in every format of this config (:mod:`.rendering`); the hypercube is fitted on the
+    key vector of the last token of the question's own text in each rendering. ``inputs="prompts"`` takes
+    already formatted prompts and fits on their last token (the paper's setting).
+
+    **What is decided.** At the prefill, per row, the key vectors of the prompt's last ``window`` real tokens are
+    tested; the row abstains when one of them is inside (:mod:`.decision`).
+
+    **Calibration.** With retain queries given to ``fit``, every ``"auto"`` field is chosen on held-out data: a
+    ``calibration_fraction`` of the forget questions is kept out of the fit, and the layer(s), window and α that
+    abstain on most held-out forget questions while abstaining on at most ``max_false_rate`` of the retain
+    questions *of every retain group and rendering* are chosen (:mod:`.calibration`). Without retain data the
+    ``"auto"`` fields fall back to the middle layer, α = 1 and the narrowest window that covers every fitted
+    rendering (a log line says so).
 
     Args:
-        layers: layer(s) whose key site is checked; negative indices count from the end. ``None`` = the middle
-            layer, ``n_layers // 2`` (on SmolLM2-135M-Instruct it separates GSM8K from MBPP and MMLU queries far
-            better than the last layer). The fitted method's config holds the resolved, sorted indices.
-        rule: with several layers, abstain when the query is inside at ``"all"`` of them (stricter: fewer false
-            refusals) or at ``"any"`` of them (catches more).
-        alpha: multiplier of the fitted radius k (> 0; α > 1 widens the hypercube, α < 1 narrows it). At α = 1
-            every fitted query is inside.
+        layers: layer(s) whose key site is checked (negative indices count from the end); ``"auto"``: calibrated;
+            ``None``: the middle layer. The fitted config holds the resolved, sorted indices.
+        rule: with several layers, abstain when inside at ``"all"`` of them or at ``"any"`` of them.
+        alpha: multiplier of the fitted radius k (> 0), or ``"auto"``. At α = 1 every fitted key is inside.
+        window: how many trailing prompt tokens the decision reads (1 = the last token only), or ``"auto"``:
+            the widest window (up to ``max_window_slack`` tokens past the fitted renderings' closing tokens)
+            whose calibrated forget abstention is within one point of the best; without calibration data, the
+            narrowest window covering every fitted rendering.
+        max_false_rate: the false-abstention budget of calibration, in (0, 1).
+        calibration_fraction: share of the forget questions held out to calibrate, in (0, 1).
+        inputs: ``"questions"`` (rendered by the library) or ``"prompts"`` (already formatted).
+        chat_template: render questions with the tokenizer's chat template (when it has one).
+        system_prompt: also render them with this system prompt in the chat template (``""``: don't).
+        templates: more renderings: strings holding ``{question}`` (e.g. ``"Question: {question}\\nAnswer:"``).
+        bare_question: render the bare question.
+        max_window_slack: how far past the fitted renderings' closing tokens ``window="auto"`` may look.
         eps: floor of the per-dimension standard deviation (> 0).
         action: ``"refuse"`` emits the tokens of ``refusal``, then end-of-sequence; ``"eos"`` ends at once.
-        refusal: the refusal message (``action="refuse"``), tokenized with the model's tokenizer at fit time,
-            without special tokens. It must produce at least one token.
+        refusal: the refusal message (``action="refuse"``), tokenized without special tokens at fit time.
         recheck_each_token: also check the key vector of every generated token; a row then abstains from the
-            first step that falls inside (its partial answer is kept, followed by the refusal), as the paper's
-            code does. By default only the prompt's last token decides, at the prefill.
+            first step that falls inside (its partial answer is kept, followed by the refusal).
+        calibration: set by ``fit``, not by users: how the fitted values were chosen (held-out counts, the
+            forget and false abstention per rendering and retain group at the choice), saved with the method.
     """
 
     method_type = "key_space_detection"
 
-    layers: list[int] | None = None
+    layers: Any = AUTO
     rule: str = "all"
-    alpha: float = 1.0
+    alpha: Any = AUTO
+    window: Any = AUTO
+    max_false_rate: float = 0.02
+    calibration_fraction: float = 0.2
+    inputs: str = "questions"
+    chat_template: bool = True
+    system_prompt: str = "You are a helpful assistant."
+    templates: tuple[str, ...] = ()
+    bare_question: bool = True
+    max_window_slack: int = 8
     eps: float = 1e-5
     action: str = "refuse"
     refusal: str = "I can't help with that."
     recheck_each_token: bool = False
+    calibration: dict | None = None
 
     def __post_init__(self) -> None:
-        self._set("layers", cfg.layer_list("layers", self.layers))
+        self._set("layers", _auto_or("layers", self.layers, cfg.layer_list))
         self._set("rule", cfg.choice("rule", self.rule, RULES))
-        self._set("alpha", cfg.positive_float("alpha", self.alpha))
+        self._set("alpha", _auto_or("alpha", self.alpha, cfg.positive_float))
+        self._set(
+            "window", _auto_or("window", self.window, lambda n, v: cfg.integer(n, v, lo=1, hi=MAX_WINDOW))
+        )
+        self._set("max_false_rate", _fraction("max_false_rate", self.max_false_rate))
+        self._set("calibration_fraction", _fraction("calibration_fraction", self.calibration_fraction))
+        self._set("inputs", cfg.choice("inputs", self.inputs, INPUTS))
+        self._set("chat_template", cfg.flag("chat_template", self.chat_template))
+        self._set("system_prompt", cfg.text("system_prompt", self.system_prompt))
+        if isinstance(self.templates, str):
+            raise ValueError("templates must be a list of strings, not one string.")
+        self._set("templates", check_templates(list(self.templates)))
+        self._set("bare_question", cfg.flag("bare_question", self.bare_question))
+        self._set(
+            "max_window_slack", cfg.integer("max_window_slack", self.max_window_slack, lo=0, hi=MAX_WINDOW)
+        )
         self._set("eps", cfg.positive_float("eps", self.eps))
         self._set("action", cfg.choice("action", self.action, ACTIONS))
         self._set("refusal", cfg.text("refusal", self.refusal))
         if self.action == "refuse" and not self.refusal.strip():
             raise ValueError("action='refuse' needs a non-empty refusal text (or use action='eos').")
         self._set("recheck_each_token", cfg.flag("recheck_each_token", self.recheck_each_token))
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise ValueError(f"calibration must be a dict or None, got {type(self.calibration).__name__}.")
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether layers, α and window are concrete values (true of every fitted method's config)."""
+        return (
+            isinstance(self.layers, list) and isinstance(self.alpha, float) and isinstance(self.window, int)
+        )

@@ -1,8 +1,14 @@
 """Where Key Space Detection decides, per row, whether a request abstains.
 
-**The decision.** In the forward that ends the prompt (the prefill), at every checked layer, the key vector of
-each row's last real prompt token (found through the attention mask, so either padding side works) is tested
-against that layer's hypercube (:mod:`.hypercube`). With several layers, the config's ``rule`` combines the
+**The decision.** In the forward that ends the prompt (the prefill), at every checked layer, the key vectors of
+each row's last ``window`` real prompt tokens (found through the attention mask, so either padding side works;
+column 0 is the last token) are tested against that layer's hypercube (:mod:`.hypercube`); the row is inside at
+that layer when *one* of them is. The hypercube was fitted on the key at the end of the question's own text in
+every rendering (:mod:`.rendering`), and a template's closing tokens (``\nAnswer:``, the chat template's
+``<|im_end|>\n<|im_start|>assistant\n``) only push that position back a few tokens: the window reaches past
+them, so the same question abstains however it is wrapped. Positions before the prompt's first real token (a
+prompt shorter than the window, padding) never count. The cost is O(window · d_ff) per row and layer, once per
+request. With several layers, the config's ``rule`` combines the
 per-layer results (``"all"``: inside at every layer; ``"any"``: at one of them). Beam search moves the rows of one
 input together, so an input abstains when any of its beams does. With ``recheck_each_token``, every later
 decoding step also tests its new token, and a row abstains from the first step found inside.
@@ -68,6 +74,7 @@ class KeySpaceAttachment(AbstainingAttachment):
         self.refusal = refusal
         self.rule = method.config.rule
         self.recheck = method.config.recheck_each_token
+        self.window = method.config.window
         self._last_layer = max(layers)
         for layer, kl in layers.items():
             hooks.forward_pre_hook(key_modules[layer], self._make_hook(layer, kl))
@@ -85,9 +92,9 @@ class KeySpaceAttachment(AbstainingAttachment):
         def hook(ctx: ForwardContext, key: torch.Tensor) -> None:
             key = as_token_grid(key, ctx.input_len)  # OPT runs its FFL on [batch * positions, d_ff]
             if ctx.is_prefill:
-                index, real = ctx.last_token_index(key.shape[0], key.device)
-                rows = torch.arange(key.shape[0], device=key.device)
-                inside = kl.inside(key[rows, index]) & real
+                index, valid = ctx.trailing_token_index(key.shape[0], self.window, key.device)
+                rows = torch.arange(key.shape[0], device=key.device).unsqueeze(1)
+                inside = (kl.inside(key[rows, index]) & valid).any(1)
             elif self.recheck and not ctx.is_prompt_chunk:
                 inside = kl.inside(key[:, -1])
             else:

@@ -38,9 +38,9 @@ class KeySpaceLayer:
         self.threshold = self.alpha * self.k
 
     def distance(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Largest standardized distance max_d |v_d − μ_d| / σ_d of each key vector ``[n, d_ff]`` -> ``[n]``."""
+        """Largest standardized distance max_d |v_d − μ_d| / σ_d of each key vector ``[..., d_ff]`` -> ``[...]``."""
         return (vectors.to(self.dtype) - self.center).abs_().div_(self.scale).amax(-1)
 
     def inside(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Bool ``[n]`` for key vectors ``[n, d_ff]``."""
+        """Bool ``[...]`` for key vectors ``[..., d_ff]``."""
         return self.distance(vectors) <= self.threshold

@@ -13,12 +13,12 @@ from ...hooks import HookRegistrar
 from ...model_inputs import eos_token_id
 from ...sites import module_device
 from ..base import AbstainingMethod
-from ..config import resolve_layers
-from ..fitting import check_tokenizer, probe_or_check
+from ..fitting import check_tokenizer
 from ..registry import register_method
 from .config import KeySpaceDetectionConfig
 from .decision import KeySpaceAttachment
-from .hypercube import KeySpaceLayer, hypercube_radius
+from .fit import fit_key_space
+from .hypercube import KeySpaceLayer
 from .refusal import Refusal
 
 
@@ -26,10 +26,13 @@ from .refusal import Refusal
 class KeySpaceDetection(AbstainingMethod):
     """Key Space Detection (abstention). State: ``layers`` (int64 ``[L]``), ``center`` and ``scale`` (float64
     ``[L, d_ff]``: μ and floored σ), ``k`` (float64 ``[L]``), ``count`` (int64 ``[L]``, queries fitted) and
-    ``refusal_ids`` (int64, the refusal's tokens; end-of-sequence is appended at run time).
+    ``refusal_ids`` (int64, the refusal's tokens; end-of-sequence is appended at run time); after a calibrated
+    fit also the calibration table ``calibration_layers`` (int64 ``[C]``), ``calibration_alphas`` (float64
+    ``[A]``), ``calibration_forget`` and ``calibration_false`` (float64 ``[C, A]``: held-out forget abstention and
+    worst-group false abstention of each candidate layer at each α, at the chosen window).
 
-    **Decision and refusal.** Per row, at the prefill, on the key vector of the prompt's last real token: see
-    :mod:`.decision`, where it is made; an abstaining row's logits carry only the refusal (:mod:`.refusal`).
+    **Decision and refusal.** Per row, at the prefill, on the key vectors of the prompt's last ``window`` real
+    tokens (one inside = abstain): see :mod:`.decision`, where it is made; an abstaining row's logits carry only the refusal (:mod:`.refusal`).
 
     **Requests.** Each ``generate`` call is one request. Outside ``generate``, a forward given a KV cache that
     holds a past continues the request that filled the cache (a hand-written decoding loop); a forward without
@@ -40,20 +43,32 @@ class KeySpaceDetection(AbstainingMethod):
     config_class = KeySpaceDetectionConfig
     short_name = "ksd"
     label = "Key Space Detection"
-    cli_options = ("layers", "alpha", "refusal")
+    cli_options = ("layers", "alpha", "refusal", "templates", "max_false_rate")
+
+    def __init__(self, config: KeySpaceDetectionConfig, state) -> None:
+        if isinstance(config, KeySpaceDetectionConfig) and not config.is_resolved:
+            config = self._legacy_config(config)
+        super().__init__(config, state)
+
+    @staticmethod
+    def _legacy_config(config: KeySpaceDetectionConfig) -> KeySpaceDetectionConfig:
+        """A fitted config saved before windows and calibration existed decided on the prompt's last token."""
+        if config.layers in ("auto", None) or config.alpha == "auto":
+            raise ValueError(
+                "A fitted Key Space Detection config needs concrete layers and alpha (got "
+                f"layers={config.layers!r}, alpha={config.alpha!r})."
+            )
+        return dataclasses.replace(config, window=1 if config.window == "auto" else config.window)
 
     @classmethod
     def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):
-        """One streaming pass over the forget queries' last real tokens (``docs/METHOD.md`` §4): per layer μ, σ (sample std,
-        floored at ``eps``), min and max, then k = max_d max(max_d − μ_d, μ_d − min_d) / σ_d. ``retain`` is unused.
-
-        ``config`` is copied: the fitted method's config holds the resolved layer indices.
+        """Fit the hypercube(s) on the key vectors at the forget questions' ends in every rendering, and with
+        ``retain`` data calibrate layers, window and α on held-out questions (``docs/METHOD.md`` §4; see
+        :class:`KeySpaceDetectionConfig` and :mod:`.fit`). ``retain`` may be a mapping ``{name: queries}``: the
+        budget then holds for each named set in each rendering. The fitted config holds the resolved values.
         """
         base = model.get_base_model()
         check_tokenizer(base, tokenizer)
-        sites = model.ffl_sites
-        layers = resolve_layers([len(sites) // 2] if config.layers is None else config.layers, len(sites))
-        config = dataclasses.replace(config, layers=layers)
         refusal_ids = cls.refusal_token_ids(config, tokenizer)
         vocab = getattr(base.config, "vocab_size", None)
         if vocab is not None and refusal_ids.numel() and int(refusal_ids.max()) >= vocab:
@@ -61,41 +76,10 @@ class KeySpaceDetection(AbstainingMethod):
                 f"The refusal tokenizes to id {int(refusal_ids.max())}, outside the model's vocabulary ({vocab})."
             )
         cls.eos_token_id(base)  # fail early when the model has no end-of-sequence token
-        stats = probe_or_check(
-            model,
-            forget,
-            tokenizer,
-            role="forget",
-            site="key",
-            mode="last",
-            layers=layers,
-            spec=spec,
-            show_progress=show_progress,
-            sites=sites,
+        result = fit_key_space(
+            model, config, forget, retain, tokenizer, spec=spec, show_progress=show_progress
         )
-        if stats.count < 2:
-            raise ValueError(
-                f"Key Space Detection needs at least 2 forget queries: the standard deviation is undefined for "
-                f"{stats.count}."
-            )
-        if stats.layers[layers[0]].minimum is None:
-            raise ValueError("Precomputed key statistics must track per-dimension min/max (query mode).")
-        centers, scales, ks = [], [], []
-        for i in layers:
-            s = stats.layers[i]
-            std = s.std(config.eps)
-            centers.append(s.mean)
-            scales.append(std)
-            ks.append(hypercube_radius(s.mean, std, s.minimum, s.maximum))
-        state = {
-            "layers": torch.tensor(layers, dtype=torch.int64),
-            "center": torch.stack(centers).to(torch.float64),
-            "scale": torch.stack(scales).to(torch.float64),
-            "k": torch.tensor(ks, dtype=torch.float64),
-            "count": torch.tensor([stats.layers[i].count for i in layers], dtype=torch.int64),
-            "refusal_ids": refusal_ids,
-        }
-        return cls(config, state)
+        return cls(result.config, {**result.state, "refusal_ids": refusal_ids})
 
     @staticmethod
     def refusal_token_ids(config: KeySpaceDetectionConfig, tokenizer: Any) -> torch.Tensor:
@@ -127,7 +111,7 @@ class KeySpaceDetection(AbstainingMethod):
         n = len(config.layers) if config.layers is not None else 0
         d = state["center"].shape[-1] if "center" in state else 0
         r = state["refusal_ids"].shape[0] if "refusal_ids" in state else 0
-        return {
+        spec = {
             "layers": ((n,), torch.int64),
             "center": ((n, d), torch.float64),
             "scale": ((n, d), torch.float64),
@@ -135,6 +119,16 @@ class KeySpaceDetection(AbstainingMethod):
             "count": ((n,), torch.int64),
             "refusal_ids": ((r,), torch.int64),
         }
+        if "calibration_layers" in state:  # the calibration table, when the fit was calibrated
+            c = state["calibration_layers"].shape[0]
+            a = state["calibration_alphas"].shape[0] if "calibration_alphas" in state else 0
+            spec.update(
+                calibration_layers=((c,), torch.int64),
+                calibration_alphas=((a,), torch.float64),
+                calibration_forget=((c, a), torch.float64),
+                calibration_false=((c, a), torch.float64),
+            )
+        return spec
 
     @classmethod
     def validate_state(cls, state, config=None):

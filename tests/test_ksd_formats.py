@@ -1,0 +1,328 @@
+"""Format-robust Key Space Detection on tiny models: rendering questions and locating their end, the trailing
+window of the decision (both padding sides, beams), calibration against a brute-force search, several skills,
+and bad input."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from helpers_ksd import FORGET, N_LAYERS, OTHER, encode
+from tiny_models import hook_count, tiny_llama
+
+from unlearn_hf import KeySpaceDetection, KeySpaceDetectionConfig, UnlearnedModelForCausalLM
+from unlearn_hf.methods.key_space_detection.calibration import CalibrationError, calibrate, window_scores
+from unlearn_hf.methods.key_space_detection.rendering import QueryRenderer
+from unlearn_hf.model_inputs import trailing_token_index
+
+QUESTIONS = [f"What is {a} plus {b}?" for a, b in zip(range(1, 60, 3), range(50, 110, 3))]
+RETAIN = [
+    "def fib(n):",
+    "Write a haiku about the sea",
+    "Bonjour, comment allez-vous",
+    "import numpy as np",
+    "The capital of France is",
+    "Once upon a time",
+    "List three colours",
+    "Translate 'cat' to German",
+]
+
+
+@pytest.fixture
+def tok(smol_tokenizer):
+    return copy.deepcopy(smol_tokenizer)
+
+
+# -- rendering ---------------------------------------------------------------------------------------------------
+def test_renderings_locate_the_question_end(tok):
+    renderer = QueryRenderer(tok, system_prompt="Be brief.", templates=["Q: {question}\nA:"])
+    assert renderer.names == ["bare", "chat", "chat_system", "template_0"]
+    q = "How many legs do 3 spiders have?"
+    rows = renderer.render([q])[0]
+    for r in rows:
+        head = tok.decode(r.input_ids[: r.question_end + 1])
+        tail = tok.decode(r.input_ids[r.question_end + 1 :])
+        assert head.endswith("have?"), (r.rendering, head)
+        assert q not in tail
+    by = {r.rendering: r for r in rows}
+    assert by["bare"].trailing == 0
+    assert "Be brief." in tok.decode(by["chat_system"].input_ids)
+    assert tok.decode(by["template_0"].input_ids[by["template_0"].question_end + 1 :]) == "\nA:"
+    closing = tok.decode(by["chat"].input_ids[by["chat"].question_end + 1 :])
+    assert closing == "<|im_end|>\n<|im_start|>assistant\n"
+    # a chat message list: earlier turns are kept, the last user turn is the question
+    msgs = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": q},
+    ]
+    chat = {r.rendering: r for r in renderer.render([msgs])[0]}["chat"]
+    assert "Hello!" in tok.decode(chat.input_ids) and tok.decode(
+        chat.input_ids[: chat.question_end + 1]
+    ).endswith("have?")
+
+
+@pytest.mark.parametrize(
+    "kwargs, query, message",
+    [
+        (dict(templates=["no field"]), "q", "exactly once"),
+        (dict(templates=["{question} {question}"]), "q", "exactly once"),
+        ({}, "   ", "empty question"),
+        ({}, [{"role": "assistant", "content": "x"}], "user message"),
+        ({}, 3, "expected a question string"),
+    ],
+)
+def test_bad_queries_and_templates(tok, kwargs, query, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        QueryRenderer(tok, **kwargs).render([query])
+
+
+def test_failing_chat_template_is_named(tok):
+    tok.chat_template = "{{ raise_exception('this template refuses everything') }}"
+    with pytest.raises(ValueError, match="chat template failed to render"):
+        QueryRenderer(tok).render(["What is 2 plus 2?"])
+
+
+def test_config_validation():
+    for bad in (0, 1, 1.5, -0.1, "x"):
+        with pytest.raises(ValueError, match="max_false_rate"):
+            KeySpaceDetectionConfig(max_false_rate=bad)
+    with pytest.raises(ValueError, match="templates"):
+        KeySpaceDetectionConfig(templates="Question: {question}")
+    with pytest.raises(ValueError, match="window"):
+        KeySpaceDetectionConfig(window=0)
+    with pytest.raises(ValueError, match="inputs"):
+        KeySpaceDetectionConfig(inputs="texts")
+
+
+# -- the trailing window -------------------------------------------------------------------------------------------
+def test_trailing_token_index_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    for side, window in itertools.product(("left", "right"), (1, 3, 7)):
+        lengths = torch.randint(0, 9, (12,), generator=gen)
+        mask = torch.zeros(12, 8, dtype=torch.long)
+        for i, n in enumerate(lengths.tolist()):
+            n = min(n, 8)
+            if side == "left":
+                mask[i, 8 - n :] = 1
+            else:
+                mask[i, :n] = 1
+        index, valid = trailing_token_index(mask, 12, 8, window)
+        for i in range(12):
+            real = mask[i].nonzero().flatten().tolist()[::-1]  # last real first
+            for o in range(window):
+                assert bool(valid[i, o]) == (o < len(real))
+                if o < len(real):
+                    assert int(index[i, o]) == real[o]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_window_decision_matches_numpy_reference(tok, side):
+    """detect == a numpy test of the last ``window`` real tokens' key vectors (captured by our own hook)."""
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    method = unlearned.fit(
+        KeySpaceDetectionConfig(inputs="prompts", layers=[1], window=3, alpha=1.3),
+        FORGET[:8],
+        tokenizer=tok,
+        show_progress=False,
+    )
+    texts = FORGET + OTHER + ["2 plus 2", "Answer:"]  # short prompts: fewer real tokens than the window
+    batch = dict(encode(tok, texts, side))
+    keys = {}
+    h = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: keys.__setitem__("k", a[0].double())
+    )
+    with torch.no_grad():
+        model(**batch)
+    h.remove()
+    mu, sd, k = (method.state[n][0].numpy() for n in ("center", "scale", "k"))
+    expected = []
+    for i in range(len(texts)):
+        pos = batch["attention_mask"][i].nonzero().flatten().tolist()[-3:]
+        z = (np.abs(keys["k"][i, pos].numpy() - mu) / sd).max(-1) / k
+        assert np.abs(z / 1.3 - 1).min() > 1e-4  # nothing near the boundary, where float noise could decide
+        expected.append(bool((z <= 1.3).any()))
+    flags = unlearned.detect(batch["input_ids"], batch["attention_mask"])
+    assert flags.tolist() == expected
+    assert 0 < sum(expected) < len(texts)
+    # one row at a time, without padding: the same decisions
+    single = [unlearned.detect(tok(t, return_tensors="pt")["input_ids"]).item() for t in texts]
+    assert single == expected
+
+
+def test_closing_tokens_within_the_window_do_not_change_the_decision(tok):
+    """Causal attention: the key at the question's end ignores what follows, so a question that abstains bare
+    abstains with any closing text that fits in the window, and generate (greedy and beams) agrees with detect."""
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    method = unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], chat_template=False),
+        QUESTIONS,
+        tokenizer=tok,
+        show_progress=False,
+    )
+    assert method.config.window == 1  # bare questions only: the question ends at the last token
+    # α = 1.05: the fitted questions that define k sit exactly on the α = 1 boundary, where another batch layout's
+    # float rounding (~1e-6 relative) decides; 5% is far above that and far below the gap to other queries
+    wider = KeySpaceDetection(dataclasses.replace(method.config, window=6, alpha=1.05), method.state)
+    unlearned.remove_method("key_space_detection")
+    unlearned.add_method("ksd", wider)
+    b = dict(encode(tok, QUESTIONS, "left"))
+    assert unlearned.detect(b["input_ids"], b["attention_mask"]).all()  # the fitted questions
+    for closing in ("\nAnswer:", "\nSolution:", " Explain."):
+        assert len(tok(closing, add_special_tokens=False)["input_ids"]) < 6
+        b = dict(encode(tok, [q + closing for q in QUESTIONS], "left"))
+        assert unlearned.detect(b["input_ids"], b["attention_mask"]).all(), closing
+    b = dict(encode(tok, [QUESTIONS[0] + "\nAnswer:", OTHER[0]], "left"))
+    flags = unlearned.detect(b["input_ids"], b["attention_mask"])
+    for beams in (1, 2):
+        out = unlearned.generate(
+            **b, max_new_tokens=3, num_beams=beams, do_sample=False, return_dict_in_generate=True
+        )
+        assert torch.equal(out.abstained, flags)
+
+
+# -- calibration -----------------------------------------------------------------------------------------------
+def _brute_force(zf, fg, zr, rg, windows, budget):
+    """The best worst-group forget rate over every layer, window and α among the observed scores."""
+    best = 0.0
+    for layer, w in itertools.product(range(zf.shape[1]), windows):
+        sf = zf[:, layer, :w].min(-1)
+        sr = zr[:, layer, :w].min(-1)
+        for a in np.concatenate([sf, sr]):
+            false = max(float((sr[np.array(rg) == g] <= a).mean()) for g in set(rg))
+            if false <= budget:
+                best = max(best, min(float((sf[np.array(fg) == g] <= a).mean()) for g in set(fg)))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_calibration_matches_brute_force(seed):
+    gen = np.random.default_rng(seed)
+    L, W = 4, 5
+    zf = gen.gamma(2.0, 0.4, (60, L, W)) + gen.uniform(0, 0.5, (1, L, 1))
+    zr = gen.gamma(2.0, 0.6, (200, L, W)) + 0.4
+    fg = [("bare", "chat")[i % 2] for i in range(60)]
+    rg = [("code/bare", "code/chat", "text/bare", "text/chat")[i % 4] for i in range(200)]
+    windows = [2, 3, 4, 5]
+    cal = calibrate(
+        torch.from_numpy(zf),
+        fg,
+        torch.from_numpy(zr),
+        rg,
+        layer_ids=[3, 5, 7, 9],
+        windows=windows,
+        max_false_rate=0.05,
+        window_tolerance=0.0,
+    )
+    col = [3, 5, 7, 9].index(cal.layers[0])
+    sf = window_scores(torch.from_numpy(zf), [col], cal.window, "all").numpy()
+    sr = window_scores(torch.from_numpy(zr), [col], cal.window, "all").numpy()
+    false = {g: float((sr[np.array(rg) == g] <= cal.alpha).mean()) for g in set(rg)}
+    forget = {g: float((sf[np.array(fg) == g] <= cal.alpha).mean()) for g in set(fg)}
+    assert max(false.values()) <= 0.05 and false == pytest.approx(cal.false_rate)
+    assert forget == pytest.approx(cal.forget_rate)
+    assert min(forget.values()) == pytest.approx(_brute_force(zf, fg, zr, rg, windows, 0.05))
+    assert cal.table_forget.shape == cal.table_false.shape == (L, 49)
+
+
+def test_calibration_that_cannot_meet_the_budget_says_so():
+    z = torch.rand(50, 2, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CalibrationError, match="cannot meet the false-abstention budget .*Best achievable"):
+        calibrate(
+            z + 5, ["bare"] * 50, z, ["r/bare"] * 50, layer_ids=[0, 1], windows=[1, 2, 3], max_false_rate=0.02
+        )
+
+
+# -- the calibrated fit, several skills, persistence ---------------------------------------------------------------
+def test_calibrated_fit_saves_its_table_and_reports_each_skill(tok, tmp_path):
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    math = unlearned.fit(
+        KeySpaceDetectionConfig(max_false_rate=0.2, calibration_fraction=0.25),
+        QUESTIONS,
+        {"other": RETAIN},
+        tok,
+        name="math",
+        show_progress=False,
+    )
+    assert math.config.is_resolved and math.config.window >= 1
+    cal = math.config.calibration
+    assert cal["held_out_forget"] == 5 and cal["fitted_forget"] == 15 and cal["retain"] == {"other": 24}
+    assert max(cal["false_rate"].values()) <= 0.2
+    assert set(cal["forget_rate"]) == {"bare", "chat", "chat_system"}
+    assert math.state["calibration_forget"].shape == (N_LAYERS, 49)
+    code = unlearned.fit(
+        KeySpaceDetectionConfig(layers=[2], alpha=1.0),
+        RETAIN,
+        tokenizer=tok,
+        name="code",
+        show_progress=False,
+    )
+    assert code.config.calibration is None and "calibration_forget" not in code.state
+    b = dict(encode(tok, [QUESTIONS[0], RETAIN[0]], "left"))
+    by = unlearned.detect(b["input_ids"], b["attention_mask"], by_method=True)
+    assert set(by) == {"math", "code"}
+    out = unlearned.generate(**b, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    for name in ("math", "code"):
+        assert torch.equal(out.abstained_by[name], by[name])
+    assert torch.equal(out.abstained, by["math"] | by["code"])
+    unlearned.save_pretrained(tmp_path, save_base_model=True)
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path)
+    for name in ("math", "code"):
+        a, b2 = unlearned.methods[name], loaded.methods[name]
+        assert a.config == b2.config
+        assert all(torch.equal(a.state[k], b2.state[k]) for k in a.state)
+    # the model card lists both skills' detectors, each with its calibrated settings
+    from unlearn_hf.persistence.hub import build_model_card
+
+    card = str(build_model_card(tmp_path, "me/tiny-no-math", {"forget_skill": "math", "base_model": "tiny"}))
+    sections = card.split("### Key Space Detection")[1:]
+    assert len(sections) == 2
+    for section, name in zip(sections, ("math", "code")):
+        assert f"| `attached_as` | `{name}` |" in section
+        assert f"| `window` | `{unlearned.methods[name].config.window}` |" in section
+    assert "held_out_forget" in sections[0] and "held_out_forget" not in sections[1]
+
+
+def test_infeasible_calibration_leaves_nothing_attached(tok):
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    before = hook_count(model)
+    # retain = the forget questions themselves: no α separates them
+    with pytest.raises(CalibrationError, match="Best achievable"):
+        unlearned.fit(KeySpaceDetectionConfig(), QUESTIONS, {"same": QUESTIONS}, tok, show_progress=False)
+    assert hook_count(model) == before and not unlearned.methods
+    with pytest.raises(ValueError, match="at least 2 forget"):
+        unlearned.fit(KeySpaceDetectionConfig(), QUESTIONS[:1], tokenizer=tok, show_progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        unlearned.fit(KeySpaceDetectionConfig(), [], tokenizer=tok, show_progress=False)
+    assert hook_count(model) == before and not unlearned.methods
+
+
+def test_calibration_prefers_the_wider_margin_among_layers_that_forget_alike():
+    """Both layers separate the data perfectly; layer 1's forget and retain scores lie further apart: it wins,
+    and α sits midway between the highest forget score and the budget's limit."""
+    zf = torch.tensor([[0.5, 0.2], [0.6, 0.3], [0.7, 0.25]], dtype=torch.float64).unsqueeze(-1)
+    zr = torch.tensor([[0.9, 2.0], [1.0, 3.0], [1.2, 2.5]], dtype=torch.float64).unsqueeze(-1)
+    cal = calibrate(zf, ["bare"] * 3, zr, ["r/bare"] * 3, layer_ids=[4, 7], windows=[1], max_false_rate=0.02)
+    assert cal.layers == [7] and cal.alpha == pytest.approx((0.3 + 2.0) / 2)
+    assert cal.forget_rate == {"bare": 1.0} and cal.false_rate == {"r/bare": 0.0}
+    # with the tolerance at 0 and layer 7 a query short, the better-forgetting layer 4 wins instead
+    zf[0, 1, 0] = 5.0
+    cal = calibrate(
+        zf,
+        ["bare"] * 3,
+        zr,
+        ["r/bare"] * 3,
+        layer_ids=[4, 7],
+        windows=[1],
+        max_false_rate=0.02,
+        forget_tolerance=0.0,
+    )
+    assert cal.layers == [4]

@@ -1,0 +1,197 @@
+"""Calibration: choosing the layer(s), trailing window and α of Key Space Detection on held-out data.
+
+Input: for every held-out forget query and every retain query (each rendering a row), the *scaled distance* of
+the key at each trailing position to each candidate layer's hypercube, ``z = max_d |v_d − μ_d| / σ_d / k``
+(``[rows, layers, window]``, from :mod:`.distances`). A row is inside at α when ``z ≤ α``. With a window of
+``w`` tokens a row's score at a layer is the minimum of ``z`` over its last ``w`` positions; with several layers
+the scores combine by the rule (``"all"``: maximum, ``"any"``: minimum). Everything below is a function of these
+scores: no candidate probes the model again.
+
+**The choice.** For each candidate (layer set, window) the largest α whose false abstention is at most
+``max_false_rate`` in *every* retain group (a retain set in one rendering) is found exactly from the sorted
+scores. Of the candidates that then abstain on (within ``forget_tolerance`` of) the largest share of held-out
+forget queries in their *worst* rendering, the one with the widest margin between the α that reaches its share
+and the budget's limit wins: several layers often separate the calibration data perfectly, and the widest
+margin is the least sensitive to retain queries unlike the calibration data (measured on SmolLM2: the
+narrowest-margin perfect layer abstained on 23% of MLQA-en questions, which no calibration set resembled). α is set midway
+between the smallest value that reaches that share and the budget's limit, leaving a margin on both sides.
+``window="auto"`` takes the widest window whose worst-rendering forget share is within ``window_tolerance`` of
+the best: the held-out queries come in the fitted renderings, and a wider window also covers closing tokens no
+rendering showed (an unseen wording), at a false-abstention cost the budget still bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+#: α grid of the saved calibration table (forget and false abstention per layer and α).
+ALPHA_GRID = torch.logspace(math.log10(0.25), math.log10(4.0), 49, dtype=torch.float64)
+
+
+class CalibrationError(ValueError):
+    """The calibration data cannot meet the false-abstention budget."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibrated choice and the rates it was chosen on.
+
+    Attributes:
+        layers: the chosen layers. window: the chosen window. alpha: the chosen α.
+        forget_rate: held-out forget abstention per rendering, at the choice.
+        false_rate: retain abstention per retain group, at the choice.
+        table_layers / table_forget / table_false: for each single candidate layer at the chosen window, mean
+            forget abstention and worst-group false abstention at every α of :data:`ALPHA_GRID` (``[L, A]``).
+    """
+
+    layers: list[int]
+    window: int
+    alpha: float
+    forget_rate: dict[str, float]
+    false_rate: dict[str, float]
+    table_layers: torch.Tensor
+    table_forget: torch.Tensor
+    table_false: torch.Tensor
+
+
+def window_scores(z: torch.Tensor, columns: Sequence[int], window: int, rule: str) -> torch.Tensor:
+    """Per-row scores ``[rows]`` of ``z`` ``[rows, layers, W]`` at the layer ``columns`` with a ``window``."""
+    per_layer = z[:, list(columns), :window].amin(-1)
+    return per_layer.amax(1) if rule == "all" else per_layer.amin(1)
+
+
+def _group_rates(scores: torch.Tensor, groups: Sequence[str], alpha: float) -> dict[str, float]:
+    out = {}
+    for g in dict.fromkeys(groups):
+        sel = torch.tensor([x == g for x in groups])
+        out[g] = float((scores[sel] <= alpha).double().mean())
+    return out
+
+
+def budget_limit(scores: torch.Tensor, groups: Sequence[str], max_false_rate: float) -> float:
+    """The supremum of α keeping every group's false abstention ≤ ``max_false_rate``: α must stay below it."""
+    limit = math.inf
+    for g in dict.fromkeys(groups):
+        s = torch.sort(scores[torch.tensor([x == g for x in groups])]).values
+        allowed = math.floor(max_false_rate * s.numel() + 1e-9)
+        if allowed < s.numel():
+            limit = min(limit, float(s[allowed]))
+    return limit
+
+
+def _evaluate(sf, f_groups, sr, r_groups, budget, alpha):
+    """``(key, alpha, forget rates, false rates)`` of one candidate, ``None`` when it cannot meet the budget."""
+    if alpha is None:
+        limit = budget_limit(sr, r_groups, budget)
+        caught = sf[sf < limit]
+        if caught.numel() == 0:
+            return None
+        reach = float(caught.max())
+        alpha = reach * 1.25 if math.isinf(limit) else (reach + limit) / 2
+        margin = math.inf if math.isinf(limit) else limit / max(reach, 1e-12)
+    else:
+        margin = 0.0
+    forget = _group_rates(sf, f_groups, alpha)
+    false = _group_rates(sr, r_groups, alpha)
+    if max(false.values()) > budget + 1e-12:
+        return None
+    key = (min(forget.values()), sum(forget.values()) / len(forget), margin)
+    return key, alpha, forget, false
+
+
+def calibrate(
+    forget_z: torch.Tensor,
+    forget_groups: Sequence[str],
+    retain_z: torch.Tensor,
+    retain_groups: Sequence[str],
+    *,
+    layer_ids: Sequence[int],
+    windows: Sequence[int],
+    max_false_rate: float,
+    layers: Sequence[int] | None = None,
+    alpha: float | None = None,
+    rule: str = "all",
+    window_tolerance: float = 0.01,
+    forget_tolerance: float = 0.05,
+) -> Calibration:
+    """Choose layers, window and α (see the module docstring).
+
+    Args:
+        forget_z / retain_z: scaled distances ``[rows, len(layer_ids), max(windows)]``.
+        forget_groups / retain_groups: the group (rendering; retain set × rendering) of each row.
+        layer_ids: the model layer of each column of ``z``.
+        windows: candidate windows, narrowest first; a single one fixes the window.
+        layers: fixed layers (``None``: each candidate layer on its own is a candidate).
+        alpha: a fixed α (``None``: calibrated).
+        window_tolerance: how much worst-rendering forget share a wider window may cost.
+        forget_tolerance: candidates within this share of the best worst-rendering forget share compete on
+            their margin (the ratio of the budget's limit to the α that reaches their share).
+
+    Raises:
+        CalibrationError: no candidate abstains on any held-out forget query within the budget; the message
+            gives the best achievable rates.
+    """
+    col = {layer: j for j, layer in enumerate(layer_ids)}
+    sets = [list(layers)] if layers is not None else [[layer] for layer in layer_ids]
+    results = {}
+    for w in windows:
+        feasible = []
+        for s in sets:
+            cols = [col[i] for i in s]
+            sf = window_scores(forget_z, cols, w, rule)
+            sr = window_scores(retain_z, cols, w, rule)
+            r = _evaluate(sf, forget_groups, sr, retain_groups, max_false_rate, alpha)
+            if r is not None:
+                feasible.append((r, s))
+        if feasible:
+            best = max(r[0][0] for r, _ in feasible)
+            near = [(r, s) for r, s in feasible if r[0][0] >= best - forget_tolerance]
+            # among the candidates that forget (nearly) as much as the best, the widest gap between forget and
+            # retain scores: it is the choice least sensitive to queries unlike the calibration data
+            results[w] = max(near, key=lambda rs: (rs[0][0][2], rs[0][0][0], rs[0][0][1]))
+    if not results:
+        raise CalibrationError(
+            _infeasible(forget_z, retain_z, retain_groups, sets, col, windows, rule, max_false_rate)
+        )
+    top = max(results[w][0][0][0] for w in results)
+    window = max(w for w in results if results[w][0][0][0] >= top - window_tolerance)
+    (_, a, forget, false), chosen = results[window]
+    table = _table(forget_z, retain_z, retain_groups, window)
+    return Calibration(sorted(chosen), window, float(a), forget, false, torch.tensor(list(layer_ids)), *table)
+
+
+def _table(forget_z, retain_z, retain_groups, window) -> tuple[torch.Tensor, torch.Tensor]:
+    sf = forget_z[:, :, :window].amin(-1).double()  # [rows, L]
+    sr = retain_z[:, :, :window].amin(-1).double()
+    grid = ALPHA_GRID.view(1, 1, -1)
+    forget = (sf.unsqueeze(-1) <= grid).double().mean(0)  # [L, A]
+    false = torch.zeros_like(forget)
+    for g in dict.fromkeys(retain_groups):
+        sel = torch.tensor([x == g for x in retain_groups])
+        false = torch.maximum(false, (sr[sel].unsqueeze(-1) <= grid).double().mean(0))
+    return forget, false
+
+
+def _infeasible(forget_z, retain_z, retain_groups, sets, col, windows, rule, budget) -> str:
+    """The message of a calibration that cannot meet the budget: the best rates any candidate reaches."""
+    best = None
+    for w in windows:
+        for s in sets:
+            cols = [col[i] for i in s]
+            sf = window_scores(forget_z, cols, w, rule)
+            sr = window_scores(retain_z, cols, w, rule)
+            a = float(torch.quantile(sf.double(), 0.5))  # the α that abstains on half the forget queries
+            false = max(_group_rates(sr, retain_groups, a).values())
+            if best is None or false < best[0]:
+                best = (false, s, w)
+    false, s, w = best
+    return (
+        f"The calibration data cannot meet the false-abstention budget {budget:.3f}: no layer, window and α "
+        f"abstains on any held-out forget query while staying within it. Best achievable: at layers {s}, "
+        f"window {w}, abstaining on 50% of the held-out forget queries abstains on {false:.1%} of the retain "
+        "queries of the worst retain group. Raise max_false_rate, give more forget data, or set layers/alpha."
+    )

@@ -1,0 +1,266 @@
+"""Fitting Key Space Detection: render the questions, fit one hypercube per candidate layer on the key vectors
+at the questions' ends (one probe pass over every candidate layer), then calibrate layers, window and α on
+held-out forget questions and retain questions (one more pass) or fall back to the defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ...data import DataSpec
+from ...stats import SiteStatistics
+from ..config import resolve_layers
+from ..fitting import probe_or_check
+from .calibration import ALPHA_GRID, calibrate
+from .config import AUTO, MAX_WINDOW, KeySpaceDetectionConfig
+from .distances import pad_left, trailing_distances
+from .hypercube import hypercube_radius
+from .rendering import QueryRenderer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """The resolved config and the fitted tensors of the chosen layers (plus the calibration table)."""
+
+    config: KeySpaceDetectionConfig
+    state: dict[str, torch.Tensor]
+
+
+def read_queries(data: Any, spec: DataSpec, role: str) -> list[Any]:
+    """The queries in ``data``: question strings or chat message lists, from a list, dicts or a ``Dataset``
+    (column ``spec.prompt_column`` or ``spec.text_column``)."""
+    if data is None:
+        raise ValueError(f"Key Space Detection got no {role} data (None).")
+    if isinstance(data, str):
+        raise TypeError(f"Pass the {role} questions as a list of strings, not one string.")
+    column = spec.prompt_column or spec.text_column
+    names = getattr(data, "column_names", None)
+    if names is not None:
+        if column not in names:
+            raise ValueError(
+                f"Column {column!r} not found in the {role} data set; available columns: {list(names)}."
+            )
+        out = list(data[column])
+    else:
+        out = [q[column] if isinstance(q, Mapping) and column in q else q for q in data]
+    for i, q in enumerate(out):
+        if isinstance(q, Mapping):
+            raise ValueError(f"{role} example {i} has no key {column!r}; available keys: {sorted(q)}.")
+    if not out:
+        raise ValueError(f"The {role} data is empty: at least 2 forget questions are needed.")
+    return out
+
+
+def _is_token_batches(data: Any) -> bool:
+    """Whether ``data`` is tokenized batches (a mapping with an ``input_ids`` tensor, a list of them, or an
+    iterator, which only batches can be)."""
+    if isinstance(data, Mapping):
+        return torch.is_tensor(data.get("input_ids"))
+    if isinstance(data, (list, tuple)):
+        return bool(data) and isinstance(data[0], Mapping) and torch.is_tensor(data[0].get("input_ids"))
+    return getattr(data, "column_names", None) is None and not hasattr(data, "__len__")
+
+
+def _split(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """Deterministic ``(fit, held-out)`` indices: a seeded permutation, the held-out share rounded."""
+    n_held = max(1, round(fraction * n))
+    if n - n_held < 2:
+        raise ValueError(
+            f"{n} forget questions are too few to hold out {n_held} for calibration and fit on at least 2; give "
+            "more questions, no retain data, or fixed layers, alpha and window."
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    return sorted(perm[n_held:]), sorted(perm[:n_held])
+
+
+def _fit_cubes(stats: SiteStatistics, layers: list[int], eps: float) -> dict[int, tuple]:
+    cubes = {}
+    for i in layers:
+        s = stats.layers[i]
+        if s.minimum is None:
+            raise ValueError("Precomputed key statistics must track per-dimension min/max (query mode).")
+        std = s.std(eps)
+        cubes[i] = (
+            s.mean.double(),
+            std.double(),
+            hypercube_radius(s.mean, std, s.minimum, s.maximum),
+            s.count,
+        )
+    return cubes
+
+
+def fit_key_space(
+    model,
+    config: KeySpaceDetectionConfig,
+    forget: Any,
+    retain: Any,
+    tokenizer: Any,
+    *,
+    spec: DataSpec,
+    show_progress: bool,
+) -> FitResult:
+    """Fit (and calibrate) Key Space Detection on ``model`` as it runs. See :class:`KeySpaceDetectionConfig`."""
+    sites = model.ffl_sites
+    n_layers = len(sites)
+    middle = [n_layers // 2]
+    fixed = None if config.layers in (AUTO, None) else resolve_layers(config.layers, n_layers)
+    probe_kw = dict(
+        role="forget", site="key", mode="last", spec=spec, show_progress=show_progress, sites=sites
+    )
+
+    if isinstance(forget, SiteStatistics) or _is_token_batches(forget):
+        # precomputed statistics or tokenized prompts: fitted on the prompts' last tokens, nothing to render
+        if retain is not None:
+            logger.info("Key Space Detection: tokenized or precomputed forget data is not calibrated.")
+        layers = fixed or middle
+        stats = probe_or_check(model, forget, tokenizer, layers=layers, **probe_kw)
+        window = 1 if config.window == AUTO else config.window
+        alpha = 1.0 if config.alpha == AUTO else config.alpha
+        return _result(config, _fit_cubes(stats, layers, config.eps), layers, alpha, window, None)
+
+    renderer = QueryRenderer(
+        tokenizer,
+        inputs=config.inputs,
+        chat=config.chat_template,
+        system_prompt=config.system_prompt,
+        templates=config.templates,
+        bare=config.bare_question,
+    )
+    queries = read_queries(forget, spec, "forget")
+    if len(queries) < 2:
+        raise ValueError(
+            f"Key Space Detection needs at least 2 forget queries: the standard deviation is undefined for "
+            f"{len(queries)}."
+        )
+    autos = [f for f in ("layers", "alpha", "window") if getattr(config, f) == AUTO]
+    calibrating = retain is not None and bool(autos)
+    if retain is None and autos:
+        logger.info(
+            "Key Space Detection: no retain data, so %s not calibrated: the middle layer, alpha=1 and the narrowest "
+            "window covering the fitted renderings are used.",
+            "/".join(autos),
+        )
+    fit_idx, held_idx = (
+        _split(len(queries), config.calibration_fraction) if calibrating else (range(len(queries)), [])
+    )
+    fit_rows = [r for i in fit_idx for r in renderer.render([queries[i]])[0]]
+    fit_rows.sort(key=lambda r: r.question_end)  # length-sorted batches: less padding, the same statistics
+    candidates = fixed or (list(range(n_layers)) if calibrating and config.layers == AUTO else middle)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = [
+        dict(
+            zip(
+                ("input_ids", "attention_mask"),
+                pad_left(
+                    [r.input_ids[: r.question_end + 1] for r in fit_rows[s : s + spec.batch_size]],
+                    pad,
+                    spec.max_length,
+                ),
+            )
+        )
+        for s in range(0, len(fit_rows), spec.batch_size)
+    ]
+    stats = probe_or_check(model, batches, tokenizer, layers=candidates, **probe_kw)
+    if stats.count < 2:
+        raise ValueError(
+            f"Key Space Detection needs at least 2 forget queries: the standard deviation is undefined for "
+            f"{stats.count}."
+        )
+    cubes = _fit_cubes(stats, candidates, config.eps)
+    narrowest = min(MAX_WINDOW, max(r.trailing for r in fit_rows) + 1)
+    if config.window != AUTO:
+        windows = [config.window]
+    else:
+        windows = list(range(narrowest, min(MAX_WINDOW, narrowest + config.max_window_slack) + 1))
+    if not calibrating:
+        alpha = 1.0 if config.alpha == AUTO else config.alpha
+        return _result(config, cubes, candidates, alpha, windows[0], None)
+
+    held = [r for i in held_idx for r in renderer.render([queries[i]])[0]]
+    groups = retain if isinstance(retain, Mapping) else {"retain": retain}
+    retain_rows, retain_groups = [], []
+    for name, data in groups.items():
+        for rows in renderer.render(read_queries(data, spec, f"retain ({name})")):
+            retain_rows += rows
+            retain_groups += [f"{name}/{r.rendering}" for r in rows]
+    z_kw = dict(
+        window=max(windows),
+        pad_id=pad,
+        batch_size=spec.batch_size,
+        max_length=spec.max_length,
+        show_progress=show_progress,
+    )
+    cube_args = {i: c[:3] for i, c in cubes.items()}
+    zf = trailing_distances(model, held, sites, cube_args, desc="calibrating: held-out forget", **z_kw)
+    zr = trailing_distances(model, retain_rows, sites, cube_args, desc="calibrating: retain", **z_kw)
+    cal = calibrate(
+        zf,
+        [r.rendering for r in held],
+        zr,
+        retain_groups,
+        layer_ids=candidates,
+        windows=windows,
+        max_false_rate=config.max_false_rate,
+        layers=fixed,
+        alpha=None if config.alpha == AUTO else config.alpha,
+        rule=config.rule,
+    )
+    worst = min(cal.forget_rate.values())
+    logger.info(
+        "Key Space Detection calibrated: layers %s, window %d, alpha %.4f; held-out forget abstention %s; false "
+        "abstention %s (budget %.3f).",
+        cal.layers,
+        cal.window,
+        cal.alpha,
+        _fmt(cal.forget_rate),
+        _fmt(cal.false_rate),
+        config.max_false_rate,
+    )
+    if worst < 0.5:
+        logger.warning(
+            "Key Space Detection abstains on only %.0f%% of the held-out forget questions in its worst rendering "
+            "within the false-abstention budget %.3f.",
+            100 * worst,
+            config.max_false_rate,
+        )
+    summary = {
+        "held_out_forget": len(held_idx),
+        "fitted_forget": len(fit_idx),
+        "retain": {name: sum(1 for g in retain_groups if g.startswith(f"{name}/")) for name in groups},
+        "forget_rate": cal.forget_rate,
+        "false_rate": cal.false_rate,
+        "max_false_rate": config.max_false_rate,
+    }
+    table = {
+        "calibration_layers": cal.table_layers.to(torch.int64),
+        "calibration_alphas": ALPHA_GRID.clone(),
+        "calibration_forget": cal.table_forget,
+        "calibration_false": cal.table_false,
+    }
+    return _result(config, cubes, cal.layers, cal.alpha, cal.window, summary, table)
+
+
+def _fmt(rates: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1%}" for k, v in rates.items())
+
+
+def _result(config, cubes, layers, alpha, window, summary, table=None) -> FitResult:
+    config = dataclasses.replace(
+        config, layers=sorted(layers), alpha=float(alpha), window=int(window), calibration=summary
+    )
+    chosen = [cubes[i] for i in config.layers]
+    state = {
+        "layers": torch.tensor(config.layers, dtype=torch.int64),
+        "center": torch.stack([c[0] for c in chosen]).to(torch.float64),
+        "scale": torch.stack([c[1] for c in chosen]).to(torch.float64),
+        "k": torch.tensor([c[2] for c in chosen], dtype=torch.float64),
+        "count": torch.tensor([c[3] for c in chosen], dtype=torch.int64),
+        **(table or {}),
+    }
+    return FitResult(config, state)
