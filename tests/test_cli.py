@@ -91,16 +91,20 @@ def test_fit_save_evaluate_generate(tiny_dir, shared_data, tmp_path, capsys):
     assert code == 0
     report = json.loads(results.read_text())
     assert report["skills"] == ["gsm8k", "mbpp"]
-    scores = report["scores"][str(out_dir)]
-    assert all(0.0 <= scores[s] <= 1.0 for s in ("gsm8k", "mbpp"))
+    assert report["models"] == [f"{out_dir} [qa]", f"{out_dir} [chat]"]  # both prompt formats by default
     capsys.readouterr()
 
-    # the CLI's score equals the library's own metric on the same items
+    # the CLI's score equals the library's own metric on the same items, in each format
     from unlearn_hf.evaluation import answer_token_accuracy, get_skill
+    from unlearn_hf.evaluation.prompts import render_item
 
     tok = __import__("transformers").AutoTokenizer.from_pretrained(out_dir)
     items = get_skill("mbpp", shared_data).eval_items(4)
-    assert scores["mbpp"] == pytest.approx(answer_token_accuracy(loaded, tok, items).score)
+    for fmt in ("qa", "chat"):
+        scores = report["scores"][f"{out_dir} [{fmt}]"]
+        assert all(0.0 <= scores[s] <= 1.0 for s in ("gsm8k", "mbpp"))
+        rendered = [render_item(i, tok, fmt) for i in items]
+        assert scores["mbpp"] == pytest.approx(answer_token_accuracy(loaded, tok, rendered).score)
 
     code = main(
         ["generate", "--model", str(out_dir), "--prompt", "What is 2 + 2?", "--max-new-tokens", "5", "-q"]
@@ -133,7 +137,10 @@ def test_cli_fits_exactly_as_the_api(tiny_dir, shared_data, tmp_path):
     kw = dict(tokenizer=tok, show_progress=False)
     api.fit(NeuronAdjustConfig(ratio=0.05, seed=4), forget.probe_texts(8), retain_texts(retain, 8), **kw)
     api.fit(SelectivePruningConfig(ratio=0.05), forget.probe_texts(8), retain_texts(retain, 8), **kw)
-    api.fit(KeySpaceDetectionConfig(), forget.probe_queries(8), **kw)
+    # Key Space Detection: the bare questions, calibrated on the retain skills' questions by skill
+    api.fit(
+        KeySpaceDetectionConfig(), forget.probe_questions(8), {"mbpp": retain[0].probe_questions(8)}, **kw
+    )
     assert list(cli.methods) == list(api.methods)
     for name, method in api.methods.items():
         assert cli.methods[name].config == method.config
@@ -231,8 +238,11 @@ def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2, capsys):
     loaded = UnlearnedModelForCausalLM.from_pretrained(str(model_dir))
     assert list(loaded.methods) == ["key_space_detection"]
     # the saved hypercube gives the same decisions as reported: GSM8K prompts abstain at the reported rate
-    rate = report["metadata"]["abstention_rate"]["Key Space Detection"]["gsm8k"]
     from unlearn_hf.evaluation import abstention_rate, get_skill
+    from unlearn_hf.evaluation.prompts import render_item
 
-    prompts = [i.prompt for i in get_skill("gsm8k", shared_data).eval_items(6)]
-    assert abstention_rate(loaded, smollm2[1], prompts) == pytest.approx(rate)
+    items = get_skill("gsm8k", shared_data).eval_items(6)
+    for fmt in ("qa", "chat"):  # both formats are reported, each from its own prompts
+        rate = report["metadata"]["abstention_rate"]["Key Space Detection"][fmt]["gsm8k"]
+        prompts = [render_item(i, smollm2[1], fmt).prompt for i in items]
+        assert abstention_rate(loaded, smollm2[1], prompts) == pytest.approx(rate)

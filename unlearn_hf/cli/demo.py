@@ -58,7 +58,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     eval_kw = dict(batch_size=args.batch_size, show_progress=not quiet)
     _say(quiet, "evaluating the base model ...")
     scores = {"base": evaluate_skills(model, tok, skills, n_eval, **eval_kw)}
-    abstention = {"base": {s.name: 0.0 for s in skills}}
+    formats = ("qa", "chat")  # abstention is measured as the QA template and as the chat template send it
+    abstention = {"base": {fmt: {s.name: 0.0 for s in skills} for fmt in formats}}
     timings, fitted = {}, {}
     for m in methods:
         label = labels[m]
@@ -80,9 +81,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         timings[f"fit_{m}_s"] = round(time.perf_counter() - t0, 1)
         _say(quiet, f"evaluating {label} ...")
         scores[label] = evaluate_skills(unlearned, tok, skills, n_eval, **eval_kw)
-        abstention[label] = abstention_rates(
-            unlearned, tok, skills, max(n_eval.values()), batch_size=args.batch_size
-        )
+        abstention[label] = {
+            fmt: abstention_rates(
+                unlearned, tok, skills, max(n_eval.values()), batch_size=args.batch_size, prompt_format=fmt
+            )
+            for fmt in formats
+        }
         unlearned.remove_all_methods()
 
     settings = {
@@ -100,12 +104,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     table = markdown_table(report)
     paths = save_report(report, out_dir, stem="results")
     print("\n" + table, flush=True)  # the results: printed even with --quiet
-    print(
-        "abstention rates: "
-        + "; ".join(
-            f"{k}: " + ", ".join(f"{s} {v:.0%}" for s, v in rates.items()) for k, rates in abstention.items()
-        ),
-    )
+    print("\nabstention (held-out questions; QA template | chat template):")
+    for k, by_format in abstention.items():
+        print(
+            f"  {k}: "
+            + ", ".join(f"{s} {by_format['qa'][s]:.0%} | {by_format['chat'][s]:.0%}" for s in by_format["qa"])
+        )
 
     # one answer per skill from the base model and from each unlearned model
     _say(quiet, "\nsample answers (greedy, 40 tokens):")

@@ -58,8 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--retain", default="mbpp", help="comma-separated skills to keep (for na/sp)")
     fit.add_argument("--n-probe", type=int, default=200, help="probe examples per skill")
     fit.add_argument("--ratio", type=float, default=0.03, help="fraction of neurons for na/sp")
-    fit.add_argument("--layers", default=None, help="comma-separated layers for ksd (default: middle layer)")
-    fit.add_argument("--alpha", type=float, default=1.0, help="ksd hypercube multiplier")
+    fit.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated layers for ksd (default: calibrated on the retain skills)",
+    )
+    fit.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="ksd hypercube multiplier (default: calibrated on the retain skills)",
+    )
+    fit.add_argument(
+        "--template",
+        dest="templates",
+        action="append",
+        default=None,
+        help="ksd: also fit on questions in this template, holding {question} (repeatable)",
+    )
+    fit.add_argument(
+        "--max-false-rate",
+        type=float,
+        default=None,
+        help="ksd: false-abstention budget of calibration (0.02)",
+    )
     fit.add_argument("--refusal", default="I can't help with that.", help="ksd refusal text")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--batch-size", type=int, default=8)
@@ -73,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="smollm2", help="'smollm2', a saved unlearned folder, a model folder or Hub id"
     )
     ev.add_argument("--skills", default="gsm8k,mbpp,mmlu", help="comma-separated skill names")
+    ev.add_argument(
+        "--formats",
+        default="qa,chat",
+        help="prompt formats to score in: qa (Question/Answer template), chat "
+        "(the tokenizer's chat template; MMLU stays 5-shot QA)",
+    )
     ev.add_argument("--n-eval", type=int, default=50, help="held-out items per skill")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--output", default=None, help="write the results JSON here")
@@ -103,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-eval", type=int, default=50, help="held-out items per skill (MMLU: --n-eval-mmlu)")
     demo.add_argument("--n-eval-mmlu", type=int, default=40, help="MMLU items (5-shot prompts are long)")
     demo.add_argument("--ratio", type=float, default=0.03, help="neuron ratio for NA and SP")
-    demo.add_argument("--alpha", type=float, default=1.0, help="KSD alpha")
+    demo.add_argument("--alpha", type=float, default=None, help="KSD alpha (default: calibrated)")
     demo.add_argument(
         "--methods", default=",".join(names), help=f"comma-separated subset of {','.join(names)}"
     )
@@ -140,7 +168,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model!r} is already an unlearned model; fit on its base model.")
     forget = load_skills([args.forget], args.data_dir)[0]
     retain = load_skills(split_names(args.retain), args.data_dir)
-    layers = [int(x) for x in split_names(args.layers)] if args.layers else None
+    try:
+        layers = [int(x) for x in split_names(args.layers)] if args.layers not in (None, "auto") else None
+    except ValueError:
+        raise UserError(
+            f"--layers must be 'auto' or comma-separated integers, got {args.layers!r}."
+        ) from None
     unlearned = UnlearnedModelForCausalLM.from_base(model)
     try:
         fit_methods(
@@ -154,6 +187,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             layers=layers,
             refusal=args.refusal,
+            templates=args.templates,
+            max_false_rate=args.max_false_rate,
             seed=args.seed,
             batch_size=args.batch_size,
             show_progress=not args.quiet,
@@ -169,14 +204,28 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation import build_report, markdown_table, write_json
+    from ..evaluation.prompts import PROMPT_FORMATS
     from ..evaluation.runner import evaluate_skills
 
     model, tok = load_model(args.model, args.dtype)
     skills = load_skills(split_names(args.skills), args.data_dir)
-    scores = evaluate_skills(
-        model, tok, skills, args.n_eval, batch_size=args.batch_size, show_progress=not args.quiet
-    )
-    report = build_report({args.model: scores}, metadata={"model": args.model, "n_eval": args.n_eval})
+    formats = split_names(args.formats)
+    bad = [f for f in formats if f not in PROMPT_FORMATS]
+    if bad or not formats:
+        raise UserError(f"Unknown prompt formats {bad}; choose from {', '.join(PROMPT_FORMATS)}.")
+    scores = {
+        f"{args.model} [{fmt}]": evaluate_skills(
+            model,
+            tok,
+            skills,
+            args.n_eval,
+            batch_size=args.batch_size,
+            show_progress=not args.quiet,
+            prompt_format=fmt,
+        )
+        for fmt in formats
+    }
+    report = build_report(scores, metadata={"model": args.model, "n_eval": args.n_eval, "formats": formats})
     print(markdown_table(report))
     if args.output:
         write_json(report, args.output)

@@ -55,8 +55,8 @@ def fit_methods(
 
     Each method is fitted with ``unlearned.fit`` on the model as it runs, with the methods fitted before it
     attached, as the API does: Key Space Detection fitted after Neuron Adjust describes the adjusted model's key
-    vectors. Methods that fit on queries (Key Space Detection) read the forget skill's questions; the others read
-    its question + answer texts and the retain skills' texts.
+    vectors. Methods that fit on queries (Key Space Detection) read the forget skill's bare questions and, to
+    calibrate, the retain skills' questions by skill; the others read question + answer texts.
 
     Args:
         options: CLI settings (``ratio``, ``alpha``, ``layers``, ``refusal``, ``seed``, ...); each method takes
@@ -79,14 +79,16 @@ def fit_methods(
         )
     forget_texts = forget.probe_texts(n_probe)
     retain_data = retain_texts(retain, n_probe)
+    per = max(1, n_probe // len(retain)) if retain else 0
+    retain_questions = {s.name: s.probe_questions(per) for s in retain} or None
     fitted = {}
     for m in methods:
         cls = registry[m]
-        forget_data = forget.probe_queries(n_probe) if cls.fit_on == "queries" else forget_texts
+        queries = cls.fit_on == "queries"
         fitted[m] = unlearned.fit(
             configs[m],
-            forget_data,
-            retain_data if cls.needs_retain else None,
+            forget.probe_questions(n_probe) if queries else forget_texts,
+            retain_questions if queries else (retain_data if cls.needs_retain else None),
             tokenizer,
             batch_size=batch_size,
             max_length=max_length,

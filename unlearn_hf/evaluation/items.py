@@ -18,6 +18,8 @@ class EvalItem:
             the subject, and the few-shot dev examples of that subject.
         program_prefix / test_code: code execution (MBPP, HumanEval): the program run is
             ``program_prefix + completion + "\\n\\n" + test_code``.
+        question: the question's own text, without any prompt template (what a user would type or send as a
+            chat message); :attr:`query` falls back to ``prompt`` when it is empty.
     """
 
     prompt: str
@@ -30,6 +32,12 @@ class EvalItem:
     shots: tuple[EvalItem, ...] = field(default=(), repr=False)
     program_prefix: str = field(default="", repr=False)
     test_code: str | None = field(default=None, repr=False)
+    question: str = field(default="", repr=False)
+
+    @property
+    def query(self) -> str:
+        """The bare question (or the prompt, for items without one)."""
+        return self.question or self.prompt
 
     @property
     def completion(self) -> str:

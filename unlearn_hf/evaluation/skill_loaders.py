@@ -42,7 +42,7 @@ def _load_gsm8k(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
         check_columns(rows, ("question", "answer"), source)
         out.append(
             [
-                EvalItem(qa_prompt(r["question"]), r["answer"], f"gsm8k/{split}/{i}")
+                EvalItem(qa_prompt(r["question"]), r["answer"], f"gsm8k/{split}/{i}", question=r["question"])
                 for i, r in enumerate(rows)
             ]
         )
@@ -59,6 +59,7 @@ def _mbpp_item(row: Mapping[str, Any], split: str) -> EvalItem:
         unix_newlines(row["code"]),
         f"mbpp/{split}/{row['task_id']}",
         test_code=test_code,
+        question=row["text"],
     )
 
 
@@ -106,6 +107,7 @@ def _load_humaneval(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
             answer_sep="",
             program_prefix=r["prompt"],
             test_code=f"{r['test']}\n\ncheck({r['entry_point']})\n",
+            question=r["prompt"],
         )
         for r in rows
     ]
@@ -176,6 +178,7 @@ def _load_mmlu(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
             label=r["answer"],
             subject=subject,
             shots=shots,
+            question=r["question"] + "".join(f"\n{'ABCD'[j]}. {c}" for j, c in enumerate(choices)),
         )
 
     dev = _mmlu_rows(spec, data_dir, "dev")
@@ -244,6 +247,7 @@ def _load_mlqa(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
             mlqa_prompt(r["context"], r["question"]),
             r["answers"][0],
             f"mlqa-{lang}/dev/{r['id']}",
+            question=f"Context: {r['context']}\nQuestion: {r['question']}",
         )
         (evals if group % 2 == 0 else probe).append(item)
     return SkillSplits(probe, evals, {})

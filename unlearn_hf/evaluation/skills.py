@@ -105,6 +105,11 @@ class Skill:
         """Prompts only of the probe split (for Key Space Detection)."""
         return [item.prompt for item in self.probe_items(n)]
 
+    def probe_questions(self, n: int | None = None) -> list[str]:
+        """The bare questions of the probe split, without a prompt template (for Key Space Detection, which
+        renders them in the formats the model will meet)."""
+        return [item.query for item in self.probe_items(n)]
+
     def probe_pairs(self, n: int | None = None) -> list[dict[str, str]]:
         """``{"prompt", "completion", "text"}`` dicts of the probe split, for prompt/completion token modes."""
         return [
