@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import PrefillClock  # noqa: E402
-from benchmarks.ksd_eval import gsm8k_questions, left_batches, mbpp_questions  # noqa: E402
+from benchmarks.ksd_eval import left_batches, mbpp_questions  # noqa: E402
+from benchmarks.ksd_formats import fit_data  # noqa: E402
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM  # noqa: E402
 from unlearn_hf.models import load_smollm2  # noqa: E402
 
@@ -73,12 +74,8 @@ def main() -> None:
 
     model, tok = load_smollm2()
     unlearned = UnlearnedModelForCausalLM.from_base(model)
-    method = unlearned.fit(
-        KeySpaceDetectionConfig(),
-        forget=gsm8k_questions(data, "train", args.fit),
-        tokenizer=tok,
-        show_progress=False,
-    )
+    forget, retain = fit_data(data, args.fit)  # plain questions, calibrated: the library's default setting
+    method = unlearned.fit(KeySpaceDetectionConfig(), forget, retain, tok, show_progress=False)
     candidates = mbpp_questions(data, 4 * max(sizes))
     flags = torch.cat(
         [unlearned.detect(b["input_ids"], b["attention_mask"]) for b in left_batches(tok, candidates)]
@@ -88,7 +85,7 @@ def main() -> None:
         raise SystemExit(f"Only {len(prompts)} MBPP prompts are not refused; need {max(sizes)}.")
     print(
         f"SmolLM2-135M-Instruct, CPU ({torch.get_num_threads()} threads), KSD layers {method.config.layers} "
-        f"alpha {method.config.alpha}, {args.new_tokens} new tokens, {args.repeats} interleaved repeats, medians"
+        f"alpha {method.config.alpha:.4f} window {method.config.window}, {args.new_tokens} new tokens, {args.repeats} interleaved repeats, medians"
     )
     print(f"{'batch':>5} {'bare tok/s':>11} {'KSD tok/s':>10} {'ratio':>7}   {'ratio per CPU-second':>20}")
     for size in sizes:

@@ -1,10 +1,11 @@
 """Key Space Detection on the real SmolLM2-135M-Instruct with the real data sets (docs/METHOD.md §4).
 
-Fit on 200 GSM8K train questions; on 100 GSM8K test questions, 100 MBPP task texts (test split, task_id 11-510)
-and 100 MMLU questions (a deterministic spread over the 57 subjects), all in one template ``Question: …\\nAnswer:``,
-the library's default layer and α must abstain on ≥ 90% of GSM8K and ≤ 5% of each of the others.
-
-The data sets and the distance measurement come from ``benchmarks/ksd_eval.py``, shared with the sweep.
+1. The paper's setting (``inputs="prompts"``, middle layer, α = 1, the prompt's last token): fit on 200 GSM8K
+   train prompts in one template ``Question: …\\nAnswer:``; on 100 GSM8K test questions, 100 MBPP task texts and
+   100 MMLU questions in that template it must abstain on ≥ 90% of GSM8K and ≤ 5% of each of the others. Data
+   from ``benchmarks/ksd_eval.py``, shared with the sweep.
+2. The library's default: fit on plain GSM8K questions, calibrated on MBPP train tasks and MMLU dev questions;
+   held-out questions in every format a user sends (``benchmarks/ksd_formats.py``, shared with the benchmark).
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ def unlearned_smollm2(smollm2):
 
 
 @pytest.mark.slow
-def test_default_ksd_separates_gsm8k_from_mbpp_and_mmlu(unlearned_smollm2, shared_data):
+def test_paper_setting_separates_gsm8k_from_mbpp_and_mmlu(unlearned_smollm2, shared_data):
     unlearned, tok = unlearned_smollm2
     forget = gsm8k_questions(shared_data, "train", N_FIT)
     forget = [forget[i] for i in by_length(tok, forget)]  # same statistics, less padding
     method = unlearned.fit(
-        KeySpaceDetectionConfig(),
+        KeySpaceDetectionConfig(inputs="prompts", layers=None, alpha=1.0, window=1),
         forget=forget,
         tokenizer=tok,
         batch_size=BATCH,
@@ -91,3 +92,59 @@ def test_default_ksd_separates_gsm8k_from_mbpp_and_mmlu(unlearned_smollm2, share
             width = min(out.sequences.shape[1], base.shape[1])
             assert torch.equal(out.sequences[i, :width], base[i, :width])
             assert tok.decode(out.sequences[i, n:], skip_special_tokens=True) != method.config.refusal
+
+
+#: Held-out questions per set, fitted questions (the issue's targets allow ≤ 200) in the format tests.
+N_HELD, N_FIT_FORMATS = 60, 160
+
+
+@pytest.fixture(scope="module")
+def format_rates(smollm2, shared_data):
+    """The library's default fitted on plain GSM8K train questions (rendered bare, through the chat template, and
+    with a system prompt), calibrated on 60 MBPP train tasks and 60 MMLU dev questions; then abstention on held-out
+    questions in every format a user sends: ``{set: {format: rate}}`` (``benchmarks/ksd_formats.py``)."""
+    from benchmarks.ksd_formats import eval_sets, fit_data, measure
+
+    model, tok = smollm2
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    forget, retain = fit_data(shared_data, N_FIT_FORMATS)
+    retain = {name: qs[:60] for name, qs in retain.items()}
+    try:
+        method = unlearned.fit(
+            KeySpaceDetectionConfig(), forget, retain, tok, name="math", batch_size=16, show_progress=False
+        )
+        cal = method.config.calibration
+        assert cal["fitted_forget"] + cal["held_out_forget"] == N_FIT_FORMATS
+        assert max(cal["false_rate"].values()) <= method.config.max_false_rate
+        yield measure(unlearned, tok, eval_sets(shared_data, N_HELD))
+    finally:
+        unlearned.remove_all_methods()
+
+
+@pytest.mark.slow
+def test_default_ksd_abstains_however_the_question_is_asked(format_rates):
+    """Held-out GSM8K test questions abstain in every format, including a system prompt and instruction wordings
+    the fit never saw; held-out MBPP / HumanEval / MMLU non-math questions do not. The bounds (GSM8K ≥ 90% in the
+    fitted formats, ≥ 85% in unseen wordings; others ≤ 6%) lie about 5 points inside what this setting measured
+    (one question is 1.7 points): they are a statement about the model and data, not about float noise, since
+    the calibrated α sits midway between the forget and retain scores."""
+    rates = format_rates
+    for fmt, rate in rates["gsm8k"].items():
+        bound = 0.85 if fmt.startswith("unseen") else 0.90
+        assert rate >= bound, (fmt, rates["gsm8k"])
+    for name in ("mbpp", "humaneval", "mmlu_other"):
+        for fmt, rate in rates[name].items():
+            assert rate <= 0.06, (name, fmt, rates[name])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known weakness: with 160 fitted and 60 + 60 calibration questions the calibration picked layer 8 in our runs, "
+    "whose hypercube takes in MLQA-en's long 'Context: … Question: …' prompts (measured 23% QA template, 13% "
+    "bare, 3-8% chat), which no calibration question resembles; the benchmark's 200 fitted + 200 calibration "
+    "questions pick layer 21 and abstain on 0-1% of MLQA-en. Strict: this test turns red when it is fixed.",
+)
+def test_default_ksd_does_not_abstain_on_reading_comprehension(format_rates):
+    for fmt, rate in format_rates["mlqa_en"].items():
+        assert rate <= 0.06, (fmt, format_rates["mlqa_en"])
