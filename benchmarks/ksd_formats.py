@@ -195,6 +195,7 @@ def plot(method, path: str) -> None:
         )
     ax.axvline(method.config.max_false_rate, ls="--", color="grey", label="false-abstention budget")
     ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlim(left=0)
     ax.set_xlabel("false abstention (worst retain group, calibration)")
     ax.set_ylabel("held-out forget abstention (mean over renderings)")
     ax.set_title(f"KSD calibration: every layer, α from 0.25 to 4 (window {method.config.window})")
