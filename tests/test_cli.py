@@ -213,6 +213,8 @@ def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2, capsys):
             "6",
             "--n-eval-mmlu",
             "3",
+            "--methods",  # Selective Pruning's fit and evaluation run in tests/test_integration_na_sp.py
+            "na,ksd",
             "--output",
             str(out_dir),
             "--quiet",
@@ -221,7 +223,7 @@ def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2, capsys):
     assert code == 0
     printed = capsys.readouterr().out  # --quiet still prints the results
     report = json.loads((out_dir / "results.json").read_text())
-    assert report["models"] == ["base", "Neuron Adjust", "Selective Pruning", "Key Space Detection"]
+    assert report["models"] == ["base", "Neuron Adjust", "Key Space Detection"]
     assert (out_dir / "results.md").read_text().strip() in printed
     assert report["skills"] == ["gsm8k", "mbpp", "mmlu"]
     for label, drops in report["relative_drop"].items():

@@ -111,10 +111,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             + ", ".join(f"{s} {by_format['qa'][s]:.0%} | {by_format['chat'][s]:.0%}" for s in by_format["qa"])
         )
 
-    # one answer per skill from the base model and from each unlearned model
+    # one answer per skill from the base model and from each unlearned model (for the reader: not with --quiet)
     _say(quiet, "\nsample answers (greedy, 40 tokens):")
     unlearned = UnlearnedModelForCausalLM.from_base(model)
-    for skill in skills:
+    for skill in [] if quiet else skills:
         prompt = skill.eval_items(1)[0].prompt
         _say(quiet, f"[{skill.name}] {prompt.splitlines()[0][:100]}")
         _say(quiet, f"    base: {_sample_answer(model, tok, prompt)[:160]}")
