@@ -7,6 +7,7 @@
 - :func:`push_unlearned` (``model.push_to_hub``): upload with a model card.
 """
 
+from . import atomic  # noqa: F401 - persistence.atomic: the crash-safe folder replacement
 from .config_file import read_config
 from .config_schema import UnlearnConfig
 from .fingerprint import check_fingerprint, compare_fingerprints, compute_fingerprint

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..context import is_unlearned_model
 from ..sites import SiteError
+from .atomic import interrupted_swap
 from .config_file import read_config
 from .config_schema import UnlearnConfig
 from .fingerprint import check_fingerprint
@@ -100,6 +101,15 @@ def resolve_source(
         raise UnlearnFormatError(
             f"{path} is a file; expected a folder (or a Hub repo id) holding {CONFIG_NAME} and {WEIGHTS_NAME}.{note}"
         )
+    previous = interrupted_swap(path.absolute())
+    if previous is not None:
+        logger.warning(
+            "%s does not exist: a save into it was killed halfway; loading the previous checkpoint from %s (the "
+            "next save there puts it back).",
+            path,
+            previous,
+        )
+        return _Source(previous)
     if looks_like_local_path(name):
         raise FileNotFoundError(f"{path} does not exist (and is not a Hub repo id).")
     from huggingface_hub import snapshot_download

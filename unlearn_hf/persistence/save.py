@@ -1,14 +1,12 @@
 """Saving an unlearned model: ``unlearn_config.json`` + ``unlearn_model.safetensors`` (+ the base model's own
 files in the full layout), written atomically.
 
-**Atomicity.** Everything is first written into a temporary folder next to the target (same file system). A new
-target folder is then created by one rename. An existing folder is updated file by file in an order that never
-leaves a folder that loads as a different model: the old ``unlearn_config.json`` is removed first (from then on the
-folder refuses to load, with a clear error), then the base model / tokenizer files and
-``unlearn_model.safetensors`` are moved in, and the new ``unlearn_config.json`` is moved in last (the commit
-point). In addition, the config records the sha256 of every tensor, so a config and a tensor file from different
-saves are detected. Files the user put in the folder (a tokenizer, notes) are left alone; only files that an
-earlier save recorded as its own (``companion_files``) and that this save does not rewrite are removed.
+**Atomicity.** A save is written into a temporary sibling folder and swapped in by one atomic rename
+(:mod:`.atomic`): killed at any moment, the folder holds the old checkpoint or the new one. The files of the old
+folder that the previous save did not write (a user's notes) are carried over; those it wrote (the unlearning
+files and the ``companion_files`` its config lists) are replaced. Nothing outside the folder and its temporary
+sibling is written or deleted. In addition, the config records the sha256 of every tensor, so a config and a
+tensor file from different saves are detected.
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +21,7 @@ import safetensors.torch
 
 from ..context import is_unlearned_model
 from ..version import __version__
+from .atomic import replace_folder, resolve_target
 from .config_schema import BaseModelInfo, SavedMethod, TensorRecord, UnlearnConfig
 from .fingerprint import compute_fingerprint
 from .format import CONFIG_NAME, LAYOUT_FULL, LAYOUT_LIGHT, WEIGHTS_NAME
@@ -165,18 +162,14 @@ def save_unlearned(
             "Ignoring save arguments %s: they only apply with save_base_model=True.", sorted(kwargs)
         )
 
-    target = Path(save_directory).expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a folder.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.unlearn-tmp-{uuid.uuid4().hex[:12]}"
-    os.mkdir(tmp)
-    try:
+    target = resolve_target(save_directory)
+
+    def write(tmp: Path) -> list[str]:
         if save_base_model:
             model.get_base_model().save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        companions = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        companions = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
         clash = sorted({CONFIG_NAME, WEIGHTS_NAME} & set(companions))
         if clash:
             raise ValueError(
@@ -185,80 +178,24 @@ def save_unlearned(
         config.companion_files = companions
         safetensors.torch.save_file(flat, str(tmp / WEIGHTS_NAME), metadata=weights_metadata(config))
         (tmp / CONFIG_NAME).write_text(config.to_json(), encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(tmp / name)
-        _commit(tmp, target, companions)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return [*companions, WEIGHTS_NAME, CONFIG_NAME]
+
+    replace_folder(target, write, _own_files)
     logger.info(
         "Saved %d unlearning method(s) to %s (%s layout).", len(config.methods), target, config.layout
     )
     return target
 
 
-# -- filesystem steps (module functions so that tests can interrupt them) ------------------------------------------
-def _replace(src: Path, dst: Path) -> None:
-    os.replace(src, dst)
-
-
-def _remove(path: Path) -> None:
-    path.unlink()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
+def _own_files(folder: Path) -> set[str]:
+    """The files of ``folder`` that the previous save wrote: the two unlearning files and the companion files its
+    config lists (read leniently: an unreadable config claims only the two unlearning files)."""
+    own = {CONFIG_NAME, WEIGHTS_NAME}
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _old_companions(target: Path) -> list[str]:
-    """Companion files recorded by the previous save in ``target`` (lenient: [] when unreadable)."""
-    try:
-        data = json.loads((target / CONFIG_NAME).read_text(encoding="utf-8"))
-        files = data.get("companion_files", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    if not isinstance(files, list):
-        return []
-    out = []
-    for rel in files:
-        if isinstance(rel, str) and rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
-            out.append(rel)
-    return out
-
-
-def _commit(tmp: Path, target: Path, companions: list[str]) -> None:
-    """Move the files of ``tmp`` into ``target`` so that an interruption never leaves a folder that loads as a
-    different model (see the module docstring)."""
-    if not target.exists():
-        _replace(tmp, target)
-        _fsync_dir(target.parent)
-        return
-    old = _old_companions(target)
-    if (target / CONFIG_NAME).exists():
-        _remove(target / CONFIG_NAME)  # from here until the last step the folder refuses to load
-        _fsync_dir(target)
-    for rel in companions:
-        (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        _replace(tmp / rel, target / rel)
-    _replace(tmp / WEIGHTS_NAME, target / WEIGHTS_NAME)
-    _replace(tmp / CONFIG_NAME, target / CONFIG_NAME)  # commit point
-    _fsync_dir(target)
-    for rel in sorted(set(old) - set(companions)):
-        stale = target / rel
-        if stale.is_file():
-            stale.unlink()
-            logger.info("Removed %s, written by the previous save and not part of this one.", stale)
+        data = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        files = data.get("companion_files", []) if isinstance(data, dict) else []
+    except (OSError, ValueError):
+        return own
+    if isinstance(files, list):
+        own.update(f for f in files if isinstance(f, str))
+    return own

@@ -1,0 +1,289 @@
+"""Crash-safe, contained saves: a save killed at any moment leaves the old or the new checkpoint (never neither,
+never a mix), temporaries are cleaned, nothing outside the folder is touched, user files are kept."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from helpers_persistence import assert_same_outputs, encode, fit_methods, outputs
+from tiny_models import tiny_llama
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from unlearn_hf import UnlearnedModelForCausalLM
+from unlearn_hf.persistence import CONFIG_NAME, WEIGHTS_NAME, atomic, read_config, read_weights
+
+KILLS_PER_LAYOUT = 20
+
+
+@pytest.fixture(scope="module")
+def two_models(smollm2, tmp_path_factory):
+    """Two unlearned models that differ in every file: other base weights (saved folders, so that a light
+    checkpoint finds its base), other methods."""
+    tok = smollm2[1]
+    models = []
+    for seed, names in ((1, ("na",)), (2, ("ksd", "sp"))):
+        folder = tmp_path_factory.mktemp(f"base{seed}")
+        tiny_llama(seed=seed).save_pretrained(folder)
+        base = AutoModelForCausalLM.from_pretrained(folder).eval()
+        models.append(fit_methods(UnlearnedModelForCausalLM.from_base(base), tok, names))
+    return tuple(models)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if atomic.TMP_MARK in p.name or atomic.OLD_MARK in p.name)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder`` (links: their target text)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_symlink():
+            out[rel] = "link:" + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def which_checkpoint(folder: Path, expected: dict[str, dict[str, torch.Tensor]], full: bool) -> str:
+    """``"old"`` or ``"new"``: the checkpoint in ``folder``, checked tensor for tensor (a mix fails)."""
+    config = read_config(folder)
+    tensors = read_weights(folder, config)
+    flat = {f"{m}.{t}": v for m, ts in tensors.items() for t, v in ts.items()}
+    matches = []
+    for label, want in expected.items():
+        if flat.keys() == want["methods"].keys() and all(
+            torch.equal(flat[k], want["methods"][k]) for k in flat
+        ):
+            matches.append(label)
+    assert len(matches) == 1, f"the unlearning files match {matches}"
+    if full:
+        base = safetensors.torch.load_file(str(folder / "model.safetensors"))
+        want = expected[matches[0]]["base"]
+        assert base.keys() == want.keys() and all(torch.equal(base[k], want[k]) for k in base)
+    return matches[0]
+
+
+def flat_methods(model) -> dict[str, torch.Tensor]:
+    return {f"{n}.{t}": v for n, m in model.methods.items() for t, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["light", "full"])
+def test_sigkill_at_random_moments_never_loses_the_checkpoint(two_models, smollm2, tmp_path, full):
+    """A child process saves the two models into one folder, alternately, without end; it is SIGKILLed at random
+    moments. After every kill the folder holds exactly one of the two checkpoints, it loads, and the next save
+    leaves no temporary behind. A folder beside it is never touched."""
+    old, new = two_models
+    expected = {
+        label: {
+            "methods": flat_methods(m),
+            "base": {k: v.clone() for k, v in m.get_base_model().state_dict().items()},
+        }
+        for label, m in (("old", old), ("new", new))
+    }
+    target = tmp_path / "ckpt"
+    neighbour = tmp_path / "neighbour"
+    neighbour.mkdir()
+    (neighbour / "keep.txt").write_text("not yours")
+    (neighbour / f".{target.name}-lookalike").write_text("also not yours")
+    before = snapshot(neighbour)
+    old.save_pretrained(target, save_base_model=full)
+    (target / "notes.txt").write_text("a user's notes")
+
+    start = time.monotonic()
+    old.save_pretrained(target, save_base_model=full)
+    save_s = time.monotonic() - start
+    rng = random.Random(1234)
+    seen, current = [], "old"
+    for _ in range(KILLS_PER_LAYOUT):
+        order = (new, old) if current == "old" else (old, new)  # the first save changes the checkpoint
+        pid = os.fork()
+        if pid == 0:  # the saving child: never returns
+            # tqdm's lock is a semaphore shared across fork: a child killed inside a progress bar would leave
+            # it held for the parent. The child shows no progress bars.
+            hf_logging.disable_progress_bar()
+            try:
+                while True:
+                    for m in order:
+                        m.save_pretrained(target, save_base_model=full)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0, max(0.2, 8 * save_s)))  # several saves: the kill lands in any phase
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        current = which_checkpoint(target, expected, full)
+        seen.append(current)
+        assert (target / "notes.txt").read_text() == "a user's notes"
+    assert set(seen) == {"old", "new"}, seen  # the kills did land on both sides of the commit
+
+    loaded = UnlearnedModelForCausalLM.from_pretrained(target)
+    assert list(loaded.methods) == (["na"] if seen[-1] == "old" else ["ksd", "sp"])
+    new.save_pretrained(target, save_base_model=full)
+    assert leftovers(tmp_path) == []
+    assert which_checkpoint(target, expected, full) == "new"
+    assert snapshot(neighbour) == before
+    batch = encode(smollm2[1])
+    assert_same_outputs(
+        outputs(new, batch), outputs(UnlearnedModelForCausalLM.from_pretrained(target), batch)
+    )
+
+
+class Interrupted(BaseException):
+    """A simulated kill (not an Exception, so that no ``except Exception`` can swallow it)."""
+
+
+def test_without_rename_exchange_a_kill_between_the_two_renames_keeps_the_old_checkpoint(
+    two_models, smollm2, tmp_path, monkeypatch, caplog
+):
+    """Where RENAME_EXCHANGE is missing, the swap is two renames; killed between them, the folder name is empty for
+    a moment: loading finds the old checkpoint (with a warning) and the next save puts it back first."""
+    old, new = two_models
+    batch = encode(smollm2[1])
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target, save_base_model=True)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    renames = []
+    real_rename = os.rename
+
+    def rename(src, dst):
+        renames.append((Path(src).name, Path(dst).name))
+        if len(renames) == 2:
+            raise Interrupted
+        real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    with pytest.raises(Interrupted):
+        new.save_pretrained(target, save_base_model=True)
+    monkeypatch.undo()
+    assert renames[0][0] == "ckpt" and atomic.OLD_MARK in renames[0][1]
+    assert not target.exists()
+    with caplog.at_level(logging.WARNING):
+        loaded = UnlearnedModelForCausalLM.from_pretrained(target)
+    assert "was killed halfway" in caplog.text
+    assert_same_outputs(outputs(old, batch), outputs(loaded, batch))
+
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    new.save_pretrained(target, save_base_model=True)
+    assert leftovers(tmp_path) == []
+    assert_same_outputs(
+        outputs(new, batch), outputs(UnlearnedModelForCausalLM.from_pretrained(target), batch)
+    )
+
+
+def test_stale_temporaries_of_killed_saves_are_removed_by_the_next_save(two_models, tmp_path):
+    old, _ = two_models
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target)
+    for i in range(3):
+        stale = tmp_path / f".ckpt{atomic.TMP_MARK}dead{i}"
+        stale.mkdir()
+        (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    other = tmp_path / f".other{atomic.TMP_MARK}alive"  # another folder's temporary: not ours to remove
+    other.mkdir()
+    old.save_pretrained(target)
+    assert leftovers(tmp_path) == [other.name]
+
+
+def test_save_through_a_link_writes_into_the_real_folder(two_models, tmp_path):
+    """The link stays a link; the temporaries live next to the real folder (its file system)."""
+    old, new = two_models
+    real = tmp_path / "disk" / "real"
+    old.save_pretrained(real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    new.save_pretrained(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert list(UnlearnedModelForCausalLM.from_pretrained(link).methods) == ["ksd", "sp"]
+    assert leftovers(tmp_path) == [] and leftovers(real.parent) == []
+
+
+def test_a_save_never_deletes_or_writes_outside_its_folder(two_models, tmp_path):
+    """A config whose companion files walk through a linked subfolder or out of the folder: nothing outside is
+    deleted; the user's links are kept as links."""
+    old, new = two_models
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("precious")
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target)
+    (target / "sub").symlink_to(outside, target_is_directory=True)
+    config = json.loads((target / CONFIG_NAME).read_text())
+    config["companion_files"] = ["sub/victim.txt", "../outside/victim.txt"]
+    (target / CONFIG_NAME).write_text(json.dumps(config))
+    before = snapshot(outside)
+    new.save_pretrained(target)
+    assert snapshot(outside) == before
+    assert (target / "sub").is_symlink() and (target / "sub" / "victim.txt").read_text() == "precious"
+
+
+def test_config_listing_the_unlearning_files_as_companions_does_not_empty_the_folder(two_models, tmp_path):
+    old, new = two_models
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target)
+    config = json.loads((target / CONFIG_NAME).read_text())
+    config["companion_files"] = [CONFIG_NAME, WEIGHTS_NAME]
+    (target / CONFIG_NAME).write_text(json.dumps(config))
+    new.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert list(UnlearnedModelForCausalLM.from_pretrained(target).methods) == ["ksd", "sp"]
+
+
+def test_user_files_are_kept_and_another_models_files_are_overwritten_with_a_warning(
+    two_models, tmp_path, caplog
+):
+    """A folder that holds a plain transformers model: a full save into it warns, naming the files it replaces;
+    the user's other files (a subfolder, a link) are kept; the previous save's own files are replaced quietly."""
+    old, new = two_models
+    target = tmp_path / "ckpt"
+    old.get_base_model().save_pretrained(target)
+    (target / "docs").mkdir()
+    (target / "docs" / "notes.md").write_text("mine")
+    (target / "latest").symlink_to("docs")
+    with caplog.at_level(logging.WARNING, logger="unlearn_hf.persistence.atomic"):
+        new.save_pretrained(target, save_base_model=True)
+    assert (
+        "Overwriting" in caplog.text and "model.safetensors" in caplog.text and "config.json" in caplog.text
+    )
+    assert (target / "docs" / "notes.md").read_text() == "mine" and os.readlink(target / "latest") == "docs"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unlearn_hf.persistence.atomic"):
+        old.save_pretrained(target, save_base_model=True)
+    assert "Overwriting" not in caplog.text
+    assert list(UnlearnedModelForCausalLM.from_pretrained(target).methods) == ["na"]
+
+
+def test_a_failed_save_leaves_the_old_folder_and_no_temporary(two_models, tmp_path, monkeypatch):
+    old, new = two_models
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target, save_base_model=True)
+    before = snapshot(target)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="simulated"):
+        new.save_pretrained(target, save_base_model=True)
+    assert snapshot(target) == before and leftovers(tmp_path) == []
+
+
+def test_saving_into_a_file_is_refused_before_anything_is_written(two_models, tmp_path):
+    old, _ = two_models
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        old.save_pretrained(tmp_path / "file")
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        old.save_pretrained(tmp_path / "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]

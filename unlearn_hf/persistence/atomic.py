@@ -1,0 +1,265 @@
+"""Replacing a checkpoint folder in one atomic step, so that a save killed at any moment (``SIGKILL``, power loss)
+leaves the old checkpoint or the new one, never neither and never a mix.
+
+How a save commits (:func:`replace_folder`):
+
+1. Everything is written into a temporary sibling ``.<name>.unlearn-tmp-<id>`` of the target folder (same file
+   system, because same parent). Files of the old folder that are not the previous save's own (a user's notes, a
+   README) are carried over as hard links (symbolic links are copied as links, never followed).
+2. Every written file and folder is ``fsync``-ed.
+3. The temporary folder and the target are swapped by one ``renameat2(RENAME_EXCHANGE)`` (Linux 3.15+, ext4, xfs,
+   btrfs, tmpfs, ...); a new target is created by one ``rename``. The parent folder is ``fsync``-ed.
+4. The temporary folder, which now holds the old checkpoint, is deleted.
+
+Where ``RENAME_EXCHANGE`` is not available (other systems or file systems), step 3 is two renames: the old folder
+becomes ``.<name>.unlearn-old-<id>``, then the new one takes its name. A kill between the two leaves no folder
+under the target name; :func:`interrupted_swap` finds the old one, loading reads it (with a warning) and the next
+save puts it back before it starts.
+
+Saves into the same parent folder are serialized with ``flock`` on the parent (no lock file is created), and every
+save first deletes the temporaries that killed saves of the same target left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import shutil
+import stat
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TMP_MARK = ".unlearn-tmp-"
+OLD_MARK = ".unlearn-old-"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def resolve_target(path: str | os.PathLike[str]) -> Path:
+    """The real folder a save writes to: ``~`` expanded, absolute, a symbolic link to a folder followed (the
+    temporaries then live next to the real folder, on its file system)."""
+    target = Path(path).expanduser().absolute()
+    if target.is_symlink():
+        real = Path(os.path.realpath(target))
+        if real.exists() and not real.is_dir():
+            raise NotADirectoryError(f"{target} is a link to {real}, which is not a folder.")
+        logger.info("%s is a link; saving into %s.", target, real)
+        target = real
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a folder.")
+    return target
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` (a no-op where ``fcntl`` does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def interrupted_swap(target: Path) -> Path | None:
+    """The old checkpoint of a two-rename swap killed halfway (only on systems without ``RENAME_EXCHANGE``):
+    ``.<name>.unlearn-old-*`` when ``target`` itself does not exist; the newest one if there are several."""
+    if target.exists() or not target.parent.is_dir():
+        return None
+    prefix = f".{target.name}{OLD_MARK}"
+    olds = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    return max(olds, key=lambda p: p.stat().st_mtime_ns) if olds else None
+
+
+def clean_stale(target: Path) -> None:
+    """Put back the old folder of a killed fallback swap and delete the temporaries of killed saves of
+    ``target`` (call with the parent locked)."""
+    old = interrupted_swap(target)
+    if old is not None:
+        os.rename(old, target)
+        logger.warning("Restored %s from %s, left by a save that was killed.", target, old.name)
+    for mark in (TMP_MARK, OLD_MARK):
+        prefix = f".{target.name}{mark}"
+        for p in target.parent.iterdir():
+            if p.name.startswith(prefix):
+                remove_tree(p)
+                logger.info("Removed %s, left by a save that was killed.", p.name)
+
+
+def new_temporary(target: Path) -> Path:
+    tmp = target.parent / f".{target.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+    os.mkdir(tmp)
+    return tmp
+
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` (a folder: without following any link inside; a file or link: itself)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def carry_over(old: Path, new: Path, skip: Callable[[str], bool]) -> list[str]:
+    """Hard-link every file of ``old`` into ``new`` at the same relative path, except those for which
+    ``skip(relative posix path)`` is true and those ``new`` already has. Links are recreated, not followed; other
+    special files (FIFOs, sockets, devices) are left out with a warning. Returns the carried paths."""
+    carried: list[str] = []
+
+    def walk(src: Path, dst: Path, rel: str) -> None:
+        with os.scandir(src) as entries:
+            for entry in entries:
+                r = f"{rel}{entry.name}"
+                out = dst / entry.name
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):
+                    if out.is_symlink() or (out.exists() and not out.is_dir()):
+                        continue
+                    out.mkdir(exist_ok=True)
+                    walk(Path(entry.path), out, f"{r}/")
+                    if not any(out.iterdir()):
+                        out.rmdir()
+                    continue
+                if skip(r) or out.exists() or out.is_symlink():
+                    continue
+                if stat.S_ISLNK(mode):
+                    os.symlink(os.readlink(entry.path), out)
+                elif stat.S_ISREG(mode):
+                    try:
+                        os.link(entry.path, out, follow_symlinks=False)
+                    except OSError:
+                        shutil.copy2(entry.path, out, follow_symlinks=False)
+                else:
+                    logger.warning("Not keeping %s: it is not a regular file, folder or link.", entry.path)
+                    continue
+                carried.append(r)
+
+    walk(old, new, "")
+    return carried
+
+
+def fsync_tree(folder: Path) -> None:
+    """``fsync`` every regular file and folder under ``folder`` (links are not followed), deepest first."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and os.path.isfile(path):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(Path(root))
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` atomically; ``False`` when this system or file system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"Cannot swap {a.name} into {b}: {os.strerror(err)}", str(b))
+
+
+def swap_in(tmp: Path, target: Path) -> Path | None:
+    """Make ``tmp`` the folder ``target`` in one step; returns where the old folder now is (``None`` if there was
+    none), for the caller to delete."""
+    if not target.exists():
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        return None
+    if exchange(tmp, target):
+        fsync_dir(target.parent)
+        return tmp
+    old = target.parent / f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:12]}"
+    logger.debug("RENAME_EXCHANGE is not available here; swapping %s with two renames.", target)
+    os.rename(target, old)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
+    return old
+
+
+def replace_folder(
+    target: Path,
+    write: Callable[[Path], list[str]],
+    own_old_files: Callable[[Path], set[str]],
+) -> list[str]:
+    """Atomically replace (or create) the folder ``target`` by what ``write(tmp)`` writes.
+
+    Args:
+        target: the folder (already :func:`resolve_target`-ed).
+        write: fills the empty temporary folder; returns the relative paths it wrote.
+        own_old_files: given the old folder, the relative paths of its files that the previous save wrote (they
+            are not carried over).
+
+    Returns:
+        The relative paths of the old folder's files that were carried over.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with locked(target.parent):
+        clean_stale(target)
+        tmp = new_temporary(target)
+        try:
+            written = set(write(tmp))
+            carried: list[str] = []
+            if target.is_dir():
+                previous = own_old_files(target)
+                foreign = sorted(
+                    r
+                    for r in written
+                    if r not in previous and (target / r).exists() and not (target / r).is_dir()
+                )
+                if foreign:
+                    logger.warning(
+                        "Overwriting %s in %s: files that no earlier unlearn_hf save wrote there (another model's?).",
+                        foreign,
+                        target,
+                    )
+                carried = carry_over(target, tmp, lambda r: r in previous or r in written)
+            fsync_tree(tmp)
+            old = swap_in(tmp, target)
+            tmp = old
+        finally:
+            if tmp is not None and os.path.lexists(tmp):
+                remove_tree(tmp)
+    return carried
