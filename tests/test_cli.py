@@ -175,30 +175,6 @@ def test_interactive_generate(tiny_dir):
     assert len(proc.stdout.strip().splitlines()) >= 1
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (
-            ["evaluate", "--skills", "cooking", "--data-dir", "{data}", "--model", "{tiny}"],
-            "Unknown skill 'cooking'",
-        ),
-        (
-            ["evaluate", "--skills", "gsm8k", "--data-dir", "/nonexistent/data", "--model", "{tiny}"],
-            "does not exist",
-        ),
-        (["evaluate", "--skills", "gsm8k", "--model", "/nonexistent/model"], "Cannot load model"),
-        (["push", "--model", "{tiny}", "--repo-id", "a/b"], "not a folder saved by unlearn_hf"),
-        (["demo", "--data-dir", "/nonexistent/data"], "not found"),
-    ],
-)
-def test_user_errors_exit_2_without_traceback(args, message, tiny_dir, shared_data):
-    args = [a.format(data=shared_data, tiny=tiny_dir) for a in args]
-    out = run_cli(*args, "-q")
-    assert out.returncode == 2, out.stderr
-    assert message in out.stderr
-    assert "Traceback" not in out.stderr
-
-
 @pytest.mark.slow
 def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2, capsys):
     out_dir = tmp_path / "demo"

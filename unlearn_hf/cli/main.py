@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
+from ..evaluation.data_files import DataFileError
+from ..persistence.format import UnlearnFormatError
 from ..version import __version__
 from .common import UserError, load_model, load_skills, setup_logging, split_names
 from .recipes import method_names
@@ -19,6 +23,78 @@ from .recipes import method_names
 logger = logging.getLogger("unlearn_hf.cli")
 
 DEFAULT_DATA = "../shared/data"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (``unlearn-hf fit: error: ...``), exit code 2, as every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(
+    kind: type, low: float | None = None, high: float | None = None, *, open_low: bool = False
+) -> Any:
+    """An argparse type: a ``kind`` number within ``[low, high]`` (``(low, high]`` with ``open_low``), finite."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        too_low = low is not None and (value <= low if open_low else value < low)
+        if too_low or (high is not None and value > high):
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if open_low else '['}{lo}, {hi}], got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+
+#: Failures caused by the command line or its inputs: one line on stderr, exit code 2. Anything else is a bug or
+#: an environment failure: traceback, exit code 1.
+USER_ERRORS = (
+    UserError,
+    UnlearnFormatError,
+    DataFileError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+def _output_folder(path: str) -> Path:
+    """``--output`` of ``fit``/``demo``: a folder (new or existing), not a file."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {path!r} exists and is not a folder.")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--output {path!r}: {parent} is not a folder.")
+            break
+    return out
+
+
+def _output_file(path: str | None) -> Path | None:
+    """``--output`` of ``evaluate``: a JSON file to write, not a folder."""
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise UserError(f"--output {path!r} is a folder; give a file name (e.g. results.json).")
+    return out
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -35,13 +111,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unlearn-hf",
         description="Training-free skill unlearning for Hugging Face causal LMs "
         "(Neuron Adjust, Key Space Detection, Selective Pruning).",
     )
     parser.add_argument("--version", action="version", version=f"unlearn-hf {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     fit = sub.add_parser("fit", help="fit unlearning methods and save the unlearned model folder")
     fit.add_argument("--model", default="smollm2", help="'smollm2', a model folder or a Hub id")
@@ -56,8 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--forget", required=True, help="skill to forget, e.g. gsm8k")
     fit.add_argument("--retain", default="mbpp", help="comma-separated skills to keep (for na/sp)")
-    fit.add_argument("--n-probe", type=int, default=200, help="probe examples per skill")
-    fit.add_argument("--ratio", type=float, default=0.03, help="fraction of neurons for na/sp")
+    fit.add_argument("--n-probe", type=POSITIVE_INT, default=200, help="probe examples per skill")
+    fit.add_argument(
+        "--ratio",
+        type=_number(float, 0, 1, open_low=True),
+        default=0.03,
+        help="fraction of neurons for na/sp",
+    )
     fit.add_argument(
         "--layers",
         default=None,
@@ -65,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--alpha",
-        type=float,
+        type=_number(float, 0, open_low=True),
         default=None,
         help="ksd hypercube multiplier (default: calibrated on the retain skills)",
     )
@@ -78,13 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--max-false-rate",
-        type=float,
+        type=_number(float, 0, 1),
         default=None,
         help="ksd: false-abstention budget of calibration (0.02)",
     )
     fit.add_argument("--refusal", default="I can't help with that.", help="ksd refusal text")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--batch-size", type=int, default=8)
+    fit.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
+    fit.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     fit.add_argument("--output", required=True, help="folder to save the unlearned model to")
     fit.add_argument("--save-base-model", action="store_true", help="also copy the base model's weights")
     _add_data(fit)
@@ -101,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt formats to score in: qa (Question/Answer template), chat "
         "(the tokenizer's chat template; MMLU stays 5-shot QA)",
     )
-    ev.add_argument("--n-eval", type=int, default=50, help="held-out items per skill")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--n-eval", type=POSITIVE_INT, default=50, help="held-out items per skill")
+    ev.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     ev.add_argument("--output", default=None, help="write the results JSON here")
     _add_data(ev)
     _add_common(ev)
@@ -111,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="smollm2")
     gen.add_argument("--prompt", default=None, help="the prompt; without it, an interactive chat on stdin")
     gen.add_argument("--template", default="Question: {prompt}\nAnswer:", help="prompt template ('{prompt}')")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     _add_common(gen)
 
@@ -127,15 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--forget", default="gsm8k")
     demo.add_argument("--retain", default="mbpp,mmlu")
     demo.add_argument("--data-dir", default=DEFAULT_DATA, help=f"skill data sets (default {DEFAULT_DATA})")
-    demo.add_argument("--n-probe", type=int, default=200, help="probe examples per skill")
-    demo.add_argument("--n-eval", type=int, default=50, help="held-out items per skill (MMLU: --n-eval-mmlu)")
-    demo.add_argument("--n-eval-mmlu", type=int, default=40, help="MMLU items (5-shot prompts are long)")
-    demo.add_argument("--ratio", type=float, default=0.03, help="neuron ratio for NA and SP")
-    demo.add_argument("--alpha", type=float, default=None, help="KSD alpha (default: calibrated)")
+    demo.add_argument("--n-probe", type=POSITIVE_INT, default=200, help="probe examples per skill")
+    demo.add_argument(
+        "--n-eval", type=POSITIVE_INT, default=50, help="held-out items per skill (MMLU: --n-eval-mmlu)"
+    )
+    demo.add_argument(
+        "--n-eval-mmlu", type=POSITIVE_INT, default=40, help="MMLU items (5-shot prompts are long)"
+    )
+    demo.add_argument(
+        "--ratio", type=_number(float, 0, 1, open_low=True), default=0.03, help="neuron ratio for NA and SP"
+    )
+    demo.add_argument(
+        "--alpha", type=_number(float, 0, open_low=True), default=None, help="KSD alpha (default: calibrated)"
+    )
     demo.add_argument(
         "--methods", default=",".join(names), help=f"comma-separated subset of {','.join(names)}"
     )
-    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     demo.add_argument("--output", default="outputs/demo", help="results, chart and model folder")
     demo.add_argument("--model", default="smollm2", help="base model ('smollm2', a folder or a Hub id)")
     _add_common(demo)
@@ -151,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.quiet)
     try:
         return COMMANDS[args.command](args)
-    except UserError as err:
-        print(f"unlearn-hf {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        text = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+        print(f"unlearn-hf {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -163,17 +253,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from ..wrapper import UnlearnedModelForCausalLM
     from .recipes import fit_methods
 
-    model, tok = load_model(args.model, args.dtype)
-    if isinstance(model, UnlearnedModelForCausalLM):
-        raise UserError(f"{args.model!r} is already an unlearned model; fit on its base model.")
-    forget = load_skills([args.forget], args.data_dir)[0]
-    retain = load_skills(split_names(args.retain), args.data_dir)
+    out = _output_folder(args.output)
     try:
         layers = [int(x) for x in split_names(args.layers)] if args.layers not in (None, "auto") else None
     except ValueError:
         raise UserError(
             f"--layers must be 'auto' or comma-separated integers, got {args.layers!r}."
         ) from None
+    if layers is not None and not layers:
+        raise UserError("--layers is empty; give layer numbers or 'auto'.")
+    forget = load_skills([args.forget], args.data_dir)[0]
+    retain = load_skills(split_names(args.retain), args.data_dir)
+    model, tok = load_model(args.model, args.dtype)
+    if isinstance(model, UnlearnedModelForCausalLM):
+        raise UserError(f"{args.model!r} is already an unlearned model; fit on its base model.")
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    bad = [i for i in layers or [] if not 0 <= i < n_layers]
+    if bad:
+        raise UserError(f"--layers {bad} out of range: the model has layers 0..{n_layers - 1}.")
     unlearned = UnlearnedModelForCausalLM.from_base(model)
     try:
         fit_methods(
@@ -195,9 +292,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UserError(str(err)) from err
-    out = Path(args.output)
-    unlearned.save_pretrained(out, save_base_model=args.save_base_model)
-    tok.save_pretrained(out)
+    unlearned.save_pretrained(out, save_base_model=args.save_base_model, tokenizer=tok)
     print(f"saved {', '.join(unlearned.methods)} to {out}")
     return 0
 
@@ -207,12 +302,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.prompts import PROMPT_FORMATS
     from ..evaluation.runner import evaluate_skills
 
-    model, tok = load_model(args.model, args.dtype)
-    skills = load_skills(split_names(args.skills), args.data_dir)
+    output = _output_file(args.output)
     formats = split_names(args.formats)
     bad = [f for f in formats if f not in PROMPT_FORMATS]
     if bad or not formats:
         raise UserError(f"Unknown prompt formats {bad}; choose from {', '.join(PROMPT_FORMATS)}.")
+    skills = load_skills(split_names(args.skills), args.data_dir)
+    model, tok = load_model(args.model, args.dtype)
     scores = {
         f"{args.model} [{fmt}]": evaluate_skills(
             model,
@@ -227,17 +323,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }
     report = build_report(scores, metadata={"model": args.model, "n_eval": args.n_eval, "formats": formats})
     print(markdown_table(report))
-    if args.output:
-        write_json(report, args.output)
-        print(f"results written to {args.output}")
+    if output is not None:
+        write_json(report, output)
+        print(f"results written to {output}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+
+    if "{prompt}" not in args.template:
+        raise UserError(f"--template must hold '{{prompt}}', got {args.template!r}.")
     model, tok = load_model(args.model, args.dtype)
 
     def answer(prompt: str) -> str:
-        text = args.template.format(prompt=prompt)
+        text = args.template.replace("{prompt}", prompt)
         enc = tok(text, return_tensors="pt")
         out = model.generate(
             **enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tok.pad_token_id
@@ -271,6 +370,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _output_folder(args.output)
     report = run_demo(args)
     print(json.dumps({"results": str(Path(args.output) / "results.json")}))
     return 0 if report else 1

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import stat
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +47,80 @@ def hub_rows(spec: SkillSpec, split: str, config: str | None = None) -> list[dic
     return ds.to_list() if hasattr(ds, "to_list") else [dict(r) for r in ds]
 
 
+#: Largest data file read (bytes); larger files are refused before reading.
+MAX_DATA_FILE_BYTES = 2 * 2**30
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read as what it claims to be: not a regular file, too large, not UTF-8, bad
+    JSON/CSV. The message names the file (and the line)."""
+
+
+def check_data_file(path: Path, max_bytes: int = MAX_DATA_FILE_BYTES) -> None:
+    """Refuse, before reading, what is not a regular file (a FIFO would block, a folder fails later) or is too
+    large."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataFileError(f"{path} is not a regular file.")
+    if st.st_size > max_bytes:
+        raise DataFileError(f"{path} is {st.st_size} bytes, over the {max_bytes}-byte limit for data files.")
+
+
+def read_text(path: Path) -> str:
+    """The text of a (``.gz``-compressed) UTF-8 data file, checked first (:func:`check_data_file`)."""
+    check_data_file(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read(MAX_DATA_FILE_BYTES + 1)
+            if len(raw) > MAX_DATA_FILE_BYTES:
+                raise DataFileError(f"{path} decompresses to more than {MAX_DATA_FILE_BYTES} bytes.")
+        else:
+            raw = path.read_bytes()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}).") from None
+    except (OSError, EOFError) as err:
+        if isinstance(err, DataFileError):
+            raise
+        raise DataFileError(f"{path} cannot be read: {err}") from None
+
+
+def read_json(path: Path) -> Any:
+    """The document of a JSON file."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataFileError(
+            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}."
+        ) from None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``.jsonl`` or ``.jsonl.gz`` file."""
-    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records (JSON objects) of a ``.jsonl`` or ``.jsonl.gz`` file."""
+    rows = []
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFileError(f"{path}: line {n} is not valid JSON ({err.msg}).") from None
+        if not isinstance(row, dict):
+            raise DataFileError(f"{path}: line {n} is a JSON {type(row).__name__}, not an object.")
+        rows.append(row)
+    return rows
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
     """The rows of a CSV file with a header line."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    try:
+        return list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+    except csv.Error as err:
+        raise DataFileError(f"{path}: invalid CSV: {err}.") from None
 
 
 def check_columns(rows: Iterable[Mapping[str, Any]], required: Sequence[str], source: str) -> None:

@@ -6,13 +6,12 @@ The probe/eval splits are those of the table in :mod:`unlearn_hf.evaluation.skil
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .data_files import check_columns, hub_rows, local_folder, read_csv, read_jsonl, unix_newlines
+from .data_files import check_columns, hub_rows, local_folder, read_csv, read_json, read_jsonl, unix_newlines
 from .items import EvalItem
 from .prompts import mlqa_prompt, qa_prompt
 from .skill_specs import SkillSpec
@@ -213,10 +212,9 @@ def _load_mlqa(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
         name = f"dev-context-{lang}-question-{lang}.json"
         path = local_folder(spec, data_dir, [name]) / name
         source = str(path)
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-        if "data" not in doc:
-            raise KeyError(f"{source}: not SQuAD-format JSON (no 'data' key; keys: {sorted(doc)}).")
+        doc = read_json(path)
+        if not isinstance(doc, dict) or "data" not in doc:
+            raise KeyError(f"{source}: not SQuAD-format JSON (no 'data' key).")
         for article in doc["data"]:
             for para in article["paragraphs"]:
                 for qa in para["qas"]:

@@ -1,0 +1,269 @@
+"""The command line never lies: every user error exits 2 with one line (no traceback), and ``--model`` loads the
+unlearning whenever the folder or Hub repo holds it (light or full layout), a plain model only when it does not,
+saying so."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_persistence import fit_methods
+from hub_server import hub_env, start_hub_server
+from tiny_models import tiny_llama
+from transformers import AutoModelForCausalLM
+
+from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
+from unlearn_hf.cli.common import load_model
+from unlearn_hf.cli.main import main
+from unlearn_hf.persistence import CONFIG_NAME, WEIGHTS_NAME
+
+TOKEN = "hf_unlearn_cli_token"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, smol_tokenizer, shared_data):
+    """A tiny plain model, a light unlearned checkpoint of it, broken copies, bad data folders, a file, a FIFO."""
+    root = tmp_path_factory.mktemp("cli-errors")
+    tiny = root / "tiny"
+    tiny_llama(layers=4).save_pretrained(tiny)
+    smol_tokenizer.save_pretrained(tiny)
+    unlearned = fit_methods(
+        UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_pretrained(tiny)),
+        smol_tokenizer,
+        ("na",),
+    )
+    good = root / "unlearned"
+    unlearned.save_pretrained(good)
+    bad_config = root / "bad-config"
+    unlearned.save_pretrained(bad_config)
+    (bad_config / CONFIG_NAME).write_text("{not json")
+    truncated = root / "truncated"
+    unlearned.save_pretrained(truncated)
+    data = (truncated / WEIGHTS_NAME).read_bytes()
+    (truncated / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+
+    def data_dir(name: str, content: bytes | None) -> Path:
+        folder = root / name / "gsm8k"
+        folder.mkdir(parents=True)
+        (folder / "test.jsonl").write_bytes(
+            (shared_data / "gsm8k" / "test.jsonl").read_bytes()[:2000].rsplit(b"\n", 1)[0]
+        )
+        if content is None:
+            os.mkfifo(folder / "train.jsonl")
+        else:
+            (folder / "train.jsonl").write_bytes(content)
+        return folder.parent
+
+    dirs = {
+        "latin1": data_dir("latin1", '{"question": "caf\u00e9", "answer": "1"}\n'.encode("latin-1")),
+        "badjson": data_dir("badjson", b'{"question": "a", "answer": "1"}\n{"question": \n'),
+        "nocolumn": data_dir("nocolumn", b'{"question": "a", "solution": "1"}\n'),
+        "array": data_dir("array", b'["question", "answer"]\n'),
+        "empty": data_dir("empty", b""),
+        "fifo": data_dir("fifo", None),
+    }
+    a_file = root / "a-file.txt"
+    a_file.write_text("x")
+    return {
+        "tiny": tiny,
+        "good": good,
+        "bad_config": bad_config,
+        "truncated": truncated,
+        "file": a_file,
+        **dirs,
+    }
+
+
+FIT = [
+    "fit",
+    "--model",
+    "{tiny}",
+    "--method",
+    "na",
+    "--forget",
+    "gsm8k",
+    "--data-dir",
+    "{data}",
+    "--output",
+    "{out}",
+]
+EVAL = ["evaluate", "--model", "{tiny}", "--skills", "gsm8k", "--data-dir", "{data}", "--n-eval", "2"]
+
+#: (arguments, what the one line must say). ``{out}`` is a fresh folder path.
+BAD_INPUTS = [
+    ([*FIT, "--ratio", "2"], "--ratio: must be in (0, 1]"),
+    ([*FIT, "--ratio", "0"], "--ratio: must be in (0, 1]"),
+    ([*FIT, "--alpha", "-1"], "--alpha: must be in (0, inf]"),
+    ([*FIT, "--alpha", "nan"], "--alpha: must be finite"),
+    ([*FIT, "--batch-size", "0"], "--batch-size: must be in [1, inf]"),
+    ([*FIT, "--n-probe", "0"], "--n-probe: must be in [1, inf]"),
+    ([*FIT, "--n-probe", "many"], "--n-probe: expected an integer"),
+    ([*FIT, "--seed", "-1"], "--seed: must be in [0,"),
+    ([*FIT, "--max-false-rate", "1.5"], "--max-false-rate: must be in [0, 1]"),
+    ([*FIT, "--method", "lobotomy"], "invalid choice: 'lobotomy'"),
+    ([*FIT, "--method", "ksd", "--layers", "99"], "--layers [99] out of range: the model has layers 0..3"),
+    ([*FIT, "--method", "ksd", "--layers", "1,x"], "--layers must be 'auto' or comma-separated integers"),
+    ([*FIT, "--method", "ksd", "--layers", ","], "--layers is empty"),
+    ([*FIT[:-1], "{file}"], "exists and is not a folder"),
+    ([*FIT[:-1], "{file}/sub"], "is not a folder"),
+    ([*FIT, "--forget", "cooking"], "Unknown skill 'cooking'"),
+    ([*FIT[:-4], "--data-dir", "/nonexistent/data", "--output", "{out}"], "does not exist"),
+    ([*FIT[:-4], "--data-dir", "{latin1}", "--output", "{out}"], "is not UTF-8 text"),
+    ([*FIT[:-4], "--data-dir", "{badjson}", "--output", "{out}"], "line 2 is not valid JSON"),
+    ([*FIT[:-4], "--data-dir", "{array}", "--output", "{out}"], "line 1 is a JSON list, not an object"),
+    ([*FIT[:-4], "--data-dir", "{nocolumn}", "--output", "{out}"], "has no column(s) ['answer']"),
+    ([*FIT[:-4], "--data-dir", "{fifo}", "--output", "{out}"], "is not a regular file"),
+    ([*FIT[:-4], "--data-dir", "{empty}", "--output", "{out}"], "no items"),
+    (["fit", "--model", "{good}", *FIT[3:]], "is already an unlearned model"),
+    ([*EVAL, "--formats", "pirate"], "Unknown prompt formats ['pirate']"),
+    ([*EVAL, "--skills", ","], "No skill names given"),
+    ([*EVAL, "--n-eval", "-3"], "--n-eval: must be in [1, inf]"),
+    ([*EVAL, "--output", "{tiny}"], "is a folder; give a file name"),
+    (
+        ["evaluate", "--model", "/nonexistent/model", "--skills", "gsm8k", "--data-dir", "{data}"],
+        "Cannot load model",
+    ),
+    (
+        ["evaluate", "--model", "{bad_config}", "--skills", "gsm8k", "--data-dir", "{data}"],
+        "Cannot load model",
+    ),
+    (
+        ["evaluate", "--model", "{truncated}", "--skills", "gsm8k", "--data-dir", "{data}"],
+        "Cannot load model",
+    ),
+    (
+        ["generate", "--model", "{tiny}", "--prompt", "hi", "--template", "no placeholder"],
+        "must hold '{prompt}'",
+    ),
+    (
+        ["generate", "--model", "{tiny}", "--prompt", "hi", "--max-new-tokens", "0"],
+        "--max-new-tokens: must be",
+    ),
+    (["generate", "--model", "{bad_config}", "--prompt", "hi"], "Cannot load model"),
+    (["push", "--model", "{tiny}", "--repo-id", "a/b"], "not a folder saved by unlearn_hf"),
+    (["demo", "--data-dir", "/nonexistent/data", "--output", "{out}"], "not found"),
+    (["demo", "--output", "{file}"], "exists and is not a folder"),
+    (["dance"], "invalid choice: 'dance'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[f"{i:02d}" for i in range(len(BAD_INPUTS))])
+def test_user_error_exits_2_in_one_line(args, message, folders, shared_data, tmp_path, capsys):
+    values = {k: str(v) for k, v in folders.items()} | {
+        "data": str(shared_data),
+        "out": str(tmp_path / "out"),
+    }
+    argv = [a.format(**values) for a in args]
+    try:
+        code = main([*argv, "-q"] if argv[0] != "dance" else argv)
+    except SystemExit as exited:  # argparse's own errors
+        code = exited.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_user_error_in_a_real_process_is_one_line_on_stderr(folders, shared_data, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unlearn_hf.cli.main",
+            "evaluate",
+            "--model",
+            str(folders["truncated"]),
+            "--skills",
+            "gsm8k",
+            "--data-dir",
+            str(shared_data),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("unlearn-hf evaluate: error: Cannot load model"), (
+        proc.stderr
+    )
+
+
+def test_unexpected_failures_exit_1_with_a_traceback(folders, monkeypatch):
+    """A bug is not a user error: it keeps its traceback (and Python's exit code 1)."""
+    import unlearn_hf.cli.main as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "generate", lambda args: [][1])
+    with pytest.raises(IndexError):
+        main(["generate", "--model", str(folders["tiny"]), "--prompt", "hi"])
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["light", "full"])
+def test_model_from_the_hub_loads_its_unlearning(full, folders, smol_tokenizer, tmp_path, caplog):
+    """An unlearned repo on a (loopback) Hub loads as the unlearned model in both layouts, a plain repo as the
+    plain model with a warning; offline, the cached snapshots decide the same."""
+    from huggingface_hub import HfApi
+
+    base = AutoModelForCausalLM.from_pretrained(folders["tiny"]).eval()
+    unlearned = UnlearnedModelForCausalLM.from_base(base)
+    question = "What is 2 + 3? Answer: 5"
+    unlearned.fit(
+        KeySpaceDetectionConfig(alpha=1.0, layers=[1]),
+        [question, "Compute 7 * 8 = 56"],
+        tokenizer=smol_tokenizer,
+        show_progress=False,
+    )
+    with start_hub_server(tmp_path) as hub, hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        api = HfApi()
+        repo = f"user/unlearned-{'full' if full else 'light'}"
+        unlearned.push_to_hub(
+            repo,
+            save_base_model=full,
+            tokenizer=smol_tokenizer,
+            base_model_name_or_path=None if full else "user/plain",
+        )
+        api.create_repo("user/plain")
+        api.upload_folder(repo_id="user/plain", folder_path=folders["tiny"])
+        for offline in (False, True):
+            with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN, offline=offline):
+                model, tok = load_model(repo)
+                assert isinstance(model, UnlearnedModelForCausalLM), offline
+                ids = tok(question, return_tensors="pt")
+                assert model.detect(ids["input_ids"]).tolist() == [True]
+                with caplog.at_level(logging.WARNING):
+                    plain, _ = load_model("user/plain")
+                assert not isinstance(plain, UnlearnedModelForCausalLM)
+                assert "loaded as a plain transformers model, without unlearning" in caplog.text
+                caplog.clear()
+                with torch.no_grad():
+                    assert torch.equal(plain(**ids).logits, base(**ids).logits)
+
+
+def test_cli_generate_on_an_unlearned_folder_abstains(folders, smol_tokenizer, tmp_path, capsys):
+    unlearned = UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_pretrained(folders["tiny"]))
+    question = "What is 2 + 3?"
+    template = "Question: {prompt}\nAnswer:"
+    unlearned.fit(
+        KeySpaceDetectionConfig(inputs="prompts", alpha=1.0, layers=[1], refusal="No."),
+        [template.replace("{prompt}", q) for q in (question, "Compute 7 * 8.")],
+        tokenizer=smol_tokenizer,
+        show_progress=False,
+    )
+    unlearned.save_pretrained(tmp_path / "m", save_base_model=True, tokenizer=smol_tokenizer)
+    assert (
+        main(
+            ["generate", "--model", str(tmp_path / "m"), "--prompt", question, "--max-new-tokens", "5", "-q"]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == "No."
+    assert json.loads((tmp_path / "m" / CONFIG_NAME).read_text())["layout"] == "full"
