@@ -381,7 +381,7 @@ def test_gsm8k_exact_match():
 def test_pass_at_1_humaneval_canonical_solutions_pass():
     items = get_skill("humaneval", shared_data_dir()).eval_items()[::4]
     assert len(items) >= 20
-    result = pass_at_1(items, [it.answer for it in items], timeout=20)
+    result = pass_at_1(items, [it.answer for it in items], timeout=20, allow_code_execution=True)
     assert result.score == 1.0, [s for s in result.details["status"]]
 
 
@@ -394,7 +394,7 @@ def test_pass_at_1_mbpp_and_failures():
         "```python\n" + mbpp[1].answer + "\n```",  # fenced code is extracted
         "def nothing(:\n",  # syntax error
     ]
-    result = pass_at_1(mbpp, completions, timeout=10)
+    result = pass_at_1(mbpp, completions, timeout=10, allow_code_execution=True)
     assert result.per_item == [1.0, 1.0, 0.0]
     assert result.details["status"] == ["passed", "passed", "failed"]
     broken = pass_at_1(
@@ -406,21 +406,23 @@ def test_pass_at_1_mbpp_and_failures():
             "    import sys\n    sys.exit(0)\n",  # leaves before the tests; must not count as a pass
         ],
         timeout=3,
+        allow_code_execution=True,
     )
     assert broken.per_item == [0.0, 0.0, 0.0, 0.0]
     assert broken.details["status"][1] == "timeout"
 
 
 def test_run_program_sandbox():
-    assert run_program("print('ok')").passed
-    net = run_program("import socket\ns = socket.socket()\n")
+    assert run_program("print('ok')", allow_code_execution=True).passed
+    net = run_program("import socket\ns = socket.socket()\n", allow_code_execution=True)
     assert not net.passed and "disabled" in net.stderr
-    sub = run_program("import subprocess\nsubprocess.run(['echo', 'hi'])\n")
+    sub = run_program("import subprocess\nsubprocess.run(['echo', 'hi'])\n", allow_code_execution=True)
     assert not sub.passed
-    mem = run_program("x = bytearray(3 * 1024**3)\n", memory_mb=512)
+    mem = run_program("x = bytearray(3 * 1024**3)\n", memory_mb=512, allow_code_execution=True)
     assert not mem.passed and "MemoryError" in mem.stderr
     cwd = run_program(
-        f"import os\nopen('f.txt', 'w').write('x')\nassert os.getcwd() != {str(Path.cwd())!r}\n"
+        f"import os\nopen('f.txt', 'w').write('x')\nassert os.getcwd() != {str(Path.cwd())!r}\n",
+        allow_code_execution=True,
     )
     assert cwd.passed and not Path("f.txt").exists()
 

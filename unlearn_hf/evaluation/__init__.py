@@ -11,7 +11,15 @@ Metrics: ``token_accuracy`` (teacher-forced answer tokens), ``multiple_choice`` 
 
 from .abstention import abstention_rate, detect_abstention
 from .exact_match import extract_gsm8k_reference, extract_last_number, gsm8k_exact_match, normalize_number
-from .execution import ExecutionResult, build_program, check_completion, extract_code, pass_at_1, run_program
+from .execution import (
+    CodeExecutionNotAllowedError,
+    ExecutionResult,
+    build_program,
+    check_completion,
+    extract_code,
+    pass_at_1,
+    run_program,
+)
 from .generation import generate_completions
 from .items import EvalItem
 from .multiple_choice import mmlu_accuracy, mmlu_prompt
@@ -25,6 +33,7 @@ from .token_accuracy import answer_token_accuracy
 __all__ = [
     "MLQA_LANGUAGES",
     "PROMPT_TEMPLATE",
+    "CodeExecutionNotAllowedError",
     "EvalItem",
     "ExecutionResult",
     "MetricResult",
