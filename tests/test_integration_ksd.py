@@ -118,7 +118,8 @@ def format_rates(smollm2, shared_data):
         assert max(cal["false_rate"].values()) <= method.config.max_false_rate
         sets = eval_sets(shared_data, N_HELD)
         del sets["mmlu_math"]  # reported by the benchmark; abstaining there is not a false abstention
-        yield measure(unlearned, tok, sets)
+        mlqa = {"mlqa_en": sets.pop("mlqa_en")}  # long prompts: only the format of the known weakness
+        yield {**measure(unlearned, tok, sets), **measure(unlearned, tok, mlqa, format_names=["qa"])}
     finally:
         unlearned.remove_all_methods()
 
@@ -144,7 +145,7 @@ def test_default_ksd_abstains_however_the_question_is_asked(format_rates):
     strict=True,
     reason="known weakness: with 160 fitted and 60 + 60 calibration questions the calibration picked layer 8 in our runs, "
     "whose hypercube takes in MLQA-en's long 'Context: … Question: …' prompts (measured 23% QA template, 13% "
-    "bare, 3-8% chat), which no calibration question resembles; the benchmark's 200 fitted + 200 calibration "
+    "bare, 3-8% chat; the test measures the QA template only), which no calibration question resembles; the benchmark's 200 fitted + 200 calibration "
     "questions pick layer 21 and abstain on 0-1% of MLQA-en. Strict: this test turns red when it is fixed.",
 )
 def test_default_ksd_does_not_abstain_on_reading_comprehension(format_rates):
