@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from helpers_data import SHARED_DATA
 
 
@@ -32,3 +33,12 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smol_tokenizer(smollm2):
     return smollm2[1]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the tests of a module (tiny models run fastest so on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -144,12 +144,8 @@ def test_matrix_covers_the_required_architectures():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, above all on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread_here(one_thread):
+    """Tiny models run fastest on one thread (several spin against each other on a shared machine)."""
 
 
 @pytest.fixture(scope="module")

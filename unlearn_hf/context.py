@@ -26,10 +26,14 @@ class RequestState:
         owner: the unlearned model serving the request.
         prefill_len: total sequence length after the forward that ended the prompt (``None`` before it).
         prompt_len: total length of the prompt when known in advance (``generate`` sets it): forwards that end
-            before it are prompt chunks (chunked prefill) and do not end the prompt.
+            before it are prompt chunks (chunked prefill) and do not end the prompt; a first forward that runs past
+            it (assisted decoding verifies candidate tokens along with the prompt) ends the prompt at it.
         eos_token_id: the end-of-sequence token of this request (``generate``'s own, when it differs from the
             model's default).
         group_size: rows that move together (``num_beams``: beam search reorders rows within a group).
+        speculative: decoding forwards may carry several tokens, some of them candidates that are then rejected
+            (assisted decoding, prompt lookup).
+        processors: the abstaining methods' logits processors of this ``generate`` call.
         stop_when_decided: names of the abstaining methods still to decide; when the set empties the forward may
             stop early (:meth:`UnlearnedModelForCausalLM.detect` needs nothing after the decision).
         data: per-method scratch space, keyed by method name.
@@ -40,6 +44,8 @@ class RequestState:
     prompt_len: int | None = None
     eos_token_id: int | None = None
     group_size: int = 1
+    speculative: bool = False
+    processors: list[Any] = field(default_factory=list)
     stop_when_decided: set[str] | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +73,11 @@ class ForwardContext:
         attention_mask: mask of this forward's positions ``[batch, input_len]`` (``None`` = all real).
         disabled: names of methods switched off for this call.
         labels: the ``labels`` passed to the forward, if any (a method that rewrites logits recomputes the loss).
+        prompt_end: at the prefill, how many of this forward's positions belong to the prompt (``None``: all of
+            them; fewer when the forward also carries candidate tokens after the prompt, as assisted decoding's
+            first forward does). The prefill's decisions read the prompt's own last tokens.
+        fired: ids of the hooks (their handles') that ran in this forward (the model checks that every hook of
+            every active method did).
     """
 
     model: Any
@@ -78,6 +89,8 @@ class ForwardContext:
     disabled: frozenset[str] = frozenset()
     is_prompt_chunk: bool = False
     labels: torch.Tensor | None = None
+    prompt_end: int | None = None
+    fired: set[int] = field(default_factory=set)
     _last: dict[Any, Any] = field(default_factory=dict)
 
     @property
@@ -85,23 +98,34 @@ class ForwardContext:
         """Tokens generated before the one predicted at this forward's last position."""
         return self.total_len - (self.request.prefill_len or self.total_len)
 
+    def _prompt_mask(self) -> tuple[torch.Tensor | None, int]:
+        """The attention mask and length of this forward's positions up to the prompt's end (see ``prompt_end``)."""
+        end = self.input_len if self.prompt_end is None else self.prompt_end
+        mask = self.attention_mask
+        if mask is not None and end != self.input_len:
+            mask = mask[:, :end]
+        return mask, end
+
     def last_token_index(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(index, real)`` of each row's last real token in this forward, on ``device`` (computed once per
-        device; see :func:`unlearn_hf.model_inputs.last_token_index`)."""
+        """``(index, real)`` of each row's last real token in this forward (at the prefill: the prompt's last
+        token, see ``prompt_end``), on ``device`` (computed once per device; see
+        :func:`unlearn_hf.model_inputs.last_token_index`)."""
         if device not in self._last:
-            index, real = last_token_index(self.attention_mask, batch, self.input_len)
+            mask, end = self._prompt_mask()
+            index, real = last_token_index(mask, batch, end)
             self._last[device] = (index.to(device), real.to(device))
         return self._last[device]
 
     def trailing_token_index(
         self, batch: int, window: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(index, valid)`` ``[batch, window]`` of each row's last ``window`` real tokens in this forward, on
-        ``device`` (see :func:`unlearn_hf.model_inputs.trailing_token_index`)."""
+        """``(index, valid)`` ``[batch, window]`` of each row's last ``window`` real tokens in this forward (at the
+        prefill: up to the prompt's end, see ``prompt_end``), on ``device`` (see
+        :func:`unlearn_hf.model_inputs.trailing_token_index`)."""
         key = (device, window)
         if key not in self._last:
-            mask = None if self.attention_mask is None else self.attention_mask.cpu()
-            index, valid = trailing_token_index(mask, batch, self.input_len, window)
+            mask, end = self._prompt_mask()
+            index, valid = trailing_token_index(None if mask is None else mask.cpu(), batch, end, window)
             self._last[key] = (index.to(device), valid.to(device))
         return self._last[key]
 
@@ -111,6 +135,8 @@ _GENERATION: ContextVar[RequestState | None] = ContextVar("unlearn_hf_generation
 _DISABLED: ContextVar[tuple[Any, frozenset[str] | None] | None] = ContextVar(
     "unlearn_hf_disabled", default=None
 )
+#: True while activation checkpointing replays a forward in the backward pass (see :mod:`unlearn_hf.hooks`).
+_REPLAY: ContextVar[bool] = ContextVar("unlearn_hf_replay", default=False)
 
 
 def current_context() -> ForwardContext | None:

@@ -1,7 +1,20 @@
-"""Hooks owned by one method of one unlearned model, gated on that model's forward context."""
+"""Hooks owned by one method of one unlearned model, gated on that model's forward context.
+
+Every hook:
+
+* runs only when its owner is the model being called in the current thread/task (see :mod:`unlearn_hf.context`),
+  and records in the forward's context that it ran (the model checks after the forward that every hook of every
+  active method did, so a path that bypasses module hooks fails loudly instead of running the base model);
+* runs as plain Python under ``torch.compile`` (``torch.compiler.disable``): a compiled model breaks its graph
+  around each hooked module and applies the methods exactly as in eager mode;
+* runs again when activation checkpointing recomputes a layer in the backward pass (the unlearned model carries
+  the forward's context into the recomputation), unless it is an *observer* (it only reads, e.g. a decision):
+  observers run without autograd and only once.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +22,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .context import _CURRENT, ForwardContext
+from .context import _CURRENT, _REPLAY, ForwardContext
+
+#: Why compiled code calls the hooks as plain Python (shown by ``torch.compile(..., fullgraph=True)``, which cannot).
+_EAGER = (
+    "unlearn_hf: an unlearning method's hook runs as Python between compiled graphs, so an unlearned model cannot "
+    "be compiled with fullgraph=True"
+)
 
 
 class HookRegistrar:
@@ -23,32 +42,67 @@ class HookRegistrar:
         self.method_name = method_name
         self.handles: list[RemovableHandle] = []
 
-    def forward_hook(self, module: nn.Module, fn: Callable[[ForwardContext, Any], Any]) -> None:
+    def _gate(self, observer: bool, handle_id: list[int]) -> Callable[[], ForwardContext | None]:
+        """``gate()``: the forward context when the hook registered as ``handle_id[0]`` must run now, else
+        ``None``."""
+        owner, name = self.owner, self.method_name
+
+        def gate() -> ForwardContext | None:
+            ctx = _CURRENT.get()
+            if ctx is None or ctx.model is not owner or name in ctx.disabled:
+                return None
+            if observer and _REPLAY.get():
+                return None
+            ctx.fired.add(handle_id[0])
+            return ctx
+
+        return gate
+
+    def _add(self, handle: RemovableHandle, handle_id: list[int]) -> None:
+        handle_id.append(handle.id)
+        self.handles.append(handle)
+
+    def forward_hook(
+        self, module: nn.Module, fn: Callable[[ForwardContext, Any], Any], *, observer: bool = False
+    ) -> None:
         """``fn(ctx, output) -> new output or None`` runs after ``module`` when the owner is being called."""
-        owner, name = self.owner, self.method_name
+        self._register(module, fn, observer, pre=False)
 
-        def hook(mod, args, output):
-            ctx = _CURRENT.get()
-            if ctx is None or ctx.model is not owner or name in ctx.disabled:
-                return None
-            return fn(ctx, output)
-
-        self.handles.append(module.register_forward_hook(hook))
-
-    def forward_pre_hook(self, module: nn.Module, fn: Callable[[ForwardContext, torch.Tensor], Any]) -> None:
+    def forward_pre_hook(
+        self, module: nn.Module, fn: Callable[[ForwardContext, torch.Tensor], Any], *, observer: bool = False
+    ) -> None:
         """``fn(ctx, first_input) -> new first input or None`` runs before ``module`` when the owner is called."""
-        owner, name = self.owner, self.method_name
+        self._register(module, fn, observer, pre=True)
 
-        def hook(mod, args):
-            ctx = _CURRENT.get()
-            if ctx is None or ctx.model is not owner or name in ctx.disabled:
+    def _register(self, module: nn.Module, fn: Callable, observer: bool, *, pre: bool) -> None:
+        """Register the gated hook. With ``observer=True``, ``fn`` only reads (returns ``None``): it runs without
+        autograd and not in activation checkpointing's recomputation."""
+        handle_id: list[int] = []
+        gate = self._gate(observer, handle_id)
+
+        @functools.partial(torch.compiler.disable, reason=_EAGER)
+        def hook(mod, args, *output):
+            ctx = gate()
+            if ctx is None:
                 return None
-            new = fn(ctx, args[0])
+            if not pre:
+                return _run(fn, ctx, output[0], observer)
+            new = _run(fn, ctx, args[0], observer)
             return None if new is None else (new, *args[1:])
 
-        self.handles.append(module.register_forward_pre_hook(hook))
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self._add(register(hook), handle_id)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def _run(fn: Callable[[ForwardContext, Any], Any], ctx: ForwardContext, value: Any, observer: bool) -> Any:
+    """``fn(ctx, value)``; an observer's without autograd and with its result dropped."""
+    if observer:
+        with torch.no_grad():
+            fn(ctx, value)
+        return None
+    return fn(ctx, value)

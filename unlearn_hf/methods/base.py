@@ -75,7 +75,9 @@ class AbstainingAttachment(Attachment, ABC):
     * **processor** -- :meth:`logits_processor`: run by ``generate`` after every other logits processor, so no
       sampling setting can alter a refusal;
     * **report** -- :meth:`decision` is what ``generate(..., return_dict_in_generate=True)`` reports per returned
-      row (``abstained``, and per method in ``abstained_by``) and what :meth:`detect` returns.
+      row (``abstained``, and per method in ``abstained_by``) and what :meth:`detect` returns;
+    * **modes** -- :meth:`check_request`: refuse, before ``generate`` runs, a decoding mode the method cannot
+      abstain correctly in (``generate`` itself refuses the modes no abstaining method can be checked in).
     """
 
     @abstractmethod
@@ -86,6 +88,10 @@ class AbstainingAttachment(Attachment, ABC):
     def logits_processor(self, request: RequestState) -> Any:
         """A ``transformers`` ``LogitsProcessor`` forcing the refusal of the abstaining rows of ``request``
         (``None`` when the method forces nothing through ``generate``'s processors)."""
+
+    def check_request(self, request: RequestState) -> None:  # noqa: B027 - optional check
+        """Raise (``ValueError``) before ``generate`` runs when this method cannot abstain correctly in the decoding
+        ``request`` describes (e.g. ``request.speculative``: assisted decoding). Default: every mode is fine."""
 
 
 class UnlearningMethod(ABC):

@@ -3,20 +3,51 @@ attachments' logits processors last; their per-row decisions are combined, mappe
 reported; :meth:`detect` takes the same decision from one (shortened) forward.
 
 Each abstaining method decides in its own ``decision.py`` (see :class:`unlearn_hf.methods.AbstainingAttachment`).
+
+**Decoding modes.** Greedy search, sampling, beam search (also sampling beams) and assisted decoding (an assistant
+model, prompt lookup, early exit) carry abstention: the decision reads the prompt's own last tokens, also when
+assisted decoding's first forward carries candidate tokens after the prompt, and the refusal is forced in every
+forward and by the last logits processor, so candidate verification accepts exactly the refusal. While an
+abstaining method is active, the modes that run decoding code unlearn_hf cannot check are refused with a
+``ValueError``: ``custom_generate`` and the modes transformers 5 moved to Hub repositories (contrastive search,
+DoLa, group and constrained beam search); so is continuous batching (``generate_batch``,
+``cache_implementation="paged"``), which packs requests into shared forwards.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
 import torch
 from transformers import LogitsProcessorList
+from transformers.generation.candidate_generator import AssistedCandidateGeneratorDifferentTokenizers
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
 from ..context import _GENERATION, RequestState
 from ..methods.base import AbstainingAttachment
 from ..model_inputs import StopForward, accepts, eos_token_id, input_device, position_ids_from_mask
+
+#: The ``generate`` modes that carry abstention (see the module docstring); others are refused while an abstaining
+#: method is active.
+ABSTAINING_GENERATION_MODES = frozenset(
+    {
+        GenerationMode.GREEDY_SEARCH,
+        GenerationMode.SAMPLE,
+        GenerationMode.BEAM_SEARCH,
+        GenerationMode.BEAM_SAMPLE,
+        GenerationMode.ASSISTED_GENERATION,
+    }
+)
+
+_MODE_LABELS = {
+    GenerationMode.CONTRASTIVE_SEARCH: "Contrastive search",
+    GenerationMode.DOLA_GENERATION: "DoLa decoding",
+    GenerationMode.GROUP_BEAM_SEARCH: "Group beam search",
+    GenerationMode.CONSTRAINED_BEAM_SEARCH: "Constrained beam search",
+}
 
 
 class AbstentionMixin:
@@ -48,9 +79,14 @@ class AbstentionMixin:
         ``return_dict_in_generate=True``, the output has ``abstained`` (a bool tensor with one entry per returned
         sequence) and ``abstained_by`` (the same, per abstaining method name).
         """
-        request = RequestState(self)
         bound = self._signature("generate").bind_partial(self, *args, **kwargs)
         del bound.arguments["self"]
+        if self._is_own_draft(bound):
+            # assisted decoding drafting with this very model (assistant_early_exit): drafts are proposals that the
+            # verifying forwards, with unlearning, accept or reject, so they run as the base model
+            with self.disable_unlearning():
+                return super().generate(*bound.args, **bound.kwargs)
+        request = RequestState(self)
         abstaining = self._active_abstaining()
         if abstaining:
             self._prepare_generate(request, bound, abstaining)
@@ -77,16 +113,56 @@ class AbstentionMixin:
             ids = extra.get("input_ids", extra.get("inputs_embeds"))
         return (ids if torch.is_tensor(ids) else None), extra
 
+    def _is_own_draft(self, bound: inspect.BoundArguments) -> bool:
+        """Whether this ``generate`` call drafts candidates for a running ``generate`` of this same model."""
+        outer = _GENERATION.get()
+        config = bound.arguments.get("generation_config")
+        return outer is not None and outer.owner is self and bool(getattr(config, "is_assistant", False))
+
+    def _generation_mode(
+        self, bound: inspect.BoundArguments, abstaining: dict[str, AbstainingAttachment]
+    ) -> tuple[Any, GenerationMode]:
+        """The generation config this call runs with and its mode; raises ``ValueError`` for a mode that cannot
+        carry abstention (see :data:`ABSTAINING_GENERATION_MODES`)."""
+        _, extra = self._generate_inputs(bound)
+        names = sorted(abstaining)
+        switch_off = (
+            "Use greedy search, sampling, beam search or assisted decoding, or run this call without abstention "
+            "(`with model.disable_abstention(): model.generate(...)`)."
+        )
+        if bound.arguments.get("custom_generate") is not None:
+            raise ValueError(
+                f"generate(custom_generate=...) runs decoding code that unlearn_hf cannot check, so it could bypass "
+                f"the abstention of {names}. {switch_off}"
+            )
+        config = copy.deepcopy(bound.arguments.get("generation_config") or self.generation_config)
+        for key, value in extra.items():  # what generate will merge (without validating twice: no warnings)
+            if hasattr(config, key):
+                setattr(config, key, value)
+        mode = config.get_generation_mode(bound.arguments.get("assistant_model"))
+        if mode not in ABSTAINING_GENERATION_MODES:
+            label = _MODE_LABELS.get(mode, mode.value.replace("_", " ").capitalize())
+            raise ValueError(
+                f"{label} cannot carry the abstention of {names}: transformers 5 "
+                "runs it from a Hub repository (custom_generate, trust_remote_code=True), decoding code that "
+                f"unlearn_hf cannot check. {switch_off}"
+            )
+        return config, mode
+
     def _prepare_generate(
         self,
         request: RequestState,
         bound: inspect.BoundArguments,
         abstaining: dict[str, AbstainingAttachment],
     ) -> None:
-        """Tell the request what ``generate`` will do (prompt length, end-of-sequence token, beam groups) and add
-        the abstaining attachments' logits processors at the end of the processor list."""
+        """Check the decoding mode, tell the request what ``generate`` will do (prompt length, end-of-sequence
+        token, beam groups, speculative forwards) and add the abstaining attachments' logits processors at the end
+        of the processor list."""
         ids, extra = self._generate_inputs(bound)
-        config = bound.arguments.get("generation_config") or self.generation_config
+        config, mode = self._generation_mode(bound, abstaining)
+        request.speculative = mode == GenerationMode.ASSISTED_GENERATION
+        for attachment in abstaining.values():
+            attachment.check_request(request)
         mask = extra.get("attention_mask")
         if torch.is_tensor(mask) and mask.ndim == 2:
             request.prompt_len = mask.shape[1]
@@ -95,11 +171,41 @@ class AbstentionMixin:
         eos = extra.get("eos_token_id")
         eos = getattr(config, "eos_token_id", None) if eos is None else eos
         request.eos_token_id = eos_token_id(self, {"eos_token_id": eos})
-        request.group_size = max(1, int(extra.get("num_beams", getattr(config, "num_beams", 1)) or 1))
+        request.group_size = max(1, int(getattr(config, "num_beams", 1) or 1))
         processors = [p for a in abstaining.values() if (p := a.logits_processor(request)) is not None]
+        request.processors = processors
         if processors:
             user = bound.arguments.get("logits_processor")
             bound.arguments["logits_processor"] = LogitsProcessorList([*(user or []), *processors])
+
+    def _get_candidate_generator(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' candidate generator for assisted decoding, without the abstention processors when the
+        assistant has another vocabulary: they force this model's token ids (the verifying forwards of this model
+        force the refusal anyway)."""
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        request = _GENERATION.get()
+        if (
+            request is not None
+            and request.owner is self
+            and request.processors
+            and isinstance(generator, AssistedCandidateGeneratorDifferentTokenizers)
+        ):
+            ours = {id(p) for p in request.processors}
+            kept = [p for p in generator.logits_processor if id(p) not in ours]
+            generator.logits_processor = LogitsProcessorList(kept)
+        return generator
+
+    def init_continuous_batching(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' continuous batching (also behind ``generate_batch`` and
+        ``generate(cache_implementation="paged")``); refused while an abstaining method is active."""
+        abstaining = self._active_abstaining()
+        if abstaining:
+            raise ValueError(
+                f"Continuous batching packs many requests into shared forwards, where the abstention of "
+                f"{sorted(abstaining)} cannot be decided per request. Use generate() (a batch of prompts is "
+                "decided row by row), or run without abstention (`with model.disable_abstention(): ...`)."
+            )
+        return super().init_continuous_batching(*args, **kwargs)
 
     def _count_inputs(self, bound: inspect.BoundArguments) -> int:
         ids, _ = self._generate_inputs(bound)

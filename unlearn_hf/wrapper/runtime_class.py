@@ -7,6 +7,7 @@ import functools
 import types
 from typing import Any, ClassVar
 
+import torch
 from transformers import PreTrainedModel
 
 from ..context import _CURRENT
@@ -24,7 +25,8 @@ def _forward_passthrough(base_cls: type) -> Any:
             return base_forward(self, *args, **kwargs)
         return self._unlearned_call(functools.partial(base_forward, self), args, kwargs)
 
-    return forward
+    # plain Python under torch.compile (it reads a context variable); the base forward it calls is compiled
+    return functools.wraps(base_forward)(torch.compiler.disable(forward, recursive=False))
 
 
 class RuntimeClassMixin:

@@ -20,6 +20,7 @@ from ..methods.registry import METHOD_CLASSES
 from ..sites import FFLSite, find_ffl_sites
 from .abstention import AbstentionMixin
 from .calling import CallingMixin
+from .copying import CopyingMixin
 from .io import PersistenceMixin
 from .runtime_class import RuntimeClassMixin
 
@@ -27,7 +28,9 @@ from .runtime_class import RuntimeClassMixin
 _LIBRARY_CALLERS = ("transformers", "accelerate", "peft", "torch")
 
 
-class UnlearnedModelForCausalLM(RuntimeClassMixin, CallingMixin, AbstentionMixin, PersistenceMixin):
+class UnlearnedModelForCausalLM(
+    RuntimeClassMixin, CallingMixin, AbstentionMixin, PersistenceMixin, CopyingMixin
+):
     """A causal LM whose skills can be unlearned by attached methods (Neuron Adjust, Key Space Detection,
     Selective Pruning), without changing a single weight.
 
@@ -45,8 +48,10 @@ class UnlearnedModelForCausalLM(RuntimeClassMixin, CallingMixin, AbstentionMixin
     models at once; what this model holds for it (per-layer tensors, hooks) is its attachment
     (:attr:`attachments`).
 
-    **Where things are.** The runtime class: :mod:`.runtime_class`; calls and their context: :mod:`.calling`;
-    abstention in ``generate`` and :meth:`detect`: :mod:`.abstention`; saving and loading: :mod:`.io`.
+    **Where things are.** The runtime class: :mod:`.runtime_class`; calls and their context (also under
+    ``torch.compile`` and activation checkpointing): :mod:`.calling`; abstention in ``generate`` (which decoding
+    modes carry it) and :meth:`detect`: :mod:`.abstention`; saving and loading: :mod:`.io`; ``copy.deepcopy``,
+    ``copy.copy`` and the refusal to pickle: :mod:`.copying`.
 
     **Subclassing.** Subclass this class (not the runtime one) and call ``MySubclass.from_base(model)``. Override
     :attr:`method_classes` to swap in your own method implementations (e.g. a ``NeuronAdjust`` subclass with

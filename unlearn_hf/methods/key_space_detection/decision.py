@@ -2,7 +2,8 @@
 
 **The decision.** In the forward that ends the prompt (the prefill), at every checked layer, the key vectors of
 each row's last ``window`` real prompt tokens (found through the attention mask, so either padding side works;
-column 0 is the last token) are tested against that layer's hypercube (:mod:`.hypercube`); the row is inside at
+column 0 is the last token; candidate tokens that the forward carries after the prompt, as assisted decoding's
+first forward does, are not read) are tested against that layer's hypercube (:mod:`.hypercube`); the row is inside at
 that layer when *one* of them is. The hypercube was fitted on the key at the end of the question's own text in
 every rendering (:mod:`.rendering`), and a template's closing tokens (``\nAnswer:``, the chat template's
 ``<|im_end|>\n<|im_start|>assistant\n``) only push that position back a few tokens: the window reaches past
@@ -77,7 +78,7 @@ class KeySpaceAttachment(AbstainingAttachment):
         self.window = method.config.window
         self._last_layer = max(layers)
         for layer, kl in layers.items():
-            hooks.forward_pre_hook(key_modules[layer], self._make_hook(layer, kl))
+            hooks.forward_pre_hook(key_modules[layer], self._make_hook(layer, kl), observer=True)
 
     # -- the contract ----------------------------------------------------------------------------------------
     def decision(self, request: RequestState) -> torch.Tensor | None:
@@ -86,6 +87,16 @@ class KeySpaceAttachment(AbstainingAttachment):
 
     def logits_processor(self, request: RequestState) -> AbstentionLogitsProcessor:
         return AbstentionLogitsProcessor(self, request)
+
+    def check_request(self, request: RequestState) -> None:
+        if self.recheck and request.speculative:
+            raise ValueError(
+                f"Key Space Detection {self.name!r} has recheck_each_token=True, which tests each generated token as "
+                "it is accepted; assisted decoding (assistant_model, prompt_lookup_num_tokens, assistant_early_exit, "
+                "use_mtp) runs several candidate tokens per forward, some of them rejected afterwards, so the "
+                "recheck cannot be made there. Generate without assisted decoding, or fit with "
+                "recheck_each_token=False (the prompt is still checked)."
+            )
 
     # -- deciding --------------------------------------------------------------------------------------------
     def _make_hook(self, layer: int, kl: KeySpaceLayer):
@@ -119,7 +130,9 @@ class KeySpaceAttachment(AbstainingAttachment):
             flags = flags.view(-1, group).any(1).repeat_interleave(group)
         if ctx.is_prefill or st.abstained is None:
             st.abstained = flags
-            st.start = torch.full(flags.shape, ctx.steps_generated, dtype=torch.long)
+            # the prompt's end predicts the first generated token (step 0), also when the forward goes on past it
+            step = 0 if ctx.is_prefill else ctx.steps_generated
+            st.start = torch.full(flags.shape, step, dtype=torch.long)
         else:
             new = flags & ~st.abstained
             st.start[new] = ctx.steps_generated
