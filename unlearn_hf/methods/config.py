@@ -51,13 +51,22 @@ class MethodConfig:
 
 
 # -- validators: each returns the normalised value or raises ValueError naming the field ------------------------
-def positive_float(name: str, value: Any) -> float:
-    """A finite number > 0 (``bool`` is refused: ``True`` is not a number a user meant)."""
+def positive_float(name: str, value: Any, hi: float | None = None) -> float:
+    """A finite number > 0 and, with ``hi``, at most ``hi`` (``bool`` is refused: ``True`` is not a number a user
+    meant)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be in (0, {hi:g}], got {value!r}.")
     return float(value)
+
+
+#: Upper bounds of the small positive constants: larger values are typos or corrupt files, and would make a
+#: method do nothing (an ``eps`` floor above every standard deviation) or everything (an ``alpha`` of 1e308).
+MAX_EPS = 1.0
+MAX_ALPHA = 1e6
 
 
 def ratio(name: str, value: Any) -> float:

@@ -9,6 +9,10 @@ from typing import Any
 from .config_schema import UnlearnConfig
 from .format import CONFIG_NAME, UnlearnFormatError
 
+#: Largest ``unlearn_config.json`` read (bytes), and its deepest nesting (the real format needs 6 levels).
+MAX_CONFIG_BYTES = 16 * 2**20
+MAX_JSON_DEPTH = 32
+
 
 def read_config(folder: Path) -> UnlearnConfig:
     """Read and validate ``folder / unlearn_config.json``."""
@@ -21,11 +25,43 @@ def read_config(folder: Path) -> UnlearnConfig:
         raise UnlearnFormatError(
             f"No {CONFIG_NAME} in {folder}: it holds no saved unlearning (files: {found[:12]}).{hint}"
         )
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UnlearnFormatError(
+            f"{path} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit of a config."
+        )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
+        text = path.read_text(encoding="utf-8")
+        depth = json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nested {depth} levels deep, more than the {MAX_JSON_DEPTH} a config can need")
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as err:
         raise UnlearnFormatError(f"{path}: not valid JSON ({err}).") from err
     return UnlearnConfig.from_dict(data, str(path))
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in the JSON ``text`` (brackets inside strings do not count); one linear
+    pass, so that a hostile file is refused before the recursive parser sees it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _reject_constant(name: str) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,7 @@ class UnlearnConfig:
         fingerprint = base.get("fingerprint")
         if not isinstance(fingerprint, dict):
             raise fail("'base_model.fingerprint' must be an object.")
+        _check_fingerprint(fingerprint, fail)
 
         methods_raw = data.get("methods")
         if not isinstance(methods_raw, list) or not methods_raw:
@@ -263,3 +265,67 @@ def _parse_method(m: Any, i: int, fail, source: str) -> SavedMethod:
             raise fail(f"{where}: sha256 must be 64 lowercase hex digits, got {sha!r}.")
         records[tname] = TensorRecord(dtype, tuple(shape), sha)
     return SavedMethod(name, kind, config, records)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_shape(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_int(d) for d in v)
+
+
+def _is_sha(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+#: The fingerprint's fields and what each must be (every field is optional; present ones must match).
+_FINGERPRINT_FIELDS = {
+    "model_type": (lambda v: isinstance(v, str), "a string"),
+    "num_layers": (_is_int, "a non-negative integer"),
+    "num_hidden_layers": (lambda v: v is None or _is_int(v), "a non-negative integer or null"),
+    "vocab_size": (lambda v: v is None or _is_int(v), "a non-negative integer or null"),
+    "hidden_size": (lambda v: v is None or _is_int(v), "a non-negative integer or null"),
+}
+_SITE_FIELDS = {
+    "pre": (lambda v: isinstance(v, str), "a string"),
+    "key": (lambda v: isinstance(v, str), "a string"),
+    "d_ff": (_is_int, "a non-negative integer"),
+    "pre_shape": (_is_shape, "a list of non-negative integers"),
+    "key_shape": (_is_shape, "a list of non-negative integers"),
+}
+_WEIGHT_FIELDS = {
+    "label": (lambda v: isinstance(v, str), "a string"),
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "shape": (_is_shape, "a list of non-negative integers"),
+    "dtype": (lambda v: isinstance(v, str), "a string"),
+    "rows": (_is_int, "a non-negative integer"),
+    "sha256": (lambda v: v is None or _is_sha(v), "64 lowercase hex digits or null"),
+    "sample": (
+        lambda v: (
+            isinstance(v, list)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        ),
+        "a list of finite numbers",
+    ),
+}
+
+
+def _check_fields(values: Any, fields: dict, where: str, fail) -> None:
+    if not isinstance(values, dict):
+        raise fail(f"{where} must be an object, got {type(values).__name__}.")
+    for key, (ok, what) in fields.items():
+        if key in values and not ok(values[key]):
+            raise fail(f"{where}.{key} must be {what}, got {values[key]!r:.80}.")
+
+
+def _check_fingerprint(fp: dict, fail) -> None:
+    """Validate the fingerprint's schema, so that comparing it with a model cannot fail on junk."""
+    where = "'base_model.fingerprint'"
+    _check_fields(fp, _FINGERPRINT_FIELDS, where, fail)
+    for key, fields in (("ffl_sites", _SITE_FIELDS), ("weights", _WEIGHT_FIELDS)):
+        entries = fp.get(key, [])
+        if not isinstance(entries, list):
+            raise fail(f"{where}.{key} must be a list, got {type(entries).__name__}.")
+        for i, entry in enumerate(entries):
+            _check_fields(entry, fields, f"{where}.{key}[{i}]", fail)

@@ -161,6 +161,13 @@ def check_fingerprint(
 
     With ``ignore=True`` the differences are logged as a warning instead.
     """
+    if not saved.get("weights") or not saved.get("ffl_sites"):
+        logger.warning(
+            "%s: the saved base-model fingerprint is %s: nothing can tell whether this is the base model the "
+            "unlearning was fitted on. Attaching it anyway; re-save it with unlearn_hf to record a fingerprint.",
+            source or "The unlearning",
+            "empty" if not saved else "missing its weight or FFL-site records",
+        )
     problems = compare_fingerprints(saved, compute_fingerprint(model, sites))
     if not problems:
         return

@@ -199,6 +199,7 @@ def attach_saved(
             raise ValueError(f"Methods named {clash} are already attached to the given model.")
     else:
         wrapper = _wrap(wrapper_cls, base, config)
+    check_layers(config, methods, len(wrapper.ffl_sites), source)
     check_fingerprint(
         config.base_model.fingerprint,
         wrapper.get_base_model(),
@@ -230,11 +231,15 @@ def _load_base(
 ) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if config.layout == LAYOUT_FULL and base_model_name_or_path is None:
+    own_files = config.layout == LAYOUT_FULL and base_model_name_or_path is None
+    if own_files:
         if src.repo_id is not None:
             name, revision = src.repo_id, src.commit
         else:
             name, revision = str(src.folder), None
+        base_kwargs.setdefault(
+            "use_safetensors", True
+        )  # never unpickle base weights shipped with a checkpoint
     else:
         name = base_model_name_or_path or config.base_model.name_or_path
         revision = base_model_revision or config.base_model.revision
@@ -252,6 +257,11 @@ def _load_base(
     try:
         base = AutoModelForCausalLM.from_pretrained(name, *model_args, **kwargs, **base_kwargs)
     except OSError as err:
+        if own_files and base_kwargs.get("use_safetensors") and _has_pickled_weights(src.folder):
+            raise UnlearnFormatError(
+                f"{src.describe()}: the full checkpoint's base model weights are pickle files (pytorch_model.bin), "
+                "refused: loading a pickle can run arbitrary code. Re-save it with save_base_model=True (safetensors)."
+            ) from err
         raise OSError(
             f"Could not load the base model {name!r}{f' (revision {revision})' if revision else ''} of the "
             f"unlearned model {src.describe()}: {err}\nPass base_model_name_or_path=... or an already loaded "
@@ -260,6 +270,28 @@ def _load_base(
     if revision is not None and _COMMIT_RE.match(str(revision)):
         base.config._commit_hash = str(revision)  # remembered for a later light save (not serialized)
     return base
+
+
+def _has_pickled_weights(folder: Path) -> bool:
+    return any(p.suffix in PICKLE_SUFFIXES for p in folder.glob("pytorch_model*"))
+
+
+def check_layers(config: UnlearnConfig, methods: list[tuple[str, Any]], n_layers: int, source: str) -> None:
+    """Every layer a saved method names (its config's ``layers``, its ``layer_index`` tensor) exists in a model
+    with ``n_layers`` FFL layers (negative config layers count from the end); checked before anything is
+    attached."""
+    for name, method in methods:
+        layers = getattr(method.config, "layers", None)
+        bad = {i for i in layers if not -n_layers <= i < n_layers} if isinstance(layers, list) else set()
+        index = method.state_dict().get("layer_index")
+        if index is not None and index.numel():
+            bad |= {i for i in (int(index.min()), int(index.max())) if not 0 <= i < n_layers}
+        bad = sorted(bad)
+        if bad:
+            raise UnlearnFormatError(
+                f"{source}: method {name!r} names layers {bad}, but the model has {n_layers} FFL layers "
+                f"(0..{n_layers - 1})."
+            )
 
 
 def load_unlearned(

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import mmap
+import os
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import torch
 from .config_schema import UnlearnConfig
 from .format import (
     CONFIG_NAME,
+    DTYPE_NAMES,
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
     META_FORMAT_VERSION,
@@ -23,6 +28,10 @@ from .format import (
     WEIGHTS_NAME,
     UnlearnFormatError,
 )
+
+#: Largest total size of the fitted tensors a config may declare (bytes); checked before anything is read.
+MAX_WEIGHTS_BYTES = 4 * 2**30
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def tensor_key(method_name: str, tensor_name: str) -> str:
@@ -70,97 +79,119 @@ def read_weights(folder: Path, config: UnlearnConfig) -> dict[str, dict[str, tor
         raise UnlearnFormatError(
             f"{path} is missing: the folder has {CONFIG_NAME} but not the fitted tensors."
         )
-    data = path.read_bytes()
     src = str(path)
-    kind = _sniff_pickle(data[:8])
-    if kind is not None:
+    declared = sum(
+        math.prod(r.shape) * DTYPE_SIZES[r.dtype] for m in config.methods for r in m.tensors.values()
+    )
+    if declared > MAX_WEIGHTS_BYTES:
         raise UnlearnFormatError(
-            f"{src} is {kind}, not a safetensors file: refused (unlearn_hf never unpickles; loading a pickle can "
-            "run arbitrary code)."
+            f"{CONFIG_NAME} declares {declared} bytes of fitted tensors, over the {MAX_WEIGHTS_BYTES}-byte limit."
         )
-    if len(data) < 8:
-        raise UnlearnFormatError(f"{src} is truncated: {len(data)} bytes, shorter than a safetensors header.")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise UnlearnFormatError(
-            f"{src} is not a valid safetensors file (declared header length {header_len}, file size {len(data)}): "
-            "truncated or not safetensors."
-        )
-    try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UnlearnFormatError(
-            f"{src}: the safetensors header is corrupted (not valid JSON: {err})."
-        ) from err
-    if not isinstance(header, dict):
-        raise UnlearnFormatError(f"{src}: the safetensors header is corrupted (not a JSON object).")
-    metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + header_len :]
-    _check_metadata(metadata, config, src)
-
-    expected = {
-        tensor_key(m.name, t): (m.name, t, rec) for m in config.methods for t, rec in m.tensors.items()
-    }
-    if len(expected) != sum(len(m.tensors) for m in config.methods):
-        raise UnlearnFormatError(f"{CONFIG_NAME}: two methods' tensors map to the same safetensors key.")
-    missing = sorted(set(expected) - set(header))
-    if missing:
-        raise UnlearnFormatError(f"{src} is missing tensors listed in {CONFIG_NAME}: {missing}.")
-    extra = sorted(set(header) - set(expected))
-    if extra:
-        raise UnlearnFormatError(f"{src} holds tensors that {CONFIG_NAME} does not list: {extra}.")
-
-    end_max = 0
-    for key, entry in header.items():
-        if not isinstance(entry, dict):
-            raise UnlearnFormatError(f"{src}: header entry {key!r} is corrupted.")
-        _, _, rec = expected[key]
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype != rec.dtype:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        kind = _sniff_pickle(head)
+        if kind is not None:
             raise UnlearnFormatError(
-                f"{src}: tensor {key!r} has dtype {dtype}, {CONFIG_NAME} records {rec.dtype}."
+                f"{src} is {kind}, not a safetensors file: refused (unlearn_hf never unpickles; loading a pickle "
+                "can run arbitrary code)."
             )
-        if not isinstance(shape, list) or tuple(shape) != rec.shape:
+        if len(head) < 8:
+            raise UnlearnFormatError(f"{src} is truncated: {size} bytes, shorter than a safetensors header.")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
             raise UnlearnFormatError(
-                f"{src}: tensor {key!r} has shape {shape}, {CONFIG_NAME} records {list(rec.shape)}."
+                f"{src} is not a valid safetensors file (declared header length {header_len}, file size {size}): "
+                "truncated or not safetensors."
             )
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise UnlearnFormatError(f"{src}: tensor {key!r} has corrupted data offsets {offsets!r}.")
-        if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise UnlearnFormatError(f"{src}: tensor {key!r}: data size does not match its shape and dtype.")
-        if offsets[1] > len(body):
+        header_bytes = f.read(header_len)
+        try:
+            header = json.loads(header_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise UnlearnFormatError(
-                f"{src} is truncated: tensor {key!r} ends at byte {offsets[1]} of a {len(body)}-byte data section."
-            )
-        end_max = max(end_max, offsets[1])
-        digest = hashlib.sha256(body[offsets[0] : offsets[1]]).hexdigest()
-        if digest != rec.sha256:
+                f"{src}: the safetensors header is corrupted (not valid JSON: {err})."
+            ) from err
+        if not isinstance(header, dict):
+            raise UnlearnFormatError(f"{src}: the safetensors header is corrupted (not a JSON object).")
+        metadata = header.pop("__metadata__", None) or {}
+        _check_metadata(metadata, config, src)
+        expected = {
+            tensor_key(m.name, t): (m.name, t, rec) for m in config.methods for t, rec in m.tensors.items()
+        }
+        if len(expected) != sum(len(m.tensors) for m in config.methods):
+            raise UnlearnFormatError(f"{CONFIG_NAME}: two methods' tensors map to the same safetensors key.")
+        missing = sorted(set(expected) - set(header))
+        if missing:
+            raise UnlearnFormatError(f"{src} is missing tensors listed in {CONFIG_NAME}: {missing}.")
+        extra = sorted(set(header) - set(expected))
+        if extra:
+            raise UnlearnFormatError(f"{src} holds tensors that {CONFIG_NAME} does not list: {extra}.")
+        spans = {key: _span(key, entry, expected[key][2], src) for key, entry in header.items()}
+        body_len = size - 8 - header_len
+        if any(end > body_len for _, end in spans.values()):
             raise UnlearnFormatError(
-                f"{src}: the bytes of tensor {key!r} do not match the sha256 recorded in {CONFIG_NAME} "
-                "(the file is corrupted, or the two files come from different saves)."
+                f"{src} is truncated: a tensor ends past the {body_len}-byte data section."
             )
-    if end_max != len(body):
-        raise UnlearnFormatError(
-            f"{src}: the data section has {len(body)} bytes but the tensors use {end_max} (corrupted or appended)."
-        )
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
-
-    try:
-        flat = load_safetensors(bytes(data))
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise UnlearnFormatError(f"{src}: not a valid safetensors file ({err}).") from err
+        if max((end for _, end in spans.values()), default=0) != body_len:
+            raise UnlearnFormatError(
+                f"{src}: the data section has {body_len} bytes but the tensors do not use them all (corrupted)."
+            )
+        # the checked sizes bound what is read; the bytes are hashed from a read-only map, then copied once
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"") as mm:
+            body = memoryview(mm)[8 + header_len :]
+            tensors = {}
+            try:
+                for key, (start, end) in spans.items():
+                    rec = expected[key][2]
+                    if hashlib.sha256(body[start:end]).hexdigest() != rec.sha256:
+                        raise UnlearnFormatError(
+                            f"{src}: the bytes of tensor {key!r} do not match the sha256 recorded in {CONFIG_NAME} "
+                            "(the file is corrupted, or the two files come from different saves)."
+                        )
+                    tensors[key] = _tensor(body[start:end], rec)
+            finally:
+                body.release()
     out: dict[str, dict[str, torch.Tensor]] = {m.name: {} for m in config.methods}
-    for key, tensor in flat.items():
+    for key, tensor in tensors.items():
         name, tname, _ = expected[key]
         out[name][tname] = tensor
     return out
+
+
+def _span(key: str, entry: Any, rec: Any, src: str) -> tuple[int, int]:
+    """The checked ``(start, end)`` byte offsets of one header entry, which must match its config record."""
+    if not isinstance(entry, dict):
+        raise UnlearnFormatError(f"{src}: header entry {key!r} is corrupted.")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype != rec.dtype:
+        raise UnlearnFormatError(
+            f"{src}: tensor {key!r} has dtype {dtype}, {CONFIG_NAME} records {rec.dtype}."
+        )
+    if not isinstance(shape, list) or tuple(shape) != rec.shape:
+        raise UnlearnFormatError(
+            f"{src}: tensor {key!r} has shape {shape}, {CONFIG_NAME} records {list(rec.shape)}."
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise UnlearnFormatError(f"{src}: tensor {key!r} has corrupted data offsets {offsets!r}.")
+    if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
+        raise UnlearnFormatError(f"{src}: tensor {key!r}: data size does not match its shape and dtype.")
+    return offsets[0], offsets[1]
+
+
+def _tensor(data: memoryview, rec: Any) -> torch.Tensor:
+    """A tensor owning a copy of ``data`` (little-endian, as safetensors stores it)."""
+    dtype = TORCH_DTYPES[rec.dtype]
+    if len(data) == 0:
+        return torch.empty(rec.shape, dtype=dtype)
+    out = torch.frombuffer(bytearray(data), dtype=dtype)
+    if sys.byteorder == "big" and out.element_size() > 1:  # pragma: no cover - big-endian hosts
+        out = out.view(torch.uint8).view(-1, out.element_size()).flip(1).contiguous().view(dtype).view(-1)
+    return out.reshape(rec.shape)
 
 
 def _check_metadata(metadata: Any, config: UnlearnConfig, src: str) -> None:

@@ -97,7 +97,9 @@ class KeySpaceDetectionConfig(MethodConfig):
     def __post_init__(self) -> None:
         self._set("layers", _auto_or("layers", self.layers, cfg.layer_list))
         self._set("rule", cfg.choice("rule", self.rule, RULES))
-        self._set("alpha", _auto_or("alpha", self.alpha, cfg.positive_float))
+        self._set(
+            "alpha", _auto_or("alpha", self.alpha, lambda n, v: cfg.positive_float(n, v, cfg.MAX_ALPHA))
+        )
         self._set(
             "window", _auto_or("window", self.window, lambda n, v: cfg.integer(n, v, lo=1, hi=MAX_WINDOW))
         )
@@ -113,7 +115,7 @@ class KeySpaceDetectionConfig(MethodConfig):
         self._set(
             "max_window_slack", cfg.integer("max_window_slack", self.max_window_slack, lo=0, hi=MAX_WINDOW)
         )
-        self._set("eps", cfg.positive_float("eps", self.eps))
+        self._set("eps", cfg.positive_float("eps", self.eps, cfg.MAX_EPS))
         self._set("action", cfg.choice("action", self.action, ACTIONS))
         self._set("refusal", cfg.text("refusal", self.refusal))
         if self.action == "refuse" and not self.refusal.strip():

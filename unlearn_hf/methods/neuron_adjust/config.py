@@ -49,7 +49,7 @@ class NeuronAdjustConfig(MethodConfig):
         self._set("ratio", cfg.ratio("ratio", self.ratio))
         self._set("score", cfg.choice("score", self.score, SCORES))
         self._set("tokens", cfg.choice("tokens", self.tokens, NEURON_TOKEN_MODES))
-        self._set("eps", cfg.positive_float("eps", self.eps))
+        self._set("eps", cfg.positive_float("eps", self.eps, cfg.MAX_EPS))
         self._set("layers", cfg.layer_list("layers", self.layers))
         self._set("seed", cfg.integer("seed", self.seed, lo=-(2**63), hi=2**64 - 1))
         self._set("deterministic", cfg.flag("deterministic", self.deterministic))

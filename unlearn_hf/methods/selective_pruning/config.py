@@ -34,5 +34,5 @@ class SelectivePruningConfig(MethodConfig):
     def __post_init__(self) -> None:
         self._set("ratio", cfg.ratio("ratio", self.ratio))
         self._set("tokens", cfg.choice("tokens", self.tokens, NEURON_TOKEN_MODES))
-        self._set("eps", cfg.positive_float("eps", self.eps))
+        self._set("eps", cfg.positive_float("eps", self.eps, cfg.MAX_EPS))
         self._set("layers", cfg.layer_list("layers", self.layers))
