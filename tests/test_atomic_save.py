@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,10 +197,24 @@ def test_stale_temporaries_of_killed_saves_are_removed_by_the_next_save(two_mode
     assert leftovers(tmp_path) == [other.name]
 
 
-def test_save_through_a_link_writes_into_the_real_folder(two_models, tmp_path):
-    """The link stays a link; the temporaries live next to the real folder (its file system)."""
+@pytest.fixture
+def other_file_system(tmp_path):
+    """A folder on another file system than ``tmp_path`` when the machine has one (/dev/shm is tmpfs on Linux),
+    else beside it: the save must work the same either way."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev:
+        folder = Path(tempfile.mkdtemp(dir=shm, prefix="unlearn-hf-test-"))
+        yield folder
+        shutil.rmtree(folder, ignore_errors=True)
+    else:  # pragma: no cover - machines without a second file system
+        yield tmp_path / "disk"
+
+
+def test_save_through_a_link_writes_into_the_real_folder(two_models, tmp_path, other_file_system):
+    """The link stays a link; the temporaries live next to the real folder, on its file system (a link into
+    another file system used to lose the old checkpoint to EXDEV)."""
     old, new = two_models
-    real = tmp_path / "disk" / "real"
+    real = other_file_system / "real"
     old.save_pretrained(real)
     link = tmp_path / "link"
     link.symlink_to(real, target_is_directory=True)
