@@ -136,16 +136,11 @@ def assert_matches(got: dict, ref: dict, keys) -> None:
 class CharTokenizer:
     """A tokenizer stub: one token per character, ids = code points."""
 
-    pad_token, eos_token, truncation_side = "\0", "\0", "right"
+    pad_token, eos_token, pad_token_id = "\0", "\0", 0
+    truncation_side, padding_side = "right", "right"
 
-    def __call__(self, texts, padding=True, truncation=True, max_length=32, return_tensors="pt"):
-        width = max(len(t) for t in texts)
-        ids = torch.zeros(len(texts), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, t in enumerate(texts):
-            ids[r, : len(t)] = torch.tensor([ord(c) for c in t])
-            mask[r, : len(t)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
 
 
 # -- sharding (no processes needed) ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 
 from .model_inputs import last_token_mask
+
+logger = logging.getLogger(__name__)
 
 TOKEN_MODES = ("all", "prompt", "completion", "last")
 
@@ -257,24 +260,70 @@ def _tokenized_iter(
         raise ValueError("The data set is empty: the iterable yielded no batches.")
 
 
+def _encode(tok: Any, prompt: str, completion: str | None) -> tuple[list[int], int]:
+    """``(token ids, number of prompt tokens)``. A pair is tokenized part by part and the ids concatenated (the
+    prompt with the tokenizer's special tokens, the completion without), so the boundary is exact: tokenizing the
+    joined text lets BPE merge across it (``"A: " + "Paris"`` gives one token ``" Paris"``) and a count of the
+    prompt's own tokens then misplaces it."""
+    ids = list(tok(prompt)["input_ids"])
+    n_prompt = len(ids)
+    if completion is not None:
+        ids += tok(completion, add_special_tokens=False)["input_ids"]
+    return ids, n_prompt
+
+
 def _text_iter(records: list[tuple[str, str | None]], tok, mode: str, spec: DataSpec) -> Iterator[TokenBatch]:
-    for start in range(0, len(records), spec.batch_size):
-        chunk = records[start : start + spec.batch_size]
-        texts = [p if c is None else p + c for p, c in chunk]
-        enc = tok(texts, padding=True, truncation=True, max_length=spec.max_length, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+    rows = [_encode(tok, p, c) for p, c in records]
+    long = sum(len(ids) > spec.max_length for ids, _ in rows)
+    if long:
+        kept = "end" if tok.truncation_side == "left" else "beginning"
+        logger.warning(
+            "%d of %d rows are longer than max_length=%d tokens: only their %s is read (pass max_length=... to "
+            "read more).",
+            long,
+            len(rows),
+            spec.max_length,
+            kept,
+        )
+    for start in range(0, len(rows), spec.batch_size):
+        chunk = [
+            _truncate(ids, n_prompt, spec.max_length, tok.truncation_side)
+            for ids, n_prompt in rows[start : start + spec.batch_size]
+        ]
+        ids, mask = _pad([ids for ids, _ in chunk], tok.pad_token_id, tok.padding_side)
         if mode == "last":
             select = last_token_mask(mask)
         elif mode == "all":
             select = mask.bool()
         else:
-            select = _part_mask(tok, [p for p, _ in chunk], mask, prompt=(mode == "prompt"))
+            select = _part_mask([n for _, n in chunk], mask, prompt=(mode == "prompt"))
         yield TokenBatch(ids, mask, select)
 
 
-def _part_mask(tok, prompts: list[str], mask: torch.Tensor, prompt: bool) -> torch.Tensor:
+def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``rows`` padded with ``pad_id`` on ``side``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        where = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, where] = torch.tensor(row, dtype=torch.long)
+        mask[i, where] = 1
+    return ids, mask
+
+
+def _truncate(ids: list[int], n_prompt: int, max_length: int, side: str) -> tuple[list[int], int]:
+    """Cut ``ids`` to ``max_length`` tokens on ``side``; returns the ids and how many of them are prompt tokens."""
+    if len(ids) <= max_length:
+        return ids, n_prompt
+    if side == "left":
+        cut = len(ids) - max_length
+        return ids[cut:], max(0, n_prompt - cut)
+    return ids[:max_length], min(n_prompt, max_length)
+
+
+def _part_mask(n_prompt: list[int], mask: torch.Tensor, prompt: bool) -> torch.Tensor:
     """Mask of the prompt (or completion) tokens of prompt + completion rows, for either padding side."""
-    n_prompt = [len(ids) for ids in tok(prompts, truncation=False)["input_ids"]]
     m = mask.bool()
     # position of each token among the row's real tokens (0 for the first real token)
     rank = m.long().cumsum(1) - 1

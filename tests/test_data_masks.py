@@ -1,0 +1,82 @@
+"""Which tokens a fit reads: prompt / completion masks exact at the boundary (BPE would merge across a joined
+text), truncation on the side that matters, and a warning that counts truncated rows."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from unlearn_hf.data import DataSpec, iter_token_batches
+
+PAIRS = [
+    {"prompt": "Q: hi\nA: ", "completion": "Paris"},  # " Paris" would be one token of the joined text
+    {"prompt": "Question: What is the capital of France?\nAnswer:", "completion": " Paris, on the Seine."},
+    {"prompt": "2 + 2 =", "completion": "4"},
+]
+
+
+def expected_rows(tok, part: str) -> list[list[int]]:
+    """The ids a fit must read, computed independently: the prompt's ids (with special tokens) or the
+    completion's own ids."""
+    out = []
+    for p in PAIRS:
+        prompt = tok(p["prompt"])["input_ids"]
+        completion = tok(p["completion"], add_special_tokens=False)["input_ids"]
+        out.append(prompt if part == "prompt" else completion)
+    return out
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("part", ["prompt", "completion"])
+def test_prompt_and_completion_masks_are_exact_at_the_boundary(smol_tokenizer, side, part):
+    tok = smol_tokenizer
+    joined = tok(PAIRS[0]["prompt"] + PAIRS[0]["completion"])["input_ids"]
+    assert len(joined) < len(tok(PAIRS[0]["prompt"])["input_ids"]) + 1  # the merge the old count tripped over
+    old_side = tok.padding_side
+    tok.padding_side = side
+    try:
+        spec = DataSpec(prompt_column="prompt", completion_column="completion", batch_size=8)
+        _, batches = iter_token_batches(PAIRS, tok, mode=part, spec=spec)
+        (batch,) = list(batches)
+    finally:
+        tok.padding_side = old_side
+    got = [batch.input_ids[r][batch.select[r]].tolist() for r in range(len(PAIRS))]
+    assert got == expected_rows(tok, part)
+    assert all(got)  # "Q: hi\nA: " + "Paris" used to select no completion token at all
+    real = batch.attention_mask.bool()
+    assert torch.equal(
+        real[:, 0] if side == "right" else real[:, -1], torch.ones(len(PAIRS), dtype=torch.bool)
+    )
+
+
+def test_truncated_rows_are_counted_in_one_warning(smol_tokenizer, caplog):
+    tok = smol_tokenizer
+    texts = ["short", "a much longer text " * 10, "another rather long text " * 10]
+    spec = DataSpec(batch_size=2, max_length=8)
+    with caplog.at_level(logging.WARNING, logger="unlearn_hf.data"):
+        _, batches = iter_token_batches(texts, tok, mode="all", spec=spec)
+        batches = list(batches)
+    assert caplog.text.count("rows are longer") == 1
+    assert "2 of 3 rows are longer than max_length=8 tokens: only their beginning is read" in caplog.text
+    first = tok(texts[1])["input_ids"][:8]
+    assert batches[0].input_ids[1][batches[0].attention_mask[1].bool()].tolist() == first
+
+
+def test_query_mode_keeps_the_end_of_long_prompts(smol_tokenizer, caplog):
+    tok = smol_tokenizer
+    text = "word " * 40 + "the question's own last words"
+    with caplog.at_level(logging.WARNING, logger="unlearn_hf.data"):
+        _, batches = iter_token_batches([text], tok, mode="last", spec=DataSpec(max_length=8))
+        (batch,) = list(batches)
+    assert batch.input_ids[0][batch.attention_mask[0].bool()].tolist() == tok(text)["input_ids"][-8:]
+    assert "only their end is read" in caplog.text
+    assert tok.truncation_side == "right"  # the caller's tokenizer is not changed
+
+
+def test_no_warning_when_nothing_is_truncated(smol_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="unlearn_hf.data"):
+        _, batches = iter_token_batches(["a b c", "d e"], smol_tokenizer, spec=DataSpec(max_length=512))
+        list(batches)
+    assert "rows are longer" not in caplog.text
