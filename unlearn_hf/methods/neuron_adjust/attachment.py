@@ -61,7 +61,7 @@ class NeuronAdjustAttachment(Attachment):
             if thresholds is None:  # first layer of this forward on this device
                 draws.draw(output, group, adj.dtype, seed)
                 thresholds = draws.views[layer]
-            return adj(output, thresholds)
+            return adj(output, thresholds, full=draws.full)
 
         return hook
 

@@ -32,9 +32,13 @@ def thresholds_from_uniforms(u: torch.Tensor) -> torch.Tensor:
 FULL_WIDTH_MAX_NUMEL = 4096
 
 
-def uses_full_width(output: torch.Tensor) -> bool:
-    """Whether a call on ``output[..., d_ff]`` takes the full-width path."""
-    return output.numel() <= FULL_WIDTH_MAX_NUMEL
+def uses_full_width(output: torch.Tensor, widths: list[int] | None = None) -> bool:
+    """Whether a call on ``output[..., d_ff]`` takes the full-width path; with ``widths``, whether layers of
+    those widths that share one block of thresholds do (decided by the widest, so that all of them agree)."""
+    if widths is None:
+        return output.numel() <= FULL_WIDTH_MAX_NUMEL
+    rows = output.numel() // max(1, output.shape[-1])
+    return rows * max(widths) <= FULL_WIDTH_MAX_NUMEL
 
 
 class NeuronAdjustLayer:
@@ -202,7 +206,9 @@ class NeuronAdjustLayer:
         return run
 
     # -- the hook's work -------------------------------------------------------------------------------------
-    def __call__(self, output: torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, output: torch.Tensor, thresholds: torch.Tensor | None = None, full: bool | None = None
+    ) -> torch.Tensor:
         """Rewrite the selected columns of a pre-activation output ``[..., d_ff]`` and return it.
 
         Args:
@@ -210,6 +216,8 @@ class NeuronAdjustLayer:
             thresholds: ``max(0, logit(u))`` in the layout of the path :func:`uses_full_width` picks for
                 ``output``: ``[..., n_selected]`` (gather) or ``[..., width]`` (full width); ``None`` =
                 deterministic.
+            full: the path, when the caller chose it (the layers that share one block of thresholds must agree
+                on it, whatever their widths); ``None``: :func:`uses_full_width`.
 
         The gather path rewrites the output in place (no full-width copy) unless it requires grad; the
         full-width path returns a new tensor.
@@ -217,12 +225,15 @@ class NeuronAdjustLayer:
         if output.dtype is not self._seen_dtype:
             self.prepare(output.device, compute_dtype(output.dtype))
             self._seen_dtype = output.dtype
-        run = self._run_full if self._run_full is not None and uses_full_width(output) else self._run_gather
+        if full is None:
+            full = uses_full_width(output)
         try:
-            return run(output, thresholds)
+            return self._path(full)(output, thresholds)
         except RuntimeError:  # the model moved to another device since the last call
             if output.device == self.device:
                 raise
             self.prepare(output.device, self.dtype)
-            full = self._run_full is not None and uses_full_width(output)
-            return (self._run_full if full else self._run_gather)(output, thresholds)
+            return self._path(full)(output, thresholds)
+
+    def _path(self, full: bool):
+        return self._run_full if full and self._run_full is not None else self._run_gather

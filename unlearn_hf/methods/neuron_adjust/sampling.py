@@ -37,7 +37,7 @@ class Draws:
     full-width layout, one ``index_copy_`` into zeros that stay zeros), so the per-layer views are made once.
     """
 
-    __slots__ = ("generators", "forward", "lead", "views", "buffers")
+    __slots__ = ("generators", "forward", "lead", "views", "buffers", "full")
 
     def __init__(self) -> None:
         self.generators: dict[torch.device, torch.Generator] = {}
@@ -45,6 +45,7 @@ class Draws:
         self.lead: torch.Size | None = None
         self.views: dict[int, torch.Tensor] = {}
         self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]] = {}
+        self.full = False
 
     def draw(self, output: torch.Tensor, group: LayerGroup, dtype: torch.dtype, seed) -> None:
         """Draw ``u = torch.rand((*output.shape[:-1], K))`` for the K selected neurons of ``group`` on
@@ -56,7 +57,7 @@ class Draws:
             gen = self.generators[device] = torch.Generator(device=device)
             gen.manual_seed(seed())
         lead = output.shape[:-1]
-        full = uses_full_width(output) and None not in group.widths
+        full = self.full = None not in group.widths and uses_full_width(output, group.widths)
         key = (id(group), lead, device, dtype, full)
         cached = self.buffers.get(key)
         if cached is None:

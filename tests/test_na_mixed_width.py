@@ -1,0 +1,54 @@
+"""Neuron Adjust on a model whose layers have different widths (pruned or hybrid models): the layers that share
+one block of random thresholds agree on its layout, whatever their widths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_tokenizer
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from unlearn_hf import NeuronAdjustConfig, UnlearnedModelForCausalLM
+from unlearn_hf.methods.neuron_adjust import layer as layer_module
+
+WIDTHS = [64, 48]  # rows * 64 > 4096 >= rows * 48 for 65..85 rows: the two layers' own choices disagree
+
+
+def mixed_width_llama() -> torch.nn.Module:
+    model = tiny_llama(layers=2, vocab_size=100)
+    config = model.config
+    config.intermediate_size = WIDTHS[1]
+    torch.manual_seed(5)
+    model.model.layers[1].mlp = LlamaMLP(config)
+    # per-layer widths, as configs of pruned / NAS models declare them (Llama's strict config would refuse a list)
+    config.__dict__["intermediate_size"] = list(WIDTHS)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def unlearned():
+    model = mixed_width_llama()
+    tok = tiny_tokenizer()
+    u = UnlearnedModelForCausalLM.from_base(model)
+    assert [s.d_ff for s in u.ffl_sites] == WIDTHS
+    texts = ["1 + 1 = 2", "3 * 4 = 12", "10 - 7 = 3", "9 / 3 = 3"]
+    other = ["the cat sat", "a red fox", "blue sky today", "green tea"]
+    u.fit(NeuronAdjustConfig(ratio=0.2, seed=1), texts, other, tok, show_progress=False)
+    return u
+
+
+@pytest.mark.parametrize("rows", [1, 70, 100])
+def test_every_row_count_runs_and_matches_the_gather_path(unlearned, rows, monkeypatch):
+    """70 rows: the wide layer alone would gather and the narrow one alone take the full width (the crash of
+    the issue); the result must equal the all-gather computation with the same draws."""
+    ids = torch.randint(4, 100, (1, rows))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        got = unlearned(input_ids=ids).logits
+    monkeypatch.setattr(layer_module, "FULL_WIDTH_MAX_NUMEL", 0)  # every layer gathers
+    with torch.no_grad():
+        reference = unlearned(input_ids=ids).logits
+    with torch.no_grad(), unlearned.disable_unlearning():
+        base = unlearned(input_ids=ids).logits
+    assert torch.allclose(got, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, base)  # the methods did act
