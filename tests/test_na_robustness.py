@@ -1,5 +1,5 @@
-"""Neuron Adjust on a model whose layers have different widths (pruned or hybrid models): the layers that share
-one block of random thresholds agree on its layout, whatever their widths."""
+"""Neuron Adjust where it used to break: layers of different widths (pruned or NAS models) that share one block of
+random thresholds agree on its layout; scores that must not depend on the batch (deterministic mode)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,31 @@ def test_every_row_count_runs_and_matches_the_gather_path(unlearned, rows, monke
         base = unlearned(input_ids=ids).logits
     assert torch.allclose(got, reference, atol=1e-5, rtol=1e-5)
     assert not torch.equal(got, base)  # the methods did act
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_scores_do_not_depend_on_the_batch_in_deterministic_mode(deterministic):
+    """A text scored alone and as the third row of a padded batch of four: deterministic Neuron Adjust gives the same logits
+    (up to float rounding of the batched matmuls); random replacement draws per position of the batch, so its
+    logits differ, which is why scoring should use ``deterministic=True`` (README)."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(layers=2, vocab_size=100)
+    u = UnlearnedModelForCausalLM.from_base(model)
+    forget = ["1 + 1 = 2", "3 * 4 = 12", "10 - 7 = 3", "9 / 3 = 3"]
+    u.fit(
+        NeuronAdjustConfig(ratio=0.3, seed=1, deterministic=deterministic),
+        forget,
+        ["the cat sat", "a red fox", "blue sky today", "green tea"],
+        tok,
+        show_progress=False,
+    )
+    text = "12 + 30 = 42"
+    alone = tok([text], return_tensors="pt")
+    batch = tok(["a much longer other text here", "x", text, "5 * 5 = 25"], return_tensors="pt", padding=True)
+    n = alone["input_ids"].shape[1]
+    with torch.no_grad():
+        one = u(**alone).logits[0]
+        many = u(**batch).logits[2, :n]
+    with torch.no_grad(), u.disable_unlearning():
+        assert not torch.allclose(u(**alone).logits[0], one)  # the method acts on this text
+    assert torch.allclose(one, many, atol=1e-5) == deterministic
