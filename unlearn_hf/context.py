@@ -34,6 +34,8 @@ class RequestState:
         speculative: decoding forwards may carry several tokens, some of them candidates that are then rejected
             (assisted decoding, prompt lookup).
         processors: the abstaining methods' logits processors of this ``generate`` call.
+        ids_missing: prompt tokens absent from the ``input_ids`` logits processors see (``generate`` from
+            ``inputs_embeds`` alone hands them only the generated tokens).
         stop_when_decided: names of the abstaining methods still to decide; when the set empties the forward may
             stop early (:meth:`UnlearnedModelForCausalLM.detect` needs nothing after the decision).
         data: per-method scratch space, keyed by method name.
@@ -46,6 +48,7 @@ class RequestState:
     group_size: int = 1
     speculative: bool = False
     processors: list[Any] = field(default_factory=list)
+    ids_missing: int = 0
     stop_when_decided: set[str] | None = None
     data: dict[str, Any] = field(default_factory=dict)
 

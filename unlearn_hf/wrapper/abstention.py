@@ -168,6 +168,9 @@ class AbstentionMixin:
             request.prompt_len = mask.shape[1]
         elif ids is not None and ids.ndim >= 2:
             request.prompt_len = ids.shape[1]
+        has_ids = torch.is_tensor(bound.arguments.get("inputs")) or torch.is_tensor(extra.get("input_ids"))
+        if not has_ids and torch.is_tensor(extra.get("inputs_embeds")):
+            request.ids_missing = extra["inputs_embeds"].shape[1]  # processors see only the generated tokens
         eos = extra.get("eos_token_id")
         eos = getattr(config, "eos_token_id", None) if eos is None else eos
         request.eos_token_id = eos_token_id(self, {"eos_token_id": eos})

@@ -41,12 +41,15 @@ class AbstentionState:
         abstained: bool ``[rows]`` (CPU), rows abstaining (``None`` before the decision).
         start: int64 ``[rows]``, generation step at which each abstaining row began its refusal.
         pending: per-layer inside flags gathered during the current forward.
+        carry: per layer, the inside flags and validity ``[rows, window]`` (newest first) of the trailing tokens
+            of the prompt chunks seen so far (chunked prefill: the window may span chunks).
         any: whether any row abstains (kept as a Python bool: decoding steps check it for free).
     """
 
     abstained: torch.Tensor | None = None
     start: torch.Tensor | None = None
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
+    carry: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     any: bool = False
 
 
@@ -102,21 +105,47 @@ class KeySpaceAttachment(AbstainingAttachment):
     def _make_hook(self, layer: int, kl: KeySpaceLayer):
         def hook(ctx: ForwardContext, key: torch.Tensor) -> None:
             key = as_token_grid(key, ctx.input_len)  # OPT runs its FFL on [batch * positions, d_ff]
-            if ctx.is_prefill:
-                index, valid = ctx.trailing_token_index(key.shape[0], self.window, key.device)
-                rows = torch.arange(key.shape[0], device=key.device).unsqueeze(1)
-                inside = (kl.inside(key[rows, index]) & valid).any(1)
-            elif self.recheck and not ctx.is_prompt_chunk:
+            if ctx.is_prefill or ctx.is_prompt_chunk:
+                st = self.request_data(ctx.request, AbstentionState)
+                flags, valid = self._window_flags(ctx, st, layer, kl, key)
+                if ctx.is_prompt_chunk:
+                    st.carry[layer] = (flags, valid)
+                    return None
+                st.carry.pop(layer, None)
+                inside = flags.any(1)
+            elif self.recheck:
+                st = self.request_data(ctx.request, AbstentionState)
                 inside = kl.inside(key[:, -1])
             else:
                 return None
-            st = self.request_data(ctx.request, AbstentionState)
             st.pending[layer] = inside.cpu()
             if layer == self._last_layer:
                 self._decide(ctx, st)
             return None
 
         return hook
+
+    def _window_flags(
+        self, ctx: ForwardContext, st: AbstentionState, layer: int, kl: KeySpaceLayer, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inside flags and validity ``[rows, window]`` (newest first) of each row's last ``window`` prompt tokens
+        seen so far: this forward's, then those carried from earlier prompt chunks of the request."""
+        index, valid = ctx.trailing_token_index(key.shape[0], self.window, key.device)
+        rows = torch.arange(key.shape[0], device=key.device).unsqueeze(1)
+        flags = kl.inside(key[rows, index]) & valid
+        carried = st.carry.get(layer)
+        if carried is not None:
+            flags, valid = torch.cat([flags, carried[0]], 1), torch.cat([valid, carried[1]], 1)
+            order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, : self.window]
+            return flags.gather(1, order), valid.gather(1, order)
+        if ctx.total_len > ctx.input_len and self.window > 1 and not bool(valid.all()):
+            raise ValueError(
+                f"Key Space Detection {self.name!r} decides on the prompt's last {self.window} tokens, but this "
+                f"request starts from a cache that already holds {ctx.total_len - ctx.input_len} tokens of the "
+                "prompt (prefix caching), whose key vectors it cannot read. Pass the whole prompt without a "
+                "prefilled cache (or prefill with prefill_chunk_size, which is supported)."
+            )
+        return flags, valid
 
     def _decide(self, ctx: ForwardContext, st: AbstentionState) -> None:
         if len(st.pending) != len(self.layers):

@@ -84,7 +84,7 @@ class AbstentionLogitsProcessor(LogitsProcessor):
         st = self.attachment.request_data(self.request)
         if st is None or not st.any or self.request.prefill_len is None:
             return scores
-        step = input_ids.shape[1] - self.request.prefill_len
+        step = input_ids.shape[1] + self.request.ids_missing - self.request.prefill_len
         self.attachment.refusal.force(scores, st.abstained, st.start, step, self.request)
         return scores
 
