@@ -10,6 +10,8 @@ import os
 import random
 import shutil
 import signal
+import stat
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -188,7 +190,8 @@ def test_stale_temporaries_of_killed_saves_are_removed_by_the_next_save(two_mode
     target = tmp_path / "ckpt"
     old.save_pretrained(target)
     for i in range(3):
-        stale = tmp_path / f".ckpt{atomic.TMP_MARK}dead{i}"
+        mark = atomic.TMP_MARK if i < 2 else atomic.OLD_MARK
+        stale = tmp_path / f".ckpt{mark}{i:012x}"  # what killed saves leave
         stale.mkdir()
         (stale / "model.safetensors").write_bytes(b"x" * 1000)
     other = tmp_path / f".other{atomic.TMP_MARK}alive"  # another folder's temporary: not ours to remove
@@ -303,3 +306,80 @@ def test_saving_into_a_file_is_refused_before_anything_is_written(two_models, tm
     with pytest.raises(NotADirectoryError, match="not a folder"):
         old.save_pretrained(tmp_path / "link")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
+
+
+def test_dot_dot_and_the_current_folder(two_models, tmp_path, monkeypatch):
+    """``save_pretrained("..")`` saves into the parent (".." used to become a name and nest without end); saving
+    the folder the process stands in leaves the process in the new folder, not in the deleted old one."""
+    old, new = two_models
+    (tmp_path / "ckpt" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "ckpt" / "sub")
+    old.save_pretrained("..")
+    assert list(UnlearnedModelForCausalLM.from_pretrained(tmp_path / "ckpt").methods) == ["na"]
+    assert (tmp_path / "ckpt" / "sub").is_dir() and leftovers(tmp_path) == []
+    monkeypatch.chdir(tmp_path / "ckpt")
+    new.save_pretrained(".")
+    assert Path(os.getcwd()) == tmp_path / "ckpt" and Path("unlearn_config.json").is_file()
+    assert list(UnlearnedModelForCausalLM.from_pretrained(".").methods) == ["ksd", "sp"]
+
+
+def test_the_folders_mode_owner_and_empty_subfolders_are_kept(two_models, tmp_path):
+    old, new = two_models
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target)
+    (target / "empty").mkdir()
+    (target / "private").mkdir()
+    (target / "private" / "key").write_text("k")
+    os.chmod(target / "private", 0o700)
+    os.chmod(target, 0o2770)
+    if os.geteuid() == 0:
+        os.chown(target, 65534, os.getgid())
+    before = target.stat()
+    (tmp_path / f".ckpt{atomic.TMP_MARK}mybackup").mkdir()  # a user's look-alike, not a temporary of ours
+    new.save_pretrained(target)
+    after = target.stat()
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+    assert (target / "empty").is_dir() and (target / "private" / "key").read_text() == "k"
+    assert stat.S_IMODE((target / "private").stat().st_mode) == 0o700
+    assert leftovers(tmp_path) == [f".ckpt{atomic.TMP_MARK}mybackup"]
+
+
+def pretend_mounted(folder: Path, monkeypatch) -> None:
+    """Make the save's checks see ``folder`` as a mount point of another file system."""
+    real_ismount, real_stat = os.path.ismount, os.stat
+
+    def stat_(path, *args, **kwargs):
+        st = real_stat(path, *args, **kwargs)
+        if Path(path) == folder:
+            return os.stat_result((*st[:2], st.st_dev + 1, *st[3:]))
+        return st
+
+    monkeypatch.setattr(atomic.os.path, "ismount", lambda p: Path(p) == folder or real_ismount(p))
+    monkeypatch.setattr(atomic.os, "stat", stat_)
+
+
+def test_mount_points_are_refused_before_anything_is_written(two_models, tmp_path, monkeypatch):
+    """A mount point cannot be swapped, and a file system mounted inside the folder would be copied and then
+    emptied: both are refused with one clear error, and the mounted files are untouched."""
+    old, _ = two_models
+    outer, inner = tmp_path / "mounted", tmp_path / "ckpt" / "data"
+    outer.mkdir()
+    old.save_pretrained(tmp_path / "ckpt")
+    inner.mkdir()
+    mounted = []
+    try:
+        for folder in (outer, inner):
+            if subprocess.run(["mount", "-t", "tmpfs", "none", str(folder)], capture_output=True).returncode:
+                pretend_mounted(folder, monkeypatch)  # no right to mount here: the same checks, simulated
+            else:
+                mounted.append(folder)
+        (inner / "dataset.txt").write_text("precious")
+        with pytest.raises(atomic.AtomicSaveError, match="is a mount point"):
+            old.save_pretrained(outer)
+        with pytest.raises(atomic.AtomicSaveError, match="mounted inside it"):
+            old.save_pretrained(tmp_path / "ckpt")
+        assert (inner / "dataset.txt").read_text() == "precious" and list(outer.iterdir()) == []
+        assert leftovers(tmp_path) == []
+    finally:
+        for folder in reversed(mounted):
+            subprocess.run(["umount", str(folder)], check=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..evaluation.data_files import DataFileError
+from ..persistence.atomic import AtomicSaveError
 from ..persistence.format import UnlearnFormatError
 from ..version import __version__
 from .common import UserError, load_model, load_skills, setup_logging, split_names
@@ -65,6 +66,7 @@ POSITIVE_INT = _number(int, 1)
 USER_ERRORS = (
     UserError,
     UnlearnFormatError,
+    AtomicSaveError,
     DataFileError,
     FileNotFoundError,
     FileExistsError,

@@ -28,6 +28,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -43,10 +44,41 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+class AtomicSaveError(OSError):
+    """A folder that cannot be replaced atomically (a mount point, a mount inside it, a parent folder this process
+    cannot write to). Nothing was written."""
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse, before anything is written, the folders a swap cannot replace safely."""
+    parent = target.parent
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise AtomicSaveError(
+            f"Cannot save {target} atomically: its parent folder {parent} is not writable by this process (the "
+            "save is written beside the folder and swapped in). Save into a folder whose parent you can write to."
+        )
+    if not target.is_dir():
+        return
+    if os.path.ismount(target):
+        raise AtomicSaveError(
+            f"Cannot save into {target}: it is a mount point, which cannot be swapped atomically. Save into a "
+            "subfolder of it."
+        )
+    dev = target.stat().st_dev
+    for root, dirs, _files in os.walk(target):
+        for d in dirs:
+            path = os.path.join(root, d)
+            if not os.path.islink(path) and os.stat(path).st_dev != dev:
+                raise AtomicSaveError(
+                    f"Cannot save into {target}: {path} is another file system mounted inside it, which the save "
+                    "would have to copy and delete. Save elsewhere or unmount it."
+                )
+
+
 def resolve_target(path: str | os.PathLike[str]) -> Path:
     """The real folder a save writes to: ``~`` expanded, absolute, a symbolic link to a folder followed (the
     temporaries then live next to the real folder, on its file system)."""
-    target = Path(path).expanduser().absolute()
+    target = Path(os.path.abspath(Path(path).expanduser()))  # also resolves ".." (".." as a name would nest)
     if target.is_symlink():
         real = Path(os.path.realpath(target))
         if real.exists() and not real.is_dir():
@@ -66,7 +98,12 @@ def locked(folder: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except PermissionError:  # a parent we may write to but not read: no lock, the swap itself is still atomic
+        logger.debug("Cannot lock %s (not readable); saving without the lock.", folder)
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -80,7 +117,10 @@ def interrupted_swap(target: Path) -> Path | None:
     if target.exists() or not target.parent.is_dir():
         return None
     prefix = f".{target.name}{OLD_MARK}"
-    olds = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    try:
+        olds = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except PermissionError:
+        return None
     return max(olds, key=lambda p: p.stat().st_mtime_ns) if olds else None
 
 
@@ -91,12 +131,17 @@ def clean_stale(target: Path) -> None:
     if old is not None:
         os.rename(old, target)
         logger.warning("Restored %s from %s, left by a save that was killed.", target, old.name)
-    for mark in (TMP_MARK, OLD_MARK):
-        prefix = f".{target.name}{mark}"
-        for p in target.parent.iterdir():
-            if p.name.startswith(prefix):
-                remove_tree(p)
-                logger.info("Removed %s, left by a save that was killed.", p.name)
+    try:
+        siblings = list(target.parent.iterdir())
+    except PermissionError:
+        return
+    ours = re.compile(
+        rf"^\.{re.escape(target.name)}(?:{re.escape(TMP_MARK)}|{re.escape(OLD_MARK)})[0-9a-f]{{12}}$"
+    )
+    for p in siblings:
+        if ours.match(p.name):
+            remove_tree(p)
+            logger.info("Removed %s, left by a save that was killed.", p.name)
 
 
 def new_temporary(target: Path) -> Path:
@@ -128,10 +173,13 @@ def carry_over(old: Path, new: Path, skip: Callable[[str], bool]) -> list[str]:
                 if stat.S_ISDIR(mode):
                     if out.is_symlink() or (out.exists() and not out.is_dir()):
                         continue
+                    was_empty = not any(os.scandir(entry.path))
                     out.mkdir(exist_ok=True)
                     walk(Path(entry.path), out, f"{r}/")
-                    if not any(out.iterdir()):
-                        out.rmdir()
+                    if not was_empty and not any(out.iterdir()):
+                        out.rmdir()  # held only the previous save's files
+                    else:
+                        copy_mode_and_owner(Path(entry.path), out)
                     continue
                 if skip(r) or out.exists() or out.is_symlink():
                     continue
@@ -151,10 +199,21 @@ def carry_over(old: Path, new: Path, skip: Callable[[str], bool]) -> list[str]:
     return carried
 
 
-def fsync_tree(folder: Path) -> None:
-    """``fsync`` every regular file and folder under ``folder`` (links are not followed), deepest first."""
-    for root, _dirs, files in os.walk(folder, topdown=False):
-        for name in files:
+def copy_mode_and_owner(src: Path, dst: Path) -> None:
+    """Give the folder ``dst`` the permission bits and, where allowed, the owner and group of ``src``."""
+    st = src.stat()
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    try:
+        os.chown(dst, st.st_uid, st.st_gid)
+    except PermissionError:
+        pass
+
+
+def fsync_tree(folder: Path, files: bool = True) -> None:
+    """``fsync`` every regular file (with ``files``) and folder under ``folder`` (links are not followed), deepest
+    first."""
+    for root, _dirs, names in os.walk(folder, topdown=False):
+        for name in names if files else ():
             path = os.path.join(root, name)
             if not os.path.islink(path) and os.path.isfile(path):
                 with open(path, "rb") as f:
@@ -236,11 +295,13 @@ def replace_folder(
         The relative paths of the old folder's files that were carried over.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(target)
     with locked(target.parent):
         clean_stale(target)
-        tmp = new_temporary(target)
+        tmp, old = new_temporary(target), None
         try:
             written = set(write(tmp))
+            fsync_tree(tmp)  # what this save wrote; the carried files below hold old data
             carried: list[str] = []
             if target.is_dir():
                 previous = own_old_files(target)
@@ -256,10 +317,27 @@ def replace_folder(
                         target,
                     )
                 carried = carry_over(target, tmp, lambda r: r in previous or r in written)
-            fsync_tree(tmp)
+                copy_mode_and_owner(target, tmp)
+                fsync_tree(tmp, files=False)
+            cwd = _cwd_inside(target)
             old = swap_in(tmp, target)
-            tmp = old
+            tmp = None
+            if cwd is not None:  # the process stood in the replaced folder: move it into the new one
+                os.chdir(target / cwd if (target / cwd).is_dir() else target)
         finally:
             if tmp is not None and os.path.lexists(tmp):
                 remove_tree(tmp)
+        if old is not None:
+            try:
+                remove_tree(old)
+            except OSError as err:  # the new checkpoint is in place: a leftover is cleaned by the next save
+                logger.warning("Saved, but could not delete the previous folder %s: %s", old, err)
     return carried
+
+
+def _cwd_inside(target: Path) -> Path | None:
+    """The current directory relative to ``target`` when it is inside it (``None`` otherwise)."""
+    try:
+        return Path(os.getcwd()).relative_to(target)
+    except (ValueError, FileNotFoundError):
+        return None
