@@ -19,7 +19,7 @@ from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
-from unlearn_hf.cli.common import load_model
+from unlearn_hf.cli.common import UserError, load_model
 from unlearn_hf.cli.main import main
 from unlearn_hf.persistence import CONFIG_NAME, WEIGHTS_NAME
 
@@ -65,9 +65,17 @@ def folders(tmp_path_factory, smol_tokenizer, shared_data):
         "badjson": data_dir("badjson", b'{"question": "a", "answer": "1"}\n{"question": \n'),
         "nocolumn": data_dir("nocolumn", b'{"question": "a", "solution": "1"}\n'),
         "array": data_dir("array", b'["question", "answer"]\n'),
+        "nested": data_dir("nested", b"[" * 200_000 + b"]" * 200_000 + b"\n"),
+        "types": data_dir("types", b'{"question": 1, "answer": 2}\n'),
         "empty": data_dir("empty", b""),
         "fifo": data_dir("fifo", None),
     }
+    good_gz = (shared_data / "humaneval" / "HumanEval.jsonl.gz").read_bytes()
+    (root / "badgz" / "humaneval").mkdir(parents=True)
+    (root / "badgz" / "humaneval" / "HumanEval.jsonl.gz").write_bytes(
+        good_gz[:200] + bytes(b ^ 0x5A for b in good_gz[200:400]) + good_gz[400:]
+    )
+    dirs["badgz"] = root / "badgz"
     a_file = root / "a-file.txt"
     a_file.write_text("x")
     return {
@@ -119,6 +127,12 @@ BAD_INPUTS = [
     ([*FIT[:-4], "--data-dir", "{array}", "--output", "{out}"], "line 1 is a JSON list, not an object"),
     ([*FIT[:-4], "--data-dir", "{nocolumn}", "--output", "{out}"], "has no column(s) ['answer']"),
     ([*FIT[:-4], "--data-dir", "{fifo}", "--output", "{out}"], "is not a regular file"),
+    ([*FIT[:-4], "--data-dir", "{nested}", "--output", "{out}"], "line 1 is nested too deeply"),
+    ([*FIT[:-4], "--data-dir", "{types}", "--output", "{out}"], "column 'question' must be text, got int"),
+    (
+        ["evaluate", "--model", "{tiny}", "--skills", "humaneval", "--data-dir", "{badgz}"],
+        "is a corrupt gzip file",
+    ),
     ([*FIT[:-4], "--data-dir", "{empty}", "--output", "{out}"], "no items"),
     (["fit", "--model", "{good}", *FIT[3:]], "is already an unlearned model"),
     ([*EVAL, "--formats", "pirate"], "Unknown prompt formats ['pirate']"),
@@ -246,6 +260,17 @@ def test_model_from_the_hub_loads_its_unlearning(full, folders, smol_tokenizer, 
                 caplog.clear()
                 with torch.no_grad():
                     assert torch.equal(plain(**ids).logits, base(**ids).logits)
+        if (
+            full
+        ):  # a cache holding the repo's model files, as a plain from_pretrained leaves it, but not its config
+            fresh = tmp_path / "fresh-cache"
+            with hub_env(hub.endpoint, fresh, token=TOKEN):
+                AutoModelForCausalLM.from_pretrained(repo)
+            with hub_env(hub.endpoint, fresh, token=TOKEN, offline=True):
+                with pytest.raises(
+                    UserError, match="Cannot tell whether user/unlearned-full holds unlearning"
+                ):
+                    load_model(repo)
 
 
 def test_cli_generate_on_an_unlearned_folder_abstains(folders, smol_tokenizer, tmp_path, capsys):

@@ -27,10 +27,22 @@ def setup_logging(quiet: bool) -> None:
 
 def has_unlearning(name: str) -> bool:
     """Whether ``name`` (a local folder or a Hub id) holds saved unlearning (``unlearn_config.json``), in either
-    layout. A Hub repo is asked through ``huggingface_hub`` (offline: its cached snapshot)."""
+    layout. A Hub repo is asked through ``huggingface_hub`` (offline: the cache, which records files found missing).
+
+    Raises:
+        UserError: the answer cannot be known (offline, with the repo's model cached but not whether it holds
+            ``unlearn_config.json``; a Hub error): loading the plain model then could silently drop the unlearning.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
     from ..persistence.atomic import interrupted_swap
     from ..persistence.format import CONFIG_NAME, looks_like_local_path
-    from ..persistence.load import resolve_source
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -39,11 +51,26 @@ def has_unlearning(name: str) -> bool:
         return True
     if path.exists() or looks_like_local_path(name):
         return False
-    try:
-        return (resolve_source(name).folder / CONFIG_NAME).is_file()
-    except Exception as err:  # noqa: BLE001 - any Hub failure: the plain loader reports it in its own words
-        logging.getLogger(__name__).debug("Could not look for unlearning in %s: %s", name, err)
+    cached = try_to_load_from_cache(name, CONFIG_NAME)
+    if isinstance(cached, str):
+        return True
+    if cached is not None:  # the cache recorded that the repo has no such file
         return False
+    try:
+        hf_hub_download(name, CONFIG_NAME)
+        return True
+    except LocalEntryNotFoundError as err:  # offline, or the Hub cannot be reached (before its parent class)
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise UserError(
+                f"Cannot tell whether {name} holds unlearning: the Hub cannot be reached and the cache has its "
+                f"model files but not its {CONFIG_NAME} (nor a record that it has none). Go online once, or pass "
+                "a local folder."
+            ) from err
+        return False  # nothing cached: the plain loader reports that
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        return False  # no unlearning here (a missing repo: the plain loader says so in its own words)
+    except (OSError, ValueError, HfHubHTTPError) as err:
+        raise UserError(f"Cannot tell whether {name} holds unlearning: {' '.join(str(err).split())}") from err
 
 
 def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import stat
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,8 @@ def read_text(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataFileError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}).") from None
+    except zlib.error as err:
+        raise DataFileError(f"{path} is a corrupt gzip file ({err}).") from None
     except (OSError, EOFError) as err:
         if isinstance(err, DataFileError):
             raise
@@ -93,6 +96,8 @@ def read_json(path: Path) -> Any:
     """The document of a JSON file."""
     try:
         return json.loads(read_text(path))
+    except RecursionError:
+        raise DataFileError(f"{path}: nested too deeply to be a data file.") from None
     except json.JSONDecodeError as err:
         raise DataFileError(
             f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}."
@@ -109,6 +114,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataFileError(f"{path}: line {n} is not valid JSON ({err.msg}).") from None
+        except RecursionError:
+            raise DataFileError(f"{path}: line {n} is nested too deeply to be a data record.") from None
         if not isinstance(row, dict):
             raise DataFileError(f"{path}: line {n} is a JSON {type(row).__name__}, not an object.")
         rows.append(row)
@@ -123,12 +130,20 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         raise DataFileError(f"{path}: invalid CSV: {err}.") from None
 
 
-def check_columns(rows: Iterable[Mapping[str, Any]], required: Sequence[str], source: str) -> None:
-    """Raise ``KeyError`` naming the first row of ``source`` that lacks one of the ``required`` columns."""
+def check_columns(
+    rows: Iterable[Mapping[str, Any]], required: Sequence[str], source: str, text: Sequence[str] = ()
+) -> None:
+    """Raise ``KeyError`` naming the first row of ``source`` that lacks one of the ``required`` columns, and
+    :class:`DataFileError` for the first whose ``text`` columns do not hold strings."""
     for i, row in enumerate(rows):
         missing = [c for c in required if c not in row]
         if missing:
             raise KeyError(f"{source}: row {i} has no column(s) {missing}; available columns: {sorted(row)}.")
+        for c in text:
+            if not isinstance(row[c], str):
+                raise DataFileError(
+                    f"{source}: row {i}, column {c!r} must be text, got {type(row[c]).__name__}."
+                )
 
 
 def unix_newlines(text: str) -> str:

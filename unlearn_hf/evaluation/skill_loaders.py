@@ -38,7 +38,7 @@ def _load_gsm8k(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
             rows, source = read_jsonl(path), str(path)
         else:
             rows, source = hub_rows(spec, split), f"{spec.hub_path}[{split}]"
-        check_columns(rows, ("question", "answer"), source)
+        check_columns(rows, ("question", "answer"), source, text=("question", "answer"))
         out.append(
             [
                 EvalItem(qa_prompt(r["question"]), r["answer"], f"gsm8k/{split}/{i}", question=r["question"])
@@ -67,12 +67,12 @@ def _load_mbpp(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
     if data_dir is not None:
         path = local_folder(spec, data_dir, ["mbpp.jsonl"]) / "mbpp.jsonl"
         rows = read_jsonl(path)
-        check_columns(rows, needed, str(path))
+        check_columns(rows, needed, str(path), text=("text", "code"))
         by_split = {"train": rows, "test": rows}
     else:
         by_split = {s: hub_rows(spec, s) for s in ("train", "test")}
         for s, rows in by_split.items():
-            check_columns(rows, needed, f"{spec.hub_path}[{s}]")
+            check_columns(rows, needed, f"{spec.hub_path}[{s}]", text=("text", "code"))
     out = []
     for split, (lo, hi) in (("train", MBPP_PROBE_IDS), ("test", MBPP_EVAL_IDS)):
         rows = sorted(
@@ -97,7 +97,12 @@ def _load_humaneval(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
         rows, source = read_jsonl(path), str(path)
     else:
         rows, source = hub_rows(spec, "test"), f"{spec.hub_path}[test]"
-    check_columns(rows, ("task_id", "prompt", "canonical_solution", "test", "entry_point"), source)
+    check_columns(
+        rows,
+        ("task_id", "prompt", "canonical_solution", "test", "entry_point"),
+        source,
+        text=("prompt", "canonical_solution", "test", "entry_point"),
+    )
     items = [
         EvalItem(
             r["prompt"],
@@ -233,7 +238,7 @@ def _load_mlqa(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
             rows.append(
                 {**r, "answers": answers.get("text", []) if isinstance(answers, Mapping) else answers}
             )
-    check_columns(rows, ("context", "question", "answers", "id"), source)
+    check_columns(rows, ("context", "question", "answers", "id"), source, text=("context", "question"))
     groups: dict[str, int] = {}
     probe: list[EvalItem] = []
     evals: list[EvalItem] = []
