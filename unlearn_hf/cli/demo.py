@@ -141,8 +141,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         for s in report["skills"]
         if report["scores"]["base"][s] is not None and report["scores"][label][s] is not None
     ]
-    saved.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    saved.save_pretrained(model_dir, tokenizer=tok)  # one atomic save, the tokenizer included
     _write_card(saved, model_dir, forget, retain, args, evaluation_rows)
     elapsed = time.perf_counter() - start
     report["metadata"]["timings"] = {**timings, "total_s": round(elapsed, 1)}
