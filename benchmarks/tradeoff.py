@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> dict:
                 {k: round(v, 3) for k, v in rows[-1].items() if k.endswith("drop")},
             )
         out["variants"][name] = rows
+        if args.json:  # after every variant: a long run that is stopped keeps what it measured
+            Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return out
 
 
