@@ -70,7 +70,13 @@ def run(args: argparse.Namespace) -> dict:
         "base": base,
         "ratios": list(args.ratios),
         "variants": {},
-        "settings": vars(args) | {"data_dir": str(args.data_dir)},
+        # no machine paths: the data folder is named by its source, output paths are not recorded
+        "settings": {
+            "n_probe": args.n_probe,
+            "n_eval": args.n_eval,
+            "variants": list(args.variants),
+            "data_dir": "../shared/data" if args.data_dir == DATA else args.data_dir.name,
+        },
     }
     for name in args.variants:
         config_cls, kw, site, tokens = VARIANTS[name]

@@ -54,11 +54,4 @@ def gsm8k_exact_match(predictions: Sequence[str], references: Sequence[str | Eva
         raise ValueError(f"Reference {bad} has no '#### <number>' final answer: {refs[bad][-80:]!r}")
     pred = [extract_last_number(p) for p in predictions]
     per_item = [float(p is not None and Decimal(p) == Decimal(g)) for p, g in zip(pred, gold)]
-    return MetricResult(
-        name="gsm8k_exact_match",
-        score=sum(per_item) / len(per_item) if per_item else float("nan"),
-        n_items=len(per_item),
-        per_item=per_item,
-        abstained=[False] * len(per_item),
-        details={"extracted": pred},
-    )
+    return MetricResult.mean_of("gsm8k_exact_match", per_item, {"extracted": pred})

@@ -29,6 +29,18 @@ class MetricResult:
     abstention_rate: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def mean_of(cls, name: str, per_item: list[float], details: dict[str, Any]) -> MetricResult:
+        """A metric whose score is the mean of its per-item scores, with no abstention."""
+        return cls(
+            name=name,
+            score=sum(per_item) / len(per_item) if per_item else float("nan"),
+            n_items=len(per_item),
+            per_item=per_item,
+            abstained=[False] * len(per_item),
+            details=details,
+        )
+
     def to_dict(self, include_per_item: bool = False) -> dict[str, Any]:
         """A JSON-serialisable dict (``nan`` becomes ``None``)."""
         out: dict[str, Any] = {

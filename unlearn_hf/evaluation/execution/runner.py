@@ -280,11 +280,4 @@ def pass_at_1(
             )
         )
     per_item = [float(r.passed) for r in results]
-    return MetricResult(
-        name="pass_at_1",
-        score=sum(per_item) / len(per_item) if per_item else float("nan"),
-        n_items=len(per_item),
-        per_item=per_item,
-        abstained=[False] * len(per_item),
-        details={"status": [r.status for r in results]},
-    )
+    return MetricResult.mean_of("pass_at_1", per_item, {"status": [r.status for r in results]})
