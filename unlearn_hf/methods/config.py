@@ -50,6 +50,45 @@ class MethodConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+@dataclasses.dataclass(frozen=True)
+class NeuronSelectionConfig(MethodConfig):
+    """Fields shared by the methods that select the top ``ratio`` of all neurons (Neuron Adjust, Selective
+    Pruning): how many, which layers and tokens are probed, and how ``ratio="auto"`` chooses
+    (:mod:`unlearn_hf.methods.ratio_search`).
+
+    Args:
+        ratio: fraction in (0, 1] of all neurons of all (chosen) layers, selected globally; the count is
+            ``round(ratio * total)`` with halves rounded up, at least 1 (see
+            :func:`unlearn_hf.methods.selection.selection_size`). ``"auto"``: the ratio of ``ratio_grid`` that lowers
+            held-out forget accuracy most while lowering held-out retain accuracy by at most ``max_retain_drop``.
+        tokens: which tokens are probed: ``"all"`` real tokens (padding never counts), or only the ``"prompt"``
+            / ``"completion"`` part of prompt + completion pairs (needs ``prompt_column``/``completion_column``).
+        layers: restrict probing and selection to these layer indices (negative ones count from the end;
+            ``None`` = all layers).
+        max_retain_drop: with ``ratio="auto"``, the largest relative drop of held-out retain accuracy allowed, in
+            (0, 1).
+        holdout_fraction: with ``ratio="auto"``, the share of the forget and of the retain examples held out of
+            the fit to measure the drops, in (0, 1).
+        ratio_grid: with ``ratio="auto"``, the ratios tried (default
+            :data:`unlearn_hf.methods.ratio_search.DEFAULT_GRID`).
+    """
+
+    ratio: Any = 0.03
+    tokens: str = "all"
+    layers: list[int] | None = None
+    max_retain_drop: float = 0.05
+    holdout_fraction: float = 0.2
+    ratio_grid: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        self._set("ratio", auto_or("ratio", self.ratio, ratio))
+        self._set("tokens", choice("tokens", self.tokens, NEURON_TOKEN_MODES))
+        self._set("layers", layer_list("layers", self.layers))
+        self._set("max_retain_drop", fraction("max_retain_drop", self.max_retain_drop))
+        self._set("holdout_fraction", fraction("holdout_fraction", self.holdout_fraction))
+        self._set("ratio_grid", ratio_grid("ratio_grid", self.ratio_grid))
+
+
 # -- validators: each returns the normalised value or raises ValueError naming the field ------------------------
 def positive_float(name: str, value: Any, hi: float | None = None) -> float:
     """A finite number > 0 and, with ``hi``, at most ``hi`` (``bool`` is refused: ``True`` is not a number a user
@@ -75,6 +114,35 @@ def ratio(name: str, value: Any) -> float:
     if value > 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}.")
     return value
+
+
+def fraction(name: str, value: Any) -> float:
+    """A fraction in the open interval (0, 1) (a budget, a held-out share)."""
+    value = positive_float(name, value)
+    if not value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}.")
+    return value
+
+
+#: The value of a setting the method chooses itself on held-out data (``ratio="auto"``, ``alpha="auto"``).
+AUTO = "auto"
+
+
+def auto_or(name: str, value: Any, check) -> Any:
+    """``"auto"``, or ``value`` checked by ``check(name, value)``."""
+    return AUTO if value == AUTO else check(name, value)
+
+
+def ratio_grid(name: str, value: Any) -> list[float] | None:
+    """``None`` or a non-empty list of distinct fractions in (0, 1], normalised to a sorted list."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be None or a list of ratios in (0, 1], got {value!r}.")
+    out = sorted(ratio(name, v) for v in value)
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"{name} must be a non-empty list of distinct ratios, got {value!r}.")
+    return out
 
 
 def choice(name: str, value: Any, choices: Sequence[str]) -> str:

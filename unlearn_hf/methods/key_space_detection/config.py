@@ -12,20 +12,9 @@ from .rendering import check_templates
 RULES = ("all", "any")
 ACTIONS = ("refuse", "eos")
 INPUTS = ("questions", "prompts")
-AUTO = "auto"
+AUTO = cfg.AUTO
 #: The widest trailing window the decision may read (tokens before and including the prompt's last).
 MAX_WINDOW = 32
-
-
-def _auto_or(name: str, value: Any, check) -> Any:
-    return AUTO if value == AUTO else check(name, value)
-
-
-def _fraction(name: str, value: Any) -> float:
-    value = cfg.positive_float(name, value)
-    if not value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1), got {value!r}.")
-    return value
 
 
 @dataclass(frozen=True)
@@ -95,16 +84,16 @@ class KeySpaceDetectionConfig(MethodConfig):
     calibration: dict | None = None
 
     def __post_init__(self) -> None:
-        self._set("layers", _auto_or("layers", self.layers, cfg.layer_list))
+        self._set("layers", cfg.auto_or("layers", self.layers, cfg.layer_list))
         self._set("rule", cfg.choice("rule", self.rule, RULES))
         self._set(
-            "alpha", _auto_or("alpha", self.alpha, lambda n, v: cfg.positive_float(n, v, cfg.MAX_ALPHA))
+            "alpha", cfg.auto_or("alpha", self.alpha, lambda n, v: cfg.positive_float(n, v, cfg.MAX_ALPHA))
         )
         self._set(
-            "window", _auto_or("window", self.window, lambda n, v: cfg.integer(n, v, lo=1, hi=MAX_WINDOW))
+            "window", cfg.auto_or("window", self.window, lambda n, v: cfg.integer(n, v, lo=1, hi=MAX_WINDOW))
         )
-        self._set("max_false_rate", _fraction("max_false_rate", self.max_false_rate))
-        self._set("calibration_fraction", _fraction("calibration_fraction", self.calibration_fraction))
+        self._set("max_false_rate", cfg.fraction("max_false_rate", self.max_false_rate))
+        self._set("calibration_fraction", cfg.fraction("calibration_fraction", self.calibration_fraction))
         self._set("inputs", cfg.choice("inputs", self.inputs, INPUTS))
         self._set("chat_template", cfg.flag("chat_template", self.chat_template))
         self._set("system_prompt", cfg.text("system_prompt", self.system_prompt))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ...data import DataSpec
+from ...data import DataSpec, holdout_split
 from ...stats import SiteStatistics
 from ..config import resolve_layers
 from ..fitting import probe_or_check
@@ -65,18 +65,6 @@ def _is_token_batches(data: Any) -> bool:
     if isinstance(data, (list, tuple)):
         return bool(data) and isinstance(data[0], Mapping) and torch.is_tensor(data[0].get("input_ids"))
     return getattr(data, "column_names", None) is None and not hasattr(data, "__len__")
-
-
-def _split(n: int, fraction: float) -> tuple[list[int], list[int]]:
-    """Deterministic ``(fit, held-out)`` indices: a seeded permutation, the held-out share rounded."""
-    n_held = max(1, round(fraction * n))
-    if n - n_held < 2:
-        raise ValueError(
-            f"{n} forget questions are too few to hold out {n_held} for calibration and fit on at least 2; give "
-            "more questions, no retain data, or fixed layers, alpha and window."
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
-    return sorted(perm[n_held:]), sorted(perm[:n_held])
 
 
 def _fit_cubes(stats: SiteStatistics, layers: list[int], eps: float) -> dict[int, tuple]:
@@ -147,7 +135,14 @@ def fit_key_space(
             "/".join(autos),
         )
     fit_idx, held_idx = (
-        _split(len(queries), config.calibration_fraction) if calibrating else (range(len(queries)), [])
+        holdout_split(
+            len(queries),
+            config.calibration_fraction,
+            "{n} forget questions are too few to hold out {n_held} for calibration and fit on at least 2; give "
+            "more questions, no retain data, or fixed layers, alpha and window.",
+        )
+        if calibrating
+        else (range(len(queries)), [])
     )
     fit_rows = [r for i in fit_idx for r in renderer.render([queries[i]])[0]]
     fit_rows.sort(key=lambda r: r.question_end)  # length-sorted batches: less padding, the same statistics

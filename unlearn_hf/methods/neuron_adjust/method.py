@@ -12,7 +12,7 @@ from ...data import DataSpec
 from ...hooks import HookRegistrar
 from ...sites import module_device
 from ..base import UnlearningMethod
-from ..fitting import probe_forget_and_retain
+from ..ratio_search import RatioCurve, curve_spec, fit_neuron_method, validate_curve
 from ..registry import register_method
 from ..selection import check_selection, select_global, split_by_layer
 from .attachment import NeuronAdjustAttachment
@@ -44,19 +44,21 @@ class NeuronAdjust(UnlearningMethod):
 
     Randomness: every request (a ``generate`` call, or a forward without a cache) starts a fresh
     ``torch.Generator`` per device seeded with ``config.seed`` (or the seed of an enclosing :meth:`seeded`
-    block), so the same input gives the same output. Each forward draws once per device, at its first adjusted
+    block), so the same input gives the same output. A small forward (a decoding step: at most
+    :data:`~.sampling.GROUP_DRAW_MAX_NUMEL` thresholds per device) draws once per device, at its first adjusted
     layer, ``u = torch.rand((*leading_shape, K))`` for the K selected neurons of all the layers on that device
-    (layers in increasing order, each layer's neurons in state order, see :meth:`NeuronAdjustAttachment.thresholds_layout`); a value
-    with log density ratio d is replaced where ``d > max(0, logit(u))``. One draw per forward instead of one per
-    layer keeps the per-layer cost to a few small tensor operations (for small decoding calls the draw is
-    also laid out at full width, see :class:`NeuronAdjustLayer`). ``config.deterministic`` replaces whenever
-    pF > pR and draws nothing.
+    (layers in increasing order, each layer's neurons in state order, see
+    :meth:`NeuronAdjustAttachment.thresholds_layout`), which keeps the per-layer cost to a few small tensor
+    operations; a larger one (a prefill) draws ``u = torch.rand((*leading_shape, K_layer))`` at each layer, in
+    layer order, so its memory is one layer's. A value with log density ratio d is replaced where
+    ``d > max(0, logit(u))``. The draws depend on the batch shape: for scores that must not, use
+    ``config.deterministic``, which replaces whenever pF > pR and draws nothing.
     """
 
     config_class = NeuronAdjustConfig
     short_name = "na"
     label = "Neuron Adjust"
-    cli_options = ("ratio", "seed")
+    cli_options = ("ratio", "max_retain_drop", "seed")
 
     @classmethod
     def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):
@@ -67,17 +69,14 @@ class NeuronAdjust(UnlearningMethod):
             ValueError: missing/empty retain data, a set with fewer than 2 probed tokens, a tokenizer or
                 statistics that do not belong to the model, token ids outside its vocabulary.
         """
-        layers, stats_f, stats_r = probe_forget_and_retain(
-            model,
-            config,
-            forget,
-            retain,
-            tokenizer,
-            site="pre",
-            spec=spec,
-            show_progress=show_progress,
-            label="Neuron Adjust",
+        return fit_neuron_method(
+            cls, model, config, forget, retain, tokenizer, site="pre", spec=spec, show_progress=show_progress
         )
+
+    @classmethod
+    def from_statistics(cls, config, layers, stats_f, stats_r, ratio, extra_state=None):
+        """Select the top ``ratio`` of the neurons of ``layers`` from forget/retain pre-activation statistics;
+        ``extra_state`` (the ``ratio="auto"`` curve) is stored with the selection."""
         for role, st in (("forget", stats_f), ("retain", stats_r)):
             if st.count < 2:
                 raise ValueError(
@@ -88,7 +87,7 @@ class NeuronAdjust(UnlearningMethod):
             f, r = stats_f.layers[i], stats_r.layers[i]
             per_layer[i] = (f.mean, f.std(config.eps), r.mean, r.std(config.eps))
         scores = {i: neuron_scores(config, *v) for i, v in per_layer.items()}
-        layer_index, neuron_index, score = select_global(scores, config.ratio)
+        layer_index, neuron_index, score = select_global(scores, ratio)
         state = {"layer_index": layer_index, "neuron_index": neuron_index}
         groups = split_by_layer(layer_index)
         for k, name in enumerate(_STAT_NAMES[:4]):
@@ -100,14 +99,14 @@ class NeuronAdjust(UnlearningMethod):
         # float32 rounding must not undo the floor
         for name in ("forget_std", "retain_std"):
             state[name] = state[name].clamp_min(torch.tensor(config.eps, dtype=torch.float32))
-        return cls(config, state)
+        return cls(config, {**state, **(extra_state or {})})
 
     @classmethod
     def state_spec(cls, config, state):
         k = state["layer_index"].shape[0] if "layer_index" in state else 0
         spec = {"layer_index": ((k,), torch.int64), "neuron_index": ((k,), torch.int64)}
         spec.update({name: ((k,), torch.float32) for name in _STAT_NAMES})
-        return spec
+        return {**spec, **curve_spec(config, state)}
 
     @classmethod
     def validate_state(cls, state, config=None):
@@ -118,6 +117,12 @@ class NeuronAdjust(UnlearningMethod):
             for name in ("forget_std", "retain_std"):
                 if (state[name] <= 0).any():
                     raise ValueError(f"Tensor {name!r} holds non-positive standard deviations.")
+            validate_curve(state, config)
+
+    @property
+    def ratio_curve(self) -> RatioCurve | None:
+        """What ``ratio="auto"`` measured and chose (``None`` for a fixed ratio)."""
+        return RatioCurve.from_state(self.state)
 
     # -- applying --------------------------------------------------------------------------------------------
     def attach(self, model, hooks: HookRegistrar) -> NeuronAdjustAttachment:

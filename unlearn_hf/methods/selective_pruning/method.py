@@ -8,7 +8,7 @@ from ...data import DataSpec
 from ...hooks import HookRegistrar
 from ...sites import module_device
 from ..base import Attachment, UnlearningMethod
-from ..fitting import probe_forget_and_retain
+from ..ratio_search import RatioCurve, curve_spec, fit_neuron_method, validate_curve
 from ..registry import register_method
 from ..selection import check_selection, select_global, split_by_layer
 from .config import SelectivePruningConfig
@@ -23,7 +23,7 @@ class SelectivePruning(UnlearningMethod):
     config_class = SelectivePruningConfig
     short_name = "sp"
     label = "Selective Pruning"
-    cli_options = ("ratio",)
+    cli_options = ("ratio", "max_retain_drop")
 
     @classmethod
     def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):
@@ -34,20 +34,18 @@ class SelectivePruning(UnlearningMethod):
             ValueError: missing/empty data, a tokenizer or statistics that do not belong to the model, token
                 ids outside its vocabulary.
         """
-        layers, stats_f, stats_r = probe_forget_and_retain(
-            model,
-            config,
-            forget,
-            retain,
-            tokenizer,
-            site="key",
-            spec=spec,
-            show_progress=show_progress,
-            label="Selective Pruning",
+        return fit_neuron_method(
+            cls, model, config, forget, retain, tokenizer, site="key", spec=spec, show_progress=show_progress
         )
+
+    @classmethod
+    def from_statistics(cls, config, layers, stats_f, stats_r, ratio, extra_state=None):
+        """Select the top ``ratio`` of the key neurons of ``layers`` by importance from forget/retain statistics;
+        ``extra_state`` (the ``ratio="auto"`` curve) is stored with the selection."""
         scores = {i: stats_f.layers[i].abs_mean / (stats_r.layers[i].abs_mean + config.eps) for i in layers}
-        layer_index, neuron_index, score = select_global(scores, config.ratio)
-        return cls(config, {"layer_index": layer_index, "neuron_index": neuron_index, "score": score.float()})
+        layer_index, neuron_index, score = select_global(scores, ratio)
+        state = {"layer_index": layer_index, "neuron_index": neuron_index, "score": score.float()}
+        return cls(config, {**state, **(extra_state or {})})
 
     @classmethod
     def state_spec(cls, config, state):
@@ -56,13 +54,21 @@ class SelectivePruning(UnlearningMethod):
             "layer_index": ((k,), torch.int64),
             "neuron_index": ((k,), torch.int64),
             "score": ((k,), torch.float32),
+            **curve_spec(config, state),
         }
 
     @classmethod
     def validate_state(cls, state, config=None):
         super().validate_state(state, config)
-        if config is not None and state["layer_index"].numel() == 0:
-            raise ValueError("Selective Pruning state selects no neurons.")
+        if config is not None:
+            if state["layer_index"].numel() == 0:
+                raise ValueError("Selective Pruning state selects no neurons.")
+            validate_curve(state, config)
+
+    @property
+    def ratio_curve(self) -> RatioCurve | None:
+        """What ``ratio="auto"`` measured and chose (``None`` for a fixed ratio)."""
+        return RatioCurve.from_state(self.state)
 
     def attach(self, model, hooks: HookRegistrar) -> SelectivePruningAttachment:
         sites = model.ffl_sites

@@ -1,0 +1,321 @@
+"""Fitting the neuron-level methods (Neuron Adjust, Selective Pruning), and ``ratio="auto"``: the ratio that lowers
+held-out forget accuracy most while held-out retain accuracy drops by at most a budget.
+
+**How ``ratio="auto"`` chooses.** ``holdout_fraction`` of the forget examples and of the retain examples (a seeded
+permutation, the same for every run) is kept out of the fit. The rest is probed **once**; for every ratio of the
+grid the neurons are re-selected from those statistics (no probing per ratio), the method is attached to the model
+for a moment, and the held-out examples are scored by teacher-forced next-token accuracy on the tokens the config
+probes (``tokens``: every token after the first, or the completion / prompt part of pairs). A drop is relative to
+the model as it ran before (with the methods already attached): ``(before − after) / before``. The grid is walked
+upwards and the walk stops at the first ratio whose retain drop exceeds ``max_retain_drop`` (the retain drop grows
+with the ratio; this saves the evaluations beyond it). The chosen ratio has the largest forget drop among the
+ratios within the budget (ties: the smaller ratio); when even the smallest is beyond it, the fit fails and nothing
+is attached.
+The fitted method keeps the curve (:class:`RatioCurve`, saved with it). The held-out examples are not fitted on:
+the chosen method is fitted on the remaining ``1 − holdout_fraction``.
+
+Distributed fits (``torch.distributed``) shard the probe as usual; every rank scores all held-out examples, so
+every rank makes the same choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data import DataSpec, _columns_of, _records, _shard_rows, holdout_split, iter_token_batches
+from ..model_inputs import accepts, input_device, position_ids_from_mask
+from ..stats import SiteStatistics
+from .config import AUTO, NeuronSelectionConfig
+from .fitting import probe_forget_and_retain
+
+logger = logging.getLogger(__name__)
+
+#: The ratios ``ratio="auto"`` tries when the config names none.
+DEFAULT_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+
+#: Names of the saved tensors: the curve ``[G, 5]`` (ratio, forget accuracy, retain accuracy, forget drop, retain
+#: drop per grid point), the accuracies before ``[2]`` and the index of the chosen point ``[1]``.
+CURVE, BASE, CHOSEN = "ratio_curve", "ratio_base_accuracy", "ratio_chosen"
+
+
+class RatioSearchError(ValueError):
+    """No ratio of the grid keeps the held-out retain drop within the budget."""
+
+
+@dataclass(frozen=True)
+class RatioCurve:
+    """What ``ratio="auto"`` measured and chose.
+
+    Attributes:
+        ratios: the grid up to where the search stopped. forget_accuracy / retain_accuracy: held-out accuracy with the method at each ratio.
+        base_forget / base_retain: held-out accuracy before. chosen: index of the chosen ratio.
+    """
+
+    ratios: list[float]
+    forget_accuracy: list[float]
+    retain_accuracy: list[float]
+    base_forget: float
+    base_retain: float
+    chosen: int
+
+    @property
+    def forget_drop(self) -> list[float]:
+        return [_drop(self.base_forget, a) for a in self.forget_accuracy]
+
+    @property
+    def retain_drop(self) -> list[float]:
+        return [_drop(self.base_retain, a) for a in self.retain_accuracy]
+
+    @property
+    def ratio(self) -> float:
+        """The chosen ratio."""
+        return self.ratios[self.chosen]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        rows = list(
+            zip(self.ratios, self.forget_accuracy, self.retain_accuracy, self.forget_drop, self.retain_drop)
+        )
+        return {
+            CURVE: torch.tensor(rows, dtype=torch.float64),
+            BASE: torch.tensor([self.base_forget, self.base_retain], dtype=torch.float64),
+            CHOSEN: torch.tensor([self.chosen], dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_state(cls, state) -> RatioCurve | None:
+        if CURVE not in state:
+            return None
+        curve = state[CURVE].tolist()
+        return cls(
+            [r[0] for r in curve],
+            [r[1] for r in curve],
+            [r[2] for r in curve],
+            *state[BASE].tolist(),
+            int(state[CHOSEN][0]),
+        )
+
+    def table(self) -> str:
+        """The curve as a markdown table (the chosen row marked)."""
+        lines = ["| ratio | forget drop | retain drop | |", "|---|---|---|---|"]
+        for i, (r, f, t) in enumerate(zip(self.ratios, self.forget_drop, self.retain_drop)):
+            lines.append(
+                f"| {r:g} | {100 * f:.1f}% | {100 * t:.1f}% | {'chosen' if i == self.chosen else ''} |"
+            )
+        return "\n".join(lines)
+
+
+def _drop(before: float, after: float) -> float:
+    return (before - after) / before if before > 0 else 0.0
+
+
+def curve_spec(config: NeuronSelectionConfig, state) -> dict[str, tuple[tuple, torch.dtype]]:
+    """The saved tensors of a ``ratio="auto"`` fit (none for a fixed ratio)."""
+    if config.ratio != AUTO:
+        return {}
+    g = (
+        state[CURVE].shape[0]
+        if CURVE in state and state[CURVE].dim() == 2
+        else len(config.ratio_grid or DEFAULT_GRID)
+    )
+    return {CURVE: ((g, 5), torch.float64), BASE: ((2,), torch.float64), CHOSEN: ((1,), torch.int64)}
+
+
+def validate_curve(state, config: NeuronSelectionConfig) -> None:
+    """Refuse a saved curve whose ratios are not the start of the config's grid (the search stops at the first
+    ratio beyond the budget) or whose chosen index is out of range."""
+    if config.ratio != AUTO:
+        return
+    grid, ratios = list(config.ratio_grid or DEFAULT_GRID), state[CURVE][:, 0].tolist()
+    if not ratios or ratios != grid[: len(ratios)]:
+        raise ValueError(
+            f"Tensor {CURVE!r} holds ratios {ratios}, not the start of the config's grid {grid}."
+        )
+    if not 0 <= int(state[CHOSEN][0]) < len(ratios):
+        raise ValueError(
+            f"Tensor {CHOSEN!r} names point {int(state[CHOSEN][0])} of a {len(ratios)}-point curve."
+        )
+
+
+# -- fitting ----------------------------------------------------------------------------------------------------
+def fit_neuron_method(
+    cls: Any,
+    model: Any,
+    config: NeuronSelectionConfig,
+    forget: Any,
+    retain: Any,
+    tokenizer: Any,
+    *,
+    site: str,
+    spec: DataSpec,
+    show_progress: bool,
+) -> Any:
+    """Fit ``cls`` (a method with ``from_statistics(config, layers, stats_f, stats_r, ratio, extra_state)``):
+    probe, then select at ``config.ratio``, or search the ratio on held-out examples (module docstring)."""
+    kw = dict(site=site, spec=spec, show_progress=show_progress, label=cls.label)
+    if config.ratio != AUTO:
+        layers, stats_f, stats_r = probe_forget_and_retain(model, config, forget, retain, tokenizer, **kw)
+        return cls.from_statistics(config, layers, stats_f, stats_r, config.ratio)
+    if retain is None:
+        raise ValueError(f"{cls.label} needs retain data (got None).")
+    fit_f, held_f = split_examples(forget, config.holdout_fraction, "forget")
+    fit_r, held_r = split_examples(retain, config.holdout_fraction, "retain")
+    layers, stats_f, stats_r = probe_forget_and_retain(model, config, fit_f, fit_r, tokenizer, **kw)
+
+    def accuracy() -> tuple[float, float]:
+        return tuple(
+            held_out_accuracy(model, held, tokenizer, mode=config.tokens, spec=spec)
+            for held in (held_f, held_r)
+        )
+
+    curve = search_ratio(
+        model,
+        config,
+        lambda r: cls.from_statistics(dataclasses.replace(config, ratio=r), layers, stats_f, stats_r, r),
+        accuracy,
+        label=cls.label,
+    )
+    method = cls.from_statistics(config, layers, stats_f, stats_r, curve.ratio, curve.state())
+    logger.info(
+        "%s: ratio='auto' chose %g (held-out forget drop %.1f%%, retain drop %.1f%%, budget %.1f%%; %d + %d "
+        "held-out examples)",
+        cls.label,
+        curve.ratio,
+        100 * curve.forget_drop[curve.chosen],
+        100 * curve.retain_drop[curve.chosen],
+        100 * config.max_retain_drop,
+        len(held_f),
+        len(held_r),
+    )
+    return method
+
+
+def search_ratio(
+    model: Any,
+    config: NeuronSelectionConfig,
+    build: Callable[[float], Any],
+    accuracy: Callable[[], tuple[float, float]],
+    *,
+    label: str,
+) -> RatioCurve:
+    """Score ``accuracy()`` (held-out forget, retain) before and with ``build(ratio)`` attached for every ratio of
+    the grid, and choose (module docstring).
+
+    Raises:
+        RatioSearchError: no ratio keeps the retain drop within ``config.max_retain_drop``.
+    """
+    grid = list(config.ratio_grid or DEFAULT_GRID)
+    base_f, base_r = accuracy()
+    if base_r <= 0:
+        raise RatioSearchError(
+            f"{label}: the model predicts none of the held-out retain tokens (accuracy 0), so a retain drop cannot "
+            "be measured; use a fixed ratio or other retain data."
+        )
+    acc_f, acc_r = [], []
+    name = "__ratio_search__"
+    for r in grid:
+        model.add_method(name, build(r))
+        try:
+            f, t = accuracy()
+        finally:
+            model.remove_method(name)
+        acc_f.append(f)
+        acc_r.append(t)
+        logger.info(
+            "%s ratio %g: held-out forget accuracy %.4f (before %.4f), retain %.4f (before %.4f)",
+            label,
+            r,
+            f,
+            base_f,
+            t,
+            base_r,
+        )
+        if _drop(base_r, t) > config.max_retain_drop:
+            break  # the retain drop grows with the ratio: larger ones are beyond the budget too
+    curve = RatioCurve(grid[: len(acc_f)], acc_f, acc_r, base_f, base_r, 0)
+    ok = [i for i, d in enumerate(curve.retain_drop) if d <= config.max_retain_drop]
+    if not ok:
+        raise RatioSearchError(
+            f"{label}: the smallest ratio of the grid, {grid[0]:g}, already lowers held-out retain accuracy by "
+            f"{curve.retain_drop[0]:.3f}, more than max_retain_drop={config.max_retain_drop:g}; raise the budget, "
+            "add smaller ratios to ratio_grid, or set a fixed ratio."
+        )
+    best = max(ok, key=lambda i: (curve.forget_drop[i], -i))
+    if curve.forget_drop[best] <= 0:
+        logger.warning(
+            "%s: no ratio within the retain budget lowers held-out forget accuracy; choosing %g anyway.",
+            label,
+            grid[best],
+        )
+    return dataclasses.replace(curve, chosen=best)
+
+
+# -- held-out data ----------------------------------------------------------------------------------------------
+def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
+    """Split examples (a list of strings/dicts/pairs or a ``datasets.Dataset``) into ``(fit, held-out)`` by a
+    seeded permutation, keeping each part's order; at least one held out and two fitted.
+
+    Raises:
+        ValueError: precomputed statistics, tokenized batches or an iterator (their examples cannot be held
+            out), or too few examples.
+    """
+    if isinstance(data, SiteStatistics):
+        raise ValueError(
+            f"ratio='auto' holds out {role} examples to measure the drops, so it needs examples, not precomputed "
+            "statistics; give the examples or a fixed ratio."
+        )
+    if isinstance(data, str):
+        raise TypeError("Pass a list of strings, not a single string.")
+    is_table = _columns_of(data) is not None
+    if not is_table and not isinstance(data, (list, tuple)):
+        raise ValueError(
+            f"ratio='auto' needs the {role} examples as a list or a datasets.Dataset (got "
+            f"{type(data).__name__}); give a list or a fixed ratio."
+        )
+    if not is_table and data and isinstance(data[0], dict) and torch.is_tensor(data[0].get("input_ids")):
+        raise ValueError(
+            f"ratio='auto' holds out {role} examples, which tokenized batches do not allow; give the texts or a "
+            "fixed ratio."
+        )
+    fit, held = holdout_split(
+        len(data),
+        fraction,
+        f"{{n}} {role} example(s) are too few for ratio='auto' to hold out {{n_held}} and fit on at least 2; give "
+        "more examples or a fixed ratio.",
+    )
+    return _shard_rows(data, fit), _shard_rows(data, held)
+
+
+def held_out_accuracy(model: Any, data: Any, tokenizer: Any, *, mode: str, spec: DataSpec) -> float:
+    """Teacher-forced next-token accuracy of ``model`` on ``data``: the share of the tokens selected by ``mode``
+    (and preceded by a real token) that are the model's top-1 prediction from the position before."""
+    records = sorted(_records(data, spec, mode), key=lambda r: -len(r[0]) - len(r[1] or ""))  # less padding
+    rows = [a if b is None else (a, b) for a, b in records]
+    _, batches = iter_token_batches(rows, tokenizer, mode=mode, spec=spec)
+    device = input_device(model)
+    positions = accepts(model, "position_ids")
+    correct = total = 0
+    with torch.no_grad():
+        for batch in batches:
+            kwargs = (
+                {"position_ids": position_ids_from_mask(batch.attention_mask).to(device)} if positions else {}
+            )
+            out = model(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                use_cache=False,
+                **kwargs,
+            )
+            pred = out.logits[:, :-1].argmax(-1).cpu()
+            target = batch.input_ids[:, 1:]
+            counted = batch.select[:, 1:] & batch.attention_mask[:, :-1].bool()
+            correct += int(((pred == target) & counted).sum())
+            total += int(counted.sum())
+    if total == 0:
+        raise ValueError(f"The held-out examples hold no scorable tokens (token mode {mode!r}).")
+    return correct / total
