@@ -12,6 +12,7 @@ from tiny_models import tiny_llama
 
 from unlearn_hf import UnlearnedModelForCausalLM, __version__
 from unlearn_hf.cli.main import main
+from unlearn_hf.methods.ratio_search import DEFAULT_GRID
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +201,10 @@ def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2, capsys):
     printed = capsys.readouterr().out  # --quiet still prints the results
     report = json.loads((out_dir / "results.json").read_text())
     assert report["models"] == ["base", "Neuron Adjust", "Key Space Detection"]
+    # the demo's default --ratio auto: Neuron Adjust's ratio was chosen on held-out examples, within the budget
+    chosen = report["metadata"]["ratio_chosen"]["Neuron Adjust"]
+    assert report["metadata"]["ratio"] == "auto" and chosen["ratio"] in DEFAULT_GRID
+    assert chosen["held_out_retain_drop"] <= chosen["max_retain_drop"] == 0.05
     assert (out_dir / "results.md").read_text().strip() in printed
     assert report["skills"] == ["gsm8k", "mbpp", "mmlu"]
     for label, drops in report["relative_drop"].items():

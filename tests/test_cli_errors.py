@@ -107,6 +107,8 @@ EVAL = ["evaluate", "--model", "{tiny}", "--skills", "gsm8k", "--data-dir", "{da
 BAD_INPUTS = [
     ([*FIT, "--ratio", "2"], "--ratio: must be in (0, 1]"),
     ([*FIT, "--ratio", "0"], "--ratio: must be in (0, 1]"),
+    ([*FIT, "--ratio", "most"], "--ratio: expected a number, got 'most'"),
+    ([*FIT, "--max-retain-drop", "1"], "max_retain_drop must be in (0, 1)"),
     ([*FIT, "--alpha", "-1"], "--alpha: must be in (0, inf]"),
     ([*FIT, "--alpha", "nan"], "--alpha: must be finite"),
     ([*FIT, "--batch-size", "0"], "--batch-size: must be in [1, inf]"),
@@ -277,8 +279,9 @@ def test_cli_generate_on_an_unlearned_folder_abstains(folders, smol_tokenizer, t
     unlearned = UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_pretrained(folders["tiny"]))
     question = "What is 2 + 3?"
     template = "Question: {prompt}\nAnswer:"
+    # the fitted keys lie on the α = 1 boundary: a margin, so a CPU whose kernels round differently still abstains
     unlearned.fit(
-        KeySpaceDetectionConfig(inputs="prompts", alpha=1.0, layers=[1], refusal="No."),
+        KeySpaceDetectionConfig(inputs="prompts", alpha=1.5, layers=[1], refusal="No."),
         [template.replace("{prompt}", q) for q in (question, "Compute 7 * 8.")],
         tokenizer=smol_tokenizer,
         show_progress=False,

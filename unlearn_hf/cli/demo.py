@@ -60,7 +60,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     scores = {"base": evaluate_skills(model, tok, skills, n_eval, **eval_kw)}
     formats = ("qa", "chat")  # abstention is measured as the QA template and as the chat template send it
     abstention = {"base": {fmt: {s.name: 0.0 for s in skills} for fmt in formats}}
-    timings, fitted = {}, {}
+    timings, fitted, chosen = {}, {}, {}
     for m in methods:
         label = labels[m]
         _say(quiet, f"fitting {label} ...")
@@ -74,11 +74,21 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             retain,
             n_probe=args.n_probe,
             ratio=args.ratio,
+            max_retain_drop=args.max_retain_drop,
             alpha=args.alpha,
             batch_size=args.batch_size,
             show_progress=not quiet,
         )[m]
         timings[f"fit_{m}_s"] = round(time.perf_counter() - t0, 1)
+        curve = getattr(fitted[m], "ratio_curve", None)
+        if curve is not None:
+            chosen[label] = {
+                "ratio": curve.ratio,
+                "held_out_forget_drop": round(curve.forget_drop[curve.chosen], 4),
+                "held_out_retain_drop": round(curve.retain_drop[curve.chosen], 4),
+                "max_retain_drop": fitted[m].config.max_retain_drop,
+            }
+            _say(quiet, f"{label}: ratio 'auto' chose {curve.ratio:g}\n{curve.table()}")
         _say(quiet, f"evaluating {label} ...")
         scores[label] = evaluate_skills(unlearned, tok, skills, n_eval, **eval_kw)
         abstention[label] = {
@@ -96,6 +106,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "n_probe": args.n_probe,
         "n_eval": n_eval,
         "ratio": args.ratio,
+        "ratio_chosen": chosen,
         "alpha": args.alpha,
         "methods": methods,
         "metric": "teacher-forced answer-token accuracy (MMLU: 5-shot multiple-choice accuracy); abstained = 0",

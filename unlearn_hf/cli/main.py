@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
 
 from ..evaluation.data_files import DataFileError
 from ..persistence.atomic import AtomicSaveError
 from ..persistence.format import UnlearnFormatError
 from ..version import __version__
+from .arguments import POSITIVE_INT, Parser, number, output_file, output_folder, ratio_or_auto
 from .common import UserError, load_model, load_skills, setup_logging, split_names
 from .recipes import method_names
 
@@ -25,41 +24,6 @@ logger = logging.getLogger("unlearn_hf.cli")
 
 DEFAULT_DATA = "../shared/data"
 
-
-class _Parser(argparse.ArgumentParser):
-    """Argument errors in one line (``unlearn-hf fit: error: ...``), exit code 2, as every other user error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _number(
-    kind: type, low: float | None = None, high: float | None = None, *, open_low: bool = False
-) -> Any:
-    """An argparse type: a ``kind`` number within ``[low, high]`` (``(low, high]`` with ``open_low``), finite."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-            ) from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        too_low = low is not None and (value <= low if open_low else value < low)
-        if too_low or (high is not None and value > high):
-            lo = "-inf" if low is None else low
-            hi = "inf" if high is None else high
-            raise argparse.ArgumentTypeError(
-                f"must be in {'(' if open_low else '['}{lo}, {hi}], got {text!r}"
-            )
-        return value
-
-    return parse
-
-
-POSITIVE_INT = _number(int, 1)
 
 #: Failures caused by the command line or its inputs: one line on stderr, exit code 2. Anything else is a bug or
 #: an environment failure: traceback, exit code 1.
@@ -76,29 +40,6 @@ USER_ERRORS = (
 )
 
 
-def _output_folder(path: str) -> Path:
-    """``--output`` of ``fit``/``demo``: a folder (new or existing), not a file."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {path!r} exists and is not a folder.")
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--output {path!r}: {parent} is not a folder.")
-            break
-    return out
-
-
-def _output_file(path: str | None) -> Path | None:
-    """``--output`` of ``evaluate``: a JSON file to write, not a folder."""
-    if path is None:
-        return None
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise UserError(f"--output {path!r} is a folder; give a file name (e.g. results.json).")
-    return out
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and results; no progress bars")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -113,13 +54,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="unlearn-hf",
         description="Training-free skill unlearning for Hugging Face causal LMs "
         "(Neuron Adjust, Key Space Detection, Selective Pruning).",
     )
     parser.add_argument("--version", action="version", version=f"unlearn-hf {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     fit = sub.add_parser("fit", help="fit unlearning methods and save the unlearned model folder")
     fit.add_argument("--model", default="smollm2", help="'smollm2', a model folder or a Hub id")
@@ -137,9 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--n-probe", type=POSITIVE_INT, default=200, help="probe examples per skill")
     fit.add_argument(
         "--ratio",
-        type=_number(float, 0, 1, open_low=True),
-        default=0.03,
-        help="fraction of neurons for na/sp",
+        type=ratio_or_auto,
+        default="auto",
+        help="fraction of neurons for na/sp, or 'auto': the largest forget drop within --max-retain-drop on "
+        "held-out examples (default auto)",
+    )
+    fit.add_argument(
+        "--max-retain-drop",
+        type=number(float, 0, 1, open_low=True),
+        default=None,
+        help="na/sp with --ratio auto: largest relative drop of held-out retain accuracy (0.05)",
     )
     fit.add_argument(
         "--layers",
@@ -148,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--alpha",
-        type=_number(float, 0, open_low=True),
+        type=number(float, 0, open_low=True),
         default=None,
         help="ksd hypercube multiplier (default: calibrated on the retain skills)",
     )
@@ -161,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--max-false-rate",
-        type=_number(float, 0, 1),
+        type=number(float, 0, 1),
         default=None,
         help="ksd: false-abstention budget of calibration (0.02)",
     )
     fit.add_argument("--refusal", default="I can't help with that.", help="ksd refusal text")
-    fit.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
+    fit.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0)
     fit.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     fit.add_argument("--output", required=True, help="folder to save the unlearned model to")
     fit.add_argument("--save-base-model", action="store_true", help="also copy the base model's weights")
@@ -218,10 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-eval-mmlu", type=POSITIVE_INT, default=40, help="MMLU items (5-shot prompts are long)"
     )
     demo.add_argument(
-        "--ratio", type=_number(float, 0, 1, open_low=True), default=0.03, help="neuron ratio for NA and SP"
+        "--ratio",
+        type=ratio_or_auto,
+        default="auto",
+        help="neuron ratio for NA and SP, or 'auto' (default): chosen on held-out examples",
     )
     demo.add_argument(
-        "--alpha", type=_number(float, 0, open_low=True), default=None, help="KSD alpha (default: calibrated)"
+        "--max-retain-drop",
+        type=number(float, 0, 1, open_low=True),
+        default=None,
+        help="with --ratio auto: largest relative drop of held-out retain accuracy (0.05)",
+    )
+    demo.add_argument(
+        "--alpha", type=number(float, 0, open_low=True), default=None, help="KSD alpha (default: calibrated)"
     )
     demo.add_argument(
         "--methods", default=",".join(names), help=f"comma-separated subset of {','.join(names)}"
@@ -255,7 +212,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from ..wrapper import UnlearnedModelForCausalLM
     from .recipes import fit_methods
 
-    out = _output_folder(args.output)
+    out = output_folder(args.output)
     try:
         layers = [int(x) for x in split_names(args.layers)] if args.layers not in (None, "auto") else None
     except ValueError:
@@ -283,6 +240,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             retain,
             n_probe=args.n_probe,
             ratio=args.ratio,
+            max_retain_drop=args.max_retain_drop,
             alpha=args.alpha,
             layers=layers,
             refusal=args.refusal,
@@ -304,7 +262,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.prompts import PROMPT_FORMATS
     from ..evaluation.runner import evaluate_skills
 
-    output = _output_file(args.output)
+    output = output_file(args.output)
     formats = split_names(args.formats)
     bad = [f for f in formats if f not in PROMPT_FORMATS]
     if bad or not formats:
@@ -372,7 +330,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    _output_folder(args.output)
+    output_folder(args.output)
     report = run_demo(args)
     print(json.dumps({"results": str(Path(args.output) / "results.json")}))
     return 0 if report else 1

@@ -1,0 +1,73 @@
+"""Command-line values: the parser whose errors are one line, argparse types that check ranges, and the output
+paths of ``fit``/``demo`` (a folder) and ``evaluate`` (a file)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .common import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument errors in one line (``unlearn-hf fit: error: ...``), exit code 2, as every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, *, open_low: bool = False) -> Any:
+    """An argparse type: a ``kind`` number within ``[low, high]`` (``(low, high]`` with ``open_low``), finite."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        too_low = low is not None and (value <= low if open_low else value < low)
+        if too_low or (high is not None and value > high):
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if open_low else '['}{lo}, {hi}], got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def ratio_or_auto(text: str) -> Any:
+    """An argparse type: ``auto`` or a fraction in (0, 1]."""
+    return "auto" if text == "auto" else number(float, 0, 1, open_low=True)(text)
+
+
+POSITIVE_INT = number(int, 1)
+
+
+def output_folder(path: str) -> Path:
+    """``--output`` of ``fit``/``demo``: a folder (new or existing), not a file."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {path!r} exists and is not a folder.")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--output {path!r}: {parent} is not a folder.")
+            break
+    return out
+
+
+def output_file(path: str | None) -> Path | None:
+    """``--output`` of ``evaluate``: a JSON file to write, not a folder."""
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise UserError(f"--output {path!r} is a folder; give a file name (e.g. results.json).")
+    return out
