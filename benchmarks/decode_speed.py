@@ -6,7 +6,7 @@ Both methods are fitted on all layers (forget: GSM8K train question + answer tex
 ``--prompt-len`` tokens of GSM8K test text (decode tokens/s after the prefill; end-to-end in the ``e2e``
 column), and one forward over ``--forward-len`` tokens. Bare and unlearned runs are interleaved, the order
 reversing each repeat (see ``benchmarks/common.py``); the ratio is the median of the per-repeat ratios.
-Targets for Neuron Adjust at ratio 0.03: decode ≥ 0.95 of the bare model, forward ≥ 0.97 (the paper's public
+Targets for Neuron Adjust at ratio 0.03: decode ≥ 0.97 of the bare model, forward ≥ 0.98 (the paper's public
 code: 0.78). Threads: torch's default for the machine (printed), or ``--threads``. On a shared machine the
 wall-clock rates swing with other processes (with 2 threads on 2 busy cores, by 10x); ``--threads 1`` and the
 ``cpu`` column (rates per second of this process's CPU time) are far steadier.
@@ -47,7 +47,7 @@ from unlearn_hf import (  # noqa: E402
 from unlearn_hf.evaluation.skills import get_skill  # noqa: E402
 from unlearn_hf.models import load_smollm2  # noqa: E402
 
-TARGETS = {"generate": 0.95, "forward": 0.97}
+TARGETS = {"generate": 0.97, "forward": 0.98}  # issue 13
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ from tiny_models import tiny_llama, tiny_tokenizer
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from unlearn_hf import NeuronAdjustConfig, UnlearnedModelForCausalLM
+from unlearn_hf.context import current_context
 from unlearn_hf.methods.neuron_adjust import layer as layer_module
+from unlearn_hf.methods.neuron_adjust import sampling
 
 WIDTHS = [64, 48]  # rows * 64 > 4096 >= rows * 48 for 65..85 rows: the two layers' own choices disagree
 
@@ -80,3 +82,35 @@ def test_scores_do_not_depend_on_the_batch_in_deterministic_mode(deterministic):
     with torch.no_grad(), u.disable_unlearning():
         assert not torch.allclose(u(**alone).logits[0], one)  # the method acts on this text
     assert torch.allclose(one, many, atol=1e-5) == deterministic
+
+
+def test_draws_hold_one_layer_in_a_large_forward_and_drop_the_prefill_when_decoding(monkeypatch):
+    """A forward above GROUP_DRAW_MAX_NUMEL draws layer by layer into one buffer of the largest layer's size; the
+    decoding steps after it hold only their own small block, not the prefill's buffer."""
+    model = tiny_llama(layers=4)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    tok = tiny_tokenizer()
+    texts = ["the quick brown fox " * 3, "jumps over the lazy dog " * 3]
+    unlearned.fit(NeuronAdjustConfig(ratio=0.2), texts, ["0123456789 " * 4] * 2, tok, show_progress=False)
+    attachment = unlearned.attachments["neuron_adjust"]
+    counts = [adj.num_neurons for _, adj in sorted(attachment.layers.items())]
+    prompt = tok(["a b c d e f g h i j k l"] * 3, return_tensors="pt")
+    rows = prompt.input_ids.numel()
+    # the prefill is large, the decoding steps small
+    monkeypatch.setattr(sampling, "GROUP_DRAW_MAX_NUMEL", rows * sum(counts) - 1)
+    monkeypatch.setattr(layer_module, "FULL_WIDTH_MAX_NUMEL", 0)
+    held = []  # (rows of the call, values held by the draws) at the last adjusted layer of every forward
+
+    def record(module, args, output):
+        draws = current_context().request.data["neuron_adjust"]
+        held.append((output.shape[:-1].numel(), sum(b[0].numel() for b in draws.buffers.values())))
+
+    last = max(attachment.layers)
+    handle = model.model.layers[last].mlp.gate_proj.register_forward_hook(record)
+    try:
+        unlearned.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    assert held[0] == (rows, rows * max(counts))  # one layer's worth, not rows * sum(counts)
+    assert max(counts) < sum(counts)
+    assert held[1:] == [(3, 3 * sum(counts))] * 2  # each step's block; the prefill's is gone

@@ -16,6 +16,7 @@ from tiny_models import hook_count, tiny_llama
 from unlearn_hf import NeuronAdjustConfig, SelectivePruningConfig, UnlearnedModelForCausalLM, probe
 from unlearn_hf.methods import NeuronAdjust
 from unlearn_hf.methods.neuron_adjust import layer as layer_module
+from unlearn_hf.methods.neuron_adjust import sampling
 from unlearn_hf.methods.neuron_adjust.layer import (
     NeuronAdjustLayer,
     thresholds_from_uniforms,
@@ -201,6 +202,7 @@ def run_real_path(layer, x, path, thresholds=None, draws=None) -> torch.Tensor:
         assert uses_full_width(output) == (path == "full_width")
         given = output.clone()
         if draws is not None:
+            draws[0].start(object(), given, group)
             draws[0].draw(given, group, layer.dtype, lambda: draws[1])
             ts = draws[0].views[0]
             assert ts.shape == (*output.shape[:-1], width if path == "full_width" else k)
@@ -589,10 +591,16 @@ def stats_of(na, layer):
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
-@pytest.mark.parametrize("path", ["gather", "full_width"])
+@pytest.mark.parametrize(
+    ("path", "draw"), [("gather", "block"), ("gather", "per_layer"), ("full_width", "block")]
+)
 @pytest.mark.parametrize("rows", [(4, 12), (1, 2)], ids=["4x12", "1x2"])
-def test_only_selected_pre_activation_columns_change(deterministic, path, rows, monkeypatch):
+def test_only_selected_pre_activation_columns_change(deterministic, path, draw, rows, monkeypatch):
+    """Only the selected columns change, each as the numpy rule says given the draws Neuron Adjust makes: one block
+    per forward (the layers' columns side by side in layer order) for a small forward, one draw per layer from the
+    same generator, in layer order, for a large one."""
     monkeypatch.setattr(layer_module, "FULL_WIDTH_MAX_NUMEL", 0 if path == "gather" else 10**9)
+    monkeypatch.setattr(sampling, "GROUP_DRAW_MAX_NUMEL", 0 if draw == "per_layer" else 10**9)
     model = tiny_llama(layers=3)
     weights = {k: v.clone() for k, v in model.named_parameters()}
     gates = [f"model.layers.{i}.mlp.gate_proj" for i in range(3)]
@@ -611,7 +619,11 @@ def test_only_selected_pre_activation_columns_change(deterministic, path, rows, 
     offsets = dict(zip(layers, np.cumsum([0, *widths[:-1]]).tolist()))
     assert attachment.thresholds_layout() == {i: (offsets[i], w) for i, w in zip(layers, widths)}
     lead = before.values[gates[0]][0].shape[:-1]
-    block = torch.rand((*lead, sum(widths)), generator=torch.Generator().manual_seed(4)).double().numpy()
+    gen = torch.Generator().manual_seed(4)
+    if draw == "block":
+        block = torch.rand((*lead, sum(widths)), generator=gen).double().numpy()
+    else:
+        block = np.concatenate([torch.rand((*lead, w), generator=gen).double().numpy() for w in widths], -1)
     n_replaced = 0
     for i, name in enumerate(gates):
         x, y = before.values[name][0], after.values[name][0]
@@ -807,8 +819,9 @@ def test_fitted_state_is_tensors_and_plain_config():
     k = selection_size(0.1, 2 * 64)
     assert all(v.shape == (k,) for v in na.state.values())
     assert na.config.to_dict() == {
-        "method_type": "neuron_adjust", "ratio": 0.1, "score": "mean_diff", "tokens": "all", "eps": 1e-5,
-        "layers": None, "seed": 3, "deterministic": False,
+        "method_type": "neuron_adjust", "ratio": 0.1, "tokens": "all", "layers": None, "max_retain_drop": 0.05,
+        "holdout_fraction": 0.2, "ratio_grid": None, "score": "mean_diff", "eps": 1e-5, "seed": 3,
+        "deterministic": False,
     }  # fmt: skip
     # scores are non-increasing, and the state alone rebuilds an identical method
     assert (na.state["score"][:-1] >= na.state["score"][1:]).all()

@@ -17,8 +17,8 @@ from .sampling import Draws, LayerGroup
 class NeuronAdjustAttachment(Attachment):
     """The per-layer transforms (:attr:`layers`, ``{layer: NeuronAdjustLayer}``) of one model and their hooks.
 
-    The layers of each device share one block of thresholds per forward (:class:`~.sampling.LayerGroup`); in
-    deterministic mode nothing is drawn.
+    The layers of each device share one generator (:class:`~.sampling.LayerGroup`) and, in small forwards, one
+    block of thresholds (:class:`~.sampling.Draws`); in deterministic mode nothing is drawn.
     """
 
     def __init__(
@@ -56,7 +56,11 @@ class NeuronAdjustAttachment(Attachment):
             if draws is None:
                 draws = ctx.request.data[name] = Draws()
             if draws.forward is not ctx or output.shape[:-1] != draws.lead:  # a new forward (or shape)
-                draws.forward, draws.lead, draws.views = ctx, output.shape[:-1], {}
+                draws.start(ctx, output, group)
+            if draws.per_layer:
+                return adj(
+                    output, draws.draw_layer(output, group, adj.num_neurons, adj.dtype, seed), full=False
+                )
             thresholds = draws.views.get(layer)
             if thresholds is None:  # first layer of this forward on this device
                 draws.draw(output, group, adj.dtype, seed)
@@ -66,8 +70,9 @@ class NeuronAdjustAttachment(Attachment):
         return hook
 
     def thresholds_layout(self) -> dict[int, tuple[int, int]]:
-        """Where each layer's columns sit in a forward's block of thresholds: ``{layer: (offset, width)}``
-        (single-device models; layers in increasing order, each layer's neurons in state order)."""
+        """Where each layer's columns sit in a small forward's block of thresholds: ``{layer: (offset, width)}``
+        (single-device models; layers in increasing order, each layer's neurons in state order). A large forward
+        draws the same columns layer by layer, in this order."""
         out, offset = {}, 0
         for layer, adj in sorted(self.layers.items()):
             out[layer] = (offset, adj.num_neurons)

@@ -1,5 +1,6 @@
-"""Neuron Adjust's random draws: per request, a generator per device, and per forward one block of thresholds
-for all the layers of a device (see :class:`~unlearn_hf.methods.neuron_adjust.NeuronAdjust`)."""
+"""Neuron Adjust's random draws: per request, a generator per device; per forward, the thresholds of each layer,
+drawn for all the layers of a device in one block when the forward is small (decoding) and layer by layer when it
+is large (prefill), so memory stays O(one layer) (see :class:`~unlearn_hf.methods.neuron_adjust.NeuronAdjust`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,23 @@ import torch
 from ...context import ForwardContext
 from .layer import NeuronAdjustLayer, thresholds_from_uniforms, uses_full_width
 
+#: A forward whose thresholds for all the layers of a device hold at most this many values draws them in one block
+#: (a decoding step: fewer small operations per layer); a larger one draws each layer's at its hook, into one
+#: scratch buffer reused by every layer (a prefill of 8 x 2048 tokens at ratio 0.03 on Llama-3-8B would otherwise
+#: hold 860 MiB for the whole forward). The choice depends only on the shape, so the same input gives the same output.
+GROUP_DRAW_MAX_NUMEL = 1 << 16
+
 
 class LayerGroup:
-    """The layers of one device, which share one block of thresholds per forward: each layer's selected
-    neurons side by side (layers in increasing order, state order within a layer), and where they go in the
-    full-width layout (the layers' widths side by side)."""
+    """The layers of one device, which share one generator: each layer's selected neurons side by side (layers in
+    increasing order, state order within a layer), and where they go in the full-width layout (the layers' widths
+    side by side)."""
 
     def __init__(self, layers: dict[int, NeuronAdjustLayer]) -> None:
         self.layers = sorted(layers)
         self.counts = [layers[i].num_neurons for i in self.layers]
         self.widths = [layers[i].width for i in self.layers]
+        self.total = sum(self.counts)
         offsets = torch.tensor([0, *self.widths[:-1]]).cumsum(0).tolist()
         self._positions_cpu = torch.cat([layers[i]._neurons_cpu + o for i, o in zip(self.layers, offsets)])
         self._positions: dict[torch.device, torch.Tensor] = {}
@@ -30,14 +38,18 @@ class LayerGroup:
 
 class Draws:
     """The random state of one attachment within one request: a generator per device (seeded at the request's
-    first draw there), and the thresholds of the current forward, one view per layer.
+    first draw there) and the thresholds of the current forward.
 
-    The thresholds live in buffers kept for the request, one per group and leading shape: each forward of a
-    decoding loop refills them in place (``torch.rand(out=...)``, then ``logit_``, ``clamp_min_`` and, for the
-    full-width layout, one ``index_copy_`` into zeros that stay zeros), so the per-layer views are made once.
+    Small forwards (at most :data:`GROUP_DRAW_MAX_NUMEL` thresholds per device) draw ``u = torch.rand((*lead, K))``
+    for the K selected neurons of all the layers of the device at the first of them, and keep one view per layer;
+    larger ones draw ``u = torch.rand((*lead, K_layer))`` at each layer, in layer order, into a scratch buffer of
+    the largest layer's size. Buffers are kept for the request while the leading shape stays the same (each step
+    of a decoding loop refills them in place: ``torch.rand(out=...)``, ``logit_``, ``clamp_min_`` and, for the
+    full-width layout, one ``index_copy_`` into zeros that stay zeros) and dropped when it changes, so a prefill's
+    buffer is not held while decoding.
     """
 
-    __slots__ = ("generators", "forward", "lead", "views", "buffers", "full")
+    __slots__ = ("generators", "forward", "lead", "views", "buffers", "full", "per_layer")
 
     def __init__(self) -> None:
         self.generators: dict[torch.device, torch.Generator] = {}
@@ -46,23 +58,36 @@ class Draws:
         self.views: dict[int, torch.Tensor] = {}
         self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]] = {}
         self.full = False
+        self.per_layer = False
 
-    def draw(self, output: torch.Tensor, group: LayerGroup, dtype: torch.dtype, seed) -> None:
-        """Draw ``u = torch.rand((*output.shape[:-1], K))`` for the K selected neurons of ``group`` on
-        ``output``'s device and store ``max(0, logit(u))`` per layer, in the layout of the layers' path
-        (full-width views with zeros at unselected columns for small calls, see ``uses_full_width``)."""
-        device = output.device
+    def start(self, ctx: ForwardContext, output: torch.Tensor, group: LayerGroup) -> None:
+        """A new forward (or a new leading shape within one): forget the views, drop buffers of other shapes and
+        choose how this forward draws."""
+        lead = output.shape[:-1]
+        if lead != self.lead:
+            self.buffers = {}
+        self.forward, self.lead, self.views = ctx, lead, {}
+        self.full = None not in group.widths and uses_full_width(output, group.widths)
+        self.per_layer = not self.full and lead.numel() * group.total > GROUP_DRAW_MAX_NUMEL
+
+    def _generator(self, device: torch.device, seed) -> torch.Generator:
         gen = self.generators.get(device)
         if gen is None:
             gen = self.generators[device] = torch.Generator(device=device)
             gen.manual_seed(seed())
-        lead = output.shape[:-1]
-        full = self.full = None not in group.widths and uses_full_width(output, group.widths)
-        key = (id(group), lead, device, dtype, full)
+        return gen
+
+    def draw(self, output: torch.Tensor, group: LayerGroup, dtype: torch.dtype, seed) -> None:
+        """Draw the thresholds ``max(0, logit(u))`` of every layer of ``group`` for ``output``'s leading shape in
+        one block and store one view per layer, in the layout of the layers' path (full-width views with zeros at
+        unselected columns for small calls, see ``uses_full_width``)."""
+        device, lead = output.device, output.shape[:-1]
+        gen = self._generator(device, seed)
+        key = (id(group), device, dtype, self.full)
         cached = self.buffers.get(key)
         if cached is None:
-            thresholds = torch.empty((*lead, sum(group.counts)), dtype=dtype, device=device)
-            if full:
+            thresholds = torch.empty((*lead, group.total), dtype=dtype, device=device)
+            if self.full:
                 wide = torch.zeros((*lead, sum(group.widths)), dtype=dtype, device=device)
                 views = dict(zip(group.layers, wide.split(group.widths, -1)))
             else:
@@ -73,3 +98,16 @@ class Draws:
         if wide is not None:
             wide.index_copy_(-1, group.positions(device), thresholds)
         self.views.update(views)
+
+    def draw_layer(self, output: torch.Tensor, group: LayerGroup, count: int, dtype: torch.dtype, seed):
+        """Draw the ``count`` thresholds of one layer for ``output``'s leading shape (the gather layout) into the
+        group's scratch buffer and return them (valid until the next layer's draw)."""
+        device, lead = output.device, output.shape[:-1]
+        gen = self._generator(device, seed)
+        key = (id(group), device, dtype, "layer")
+        cached = self.buffers.get(key)
+        if cached is None:
+            scratch = torch.empty((*lead, max(group.counts)), dtype=dtype, device=device)
+            cached = self.buffers[key] = (scratch, None, {})
+        out = cached[0][..., :count]
+        return thresholds_from_uniforms(torch.rand(out.shape, generator=gen, out=out))
