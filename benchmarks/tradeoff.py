@@ -7,7 +7,9 @@ teacher-forced answer-token accuracy on held-out items (GSM8K test, MBPP test ta
 bare model measured in the same run: ``(base - method) / base``.
 
 Variants: NA probing every token (the default) or only the answer tokens (``tokens="completion"``), each ranking
-``score``, random (default) or ``deterministic`` replacement; SP on every token and on answer tokens.
+``score``, random (default) or ``deterministic`` replacement, a third of the layers (``layers``: the ratio is then
+of those layers' neurons; their statistics are the all-layer probe's, restricted); SP on every token and on answer
+tokens.
 
 Run: ``python -m benchmarks.tradeoff [--n-probe 200] [--n-eval 50] [--ratios ...] [--json tradeoff.json]
 [--plot tradeoff.png]``. Prints a markdown table per variant.
@@ -29,6 +31,7 @@ from unlearn_hf.evaluation import get_skill
 from unlearn_hf.evaluation.runner import evaluate_skill
 from unlearn_hf.methods.fitting import probe_forget_and_retain
 from unlearn_hf.models import load_smollm2
+from unlearn_hf.stats import SiteStatistics
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RATIOS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3)
@@ -40,6 +43,10 @@ VARIANTS = {
     "NA deterministic": (NeuronAdjustConfig, {"deterministic": True}, "pre", "all"),
     "NA abs_mean_diff": (NeuronAdjustConfig, {"score": "abs_mean_diff"}, "pre", "all"),
     "NA standardized": (NeuronAdjustConfig, {"score": "standardized"}, "pre", "all"),
+    # layer ranges of SmolLM2's 30 layers: the first, middle and last third
+    "NA layers 0-9": (NeuronAdjustConfig, {"layers": list(range(0, 10))}, "pre", "all"),
+    "NA layers 10-19": (NeuronAdjustConfig, {"layers": list(range(10, 20))}, "pre", "all"),
+    "NA layers 20-29": (NeuronAdjustConfig, {"layers": list(range(20, 30))}, "pre", "all"),
     "SP": (SelectivePruningConfig, {}, "key", "all"),
     "SP answer tokens": (SelectivePruningConfig, {"tokens": "completion"}, "key", "completion"),
 }
@@ -89,13 +96,20 @@ def run(args: argparse.Namespace) -> dict:
                 completion_column="completion" if tokens == "completion" else None,
                 batch_size=8,
             )
-            config = config_cls(**kw)
+            config = config_cls(**{k: v for k, v in kw.items() if k != "layers"})  # all layers, cached
             _, f, r = probe_forget_and_retain(
                 unlearned, config, *data[tokens], tok, site=site, spec=spec, show_progress=False, label=name
             )
             probed[key] = (f, r, spec)
             logging.info("probed %s in %.0f s", key, time.perf_counter() - start)
         f, r, spec = probed[key]
+        if (
+            kw.get("layers") is not None
+        ):  # the same probe, restricted: what probing only those layers computes
+            f, r = (
+                SiteStatistics(st.site, st.mode, {i: st.layers[i] for i in kw["layers"]}, st.architecture_id)
+                for st in (f, r)
+            )
         rows = []
         for ratio in args.ratios:
             config = config_cls(**{**kw, "ratio": ratio})
