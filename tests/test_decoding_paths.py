@@ -28,6 +28,8 @@ from unlearn_hf import (
     SelectivePruningConfig,
     UnlearnedModelForCausalLM,
 )
+from unlearn_hf.methods.neuron_adjust import layer as layer_module
+from unlearn_hf.methods.neuron_adjust import sampling
 
 #: A forget query repeated: prompt lookup finds its tail earlier in the prompt and proposes candidate tokens, so the
 #: first forward of assisted decoding carries the prompt plus candidates.
@@ -373,10 +375,15 @@ def test_pickling_is_refused_with_a_pointer_to_save_pretrained(setup):
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("draw", ["block", "per_layer"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_recomputes_with_the_methods(tok, reentrant):
+def test_gradient_checkpointing_recomputes_with_the_methods(tok, reentrant, draw, monkeypatch):
     """Loss and gradients with activation checkpointing are those without; (stochastic) Neuron Adjust draws the
-    same thresholds again in the recomputation, Key Space Detection decides once."""
+    same thresholds again in the recomputation, whether the forward draws one block or layer by layer (a large
+    forward: the generator state of each layer's draw is replayed), Key Space Detection decides once."""
+    monkeypatch.setattr(sampling, "GROUP_DRAW_MAX_NUMEL", 0 if draw == "per_layer" else 10**9)
+    if draw == "per_layer":  # the full-width path always draws one block
+        monkeypatch.setattr(layer_module, "FULL_WIDTH_MAX_NUMEL", 0)
 
     def loss_and_grads(checkpointing: bool):
         model = tiny_llama(layers=N_LAYERS)

@@ -114,3 +114,48 @@ def test_draws_hold_one_layer_in_a_large_forward_and_drop_the_prefill_when_decod
     assert held[0] == (rows, rows * max(counts))  # one layer's worth, not rows * sum(counts)
     assert max(counts) < sum(counts)
     assert held[1:] == [(3, 3 * sum(counts))] * 2  # each step's block; the prefill's is gone
+
+
+def test_each_device_decides_its_own_draw(monkeypatch):
+    """On a model split over two devices, each device's layers choose block or per-layer draws from their own
+    number of thresholds (the first device's choice used to apply to the second: a device holding many selected
+    neurons drew them all in one block). Two devices are simulated: layer 0 reports ``cpu:0``, the others ``cpu``."""
+    from unlearn_hf.methods.neuron_adjust import method as na_method
+
+    model = tiny_llama(layers=4)
+    first = model.model.layers[0].mlp.gate_proj
+    real = na_method.module_device
+    monkeypatch.setattr(
+        na_method, "module_device", lambda m: torch.device("cpu", 0) if m is first else real(m)
+    )
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    tok = tiny_tokenizer()
+    unlearned.fit(
+        NeuronAdjustConfig(ratio=0.3, seed=2), ["1 + 1 = 2", "3 * 4 = 12"] * 2, ["the cat", "a red fox"] * 2, tok,
+        show_progress=False,
+    )  # fmt: skip
+    attachment = unlearned.attachments["neuron_adjust"]
+    assert {str(adj.device) for adj in attachment.layers.values()} == {"cpu:0", "cpu"}
+    k_first = attachment.layers[0].num_neurons
+    k_rest = sum(adj.num_neurons for i, adj in attachment.layers.items() if i != 0)
+    ids = torch.randint(4, 60, (2, 40), generator=torch.Generator().manual_seed(0))
+    rows = ids.numel()
+    assert k_first < k_rest
+    monkeypatch.setattr(sampling, "GROUP_DRAW_MAX_NUMEL", rows * k_first)  # small for cpu:0, large for cpu
+    monkeypatch.setattr(layer_module, "FULL_WIDTH_MAX_NUMEL", 0)
+    held = set()  # (kind of buffer, values held): a block (False: the gather layout) or a per-layer scratch
+
+    def record(module, args, output):
+        draws = current_context().request.data["neuron_adjust"]
+        held.update((kind, b[0].numel()) for (_, _, _, kind), b in draws.buffers.items())
+
+    last = max(attachment.layers)
+    handle = model.model.layers[last].mlp.gate_proj.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            unlearned(input_ids=ids)
+    finally:
+        handle.remove()
+    widest_rest = max(adj.num_neurons for i, adj in attachment.layers.items() if i != 0)
+    # cpu:0 drew its one layer in a block; cpu drew layer by layer into one layer's scratch (not a block of k_rest)
+    assert held == {(False, rows * k_first), ("layer", rows * widest_rest)}

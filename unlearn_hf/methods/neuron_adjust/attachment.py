@@ -56,16 +56,16 @@ class NeuronAdjustAttachment(Attachment):
             if draws is None:
                 draws = ctx.request.data[name] = Draws()
             if draws.forward is not ctx or output.shape[:-1] != draws.lead:  # a new forward (or shape)
-                draws.start(ctx, output, group)
-            if draws.per_layer:
-                return adj(
-                    output, draws.draw_layer(output, group, adj.num_neurons, adj.dtype, seed), full=False
-                )
+                draws.start(ctx, output)
+            full, per_layer = draws.mode(output, group)
+            if per_layer:
+                thresholds = draws.draw_layer(output, group, layer, adj.num_neurons, adj.dtype, seed)
+                return adj(output, thresholds, full=False)
             thresholds = draws.views.get(layer)
             if thresholds is None:  # first layer of this forward on this device
-                draws.draw(output, group, adj.dtype, seed)
+                draws.draw(output, group, adj.dtype, seed, full)
                 thresholds = draws.views[layer]
-            return adj(output, thresholds, full=draws.full)
+            return adj(output, thresholds, full=full)
 
         return hook
 

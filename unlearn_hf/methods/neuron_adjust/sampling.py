@@ -49,7 +49,7 @@ class Draws:
     buffer is not held while decoding.
     """
 
-    __slots__ = ("generators", "forward", "lead", "views", "buffers", "full", "per_layer")
+    __slots__ = ("generators", "forward", "lead", "views", "buffers", "modes", "layer_states")
 
     def __init__(self) -> None:
         self.generators: dict[torch.device, torch.Generator] = {}
@@ -57,18 +57,27 @@ class Draws:
         self.lead: torch.Size | None = None
         self.views: dict[int, torch.Tensor] = {}
         self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]] = {}
-        self.full = False
-        self.per_layer = False
+        self.modes: dict[int, tuple[bool, bool]] = {}
+        self.layer_states: dict[int, torch.Tensor] = {}
 
-    def start(self, ctx: ForwardContext, output: torch.Tensor, group: LayerGroup) -> None:
-        """A new forward (or a new leading shape within one): forget the views, drop buffers of other shapes and
-        choose how this forward draws."""
+    def start(self, ctx: ForwardContext, output: torch.Tensor) -> None:
+        """A new forward (or a new leading shape within one): forget its views, modes and generator states, and
+        drop buffers of other shapes."""
         lead = output.shape[:-1]
         if lead != self.lead:
             self.buffers = {}
-        self.forward, self.lead, self.views = ctx, lead, {}
-        self.full = None not in group.widths and uses_full_width(output, group.widths)
-        self.per_layer = not self.full and lead.numel() * group.total > GROUP_DRAW_MAX_NUMEL
+        self.forward, self.lead, self.views, self.modes, self.layer_states = ctx, lead, {}, {}, {}
+
+    def mode(self, output: torch.Tensor, group: LayerGroup) -> tuple[bool, bool]:
+        """``(full, per_layer)`` of this forward for ``group``: whether its layers take the full-width path (decided
+        by the widest, see ``uses_full_width``), and whether it draws layer by layer (more than
+        :data:`GROUP_DRAW_MAX_NUMEL` thresholds for the group). Each device's group decides for itself."""
+        mode = self.modes.get(id(group))
+        if mode is None:
+            full = None not in group.widths and uses_full_width(output, group.widths)
+            per_layer = not full and output.shape[:-1].numel() * group.total > GROUP_DRAW_MAX_NUMEL
+            mode = self.modes[id(group)] = (full, per_layer)
+        return mode
 
     def _generator(self, device: torch.device, seed) -> torch.Generator:
         gen = self.generators.get(device)
@@ -77,17 +86,17 @@ class Draws:
             gen.manual_seed(seed())
         return gen
 
-    def draw(self, output: torch.Tensor, group: LayerGroup, dtype: torch.dtype, seed) -> None:
+    def draw(self, output: torch.Tensor, group: LayerGroup, dtype: torch.dtype, seed, full: bool) -> None:
         """Draw the thresholds ``max(0, logit(u))`` of every layer of ``group`` for ``output``'s leading shape in
-        one block and store one view per layer, in the layout of the layers' path (full-width views with zeros at
-        unselected columns for small calls, see ``uses_full_width``)."""
+        one block and store one view per layer, in the layout of the layers' path (``full``: full-width views with
+        zeros at unselected columns, see ``uses_full_width``)."""
         device, lead = output.device, output.shape[:-1]
         gen = self._generator(device, seed)
-        key = (id(group), device, dtype, self.full)
+        key = (id(group), device, dtype, full)
         cached = self.buffers.get(key)
         if cached is None:
             thresholds = torch.empty((*lead, group.total), dtype=dtype, device=device)
-            if self.full:
+            if full:
                 wide = torch.zeros((*lead, sum(group.widths)), dtype=dtype, device=device)
                 views = dict(zip(group.layers, wide.split(group.widths, -1)))
             else:
@@ -99,11 +108,23 @@ class Draws:
             wide.index_copy_(-1, group.positions(device), thresholds)
         self.views.update(views)
 
-    def draw_layer(self, output: torch.Tensor, group: LayerGroup, count: int, dtype: torch.dtype, seed):
-        """Draw the ``count`` thresholds of one layer for ``output``'s leading shape (the gather layout) into the
-        group's scratch buffer and return them (valid until the next layer's draw)."""
+    def draw_layer(
+        self, output: torch.Tensor, group: LayerGroup, layer: int, count: int, dtype: torch.dtype, seed
+    ) -> torch.Tensor:
+        """Draw the ``count`` thresholds of ``layer`` for ``output``'s leading shape (the gather layout) into the
+        group's scratch buffer and return them (valid until the next layer's draw).
+
+        The generator's state before each layer's draw is kept for the forward: when the same layer runs again in
+        it (activation checkpointing recomputes it in the backward pass), the same thresholds are drawn again from
+        that state, as the one-block path reuses its views, and the request's generator does not advance."""
         device, lead = output.device, output.shape[:-1]
-        gen = self._generator(device, seed)
+        state = self.layer_states.get(layer)
+        if state is None:
+            gen = self._generator(device, seed)
+            self.layer_states[layer] = gen.get_state()
+        else:
+            gen = torch.Generator(device=device)
+            gen.set_state(state)
         key = (id(group), device, dtype, "layer")
         cached = self.buffers.get(key)
         if cached is None:
