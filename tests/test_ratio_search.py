@@ -216,3 +216,39 @@ def test_curve_is_saved_loaded_and_validated(setup, tmp_path):
     with pytest.raises(ValueError, match="ratio_chosen"):
         type(method)(config, {**state, "ratio_chosen": torch.tensor([len(GRID)])})
     assert NeuronAdjustConfig(ratio="auto").ratio_grid is None and len(DEFAULT_GRID) >= 5
+
+
+def test_auto_refuses_a_disable_block_and_tokenizer_batches(setup):
+    """Inside ``disable_unlearning()`` the method being measured would be switched off too (every ratio scored no
+    drop and the smallest was chosen); a list of tokenizer outputs (``BatchEncoding``, a ``UserDict``) cannot be
+    held out: both are refused before anything is probed or attached."""
+    model, tok, forget, retain = setup
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    config = SelectivePruningConfig(ratio="auto", ratio_grid=GRID)
+    with unlearned.disable_unlearning(), pytest.raises(ValueError, match="disable_unlearning"):
+        unlearned.fit(config, forget, retain, tok, show_progress=False)
+    batches = [tok(forget[i : i + 2], return_tensors="pt", padding=True) for i in range(0, 10, 2)]
+    assert not isinstance(batches[0], dict)
+    with pytest.raises(ValueError, match="tokenized batches"):
+        unlearned.fit(config, batches, retain, tok, show_progress=False)
+    assert not unlearned.methods
+
+
+def test_a_retain_drop_exactly_at_the_budget_is_within_it(setup, monkeypatch):
+    """19 of 20 retain tokens kept is a drop of exactly 5%, which floats compute as 0.05000000000000004."""
+    from unlearn_hf.methods import ratio_search
+
+    model, tok, forget, retain = setup
+    assert (1.0 - 0.95) / 1.0 > 0.05  # the premise: the float drop lies above the budget
+    scores = iter([(0.5, 1.0), (0.4, 0.95)])  # (forget, retain) accuracy before, then at 0.05
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    monkeypatch.setattr(unlearned, "add_method", lambda name, method: None)
+    monkeypatch.setattr(unlearned, "remove_method", lambda name: None)
+    curve = ratio_search.search_ratio(
+        unlearned,
+        SelectivePruningConfig(ratio="auto", ratio_grid=[0.05], max_retain_drop=0.05),
+        lambda r: None,
+        lambda: next(scores),
+        label="test",
+    )
+    assert curve.ratio == 0.05 and curve.chosen == 0

@@ -71,3 +71,11 @@ def output_file(path: str | None) -> Path | None:
     if out.is_dir():
         raise UserError(f"--output {path!r} is a folder; give a file name (e.g. results.json).")
     return out
+
+
+def FRACTION(text: str) -> float:  # noqa: N802 (an argparse type, named like the other constants here)
+    """An argparse type: a number in the open interval (0, 1) (a budget)."""
+    value = number(float)(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
+    return value

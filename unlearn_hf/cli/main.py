@@ -16,7 +16,7 @@ from ..evaluation.data_files import DataFileError
 from ..persistence.atomic import AtomicSaveError
 from ..persistence.format import UnlearnFormatError
 from ..version import __version__
-from .arguments import POSITIVE_INT, Parser, number, output_file, output_folder, ratio_or_auto
+from .arguments import FRACTION, POSITIVE_INT, Parser, number, output_file, output_folder, ratio_or_auto
 from .common import UserError, load_model, load_skills, setup_logging, split_names
 from .recipes import method_names
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--max-retain-drop",
-        type=number(float, 0, 1, open_low=True),
+        type=FRACTION,
         default=None,
         help="na/sp with --ratio auto: largest relative drop of held-out retain accuracy (0.05)",
     )
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--max-retain-drop",
-        type=number(float, 0, 1, open_low=True),
+        type=FRACTION,
         default=None,
         help="with --ratio auto: largest relative drop of held-out retain accuracy (0.05)",
     )

@@ -28,7 +28,16 @@ from typing import Any
 
 import torch
 
-from ..data import DataSpec, _columns_of, _records, _shard_rows, holdout_split, iter_token_batches
+from ..context import _DISABLED
+from ..data import (
+    DataSpec,
+    _columns_of,
+    _is_tokenized_batch,
+    _records,
+    _shard_rows,
+    holdout_split,
+    iter_token_batches,
+)
 from ..model_inputs import accepts, input_device, position_ids_from_mask
 from ..stats import SiteStatistics
 from .config import AUTO, NeuronSelectionConfig
@@ -42,6 +51,10 @@ DEFAULT_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
 #: Names of the saved tensors: the curve ``[G, 5]`` (ratio, forget accuracy, retain accuracy, forget drop, retain
 #: drop per grid point), the accuracies before ``[2]`` and the index of the chosen point ``[1]``.
 CURVE, BASE, CHOSEN = "ratio_curve", "ratio_base_accuracy", "ratio_chosen"
+
+
+#: Float slack on the retain budget: 19 of 20 tokens kept is a drop of exactly 0.05, which computes as 0.05000000000000004.
+BUDGET_TOLERANCE = 1e-9
 
 
 class RatioSearchError(ValueError):
@@ -209,6 +222,13 @@ def search_ratio(
     Raises:
         RatioSearchError: no ratio keeps the retain drop within ``config.max_retain_drop``.
     """
+    disabled = _DISABLED.get()
+    if disabled is not None and disabled[0] is model and disabled[1] is None:
+        raise ValueError(
+            f"{label}: ratio='auto' cannot be fitted inside disable_unlearning(): the block also switches off the "
+            "method being measured, so every ratio would score no drop. Fit outside the block, or disable only "
+            "named methods (disable_unlearning('name'))."
+        )
     grid = list(config.ratio_grid or DEFAULT_GRID)
     base_f, base_r = accuracy()
     if base_r <= 0:
@@ -235,10 +255,10 @@ def search_ratio(
             t,
             base_r,
         )
-        if _drop(base_r, t) > config.max_retain_drop:
+        if _drop(base_r, t) > config.max_retain_drop + BUDGET_TOLERANCE:
             break  # the retain drop grows with the ratio: larger ones are beyond the budget too
     curve = RatioCurve(grid[: len(acc_f)], acc_f, acc_r, base_f, base_r, 0)
-    ok = [i for i, d in enumerate(curve.retain_drop) if d <= config.max_retain_drop]
+    ok = [i for i, d in enumerate(curve.retain_drop) if d <= config.max_retain_drop + BUDGET_TOLERANCE]
     if not ok:
         raise RatioSearchError(
             f"{label}: the smallest ratio of the grid, {grid[0]:g}, already lowers held-out retain accuracy by "
@@ -277,7 +297,7 @@ def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
             f"ratio='auto' needs the {role} examples as a list or a datasets.Dataset (got "
             f"{type(data).__name__}); give a list or a fixed ratio."
         )
-    if not is_table and data and isinstance(data[0], dict) and torch.is_tensor(data[0].get("input_ids")):
+    if not is_table and data and _is_tokenized_batch(data[0]):
         raise ValueError(
             f"ratio='auto' holds out {role} examples, which tokenized batches do not allow; give the texts or a "
             "fixed ratio."
