@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--forget", type=int, default=200, help="GSM8K train examples (forget set)")
     parser.add_argument("--retain", type=int, default=200, help="MBPP train examples (retain set)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="at most this many examples per forward")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per forward")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--method", choices=["ksd", "na", "sp"], default="ksd")
     parser.add_argument("--ratio", type=float, default=0.03, help="NA / SP: fraction of neurons")
@@ -90,7 +91,12 @@ def main() -> None:
     start = time.perf_counter()
     # The fit probes this rank's shard and all-reduces the statistics (automatic: a process group is there).
     method = unlearned.fit(
-        configs[args.method], *data, tokenizer, batch_size=args.batch_size, max_length=args.max_length
+        configs[args.method],
+        *data,
+        tokenizer,
+        batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        max_length=args.max_length,
     )
     logger.info(
         "Fitted %s on %d process(es) in %.1f s.", method, get_world_size(), time.perf_counter() - start

@@ -155,7 +155,7 @@ def _failure(workdir: Path, rank: int) -> None:
     unlearned = UnlearnedModelForCausalLM.from_base(model)
     results: dict[str, Any] = {}
 
-    # 1. A bad example (not text) in a batch that only rank 1 reads, found during a fit.
+    # 1. A bad example (not text), found during a fit (on every rank: each reads all examples to plan batches).
     bad = list(data["forget"])
     bad[data["bad_index"]] = None
     results["bad_example"] = _record(

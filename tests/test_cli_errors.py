@@ -113,6 +113,7 @@ BAD_INPUTS = [
     ([*FIT, "--alpha", "-1"], "--alpha: must be in (0, inf]"),
     ([*FIT, "--alpha", "nan"], "--alpha: must be finite"),
     ([*FIT, "--batch-size", "0"], "--batch-size: must be in [1, inf]"),
+    ([*FIT, "--max-batch-tokens", "0"], "--max-batch-tokens: must be in [1, inf]"),
     ([*FIT, "--n-probe", "0"], "--n-probe: must be in [1, inf]"),
     ([*FIT, "--n-probe", "many"], "--n-probe: expected an integer"),
     ([*FIT, "--seed", "-1"], "--seed: must be in [0,"),

@@ -43,7 +43,7 @@ def test_prompt_and_completion_masks_are_exact_at_the_boundary(smol_tokenizer, s
     finally:
         tok.padding_side = old_side
     got = [batch.input_ids[r][batch.select[r]].tolist() for r in range(len(PAIRS))]
-    assert got == expected_rows(tok, part)
+    assert sorted(got) == sorted(expected_rows(tok, part))  # rows come longest first, not in reading order
     assert all(got)  # "Q: hi\nA: " + "Paris" used to select no completion token at all
     real = batch.attention_mask.bool()
     assert torch.equal(
@@ -61,7 +61,8 @@ def test_truncated_rows_are_counted_in_one_warning(smol_tokenizer, caplog):
     assert caplog.text.count("rows are longer") == 1
     assert "2 of 3 rows are longer than max_length=8 tokens: only their beginning is read" in caplog.text
     first = tok(texts[1])["input_ids"][:8]
-    assert batches[0].input_ids[1][batches[0].attention_mask[1].bool()].tolist() == first
+    rows = [b.input_ids[r][b.attention_mask[r].bool()].tolist() for b in batches for r in range(len(b.input_ids))]
+    assert first in rows
 
 
 def test_query_mode_keeps_the_end_of_long_prompts(smol_tokenizer, caplog):

@@ -10,6 +10,10 @@ Accepted inputs (the same for the probe and every ``fit``):
 Token modes: ``"all"`` (every real token), ``"prompt"`` / ``"completion"`` (only that part of prompt +
 completion pairs), ``"last"`` (query mode: the last real token of each prompt).
 
+Batches: text is tokenized, truncated and cut into length-sorted batches of at most ``max_batch_tokens``
+padded tokens (and ``batch_size`` rows, when given) by :func:`unlearn_hf.batch_plan.plan_batches`; tokenized
+batches are read as given.
+
 Sharding (data-parallel probing, see :mod:`unlearn_hf.distributed`): with ``shard=(rank, world_size)``,
 :func:`iter_token_batches` yields only this process's share. The data is cut into the same batches as without
 sharding and batch ``i`` goes to rank ``i % world_size``, so every example is probed exactly once, in exactly
@@ -28,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .batch_plan import default_batch_tokens, plan_batches
 from .model_inputs import last_token_mask
 
 logger = logging.getLogger(__name__)
@@ -43,25 +48,38 @@ class DataSpec:
         text_column: column (or dict key) holding the full text, or the prompt in query mode.
         prompt_column / completion_column: columns of prompt + completion pairs; the text is their
             concatenation and the prompt's tokens are known, which the ``"prompt"``/``"completion"`` modes need.
-        batch_size: examples per forward pass.
+        batch_size: at most this many examples per forward pass (``None``: as many as the token budget allows).
         max_length: truncation length in tokens (query mode truncates on the left, keeping the prompt's end).
+        max_batch_tokens: at most this many padded tokens (rows × longest row) per forward pass; ``None``: the
+            default of the model's device (:data:`unlearn_hf.batch_plan.DEFAULT_BATCH_TOKENS`).
     """
 
     text_column: str = "text"
     prompt_column: str | None = None
     completion_column: str | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     max_length: int = 512
+    max_batch_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}.")
+        for name in ("batch_size", "max_length", "max_batch_tokens"):
+            value = getattr(self, name)
+            if value is None and name != "max_length":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         if (self.prompt_column is None) != (
             self.completion_column is None
         ) and self.completion_column is not None:
             raise ValueError("completion_column needs prompt_column as well.")
+
+    def batch_tokens(self, device: torch.device | str | None = None) -> int:
+        """The token budget of one forward on ``device``: ``max_batch_tokens``, or the device's default."""
+        return self.max_batch_tokens or default_batch_tokens(device)
+
+    def plan(self, lengths: Sequence[int], device: torch.device | str | None = None) -> list[list[int]]:
+        """Batches (example indices) of examples of the given token lengths (:func:`plan_batches`)."""
+        return plan_batches(lengths, max_batch_tokens=self.batch_tokens(device), batch_size=self.batch_size)
 
 
 @dataclass
@@ -84,13 +102,8 @@ def _columns_of(data: Any) -> list[str] | None:
     return None
 
 
-def _records(
-    data: Any, spec: DataSpec, mode: str, index_of: Sequence[int] | None = None
-) -> list[tuple[str, str | None]]:
-    """Return ``(text_or_prompt, completion_or_None)`` pairs out of strings, dicts or a Dataset.
-
-    ``index_of`` maps positions in ``data`` to the example numbers named in error messages (for a shard).
-    """
+def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None]]:
+    """Return ``(text_or_prompt, completion_or_None)`` pairs out of strings, dicts or a Dataset."""
     wants_pairs = mode in ("prompt", "completion") or (spec.prompt_column is not None and mode != "last")
     columns = _columns_of(data)
     if columns is not None:  # datasets.Dataset (or anything column-addressable)
@@ -109,8 +122,7 @@ def _records(
             return list(zip(data[needed[0]], data[needed[1]]))
         return [(t, None) for t in data[needed[0]]]
     records = []
-    for j, item in enumerate(data):
-        i = index_of[j] if index_of is not None else j
+    for i, item in enumerate(data):
         if isinstance(item, str):
             if wants_pairs:
                 raise ValueError(
@@ -132,9 +144,8 @@ def _records(
             records.append((item[0], item[1]) if mode != "last" else (item[0], None))
         else:
             raise TypeError(f"Example {i} is a {type(item).__name__}; expected a string, a dict or a pair.")
-    for j, (a, b) in enumerate(records):
+    for i, (a, b) in enumerate(records):
         if not isinstance(a, str) or (b is not None and not isinstance(b, str)):
-            i = index_of[j] if index_of is not None else j
             raise TypeError(f"Example {i} does not hold text (got {type(a).__name__}).")
     return records
 
@@ -203,6 +214,7 @@ def iter_token_batches(
     mode: str = "all",
     spec: DataSpec | None = None,
     shard: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[int | None, Iterator[TokenBatch]]:
     """Return ``(number_of_examples_or_None, iterator of TokenBatch)`` for any accepted input.
 
@@ -210,6 +222,7 @@ def iter_token_batches(
         shard: ``(rank, world_size)``: yield only the batches of that rank (batch ``i`` goes to rank
             ``i % world_size``); the count is then this rank's, possibly 0, and an empty share is not an error
             (emptiness of the whole data is still checked where it is known up front).
+        device: where the batches will run, for the default token budget (:meth:`DataSpec.batch_tokens`).
 
     Raises:
         ValueError: empty data, missing columns, unknown mode, no tokenizer for text.
@@ -233,18 +246,13 @@ def iter_token_batches(
         mine = shard_batch_indices(len(data), rank, world_size)
         n = sum(int(data[i]["input_ids"].shape[0]) for i in mine)
         return n, _tokenized_iter(((i, data[i]) for i in mine), mode, allow_empty=shard is not None)
-    rows = None
-    if shard is not None:
-        n_batches = -(-len(data) // spec.batch_size)
-        rows = [
-            r
-            for b in shard_batch_indices(n_batches, rank, world_size)
-            for r in range(b * spec.batch_size, min(len(data), (b + 1) * spec.batch_size))
-        ]
-        data = _shard_rows(data, rows)
-    records = _records(data, spec, mode, index_of=rows)
+    records = _records(data, spec, mode)
     tok = prepare_tokenizer(tokenizer, mode)
-    return len(records), _text_iter(records, tok, mode, spec)
+    rows = _encode_rows(records, tok, spec.max_length)
+    plan = spec.plan([len(ids) for ids, _ in rows], device)
+    if shard is not None:
+        plan = plan[rank::world_size]
+    return sum(len(b) for b in plan), _text_iter(rows, plan, tok, mode)
 
 
 def _tokenized_iter(
@@ -287,9 +295,10 @@ def _encode(tok: Any, prompt: str, completion: str | None) -> tuple[list[int], i
     return ids, n_prompt
 
 
-def _text_iter(records: list[tuple[str, str | None]], tok, mode: str, spec: DataSpec) -> Iterator[TokenBatch]:
+def _encode_rows(records: list[tuple[str, str | None]], tok, max_length: int) -> list[tuple[list[int], int]]:
+    """Token ids and prompt-token count of each record, truncated to ``max_length`` on the tokenizer's side."""
     rows = [_encode(tok, p, c) for p, c in records]
-    long = sum(len(ids) > spec.max_length for ids, _ in rows)
+    long = sum(len(ids) > max_length for ids, _ in rows)
     if long:
         kept = "end" if tok.truncation_side == "left" else "beginning"
         logger.warning(
@@ -297,14 +306,17 @@ def _text_iter(records: list[tuple[str, str | None]], tok, mode: str, spec: Data
             "read more).",
             long,
             len(rows),
-            spec.max_length,
+            max_length,
             kept,
         )
-    for start in range(0, len(rows), spec.batch_size):
-        chunk = [
-            _truncate(ids, n_prompt, spec.max_length, tok.truncation_side)
-            for ids, n_prompt in rows[start : start + spec.batch_size]
-        ]
+    return [_truncate(ids, n_prompt, max_length, tok.truncation_side) for ids, n_prompt in rows]
+
+
+def _text_iter(
+    rows: list[tuple[list[int], int]], plan: list[list[int]], tok, mode: str
+) -> Iterator[TokenBatch]:
+    for batch in plan:
+        chunk = [rows[i] for i in batch]
         ids, mask = _pad([ids for ids, _ in chunk], tok.pad_token_id, tok.padding_side)
         if mode == "last":
             select = last_token_mask(mask)

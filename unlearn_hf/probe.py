@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as _dist
+from .batch_plan import PaddingMeter
 from .data import DataSpec, iter_token_batches
 from .model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites
@@ -131,21 +132,55 @@ def _probe_local(
             f"Layers {bad or list(layers or [])} are not FFL layers of this model (0..{len(sites) - 1})."
         )
     track = (mode == "last") if track_extremes is None else track_extremes
-    n_examples, batches = iter_token_batches(data, tokenizer, mode=mode, spec=spec, shard=shard)
+    device = input_device(model)
+    n_examples, batches = iter_token_batches(
+        data, tokenizer, mode=mode, spec=spec, shard=shard, device=device
+    )
+    return _run_pass(
+        model,
+        batches,
+        kinds,
+        layer_ids,
+        by_layer=by_layer,
+        track=track,
+        mode=mode,
+        n_examples=n_examples,
+        show_progress=show_progress,
+        desc=desc,
+    )
+
+
+def _run_pass(
+    model: nn.Module,
+    batches: Any,
+    kinds: Sequence[str],
+    layer_ids: list[int],
+    *,
+    by_layer: dict[int, FFLSite],
+    track: bool,
+    mode: str,
+    n_examples: int | None,
+    show_progress: bool,
+    desc: str,
+) -> tuple[dict[str, SiteStatistics], int]:
+    """One forward pass over ``batches``, collecting ``kinds`` at ``layer_ids`` (stopping after the last)."""
+    device = input_device(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     stats = {k: {i: RunningStats(by_layer[i].d_ff, track) for i in layer_ids} for k in kinds}
-    selection: dict[torch.device, torch.Tensor] = {}
+    # the selected tokens as flat row indices, computed on the host once per batch and copied to each device
+    # once: boolean indexing on an accelerator would wait for the device to count the rows (a host sync)
+    selection: dict[torch.device, torch.Tensor | None] = {}
+    grid = torch.Size()
     last_layer, last_kind = layer_ids[-1], ("key" if "key" in kinds else "pre")
-    all_selected = False
 
-    def select_on(device: torch.device) -> torch.Tensor:
+    def select_on(device: torch.device) -> torch.Tensor | None:
         if device not in selection:
-            selection[device] = selection[torch.device("cpu")].to(device)
+            host = selection[torch.device("cpu")]
+            selection[device] = None if host is None else host.to(device, non_blocking=True)
         return selection[device]
 
     def make_hook(kind: str, layer: int):
         def capture(x: torch.Tensor) -> None:
-            grid = selection[torch.device("cpu")].shape
             if x.dim() == 2 and x.shape[0] == grid.numel():
                 x = as_token_grid(x, grid[1])  # OPT runs its FFL on [batch * seq, d_ff]
             if x.shape[-1] != by_layer[layer].d_ff or x.shape[:2] != grid:
@@ -153,7 +188,8 @@ def _probe_local(
                     f"Layer {layer} {kind} site produced shape {tuple(x.shape)}, expected [batch, seq, "
                     f"{by_layer[layer].d_ff}]; the site does not match the model."
                 )
-            rows = x.flatten(0, 1) if all_selected else x[select_on(x.device)]
+            index = select_on(x.device)
+            rows = x.flatten(0, 1) if index is None else x.flatten(0, 1).index_select(0, index)
             stats[kind][layer].update(rows)
             if layer == last_layer and kind == last_kind:
                 raise StopForward
@@ -176,11 +212,10 @@ def _probe_local(
                     handles.append(s.pre.register_forward_hook(make_hook(kind, i)))
                 else:
                     handles.append(s.key.register_forward_pre_hook(make_hook(kind, i)))
-        device = input_device(model)
         bar = tqdm(total=n_examples, desc=desc, disable=not show_progress, unit="ex")
-        n_batches = 0
+        meter = PaddingMeter()
         for batch in batches:
-            n_batches += 1
+            meter.add(batch.attention_mask)
             lo, hi = int(batch.input_ids.min()), int(batch.input_ids.max())
             if lo < 0 or (vocab is not None and hi >= vocab):
                 raise ValueError(
@@ -188,8 +223,9 @@ def _probe_local(
                     f"(0..{'?' if vocab is None else vocab - 1}): the data was tokenized for another model."
                 )
             selection.clear()
-            selection[torch.device("cpu")] = batch.select.cpu()
-            all_selected = bool(batch.select.all())
+            select = batch.select.cpu()
+            grid = select.shape
+            selection[torch.device("cpu")] = None if bool(select.all()) else select.flatten().nonzero()[:, 0]
             try:
                 model(
                     input_ids=batch.input_ids.to(device),
@@ -201,8 +237,12 @@ def _probe_local(
                 pass
             bar.update(batch.input_ids.shape[0])
         bar.close()
+        meter.log(desc)
     finally:
         for h in handles:
             h.remove()
     fp = architecture_id(model)
-    return {k: SiteStatistics(k, mode, stats[k], fp) for k in kinds}, n_batches
+    for per_layer in stats.values():
+        for s in per_layer.values():
+            s.to_host_()
+    return {k: SiteStatistics(k, mode, stats[k], fp) for k in kinds}, meter.batches

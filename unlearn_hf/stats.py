@@ -3,6 +3,10 @@
 Batches are combined with Chan et al.'s parallel formula, so two partial results merge exactly (up to float64
 rounding): probing can be resumed, extended with more data, or split across processes and all-reduced.
 Memory is O(layers × d_ff), never O(tokens).
+
+Device: the sums are kept on the activations' device in float64, with no copy to the host per batch (a copy
+would wait for the device); :meth:`RunningStats.to_host_` moves them at the end. A device without float64
+(Apple MPS) accumulates on the host instead: its activations are copied there, batch by batch.
 """
 
 from __future__ import annotations
@@ -12,6 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 _CHUNK_ROWS = 1024
+
+#: Device types without float64 arithmetic: their activations are accumulated on the host.
+NO_FLOAT64 = frozenset({"mps"})
+
+
+def accumulation_device(device: torch.device | str) -> torch.device:
+    """Where float64 statistics of activations on ``device`` are accumulated: there, or on the host."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type in NO_FLOAT64 else device
 
 
 @dataclass
@@ -52,6 +65,9 @@ class RunningStats:
         if n == 0:
             return
         x = x.detach()
+        device = accumulation_device(x.device)
+        if x.device != device:
+            x = x.to(device)
         # three reductions accumulated in float64, over float64 copies of row chunks: a bounded transient
         # (``_CHUNK_ROWS`` rows) and several times faster than reducing float32 with ``dtype=float64``. The copy
         # is forced (``copy=True``) because it is modified in place: float64 activations must stay untouched.
@@ -66,10 +82,24 @@ class RunningStats:
             sumsq += c.square_().sum(0)
         mean_b = total / n
         m2_b = (sumsq - mean_b * total).clamp_min_(0)
-        batch = RunningStats(self.dim, self.track_extremes, n, mean_b.cpu(), m2_b.cpu(), abs_sum.cpu())
+        batch = RunningStats(self.dim, self.track_extremes, n, mean_b, m2_b, abs_sum)
         if self.track_extremes:
-            batch.minimum, batch.maximum = x.amin(0).to(f64).cpu(), x.amax(0).to(f64).cpu()
+            batch.minimum, batch.maximum = x.amin(0).to(f64), x.amax(0).to(f64)
+        if self.count and self.mean.device != device:
+            self.to_(device)
         self.merge_(batch)
+
+    def to_(self, device: torch.device | str) -> RunningStats:
+        """Move the statistics to ``device`` in place and return ``self``."""
+        for name in ("mean", "m2", "abs_sum", "minimum", "maximum"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+    def to_host_(self) -> RunningStats:
+        """Move the statistics to the CPU (where saving, merging across processes and selection expect them)."""
+        return self.to_("cpu")
 
     def merge_(self, other: RunningStats) -> RunningStats:
         """Merge ``other`` into ``self`` in place (Chan's formula) and return ``self``."""

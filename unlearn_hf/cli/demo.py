@@ -76,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             ratio=args.ratio,
             max_retain_drop=args.max_retain_drop,
             alpha=args.alpha,
-            batch_size=args.batch_size,
+            max_batch_tokens=args.max_batch_tokens,
             show_progress=not quiet,
         )[m]
         timings[f"fit_{m}_s"] = round(time.perf_counter() - t0, 1)

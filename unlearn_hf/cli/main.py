@@ -115,7 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--refusal", default="I can't help with that.", help="ksd refusal text")
     fit.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0)
-    fit.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    fit.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        default=None,
+        help="at most this many examples per forward (default: as many as --max-batch-tokens allows)",
+    )
+    fit.add_argument(
+        "--max-batch-tokens",
+        type=POSITIVE_INT,
+        default=None,
+        help="padded tokens per forward of a fit (default: the device's, 4096 on a CPU)",
+    )
     fit.add_argument("--output", required=True, help="folder to save the unlearned model to")
     fit.add_argument("--save-base-model", action="store_true", help="also copy the base model's weights")
     _add_data(fit)
@@ -183,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--methods", default=",".join(names), help=f"comma-separated subset of {','.join(names)}"
     )
-    demo.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    demo.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="examples per evaluation forward")
+    demo.add_argument(
+        "--max-batch-tokens",
+        type=POSITIVE_INT,
+        default=None,
+        help="padded tokens per forward of a fit (default: the device's, 4096 on a CPU)",
+    )
     demo.add_argument("--output", default="outputs/demo", help="results, chart and model folder")
     demo.add_argument("--model", default="smollm2", help="base model ('smollm2', a folder or a Hub id)")
     _add_common(demo)
@@ -248,6 +265,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             max_false_rate=args.max_false_rate,
             seed=args.seed,
             batch_size=args.batch_size,
+            max_batch_tokens=args.max_batch_tokens,
             show_progress=not args.quiet,
         )
     except ValueError as err:

@@ -45,8 +45,9 @@ def fit_methods(
     retain: list[Any],
     *,
     n_probe: int = 200,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     max_length: int = 512,
+    max_batch_tokens: int | None = None,
     show_progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
@@ -92,6 +93,7 @@ def fit_methods(
             tokenizer,
             batch_size=batch_size,
             max_length=max_length,
+            max_batch_tokens=max_batch_tokens,
             show_progress=show_progress,
         )
         logger.info("fitted %s: %s", cls.label, fitted[m].config)

@@ -33,7 +33,6 @@ from ..data import (
     DataSpec,
     _columns_of,
     _is_tokenized_batch,
-    _records,
     _shard_rows,
     holdout_split,
     iter_token_batches,
@@ -314,10 +313,8 @@ def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
 def held_out_accuracy(model: Any, data: Any, tokenizer: Any, *, mode: str, spec: DataSpec) -> float:
     """Teacher-forced next-token accuracy of ``model`` on ``data``: the share of the tokens selected by ``mode``
     (and preceded by a real token) that are the model's top-1 prediction from the position before."""
-    records = sorted(_records(data, spec, mode), key=lambda r: -len(r[0]) - len(r[1] or ""))  # less padding
-    rows = [a if b is None else (a, b) for a, b in records]
-    _, batches = iter_token_batches(rows, tokenizer, mode=mode, spec=spec)
     device = input_device(model)
+    _, batches = iter_token_batches(data, tokenizer, mode=mode, spec=spec, device=device)
     positions = accepts(model, "position_ids")
     correct = total = 0
     with torch.no_grad():

@@ -110,8 +110,9 @@ class UnlearnedModelForCausalLM(
         tokenizer: Any = None,
         *,
         name: str | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         max_length: int = 512,
+        max_batch_tokens: int | None = None,
         text_column: str = "text",
         prompt_column: str | None = None,
         completion_column: str | None = None,
@@ -126,9 +127,14 @@ class UnlearnedModelForCausalLM(
             forget / retain: strings, dicts, a ``datasets.Dataset``, tokenized batches or precomputed statistics.
             tokenizer: the model's tokenizer (for text data; also refusal texts).
             name: name of the attached method (default: the method type).
-            batch_size / max_length / *_column: how data is read (see :class:`unlearn_hf.data.DataSpec`).
+            batch_size / max_length / max_batch_tokens / *_column: how data is read and batched (see
+                :class:`unlearn_hf.data.DataSpec`: length-sorted batches of at most ``max_batch_tokens`` padded
+                tokens, by default the device's budget, and at most ``batch_size`` examples when given).
             show_progress: tqdm progress bars.
         """
+        spec = DataSpec(
+            text_column, prompt_column, completion_column, batch_size, max_length, max_batch_tokens
+        )
         if not isinstance(config, MethodConfig):
             raise TypeError(f"config must be a method config, got {type(config).__name__}.")
         if config.method_type not in self.method_classes:
@@ -140,7 +146,6 @@ class UnlearnedModelForCausalLM(
             raise ValueError(
                 f"A method named {name!r} is already attached; remove it first or pick another name."
             )
-        spec = DataSpec(text_column, prompt_column, completion_column, batch_size, max_length)
         method = self.method_classes[config.method_type].fit(
             self, config, forget, retain, tokenizer, spec=spec, show_progress=show_progress
         )

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ...batch_plan import PaddingMeter
+from ...data import DataSpec
 from ...model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from ...sites import FFLSite, as_token_grid
 from .rendering import RenderedQuery
@@ -37,14 +39,14 @@ def trailing_distances(
     *,
     window: int,
     pad_id: int,
-    batch_size: int = 8,
-    max_length: int = 512,
+    spec: DataSpec,
     show_progress: bool = True,
     desc: str = "calibrating",
 ) -> torch.Tensor:
     """``z`` ``[len(queries), len(cubes), window]`` (float64): at each layer of ``cubes`` (``{layer: (μ, σ, k)}``,
     in sorted layer order) and each of the query's last ``window`` positions (offset 0 = the last token),
-    ``max_d |v_d − μ_d| / σ_d / k``; ``inf`` where the prompt is shorter than the window."""
+    ``max_d |v_d − μ_d| / σ_d / k``; ``inf`` where the prompt is shorter than the window. The queries run in
+    the token-budget batches of ``spec`` (each truncated on the left to ``spec.max_length``)."""
     layer_ids = sorted(cubes)
     by_layer = {s.layer: s for s in sites}
     out = torch.full((len(queries), len(layer_ids), window), torch.inf, dtype=torch.float64)
@@ -64,12 +66,13 @@ def trailing_distances(
     device = input_device(model)
     positions = accepts(model, "position_ids")
     bar = tqdm(total=len(queries), desc=desc, disable=not show_progress, unit="q")
-    order = sorted(range(len(queries)), key=lambda i: len(queries[i].input_ids))  # less padding
+    meter = PaddingMeter()
+    plan = spec.plan([min(len(q.input_ids), spec.max_length) for q in queries], device)
     try:
-        for start in range(0, len(queries), batch_size):
-            rows = torch.tensor(order[start : start + batch_size])
-            chunk = [queries[i] for i in rows.tolist()]
-            ids, mask = pad_left([q.input_ids for q in chunk], pad_id, max_length)
+        for batch in plan:
+            rows = torch.tensor(batch)
+            ids, mask = pad_left([queries[i].input_ids for i in batch], pad_id, spec.max_length)
+            meter.add(mask)
             length[0] = ids.shape[1]
             kw = {"position_ids": position_ids_from_mask(mask).to(device)} if positions else {}
             captured.clear()
@@ -84,7 +87,8 @@ def trailing_distances(
                 keys = captured[layer].to(torch.float64).cpu().flip(1)  # [B, w, d], offset 0 first
                 z = (keys - mu).abs_().div_(sigma).amax(-1).div_(max(k, 1e-12))
                 out[rows, j, :w] = torch.where(real, z, torch.inf)
-            bar.update(len(chunk))
+            bar.update(len(batch))
+        meter.log(desc)
     finally:
         bar.close()
         for h in handles:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ...data import DataSpec, holdout_split
+from ...model_inputs import input_device
 from ...stats import SiteStatistics
 from ..config import resolve_layers
 from ..fitting import probe_or_check
@@ -145,21 +146,12 @@ def fit_key_space(
         else (range(len(queries)), [])
     )
     fit_rows = [r for i in fit_idx for r in renderer.render([queries[i]])[0]]
-    fit_rows.sort(key=lambda r: r.question_end)  # length-sorted batches: less padding, the same statistics
     candidates = fixed or (list(range(n_layers)) if calibrating and config.layers == AUTO else middle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = [r.input_ids[: r.question_end + 1][-spec.max_length :] for r in fit_rows]
     batches = [
-        dict(
-            zip(
-                ("input_ids", "attention_mask"),
-                pad_left(
-                    [r.input_ids[: r.question_end + 1] for r in fit_rows[s : s + spec.batch_size]],
-                    pad,
-                    spec.max_length,
-                ),
-            )
-        )
-        for s in range(0, len(fit_rows), spec.batch_size)
+        dict(zip(("input_ids", "attention_mask"), pad_left([prompts[i] for i in b], pad, spec.max_length)))
+        for b in spec.plan([len(p) for p in prompts], input_device(model))
     ]
     stats = probe_or_check(model, batches, tokenizer, layers=candidates, **probe_kw)
     if stats.count < 2:
@@ -187,8 +179,7 @@ def fit_key_space(
     z_kw = dict(
         window=max(windows),
         pad_id=pad,
-        batch_size=spec.batch_size,
-        max_length=spec.max_length,
+        spec=spec,
         show_progress=show_progress,
     )
     cube_args = {i: c[:3] for i, c in cubes.items()}
