@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from .batch_plan import PaddingMeter
-from .data import DataSpec, iter_token_batches
+from .data import DataSpec, TokenBatch, iter_token_batches
 from .model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites
 from .stats import RunningStats, SiteStatistics
@@ -21,6 +24,38 @@ from .stats import RunningStats, SiteStatistics
 logger = logging.getLogger(__name__)
 
 SITE_KINDS = ("pre", "key")
+
+
+@dataclass
+class ProbeShare:
+    """Passes shared by the fits of one ``fit([...])`` call: each pass collects every site of ``sites``
+    (``{kind: layers}``); a later probe over the same tokens (same token mode) that asks for a subset reuses it.
+
+    Attributes:
+        sites: what every pass collects. memo: pass results by (mode, extremes, token fingerprint). hits: reuses.
+    """
+
+    sites: dict[str, set[int]]
+    memo: dict[tuple, tuple[dict[str, SiteStatistics], int]] = field(default_factory=dict)
+    hits: int = 0
+
+    def covers(self, kinds: Sequence[str], layers: Sequence[int]) -> bool:
+        return all(k in self.sites and set(layers) <= self.sites[k] for k in kinds)
+
+
+_SHARE: ContextVar[ProbeShare | None] = ContextVar("unlearn_hf_probe_share", default=None)
+
+
+@contextlib.contextmanager
+def shared_passes(sites: Mapping[str, Sequence[int]]) -> Iterator[ProbeShare]:
+    """Within the block, probes whose tokens match an earlier probe's share its pass (see :class:`ProbeShare`).
+    Only valid while nothing that changes the shared sites is attached in between: the caller checks that."""
+    share = ProbeShare({k: set(v) for k, v in sites.items() if v})
+    token = _SHARE.set(share)
+    try:
+        yield share
+    finally:
+        _SHARE.reset(token)
 
 
 def architecture_id(model: nn.Module) -> str:
@@ -136,18 +171,37 @@ def _probe_local(
     n_examples, batches = iter_token_batches(
         data, tokenizer, mode=mode, spec=spec, shard=shard, device=device
     )
-    return _run_pass(
-        model,
-        batches,
-        kinds,
-        layer_ids,
-        by_layer=by_layer,
-        track=track,
-        mode=mode,
-        n_examples=n_examples,
-        show_progress=show_progress,
-        desc=desc,
+    pass_kw = dict(
+        by_layer=by_layer, track=track, mode=mode, n_examples=n_examples, show_progress=show_progress
     )
+    share = _SHARE.get()
+    if share is None or not share.covers(kinds, layer_ids):
+        return _run_pass(model, batches, kinds, layer_ids, desc=desc, **pass_kw)
+    batches = list(batches)
+    key = (mode, track, _digest(batches))
+    if key in share.memo:
+        share.hits += 1
+        logger.info("%s: the statistics of a shared pass over the same tokens are reused.", desc)
+    else:
+        all_kinds = tuple(k for k in SITE_KINDS if k in share.sites)
+        union = sorted(set().union(*share.sites.values()) & set(by_layer))
+        share.memo[key] = _run_pass(model, batches, all_kinds, union, desc=f"{desc} (shared)", **pass_kw)
+    full, n_batches = share.memo[key]
+    subset = {
+        k: SiteStatistics(k, mode, {i: full[k].layers[i].copy() for i in layer_ids}, full[k].architecture_id)
+        for k in kinds
+    }
+    return subset, n_batches
+
+
+def _digest(batches: list[TokenBatch]) -> str:
+    """A fingerprint of the tokens and the selection of ``batches``."""
+    h = hashlib.sha1()
+    for b in batches:
+        for t in (b.input_ids, b.attention_mask, b.select):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _run_pass(

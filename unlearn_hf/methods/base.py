@@ -160,6 +160,19 @@ class UnlearningMethod(ABC):
     ) -> UnlearningMethod:
         """Probe ``forget`` (and ``retain``) on ``model`` as it runs and return the fitted method."""
 
+    @classmethod
+    def probe_sites(cls, config: MethodConfig, n_layers: int) -> dict[str, list[int]]:
+        """The sites its fit probes, ``{"pre" | "key": layers}``, on a model of ``n_layers`` FFL layers (for
+        sharing probe passes in ``fit`` of a list; ``{}``: nothing to share)."""
+        return {}
+
+    @classmethod
+    def changed_sites(cls, config: MethodConfig, n_layers: int) -> dict[str, list[int]] | None:
+        """The sites whose activations the attached method changes (``{}``: none; ``None``: unknown, every site
+        is assumed changed). A later fit's probe may reuse an earlier pass only where this method changes none
+        of the sites it reads."""
+        return None
+
     # -- state -----------------------------------------------------------------------------------------------
     @classmethod
     @abstractmethod

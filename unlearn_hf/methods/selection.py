@@ -1,14 +1,56 @@
 """Global neuron selection shared by the neuron-level methods (Neuron Adjust, Selective Pruning): the top
-``ratio`` of all neurons of all layers, and checks that a saved selection fits a model."""
+``ratio`` of all neurons of all layers, checks that a saved selection fits a model, and their common base."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
+from ..data import DataSpec
 from ..sites import FFLSite
+from .base import UnlearningMethod
+from .config import resolve_layers
+from .ratio_search import fit_neuron_method
+
+
+class NeuronSelectionMethod(UnlearningMethod):
+    """A method that probes one site of its layers on forget and retain data and acts on selected neurons of
+    that same site (:attr:`site`: ``"pre"`` or ``"key"``)."""
+
+    site: ClassVar[str]
+
+    @classmethod
+    def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):
+        """Probe :attr:`site` of the chosen layers on ``forget`` and ``retain`` (text, tokenized batches or
+        precomputed :class:`~unlearn_hf.stats.SiteStatistics`) and select the neurons at ``config.ratio``, or
+        search the ratio (``ratio="auto"``, :mod:`unlearn_hf.methods.ratio_search`).
+
+        Raises:
+            ValueError: missing/empty data, a set with fewer than 2 probed tokens, a tokenizer or statistics that
+                do not belong to the model, token ids outside its vocabulary.
+        """
+        return fit_neuron_method(
+            cls,
+            model,
+            config,
+            forget,
+            retain,
+            tokenizer,
+            site=cls.site,
+            spec=spec,
+            show_progress=show_progress,
+        )
+
+    @classmethod
+    def probe_sites(cls, config, n_layers):
+        return {cls.site: resolve_layers(config.layers, n_layers)}
+
+    @classmethod
+    def changed_sites(cls, config, n_layers):
+        return {cls.site: resolve_layers(config.layers, n_layers)}
 
 
 def selection_size(ratio: float, total: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -16,6 +16,7 @@ from ..data import DataSpec
 from ..hooks import HookRegistrar
 from ..methods.base import Attachment, UnlearningMethod
 from ..methods.config import MethodConfig
+from ..methods.fit_many import fit_configs
 from ..methods.registry import METHOD_CLASSES
 from ..sites import FFLSite, find_ffl_sites
 from .abstention import AbstentionMixin
@@ -104,12 +105,13 @@ class UnlearnedModelForCausalLM(
 
     def fit(
         self,
-        config: MethodConfig,
+        config: MethodConfig | Sequence[MethodConfig],
         forget: Any,
         retain: Any = None,
         tokenizer: Any = None,
         *,
-        name: str | None = None,
+        name: str | Sequence[str] | None = None,
+        independent: bool = False,
         batch_size: int | None = None,
         max_length: int = 512,
         max_batch_tokens: int | None = None,
@@ -123,7 +125,11 @@ class UnlearnedModelForCausalLM(
         The model is probed as it runs, with the methods already attached active.
 
         Args:
-            config: a method config (``NeuronAdjustConfig``, ``KeySpaceDetectionConfig``, ...).
+            config: a method config (``NeuronAdjustConfig``, ``KeySpaceDetectionConfig``, ...), or a list of them:
+                fitted in order like consecutive calls, sharing probe passes where that changes no result, and
+                returned as a list (see :mod:`unlearn_hf.methods.fit_many`); ``name`` is then a list or ``None``.
+            independent: with a list, fit every config on the model as it is before the call (none sees the
+                others) and share every pass over the same tokens.
             forget / retain: strings, dicts, a ``datasets.Dataset``, tokenized batches or precomputed statistics.
             tokenizer: the model's tokenizer (for text data; also refusal texts).
             name: name of the attached method (default: the method type).
@@ -135,6 +141,18 @@ class UnlearnedModelForCausalLM(
         spec = DataSpec(
             text_column, prompt_column, completion_column, batch_size, max_length, max_batch_tokens
         )
+        if isinstance(config, (list, tuple)):
+            return fit_configs(
+                self,
+                config,
+                forget,
+                retain,
+                tokenizer,
+                names=[name] if isinstance(name, str) else name,
+                spec=spec,
+                show_progress=show_progress,
+                independent=independent,
+            )
         if not isinstance(config, MethodConfig):
             raise TypeError(f"config must be a method config, got {type(config).__name__}.")
         if config.method_type not in self.method_classes:

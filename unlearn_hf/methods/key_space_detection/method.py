@@ -13,9 +13,10 @@ from ...hooks import HookRegistrar
 from ...model_inputs import eos_token_id
 from ...sites import module_device
 from ..base import AbstainingMethod
+from ..config import resolve_layers
 from ..fitting import check_tokenizer
 from ..registry import register_method
-from .config import KeySpaceDetectionConfig
+from .config import AUTO, KeySpaceDetectionConfig
 from .decision import KeySpaceAttachment
 from .fit import fit_key_space
 from .hypercube import KeySpaceLayer
@@ -59,6 +60,17 @@ class KeySpaceDetection(AbstainingMethod):
                 f"layers={config.layers!r}, alpha={config.alpha!r})."
             )
         return dataclasses.replace(config, window=1 if config.window == "auto" else config.window)
+
+    @classmethod
+    def probe_sites(cls, config, n_layers):
+        """The key site of every candidate layer (all of them when the layers are calibrated)."""
+        if config.layers not in (AUTO, None):
+            return {"key": resolve_layers(config.layers, n_layers)}
+        return {"key": list(range(n_layers))}
+
+    @classmethod
+    def changed_sites(cls, config, n_layers):
+        return {}  # it observes the keys and decides on abstention; no activation changes
 
     @classmethod
     def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):

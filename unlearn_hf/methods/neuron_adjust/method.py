@@ -8,13 +8,11 @@ from contextvars import ContextVar
 
 import torch
 
-from ...data import DataSpec
 from ...hooks import HookRegistrar
 from ...sites import module_device
-from ..base import UnlearningMethod
-from ..ratio_search import RatioCurve, curve_spec, fit_neuron_method, validate_curve
+from ..ratio_search import RatioCurve, curve_spec, validate_curve
 from ..registry import register_method
-from ..selection import check_selection, select_global, split_by_layer
+from ..selection import NeuronSelectionMethod, check_selection, select_global, split_by_layer
 from .attachment import NeuronAdjustAttachment
 from .config import NeuronAdjustConfig
 from .layer import NeuronAdjustLayer, weight_dtype
@@ -35,7 +33,7 @@ def neuron_scores(config: NeuronAdjustConfig, mu_f, sd_f, mu_r, sd_r) -> torch.T
 
 
 @register_method
-class NeuronAdjust(UnlearningMethod):
+class NeuronAdjust(NeuronSelectionMethod):
     """Neuron Adjust (intervention, ``docs/METHOD.md`` §3).
 
     Fitted state, one entry per selected neuron, highest score first: ``layer_index``, ``neuron_index``
@@ -57,21 +55,9 @@ class NeuronAdjust(UnlearningMethod):
 
     config_class = NeuronAdjustConfig
     short_name = "na"
+    site = "pre"
     label = "Neuron Adjust"
     cli_options = ("ratio", "max_retain_drop", "seed")
-
-    @classmethod
-    def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):
-        """Probe the pre-activation site of the chosen layers on ``forget`` and ``retain`` (text, tokenized
-        batches or precomputed :class:`~unlearn_hf.stats.SiteStatistics`) and select the neurons.
-
-        Raises:
-            ValueError: missing/empty retain data, a set with fewer than 2 probed tokens, a tokenizer or
-                statistics that do not belong to the model, token ids outside its vocabulary.
-        """
-        return fit_neuron_method(
-            cls, model, config, forget, retain, tokenizer, site="pre", spec=spec, show_progress=show_progress
-        )
 
     @classmethod
     def from_statistics(cls, config, layers, stats_f, stats_r, ratio, extra_state=None):

@@ -4,39 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from ...data import DataSpec
 from ...hooks import HookRegistrar
 from ...sites import module_device
-from ..base import Attachment, UnlearningMethod
-from ..ratio_search import RatioCurve, curve_spec, fit_neuron_method, validate_curve
+from ..base import Attachment
+from ..ratio_search import RatioCurve, curve_spec, validate_curve
 from ..registry import register_method
-from ..selection import check_selection, select_global, split_by_layer
+from ..selection import NeuronSelectionMethod, check_selection, select_global, split_by_layer
 from .config import SelectivePruningConfig
 from .layer import SelectivePruningLayer
 
 
 @register_method
-class SelectivePruning(UnlearningMethod):
+class SelectivePruning(NeuronSelectionMethod):
     """Selective Pruning (``docs/METHOD.md`` §5). State: ``layer_index``, ``neuron_index`` (int64) and ``score``
     (float32, the importance mean|x|_F / (mean|x|_R + eps)) of the pruned neurons, highest importance first."""
 
     config_class = SelectivePruningConfig
     short_name = "sp"
+    site = "key"
     label = "Selective Pruning"
     cli_options = ("ratio", "max_retain_drop")
-
-    @classmethod
-    def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):
-        """Probe mean |x| at the key site of the chosen layers on ``forget`` and ``retain`` (text, tokenized
-        batches or precomputed :class:`~unlearn_hf.stats.SiteStatistics`) and select the neurons to prune.
-
-        Raises:
-            ValueError: missing/empty data, a tokenizer or statistics that do not belong to the model, token
-                ids outside its vocabulary.
-        """
-        return fit_neuron_method(
-            cls, model, config, forget, retain, tokenizer, site="key", spec=spec, show_progress=show_progress
-        )
 
     @classmethod
     def from_statistics(cls, config, layers, stats_f, stats_r, ratio, extra_state=None):

@@ -1,0 +1,122 @@
+"""Fitting several methods in one call, ``unlearned.fit([config, ...], forget, retain, tokenizer)``, sharing
+probe passes where that changes no result.
+
+**Sequential** (the default) means exactly what consecutive ``fit`` calls mean: each config is fitted on the
+model as it runs, with the ones before it attached. A pass made for an earlier config is reused by a later one
+only when no config between them changes a site the later probe reads. A method changes the activations from
+its first changed site on (:meth:`UnlearningMethod.changed_sites`: Neuron Adjust the pre-activation of its
+first layer, Selective Pruning the key of its first layer, Key Space Detection nothing: it only decides on
+abstention). A probe reads up to its last site (:meth:`UnlearningMethod.probe_sites`). Sites are ordered
+through the layers, the pre-activation of a layer before its key. So ``[KSD, NA]`` on the same texts, or
+``[NA on layers 20-29, SP on layers 0-9]``, share; ``[NA, SP]`` on the same layers does not (Selective
+Pruning is probed with Neuron Adjust active, as two calls would do).
+
+**Independent** (``independent=True``): every config is fitted on the model as it was before the call (none
+sees another), every probe over the same tokens shares one pass, and the methods are attached together at the
+end. This is how to fit, say, Neuron Adjust and Selective Pruning, or one method at several settings, for a
+comparison: one pass instead of one per config.
+
+Either way the call is all or nothing: when a fit fails, the methods it attached are removed again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from ..data import DataSpec
+from ..probe import SITE_KINDS, shared_passes
+from .base import UnlearningMethod
+from .config import MethodConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _positions(sites: dict[str, list[int]] | None, n_layers: int) -> list[int]:
+    """Positions of sites in forward order: ``2 * layer`` for the pre-activation, ``2 * layer + 1`` for the key;
+    ``None`` (unknown) is every site."""
+    if sites is None:
+        return list(range(2 * n_layers))
+    return [2 * i + SITE_KINDS.index(kind) for kind, layers in sites.items() for i in layers]
+
+
+def share_groups(classes: Sequence[type], configs: Sequence[MethodConfig], n_layers: int) -> list[list[int]]:
+    """Consecutive groups of config indices in which every probe reads only sites that the configs before it in
+    the group do not change, so that one pass can serve the whole group."""
+    groups: list[list[int]] = []
+    for j, (cls, config) in enumerate(zip(classes, configs)):
+        reads = _positions(cls.probe_sites(config, n_layers), n_layers)
+        last_read = max(reads, default=-1)
+        if groups:
+            group = groups[-1]
+            changed = [
+                p for i in group for p in _positions(classes[i].changed_sites(configs[i], n_layers), n_layers)
+            ]
+            if last_read < min(changed, default=2 * n_layers):
+                group.append(j)
+                continue
+        groups.append([j])
+    return groups
+
+
+def fit_configs(
+    model: Any,
+    configs: Sequence[MethodConfig],
+    forget: Any,
+    retain: Any,
+    tokenizer: Any,
+    *,
+    names: Sequence[str] | None,
+    spec: DataSpec,
+    show_progress: bool,
+    independent: bool,
+) -> list[UnlearningMethod]:
+    """Fit and attach ``configs`` on ``model`` (an ``UnlearnedModelForCausalLM``); see the module docstring."""
+    configs = list(configs)
+    if not configs:
+        raise ValueError("fit() got an empty list of configs.")
+    bad = [type(c).__name__ for c in configs if not isinstance(c, MethodConfig)]
+    if bad:
+        raise TypeError(f"Every config must be a method config, got {bad}.")
+    unknown = sorted({c.method_type for c in configs} - set(model.method_classes))
+    if unknown:
+        raise ValueError(f"No implementation for methods {unknown}; known: {sorted(model.method_classes)}.")
+    names = [c.method_type for c in configs] if names is None else list(names)
+    if len(names) != len(configs):
+        raise ValueError(f"{len(names)} names for {len(configs)} configs.")
+    clashes = sorted({n for n in names if names.count(n) > 1 or n in model.methods})
+    if clashes:
+        raise ValueError(
+            f"Method names {clashes} are given twice or already attached; pass distinct names=[...]."
+        )
+    classes = [model.method_classes[c.method_type] for c in configs]
+    n_layers = len(model.ffl_sites)
+    groups = [list(range(len(configs)))] if independent else share_groups(classes, configs, n_layers)
+    fitted: dict[int, UnlearningMethod] = {}
+    attached: list[str] = []
+    try:
+        for group in groups:
+            sites: dict[str, set[int]] = {}
+            for i in group:
+                for kind, layers in classes[i].probe_sites(configs[i], n_layers).items():
+                    sites.setdefault(kind, set()).update(layers)
+            with shared_passes({k: sorted(v) for k, v in sites.items()}) as share:
+                for i in group:
+                    fitted[i] = classes[i].fit(
+                        model, configs[i], forget, retain, tokenizer, spec=spec, show_progress=show_progress
+                    )
+                    if not independent:
+                        model.add_method(names[i], fitted[i])
+                        attached.append(names[i])
+            if share.hits:
+                logger.info("fit: %d probe(s) reused a shared pass.", share.hits)
+        if independent:
+            for i in range(len(configs)):
+                model.add_method(names[i], fitted[i])
+                attached.append(names[i])
+    except BaseException:
+        for name in reversed(attached):
+            model.remove_method(name)
+        raise
+    return [fitted[i] for i in range(len(configs))]
