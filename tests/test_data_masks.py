@@ -61,7 +61,9 @@ def test_truncated_rows_are_counted_in_one_warning(smol_tokenizer, caplog):
     assert caplog.text.count("rows are longer") == 1
     assert "2 of 3 rows are longer than max_length=8 tokens: only their beginning is read" in caplog.text
     first = tok(texts[1])["input_ids"][:8]
-    rows = [b.input_ids[r][b.attention_mask[r].bool()].tolist() for b in batches for r in range(len(b.input_ids))]
+    rows = [
+        b.input_ids[r][b.attention_mask[r].bool()].tolist() for b in batches for r in range(len(b.input_ids))
+    ]
     assert first in rows
 
 

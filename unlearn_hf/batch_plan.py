@@ -27,8 +27,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 #: Default ``max_batch_tokens`` per device type (padded tokens per forward); other devices use ``"default"``.
-#: On a CPU, throughput stops growing at a few thousand tokens; an accelerator needs larger batches to fill.
-DEFAULT_BATCH_TOKENS = {"cpu": 4096, "default": 16384}
+#: On a CPU a forward's throughput stops growing at about a thousand tokens (SmolLM2-135M, 2 cores: 1024 and
+#: 4096 tokens per forward ran equally fast over the same batches) while a larger budget mixes more lengths in a
+#: batch and pads more (``benchmarks/fit_speed.py``); an accelerator needs larger batches to fill.
+DEFAULT_BATCH_TOKENS = {"cpu": 1024, "default": 16384}
 
 
 def default_batch_tokens(device: torch.device | str | None) -> int:

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-tokens",
         type=POSITIVE_INT,
         default=None,
-        help="padded tokens per forward of a fit (default: the device's, 4096 on a CPU)",
+        help="padded tokens per forward of a fit (default: the device's, 1024 on a CPU)",
     )
     fit.add_argument("--output", required=True, help="folder to save the unlearned model to")
     fit.add_argument("--save-base-model", action="store_true", help="also copy the base model's weights")
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-tokens",
         type=POSITIVE_INT,
         default=None,
-        help="padded tokens per forward of a fit (default: the device's, 4096 on a CPU)",
+        help="padded tokens per forward of a fit (default: the device's, 1024 on a CPU)",
     )
     demo.add_argument("--output", default="outputs/demo", help="results, chart and model folder")
     demo.add_argument("--model", default="smollm2", help="base model ('smollm2', a folder or a Hub id)")
