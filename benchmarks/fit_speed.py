@@ -15,7 +15,8 @@ one-by-one value's scale) and whether Neuron Adjust selects the same neurons fro
 
 It prints, per method: rows, tokens, fit seconds, tokens/s, the fit's padding fraction, and the speed-ups
 ``batch-1 / fit`` (target ≥ 1.25 on CPU) and ``fit / best batched`` (target ≥ 0.95, as a speed ratio), plus
-the best budget's padding. Each timing is the median of ``--repeats`` runs. Results also go to ``--out`` (JSON).
+the best budget's padding. Every repeat runs every workload in turn (the order reversing from one repeat to the next); each timing is
+the median over ``--repeats``. Results also go to ``--out`` (JSON).
 
 Usage: python benchmarks/fit_speed.py [--n 200] [--threads 2] [--repeats 1] [--budgets 512,1024,2048,4096]
        [--check-stats 0] [--data ../shared/data] [--out benchmarks/fit_speed.json]
@@ -120,20 +121,22 @@ class RowRecorder:
         self.handle.remove()
 
 
-def time_fit(model, tokenizer, config, forget, retain, repeats: int) -> tuple[float, RowRecorder]:
-    """Median fit seconds, and the rows of one fit (recorded in an extra, untimed run)."""
-    times = []
-    for _ in range(repeats):
-        unlearned = UnlearnedModelForCausalLM.from_base(model)
-        start = time.perf_counter()
-        unlearned.fit(config, forget, retain, tokenizer, show_progress=False)
-        times.append(time.perf_counter() - start)
-        unlearned.remove_all_methods()
+def record_rows(model, tokenizer, config, forget, retain) -> RowRecorder:
+    """The rows of one (untimed) fit."""
     with RowRecorder(model) as recorder:
         unlearned = UnlearnedModelForCausalLM.from_base(model)
         unlearned.fit(config, forget, retain, tokenizer, show_progress=False)
         unlearned.remove_all_methods()
-    return statistics.median(times), recorder
+    return recorder
+
+
+def time_fit(model, tokenizer, config, forget, retain) -> float:
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    start = time.perf_counter()
+    unlearned.fit(config, forget, retain, tokenizer, show_progress=False)
+    elapsed = time.perf_counter() - start
+    unlearned.remove_all_methods()
+    return elapsed
 
 
 def check_statistics(model, tokenizer, forget: list[str], retain: list[str]) -> dict[str, float | bool]:
@@ -188,34 +191,54 @@ def main() -> None:
         "selective_pruning": (SelectivePruningConfig(ratio=0.03), data["forget"], data["retain"]),
         "key_space_detection": (KeySpaceDetectionConfig(), data["questions"], data["tasks"]),
     }
-    baselines: dict[tuple, dict] = {}
-    report = {"threads": args.threads, "n": args.n, "budgets": budgets, "methods": {}}
-    for name, (config, forget, retain) in fits.items():
-        fit_s, rec = time_fit(model, tokenizer, config, forget, retain, args.repeats)
-        key = tuple(map(tuple, rec.rows))
-        if key not in baselines:  # NA and SP read the same rows: their baselines are shared
-            b1 = statistics.median(batch1_loop(model, rec.rows) for _ in range(args.repeats))
-            per_budget = {}
-            for budget in budgets:
-                runs = [batched_backbone(model, rec.rows, budget, pad_id) for _ in range(args.repeats)]
-                per_budget[budget] = (statistics.median(t for t, _ in runs), runs[0][1])
-            best = min(per_budget, key=lambda b: per_budget[b][0])
-            baselines[key] = {"batch1_s": b1, "per_budget": per_budget, "best_budget": best}
-        base = baselines[key]
-        best_s, best_pad = base["per_budget"][base["best_budget"]]
+    recorded = {name: record_rows(model, tokenizer, *fit) for name, fit in fits.items()}
+    row_sets: dict[tuple, list[list[int]]] = {}  # NA and SP read the same rows: their baselines are shared
+    row_key = {}
+    for name, rec in recorded.items():
+        row_key[name] = tuple(map(tuple, rec.rows))
+        row_sets.setdefault(row_key[name], rec.rows)
+    # every repeat runs every workload in turn, the order reversing from one repeat to the next, so that a
+    # noisy machine slows them alike; medians over the repeats
+    jobs = [("fit", name) for name in fits]
+    jobs += [("batch1", k) for k in row_sets] + [(b, k) for k in row_sets for b in budgets]
+    times: dict[tuple, list[float]] = {job: [] for job in jobs}
+    padding: dict[tuple, float] = {}
+    for r in range(args.repeats):
+        for job in jobs if r % 2 == 0 else jobs[::-1]:
+            kind, what = job
+            if kind == "fit":
+                times[job].append(time_fit(model, tokenizer, *fits[what]))
+            elif kind == "batch1":
+                times[job].append(batch1_loop(model, row_sets[what]))
+            else:
+                elapsed, padding[job] = batched_backbone(model, row_sets[what], kind, pad_id)
+                times[job].append(elapsed)
+    med = {job: statistics.median(t) for job, t in times.items()}
+    report = {
+        "threads": args.threads,
+        "n": args.n,
+        "budgets": budgets,
+        "repeats": args.repeats,
+        "methods": {},
+    }
+    for name, rec in recorded.items():
+        key = row_key[name]
+        best = min(budgets, key=lambda b: med[(b, key)])
+        fit_s = med[("fit", name)]
         report["methods"][name] = {
             "rows": len(rec.rows),
             "tokens": rec.real,
             "fit_s": fit_s,
             "fit_tokens_per_s": rec.real / fit_s,
             "fit_padding": 1 - rec.real / rec.total,
-            "batch1_s": base["batch1_s"],
-            "best_batched_s": best_s,
-            "best_budget": base["best_budget"],
-            "best_padding": best_pad,
-            "speedup_vs_batch1": base["batch1_s"] / fit_s,
-            "speed_vs_best_batched": best_s / fit_s,
-            "per_budget_s": {str(b): t for b, (t, _) in base["per_budget"].items()},
+            "batch1_s": med[("batch1", key)],
+            "best_batched_s": med[(best, key)],
+            "best_budget": best,
+            "best_padding": padding[(best, key)],
+            "speedup_vs_batch1": med[("batch1", key)] / fit_s,
+            "speed_vs_best_batched": med[(best, key)] / fit_s,
+            "per_budget_s": {str(b): med[(b, key)] for b in budgets},
+            "fit_s_runs": times[("fit", name)],
         }
     if args.check_stats:
         n = args.check_stats
