@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -84,12 +83,7 @@ class PaddingMeter:
     def fraction(self) -> float:
         return 0.0 if self.total == 0 else 1.0 - self.real / self.total
 
-    def log(self, desc: str, **extra: Any) -> None:
+    def log(self, desc: str) -> None:
         logger.info(
-            "%s: %d batches, %d tokens, %.1f%% padding%s",
-            desc,
-            self.batches,
-            self.real,
-            100 * self.fraction,
-            "".join(f", {k} {v}" for k, v in extra.items()),
+            "%s: %d batches, %d tokens, %.1f%% padding", desc, self.batches, self.real, 100 * self.fraction
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +47,7 @@ _SHARE: ContextVar[ProbeShare | None] = ContextVar("unlearn_hf_probe_share", def
 
 
 @contextlib.contextmanager
-def shared_passes(sites: Mapping[str, Sequence[int]]) -> Iterator[ProbeShare]:
+def shared_passes(sites: Mapping[str, Iterable[int]]) -> Iterator[ProbeShare]:
     """Within the block, probes whose tokens match an earlier probe's share its pass (see :class:`ProbeShare`).
     Only valid while nothing that changes the shared sites is attached in between: the caller checks that."""
     share = ProbeShare({k: set(v) for k, v in sites.items() if v})
@@ -172,7 +172,12 @@ def _probe_local(
         data, tokenizer, mode=mode, spec=spec, shard=shard, device=device
     )
     pass_kw = dict(
-        by_layer=by_layer, track=track, mode=mode, n_examples=n_examples, show_progress=show_progress
+        by_layer=by_layer,
+        track=track,
+        mode=mode,
+        n_examples=n_examples,
+        show_progress=show_progress,
+        device=device,
     )
     share = _SHARE.get()
     if share is None or not share.covers(kinds, layer_ids):
@@ -216,9 +221,9 @@ def _run_pass(
     n_examples: int | None,
     show_progress: bool,
     desc: str,
+    device: torch.device,
 ) -> tuple[dict[str, SiteStatistics], int]:
     """One forward pass over ``batches``, collecting ``kinds`` at ``layer_ids`` (stopping after the last)."""
-    device = input_device(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     stats = {k: {i: RunningStats(by_layer[i].d_ff, track) for i in layer_ids} for k in kinds}
     # the selected tokens as flat row indices, computed on the host once per batch and copied to each device
@@ -298,5 +303,5 @@ def _run_pass(
     fp = architecture_id(model)
     for per_layer in stats.values():
         for s in per_layer.values():
-            s.to_host_()
+            s.to_("cpu")  # where saving, merging across processes and selection expect them
     return {k: SiteStatistics(k, mode, stats[k], fp) for k in kinds}, meter.batches

@@ -5,7 +5,7 @@ rounding): probing can be resumed, extended with more data, or split across proc
 Memory is O(layers × d_ff), never O(tokens).
 
 Device: the sums are kept on the activations' device in float64, with no copy to the host per batch (a copy
-would wait for the device); :meth:`RunningStats.to_host_` moves them at the end. A device without float64
+would wait for the device); :meth:`RunningStats.to_` moves them at the end. A device without float64
 (Apple MPS) accumulates on the host instead: its activations are copied there, batch by batch.
 """
 
@@ -96,10 +96,6 @@ class RunningStats:
             if value is not None:
                 setattr(self, name, value.to(device))
         return self
-
-    def to_host_(self) -> RunningStats:
-        """Move the statistics to the CPU (where saving, merging across processes and selection expect them)."""
-        return self.to_("cpu")
 
     def merge_(self, other: RunningStats) -> RunningStats:
         """Merge ``other`` into ``self`` in place (Chan's formula) and return ``self``."""

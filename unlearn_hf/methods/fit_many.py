@@ -21,6 +21,7 @@ Either way the call is all or nothing: when a fit fails, the methods it attached
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -72,24 +73,35 @@ def fit_configs(
     show_progress: bool,
     independent: bool,
 ) -> list[UnlearningMethod]:
-    """Fit and attach ``configs`` on ``model`` (an ``UnlearnedModelForCausalLM``); see the module docstring."""
+    """Fit and attach ``configs`` on ``model`` (an ``UnlearnedModelForCausalLM``); see the module docstring. A
+    single ``fit`` call is a list of one. Every config and name is checked before anything is probed."""
     configs = list(configs)
     if not configs:
         raise ValueError("fit() got an empty list of configs.")
-    bad = [type(c).__name__ for c in configs if not isinstance(c, MethodConfig)]
-    if bad:
-        raise TypeError(f"Every config must be a method config, got {bad}.")
-    unknown = sorted({c.method_type for c in configs} - set(model.method_classes))
-    if unknown:
-        raise ValueError(f"No implementation for methods {unknown}; known: {sorted(model.method_classes)}.")
+    for c in configs:
+        if not isinstance(c, MethodConfig):
+            raise TypeError(f"config must be a method config, got {type(c).__name__}.")
+        if c.method_type not in model.method_classes:
+            raise ValueError(
+                f"No implementation for method {c.method_type!r}; known: {sorted(model.method_classes)}."
+            )
+    if names is not None and not isinstance(names, (list, tuple)):
+        raise ValueError(
+            f"name must be a string or, with a list of configs, a list of strings; got {names!r}."
+        )
     names = [c.method_type for c in configs] if names is None else list(names)
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise ValueError(f"A method name must be a non-empty string, got {bad[0]!r}.")
     if len(names) != len(configs):
         raise ValueError(f"{len(names)} names for {len(configs)} configs.")
-    clashes = sorted({n for n in names if names.count(n) > 1 or n in model.methods})
-    if clashes:
-        raise ValueError(
-            f"Method names {clashes} are given twice or already attached; pass distinct names=[...]."
-        )
+    for n in names:
+        if n in model.methods:
+            raise ValueError(
+                f"A method named {n!r} is already attached; remove it first or pick another name."
+            )
+        if names.count(n) > 1:
+            raise ValueError(f"The method name {n!r} is given twice; pass distinct names=[...].")
     classes = [model.method_classes[c.method_type] for c in configs]
     n_layers = len(model.ffl_sites)
     groups = [list(range(len(configs)))] if independent else share_groups(classes, configs, n_layers)
@@ -101,7 +113,9 @@ def fit_configs(
             for i in group:
                 for kind, layers in classes[i].probe_sites(configs[i], n_layers).items():
                     sites.setdefault(kind, set()).update(layers)
-            with shared_passes({k: sorted(v) for k, v in sites.items()}) as share:
+            # a lone config has nothing to share: its probes run as plain probes (no token fingerprints)
+            sharing = shared_passes(sites) if len(group) > 1 else contextlib.nullcontext()
+            with sharing as share:
                 for i in group:
                     fitted[i] = classes[i].fit(
                         model, configs[i], forget, retain, tokenizer, spec=spec, show_progress=show_progress
@@ -109,7 +123,7 @@ def fit_configs(
                     if not independent:
                         model.add_method(names[i], fitted[i])
                         attached.append(names[i])
-            if share.hits:
+            if share is not None and share.hits:
                 logger.info("fit: %d probe(s) reused a shared pass.", share.hits)
         if independent:
             for i in range(len(configs)):

@@ -119,7 +119,7 @@ class UnlearnedModelForCausalLM(
         prompt_column: str | None = None,
         completion_column: str | None = None,
         show_progress: bool = True,
-    ) -> UnlearningMethod:
+    ) -> UnlearningMethod | list[UnlearningMethod]:
         """Fit a method on forget (and retain) data, attach it under ``name`` and return it.
 
         The model is probed as it runs, with the methods already attached active.
@@ -141,34 +141,19 @@ class UnlearnedModelForCausalLM(
         spec = DataSpec(
             text_column, prompt_column, completion_column, batch_size, max_length, max_batch_tokens
         )
-        if isinstance(config, (list, tuple)):
-            return fit_configs(
-                self,
-                config,
-                forget,
-                retain,
-                tokenizer,
-                names=[name] if isinstance(name, str) else name,
-                spec=spec,
-                show_progress=show_progress,
-                independent=independent,
-            )
-        if not isinstance(config, MethodConfig):
-            raise TypeError(f"config must be a method config, got {type(config).__name__}.")
-        if config.method_type not in self.method_classes:
-            raise ValueError(
-                f"No implementation for method {config.method_type!r}; known: {sorted(self.method_classes)}."
-            )
-        name = name or config.method_type
-        if name in self._unlearn_methods:
-            raise ValueError(
-                f"A method named {name!r} is already attached; remove it first or pick another name."
-            )
-        method = self.method_classes[config.method_type].fit(
-            self, config, forget, retain, tokenizer, spec=spec, show_progress=show_progress
+        many = isinstance(config, (list, tuple))
+        fitted = fit_configs(
+            self,
+            config if many else [config],
+            forget,
+            retain,
+            tokenizer,
+            names=[name] if isinstance(name, str) and name else name or None,
+            spec=spec,
+            show_progress=show_progress,
+            independent=independent,
         )
-        self.add_method(name, method)
-        return method
+        return fitted if many else fitted[0]
 
     def add_method(self, name: str, method: UnlearningMethod) -> Attachment:
         """Attach a fitted method under ``name`` and return its attachment. Either every hook is registered or
