@@ -5,6 +5,7 @@ baseline, attached to any ``AutoModelForCausalLM`` through owned forward hooks.
 """
 
 from .data import DataSpec
+from .integrations.lm_eval import register as _register_lm_eval
 from .methods import (
     KeySpaceDetection,
     KeySpaceDetectionConfig,
@@ -20,6 +21,8 @@ from .sites import FFLSite, SiteError, find_ffl_sites
 from .stats import RunningStats, SiteStatistics, merge
 from .version import __version__
 from .wrapper import UnlearnedModelForCausalLM
+
+_register_lm_eval()  # the lm-eval model "unlearn_hf", where lm-eval is installed
 
 __all__ = [
     "DataSpec",

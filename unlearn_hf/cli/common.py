@@ -101,7 +101,7 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
                 name,
             )
             tok_sources = [name]
-        tokenizer = _load_tokenizer(tok_sources, model)
+        tokenizer = load_tokenizer(tok_sources, model)
     except (OSError, ValueError, UnlearnFormatError) as err:
         raise UserError(f"Cannot load model {name!r}: {_one_line(err)}") from err
     model.eval()
@@ -112,7 +112,7 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def _load_tokenizer(sources: list[str], model: Any) -> Any:
+def load_tokenizer(sources: list[str], model: Any) -> Any:
     """The first tokenizer found among ``sources`` (the model's own folder or repo, then its base model's)."""
     from transformers import AutoTokenizer
 

@@ -143,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt formats to score in: qa (Question/Answer template), chat "
         "(the tokenizer's chat template; MMLU stays 5-shot QA)",
     )
+    ev.add_argument(
+        "--harness",
+        choices=("native", "lm-eval"),
+        default="native",
+        help="native: this library's skill scores; lm-eval: lm-evaluation-harness tasks (--tasks)",
+    )
+    ev.add_argument("--tasks", default=None, help="lm-eval: comma-separated task names or YAML paths")
+    ev.add_argument("--limit", type=POSITIVE_INT, default=None, help="lm-eval: documents per task")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
     ev.add_argument("--n-eval", type=POSITIVE_INT, default=50, help="held-out items per skill")
     ev.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     ev.add_argument("--output", default=None, help="write the results JSON here")
@@ -285,6 +294,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in PROMPT_FORMATS]
     if bad or not formats:
         raise UserError(f"Unknown prompt formats {bad}; choose from {', '.join(PROMPT_FORMATS)}.")
+    if args.harness == "lm-eval":
+        from .harness import evaluate_lm_eval
+
+        return evaluate_lm_eval(args, formats, output)
+    if args.tasks is not None:
+        raise UserError("--tasks names lm-eval tasks; add --harness lm-eval.")
     skills = load_skills(split_names(args.skills), args.data_dir)
     model, tok = load_model(args.model, args.dtype)
     scores = {

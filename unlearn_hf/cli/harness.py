@@ -1,0 +1,65 @@
+"""``unlearn-hf evaluate --harness lm-eval``: lm-evaluation-harness tasks, in every prompt format asked for."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import UserError, load_model, split_names
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def evaluate_lm_eval(args: argparse.Namespace, formats: list[str], output: Path | None) -> int:
+    """Run lm-eval's tasks on ``args.model`` once per format; print our table, write our report to ``output`` and
+    lm-eval's own results beside it (``<output>.lm_eval.json``)."""
+    from ..evaluation import build_report, markdown_table, write_json
+
+    try:
+        from lm_eval.utils import handle_non_serializable
+
+        from ..integrations.lm_eval.run import evaluate_with_lm_eval, summary
+    except ImportError as err:
+        raise UserError(
+            f"--harness lm-eval needs lm-eval ({err}): pip install 'unlearn_hf[lm-eval]'."
+        ) from err
+    tasks = split_names(args.tasks or "")
+    if not tasks:
+        raise UserError("--harness lm-eval needs --tasks: lm-eval task names or YAML paths, comma-separated.")
+    missing = [t for t in tasks if t.endswith(YAML_SUFFIXES) and not Path(t).expanduser().is_file()]
+    if missing:
+        raise UserError(f"--tasks: no such YAML file {missing}.")
+    tasks = [str(Path(t).expanduser()) if t.endswith(YAML_SUFFIXES) else t for t in tasks]
+    model, tok = load_model(args.model, args.dtype)
+    results, scores = {}, {}
+    for fmt in formats:
+        try:
+            results[fmt] = evaluate_with_lm_eval(
+                model,
+                tok,
+                tasks,
+                prompt_format=fmt,
+                batch_size=args.batch_size,
+                limit=args.limit,
+                num_fewshot=args.num_fewshot,
+            )
+        except KeyError as err:
+            raise UserError(f"lm-eval cannot load the tasks {tasks}: {' '.join(str(err).split())}") from err
+        scores[f"{args.model} [{fmt}]"] = summary(results[fmt])
+    meta = {
+        "model": args.model,
+        "harness": "lm-eval",
+        "tasks": tasks,
+        "formats": formats,
+        "limit": args.limit,
+    }
+    report = build_report(scores, metadata=meta)
+    print(markdown_table(report))
+    if output is not None:
+        write_json(report, output)
+        lm_path = output.with_name(output.stem + ".lm_eval.json")
+        text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        lm_path.write_text(text + "\n", encoding="utf-8")
+        print(f"results written to {output} (lm-eval's own: {lm_path})")
+    return 0

@@ -1,0 +1,1 @@
+"""Integrations with the tools people already evaluate models with (lm-evaluation-harness)."""

@@ -1,0 +1,262 @@
+"""``UnlearnedLM``: lm-eval's ``HFLM`` for unlearned models, registered as ``unlearn_hf``.
+
+**Semantics of scoring a model that abstains** (see ``docs/EVALUATION.md``):
+
+- *The decision is made on the context*, per request, alone: the context's tokens (as lm-eval feeds them, left
+  truncated to ``max_length``) go through :meth:`UnlearnedModelForCausalLM.detect` one request at a time, without
+  padding. So a request's decision is the same at every batch size and padding side; decisions are cached by
+  token sequence (the choices of a multiple-choice question share one).
+- *The scoring forwards run with abstention switched off*, so they measure the model itself (the base model, or
+  the base model as Neuron Adjust / Selective Pruning change it): a request the model does not abstain on scores
+  exactly what the base model scores in the same batch.
+- *An abstained request is answered by the refusal*: ``loglikelihood`` gives ``(-inf, False)`` (under the refusal
+  the continuation has probability zero), ``loglikelihood_rolling`` ``-inf``, ``generate_until`` the refusal text.
+  Every value carries its decision (:mod:`.results`), from which :mod:`.scoring` scores the document as wrong and
+  reports the ``abstained`` metric.
+- *Neuron Adjust scores deterministically* (``deterministic_neuron_adjust=True``, the default): its random
+  replacement draws depend on the batch shape, so scores would change with lm-eval's batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils_hf import get_dtype
+
+from ...context import is_unlearned_model
+from .results import GenerationResult, LoglikelihoodResult, RollingResult
+from .scoring import install_scoring
+
+logger = logging.getLogger(__name__)
+
+#: HFLM arguments that load or shard a model in ways an unlearned checkpoint does not support.
+UNSUPPORTED = {
+    "parallelize": False,
+    "tp_plan": None,
+    "peft": None,
+    "delta": None,
+    "autogptq": False,
+    "gptqmodel": False,
+    "gguf_file": None,
+    "subfolder": "",
+}
+
+
+@register_model("unlearn_hf")
+class UnlearnedLM(HFLM):
+    """lm-eval's Hugging Face model class for a model unlearned with unlearn_hf (see the module docstring).
+
+    Args:
+        pretrained: an unlearned checkpoint (a local folder or a Hub repo holding ``unlearn_config.json``, light
+            or full layout) or an ``UnlearnedModelForCausalLM`` in memory.
+        tokenizer: a tokenizer or its name; by default the checkpoint's own, else its base model's.
+        revision / dtype / device / trust_remote_code: as for ``HFLM`` (``device`` falls back to the CPU when
+            CUDA is asked for and missing).
+        ignore_fingerprint: load even if the base model differs from the one the unlearning was fitted on.
+        deterministic_neuron_adjust: switch Neuron Adjust methods to deterministic replacement while scoring.
+        kwargs: the other ``HFLM`` arguments (``batch_size``, ``max_length``, ``add_bos_token``, ...).
+    """
+
+    def __init__(
+        self,
+        pretrained: Any,
+        tokenizer: Any = None,
+        *,
+        revision: str | None = "main",
+        dtype: str | torch.dtype | None = "auto",
+        device: str | None = "cuda",
+        trust_remote_code: bool | None = False,
+        ignore_fingerprint: bool = False,
+        deterministic_neuron_adjust: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        refused = sorted(k for k, default in UNSUPPORTED.items() if k in kwargs and kwargs[k] != default)
+        if refused:
+            raise ValueError(f"unlearn_hf models do not support the HFLM arguments {refused}.")
+        for key in UNSUPPORTED:
+            kwargs.pop(key, None)
+        if kwargs.get("backend", "default") not in ("default", "causal"):
+            raise ValueError(
+                f"unlearn_hf models are causal LMs; backend={kwargs['backend']!r} is not supported."
+            )
+        if isinstance(pretrained, str):
+            name = pretrained
+            pretrained, tokenizer = _load(
+                pretrained, tokenizer, revision, dtype, device, trust_remote_code, ignore_fingerprint
+            )
+        elif not is_unlearned_model(pretrained):
+            raise TypeError(
+                f"pretrained must be an unlearned checkpoint or UnlearnedModelForCausalLM, got {type(pretrained).__name__}"
+                " (evaluate a plain transformers model with lm-eval's 'hf' model)."
+            )
+        else:
+            name = getattr(pretrained.config, "_name_or_path", type(pretrained).__name__)
+        if deterministic_neuron_adjust:
+            switched = use_deterministic_neuron_adjust(pretrained)
+            if switched:
+                logger.warning(
+                    "Neuron Adjust %s scores with deterministic replacement (batch-independent).", switched
+                )
+        install_scoring()
+        super().__init__(
+            pretrained=pretrained, tokenizer=tokenizer, trust_remote_code=trust_remote_code, **kwargs
+        )
+        self.pretrained = name
+        self._decisions: dict[tuple[int, ...], tuple[str, ...]] = {}
+
+    def get_model_info(self) -> dict[str, Any]:
+        """lm-eval's model record, with the unlearning methods, without asking the Hub for a commit."""
+        from ...version import __version__
+
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(self.model.dtype),
+            "model_revision": self.revision,
+            "unlearn_hf_version": __version__,
+            "unlearn_hf_methods": {n: m.method_type for n, m in self.model.methods.items()},
+        }
+
+    # --- the decision -------------------------------------------------------------------------------------------
+
+    def abstainers(self, tokens: list[int]) -> tuple[str, ...]:
+        """The abstaining methods that refuse a request whose context is ``tokens`` (empty: it is answered),
+        decided on those tokens alone (batch of one, no padding)."""
+        key = tuple(tokens[-self.max_length :])
+        if key not in self._decisions:
+            if not key or not self.model.has_abstention:
+                self._decisions[key] = ()
+            else:
+                by = self.model.detect(torch.tensor([key], dtype=torch.long), by_method=True)
+                self._decisions[key] = tuple(n for n, flags in by.items() if bool(flags[0]))
+        return self._decisions[key]
+
+    def refusal_text(self, abstainers: tuple[str, ...]) -> str:
+        """What ``generate`` emits for a row these methods abstain on: the refusal of the last of them in attach
+        order (its logits processor runs last), without end-of-sequence."""
+        names = [n for n in self.model.attachments if n in abstainers]
+        refusal = getattr(self.model.attachments[names[-1]], "refusal", None) if names else None
+        ids = getattr(refusal, "refusal_ids", None)
+        return self.tok_decode(ids.tolist()) if ids is not None and ids.numel() else ""
+
+    def _context_tokens(self, context: str, continuation: str) -> list[int]:
+        """The context's tokens as ``loglikelihood`` feeds them (empty context: nothing to decide on)."""
+        return self._encode_pair(context, continuation)[0] if context else []
+
+    # --- lm-eval's request types --------------------------------------------------------------------------------
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
+        with self.model.disable_abstention():
+            return super()._model_call(inps, attn_mask, labels)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> Any:
+        with self.model.disable_abstention():
+            return super()._model_generate(context, max_length, stop, **kwargs)
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[LoglikelihoodResult]:
+        # every request is scored, so the batches (and the answered requests' values) are the base model's
+        scores = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        out = []
+        for req, (logprob, greedy) in zip(requests, scores, strict=True):
+            refused = bool(self.abstainers(self._context_tokens(*req.args)))
+            out.append(
+                LoglikelihoodResult(float("-inf"), False, True)
+                if refused
+                else LoglikelihoodResult(logprob, greedy, False)
+            )
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[RollingResult]:
+        scores = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        out = []
+        for req, logprob in zip(requests, scores, strict=True):
+            # the text is the request: decided on its first max_length tokens (the first window the model reads)
+            refused = bool(self.abstainers(self.tok_encode(req.args[0])[: self.max_length]))
+            out.append(RollingResult(float("-inf"), True) if refused else RollingResult(logprob, False))
+        return out
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[GenerationResult]:
+        refusals: list[str | None] = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            budget = self.max_length - int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            who = self.abstainers(self.tok_encode(context)[-max(budget, 1) :])
+            refusals.append(_cut(self.refusal_text(who), gen_kwargs.get("until")) if who else None)
+        answered = [req for req, r in zip(requests, refusals) if r is None]
+        texts = iter(super().generate_until(answered, disable_tqdm=disable_tqdm) if answered else [])
+        return [
+            GenerationResult(next(texts), False) if r is None else GenerationResult(r, True) for r in refusals
+        ]
+
+
+def _cut(text: str, until: Any) -> str:
+    """``text`` up to its first stop sequence, as lm-eval post-processes generations."""
+    stops = [until] if isinstance(until, str) else list(until or [])
+    for stop in stops:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text
+
+
+def _load(
+    name: str,
+    tokenizer: Any,
+    revision: str | None,
+    dtype: Any,
+    device: str | None,
+    trust_remote_code: bool | None,
+    ignore_fingerprint: bool,
+) -> tuple[Any, Any]:
+    """Load an unlearned checkpoint (refusing a plain model) and its tokenizer, on ``device``."""
+    from ...cli.common import has_unlearning, load_tokenizer
+    from ...wrapper import UnlearnedModelForCausalLM
+
+    if not has_unlearning(name):
+        raise ValueError(
+            f"{name!r} holds no unlearn_config.json, so it is not an unlearned model; evaluate a plain model with "
+            "lm-eval's 'hf' model."
+        )
+    torch_dtype = dtype if dtype in (None, "auto") else get_dtype(dtype)
+    model = UnlearnedModelForCausalLM.from_pretrained(
+        name,
+        revision=None if revision in (None, "main") else revision,
+        dtype=torch_dtype if torch_dtype is not None else "auto",
+        trust_remote_code=bool(trust_remote_code),
+        ignore_fingerprint=ignore_fingerprint,
+    )
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        logger.info("CUDA is not available: evaluating %s on the CPU.", name)
+        device = "cpu"
+    model.to(torch.device(device or "cpu")).eval()
+    if tokenizer is None:
+        tokenizer = load_tokenizer([name, getattr(model.config, "_name_or_path", "")], model)
+    return model, tokenizer
+
+
+def use_deterministic_neuron_adjust(model: Any) -> list[str]:
+    """Re-attach the model's random-mode Neuron Adjust methods in deterministic mode (same statistics, same order
+    of methods); returns their names."""
+    from ...methods import NeuronAdjust
+
+    methods = dict(model.methods)
+    random = [n for n, m in methods.items() if isinstance(m, NeuronAdjust) and not m.config.deterministic]
+    if not random:
+        return []
+    swapped = {
+        n: type(m)(dataclasses.replace(m.config, deterministic=True), m.state) if n in random else m
+        for n, m in methods.items()
+    }
+    model.remove_all_methods()
+    try:
+        for name, method in swapped.items():
+            model.add_method(name, method)
+    except Exception:
+        model.remove_all_methods()
+        for name, method in methods.items():
+            model.add_method(name, method)
+        raise
+    return random
