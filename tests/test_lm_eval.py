@@ -1,0 +1,259 @@
+"""lm-evaluation-harness on unlearned models (``unlearn_hf.integrations.lm_eval``), offline, on local YAML tasks
+built from the shared data sets, with a tiny model whose forget queries Key Space Detection separates.
+
+Every check compares against an independent run: ``detect`` on the context's own tokens for the decision, lm-eval's
+plain ``HFLM`` on the base model for the answered requests' scores, the refusal's text for generations.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers_data import REPO_ROOT
+from helpers_ksd import FORGET, N_LAYERS
+from helpers_lm_eval import generation_task, loglikelihood_task, mbpp_texts, mc_task, mmlu_rows, sum_choices
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from tiny_models import tiny_llama
+
+from unlearn_hf import KeySpaceDetectionConfig, NeuronAdjustConfig, UnlearnedModelForCausalLM
+from unlearn_hf.cli.main import main
+from unlearn_hf.integrations.lm_eval.model import UnlearnedLM
+
+REFUSAL = "I can't help with that."
+N_FORGET = 8
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return copy.deepcopy(smollm2[1])
+
+
+@pytest.fixture(scope="module")
+def setup(tok):
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5, refusal=REFUSAL),
+        forget=FORGET,
+        tokenizer=tok,
+        show_progress=False,
+    )
+    return model, unlearned
+
+
+def forget_docs() -> list[dict]:
+    """The fitted arithmetic questions as multiple choice, the gold answer at every position (0 included)."""
+    docs = []
+    for i, q in enumerate(FORGET[:N_FORGET]):
+        a, b = map(int, re.findall(r"\d+", q))
+        docs.append({"question": q, **sum_choices(a, b, i % 4)})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory, shared_data):
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    retain = mmlu_rows("high_school_geography", 6, shared_data)
+    return {
+        "mc": mc_task(folder, forget_docs(), retain),
+        "gen": generation_task(folder, FORGET[:3], mbpp_texts(3, shared_data)),
+        "ll": loglikelihood_task(folder, FORGET[:3], mbpp_texts(3, shared_data)),
+    }
+
+
+def run(lm, *paths):
+    return simple_evaluate(
+        model=lm,
+        tasks=[str(p) for p in paths],
+        task_manager=TaskManager(include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+
+
+def expected_abstention(unlearned, tok, contexts: list[str]) -> list[bool]:
+    """The independent decision: ``detect`` on each context's tokens alone."""
+    return [bool(unlearned.detect(torch.tensor([tok(c)["input_ids"]]))[0]) for c in contexts]
+
+
+def test_registered_under_its_name_with_lm_evals_own_models():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("unlearn_hf") is UnlearnedLM
+    assert get_model("hf") is HFLM
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_multiple_choice_abstained_items_are_wrong_at_every_batch_size(setup, tok, tasks, side):
+    model, unlearned = setup
+    tok = copy.deepcopy(tok)
+    tok.padding_side = side
+    docs = [json.loads(line) for line in tasks["mc"].with_suffix(".jsonl").read_text().splitlines()]
+    expected = expected_abstention(unlearned, tok, [d["question"] for d in docs])
+    assert expected[:N_FORGET] == [True] * N_FORGET and not all(expected[N_FORGET:])
+    for batch_size in (1, 4, 16):
+        out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=batch_size), tasks["mc"])
+        base = run(HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size), tasks["mc"])
+        samples, base_samples = out["samples"]["ul_mc"], base["samples"]["ul_mc"]
+        assert [s["abstained"] for s in samples] == [float(e) for e in expected], batch_size
+        for s, b, refused in zip(samples, base_samples, expected):
+            if refused:  # scored as a wrong choice, whatever the gold position (0 included)
+                assert s["acc"] == 0.0 and s["acc_norm"] == 0.0
+                assert all(r[0][0] == -math.inf for r in s["resps"])
+            else:  # exactly the base model's scores in the same batches
+                assert [r[0] for r in s["resps"]] == [r[0] for r in b["resps"]]
+                assert (s["acc"], s["acc_norm"]) == (b["acc"], b["acc_norm"])
+        result = out["results"]["ul_mc"]
+        assert result["abstained,none"] == pytest.approx(sum(expected) / len(expected))
+        answered = [b["acc"] for b, e in zip(base_samples, expected) if not e]
+        assert result["acc,none"] == pytest.approx(sum(answered) / len(expected))
+        assert "abstained,none" not in base["results"]["ul_mc"]  # other models' tasks are left alone
+        assert out["higher_is_better"]["ul_mc"]["abstained"] is False
+
+
+def test_generate_until_returns_the_refusal_and_the_base_models_answers(setup, tok, tasks):
+    model, unlearned = setup
+    out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=1), tasks["gen"])
+    base = run(HFLM(pretrained=model, tokenizer=tok, batch_size=1), tasks["gen"])
+    expected = expected_abstention(unlearned, tok, [s["doc"]["question"] for s in out["samples"]["ul_gen"]])
+    assert expected == [True] * 3 + [False] * 3
+    for s, b, refused in zip(out["samples"]["ul_gen"], base["samples"]["ul_gen"], expected):
+        assert s["abstained"] == float(refused)
+        assert s["resps"] == ([[REFUSAL]] if refused else b["resps"])
+    assert out["results"]["ul_gen"]["abstained,none"] == 0.5
+
+
+def test_loglikelihood_of_an_abstained_context_is_minus_infinity(setup, tok, tasks):
+    model, unlearned = setup
+    out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=2), tasks["ll"])
+    base = run(HFLM(pretrained=model, tokenizer=tok, batch_size=2), tasks["ll"])
+    for s, b in zip(out["samples"]["ul_ll"], base["samples"]["ul_ll"]):
+        if s["abstained"]:
+            assert s["resps"] == [[(-math.inf, False)]] and s["acc"] == 0
+        else:
+            assert s["resps"] == b["resps"]
+    assert [s["abstained"] for s in out["samples"]["ul_ll"]] == [1.0] * 3 + [0.0] * 3
+    assert out["results"]["ul_ll"]["perplexity,none"] == math.inf
+
+
+def test_neuron_adjust_scores_do_not_depend_on_the_batch_size(tok, tasks, shared_data):
+    """Random replacement draws depend on the batch shape (the issue's −24.07 vs −23.29); the lm-eval model
+    scores with deterministic replacement, and leaves the method list as it was (same names, same order)."""
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(layers=N_LAYERS, seed=3))
+    retain = mbpp_texts(12, shared_data)
+    unlearned.fit(
+        NeuronAdjustConfig(ratio=0.3), forget=FORGET, retain=retain, tokenizer=tok, show_progress=False
+    )
+    unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5), forget=FORGET, tokenizer=tok, show_progress=False
+    )
+    names = list(unlearned.methods)
+
+    def scores(lm, batch_size):
+        lm.batch_size_per_gpu = batch_size
+        return [s["resps"] for s in run(lm, tasks["mc"])["samples"]["ul_mc"]]
+
+    random_lm = UnlearnedLM(
+        pretrained=copy.deepcopy(unlearned), tokenizer=tok, deterministic_neuron_adjust=False
+    )
+    a, b = scores(random_lm, 1), scores(random_lm, 4)
+    assert a != b  # the draws follow the batch shape
+    lm = UnlearnedLM(pretrained=unlearned, tokenizer=tok)
+    assert list(unlearned.methods) == names and unlearned.methods[names[0]].config.deterministic
+    one, four = scores(lm, 1), scores(lm, 4)
+    flat = [(x[0][0], y[0][0]) for p, q in zip(one, four) for x, y in zip(p, q)]
+    assert all(
+        x == y or abs(x - y) <= 1e-4 * abs(x) for x, y in flat
+    )  # float rounding of batched matmuls only
+
+
+def test_refuses_plain_models_and_unsupported_arguments(setup, tok):
+    model, unlearned = setup
+    with pytest.raises(TypeError, match="'hf' model"):
+        UnlearnedLM(pretrained=model, tokenizer=tok)
+    with pytest.raises(ValueError, match="parallelize"):
+        UnlearnedLM(pretrained=unlearned, tokenizer=tok, parallelize=True)
+
+
+@pytest.fixture(scope="module")
+def saved(setup, tok, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unlearned")
+    setup[1].save_pretrained(folder, save_base_model=True, tokenizer=tok)
+    return folder
+
+
+def test_loads_a_checkpoint_folder_and_refuses_a_plain_one(saved, setup, tok, tasks, tmp_path):
+    lm = UnlearnedLM(pretrained=str(saved), dtype="float32", device="cpu", batch_size=4)
+    out = run(lm, tasks["mc"])
+    assert out["results"]["ul_mc"]["abstained,none"] == pytest.approx(N_FORGET / 14)
+    assert out["config"]["unlearn_hf_methods"] == {"key_space_detection": "key_space_detection"}
+    setup[0].save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not an unlearned model"):
+        UnlearnedLM(pretrained=str(tmp_path / "plain"), device="cpu")
+
+
+def test_cli_evaluate_with_lm_eval_writes_both_reports(saved, tasks, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = main(
+        [
+            "evaluate",
+            "--harness",
+            "lm-eval",
+            "--model",
+            str(saved),
+            "--tasks",
+            f"{tasks['mc']},{tasks['gen']}",
+        ]
+        + ["--formats", "qa", "--batch-size", "4", "--output", str(out), "--quiet"]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    scores = report["scores"][f"{saved} [qa]"]
+    assert scores["ul_mc abstained"] == pytest.approx(N_FORGET / 14)
+    assert scores["ul_gen abstained"] == 0.5
+    lm_eval_json = json.loads((tmp_path / "report.lm_eval.json").read_text())
+    assert lm_eval_json["qa"]["results"]["ul_mc"]["abstained,none"] == pytest.approx(N_FORGET / 14)
+    assert "ul_mc abstained" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "needs --tasks"),
+        (["--tasks", "no/such/task.yaml"], "no such YAML file"),
+        (["--tasks", "no_such_lm_eval_task"], "cannot load the tasks"),
+    ],
+)
+def test_cli_lm_eval_user_errors_are_one_line(saved, extra, message, capsys):
+    code = main(
+        ["evaluate", "--harness", "lm-eval", "--model", str(saved), "--formats", "qa", "--quiet", *extra]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_tasks_without_the_lm_eval_harness_is_an_error(capsys):
+    assert main(["evaluate", "--tasks", "mmlu", "--quiet"]) == 2
+    assert "--harness lm-eval" in capsys.readouterr().err
+
+
+def test_launcher_runs_lm_evals_command_line_with_the_model_registered(saved, tasks, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "unlearn_hf.integrations.lm_eval", "--model", "unlearn_hf"]
+    cmd += ["--model_args", f"pretrained={saved},dtype=float32", "--tasks", str(tasks["mc"])]
+    cmd += ["--device", "cpu", "--batch_size", "4", "--output_path", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = list(out.rglob("results_*.json"))
+    assert len(written) == 1
+    result = json.loads(written[0].read_text())["results"]["ul_mc"]
+    assert result["abstained,none"] == pytest.approx(N_FORGET / 14)
