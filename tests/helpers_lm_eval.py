@@ -5,31 +5,11 @@ sets (MMLU rows for multiple choice, MBPP tasks for generation)."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from helpers_data import SHARED_DATA, read_jsonl
 
-MC_METRICS = """metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-def _write(folder: Path, name: str, docs: list[dict], body: str) -> Path:
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-    path = folder / f"{name}.yaml"
-    path.write_text(
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        f"test_split: test\n{body}",
-        encoding="utf-8",
-    )
-    return path
+from benchmarks.lm_eval_formats import MC_METRICS, write_task
 
 
 def mmlu_rows(subject: str, n: int, data: Path = SHARED_DATA) -> list[dict]:
@@ -52,13 +32,15 @@ def sum_choices(a: int, b: int, gold: int) -> dict:
     return {"choices": [str(c) for c in choices], "answer": gold}
 
 
-def mc_task(folder: Path, forget: list[dict], retain: list[dict], name: str = "ul_mc") -> Path:
+def mc_task(
+    folder: Path, forget: list[dict], retain: list[dict], name: str = "ul_mc", metrics: str = MC_METRICS
+) -> Path:
     """``forget`` / ``retain``: ``{"question", "choices", "answer"}``; the context is the question as given."""
     body = (
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: answer\ntarget_delimiter: ' '\n" + MC_METRICS
+        "doc_to_target: answer\ntarget_delimiter: ' '\n" + metrics
     )
-    return _write(folder, name, forget + retain, body)
+    return write_task(folder, name, forget + retain, body)
 
 
 def generation_task(folder: Path, forget: list[str], retain: list[str], name: str = "ul_gen") -> Path:
@@ -68,7 +50,7 @@ def generation_task(folder: Path, forget: list[str], retain: list[str], name: st
         "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
-    return _write(folder, name, docs, body)
+    return write_task(folder, name, docs, body)
 
 
 def loglikelihood_task(folder: Path, forget: list[str], retain: list[str], name: str = "ul_ll") -> Path:
@@ -78,10 +60,20 @@ def loglikelihood_task(folder: Path, forget: list[str], retain: list[str], name:
         "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
         "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
-    return _write(folder, name, docs, body)
+    return write_task(folder, name, docs, body)
 
 
 def mbpp_texts(n: int, data: Path = SHARED_DATA) -> list[str]:
     """The first ``n`` MBPP test tasks' descriptions (task ids 11..)."""
     rows = [r for r in read_jsonl(data / "mbpp" / "mbpp.jsonl") if 11 <= r["task_id"] <= 510]
     return [r["text"] for r in rows[:n]]
+
+
+def rolling_task(folder: Path, forget: list[str], retain: list[str], name: str = "ul_rolling") -> Path:
+    """Perplexity of whole texts (``loglikelihood_rolling``)."""
+    docs = [{"text": t} for t in forget + retain]
+    body = (
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
+    return write_task(folder, name, docs, body)

@@ -18,7 +18,15 @@ import pytest
 import torch
 from helpers_data import REPO_ROOT
 from helpers_ksd import FORGET, N_LAYERS
-from helpers_lm_eval import generation_task, loglikelihood_task, mbpp_texts, mc_task, mmlu_rows, sum_choices
+from helpers_lm_eval import (
+    generation_task,
+    loglikelihood_task,
+    mbpp_texts,
+    mc_task,
+    mmlu_rows,
+    rolling_task,
+    sum_choices,
+)
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
@@ -67,6 +75,14 @@ def tasks(tmp_path_factory, shared_data):
         "mc": mc_task(folder, forget_docs(), retain),
         "gen": generation_task(folder, FORGET[:3], mbpp_texts(3, shared_data)),
         "ll": loglikelihood_task(folder, FORGET[:3], mbpp_texts(3, shared_data)),
+        "rolling": rolling_task(folder, FORGET[:3], mbpp_texts(3, shared_data)),
+        "mutual": mc_task(
+            folder,
+            forget_docs(),
+            retain,
+            name="ul_mutual",
+            metrics="metric_list:\n  - metric: acc\n  - metric: acc_mutual_info\n",
+        ),
     }
 
 
@@ -145,6 +161,35 @@ def test_loglikelihood_of_an_abstained_context_is_minus_infinity(setup, tok, tas
     assert out["results"]["ul_ll"]["perplexity,none"] == math.inf
 
 
+def test_mutual_information_accuracy_of_abstained_items_is_wrong(setup, tok, tasks):
+    """With ``acc_mutual_info`` lm-eval adds one unconditional request per choice (empty context: never refused);
+    the refused conditional ones still make the document wrong, the gold at position 0 included."""
+    model, unlearned = setup
+    out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=4), tasks["mutual"])
+    base = run(HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks["mutual"])
+    samples = out["samples"]["ul_mutual"]
+    assert [s["abstained"] for s in samples[:N_FORGET]] == [1.0] * N_FORGET
+    assert all(s["acc"] == 0 and s["acc_mutual_info"] == 0 for s in samples[:N_FORGET])
+    for s, b in zip(samples, base["samples"]["ul_mutual"]):
+        assert len(s["resps"]) == 8  # four conditional, four unconditional requests
+        assert [r[0] for r in s["resps"][4:]] == [r[0] for r in b["resps"][4:]]  # unconditional: answered
+        if not s["abstained"]:
+            assert (s["acc"], s["acc_mutual_info"]) == (b["acc"], b["acc_mutual_info"])
+
+
+def test_rolling_loglikelihood_decides_on_the_text_itself(setup, tok, tasks):
+    model, unlearned = setup
+    out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=2), tasks["rolling"])
+    base = run(HFLM(pretrained=model, tokenizer=tok, batch_size=2), tasks["rolling"])
+    samples = out["samples"]["ul_rolling"]
+    expected = expected_abstention(unlearned, tok, [s["doc"]["text"] for s in samples])
+    assert expected == [True] * 3 + [False] * 3
+    for s, b, refused in zip(samples, base["samples"]["ul_rolling"], expected):
+        assert s["abstained"] == float(refused)
+        assert s["resps"] == ([[-math.inf]] if refused else b["resps"])
+    assert out["results"]["ul_rolling"]["word_perplexity,none"] == math.inf
+
+
 def test_neuron_adjust_scores_do_not_depend_on_the_batch_size(tok, tasks, shared_data):
     """Random replacement draws depend on the batch shape (the issue's −24.07 vs −23.29); the lm-eval model
     scores with deterministic replacement, and leaves the method list as it was (same names, same order)."""
@@ -213,15 +258,22 @@ def test_cli_evaluate_with_lm_eval_writes_both_reports(saved, tasks, tmp_path, c
             "--tasks",
             f"{tasks['mc']},{tasks['gen']}",
         ]
-        + ["--formats", "qa", "--batch-size", "4", "--output", str(out), "--quiet"]
+        + ["--formats", "qa,chat", "--batch-size", "4", "--output", str(out), "--quiet"]
     )
     assert code == 0
     report = json.loads(out.read_text())
     scores = report["scores"][f"{saved} [qa]"]
     assert scores["ul_mc abstained"] == pytest.approx(N_FORGET / 14)
     assert scores["ul_gen abstained"] == 0.5
+    chat = report["scores"][
+        f"{saved} [chat]"
+    ]  # the same tasks through the chat template: a decision per prompt
+    assert set(chat) == set(scores) and 0 <= chat["ul_mc abstained"] <= 1
     lm_eval_json = json.loads((tmp_path / "report.lm_eval.json").read_text())
     assert lm_eval_json["qa"]["results"]["ul_mc"]["abstained,none"] == pytest.approx(N_FORGET / 14)
+    assert lm_eval_json["chat"]["config"]["unlearn_hf_methods"] == {
+        "key_space_detection": "key_space_detection"
+    }
     assert "ul_mc abstained" in capsys.readouterr().out
 
 
