@@ -2,9 +2,9 @@
 base and the unlearned model, in the QA template and through lm-eval's ``--apply_chat_template``.
 
 Tasks (local multiple choice, written as lm-eval YAML + JSON Lines): the first ``n`` GSM8K test questions (the
-forget skill; the gold answer and three numeric distractors, the gold at position ``i % 4``), the first question of
-``n`` non-math MMLU test subjects (to keep), and of the math subjects (reported apart: abstaining there is
-forgetting math). Prompts ``Question: …\\nAnswer:`` (MMLU with its lettered choices).
+forget skill; the gold answer and three numeric distractors, the gold at position ``i % 4``), ``n`` MMLU test
+questions of the non-math subjects (to keep) and of the math subjects (reported apart: abstaining there is
+forgetting math), round-robin over the subjects. Prompts ``Question: …\\nAnswer:`` (MMLU with its lettered choices).
 
 KSD fits: ``fixed`` (the integration test's: 100 plain GSM8K train questions, layer 20, α = 1, no calibration)
 or ``default`` (``KeySpaceDetectionConfig()`` on 200 plain GSM8K train questions, calibrated on MBPP train tasks
@@ -71,18 +71,21 @@ def gsm8k_mc(folder: Path, data: Path, n: int) -> Path:
 
 
 def mmlu_mc(folder: Path, data: Path, n: int, math: bool) -> Path:
-    """The first question of each of the first ``n`` (math or non-math) MMLU test subjects."""
-    docs = []
+    """``n`` (math or non-math) MMLU test questions, round-robin over the subjects (sorted by file name): the first
+    question of every subject, then the second, ..."""
+    subjects = []
     for path in sorted((data / "mmlu" / "test").glob("*.csv")):
-        if (path.stem.rsplit("_", 1)[0] in MATH_SUBJECTS) != math or len(docs) == n:
-            continue
-        with open(path, encoding="utf-8", newline="") as f:
-            r = next(csv.DictReader(f))
-        choices = [r[f"choice{i}"] for i in range(4)]
-        docs.append(
-            {"question": r["question"], "A": choices[0], "B": choices[1], "C": choices[2], "D": choices[3]}
-        )
-        docs[-1].update(choices=["A", "B", "C", "D"], answer=int(r["answer"]))
+        if (path.stem.rsplit("_", 1)[0] in MATH_SUBJECTS) == math:
+            with open(path, encoding="utf-8", newline="") as f:
+                subjects.append(list(csv.DictReader(f)))
+    docs, depth = [], 0
+    while len(docs) < n and depth < max(len(rows) for rows in subjects):
+        for rows in subjects:
+            if depth < len(rows) and len(docs) < n:
+                r = rows[depth]
+                docs.append({"question": r["question"], **{k: r[f"choice{i}"] for i, k in enumerate("ABCD")}})
+                docs[-1].update(choices=["A", "B", "C", "D"], answer=int(r["answer"]))
+        depth += 1
     body = "doc_to_text: 'Question: {{question}}\\nA. {{A}}\\nB. {{B}}\\nC. {{C}}\\nD. {{D}}\\nAnswer:'\n"
     return write_task(folder, "mmlu_math_mc" if math else "mmlu_other_mc", docs, body + MC_BODY + MC_METRICS)
 

@@ -246,6 +246,27 @@ def test_loads_a_checkpoint_folder_and_refuses_a_plain_one(saved, setup, tok, ta
         UnlearnedLM(pretrained=str(tmp_path / "plain"), device="cpu")
 
 
+def test_loads_an_unlearned_hub_repo_with_its_tokenizer(setup, tok, tasks, tmp_path):
+    """The Hub path for real: pushed to a loopback Hub, loaded by name (and a plain repo refused)."""
+    from hub_server import hub_env, start_hub_server
+
+    with start_hub_server(tmp_path) as hub, hub_env(hub.endpoint, tmp_path / "cache", token="hf_lm_eval_token"):
+        setup[1].push_to_hub(
+            "test-user/tiny-no-math",
+            save_base_model=True,
+            tokenizer=tok,
+            base_model_name_or_path="test-user/tiny-origin",
+            forget_skill="arithmetic",
+        )
+        setup[0].push_to_hub("test-user/tiny-plain")
+        lm = UnlearnedLM(pretrained="test-user/tiny-no-math", device="cpu", dtype="float32", batch_size=4)
+        assert lm.tokenizer.get_vocab() == tok.get_vocab()
+        out = run(lm, tasks["mc"])
+        with pytest.raises(ValueError, match="not an unlearned model"):
+            UnlearnedLM(pretrained="test-user/tiny-plain", device="cpu")
+    assert out["results"]["ul_mc"]["abstained,none"] == pytest.approx(N_FORGET / 14)
+
+
 def test_cli_evaluate_with_lm_eval_writes_both_reports(saved, tasks, tmp_path, capsys):
     out = tmp_path / "report.json"
     code = main(
