@@ -20,6 +20,24 @@ OTHER = [
 N_LAYERS = 4
 
 
+def separable_ksd(tok, refusal: str = "I can't help with that."):
+    """``(model, unlearned)``: a tiny Llama with Key Space Detection fitted on :data:`FORGET` (layer 1, α = 1.5),
+    whose forget queries are separable from :data:`OTHER` (see test_key_space_detection)."""
+    from tiny_models import tiny_llama
+
+    from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
+
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5, refusal=refusal),
+        forget=FORGET,
+        tokenizer=tok,
+        show_progress=False,
+    )
+    return model, unlearned
+
+
 def encode(tok, texts, side="left"):
     tok.padding_side = side
     return tok(texts, return_tensors="pt", padding=True)

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from helpers_ksd import FORGET, N_LAYERS, OTHER, encode
+from helpers_ksd import FORGET, N_LAYERS, OTHER, encode, separable_ksd
 from tiny_models import tiny_llama
 from transformers import DynamicCache, TextStreamer, pipeline
 
@@ -32,16 +32,7 @@ def tok(smol_tokenizer):
 
 @pytest.fixture
 def setup(tok):
-    """A tiny model whose forget queries are separable from the other prompts (see test_key_space_detection)."""
-    model = tiny_llama(layers=N_LAYERS)
-    unlearned = UnlearnedModelForCausalLM.from_base(model)
-    unlearned.fit(
-        KeySpaceDetectionConfig(layers=[1], alpha=1.5, refusal=REFUSAL),
-        forget=FORGET,
-        tokenizer=tok,
-        show_progress=False,
-    )
-    return model, unlearned
+    return separable_ksd(tok, REFUSAL)
 
 
 def refusal_ids(tok):

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 from helpers_data import REPO_ROOT
-from helpers_ksd import FORGET, N_LAYERS
+from helpers_ksd import FORGET, N_LAYERS, separable_ksd
 from helpers_lm_eval import (
     generation_task,
     loglikelihood_task,
@@ -27,11 +27,10 @@ from helpers_lm_eval import (
     rolling_task,
     sum_choices,
 )
-from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
 from tiny_models import tiny_llama
 
+from benchmarks.lm_eval_formats import evaluate
 from unlearn_hf import KeySpaceDetectionConfig, NeuronAdjustConfig, UnlearnedModelForCausalLM
 from unlearn_hf.cli.main import main
 from unlearn_hf.integrations.lm_eval.model import UnlearnedLM
@@ -47,15 +46,7 @@ def tok(smollm2):
 
 @pytest.fixture(scope="module")
 def setup(tok):
-    model = tiny_llama(layers=N_LAYERS)
-    unlearned = UnlearnedModelForCausalLM.from_base(model)
-    unlearned.fit(
-        KeySpaceDetectionConfig(layers=[1], alpha=1.5, refusal=REFUSAL),
-        forget=FORGET,
-        tokenizer=tok,
-        show_progress=False,
-    )
-    return model, unlearned
+    return separable_ksd(tok, REFUSAL)
 
 
 def forget_docs() -> list[dict]:
@@ -87,13 +78,7 @@ def tasks(tmp_path_factory, shared_data):
 
 
 def run(lm, *paths):
-    return simple_evaluate(
-        model=lm,
-        tasks=[str(p) for p in paths],
-        task_manager=TaskManager(include_defaults=False),
-        log_samples=True,
-        bootstrap_iters=0,
-    )
+    return evaluate(lm, list(paths), chat=False)
 
 
 def expected_abstention(unlearned, tok, contexts: list[str]) -> list[bool]:
@@ -250,7 +235,10 @@ def test_loads_an_unlearned_hub_repo_with_its_tokenizer(setup, tok, tasks, tmp_p
     """The Hub path for real: pushed to a loopback Hub, loaded by name (and a plain repo refused)."""
     from hub_server import hub_env, start_hub_server
 
-    with start_hub_server(tmp_path) as hub, hub_env(hub.endpoint, tmp_path / "cache", token="hf_lm_eval_token"):
+    with (
+        start_hub_server(tmp_path) as hub,
+        hub_env(hub.endpoint, tmp_path / "cache", token="hf_lm_eval_token"),
+    ):
         setup[1].push_to_hub(
             "test-user/tiny-no-math",
             save_base_model=True,
