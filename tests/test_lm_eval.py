@@ -175,7 +175,7 @@ def test_rolling_loglikelihood_decides_on_the_text_itself(setup, tok, tasks):
     assert out["results"]["ul_rolling"]["word_perplexity,none"] == math.inf
 
 
-def test_neuron_adjust_scores_do_not_depend_on_the_batch_size(tok, tasks, shared_data):
+def test_neuron_adjust_scores_do_not_depend_on_the_batch_size(tok, tasks, shared_data, tmp_path):
     """Random replacement draws depend on the batch shape (the issue's −24.07 vs −23.29); the lm-eval model
     scores with deterministic replacement, and leaves the method list as it was (same names, same order)."""
     unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(layers=N_LAYERS, seed=3))
@@ -192,6 +192,9 @@ def test_neuron_adjust_scores_do_not_depend_on_the_batch_size(tok, tasks, shared
         lm.batch_size_per_gpu = batch_size
         return [s["resps"] for s in run(lm, tasks["mc"])["samples"]["ul_mc"]]
 
+    with pytest.raises(OSError):  # a failed construction leaves the model as it was
+        UnlearnedLM(pretrained=unlearned, tokenizer=str(tmp_path / "no-such-tokenizer"))
+    assert not unlearned.methods[names[0]].config.deterministic
     random_lm = UnlearnedLM(
         pretrained=copy.deepcopy(unlearned), tokenizer=tok, deterministic_neuron_adjust=False
     )

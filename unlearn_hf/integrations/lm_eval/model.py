@@ -96,16 +96,16 @@ class UnlearnedLM(HFLM):
             )
         else:
             name = getattr(pretrained.config, "_name_or_path", type(pretrained).__name__)
-        if deterministic_neuron_adjust:
+        install_scoring()
+        super().__init__(
+            pretrained=pretrained, tokenizer=tokenizer, trust_remote_code=trust_remote_code, **kwargs
+        )
+        if deterministic_neuron_adjust:  # after everything that can fail: no half-changed model on an error
             switched = use_deterministic_neuron_adjust(pretrained)
             if switched:
                 logger.warning(
                     "Neuron Adjust %s scores with deterministic replacement (batch-independent).", switched
                 )
-        install_scoring()
-        super().__init__(
-            pretrained=pretrained, tokenizer=tokenizer, trust_remote_code=trust_remote_code, **kwargs
-        )
         self.pretrained = name
         self._decisions: dict[tuple[int, ...], tuple[str, ...]] = {}
 
