@@ -101,9 +101,10 @@ def test_multiple_choice_abstained_items_are_wrong_at_every_batch_size(setup, to
     docs = [json.loads(line) for line in tasks["mc"].with_suffix(".jsonl").read_text().splitlines()]
     expected = expected_abstention(unlearned, tok, [d["question"] for d in docs])
     assert expected[:N_FORGET] == [True] * N_FORGET and not all(expected[N_FORGET:])
-    for batch_size in (1, 4, 16):
-        out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=batch_size), tasks["mc"])
-        base = run(HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size), tasks["mc"])
+    for batch_size in (1, 4, 16, "auto"):  # auto: lm-eval probes the largest batch, up to max_batch_size
+        size = {"batch_size": batch_size, "max_batch_size": 8}
+        out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, **size), tasks["mc"])
+        base = run(HFLM(pretrained=model, tokenizer=tok, **size), tasks["mc"])
         samples, base_samples = out["samples"]["ul_mc"], base["samples"]["ul_mc"]
         assert [s["abstained"] for s in samples] == [float(e) for e in expected], batch_size
         for s, b, refused in zip(samples, base_samples, expected):
