@@ -47,7 +47,7 @@ def generation_task(folder: Path, forget: list[str], retain: list[str], name: st
     docs = [{"question": q, "answer": "42"} for q in forget + retain]
     body = (
         "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
+        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 10\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return write_task(folder, name, docs, body)

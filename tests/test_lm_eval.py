@@ -27,6 +27,7 @@ from helpers_lm_eval import (
     rolling_task,
     sum_choices,
 )
+from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from tiny_models import tiny_llama
 
@@ -296,14 +297,20 @@ def test_cli_evaluate_with_lm_eval_writes_both_reports(saved, tasks, tmp_path, c
         ([], "needs --tasks"),
         (["--tasks", "no/such/task.yaml"], "no such YAML file"),
         (["--tasks", "no_such_lm_eval_task"], "cannot load the tasks"),
+        (["--tasks", "TASK", "--num-fewshot", "50"], "more few-shot documents"),
+        (["--tasks", "TASK", "--num-fewshot", "-1"], "--num-fewshot"),
     ],
 )
-def test_cli_lm_eval_user_errors_are_one_line(saved, extra, message, capsys):
-    code = main(
-        ["evaluate", "--harness", "lm-eval", "--model", str(saved), "--formats", "qa", "--quiet", *extra]
-    )
-    err = capsys.readouterr().err
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+def test_cli_lm_eval_user_errors_are_one_line(saved, tasks, extra, message, capsys):
+    extra = [str(tasks["mc"]) if e == "TASK" else e for e in extra]
+    try:
+        code = main(
+            ["evaluate", "--harness", "lm-eval", "--model", str(saved), "--formats", "qa", "--quiet", *extra]
+        )
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not lm-eval's bars
+    assert code == 2 and len(errors) == 1 and message in errors[0]
 
 
 def test_cli_tasks_without_the_lm_eval_harness_is_an_error(capsys):
@@ -322,3 +329,90 @@ def test_launcher_runs_lm_evals_command_line_with_the_model_registered(saved, ta
     assert len(written) == 1
     result = json.loads(written[0].read_text())["results"]["ul_mc"]
     assert result["abstained,none"] == pytest.approx(N_FORGET / 14)
+
+
+# --- found by review: each test fails without its fix -----------------------------------------------------------
+
+
+def test_abstained_items_are_wrong_for_every_multiple_choice_metric(setup, tok, tmp_path):
+    """brier_score once crashed the run, and with only acc_bytes a refusal of a gold-A question counted correct."""
+    _, unlearned = setup
+    metrics = "metric_list:\n  - metric: acc_bytes\n  - metric: brier_score\n  - metric: f1\n"
+    forget = [dict(d, answer=0) for d in forget_docs()]  # gold A everywhere: the argmax-over--inf trap
+    path = mc_task(tmp_path, forget, [], name="ul_gold_a", metrics=metrics)
+    samples = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=4), path)["samples"][
+        "ul_gold_a"
+    ]
+    for s in samples:
+        assert s["abstained"] == 1.0 and s["acc_bytes"] == 0.0
+        gold, pred = s["f1"]
+        assert gold == 0 and pred != 0
+
+
+def test_generation_with_recheck_each_token_is_what_generate_emits(tok, tmp_path):
+    """A rechecking method may start refusing mid-answer: lm-eval gets generate's text and counts it abstained."""
+    model = tiny_llama(layers=N_LAYERS)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    config = KeySpaceDetectionConfig(layers=[1], alpha=1.5, refusal=REFUSAL, recheck_each_token=True)
+    unlearned.fit(config, forget=FORGET, tokenizer=tok, show_progress=False)
+    ids = tok(FORGET[0])["input_ids"]
+    prompt = tok.decode(ids[:-1])  # the forget question without its last token, which the model then writes
+
+    def write_next(module, args, out):
+        forced = torch.full_like(out, -1e4)
+        forced[..., ids[-1]] = 0.0
+        return forced
+
+    model.lm_head.register_forward_hook(write_next)
+    assert not bool(unlearned.detect(torch.tensor([ids[:-1]]))[0])  # not refused at the prefill
+    batch = tok(prompt, return_tensors="pt")
+    out = unlearned.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    emitted = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert REFUSAL in emitted
+    path = generation_task(tmp_path, [prompt], [], name="ul_recheck")
+    path.write_text(path.read_text().replace("max_gen_toks: 10", "max_gen_toks: 12"))
+    sample = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=1), path)["samples"][
+        "ul_recheck"
+    ][0]
+    assert sample["resps"] == [[emitted]] and sample["abstained"] == 1.0
+
+
+def test_refusal_is_cut_to_the_requests_token_budget(setup, tok, tmp_path):
+    _, unlearned = setup
+    path = generation_task(tmp_path, FORGET[:1], [], name="ul_short")
+    path.write_text(path.read_text().replace("max_gen_toks: 10", "max_gen_toks: 3"))
+    sample = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=1), path)["samples"]["ul_short"][
+        0
+    ]
+    batch = tok(FORGET[0], return_tensors="pt")
+    out = unlearned.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert sample["resps"] == [[tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)]]
+
+
+def test_a_task_object_evaluated_again_by_another_model_keeps_nothing_of_the_abstention(setup, tok, tasks):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    model, unlearned = setup
+    manager = TaskManager(include_defaults=False)
+    task_objects = list(get_task_dict([str(tasks["mc"])], manager).values())
+
+    def on_the_same_task_objects(lm):
+        return simple_evaluate(model=lm, tasks=task_objects, task_manager=manager, bootstrap_iters=0)
+
+    first = on_the_same_task_objects(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=4))
+    again = on_the_same_task_objects(HFLM(pretrained=model, tokenizer=tok, batch_size=4))
+    fresh = run(HFLM(pretrained=model, tokenizer=tok, batch_size=4), tasks["mc"])
+    assert "abstained,none" in first["results"]["ul_mc"]
+    assert again["results"]["ul_mc"] == fresh["results"]["ul_mc"]
+    assert again["higher_is_better"]["ul_mc"] == fresh["higher_is_better"]["ul_mc"]
+
+
+def test_decisions_follow_methods_attached_after_the_lm_was_made(tok):
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(layers=N_LAYERS))
+    lm = UnlearnedLM(pretrained=unlearned, tokenizer=tok)
+    ids = tok(FORGET[0])["input_ids"]
+    assert lm.abstainers(ids) == ()
+    unlearned.fit(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5), forget=FORGET, tokenizer=tok, show_progress=False
+    )
+    assert lm.abstainers(ids) == ("key_space_detection",)

@@ -23,6 +23,9 @@ def setup_logging(quiet: bool) -> None:
     hf_logging.set_verbosity_error()
     if quiet:
         hf_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()  # lm-eval tasks load through datasets
 
 
 def has_unlearning(name: str) -> bool:

@@ -19,7 +19,7 @@ def evaluate_lm_eval(args: argparse.Namespace, formats: list[str], output: Path 
     try:
         from lm_eval.utils import handle_non_serializable
 
-        from ..integrations.lm_eval.run import evaluate_with_lm_eval, summary
+        from ..integrations.lm_eval.run import TaskLoadError, evaluate_with_lm_eval, summary
     except ImportError as err:
         raise UserError(
             f"--harness lm-eval needs lm-eval ({err}): pip install 'unlearn_hf[lm-eval]'."
@@ -44,8 +44,8 @@ def evaluate_lm_eval(args: argparse.Namespace, formats: list[str], output: Path 
                 limit=args.limit,
                 num_fewshot=args.num_fewshot,
             )
-        except KeyError as err:
-            raise UserError(f"lm-eval cannot load the tasks {tasks}: {' '.join(str(err).split())}") from err
+        except TaskLoadError as err:
+            raise UserError(f"lm-eval cannot load the tasks {tasks}: {err}") from err
         scores[f"{args.model} [{fmt}]"] = summary(results[fmt])
     meta = {
         "model": args.model,

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--tasks", default=None, help="lm-eval: comma-separated task names or YAML paths")
     ev.add_argument("--limit", type=POSITIVE_INT, default=None, help="lm-eval: documents per task")
-    ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    ev.add_argument("--num-fewshot", type=number(int, 0), default=None, help="lm-eval: few-shot examples")
     ev.add_argument("--n-eval", type=POSITIVE_INT, default=50, help="held-out items per skill")
     ev.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     ev.add_argument("--output", default=None, help="write the results JSON here")

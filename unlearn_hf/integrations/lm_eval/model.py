@@ -108,6 +108,7 @@ class UnlearnedLM(HFLM):
                 )
         self.pretrained = name
         self._decisions: dict[tuple[int, ...], tuple[str, ...]] = {}
+        self._decisions_for: tuple = ()
 
     def get_model_info(self) -> dict[str, Any]:
         """lm-eval's model record, with the unlearning methods, without asking the Hub for a commit."""
@@ -126,6 +127,9 @@ class UnlearnedLM(HFLM):
     def abstainers(self, tokens: list[int]) -> tuple[str, ...]:
         """The abstaining methods that refuse a request whose context is ``tokens`` (empty: it is answered),
         decided on those tokens alone (batch of one, no padding)."""
+        attached = tuple((n, id(m)) for n, m in self.model.methods.items())
+        if attached != self._decisions_for:  # methods attached or removed since: decide anew
+            self._decisions, self._decisions_for = {}, attached
         key = tuple(tokens[-self.max_length :])
         if key not in self._decisions:
             if not key or not self.model.has_abstention:
@@ -135,13 +139,20 @@ class UnlearnedLM(HFLM):
                 self._decisions[key] = tuple(n for n, flags in by.items() if bool(flags[0]))
         return self._decisions[key]
 
-    def refusal_text(self, abstainers: tuple[str, ...]) -> str:
+    def refusal_text(self, abstainers: tuple[str, ...], max_tokens: int | None = None) -> str:
         """What ``generate`` emits for a row these methods abstain on: the refusal of the last of them in attach
-        order (its logits processor runs last), without end-of-sequence."""
+        order (its logits processor runs last), without end-of-sequence, at most ``max_tokens`` tokens."""
         names = [n for n in self.model.attachments if n in abstainers]
         refusal = getattr(self.model.attachments[names[-1]], "refusal", None) if names else None
         ids = getattr(refusal, "refusal_ids", None)
-        return self.tok_decode(ids.tolist()) if ids is not None and ids.numel() else ""
+        ids = [] if ids is None else ids.tolist()[:max_tokens]
+        return self.tok_decode(ids) if ids else ""
+
+    def _rechecking(self) -> bool:
+        """Whether an attached abstaining method may start refusing in the middle of an answer."""
+        return any(
+            getattr(m.config, "recheck_each_token", False) for m in self.model.methods.values() if m.abstains
+        )
 
     def _context_tokens(self, context: str, continuation: str) -> list[int]:
         """The context's tokens as ``loglikelihood`` feeds them (empty context: nothing to decide on)."""
@@ -154,6 +165,8 @@ class UnlearnedLM(HFLM):
             return super()._model_call(inps, attn_mask, labels)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> Any:
+        if self._rechecking():  # the answered requests' own generation may still turn into the refusal
+            return super()._model_generate(context, max_length, stop, **kwargs)
         with self.model.disable_abstention():
             return super()._model_generate(context, max_length, stop, **kwargs)
 
@@ -183,14 +196,38 @@ class UnlearnedLM(HFLM):
         refusals: list[str | None] = []
         for req in requests:
             context, gen_kwargs = req.args
-            budget = self.max_length - int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            who = self.abstainers(self.tok_encode(context)[-max(budget, 1) :])
-            refusals.append(_cut(self.refusal_text(who), gen_kwargs.get("until")) if who else None)
+            new_tokens = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            who = self.abstainers(self.tok_encode(context)[-max(self.max_length - new_tokens, 1) :])
+            refusals.append(
+                _cut(self.refusal_text(who, new_tokens), gen_kwargs.get("until")) if who else None
+            )
         answered = [req for req, r in zip(requests, refusals) if r is None]
         texts = iter(super().generate_until(answered, disable_tqdm=disable_tqdm) if answered else [])
-        return [
-            GenerationResult(next(texts), False) if r is None else GenerationResult(r, True) for r in refusals
-        ]
+        out = []
+        for refusal in refusals:
+            if refusal is not None:
+                out.append(GenerationResult(refusal, True))
+                continue
+            text = next(texts)
+            # with recheck_each_token the answer itself may end in the refusal: that request abstained too
+            late = self._rechecking() and self._ends_refusing(text)
+            out.append(GenerationResult(text, late))
+        return out
+
+    def _ends_refusing(self, text: str) -> bool:
+        """Whether a generated ``text`` turned into a forced refusal: it holds a method's whole refusal, or ends
+        in its first three tokens or more (a refusal cut by ``max_gen_toks``)."""
+        for name, method in self.model.methods.items():
+            refusal = self.refusal_text((name,)).strip() if method.abstains else ""
+            if not refusal:
+                continue
+            if refusal in text:
+                return True
+            head = self.refusal_text((name,), 3).strip()
+            tail = text.rstrip()
+            if head and any(tail.endswith(refusal[:k]) for k in range(len(head), len(refusal))):
+                return True
+        return False
 
 
 def _cut(text: str, until: Any) -> str:

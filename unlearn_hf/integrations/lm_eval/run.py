@@ -11,6 +11,27 @@ from ...context import is_unlearned_model
 CHAT_TEMPLATE = {"qa": False, "chat": True}
 
 
+class TaskLoadError(ValueError):
+    """lm-eval could not load the tasks asked for (unknown name, missing or malformed YAML)."""
+
+
+def checked_task_manager(include_defaults: bool) -> Any:
+    """lm-eval's ``TaskManager``, whose loading errors become :class:`TaskLoadError` (only those: errors of the
+    evaluation itself keep their own type)."""
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    class CheckedTaskManager(TaskManager):
+        def load(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().load(*args, **kwargs)
+            except (KeyError, ValueError, TypeError, OSError, yaml.YAMLError) as err:
+                text = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+                raise TaskLoadError(f"{type(err).__name__}: {text}") from err
+
+    return CheckedTaskManager(include_defaults=include_defaults)
+
+
 def evaluate_with_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -26,10 +47,13 @@ def evaluate_with_lm_eval(
 
     An unlearned model runs as :class:`~.model.UnlearnedLM` (abstention decided per request, reported as the
     ``abstained`` metric), a plain model as lm-eval's ``HFLM``. ``prompt_format="chat"`` renders every request
-    through the tokenizer's chat template (lm-eval's ``apply_chat_template=True``)."""
+    through the tokenizer's chat template (lm-eval's ``apply_chat_template=True``).
+
+    Raises:
+        TaskLoadError: lm-eval cannot load ``tasks``.
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     from .model import UnlearnedLM
 
@@ -39,17 +63,24 @@ def evaluate_with_lm_eval(
         raise ValueError("No lm-eval tasks given.")
     lm_class = UnlearnedLM if is_unlearned_model(model) else HFLM
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        # lm-eval's own task index takes seconds to build: skip it when every task is a YAML file
-        task_manager=TaskManager(include_defaults=not all(t.endswith((".yaml", ".yml")) for t in tasks)),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        apply_chat_template=CHAT_TEMPLATE[prompt_format],
-        log_samples=log_samples,
-        bootstrap_iters=0,
-    )
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            # lm-eval's own task index takes seconds to build: skip it when every task is a YAML file
+            task_manager=checked_task_manager(not all(t.endswith((".yaml", ".yml")) for t in tasks)),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            apply_chat_template=CHAT_TEMPLATE[prompt_format],
+            log_samples=log_samples,
+            bootstrap_iters=0,
+        )
+    except ValueError as err:  # lm-eval's few-shot sampler, when a task has fewer documents than asked
+        if "Sample larger than population" not in str(err):
+            raise
+        raise TaskLoadError(
+            f"num_fewshot={num_fewshot} asks for more few-shot documents than a task has"
+        ) from err
     if results is None:  # only on other ranks of a distributed run
         raise RuntimeError("lm-eval returned no results.")
     return results

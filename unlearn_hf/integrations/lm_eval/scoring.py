@@ -7,10 +7,11 @@ filters (``Task.apply_filters``); there, :func:`install_scoring`'s wrapper reads
 from it, gives this task object its own ``process_results`` that:
 
 - marks a document abstained when any of its requests abstained;
-- ``multiple_choice``: scores an abstained document as choosing a wrong answer: the first choice that the task's
-  own ``process_results`` scores as not correct gets log-probability 0, every other choice ``-inf`` (without this,
-  lm-eval's ``argmax`` over all ``-inf`` would pick choice 0 and count the refusal correct whenever the gold answer
-  is the first);
+- ``multiple_choice``: scores an abstained document as choosing a wrong answer: the first choice that is not a
+  gold answer (read as lm-eval reads it) gets log-probability 0, every other choice ``-inf``, so every metric the
+  task computes from the prediction (``acc``, ``acc_norm``, ``acc_bytes``, ``f1``, ``mcc``, ...) sees a wrong
+  answer (without this, lm-eval's ``argmax`` over all ``-inf`` would pick choice 0 and count the refusal correct
+  whenever the gold answer is the first);
 - ``loglikelihood`` / ``loglikelihood_rolling``: scores ``-inf`` (perplexities become infinite, ``acc`` 0);
 - ``generate_until``: the response is the refusal text, scored by the task's own metric;
 - adds ``abstained`` (1.0 / 0.0, aggregated by mean, lower is better).
@@ -60,9 +61,14 @@ def doc_key(doc: Any) -> str:
 
 
 def prepare_task(task: Any) -> None:
-    """Give ``task`` the abstention-aware ``process_results`` when its responses come from an unlearn_hf model
-    (and take back one given in an earlier evaluation otherwise)."""
-    task.__dict__.pop("process_results", None)
+    """Give ``task`` the abstention-aware ``process_results`` when its responses come from an unlearn_hf model;
+    otherwise take back what an earlier evaluation of the same task object gave it."""
+    own = task.__dict__.get("process_results")
+    if isinstance(own, functools.partial) and own.func is score_document:
+        task.__dict__.pop("process_results")
+    for key in task.__dict__.pop(_MARK, ()):  # the metric entries an earlier evaluation added
+        for table in ("_aggregation_list", "_higher_is_better"):
+            getattr(task, table, {}).pop(key, None)
     flags: dict[str, bool] = {}
     for instance in task.instances or []:
         seen = [a for a in map(abstained_of, instance.resps) if a is not None]
@@ -73,16 +79,21 @@ def prepare_task(task: Any) -> None:
         return
     from lm_eval.api.metrics import mean
 
-    if isinstance(getattr(task, "_aggregation_list", None), dict):
-        task._aggregation_list.setdefault(ABSTAINED, mean)
-    if isinstance(getattr(task, "_higher_is_better", None), dict):
-        task._higher_is_better.setdefault(ABSTAINED, False)
+    added = []
+    for table, value in (("_aggregation_list", mean), ("_higher_is_better", False)):
+        entries = getattr(task, table, None)
+        if isinstance(entries, dict) and ABSTAINED not in entries:
+            entries[ABSTAINED] = value
+            added.append(ABSTAINED)
+    setattr(task, _MARK, tuple(set(added)))
     task.process_results = functools.partial(score_document, task, task.process_results, flags)
 
 
 def score_document(task: Any, original: Any, flags: dict[str, bool], doc: Any, results: list[Any]) -> dict:
-    """The task's metrics of one document, an abstained one scored wrong, plus ``abstained``."""
-    abstained = flags.get(doc_key(doc), False)
+    """The task's metrics of one document, an abstained one scored wrong, plus ``abstained``. The document's
+    decision is found by its content, or read from its (unfiltered) responses."""
+    marks = [abstained_of(r) for resp in results for r in (resp if isinstance(resp, list) else [resp])]
+    abstained = flags.get(doc_key(doc), False) or any(marks)
     if abstained:
         results = wrong_results(getattr(task, "OUTPUT_TYPE", None), original, doc, list(results), task)
     metrics = dict(original(doc, results))
@@ -103,25 +114,47 @@ def wrong_results(
     return results
 
 
+def gold_indices(task: Any, doc: Any, n_choices: int) -> set[int] | None:
+    """The indices of a multiple-choice document's gold answers, normalised as lm-eval's ``process_results``
+    does (an index, a list of indices, or a choice's text; ``multiple_input`` tasks keep it in the text);
+    ``None`` when the task cannot say."""
+    try:
+        choices = task.doc_to_choice(doc)
+        gold = task.doc_to_text(doc) if getattr(task, "multiple_input", False) else task.doc_to_target(doc)
+    except Exception:  # a task of its own kind: no gold to read
+        return None
+    golds = gold if isinstance(gold, list) else [gold]
+    out = set()
+    for g in golds:
+        if isinstance(g, str) and g in choices:
+            out.add(choices.index(g))
+        elif isinstance(g, int) and not isinstance(g, bool) and 0 <= g < n_choices:
+            out.add(g)
+    return out
+
+
 def wrong_choice(original: Any, doc: Any, results: list[Any], task: Any) -> list[Any]:
-    """Multiple-choice responses that pick the first choice the task scores as not correct.
+    """Multiple-choice responses that pick the first choice that is not a gold answer (log-probability 0, the
+    others ``-inf``). Without a readable gold, the first choice the task's own accuracies score 0.
 
     With ``acc_mutual_info`` lm-eval appends one unconditional request per choice; those keep their values."""
     n = len(results)
     if "acc_mutual_info" in (getattr(task, "_metric_fn_list", None) or {}):
         n //= 2
-    trial = results
+
+    def pick(j: int) -> list[Any]:
+        return [(0.0 if i == j else -math.inf, False) for i in range(n)] + list(results[n:])
+
+    gold = gold_indices(task, doc, n)
+    if gold is not None:
+        wrong = [j for j in range(n) if j not in gold]
+        return pick(wrong[0] if wrong else 0)  # every choice gold: no wrong answer exists
     for j in range(n):
-        trial = [(0.0 if i == j else -math.inf, False) for i in range(n)] + list(results[n:])
-        if not counts_correct(original(doc, trial)):
-            return trial
-    return trial  # every choice is a gold answer: no wrong one exists
+        metrics = original(doc, pick(j))
+        if not any(float(metrics.get(name, 0)) > 0 for name in ACCURACIES):
+            return pick(j)
+    return pick(n - 1)
 
 
-def counts_correct(metrics: dict[str, Any]) -> bool:
-    """Whether a document's metrics count its prediction correct: an accuracy above 0, or a ``(gold, pred)``
-    pair (``f1``, ``mcc``) that agrees."""
-    for name in ("acc", "acc_norm", "acc_mutual_info", "exact_match"):
-        if name in metrics and float(metrics[name]) > 0:
-            return True
-    return any(isinstance(v, tuple) and len(v) == 2 and v[0] == v[1] for v in metrics.values())
+#: lm-eval's per-document multiple-choice accuracies (1 when the prediction is a gold answer).
+ACCURACIES = ("acc", "acc_norm", "acc_bytes", "acc_mutual_info", "exact_match")
