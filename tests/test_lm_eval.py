@@ -416,3 +416,23 @@ def test_decisions_follow_methods_attached_after_the_lm_was_made(tok):
         KeySpaceDetectionConfig(layers=[1], alpha=1.5), forget=FORGET, tokenizer=tok, show_progress=False
     )
     assert lm.abstainers(ids) == ("key_space_detection",)
+
+
+def test_a_group_reports_the_share_of_all_its_documents_abstained_on(setup, tok, tasks):
+    from lm_eval.tasks import TaskManager
+
+    _, unlearned = setup
+    folder = tasks["mc"].parent
+    (folder / "ul_group.yaml").write_text(
+        "group: ul_group\ntask: [ul_mc, ul_ll]\naggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n"
+    )
+    lm = UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=4)
+    out = simple_evaluate(
+        model=lm,
+        tasks=["ul_group"],
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+    )
+    results = out["results"]
+    assert results["ul_mc"]["abstained,none"] == pytest.approx(8 / 14)
+    assert results["ul_ll"]["abstained,none"] == pytest.approx(3 / 6)
+    assert results["ul_group"]["abstained,none"] == pytest.approx((8 + 3) / (14 + 6))

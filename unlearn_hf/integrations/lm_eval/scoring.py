@@ -14,7 +14,8 @@ from it, gives this task object its own ``process_results`` that:
   whenever the gold answer is the first);
 - ``loglikelihood`` / ``loglikelihood_rolling``: scores ``-inf`` (perplexities become infinite, ``acc`` 0);
 - ``generate_until``: the response is the refusal text, scored by the task's own metric;
-- adds ``abstained`` (1.0 / 0.0, aggregated by mean, lower is better).
+- adds ``abstained`` (1.0 / 0.0, aggregated by mean, lower is better); a group of tasks reports the share of
+  all its documents abstained on.
 
 Tasks whose responses come from any other model are left exactly as lm-eval scores them. A document is recognised
 by its content (two identical documents in one task share one decision: abstained if either was).
@@ -36,22 +37,49 @@ _MARK = "_unlearn_hf_scoring"
 
 
 def install_scoring() -> None:
-    """Wrap ``apply_filters`` of lm-eval's task classes (once per process; a no-op for other models' tasks)."""
+    """Wrap ``apply_filters`` of lm-eval's task classes and ``aggregate`` of its groups (once per process; a no-op
+    for other models' tasks)."""
+    from lm_eval.api.group import Group
     from lm_eval.api.task import ConfigurableTask, Task
 
-    for cls in (Task, ConfigurableTask):
-        original = cls.__dict__.get("apply_filters")
+    for cls, name, after in (
+        (Task, "apply_filters", filters_applied),
+        (ConfigurableTask, "apply_filters", filters_applied),
+        (Group, "aggregate", group_abstention),
+    ):
+        original = cls.__dict__.get(name)
         if original is None or getattr(original, _MARK, False):
             continue
 
         @functools.wraps(original)
-        def apply_filters(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            out = _original(self, *args, **kwargs)
-            prepare_task(self)
-            return out
+        def wrapper(
+            self: Any, *args: Any, _original: Any = original, _after: Any = after, **kwargs: Any
+        ) -> Any:
+            return _after(self, _original(self, *args, **kwargs), *args, **kwargs)
 
-        setattr(apply_filters, _MARK, True)
-        cls.apply_filters = apply_filters
+        setattr(wrapper, _MARK, True)
+        setattr(cls, name, wrapper)
+
+
+def filters_applied(task: Any, out: Any) -> Any:
+    """After a task applied its filters, right before it scores its documents."""
+    prepare_task(task)
+    return out
+
+
+def group_abstention(group: Any, metrics: dict[str, Any], task_metrics: dict[str, Any]) -> dict[str, Any]:
+    """A group's ``abstained``: the share of its leaf tasks' documents abstained on (size-weighted), whatever the
+    group's ``aggregate_metric_list`` names."""
+    leaves = [t.task_name for t in group.get_all_tasks()]
+    found = [task_metrics[n] for n in leaves if n in task_metrics]
+    keys = sorted({k for m in found for k in m if k.startswith(ABSTAINED + ",")})
+    for key in keys:
+        pairs = [(m[key], m.get("sample_len", 0)) for m in found if key in m]
+        total = sum(size for _, size in pairs)
+        if total:
+            metrics[key] = sum(value * size for value, size in pairs) / total
+            metrics[key.replace(",", "_stderr,", 1)] = "N/A"
+    return metrics
 
 
 def doc_key(doc: Any) -> str:
