@@ -436,3 +436,63 @@ def test_a_group_reports_the_share_of_all_its_documents_abstained_on(setup, tok,
     assert results["ul_mc"]["abstained,none"] == pytest.approx(8 / 14)
     assert results["ul_ll"]["abstained,none"] == pytest.approx(3 / 6)
     assert results["ul_group"]["abstained,none"] == pytest.approx((8 + 3) / (14 + 6))
+
+
+def test_gold_of_any_integer_type_or_a_custom_scorer_still_scores_the_refusal_wrong(setup, tok, tmp_path):
+    """Second review: a numpy-integer or bool gold, or a task scoring with its own process_results, made the
+    chosen 'wrong' choice the gold one."""
+    import numpy as np
+
+    from unlearn_hf.integrations.lm_eval.scoring import wrong_choice
+
+    class Task:  # what wrong_choice reads of an lm-eval task
+        multiple_input = False
+        _metric_fn_list = {"acc": None}
+
+        def __init__(self, gold):
+            self.gold = gold
+
+        def doc_to_choice(self, doc):
+            return ["w", "x", "y", "z"]
+
+        def doc_to_target(self, doc):
+            return self.gold
+
+    def lm_eval_acc(gold):  # lm-eval's comparison: pred == gold
+        return lambda doc, results: {"acc": float(int(np.argmax([r[0] for r in results])) == gold)}
+
+    refused = [(-math.inf, False)] * 4
+
+    def chosen(scorer, gold) -> int:
+        return int(np.argmax([r[0] for r in wrong_choice(scorer, {}, refused, Task(gold))]))
+
+    for gold in (np.int64(0), False, 0, "w"):  # all mean choice 0 to lm-eval
+        assert chosen(lm_eval_acc(0), gold) != 0, gold
+    assert chosen(lambda doc, results: {"acc": 0.0}, [0, 1]) not in (0, 1)
+
+    def own_scorer(doc, results):  # a custom process_results whose gold (choice 2) is not doc_to_target's
+        return {"acc": float(int(np.argmax([r[0] for r in results])) == 2)}
+
+    picked = wrong_choice(own_scorer, {}, refused, Task(0))
+    assert own_scorer({}, picked)["acc"] == 0.0
+
+
+def test_a_users_own_process_results_survives_our_scoring(setup, tok, tasks):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    model, unlearned = setup
+    manager = TaskManager(include_defaults=False)
+    task = next(iter(get_task_dict([str(tasks["mc"])], manager).values()))
+    task.process_results = lambda doc, results: {"acc": 42.0}
+    for lm in (UnlearnedLM(pretrained=unlearned, tokenizer=tok), HFLM(pretrained=model, tokenizer=tok)):
+        out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0)
+        assert out["results"]["ul_mc"]["acc,none"] == 42.0
+
+
+def test_decisions_made_inside_disable_unlearning_do_not_outlive_it(setup, tok):
+    _, unlearned = setup
+    lm = UnlearnedLM(pretrained=unlearned, tokenizer=tok)
+    ids = tok(FORGET[0])["input_ids"]
+    with unlearned.disable_unlearning():
+        assert lm.abstainers(ids) == ()
+    assert lm.abstainers(ids) == ("key_space_detection",)

@@ -109,6 +109,7 @@ class UnlearnedLM(HFLM):
         self.pretrained = name
         self._decisions: dict[tuple[int, ...], tuple[str, ...]] = {}
         self._decisions_for: tuple = ()
+        self._late: dict[tuple[int, ...], bool] = {}  # rechecking methods: answers that turned into a refusal
 
     def get_model_info(self) -> dict[str, Any]:
         """lm-eval's model record, with the unlearning methods, without asking the Hub for a commit."""
@@ -127,8 +128,9 @@ class UnlearnedLM(HFLM):
     def abstainers(self, tokens: list[int]) -> tuple[str, ...]:
         """The abstaining methods that refuse a request whose context is ``tokens`` (empty: it is answered),
         decided on those tokens alone (batch of one, no padding)."""
-        attached = tuple((n, id(m)) for n, m in self.model.methods.items())
-        if attached != self._decisions_for:  # methods attached or removed since: decide anew
+        # methods attached, removed or switched off (disable_unlearning) since: decide anew
+        attached = (tuple(self.model.methods.items()), tuple(self.model._active_abstaining()))
+        if attached != self._decisions_for:
             self._decisions, self._decisions_for = {}, attached
         key = tuple(tokens[-self.max_length :])
         if key not in self._decisions:
@@ -165,10 +167,16 @@ class UnlearnedLM(HFLM):
             return super()._model_call(inps, attn_mask, labels)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> Any:
-        if self._rechecking():  # the answered requests' own generation may still turn into the refusal
-            return super()._model_generate(context, max_length, stop, **kwargs)
-        with self.model.disable_abstention():
-            return super()._model_generate(context, max_length, stop, **kwargs)
+        if not self._rechecking():
+            with self.model.disable_abstention():
+                return super()._model_generate(context, max_length, stop, **kwargs)
+        # an answer may still turn into the refusal: generate as generate does, and keep its per-row report
+        out = super()._model_generate(context, max_length, stop, return_dict_in_generate=True, **kwargs)
+        mask = kwargs.get("attention_mask")
+        for i, flag in enumerate(out.abstained.tolist()):
+            row = context[i] if mask is None else context[i][mask[i].bool()]
+            self._late[tuple(row.tolist())] = bool(flag)
+        return out.sequences
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[LoglikelihoodResult]:
         # every request is scored, so the batches (and the answered requests' values) are the base model's
@@ -194,40 +202,25 @@ class UnlearnedLM(HFLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[GenerationResult]:
         refusals: list[str | None] = []
+        contexts: list[tuple[int, ...]] = []
         for req in requests:
             context, gen_kwargs = req.args
             new_tokens = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            who = self.abstainers(self.tok_encode(context)[-max(self.max_length - new_tokens, 1) :])
+            contexts.append(tuple(self.tok_encode(context)[-max(self.max_length - new_tokens, 1) :]))
+            who = self.abstainers(list(contexts[-1]))
             refusals.append(
                 _cut(self.refusal_text(who, new_tokens), gen_kwargs.get("until")) if who else None
             )
         answered = [req for req, r in zip(requests, refusals) if r is None]
+        self._late.clear()
         texts = iter(super().generate_until(answered, disable_tqdm=disable_tqdm) if answered else [])
-        out = []
-        for refusal in refusals:
-            if refusal is not None:
-                out.append(GenerationResult(refusal, True))
-                continue
-            text = next(texts)
-            # with recheck_each_token the answer itself may end in the refusal: that request abstained too
-            late = self._rechecking() and self._ends_refusing(text)
-            out.append(GenerationResult(text, late))
-        return out
-
-    def _ends_refusing(self, text: str) -> bool:
-        """Whether a generated ``text`` turned into a forced refusal: it holds a method's whole refusal, or ends
-        in its first three tokens or more (a refusal cut by ``max_gen_toks``)."""
-        for name, method in self.model.methods.items():
-            refusal = self.refusal_text((name,)).strip() if method.abstains else ""
-            if not refusal:
-                continue
-            if refusal in text:
-                return True
-            head = self.refusal_text((name,), 3).strip()
-            tail = text.rstrip()
-            if head and any(tail.endswith(refusal[:k]) for k in range(len(head), len(refusal))):
-                return True
-        return False
+        # with recheck_each_token an answer may turn into the refusal: generate reported that row as abstained
+        return [
+            GenerationResult(refusal, True)
+            if refusal is not None
+            else GenerationResult(next(texts), self._late.get(tokens, False))
+            for refusal, tokens in zip(refusals, contexts)
+        ]
 
 
 def _cut(text: str, until: Any) -> str:

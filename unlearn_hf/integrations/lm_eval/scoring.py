@@ -34,6 +34,7 @@ from .results import abstained_of
 #: The per-document metric, and the task-level abstention rate (its mean).
 ABSTAINED = "abstained"
 _MARK = "_unlearn_hf_scoring"
+_PREVIOUS = "_unlearn_hf_previous_process_results"
 
 
 def install_scoring() -> None:
@@ -94,6 +95,9 @@ def prepare_task(task: Any) -> None:
     own = task.__dict__.get("process_results")
     if isinstance(own, functools.partial) and own.func is score_document:
         task.__dict__.pop("process_results")
+        previous = task.__dict__.pop(_PREVIOUS, None)
+        if previous is not None:  # the task's own instance-level scorer, which ours wrapped
+            task.process_results = previous
     for key in task.__dict__.pop(_MARK, ()):  # the metric entries an earlier evaluation added
         for table in ("_aggregation_list", "_higher_is_better"):
             getattr(task, table, {}).pop(key, None)
@@ -114,6 +118,7 @@ def prepare_task(task: Any) -> None:
             entries[ABSTAINED] = value
             added.append(ABSTAINED)
     setattr(task, _MARK, tuple(set(added)))
+    setattr(task, _PREVIOUS, task.__dict__.get("process_results"))
     task.process_results = functools.partial(score_document, task, task.process_results, flags)
 
 
@@ -143,27 +148,34 @@ def wrong_results(
 
 
 def gold_indices(task: Any, doc: Any, n_choices: int) -> set[int] | None:
-    """The indices of a multiple-choice document's gold answers, normalised as lm-eval's ``process_results``
-    does (an index, a list of indices, or a choice's text; ``multiple_input`` tasks keep it in the text);
-    ``None`` when the task cannot say."""
+    """The indices of a multiple-choice document's gold answers, compared as lm-eval's ``process_results``
+    compares them (an index of any integer type, a list of them, or a choice's text; ``multiple_input`` tasks
+    keep it in the text); ``None`` when the task cannot say."""
     try:
-        choices = task.doc_to_choice(doc)
+        choices = list(task.doc_to_choice(doc))
         gold = task.doc_to_text(doc) if getattr(task, "multiple_input", False) else task.doc_to_target(doc)
     except Exception:  # a task of its own kind: no gold to read
         return None
-    golds = gold if isinstance(gold, list) else [gold]
     out = set()
-    for g in golds:
-        if isinstance(g, str) and g in choices:
-            out.add(choices.index(g))
-        elif isinstance(g, int) and not isinstance(g, bool) and 0 <= g < n_choices:
-            out.add(g)
-    return out
+    for g in gold if isinstance(gold, list) else [gold]:
+        if isinstance(g, str):
+            out.update(j for j in range(n_choices) if j < len(choices) and choices[j] == g)
+        else:
+            out.update(j for j in range(n_choices) if _equals(g, j))
+    return out or None
+
+
+def _equals(value: Any, index: int) -> bool:
+    try:
+        return bool(value == index)
+    except Exception:  # an array or an object without a plain comparison
+        return False
 
 
 def wrong_choice(original: Any, doc: Any, results: list[Any], task: Any) -> list[Any]:
     """Multiple-choice responses that pick the first choice that is not a gold answer (log-probability 0, the
-    others ``-inf``). Without a readable gold, the first choice the task's own accuracies score 0.
+    others ``-inf``), checked against the task's own accuracies; where the gold cannot be read (or the task scores
+    in its own way), the first choice those accuracies score 0.
 
     With ``acc_mutual_info`` lm-eval appends one unconditional request per choice; those keep their values."""
     n = len(results)
@@ -173,15 +185,23 @@ def wrong_choice(original: Any, doc: Any, results: list[Any], task: Any) -> list
     def pick(j: int) -> list[Any]:
         return [(0.0 if i == j else -math.inf, False) for i in range(n)] + list(results[n:])
 
-    gold = gold_indices(task, doc, n)
-    if gold is not None:
-        wrong = [j for j in range(n) if j not in gold]
-        return pick(wrong[0] if wrong else 0)  # every choice gold: no wrong answer exists
-    for j in range(n):
+    def scored_wrong(j: int) -> bool:
         metrics = original(doc, pick(j))
-        if not any(float(metrics.get(name, 0)) > 0 for name in ACCURACIES):
+        return not any(_positive(metrics.get(name)) for name in ACCURACIES)
+
+    gold = gold_indices(task, doc, n) or set()
+    order = [j for j in range(n) if j not in gold] + sorted(gold)
+    for j in order:
+        if scored_wrong(j):
             return pick(j)
-    return pick(n - 1)
+    return pick(order[0])  # no choice is scored wrong (e.g. every choice is gold)
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 #: lm-eval's per-document multiple-choice accuracies (1 when the prediction is a gold answer).
