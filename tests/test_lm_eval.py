@@ -390,11 +390,11 @@ def test_refusal_is_cut_to_the_requests_token_budget(setup, tok, tmp_path):
 
 
 def test_a_task_object_evaluated_again_by_another_model_keeps_nothing_of_the_abstention(setup, tok, tasks):
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     model, unlearned = setup
     manager = TaskManager(include_defaults=False)
-    task_objects = list(get_task_dict([str(tasks["mc"])], manager).values())
+    task_objects = list(manager.load([str(tasks["mc"])])["tasks"].values())
 
     def on_the_same_task_objects(lm):
         return simple_evaluate(model=lm, tasks=task_objects, task_manager=manager, bootstrap_iters=0)
@@ -478,11 +478,11 @@ def test_gold_of_any_integer_type_or_a_custom_scorer_still_scores_the_refusal_wr
 
 
 def test_a_users_own_process_results_survives_our_scoring(setup, tok, tasks):
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     model, unlearned = setup
     manager = TaskManager(include_defaults=False)
-    task = next(iter(get_task_dict([str(tasks["mc"])], manager).values()))
+    task = next(iter(manager.load([str(tasks["mc"])])["tasks"].values()))
     task.process_results = lambda doc, results: {"acc": 42.0}
     for lm in (UnlearnedLM(pretrained=unlearned, tokenizer=tok), HFLM(pretrained=model, tokenizer=tok)):
         out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0)
