@@ -110,6 +110,11 @@ BAD_INPUTS = [
     ([*FIT, "--ratio", "most"], "--ratio: expected a number, got 'most'"),
     ([*FIT, "--max-retain-drop", "1"], "--max-retain-drop: must be in (0, 1), got '1'"),
     ([*FIT, "--max-retain-drop", "0"], "--max-retain-drop: must be in (0, 1), got '0'"),
+    ([*FIT, "--ratio", "0.03", "--max-retain-drop", "0.1"], "--max-retain-drop applies to --ratio auto only"),
+    (
+        ["demo", "--ratio", "0.03", "--max-retain-drop", "0.1", "--output", "{out}"],
+        "applies to --ratio auto only",
+    ),
     ([*FIT, "--alpha", "-1"], "--alpha: must be in (0, inf]"),
     ([*FIT, "--alpha", "nan"], "--alpha: must be finite"),
     ([*FIT, "--batch-size", "0"], "--batch-size: must be in [1, inf]"),

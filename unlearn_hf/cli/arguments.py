@@ -50,6 +50,14 @@ def ratio_or_auto(text: str) -> Any:
 POSITIVE_INT = number(int, 1)
 
 
+def check_retain_budget(args: argparse.Namespace) -> None:
+    """``--max-retain-drop`` budgets ``--ratio auto`` only: with a fixed ratio it would be silently ignored."""
+    if args.max_retain_drop is not None and args.ratio != "auto":
+        raise UserError(
+            f"--max-retain-drop applies to --ratio auto only; --ratio {args.ratio} is fixed (drop one of them)."
+        )
+
+
 def output_folder(path: str) -> Path:
     """``--output`` of ``fit``/``demo``: a folder (new or existing), not a file."""
     out = Path(path).expanduser()

@@ -16,7 +16,16 @@ from ..evaluation.data_files import DataFileError
 from ..persistence.atomic import AtomicSaveError
 from ..persistence.format import UnlearnFormatError
 from ..version import __version__
-from .arguments import FRACTION, POSITIVE_INT, Parser, number, output_file, output_folder, ratio_or_auto
+from .arguments import (
+    FRACTION,
+    POSITIVE_INT,
+    Parser,
+    check_retain_budget,
+    number,
+    output_file,
+    output_folder,
+    ratio_or_auto,
+)
 from .common import UserError, load_model, load_skills, setup_logging, split_names
 from .recipes import method_names
 
@@ -238,6 +247,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from ..wrapper import UnlearnedModelForCausalLM
     from .recipes import fit_methods
 
+    check_retain_budget(args)
     out = output_folder(args.output)
     try:
         layers = [int(x) for x in split_names(args.layers)] if args.layers not in (None, "auto") else None
@@ -363,6 +373,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_retain_budget(args)
     output_folder(args.output)
     report = run_demo(args)
     print(json.dumps({"results": str(Path(args.output) / "results.json")}))
