@@ -235,6 +235,7 @@ def iter_token_batches(
         raise TypeError("Pass a list of strings, not a single string.")
     if isinstance(data, Mapping) and _is_tokenized_batch(data):
         data = [data]
+    _refuse_containers(data)
     if not isinstance(data, Sequence) and _columns_of(data) is None:  # a generator of tokenized batches
         indexed = enumerate(data)
         if shard is not None:
@@ -253,6 +254,20 @@ def iter_token_batches(
     if shard is not None:
         plan = plan[rank::world_size]
     return sum(len(b) for b in plan), _text_iter(rows, plan, tok, mode)
+
+
+def _refuse_containers(data: Any) -> None:
+    """Refuse, in words, the ``datasets`` containers that are not one data set: a ``DatasetDict`` (several splits)
+    and a streaming ``IterableDataset`` (no length: the fit sorts examples by length and plans batches)."""
+    if isinstance(data, Mapping) and data and all(_columns_of(v) is not None for v in data.values()):
+        raise ValueError(
+            f"The data is a {type(data).__name__} of splits {list(data)}: pass one split, e.g. data[{next(iter(data))!r}]."
+        )
+    if (_columns_of(data) is not None or hasattr(data, "take")) and not hasattr(data, "__len__"):
+        raise ValueError(
+            f"A streaming {type(data).__name__} has no length, and a fit sorts its examples by length: pass a "
+            "datasets.Dataset or a list (e.g. datasets.Dataset.from_list(list(data.take(n))))."
+        )
 
 
 def _tokenized_iter(

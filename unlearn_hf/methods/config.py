@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -93,8 +94,9 @@ class NeuronSelectionConfig(MethodConfig):
 def positive_float(name: str, value: Any, hi: float | None = None) -> float:
     """A finite number > 0 and, with ``hi``, at most ``hi`` (``bool`` is refused: ``True`` is not a number a user
     meant)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    # any real number type (Python's, numpy's float32 / int64, ...); bool is refused
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r} ({type(value).__name__}).")
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
     if hi is not None and value > hi:
@@ -158,8 +160,8 @@ def flag(name: str, value: Any) -> bool:
 
 
 def integer(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}.")
     return int(value)

@@ -1,0 +1,65 @@
+"""What users pass that is not the plain type: numpy numbers in configs (accepted, normalised to Python's) and the
+``datasets`` containers that are not one data set (refused in words, before any probing)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from datasets import Dataset, DatasetDict
+from tiny_models import tiny_llama
+
+from unlearn_hf import (
+    KeySpaceDetectionConfig,
+    NeuronAdjustConfig,
+    SelectivePruningConfig,
+    UnlearnedModelForCausalLM,
+)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25)])
+def test_numpy_numbers_in_configs_are_normalised(value):
+    config = NeuronAdjustConfig(ratio=value, seed=np.int64(7), max_retain_drop=np.float32(0.5))
+    assert (config.ratio, config.seed, config.max_retain_drop) == (0.25, 7, 0.5)
+    assert type(config.ratio) is float and type(config.seed) is int
+    json.dumps(config.to_dict())  # plain JSON, as saved
+    assert SelectivePruningConfig(ratio=value).ratio == 0.25
+    assert KeySpaceDetectionConfig(alpha=np.float32(1.5)).alpha == 1.5
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), "0.1", np.float32("nan")])
+def test_non_numbers_are_still_refused_by_name(value):
+    with pytest.raises(ValueError, match="ratio must be a finite number"):
+        NeuronAdjustConfig(ratio=value)
+
+
+@pytest.fixture(scope="module")
+def unlearned():
+    return UnlearnedModelForCausalLM.from_base(tiny_llama(layers=2))
+
+
+def test_a_dataset_dict_is_refused_with_its_splits(unlearned, smol_tokenizer):
+    ds = Dataset.from_dict({"text": ["a b c", "d e f"]})
+    with pytest.raises(ValueError, match=r"DatasetDict of splits \['train', 'test'\]: pass one split"):
+        unlearned.fit(
+            NeuronAdjustConfig(ratio=0.1),
+            forget=DatasetDict({"train": ds, "test": ds}),
+            retain=ds,
+            tokenizer=smol_tokenizer,
+            show_progress=False,
+        )
+    assert not unlearned.methods
+
+
+def test_a_streaming_dataset_is_refused_in_words(unlearned, smol_tokenizer):
+    ds = Dataset.from_dict({"text": ["a b c", "d e f"]})
+    with pytest.raises(ValueError, match="streaming IterableDataset has no length"):
+        unlearned.fit(
+            NeuronAdjustConfig(ratio=0.1),
+            forget=ds.to_iterable_dataset(),
+            retain=ds,
+            tokenizer=smol_tokenizer,
+            show_progress=False,
+        )
+    assert not unlearned.methods
