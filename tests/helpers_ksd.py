@@ -20,9 +20,10 @@ OTHER = [
 N_LAYERS = 4
 
 
-def separable_ksd(tok, refusal: str = "I can't help with that."):
-    """``(model, unlearned)``: a tiny Llama with Key Space Detection fitted on :data:`FORGET` (layer 1, α = 1.5),
-    whose forget queries are separable from :data:`OTHER` (see test_key_space_detection)."""
+def separable_ksd(tok, refusal: str = "I can't help with that.", **config):
+    """``(model, unlearned)``: a tiny Llama with Key Space Detection fitted on :data:`FORGET` (layer 1, α = 1.5,
+    ``config`` for the other fields), whose forget queries are separable from :data:`OTHER` (see
+    test_key_space_detection)."""
     from tiny_models import tiny_llama
 
     from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
@@ -30,7 +31,7 @@ def separable_ksd(tok, refusal: str = "I can't help with that."):
     model = tiny_llama(layers=N_LAYERS)
     unlearned = UnlearnedModelForCausalLM.from_base(model)
     unlearned.fit(
-        KeySpaceDetectionConfig(layers=[1], alpha=1.5, refusal=refusal),
+        KeySpaceDetectionConfig(layers=[1], alpha=1.5, refusal=refusal, **config),
         forget=FORGET,
         tokenizer=tok,
         show_progress=False,

@@ -14,8 +14,7 @@ import warnings
 
 import pytest
 import torch
-from helpers_ksd import FORGET, N_LAYERS, OTHER, encode, separable_ksd
-from tiny_models import tiny_llama
+from helpers_ksd import FORGET, OTHER, encode, separable_ksd
 from transformers import DynamicCache, TextStreamer, pipeline
 
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
@@ -256,14 +255,7 @@ def test_recheck_each_token_abstains_from_the_step_that_falls_inside(tok):
     """With ``recheck_each_token``, a row whose prompt is outside starts refusing at the first decoding step whose
     key vector is inside: teacher-force tokens that complete a forget query and compare with the step that
     ``detect`` (an independent single forward over the same prefix) marks as inside."""
-    model = tiny_llama(layers=N_LAYERS)
-    unlearned = UnlearnedModelForCausalLM.from_base(model)
-    unlearned.fit(
-        KeySpaceDetectionConfig(layers=[1], alpha=1.5, recheck_each_token=True),
-        forget=FORGET,
-        tokenizer=tok,
-        show_progress=False,
-    )
+    model, unlearned = separable_ksd(tok, recheck_each_token=True)
     # the prompt is a forget query cut before its last token (outside); the loop then feeds that token and more
     prompt = tok(FORGET[6][: -len("Answer:")], return_tensors="pt")["input_ids"]
     fed = tok("Answer: 87 apples", add_special_tokens=False, return_tensors="pt")["input_ids"][0]

@@ -351,10 +351,7 @@ def test_abstained_items_are_wrong_for_every_multiple_choice_metric(setup, tok, 
 
 def test_generation_with_recheck_each_token_is_what_generate_emits(tok, tmp_path):
     """A rechecking method may start refusing mid-answer: lm-eval gets generate's text and counts it abstained."""
-    model = tiny_llama(layers=N_LAYERS)
-    unlearned = UnlearnedModelForCausalLM.from_base(model)
-    config = KeySpaceDetectionConfig(layers=[1], alpha=1.5, refusal=REFUSAL, recheck_each_token=True)
-    unlearned.fit(config, forget=FORGET, tokenizer=tok, show_progress=False)
+    model, unlearned = separable_ksd(tok, REFUSAL, recheck_each_token=True)
     ids = tok(FORGET[0])["input_ids"]
     prompt = tok.decode(ids[:-1])  # the forget question without its last token, which the model then writes
 

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from .common import UserError, load_model, split_names
 
-YAML_SUFFIXES = (".yaml", ".yml")
-
 
 def evaluate_lm_eval(args: argparse.Namespace, formats: list[str], output: Path | None) -> int:
     """Run lm-eval's tasks on ``args.model`` once per format; print our table, write our report to ``output`` and
@@ -19,7 +17,7 @@ def evaluate_lm_eval(args: argparse.Namespace, formats: list[str], output: Path 
     try:
         from lm_eval.utils import handle_non_serializable
 
-        from ..integrations.lm_eval.run import TaskLoadError, evaluate_with_lm_eval, summary
+        from ..integrations.lm_eval.run import YAML_SUFFIXES, TaskLoadError, evaluate_with_lm_eval, summary
     except ImportError as err:
         raise UserError(
             f"--harness lm-eval needs lm-eval ({err}): pip install 'unlearn_hf[lm-eval]'."

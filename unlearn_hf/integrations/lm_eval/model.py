@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import postprocess_generated_text
 from lm_eval.models.utils_hf import get_dtype
 
 from ...context import is_unlearned_model
@@ -209,7 +210,9 @@ class UnlearnedLM(HFLM):
             contexts.append(tuple(self.tok_encode(context)[-max(self.max_length - new_tokens, 1) :]))
             who = self.abstainers(list(contexts[-1]))
             refusals.append(
-                _cut(self.refusal_text(who, new_tokens), gen_kwargs.get("until")) if who else None
+                postprocess_generated_text(self.refusal_text(who, new_tokens), gen_kwargs.get("until"), None)
+                if who
+                else None
             )
         answered = [req for req, r in zip(requests, refusals) if r is None]
         self._late.clear()
@@ -221,15 +224,6 @@ class UnlearnedLM(HFLM):
             else GenerationResult(next(texts), self._late.get(tokens, False))
             for refusal, tokens in zip(refusals, contexts)
         ]
-
-
-def _cut(text: str, until: Any) -> str:
-    """``text`` up to its first stop sequence, as lm-eval post-processes generations."""
-    stops = [until] if isinstance(until, str) else list(until or [])
-    for stop in stops:
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-    return text
 
 
 def _load(

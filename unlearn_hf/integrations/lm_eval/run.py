@@ -7,6 +7,9 @@ from typing import Any
 
 from ...context import is_unlearned_model
 
+#: Task names ending so are YAML files (lm-eval loads them by path).
+YAML_SUFFIXES = (".yaml", ".yml")
+
 #: ``unlearn-hf evaluate --formats`` names, as lm-eval's ``apply_chat_template``.
 CHAT_TEMPLATE = {"qa": False, "chat": True}
 
@@ -68,7 +71,7 @@ def evaluate_with_lm_eval(
             model=lm,
             tasks=list(tasks),
             # lm-eval's own task index takes seconds to build: skip it when every task is a YAML file
-            task_manager=checked_task_manager(not all(t.endswith((".yaml", ".yml")) for t in tasks)),
+            task_manager=checked_task_manager(not all(t.endswith(YAML_SUFFIXES) for t in tasks)),
             num_fewshot=num_fewshot,
             limit=limit,
             apply_chat_template=CHAT_TEMPLATE[prompt_format],

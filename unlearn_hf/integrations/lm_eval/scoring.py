@@ -102,10 +102,13 @@ def prepare_task(task: Any) -> None:
         for table in ("_aggregation_list", "_higher_is_better"):
             getattr(task, table, {}).pop(key, None)
     flags: dict[str, bool] = {}
+    keys: dict[int, str] = {}  # the requests of one document share its object: hash it once
     for instance in task.instances or []:
         seen = [a for a in map(abstained_of, instance.resps) if a is not None]
         if seen:
-            key = doc_key(instance.doc)
+            if id(instance.doc) not in keys:
+                keys[id(instance.doc)] = doc_key(instance.doc)
+            key = keys[id(instance.doc)]
             flags[key] = flags.get(key, False) or any(seen)
     if not flags:
         return
