@@ -18,7 +18,7 @@ from . import distributed as _dist
 from .batch_plan import PaddingMeter
 from .data import DataSpec, TokenBatch, iter_token_batches
 from .model_inputs import StopForward, accepts, input_device, position_ids_from_mask
-from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites
+from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites, require_pre_sites
 from .stats import RunningStats, SiteStatistics
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,8 @@ def _probe_local(
         raise SiteError(
             f"Layers {bad or list(layers or [])} are not FFL layers of this model (0..{len(sites) - 1})."
         )
+    if "pre" in kinds:
+        require_pre_sites([by_layer[i] for i in layer_ids], "Probing the pre-activation site")
     track = (mode == "last") if track_extremes is None else track_extremes
     device = input_device(model)
     n_examples, batches = iter_token_batches(
@@ -254,7 +256,8 @@ def _run_pass(
                 raise StopForward
 
         if kind == "pre":
-            return lambda mod, args, out: capture(out)
+            view = by_layer[layer].pre_activation
+            return lambda mod, args, out: capture(view(out))
         return lambda mod, args: capture(args[0])
 
     accepts_positions = accepts(model, "position_ids")

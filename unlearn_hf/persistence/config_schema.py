@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..sites import GATE_LAYOUTS
 from .format import (
     CONFIG_NAME,
     DTYPE_NAMES,
@@ -288,10 +289,11 @@ _FINGERPRINT_FIELDS = {
     "hidden_size": (lambda v: v is None or _is_int(v), "a non-negative integer or null"),
 }
 _SITE_FIELDS = {
-    "pre": (lambda v: isinstance(v, str), "a string"),
+    "pre": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "key": (lambda v: isinstance(v, str), "a string"),
+    "gate": (lambda v: v is None or v in GATE_LAYOUTS, f"one of {', '.join(GATE_LAYOUTS)} or null"),
     "d_ff": (_is_int, "a non-negative integer"),
-    "pre_shape": (_is_shape, "a list of non-negative integers"),
+    "pre_shape": (lambda v: v is None or _is_shape(v), "a list of non-negative integers or null"),
     "key_shape": (_is_shape, "a list of non-negative integers"),
 }
 _WEIGHT_FIELDS = {

@@ -83,8 +83,9 @@ def compute_fingerprint(model: nn.Module, sites: list[FFLSite]) -> dict[str, Any
             {
                 "pre": s.pre_name,
                 "key": s.key_name,
+                "gate": s.gate,
                 "d_ff": s.d_ff,
-                "pre_shape": _shape(s.pre),
+                "pre_shape": None if s.pre is None else _shape(s.pre),
                 "key_shape": _shape(s.key),
             }
             for s in sites
@@ -117,7 +118,7 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
     saved_sites, cur_sites = saved.get("ffl_sites") or [], current.get("ffl_sites") or []
     if len(saved_sites) == len(cur_sites):
         for i, (s, c) in enumerate(zip(saved_sites, cur_sites)):
-            for key in ("pre", "key"):
+            for key in ("pre", "key", "gate"):
                 if s.get(key) != c.get(key):
                     problems.append(
                         f"layer {i} FFL {key} module: saved {s.get(key)!r}, model has {c.get(key)!r}"

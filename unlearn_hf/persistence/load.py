@@ -58,14 +58,16 @@ class _Source:
 class SavedSites:
     """A site override that takes the FFL modules by the full names recorded at save time."""
 
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+    def __init__(self, pairs: list[tuple[str | None, str, str | None]]) -> None:
         self.pairs = pairs
 
-    def __call__(self, model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    def __call__(self, model: nn.Module) -> list[tuple[nn.Module | None, nn.Module, str | None]]:
         out = []
-        for pre, key in self.pairs:
+        for pre, key, gate in self.pairs:
             try:
-                out.append((model.get_submodule(pre), model.get_submodule(key)))
+                out.append(
+                    (None if pre is None else model.get_submodule(pre), model.get_submodule(key), gate)
+                )
             except AttributeError as err:
                 raise SiteError(
                     f"The saved FFL site modules {pre!r} / {key!r} do not exist in this model."
@@ -159,10 +161,13 @@ def build_methods(
 
 def _wrap(wrapper_cls: type, base: nn.Module, config: UnlearnConfig) -> Any:
     """Wrap ``base`` with the FFL sites the unlearning was fitted on (by their saved module names)."""
-    saved = [(s.get("pre"), s.get("key")) for s in config.base_model.fingerprint.get("ffl_sites") or []]
+    saved = [
+        (s.get("pre"), s.get("key"), s.get("gate"))
+        for s in config.base_model.fingerprint.get("ffl_sites") or []
+    ]
     wrapper = wrapper_cls.from_base(base)
     try:
-        detected = [(s.pre_name, s.key_name) for s in wrapper.ffl_sites]
+        detected = [(s.pre_name, s.key_name, s.gate) for s in wrapper.ffl_sites]
     except SiteError:
         detected = None
     if detected == saved or not saved:

@@ -20,21 +20,24 @@ types), :mod:`.resolve` (:func:`find_ffl_sites`), :mod:`.site_tensors` (:func:`a
 """
 
 from .discovery import find_decoder_layers
-from .ffl_site import FFLSite, SiteError, linear_io
+from .ffl_site import GATE_LAYOUTS, FFLSite, SiteError, SitePair, linear_io, require_pre_sites
 from .known_architectures import KNOWN_SITES
 from .model_config import config_d_ff
 from .resolve import SiteOverride, find_ffl_sites
 from .site_tensors import as_token_grid, module_device
 
 __all__ = [
+    "GATE_LAYOUTS",
     "KNOWN_SITES",
     "FFLSite",
     "SiteError",
     "SiteOverride",
+    "SitePair",
     "as_token_grid",
     "config_d_ff",
     "find_decoder_layers",
     "find_ffl_sites",
     "linear_io",
     "module_device",
+    "require_pre_sites",
 ]

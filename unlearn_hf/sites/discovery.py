@@ -1,13 +1,17 @@
 """Discovery of the FFL sites of unknown model types: the decoder layer list, then in every layer the one
-projection pair ``h -> d_ff -> h`` (the gate, for gated FFLs), refusing mixtures of experts and fused projections."""
+projection pair ``h -> d_ff -> h`` (the gate, for gated FFLs; the gate half of a fused gate/up projection, its
+layout verified on the layer's own computation), or the key alone when no pre-activation can be told; mixtures
+of experts are refused."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
-from .ffl_site import SiteError, linear_io
+from .ffl_site import GATE_LAYOUTS, FFLSite, SiteError, SitePair, linear_io
 from .model_config import text_config
 
 _MLP_CONTAINER_NAMES = ("mlp", "ffn", "feed_forward", "feedforward", "ff", "ffl")
@@ -79,9 +83,14 @@ def _describe(linears: Sequence[tuple[str, tuple[int, int]]]) -> str:
 
 
 def discover_in_layer(
-    layer: nn.Module, index: int, hidden: int | None, d_ff_hint: int | None
-) -> tuple[str, str]:
-    """Find the ``(pre, key)`` names, relative to one decoder layer, or raise naming what was found."""
+    layer: nn.Module, index: int, hidden: int | None, d_ff_hint: int | None, act: str | None = None
+) -> SitePair:
+    """Find the site names relative to one decoder layer, or raise naming what was found.
+
+    Without one pre-activation projection, a fused gate/up projection ``h -> 2 d_ff`` is taken when one layout of
+    :data:`~.ffl_site.GATE_LAYOUTS` reproduces the key input from its output with the config's activation ``act``
+    (checked on a random input through the FFL container); otherwise only the key site is returned.
+    """
     prefix, scope = "", layer
     for name in _MLP_CONTAINER_NAMES:
         sub = getattr(layer, name, None)
@@ -128,16 +137,71 @@ def discover_in_layer(
     if len(ups) > 1:  # gated FFL: the pre-activation is the gate
         gates = [n for n in ups if "gate" in n.rsplit(".", 1)[-1].lower()]
         ups = gates if len(gates) == 1 else ups
-    if len(ups) != 1:
-        fused = [n for n, (i, o) in linears if i == hidden and o == 2 * d_ff]
-        hint = (
-            f" {', '.join(fused)} computes gate and up in one fused projection, which is not supported."
-            if fused and not ups
-            else ""
+    if len(ups) == 1:
+        return SitePair(ups[0], key_name)
+    fused = [n for n, (i, o) in linears if i == hidden and o == 2 * d_ff]
+    if not ups and len(fused) == 1:
+        layout = fused_gate_layout(layer, prefix, fused[0], key_name, act)
+        if layout is not None:
+            return SitePair(fused[0], key_name, layout)
+        why = (
+            f"{fused[0]} computes gate and up in one fused projection whose layout could not be verified (the "
+            f"config's activation {act!r} reproduces the key input with none of {', '.join(GATE_LAYOUTS)})"
         )
-        what = "Several candidate" if ups else "No"
-        raise SiteError(
-            f"{what} FFL pre-activation projections (input width {hidden}, output width {d_ff}) in {where}: "
-            f"{', '.join(ups) or 'none'}; found: {found}.{hint} Name the sites yourself."
+    else:
+        what = "several candidate" if ups else "no"
+        why = (
+            f"{what} FFL pre-activation projections (input width {hidden}, output width {d_ff}): "
+            f"{', '.join(ups) or 'none'}"
         )
-    return ups[0], key_name
+    return SitePair(
+        None,
+        key_name,
+        pre_missing=f"{where}: {why}; found: {found}. Name the pre-activation with a site override "
+        "{'pre': ..., 'key': ..., 'gate': ...} to use Neuron Adjust.",
+    )
+
+
+def fused_gate_layout(layer: nn.Module, prefix: str, fused: str, key: str, act: str | None) -> str | None:
+    """The layout of a fused gate/up projection in ``layer``: the one with which ``act(gate) * up`` equals the
+    input of ``key`` when the FFL container (``prefix``) runs on a random input; ``None`` when none does or the
+    check cannot run (no container, no known activation, weights not materialized)."""
+    if not prefix or not isinstance(act, str) or act not in ACT2FN:
+        return None
+    container, fn = layer.get_submodule(prefix[:-1]), ACT2FN[act]
+    pre_mod, key_mod = layer.get_submodule(fused), layer.get_submodule(key)
+    weight = next((p for p in pre_mod.parameters() if p.is_floating_point()), None)
+    if weight is None or weight.is_meta:
+        return None
+    got: dict[str, torch.Tensor] = {}
+    handles = [
+        pre_mod.register_forward_hook(lambda m, a, out: got.__setitem__("pre", out)),
+        key_mod.register_forward_pre_hook(lambda m, a: got.__setitem__("key", a[0])),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, linear_io(pre_mod)[0], generator=gen).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            container(x)
+    except Exception:  # noqa: BLE001 - a container that needs other arguments: the layout stays unknown
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if "pre" not in got or "key" not in got:
+        return None
+    d_ff = got["key"].shape[-1]
+    for layout in GATE_LAYOUTS:
+        site = FFLSite(0, fused, key, pre_mod, key_mod, d_ff, layout)
+        out = got["pre"].float()
+        gate = site.pre_activation(out)
+        up = (
+            out[..., d_ff:]
+            if layout == "first_half"
+            else out[..., :d_ff]
+            if layout == "second_half"
+            else out[..., 1::2]
+        )
+        if torch.allclose(fn(gate) * up, got["key"].float(), rtol=1e-3, atol=1e-5):
+            return layout
+    return None

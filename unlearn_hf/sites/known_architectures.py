@@ -5,8 +5,9 @@ from __future__ import annotations
 
 _GATED = ("mlp.gate_proj", "mlp.down_proj")
 
-#: model_type -> (pre-activation module, key module), relative to the decoder layer.
-KNOWN_SITES: dict[str, tuple[str, str]] = {
+#: model_type -> (pre-activation module, key module[, gate layout of a fused gate/up projection]), relative to
+#: the decoder layer.
+KNOWN_SITES: dict[str, tuple[str, ...]] = {
     **{
         t: _GATED
         for t in (
@@ -37,6 +38,8 @@ KNOWN_SITES: dict[str, tuple[str, str]] = {
     **{t: ("mlp.fc_in", "mlp.fc_out") for t in ("gptj", "codegen")},
     **{t: ("mlp.up_proj", "mlp.down_proj") for t in ("nemotron", "arcee")},
     "mpt": ("ffn.up_proj", "ffn.down_proj"),
+    # fused: ``gate, up = gate_up_proj(x).chunk(2, dim=-1)``
+    **{t: ("mlp.gate_up_proj", "mlp.down_proj", "first_half") for t in ("phi3", "glm", "glm4")},
 }
 
 #: model types whose FFL width is not a config attribute: d_ff = 4 * hidden (or ``n_inner``/``intermediate_size``

@@ -9,6 +9,7 @@ import torch
 
 from ...context import ForwardContext
 from ...hooks import HookRegistrar
+from ...sites import FFLSite
 from ..base import Attachment
 from .layer import NeuronAdjustLayer
 from .sampling import Draws, LayerGroup
@@ -28,7 +29,7 @@ class NeuronAdjustAttachment(Attachment):
         name: str,
         hooks: HookRegistrar,
         layers: dict[int, NeuronAdjustLayer],
-        modules: dict[int, Any],
+        sites: dict[int, FFLSite],
     ) -> None:
         super().__init__(method, model, name, hooks)
         self.layers = layers
@@ -41,7 +42,8 @@ class NeuronAdjustAttachment(Attachment):
                 hook = self._deterministic_hook(adj)
             else:
                 hook = self._stochastic_hook(adj, layer, groups[adj.device])
-            hooks.forward_hook(modules[layer], hook)
+            site = sites[layer]
+            hooks.forward_hook(site.pre, hook if site.gate is None else _on_gate(hook, site))
 
     @staticmethod
     def _deterministic_hook(adj: NeuronAdjustLayer):
@@ -78,3 +80,13 @@ class NeuronAdjustAttachment(Attachment):
             out[layer] = (offset, adj.num_neurons)
             offset += adj.num_neurons
         return out
+
+
+def _on_gate(hook, site: FFLSite):
+    """``hook`` applied to the gate columns of a fused gate/up output (the pre-activation), the up columns kept."""
+
+    def fused(ctx: ForwardContext, output: torch.Tensor) -> torch.Tensor:
+        gate = site.pre_activation(output)
+        return site.with_pre_activation(output, gate, hook(ctx, gate))
+
+    return fused

@@ -9,7 +9,7 @@ from contextvars import ContextVar
 import torch
 
 from ...hooks import HookRegistrar
-from ...sites import module_device
+from ...sites import module_device, require_pre_sites
 from ..ratio_search import RatioCurve, curve_spec, validate_curve
 from ..registry import register_method
 from ..selection import NeuronSelectionMethod, check_selection, select_global, split_by_layer
@@ -114,8 +114,10 @@ class NeuronAdjust(NeuronSelectionMethod):
     def attach(self, model, hooks: HookRegistrar) -> NeuronAdjustAttachment:
         sites = model.ffl_sites
         check_selection(self.state, sites, "Neuron Adjust")
+        selected = split_by_layer(self.state["layer_index"])
+        require_pre_sites([sites[layer] for layer in sorted(selected)], "Neuron Adjust")
         layers: dict[int, NeuronAdjustLayer] = {}
-        for layer, pos in sorted(split_by_layer(self.state["layer_index"]).items()):
+        for layer, pos in sorted(selected.items()):
             site = sites[layer]
             layers[layer] = NeuronAdjustLayer(
                 self.state["neuron_index"][pos],
@@ -124,8 +126,9 @@ class NeuronAdjust(NeuronSelectionMethod):
                 dtype=weight_dtype(site.pre),
                 width=site.d_ff,
             )
-        modules = {layer: sites[layer].pre for layer in layers}
-        return NeuronAdjustAttachment(self, model, hooks.method_name, hooks, layers, modules)
+        return NeuronAdjustAttachment(
+            self, model, hooks.method_name, hooks, layers, {i: sites[i] for i in layers}
+        )
 
     # -- seeds -----------------------------------------------------------------------------------------------
     def current_seed(self) -> int:
