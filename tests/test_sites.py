@@ -31,8 +31,16 @@ from unlearn_hf.sites import (
 _GATED = ("mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _LLAMA_FAMILY = (
     "llama mistral ministral qwen2 qwen3 gemma gemma2 gemma3_text stablelm olmo olmo2 olmo3 granite cohere "
-    "smollm3 helium exaone4 seed_oss"
+    "smollm3 helium exaone4 seed_oss cohere2 diffllama doge ernie4_5 exaone hyperclovax internlm3 cwm "
+    "ministral3 vaultgemma qwen3_5_text flint beam iquestcoder bailing_hybrid"
 ).split()
+#: fused gate/up projections: the first half of the output enters the activation, the second multiplies it
+_FUSED = {
+    t: ("model.layers", "mlp", "mlp.gate_up_proj", None, "mlp.down_proj") for t in ("phi3", "glm", "glm4")
+}
+_FUSED["modernbert-decoder"] = ("model.layers", "mlp", "mlp.Wi", None, "mlp.Wo")
+#: types whose gate only the table names (their two input projections have no telling names)
+_UNTOLD_GATE = {"lfm2"}
 
 #: model_type -> (layer list, module whose input is the FFL input x, pre-activation, up (gated) or None, key).
 REFERENCE: dict[str, tuple[str, str, str, str | None, str]] = {
@@ -54,6 +62,11 @@ REFERENCE: dict[str, tuple[str, str, str, str | None, str]] = {
     "opt": ("model.decoder.layers", "fc1", "fc1", None, "fc2"),
     "xglm": ("model.layers", "fc1", "fc1", None, "fc2"),
     "biogpt": ("biogpt.layers", "fc1", "fc1", None, "fc2"),
+    "lfm2": ("model.layers", "feed_forward", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"),
+    "nanochat": ("model.layers", "mlp", "mlp.fc1", None, "mlp.fc2"),
+    "openai-gpt": ("transformer.h", "mlp", "mlp.c_fc", None, "mlp.c_proj"),
+    "jais2": ("model.layers", "mlp", "mlp.up_proj", None, "mlp.down_proj"),
+    **_FUSED,
 }
 _REQUIRED = (
     "llama mistral qwen2 qwen3 gemma gemma2 phi gpt2 gpt_neox opt bloom gptj gpt_bigcode mpt stablelm olmo "
@@ -75,7 +88,11 @@ def activation(model_type: str, config):
         return _bloom_gelu
     if model_type == "mpt":
         return _erf_gelu
-    for attr in ("hidden_activation", "activation_function", "activation", "hidden_act"):
+    if model_type == "lfm2":  # Lfm2MLP calls F.silu, whatever the config says
+        return torch.nn.functional.silu
+    if model_type == "openai-gpt":  # modeling_openai's ACT_FNS maps afn "gelu" to the tanh approximation
+        return ACT2FN["gelu_new"]
+    for attr in ("hidden_activation", "activation_function", "activation", "hidden_act", "afn"):
         name = getattr(config, attr, None)
         if isinstance(name, str):
             return ACT2FN[name]
@@ -95,6 +112,9 @@ def hand_sites(model_type: str, model: nn.Module, layer: int, x: torch.Tensor):
     layers, _, pre_name, up_name, _ = REFERENCE[model_type]
     block = model.get_submodule(f"{layers}.{layer}")
     pre = linear64(block.get_submodule(pre_name), x)
+    if model_type in _FUSED:
+        gate, up = pre.chunk(2, dim=-1)
+        return pre, activation(model_type, model.config)(gate) * up
     key = activation(model_type, model.config)(pre)
     if up_name is not None:
         key = key * linear64(block.get_submodule(up_name), x)
@@ -179,7 +199,13 @@ def test_sites_match_hand_computation_and_probe(model_type, tokenizer):
             torch.testing.assert_close(got[("pre", s.layer)].double(), pre, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got[("key", s.layer)].double(), key, rtol=1e-5, atol=1e-5)
             for kind in ("pre", "key"):
-                t = as_token_grid(got[(kind, s.layer)], ids.shape[1])
+                value = got[(kind, s.layer)]
+                if (
+                    kind == "pre" and model_type in _FUSED
+                ):  # the probe reads the gate half: checked by hand here
+                    assert s.gate == "first_half"
+                    value = value[..., : value.shape[-1] // 2]
+                t = as_token_grid(value, ids.shape[1])
                 assert t.shape == (1, ids.shape[1], s.d_ff)
                 captured[(kind, s.layer)].append(t[0].double().numpy())
 
@@ -277,12 +303,15 @@ def test_multimodal_model_uses_the_text_config_and_the_language_layers():
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_discovery_on_unknown_model_type_finds_the_table_sites(model_type, caplog):
     model = tiny_model(model_type)
-    expected = [(s.pre_name, s.key_name, s.d_ff) for s in find_ffl_sites(model)]
+    expected = [(s.pre_name, s.key_name, s.d_ff, s.gate) for s in find_ffl_sites(model)]
     model.config.model_type = "my_new_arch"
     with caplog.at_level(logging.INFO, logger="unlearn_hf.sites"):
         found = find_ffl_sites(model)
-    assert [(s.pre_name, s.key_name, s.d_ff) for s in found] == expected
     assert "Discovered FFL sites" in caplog.text
+    if model_type in _UNTOLD_GATE:  # two gated projections named w1 / w3: discovery keeps the key sites only
+        expected = [(None, key, d_ff, None) for _, key, d_ff, _ in expected]
+        assert "several candidate FFL pre-activation" in found[0].pre_missing
+    assert [(s.pre_name, s.key_name, s.d_ff, s.gate) for s in found] == expected
 
 
 def test_gated_discovery_uses_gate_not_up():

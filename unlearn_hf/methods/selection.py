@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from ..data import DataSpec
-from ..sites import FFLSite
+from ..sites import FFLSite, require_pre_sites
 from .base import UnlearningMethod
 from .config import resolve_layers
 from .ratio_search import fit_neuron_method
@@ -31,7 +31,12 @@ class NeuronSelectionMethod(UnlearningMethod):
         Raises:
             ValueError: missing/empty data, a set with fewer than 2 probed tokens, a tokenizer or statistics that
                 do not belong to the model, token ids outside its vocabulary.
+            SiteError: the method reads the pre-activation site, which (some of) its layers lack.
         """
+        if cls.site == "pre":
+            sites = model.ffl_sites
+            wanted = resolve_layers(config.layers, len(sites))
+            require_pre_sites([sites[i] for i in wanted], cls.__name__)
         return fit_neuron_method(
             cls,
             model,

@@ -118,11 +118,9 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
     saved_sites, cur_sites = saved.get("ffl_sites") or [], current.get("ffl_sites") or []
     if len(saved_sites) == len(cur_sites):
         for i, (s, c) in enumerate(zip(saved_sites, cur_sites)):
-            for key in ("pre", "key", "gate"):
+            for key, what in (("pre", "pre module"), ("key", "key module"), ("gate", "gate layout")):
                 if s.get(key) != c.get(key):
-                    problems.append(
-                        f"layer {i} FFL {key} module: saved {s.get(key)!r}, model has {c.get(key)!r}"
-                    )
+                    problems.append(f"layer {i} FFL {what}: saved {s.get(key)!r}, model has {c.get(key)!r}")
             for key in ("d_ff", "pre_shape", "key_shape"):
                 if s.get(key) != c.get(key):
                     problems.append(f"layer {i} FFL {key}: saved {s.get(key)!r}, model has {c.get(key)!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .known_architectures import FOUR_X_HIDDEN
+from .known_architectures import FOUR_X_HIDDEN, WIDTH_FROM_MODULES
 
 _EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts")
 
@@ -36,6 +36,8 @@ def hidden_size(model: nn.Module, config) -> int | None:
 def config_d_ff(config, hidden: int | None = None) -> int | None:
     """The FFL width a config declares (``intermediate_size``, ``n_inner``, ``ffn_dim``, ``4 * hidden``...)."""
     model_type = getattr(config, "model_type", None)
+    if model_type in WIDTH_FROM_MODULES:
+        return None
     if model_type in FOUR_X_HIDDEN:
         attr = FOUR_X_HIDDEN[model_type]
         value = getattr(config, attr, None) if attr else None
