@@ -32,7 +32,7 @@ _GATED = ("mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _LLAMA_FAMILY = (
     "llama mistral ministral qwen2 qwen3 gemma gemma2 gemma3_text stablelm olmo olmo2 olmo3 granite cohere "
     "smollm3 helium exaone4 seed_oss cohere2 diffllama doge ernie4_5 exaone hyperclovax internlm3 cwm "
-    "ministral3 vaultgemma qwen3_5_text flint beam iquestcoder bailing_hybrid"
+    "ministral3 vaultgemma qwen3_5_text flint beam iquestcoder"
 ).split()
 #: fused gate/up projections: the first half of the output enters the activation, the second multiplies it
 _FUSED = {

@@ -67,11 +67,12 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     **{
         t: _llama_like()
         for t in (
-            "cohere2 diffllama doge ernie4_5 exaone hyperclovax internlm3 cwm flint beam iquestcoder bailing_hybrid "
+            "cohere2 diffllama doge ernie4_5 exaone hyperclovax internlm3 cwm flint beam iquestcoder "
             "phi3 glm glm4 jais2 nanochat modernbert-decoder"
         ).split()
     },
-    **{t: _llama_like(head_dim=HIDDEN // HEADS) for t in ("ministral3", "vaultgemma", "qwen3_5_text")},
+    **{t: _llama_like(head_dim=HIDDEN // HEADS) for t in ("ministral3", "vaultgemma")},
+    "qwen3_5_text": _llama_like(head_dim=HIDDEN // HEADS, layer_types=["linear_attention", "full_attention"]),
     "lfm2": _llama_like(block_auto_adjust_ff_dim=True),  # d_ff = int(2 * 80 / 3) = 53, as real checkpoints
     "openai-gpt": dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=128),  # d_ff is 4 * hidden
     "falcon": dict(

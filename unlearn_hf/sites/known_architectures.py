@@ -43,8 +43,6 @@ KNOWN_SITES: dict[str, tuple[str, ...]] = {
             "flint",
             "beam",
             "iquestcoder",
-            "bailing_hybrid",
-            "bitnet",
         )
     },
     "lfm2": ("feed_forward.w1", "feed_forward.w2"),  # w2(silu(w1 x) * w3 x)

@@ -1,0 +1,140 @@
+"""Every architecture of the tiny-model matrix (``tiny_models.TINY_MODEL_TYPES``: dense and fused gate/up FFLs)
+through every method: Key Space Detection at α = 1 contains every fitted query, Neuron Adjust changes only its
+selected neurons (by METHOD.md's formula, in numpy), generate runs and abstains, and save/load round-trips.
+The sites themselves are checked against hand-computed activations in test_sites."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers_na import token_batches
+from tiny_models import TINY_MODEL_TYPES, tiny_model, tiny_tokenizer
+
+from unlearn_hf import (
+    KeySpaceDetectionConfig,
+    NeuronAdjustConfig,
+    SelectivePruningConfig,
+    UnlearnedModelForCausalLM,
+)
+
+#: token id ranges of the "skills" inside the tiny models' 128-token vocabulary
+FORGET, RETAIN = dict(lo=3, hi=64), dict(lo=64, hi=128)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_here(one_thread):
+    """Tiny models run fastest on one thread."""
+
+
+def _rows(seed: int, spec: dict, n: int = 6) -> list[dict[str, torch.Tensor]]:
+    """``n`` single unpadded rows of 3..9 random ids: the fit and the checks see the same shapes."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(3, 10, (1,), generator=g))
+        ids = torch.randint(spec["lo"], spec["hi"], (1, length), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def _ksd(**overrides) -> KeySpaceDetectionConfig:
+    return KeySpaceDetectionConfig(
+        **{"inputs": "prompts", "layers": [-1], "alpha": 1.0, "window": 1, **overrides}
+    )
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_ksd_at_alpha_one_contains_every_fitted_query(model_type):
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_model(model_type))
+    forget = _rows(0, FORGET)
+    unlearned.fit(_ksd(action="eos"), forget, show_progress=False, batch_size=1)
+    with torch.no_grad():
+        inside = [bool(unlearned.detect(**row)[0]) for row in forget]
+    assert inside == [True] * len(forget)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_neuron_adjust_changes_only_its_selected_neurons(model_type):
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_model(model_type))
+    sites = unlearned.ffl_sites
+    raw: dict[int, torch.Tensor] = {}
+    handles = [  # registered before Neuron Adjust's hooks, so they see what the module computed
+        s.pre.register_forward_hook(lambda m, a, o, i=s.layer: raw.__setitem__(i, o.detach().clone()))
+        for s in sites
+    ]
+    na = unlearned.fit(
+        NeuronAdjustConfig(ratio=0.2, deterministic=True),
+        token_batches(0, **FORGET, n=2),
+        token_batches(1, **RETAIN, n=2),
+        show_progress=False,
+    )
+    used: dict[int, torch.Tensor] = {}
+    handles += [  # registered after: they see what the FFL goes on with
+        s.pre.register_forward_hook(lambda m, a, o, i=s.layer: used.__setitem__(i, o.detach().clone()))
+        for s in sites
+    ]
+    try:
+        with torch.no_grad():
+            unlearned(**token_batches(2, **FORGET, n=1)[0])
+    finally:
+        for h in handles:
+            h.remove()
+    state = {k: v.double().numpy() for k, v in na.state.items()}
+    changed = 0
+    for s in sites:
+        x, y = raw[s.layer].double(), used[s.layer].double()
+        if s.gate is not None:  # the up half of a fused projection is never touched
+            up = torch.ones(x.shape[-1], dtype=torch.bool)
+            s.pre_activation(up).fill_(False)
+            assert int(up.sum()) == s.d_ff
+            np.testing.assert_array_equal(y[..., up].numpy(), x[..., up].numpy())
+        g, h = s.pre_activation(x).numpy(), s.pre_activation(y).numpy()
+        pos = state["layer_index"] == s.layer
+        neurons = state["neuron_index"][pos].astype(int)
+        others = np.setdiff1d(np.arange(s.d_ff), neurons)
+        np.testing.assert_array_equal(h[..., others], g[..., others])
+        # METHOD.md §3, deterministic mode: mirror where the forget density is the larger
+        v = g[..., neurons]
+        mf, sf, mr, sr = (state[n][pos] for n in ("forget_mean", "forget_std", "retain_mean", "retain_std"))
+        log_pf = -0.5 * ((v - mf) / sf) ** 2 - np.log(sf)
+        log_pr = -0.5 * ((v - mr) / sr) ** 2 - np.log(sr)
+        expected = np.where(log_pf > log_pr, mr - (v - mf) / sf * sr, v)
+        np.testing.assert_allclose(h[..., neurons], expected, rtol=1e-4, atol=1e-5)
+        changed += int((h[..., neurons] != v).sum())
+    assert changed > 0
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_generate_abstains_and_save_load_round_trips(model_type, tmp_path):
+    tok = tiny_tokenizer()
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_model(model_type))
+    forget, retain = _rows(0, FORGET), _rows(1, RETAIN)
+    unlearned.fit(NeuronAdjustConfig(ratio=0.1, seed=3), forget, retain, name="na", show_progress=False)
+    unlearned.fit(SelectivePruningConfig(ratio=0.05), forget, retain, name="sp", show_progress=False)
+    unlearned.fit(_ksd(refusal="no"), forget, tokenizer=tok, name="ksd", show_progress=False, batch_size=1)
+    refusal = tok("no", add_special_tokens=False)["input_ids"]
+
+    def run(model):
+        out = {}
+        for name, row in (("forget", forget[0]), ("other", retain[0])):
+            with torch.no_grad():
+                out[name + "_logits"] = model(**row).logits
+                gen = model.generate(
+                    **row, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+                )
+            out[name + "_sequences"], out[name + "_abstained"] = gen.sequences, gen["abstained"]
+        return out
+
+    before = run(unlearned)
+    n = forget[0]["input_ids"].shape[1]
+    assert before["forget_abstained"].tolist() == [True]
+    assert before["forget_sequences"][0, n : n + len(refusal)].tolist() == refusal
+    assert before["other_abstained"].tolist() == [unlearned.detect(**retain[0]).item()]
+
+    unlearned.save_pretrained(tmp_path / "u", base_model_name_or_path=f"tiny/{model_type}")
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "u", base_model=tiny_model(model_type))
+    assert list(loaded.methods) == ["na", "sp", "ksd"]
+    after = run(loaded)
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
