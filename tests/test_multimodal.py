@@ -1,0 +1,155 @@
+"""Image-text models whose language model is a dense decoder (Gemma 3, LLaVA, Mistral 3): the methods attach to the
+language model's layers only, text-only and image+text ``generate`` both work, the vision tower is never touched,
+and save/load round-trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import hook_count
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from unlearn_hf import KeySpaceDetectionConfig, NeuronAdjustConfig, UnlearnedModelForCausalLM
+
+IMAGE_TOKEN, EOS = 299, 2
+_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=300,
+    eos_token_id=EOS,
+    pad_token_id=0,
+)
+_VISION = dict(
+    hidden_size=16,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+
+#: model_type -> (config keyword arguments, extra image inputs of generate, image tokens per image)
+MODELS = {
+    "gemma3": (
+        dict(
+            text_config=dict(_TEXT, query_pre_attn_scalar=8, sliding_window=16),
+            vision_config=_VISION,
+            mm_tokens_per_image=4,
+            image_token_index=IMAGE_TOKEN,
+            boi_token_index=297,
+            eoi_token_index=298,
+        ),
+        {},
+    ),
+    "llava": (
+        dict(
+            text_config=dict(_TEXT, model_type="llama"),
+            vision_config=dict(_VISION, model_type="clip_vision_model", projection_dim=16),
+            image_token_index=IMAGE_TOKEN,
+            vision_feature_layer=-1,
+        ),
+        {},
+    ),
+    "mistral3": (
+        dict(
+            text_config=dict(_TEXT, model_type="mistral"),
+            vision_config=dict(_VISION, model_type="pixtral", head_dim=8),
+            image_token_index=IMAGE_TOKEN,
+            spatial_merge_size=1,
+            vision_feature_layer=-1,
+        ),
+        {"image_sizes": torch.tensor([[28, 28]])},
+    ),
+}
+
+
+def _model(model_type: str):
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(
+        AutoConfig.for_model(model_type, **MODELS[model_type][0])
+    ).eval()
+
+
+def _rows(seed: int, lo: int, hi: int, n: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": (ids := torch.randint(lo, hi, (1, 6), generator=g)),
+            "attention_mask": torch.ones_like(ids),
+        }
+        for _ in range(n)
+    ]
+
+
+def _image_inputs(model_type: str) -> dict[str, torch.Tensor]:
+    if model_type == "gemma3":
+        ids = [5, 297] + [IMAGE_TOKEN] * 4 + [298, 7, 8, 9]
+    else:
+        ids = [5] + [IMAGE_TOKEN] * 4 + [7, 8, 9]
+    input_ids = torch.tensor([ids])
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels,
+        **MODELS[model_type][1],
+    }
+
+
+def _flat(features) -> torch.Tensor:
+    """The image features of ``get_image_features`` (a tensor, a list of tensors or an output object) as one tensor."""
+    if hasattr(features, "pooler_output") and features.pooler_output is not None:
+        features = features.pooler_output
+    if isinstance(features, (list, tuple)):
+        return torch.cat([t.flatten() for t in features])
+    return features.flatten()
+
+
+def _vision(model):
+    return model.model.vision_tower
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_methods_on_the_language_model_only(model_type, tmp_path):
+    base = _model(model_type)
+    image = _image_inputs(model_type)
+    with torch.no_grad():
+        plain = base.generate(**image, max_new_tokens=4, do_sample=False)
+        vision_before = base.model.get_image_features(
+            pixel_values=image["pixel_values"], **MODELS[model_type][1]
+        )
+    own_hooks = hook_count(_vision(base)), hook_count(base.model.multi_modal_projector)  # transformers' own
+    unlearned = UnlearnedModelForCausalLM.from_base(base)
+    assert all(s.key_name.startswith("model.language_model.layers.") for s in unlearned.ffl_sites)
+    forget, retain = _rows(0, 3, 150), _rows(1, 150, 296)
+    ksd = KeySpaceDetectionConfig(inputs="prompts", layers=[-1], alpha=1.0, window=1, action="eos")
+    unlearned.fit(ksd, forget, name="ksd", show_progress=False, batch_size=1)
+
+    # text only: a fitted query abstains (ends at once); image + text: runs, and a row that does not abstain is
+    # the base model's, bit for bit
+    out = unlearned.generate(**forget[0], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert out["abstained"].tolist() == [True] and out.sequences[0, 6:].tolist() == [EOS]
+    with torch.no_grad():
+        assert not bool(unlearned.detect(image["input_ids"], image["attention_mask"])[0])
+    assert torch.equal(unlearned.generate(**image, max_new_tokens=4, do_sample=False), plain)
+
+    unlearned.fit(NeuronAdjustConfig(ratio=0.1, seed=1), forget, retain, name="na", show_progress=False)
+    assert (hook_count(_vision(base)), hook_count(base.model.multi_modal_projector)) == own_hooks
+    with torch.no_grad():
+        sequences = unlearned.generate(**image, max_new_tokens=4, do_sample=False)
+        vision_after = base.model.get_image_features(
+            pixel_values=image["pixel_values"], **MODELS[model_type][1]
+        )
+    assert sequences.shape[1] == image["input_ids"].shape[1] + 4
+    assert torch.equal(_flat(vision_before), _flat(vision_after))
+
+    unlearned.save_pretrained(tmp_path / "u", base_model_name_or_path=f"tiny/{model_type}")
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "u", base_model=_model(model_type))
+    with torch.no_grad():
+        for row in (forget[1], retain[0]):
+            assert torch.equal(loaded(**row).logits, unlearned(**row).logits)
+        assert torch.equal(loaded.generate(**image, max_new_tokens=4, do_sample=False), sequences)
