@@ -270,47 +270,6 @@ def test_probe_is_the_same_for_either_padding_side(model_type):
                 torch.testing.assert_close(a.variance, b.variance, rtol=1e-4, atol=1e-6)
 
 
-def test_multimodal_model_uses_the_text_config_and_the_language_layers():
-    text = dict(
-        hidden_size=32,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=300,
-        query_pre_attn_scalar=8,
-        sliding_window=16,
-    )
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
-    config = AutoConfig.for_model(
-        "gemma3",
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=4,
-        image_token_index=299,
-        boi_token_index=297,
-        eoi_token_index=298,
-    )
-    model = AutoModelForCausalLM.from_config(config)  # the vision tower also has 2 layers, with mlp.fc1 / fc2
-    sites = find_ffl_sites(model)
-    assert [(s.pre_name, s.key_name, s.d_ff) for s in sites] == [
-        (
-            f"model.language_model.layers.{i}.mlp.gate_proj",
-            f"model.language_model.layers.{i}.mlp.down_proj",
-            80,
-        )
-        for i in range(2)
-    ]
-
-
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_discovery_on_unknown_model_type_finds_the_table_sites(model_type, caplog):
     model = tiny_model(model_type)

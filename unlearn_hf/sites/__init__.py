@@ -2,8 +2,10 @@
 
 Every decoder layer has an FFL ``out = W_out · φ(W_in · x)`` (gated: ``W_down · (act(W_gate x) ⊙ W_up x)``).
 
-* **pre-activation** site: the module whose output enters the activation (``gate_proj``, ``c_fc``, ``fc1``...).
-  Neuron Adjust rewrites its output with a forward hook.
+* **pre-activation** site: the module whose output enters the activation (``gate_proj``, ``c_fc``, ``fc1``...;
+  for a fused gate/up projection such as Phi-3's ``gate_up_proj``, the gate columns of its output, see
+  :data:`GATE_LAYOUTS`). Neuron Adjust rewrites it with a forward hook. A layer may lack one (``pre=None``):
+  then Key Space Detection and Selective Pruning still work, Neuron Adjust is refused.
 * **key** site: the FFL's output projection (``down_proj``, ``c_proj``, ``fc2``...). Its *input* holds the
   ``d_ff`` memory coefficients; Key Space Detection and Selective Pruning read/zero it with a forward pre-hook.
 

@@ -124,17 +124,15 @@ def check_pairs(
 def _validated_site(
     model: nn.Module, layer: int, pair: SitePair, hidden: int | None, d_ff: int | None, source: str
 ) -> FFLSite:
-    """Resolve and check one layer's pair: linear-like, ``pre: h -> d_ff`` (``h -> 2 d_ff`` fused),
+    """Resolve and check one layer's sites: linear-like, ``pre: h -> d_ff`` (``h -> 2 d_ff`` fused, or none),
     ``key: d_ff -> h``."""
     if pair.gate is not None and pair.gate not in GATE_LAYOUTS:
         raise SiteError(
             f"Layer {layer}: gate layout {pair.gate!r} from {source} is not one of {GATE_LAYOUTS}."
         )
-    if pair.pre is None:
-        return _key_only_site(model, layer, pair, hidden, d_ff, source)
-    pre_name, key_name = pair.pre, pair.key
-    modules = {}
-    for role, name in (("pre-activation", pre_name), ("key", key_name)):
+    named = [("pre-activation", pair.pre), ("key", pair.key)] if pair.pre is not None else [("key", pair.key)]
+    modules, shapes = {}, {}
+    for role, name in named:
         try:
             modules[role] = model.get_submodule(name)
         except AttributeError as err:
@@ -142,70 +140,62 @@ def _validated_site(
                 f"Layer {layer}: the {role} module {name!r} from {source} does not exist in "
                 f"{type(model).__name__}."
             ) from err
-    pre, key = modules["pre-activation"], modules["key"]
-    pre_io, key_io = linear_io(pre), linear_io(key)
-    if pre_io is None or key_io is None:
-        bad = [
-            f"{n!r} is a {type(m).__name__}"
-            for n, m, io in ((pre_name, pre, pre_io), (key_name, key, key_io))
-            if io is None
-        ]
+        shapes[role] = linear_io(modules[role])
+    bad = [f"{name!r} is a {type(modules[role]).__name__}" for role, name in named if shapes[role] is None]
+    if bad:
         raise SiteError(
             f"Layer {layer}: the sites from {source} must be linear projections; {', '.join(bad)}."
         )
+    key, (key_in, key_out) = modules["key"], shapes["key"]
+    if pair.pre is None:
+        if hidden is not None and key_out != hidden:
+            raise SiteError(
+                f"Layer {layer}: the key {pair.key!r} ({key_in}->{key_out}) from {source} does not project to the "
+                f"model's hidden size {hidden}."
+            )
+        return _checked_width(
+            model,
+            FFLSite(
+                layer,
+                None,
+                pair.key,
+                None,
+                key,
+                key_in,
+                None,
+                pair.pre_missing or f"{source} names no pre-activation module",
+            ),
+            d_ff,
+            source,
+        )
+    pre, (pre_in, pre_out) = modules["pre-activation"], shapes["pre-activation"]
     if pre is key:
-        raise SiteError(f"Layer {layer}: pre-activation and key sites are the same module {pre_name!r}.")
-    (pre_in, pre_out), (key_in, key_out) = pre_io, key_io
+        raise SiteError(f"Layer {layer}: pre-activation and key sites are the same module {pair.pre!r}.")
     width = pre_out // 2 if pair.gate is not None else pre_out
     if key_in != width or pre_in != key_out or (pair.gate is not None and pre_out != 2 * key_in):
         expected = "h->2*d_ff (fused gate/up)" if pair.gate is not None else "h->d_ff"
         raise SiteError(
-            f"Layer {layer}: pre-activation {pre_name!r} ({pre_in}->{pre_out}) and key {key_name!r} "
+            f"Layer {layer}: pre-activation {pair.pre!r} ({pre_in}->{pre_out}) and key {pair.key!r} "
             f"({key_in}->{key_out}) from {source} are not the two ends of one FFL (expected {expected} and "
             "d_ff->h)."
         )
     if hidden is not None and pre_in != hidden:
         raise SiteError(
-            f"Layer {layer}: the FFL {pre_name!r} / {key_name!r} from {source} works on width {pre_in}, "
+            f"Layer {layer}: the FFL {pair.pre!r} / {pair.key!r} from {source} works on width {pre_in}, "
             f"but the model's hidden size is {hidden}."
         )
-    if d_ff is not None and width != d_ff:
-        raise SiteError(
-            f"Layer {layer}: d_ff of {pre_name!r} / {key_name!r} from {source} is {width} but the config says {d_ff}."
-        )
-    _check_bloom(model)
-    return FFLSite(layer, pre_name, key_name, pre, key, width, pair.gate)
+    return _checked_width(model, FFLSite(layer, pair.pre, pair.key, pre, key, width, pair.gate), d_ff, source)
 
 
-def _key_only_site(
-    model: nn.Module, layer: int, pair: SitePair, hidden: int | None, d_ff: int | None, source: str
-) -> FFLSite:
-    """A layer whose only site is the key: ``key: d_ff -> h``."""
-    try:
-        key = model.get_submodule(pair.key)
-    except AttributeError as err:
+def _checked_width(model: nn.Module, site: FFLSite, d_ff: int | None, source: str) -> FFLSite:
+    """``site``, once its width matches the config's ``d_ff`` and the model's FFL runs through its modules."""
+    if d_ff is not None and site.d_ff != d_ff:
+        names = f"{site.pre_name!r} / {site.key_name!r}" if site.pre is not None else repr(site.key_name)
         raise SiteError(
-            f"Layer {layer}: the key module {pair.key!r} from {source} does not exist in {type(model).__name__}."
-        ) from err
-    io = linear_io(key)
-    if io is None:
-        raise SiteError(
-            f"Layer {layer}: the key site from {source} must be a linear projection; {pair.key!r} is a "
-            f"{type(key).__name__}."
-        )
-    width, out = io
-    if hidden is not None and out != hidden:
-        raise SiteError(
-            f"Layer {layer}: the key {pair.key!r} ({width}->{out}) from {source} does not project to the model's "
-            f"hidden size {hidden}."
-        )
-    if d_ff is not None and width != d_ff:
-        raise SiteError(
-            f"Layer {layer}: d_ff of {pair.key!r} from {source} is {width} but the config says {d_ff}."
+            f"Layer {site.layer}: d_ff of {names} from {source} is {site.d_ff} but the config says {d_ff}."
         )
     _check_bloom(model)
-    missing = pair.pre_missing or f"{source} names no pre-activation module"
-    return FFLSite(layer, None, pair.key, None, key, width, None, missing)
+    return site
 
 
 def _check_bloom(model: nn.Module) -> None:
