@@ -176,3 +176,47 @@ def test_key_only_model_gets_ksd_and_sp_and_refuses_na_with_the_reason():
     )
     with torch.no_grad():
         assert unlearned.detect(**forget[0]).all()
+
+
+def test_one_fit_call_with_several_methods_on_key_only_layers():
+    """A shared probe pass spans the layers of every method: it reads pre-activations only where they exist."""
+    ksd = KeySpaceDetectionConfig(inputs="prompts", alpha=1.0, window=1, action="eos")
+    model = _key_only_llama()
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    with pytest.raises(SiteError, match="NeuronAdjust needs the FFL pre-activation site"):
+        unlearned.fit(
+            [ksd, NeuronAdjustConfig(ratio=0.1)],
+            _batches(0, FORGET),
+            _batches(1, RETAIN),
+            show_progress=False,
+        )
+    assert not unlearned.methods and hook_count(model) == 0
+
+    def mixed(model):  # layer 0: key only; layer 1: both sites
+        layers = model.model.layers
+        return [(None, layers[0].mlp.down_proj), (layers[1].mlp.gate_proj, layers[1].mlp.down_proj)]
+
+    together = UnlearnedModelForCausalLM.from_base(tiny_model("llama"), sites=mixed)
+    together.fit(
+        [ksd, NeuronAdjustConfig(ratio=0.1, layers=[1])],
+        _batches(0, FORGET),
+        _batches(1, RETAIN),
+        show_progress=False,
+    )
+    apart = UnlearnedModelForCausalLM.from_base(tiny_model("llama"), sites=mixed)
+    apart.fit(ksd, _batches(0, FORGET), show_progress=False)
+    apart.fit(
+        NeuronAdjustConfig(ratio=0.1, layers=[1]),
+        _batches(0, FORGET),
+        _batches(1, RETAIN),
+        show_progress=False,
+    )
+    for a, b in zip(together.methods.values(), apart.methods.values()):
+        assert a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_discovery_finds_the_fused_layout_in_half_precision(dtype):
+    phi = _phi3().to(dtype)
+    phi.config.model_type = "my_fused_arch"
+    assert [s.gate for s in find_ffl_sites(phi)] == ["first_half", "first_half"]

@@ -227,12 +227,17 @@ def _run_pass(
 ) -> tuple[dict[str, SiteStatistics], int]:
     """One forward pass over ``batches``, collecting ``kinds`` at ``layer_ids`` (stopping after the last)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    stats = {k: {i: RunningStats(by_layer[i].d_ff, track) for i in layer_ids} for k in kinds}
+    # a shared pass (several methods) may span layers without a pre-activation site: only the sites that exist
+    stats = {
+        k: {i: RunningStats(by_layer[i].d_ff, track) for i in layer_ids if k == "key" or by_layer[i].pre}
+        for k in kinds
+    }
     # the selected tokens as flat row indices, computed on the host once per batch and copied to each device
     # once: boolean indexing on an accelerator would wait for the device to count the rows (a host sync)
     selection: dict[torch.device, torch.Tensor | None] = {}
     grid = torch.Size()
-    last_layer, last_kind = layer_ids[-1], ("key" if "key" in kinds else "pre")
+    # the last site the forward reaches (a layer's key comes after its pre-activation)
+    last_layer, _, last_kind = max((i, k == "key", k) for k in kinds for i in stats[k])
 
     def select_on(device: torch.device) -> torch.Tensor | None:
         if device not in selection:
@@ -268,7 +273,7 @@ def _run_pass(
     handles = []
     try:
         for kind in kinds:
-            for i in layer_ids:
+            for i in stats[kind]:
                 s = by_layer[i]
                 if kind == "pre":
                     handles.append(s.pre.register_forward_hook(make_hook(kind, i)))

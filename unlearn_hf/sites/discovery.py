@@ -190,10 +190,13 @@ def fused_gate_layout(layer: nn.Module, prefix: str, fused: str, key: str, act: 
             h.remove()
     if "pre" not in got or "key" not in got:
         return None
-    d_ff = got["key"].shape[-1]
+    d_ff, dtype = got["key"].shape[-1], got["key"].dtype
+    # recomputed in the layer's own dtype; half-precision rounding (bf16: 2^-8) must not hide the layout
+    rtol = max(1e-3, 4 * torch.finfo(dtype).eps)
+    atol = max(1e-5, rtol * float(got["key"].abs().mean()))
     for layout in GATE_LAYOUTS:
         site = FFLSite(0, fused, key, pre_mod, key_mod, d_ff, layout)
-        out = got["pre"].float()
+        out = got["pre"]
         gate = site.pre_activation(out)
         up = (
             out[..., d_ff:]
@@ -202,6 +205,6 @@ def fused_gate_layout(layer: nn.Module, prefix: str, fused: str, key: str, act: 
             if layout == "second_half"
             else out[..., 1::2]
         )
-        if torch.allclose(fn(gate) * up, got["key"].float(), rtol=1e-3, atol=1e-5):
+        if torch.allclose((fn(gate) * up).float(), got["key"].float(), rtol=rtol, atol=atol):
             return layout
     return None

@@ -163,7 +163,7 @@ def _validated_site(
                 key,
                 key_in,
                 None,
-                pair.pre_missing or f"{source} names no pre-activation module",
+                pair.pre_missing or f"{source} names no pre-activation module.",
             ),
             d_ff,
             source,
@@ -174,6 +174,8 @@ def _validated_site(
     width = pre_out // 2 if pair.gate is not None else pre_out
     if key_in != width or pre_in != key_out or (pair.gate is not None and pre_out != 2 * key_in):
         expected = "h->2*d_ff (fused gate/up)" if pair.gate is not None else "h->d_ff"
+        if pair.gate is None and pre_out == 2 * key_in:
+            expected += f"; for a fused gate/up projection add its 'gate' layout, one of {GATE_LAYOUTS}"
         raise SiteError(
             f"Layer {layer}: pre-activation {pair.pre!r} ({pre_in}->{pre_out}) and key {pair.key!r} "
             f"({key_in}->{key_out}) from {source} are not the two ends of one FFL (expected {expected} and "

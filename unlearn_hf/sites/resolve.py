@@ -49,9 +49,10 @@ def _pairs_from_callable(model: nn.Module, override: Callable) -> list[SitePair]
                     f"module of {type(model).__name__} (nor a module name)."
                 )
         gate = pair[2] if len(pair) == 3 else None
-        if gate is not None and not isinstance(gate, str):
+        if gate is not None and (not isinstance(gate, str) or resolved[0] is None):
             raise SiteError(
-                f"The site override returned a gate layout {gate!r} for layer {i}; expected a string."
+                f"The site override returned a gate layout {gate!r} for layer {i}; expected a string, with the "
+                "fused projection as the pre-activation."
             )
         pairs.append(SitePair(resolved[0], resolved[1], gate))
     return pairs
