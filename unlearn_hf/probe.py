@@ -236,8 +236,19 @@ def _run_pass(
     # once: boolean indexing on an accelerator would wait for the device to count the rows (a host sync)
     selection: dict[torch.device, torch.Tensor | None] = {}
     grid = torch.Size()
-    # the last site the forward reaches (a layer's key comes after its pre-activation)
+    # the last site the forward reaches (a layer's key comes after its pre-activation), where the forward stops;
+    # not in models with experts, whose layers may compute a shared expert after the routed ones
     last_layer, _, last_kind = max((i, k == "key", k) for k in kinds for i in stats[k])
+    if any(by_layer[i].routed for k in kinds for i in stats[k]):
+        last_layer = -1
+    # for expert sites (rows: the tokens routed to the expert): whether each token of the batch is selected
+    flags: dict[torch.device, torch.Tensor | None] = {}
+
+    def flags_on(device: torch.device) -> torch.Tensor | None:
+        if device not in flags:
+            host = flags[torch.device("cpu")]
+            flags[device] = None if host is None else host.to(device, non_blocking=True)
+        return flags[device]
 
     def select_on(device: torch.device) -> torch.Tensor | None:
         if device not in selection:
@@ -260,9 +271,23 @@ def _run_pass(
             if layer == last_layer and kind == last_kind:
                 raise StopForward
 
+        def capture_routed(x: torch.Tensor, token_index: torch.Tensor) -> None:
+            if x.dim() != 2 or x.shape[-1] != by_layer[layer].d_ff:
+                raise SiteError(
+                    f"Layer {layer} {kind} site produced shape {tuple(x.shape)}, expected [tokens, "
+                    f"{by_layer[layer].d_ff}]; the site does not match the model."
+                )
+            keep = flags_on(x.device)
+            stats[kind][layer].update(x if keep is None else x[keep.index_select(0, token_index)])
+
+        site = by_layer[layer]
         if kind == "pre":
-            view = by_layer[layer].pre_activation
+            view = site.pre_activation
+            if site.routed:
+                return lambda mod, args, out: capture_routed(view(out), args[1])
             return lambda mod, args, out: capture(view(out))
+        if site.routed:
+            return lambda mod, args: capture_routed(args[0], args[1])
         return lambda mod, args: capture(args[0])
 
     accepts_positions = accepts(model, "position_ids")
@@ -293,6 +318,8 @@ def _run_pass(
             select = batch.select.cpu()
             grid = select.shape
             selection[torch.device("cpu")] = None if bool(select.all()) else select.flatten().nonzero()[:, 0]
+            flags.clear()
+            flags[torch.device("cpu")] = None if bool(select.all()) else select.flatten()
             try:
                 model(
                     input_ids=batch.input_ids.to(device),

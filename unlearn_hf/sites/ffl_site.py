@@ -35,6 +35,10 @@ class FFLSite:
         gate: for a fused gate/up projection, where the gate sits in its output (one of :data:`GATE_LAYOUTS`);
             ``None``: the whole output is the pre-activation.
         pre_missing: why there is no pre-activation site (empty when there is one).
+        block: the decoder layer the site is in (sites of a mixture-of-experts layer share one); ``None``: ``layer``.
+        expert: for one expert of a mixture of experts, its index: its sites see the tokens routed to it only,
+            ``[n_tokens, width]``, and their modules are :class:`~.experts.ExpertTap` objects (``None``: a dense FFL,
+            whose sites see every token).
     """
 
     layer: int
@@ -45,6 +49,18 @@ class FFLSite:
     d_ff: int
     gate: str | None = None
     pre_missing: str = ""
+    block: int | None = None
+    expert: int | None = None
+
+    @property
+    def routed(self) -> bool:
+        """Whether the site sees only the tokens routed to one expert (the hooks get their indices too)."""
+        return self.expert is not None
+
+    @property
+    def decoder_layer(self) -> int:
+        """The index of the decoder layer the site is in."""
+        return self.layer if self.block is None else self.block
 
     def pre_activation(self, output: torch.Tensor) -> torch.Tensor:
         """The pre-activation ``[..., d_ff]`` in the pre module's output: the output itself, or a view of the gate
@@ -98,6 +114,18 @@ class SitePair:
     key: str
     gate: str | None = None
     pre_missing: str = ""
+    block: int | None = None
+    expert: int | None = None
+
+    @property
+    def routed(self) -> bool:
+        """Whether the site sees only the tokens routed to one expert (the hooks get their indices too)."""
+        return self.expert is not None
+
+    @property
+    def decoder_layer(self) -> int:
+        """The index of the decoder layer the site is in."""
+        return self.layer if self.block is None else self.block
 
 
 def check_pairs(

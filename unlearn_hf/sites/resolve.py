@@ -12,6 +12,7 @@ from .discovery import discover_in_layer, find_decoder_layers
 from .ffl_site import FFLSite, SiteError, SitePair, check_pairs
 from .known_architectures import KNOWN_SITES
 from .model_config import config_d_ff, expert_count, hidden_size, text_config
+from .moe_layers import experts_in, moe_sites
 
 #: the package's logger (records are named ``unlearn_hf.sites``, as before the package was split)
 logger = logging.getLogger("unlearn_hf.sites")
@@ -106,10 +107,13 @@ def find_ffl_sites(model: nn.Module, override: SiteOverride | None = None) -> li
         name, layers = find_decoder_layers(model)
         hint = None if expert_count(config) else expected_d_ff
         act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
-        pairs = full_names(
-            name, [discover_in_layer(layer, i, hidden, hint, act) for i, layer in enumerate(layers)]
-        )
-        sites = check_pairs(model, pairs, hidden, expected_d_ff if table_error else None, "discovery")
+        if any(experts_in(layer) for layer in layers):
+            sites = moe_sites(model, name, layers, hidden, act)
+        else:
+            pairs = full_names(
+                name, [discover_in_layer(layer, i, hidden, hint, act) for i, layer in enumerate(layers)]
+            )
+            sites = check_pairs(model, pairs, hidden, expected_d_ff if table_error else None, "discovery")
     except SiteError as err:
         if table_error is not None:
             raise SiteError(f"{table_error} Discovery failed too: {err}") from err

@@ -27,6 +27,9 @@ def as_token_grid(x: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def module_device(module: nn.Module) -> torch.device:
     """The device a module computes on (accelerate's execution device for offloaded modules)."""
+    owner = getattr(module, "owner", None)  # an expert's tap computes where its experts module does
+    if isinstance(owner, nn.Module):
+        return module_device(owner)
     hook = getattr(module, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
     if device is not None:

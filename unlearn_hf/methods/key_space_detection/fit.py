@@ -13,6 +13,7 @@ import torch
 
 from ...data import DataSpec, holdout_split
 from ...model_inputs import input_device
+from ...sites import SiteError
 from ...stats import SiteStatistics
 from ..config import resolve_layers
 from ..fitting import probe_or_check
@@ -97,8 +98,15 @@ def fit_key_space(
     """Fit (and calibrate) Key Space Detection on ``model`` as it runs. See :class:`KeySpaceDetectionConfig`."""
     sites = model.ffl_sites
     n_layers = len(sites)
-    middle = [n_layers // 2]
+    dense = dense_key_layers(sites)
+    middle = [dense[len(dense) // 2]]
     fixed = None if config.layers in (AUTO, None) else resolve_layers(config.layers, n_layers)
+    routed = [i for i in fixed or () if sites[i].routed]
+    if routed:
+        raise SiteError(
+            f"Key Space Detection decides on the key of a prompt's tokens, which layers {routed} (routed experts) only "
+            f"see for the tokens routed to them; choose among the dense sites {dense}."
+        )
     probe_kw = dict(
         role="forget", site="key", mode="last", spec=spec, show_progress=show_progress, sites=sites
     )
@@ -146,7 +154,7 @@ def fit_key_space(
         else (range(len(queries)), [])
     )
     fit_rows = [r for i in fit_idx for r in renderer.render([queries[i]])[0]]
-    candidates = fixed or (list(range(n_layers)) if calibrating and config.layers == AUTO else middle)
+    candidates = fixed or (dense if calibrating and config.layers == AUTO else middle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [r.input_ids[: r.question_end + 1][-spec.max_length :] for r in fit_rows]
     batches = [
@@ -250,3 +258,19 @@ def _result(config, cubes, layers, alpha, window, summary, table=None) -> FitRes
         **(table or {}),
     }
     return FitResult(config, state)
+
+
+def dense_key_layers(sites: list) -> list[int]:
+    """The sites Key Space Detection can read: those every token passes through (not a routed expert's).
+
+    Raises:
+        SiteError: the model has none (a mixture of experts without shared experts or dense layers).
+    """
+    dense = [s.layer for s in sites if not s.routed]
+    if not dense:
+        raise SiteError(
+            "Key Space Detection reads a key site that every token passes through, and every FFL site of this model "
+            "is a routed expert (a mixture of experts without shared experts or dense layers): it is not supported "
+            "on this model. Neuron Adjust and Selective Pruning work on the experts' sites."
+        )
+    return dense

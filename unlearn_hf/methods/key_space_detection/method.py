@@ -181,6 +181,11 @@ class KeySpaceDetection(AbstainingMethod):
                     f"Key Space Detection state names layer {layer}; the model has {len(sites)}."
                 )
             site = sites[layer]
+            if site.routed:
+                raise ValueError(
+                    f"Key Space Detection state names layer {layer}, a routed expert's site: it decides on keys that "
+                    "every token has."
+                )
             if self.state["center"].shape[-1] != site.d_ff:
                 raise ValueError(
                     f"Layer {layer}: hypercube width {self.state['center'].shape[-1]} != d_ff {site.d_ff}."

@@ -35,14 +35,17 @@ class NeuronAdjustAttachment(Attachment):
         self.layers = layers
         by_device: dict[torch.device, dict[int, NeuronAdjustLayer]] = {}
         for layer, adj in layers.items():
-            by_device.setdefault(adj.device, {})[layer] = adj
+            if not sites[layer].routed:  # an expert's layer draws its own thresholds (see _routed_hook)
+                by_device.setdefault(adj.device, {})[layer] = adj
         groups = {device: LayerGroup(group) for device, group in by_device.items()}
         for layer, adj in layers.items():
+            site = sites[layer]
             if method.config.deterministic:
                 hook = self._deterministic_hook(adj)
+            elif site.routed:
+                hook = self._routed_hook(adj, layer)
             else:
                 hook = self._stochastic_hook(adj, layer, groups[adj.device])
-            site = sites[layer]
             hooks.forward_hook(site.pre, hook if site.gate is None else _on_gate(hook, site))
 
     @staticmethod
@@ -68,6 +71,23 @@ class NeuronAdjustAttachment(Attachment):
                 draws.draw(output, group, adj.dtype, seed, full)
                 thresholds = draws.views[layer]
             return adj(output, thresholds, full=full)
+
+        return hook
+
+    def _routed_hook(self, adj: NeuronAdjustLayer, layer: int):
+        """One expert's layer: its rows are the tokens routed to it, a leading shape of their own, so its thresholds
+        are drawn at its hook (from the request's generator, replayed in a recomputation like a large forward's)."""
+        seed = self.method.current_seed
+        name = self.name
+
+        def hook(ctx: ForwardContext, output: torch.Tensor) -> torch.Tensor:
+            draws = ctx.request.data.get(name)
+            if draws is None:
+                draws = ctx.request.data[name] = Draws()
+            if draws.forward is not ctx:
+                draws.start(ctx, output)
+            thresholds = draws.draw_routed(output, layer, adj.num_neurons, adj.dtype, seed)
+            return adj(output, thresholds, full=False)
 
         return hook
 

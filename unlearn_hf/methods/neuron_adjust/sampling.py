@@ -108,6 +108,26 @@ class Draws:
             wide.index_copy_(-1, group.positions(device), thresholds)
         self.views.update(views)
 
+    def _layer_generator(self, device: torch.device, layer: int, seed) -> torch.Generator:
+        """The generator a layer draws from in this forward: the request's, its state before the layer's first
+        draw kept, so that a recomputation of the layer (activation checkpointing) draws the same thresholds."""
+        state = self.layer_states.get(layer)
+        if state is None:
+            gen = self._generator(device, seed)
+            self.layer_states[layer] = gen.get_state()
+            return gen
+        gen = torch.Generator(device=device)
+        gen.set_state(state)
+        return gen
+
+    def draw_routed(
+        self, output: torch.Tensor, layer: int, count: int, dtype: torch.dtype, seed
+    ) -> torch.Tensor:
+        """The ``count`` thresholds (gather layout) of one expert's layer for its routed rows ``output[n, ...]``."""
+        gen = self._layer_generator(output.device, layer, seed)
+        u = torch.rand((*output.shape[:-1], count), generator=gen, dtype=dtype, device=output.device)
+        return thresholds_from_uniforms(u)
+
     def draw_layer(
         self, output: torch.Tensor, group: LayerGroup, layer: int, count: int, dtype: torch.dtype, seed
     ) -> torch.Tensor:
@@ -118,13 +138,7 @@ class Draws:
         it (activation checkpointing recomputes it in the backward pass), the same thresholds are drawn again from
         that state, as the one-block path reuses its views, and the request's generator does not advance."""
         device, lead = output.device, output.shape[:-1]
-        state = self.layer_states.get(layer)
-        if state is None:
-            gen = self._generator(device, seed)
-            self.layer_states[layer] = gen.get_state()
-        else:
-            gen = torch.Generator(device=device)
-            gen.set_state(state)
+        gen = self._layer_generator(device, layer, seed)
         key = (id(group), device, dtype, "layer")
         cached = self.buffers.get(key)
         if cached is None:

@@ -1,0 +1,255 @@
+"""Mixtures of experts (transformers 5 fused experts): one site per routed expert over the tokens routed to it, plus
+shared experts and dense layers; statistics against a hand computation from the raw 3-D weights and the router's
+choices; Neuron Adjust and Selective Pruning on expert sites; Key Space Detection on the dense sites only (refused
+without any); generate, save/load, deepcopy, and a model without methods left as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from helpers_na import token_batches
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.activations import ACT2FN
+
+from unlearn_hf import (
+    KeySpaceDetectionConfig,
+    NeuronAdjustConfig,
+    SelectivePruningConfig,
+    UnlearnedModelForCausalLM,
+    probe,
+)
+from unlearn_hf.sites import SiteError, find_ffl_sites
+
+FORGET, RETAIN = dict(lo=3, hi=64), dict(lo=64, hi=128)
+_BASE = dict(
+    hidden_size=32,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    max_position_embeddings=128,
+)
+#: model_type -> (config, experts per layer, shared-expert site name or None, gate layout)
+MOE = {
+    "mixtral": (dict(num_local_experts=4), 4, None, "first_half"),
+    "qwen2_moe": (
+        dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=48
+        ),
+        4,
+        "mlp.shared_expert",
+        "first_half",
+    ),
+    "qwen3_moe": (
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40),
+        4,
+        None,
+        "first_half",
+    ),
+    "olmoe": (dict(num_experts=4, num_experts_per_tok=2), 4, None, "first_half"),
+    "gpt_oss": (dict(num_local_experts=4, num_experts_per_tok=2), 4, None, "even"),
+}
+
+
+def moe_model(model_type: str, seed: int = 0):
+    config = AutoConfig.for_model(model_type, **_BASE, **MOE[model_type][0])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # biases are zero at init: randomize them so that a forgotten bias shows
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and "experts" in name:
+                param.copy_(torch.randn_like(param) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_here(one_thread):
+    """Tiny models run fastest on one thread."""
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_expert_sites_and_their_statistics_match_a_hand_computation(model_type):
+    model = moe_model(model_type)
+    _, n_experts, shared, layout = MOE[model_type]
+    sites = find_ffl_sites(model)
+    per_layer = n_experts + (1 if shared else 0)
+    assert len(sites) == 2 * per_layer and [s.layer for s in sites] == list(range(len(sites)))
+    for block in range(2):
+        mine = sites[block * per_layer : (block + 1) * per_layer]
+        assert {s.decoder_layer for s in mine} == {block}
+        if shared:
+            assert mine[0].key_name == f"model.layers.{block}.{shared}.down_proj" and not mine[0].routed
+        experts = [s for s in mine if s.routed]
+        assert [s.expert for s in experts] == list(range(n_experts))
+        assert {s.gate for s in experts} == {layout}
+        assert experts[0].key_name == f"model.layers.{block}.mlp.experts.down_proj[0]"
+
+    # the reference: the router's top-k choice, the experts' input, and the raw 3-D weights
+    batches = token_batches(0, **FORGET, n=2)
+    routed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {0: [], 1: []}
+    handles = []
+    for block in range(2):
+        experts = model.model.layers[block].mlp.experts
+        handles.append(
+            experts.register_forward_pre_hook(
+                lambda m, a, b=block: routed[b].append((a[0].detach().double(), a[1].detach()))
+            )
+        )
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    result = probe(model, batches, site=("pre", "key"), sites=sites, show_progress=False)
+    selected = torch.cat([b["attention_mask"].flatten().bool() for b in batches])
+    for s in (s for s in sites if s.routed):
+        experts = model.model.layers[s.decoder_layer].mlp.experts
+        pre_rows, key_rows = [], []
+        for x, top_k in routed[s.decoder_layer]:
+            tokens = (top_k == s.expert).any(-1)
+            w = experts.gate_up_proj[s.expert].detach().double()
+            h = x[tokens] @ w if experts.is_transposed else x[tokens] @ w.T
+            if experts.has_bias:
+                h = h + experts.gate_up_proj_bias[s.expert].detach().double()
+            pre_rows.append(h)
+            key_rows.append(experts._apply_gate(h))
+        mask = selected[torch.cat([(t == s.expert).any(-1) for _, t in routed[s.decoder_layer]])]
+        gate = s.pre_activation(torch.cat(pre_rows))[mask].numpy()
+        key = torch.cat(key_rows)[mask].numpy()
+        for kind, values in (("pre", gate), ("key", key)):
+            stats = result[kind].layers[s.layer]
+            assert stats.count == values.shape[0] > 1
+            np.testing.assert_allclose(stats.mean.numpy(), values.mean(0), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(stats.variance.numpy(), values.var(0, ddof=1), rtol=1e-3, atol=1e-5)
+    # the activation of Mixtral-style experts is the config's: act(gate) * up
+    if model_type == "mixtral":
+        experts = model.model.layers[0].mlp.experts
+        h = torch.randn(3, 160, dtype=torch.float64)
+        torch.testing.assert_close(experts._apply_gate(h), ACT2FN["silu"](h[:, :80]) * h[:, 80:])
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_neuron_adjust_and_selective_pruning_on_expert_sites(model_type):
+    plain = moe_model(model_type)
+    model = moe_model(model_type)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    sites = unlearned.ffl_sites
+    batch = token_batches(2, **FORGET, n=1)[0]
+    with torch.no_grad():
+        base = plain(**batch).logits
+        assert torch.equal(unlearned(**batch).logits, base)  # no method: the model's own forward, untouched
+    raw: dict[int, list[torch.Tensor]] = {s.layer: [] for s in sites}
+    handles = [
+        s.pre.register_forward_hook(lambda m, a, o, i=s.layer: raw[i].append(o.detach().clone()))
+        for s in sites
+    ]
+    na = unlearned.fit(
+        NeuronAdjustConfig(ratio=0.2, deterministic=True),
+        token_batches(0, **FORGET, n=2),
+        token_batches(1, **RETAIN, n=2),
+        name="na",
+        show_progress=False,
+    )
+    for i in raw:
+        raw[i].clear()
+    used: dict[int, list[torch.Tensor]] = {s.layer: [] for s in sites}
+    handles += [
+        s.pre.register_forward_hook(lambda m, a, o, i=s.layer: used[i].append(o.detach().clone()))
+        for s in sites
+    ]
+    with torch.no_grad():
+        adjusted = unlearned(**batch, use_cache=False).logits
+    for h in handles:
+        h.remove()
+    assert not torch.equal(adjusted, base)
+    state = {k: v.double().numpy() for k, v in na.state.items()}
+    changed = 0
+    for s in sites:
+        assert len(raw[s.layer]) == len(used[s.layer])
+        for x, y in zip(raw[s.layer], used[s.layer]):
+            g, h = s.pre_activation(x.double()).numpy(), s.pre_activation(y.double()).numpy()
+            pos = state["layer_index"] == s.layer
+            neurons = state["neuron_index"][pos].astype(int)
+            others = np.setdiff1d(np.arange(s.d_ff), neurons)
+            np.testing.assert_array_equal(h[..., others], g[..., others])
+            v = g[..., neurons]
+            mf, sf, mr, sr = (
+                state[n][pos] for n in ("forget_mean", "forget_std", "retain_mean", "retain_std")
+            )
+            grows = -0.5 * ((v - mf) / sf) ** 2 - np.log(sf) > -0.5 * ((v - mr) / sr) ** 2 - np.log(sr)
+            np.testing.assert_allclose(
+                h[..., neurons], np.where(grows, mr - (v - mf) / sf * sr, v), rtol=1e-4, atol=1e-5
+            )
+            changed += int((h[..., neurons] != v).sum())
+    assert changed > 0
+
+    # stochastic Neuron Adjust and Selective Pruning on the same sites; decoding one token leaves experts idle
+    unlearned.remove_method("na")
+    unlearned.fit(
+        NeuronAdjustConfig(ratio=0.1, seed=5),
+        token_batches(0, **FORGET, n=2),
+        token_batches(1, **RETAIN, n=2),
+        show_progress=False,
+    )
+    unlearned.fit(
+        SelectivePruningConfig(ratio=0.05),
+        token_batches(0, **FORGET, n=2),
+        token_batches(1, **RETAIN, n=2),
+        show_progress=False,
+    )
+    row = {k: v[:1, :4] for k, v in batch.items()}
+    first = unlearned.generate(**row, max_new_tokens=5, do_sample=False)
+    again = unlearned.generate(**row, max_new_tokens=5, do_sample=False)
+    assert torch.equal(first, again) and first.shape == (1, 9)  # seeded per request: the same draws
+
+
+def test_key_space_detection_reads_dense_sites_only():
+    tok_rows = [
+        {
+            "input_ids": (ids := torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(i))),
+            "attention_mask": torch.ones_like(ids),
+        }
+        for i in range(5)
+    ]
+    ksd = dict(inputs="prompts", alpha=1.0, window=1, action="eos")
+    mixtral = UnlearnedModelForCausalLM.from_base(moe_model("mixtral"))
+    with pytest.raises(SiteError, match="every FFL site of this model is a routed expert"):
+        mixtral.fit(KeySpaceDetectionConfig(**ksd), tok_rows, show_progress=False)
+    assert not mixtral.methods
+
+    qwen = UnlearnedModelForCausalLM.from_base(moe_model("qwen2_moe"))
+    with pytest.raises(SiteError, match=r"layers \[1\] \(routed experts\).*dense sites \[0, 5\]"):
+        qwen.fit(KeySpaceDetectionConfig(layers=[1], **ksd), tok_rows, show_progress=False)
+    method = qwen.fit(KeySpaceDetectionConfig(**ksd), tok_rows, show_progress=False, batch_size=1)
+    assert (
+        method.config.layers == [5] and not qwen.ffl_sites[5].routed
+    )  # the middle dense site: a shared expert
+    with torch.no_grad():
+        assert all(bool(qwen.detect(**row)[0]) for row in tok_rows)
+
+
+def test_save_load_and_deepcopy(tmp_path):
+    unlearned = UnlearnedModelForCausalLM.from_base(moe_model("qwen2_moe"))
+    forget, retain = token_batches(0, **FORGET, n=2), token_batches(1, **RETAIN, n=2)
+    unlearned.fit(NeuronAdjustConfig(ratio=0.1, seed=2), forget, retain, name="na", show_progress=False)
+    unlearned.fit(SelectivePruningConfig(ratio=0.05), forget, retain, name="sp", show_progress=False)
+    batch = token_batches(3, **FORGET, n=1)[0]
+    with torch.no_grad():
+        before = unlearned(**batch).logits
+    unlearned.save_pretrained(tmp_path / "u", base_model_name_or_path="tiny/qwen2_moe")
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "u", base_model=moe_model("qwen2_moe"))
+    twin = copy.deepcopy(unlearned)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, before)
+        assert torch.equal(twin(**batch).logits, before)
+        unlearned.remove_all_methods()
+        assert torch.equal(twin(**batch).logits, before)  # the copy has methods and taps of its own
+        assert torch.equal(unlearned(**batch).logits, moe_model("qwen2_moe")(**batch).logits)

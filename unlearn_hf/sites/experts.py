@@ -1,0 +1,194 @@
+"""The sites of a mixture-of-experts layer (``docs/ARCHITECTURES.md``, "Mixtures of experts").
+
+transformers 5 stores a layer's experts in one module with 3-D weights (``gate_up_proj`` ``[E, 2I, h]`` or
+``up_proj``, and ``down_proj``; flags ``has_gate``, ``is_concatenated``, ``is_transposed``, ``has_bias``,
+``has_post_expert_norm`` set by ``use_experts_implementation``), whose forward takes the flattened tokens, the
+indices of their top-k experts and the routing weights. Expert ``e`` of such a module has the two sites of an FFL,
+over the tokens routed to it only:
+
+* pre-activation: the output of its up (or fused gate/up) projection, ``[n_e, 2I]`` (the gate columns, in the
+  module's layout, are what enters the activation);
+* key: the input of its down projection, ``[n_e, I]``.
+
+No module computes them alone, so each is an :class:`ExpertTap`: an identity module (not registered in the model)
+that the experts module calls with the values and the indices of their tokens, while any tap of it has hooks. The
+methods hook taps as they hook real modules. Without hooks the module runs its own forward (any experts
+implementation) untouched; with hooks it runs :func:`tapped_experts_forward`, the eager computation of
+transformers, checked against the module's own forward when the taps are installed.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..context import _CURRENT
+from .ffl_site import SiteError
+
+_TAPS = "_unlearn_expert_taps"
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts module with 3-D weights (``use_experts_implementation``)."""
+    down = getattr(module, "down_proj", None)
+    return (
+        isinstance(down, torch.Tensor)
+        and down.dim() == 3
+        and isinstance(getattr(module, "num_experts", None), int)
+        and all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "has_bias"))
+    )
+
+
+class ExpertTap(nn.Module):
+    """One site of one expert: ``forward(values, token_index)`` returns ``values``; hooks see both.
+
+    Args:
+        owner: the experts module.
+        expert: the expert's index.
+        role: ``"pre"`` or ``"key"``.
+        in_features / out_features: the widths of the projection the site belongs to (the up projection for
+            ``pre``, the down projection for ``key``), so that shape checks treat it as that projection.
+    """
+
+    def __init__(self, owner: nn.Module, expert: int, role: str, in_features: int, out_features: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not a submodule: the experts module owns the tap
+        self.expert, self.role = expert, role
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, values: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        return values
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The expert's slice of the projection's 3-D weight (for fingerprints and dtypes)."""
+        name = "down_proj" if self.role == "key" else ("gate_up_proj" if self.owner.has_gate else "up_proj")
+        return getattr(self.owner, name)[self.expert]
+
+    def extra_repr(self) -> str:
+        return f"expert={self.expert}, role={self.role}, in={self.in_features}, out={self.out_features}"
+
+
+class ExpertTaps:
+    """The taps of one experts module, and the switch of its forward to :func:`tapped_experts_forward`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        hidden, width = expert_widths(module)
+        up = 2 * width if module.has_gate else width
+        self.width = width
+        self.pre = [ExpertTap(module, e, "pre", hidden, up) for e in range(module.num_experts)]
+        self.key = [ExpertTap(module, e, "key", width, hidden) for e in range(module.num_experts)]
+
+    @property
+    def gate(self) -> str | None:
+        """The layout of the gate in a fused expert output (see :data:`~.ffl_site.GATE_LAYOUTS`)."""
+        if not self.module.has_gate:
+            return None
+        return "first_half" if getattr(self.module, "is_concatenated", True) else "even"
+
+    def hooked(self) -> bool:
+        return any(t._forward_hooks or t._forward_pre_hooks for t in (*self.pre, *self.key))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        """A copy of the model gets no taps (it runs its own forward) until its sites are found: then taps of its
+        own, without the original's hooks."""
+        return None
+
+
+def expert_widths(module: nn.Module) -> tuple[int, int]:
+    """``(hidden, I)`` of an experts module, from its down projection's 3-D weight."""
+    down = module.down_proj
+    return (down.shape[2], down.shape[1]) if module.is_transposed else (down.shape[1], down.shape[2])
+
+
+def expert_taps(module: nn.Module) -> ExpertTaps:
+    """The taps of an experts module, installed on first use (checked against the module's own forward)."""
+    taps = module.__dict__.get(_TAPS)
+    if taps is None:
+        taps = ExpertTaps(module)
+        _check_equivalent(module)
+        module.__dict__[_TAPS] = taps
+        module.forward = types.MethodType(_dispatching_forward, module)
+    return taps
+
+
+def _dispatching_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    taps = self.__dict__.get(_TAPS)
+    if taps is None or not taps.hooked():
+        return type(self).forward(self, *args, **kwargs)
+    return tapped_experts_forward(self, taps, *args, **kwargs)
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    out = x @ weight if transposed else nn.functional.linear(x, weight)
+    return out if bias is None else out + bias
+
+
+def tapped_experts_forward(
+    self: nn.Module,
+    taps: ExpertTaps,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """transformers' eager experts computation, calling the taps of every expert that has tokens (and marking the
+    hooks of the others as run: an expert without tokens has nothing to change)."""
+    out = torch.zeros_like(hidden_states)
+    n = self.num_experts
+    with torch.no_grad():
+        mask = nn.functional.one_hot(top_k_index.clamp(max=n), num_classes=n + 1).permute(2, 1, 0)
+        hit = [int(e) for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0] if int(e) < n]
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    for e in hit:
+        top_k_pos, token_index = torch.where(mask[e])
+        x = hidden_states[token_index]
+        bias = getattr(self, f"{up_name}_bias")[e] if self.has_bias else None
+        h = taps.pre[e](_linear(x, getattr(self, up_name)[e], bias, self.is_transposed), token_index)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = taps.key[e](h, token_index)
+        bias = self.down_proj_bias[e] if self.has_bias else None
+        y = _linear(h, self.down_proj[e], bias, self.is_transposed)
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        y = y * top_k_weights[token_index, top_k_pos, None]
+        out.index_add_(0, token_index, y.to(out.dtype))
+    ctx = _CURRENT.get()
+    if ctx is not None and len(hit) < n:
+        idle = set(range(n)).difference(hit)
+        for e in idle:
+            for tap in (taps.pre[e], taps.key[e]):
+                ctx.fired.update(tap._forward_hooks)
+                ctx.fired.update(tap._forward_pre_hooks)
+    return out
+
+
+def _check_equivalent(module: nn.Module) -> None:
+    """Refuse an experts module whose own forward is not the eager computation the taps run (checked on random
+    tokens routed to every expert)."""
+    weight = module.down_proj
+    if weight.is_meta:
+        return
+    hidden, _ = expert_widths(module)
+    gen = torch.Generator().manual_seed(0)
+    n, k = module.num_experts, min(2, module.num_experts)
+    tokens = 2 * n
+    x = torch.randn(tokens, hidden, generator=gen).to(weight.device, weight.dtype)
+    index = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)]).to(weight.device)
+    weights = torch.rand(tokens, k, generator=gen).to(weight.device, weight.dtype)
+    probe_taps = ExpertTaps(module)
+    with torch.no_grad():
+        own = type(module).forward(module, x, index, weights)
+        ours = tapped_experts_forward(module, probe_taps, x, index, weights)
+    tol = max(1e-4, 8 * torch.finfo(weight.dtype).eps)
+    if not torch.allclose(own.float(), ours.float(), rtol=tol, atol=tol * float(own.abs().mean()) + 1e-6):
+        raise SiteError(
+            f"The experts module {type(module).__name__} does not compute transformers' eager experts function "
+            "(its output differs from the tapped computation), so its expert sites cannot be read. Name one dense "
+            "projection pair per layer with a site override instead."
+        )

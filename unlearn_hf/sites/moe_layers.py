@@ -1,0 +1,82 @@
+"""The sites of a model with mixture-of-experts layers: per decoder layer, its dense FFL (a dense layer), or its
+shared experts' FFLs then one site per routed expert (an MoE layer), numbered in that order."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .discovery import discover_in_layer
+from .experts import expert_taps, is_fused_experts
+from .ffl_site import FFLSite, SiteError, SitePair, check_pairs
+
+#: Names of the dense experts every token goes through, beside the routed ones.
+_SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
+
+
+def experts_in(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The fused experts modules of one decoder layer, ``[(relative name, module)]``."""
+    return [(n, m) for n, m in layer.named_modules() if n and is_fused_experts(m)]
+
+
+def moe_sites(
+    model: nn.Module, layers_name: str, layers: nn.ModuleList, hidden: int | None, act: str | None
+) -> list[FFLSite]:
+    """Every site of a model whose decoder layers include mixture-of-experts layers (see the module docstring).
+
+    Raises:
+        SiteError: a layer with several experts modules, a dense part that cannot be told, or experts whose own
+            forward is not transformers' eager computation.
+    """
+    prefix = f"{layers_name}." if layers_name else ""
+    out: list[FFLSite] = []
+    for i, layer in enumerate(layers):
+        found = experts_in(layer)
+        if len(found) > 1:
+            raise SiteError(
+                f"Decoder layer {i} holds several experts modules ({', '.join(n for n, _ in found)}); name the sites "
+                "with an override."
+            )
+        if not found:
+            pair = discover_in_layer(layer, i, hidden, None, act)
+            out += _dense(model, prefix + f"{i}.", pair, hidden, i)
+            continue
+        experts_name, experts = found[0]
+        container = experts_name.rpartition(".")[0]
+        scope = layer.get_submodule(container) if container else layer
+        for name in _SHARED_NAMES:
+            shared = getattr(scope, name, None)
+            if isinstance(shared, nn.Module):
+                pair = discover_in_layer(shared, i, hidden, None, act)
+                out += _dense(
+                    model, f"{prefix}{i}.{container + '.' if container else ''}{name}.", pair, hidden, i
+                )
+        taps = expert_taps(experts)
+        full = f"{prefix}{i}.{experts_name}"
+        up = "gate_up_proj" if experts.has_gate else "up_proj"
+        out += [
+            FFLSite(
+                0,
+                f"{full}.{up}[{e}]",
+                f"{full}.down_proj[{e}]",
+                taps.pre[e],
+                taps.key[e],
+                taps.width,
+                taps.gate,
+                block=i,
+                expert=e,
+            )
+            for e in range(experts.num_experts)
+        ]
+    return [dataclasses.replace(s, layer=n) for n, s in enumerate(out)]
+
+
+def _dense(model: nn.Module, prefix: str, pair: SitePair, hidden: int | None, block: int) -> list[FFLSite]:
+    """The validated site of one dense FFL whose names ``pair`` are relative to ``prefix``."""
+    full = SitePair(
+        None if pair.pre is None else prefix + pair.pre, prefix + pair.key, pair.gate, pair.pre_missing
+    )
+    return [
+        dataclasses.replace(s, block=block) for s in check_pairs(model, [full], hidden, None, "discovery")
+    ]
