@@ -37,30 +37,44 @@ _BASE = dict(
     eos_token_id=2,
     max_position_embeddings=128,
 )
-#: model_type -> (config, experts per layer, shared-expert site name or None, gate layout)
+#: model_type -> (config, experts per MoE layer, the dense sites' key modules, gate layout of the experts)
 MOE = {
-    "mixtral": (dict(num_local_experts=4), 4, None, "first_half"),
+    "mixtral": (dict(num_local_experts=4), 4, [], "first_half"),
     "qwen2_moe": (
         dict(
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=48
         ),
         4,
-        "mlp.shared_expert",
+        [f"model.layers.{i}.mlp.shared_expert.down_proj" for i in range(2)],
         "first_half",
     ),
-    "qwen3_moe": (
-        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40),
+    "qwen3_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40), 4, [], "first_half"),
+    "olmoe": (dict(num_experts=4, num_experts_per_tok=2), 4, [], "first_half"),
+    "gpt_oss": (dict(num_local_experts=4, num_experts_per_tok=2), 4, [], "even"),
+    "deepseek_v3": (  # layer 0 dense, layer 1 shared experts + routed ones
+        dict(
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=40,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        ),
         4,
-        None,
+        ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.down_proj"],
         "first_half",
     ),
-    "olmoe": (dict(num_experts=4, num_experts_per_tok=2), 4, None, "first_half"),
-    "gpt_oss": (dict(num_local_experts=4, num_experts_per_tok=2), 4, None, "even"),
 }
 
 
 def moe_model(model_type: str, seed: int = 0):
-    config = AutoConfig.for_model(model_type, **_BASE, **MOE[model_type][0])
+    config = AutoConfig.for_model(model_type, **{**_BASE, **MOE[model_type][0]})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # biases are zero at init: randomize them so that a forgotten bias shows
@@ -78,25 +92,25 @@ def _one_thread_here(one_thread):
 @pytest.mark.parametrize("model_type", sorted(MOE))
 def test_expert_sites_and_their_statistics_match_a_hand_computation(model_type):
     model = moe_model(model_type)
-    _, n_experts, shared, layout = MOE[model_type]
+    _, n_experts, dense, layout = MOE[model_type]
     sites = find_ffl_sites(model)
-    per_layer = n_experts + (1 if shared else 0)
-    assert len(sites) == 2 * per_layer and [s.layer for s in sites] == list(range(len(sites)))
-    for block in range(2):
-        mine = sites[block * per_layer : (block + 1) * per_layer]
-        assert {s.decoder_layer for s in mine} == {block}
-        if shared:
-            assert mine[0].key_name == f"model.layers.{block}.{shared}.down_proj" and not mine[0].routed
-        experts = [s for s in mine if s.routed]
-        assert [s.expert for s in experts] == list(range(n_experts))
-        assert {s.gate for s in experts} == {layout}
+    assert [s.layer for s in sites] == list(range(len(sites)))
+    assert [s.key_name for s in sites if not s.routed] == dense
+    moe_blocks = sorted({s.decoder_layer for s in sites if s.routed})
+    assert moe_blocks == ([1] if model_type == "deepseek_v3" else [0, 1])
+    for block in moe_blocks:
+        experts = [s for s in sites if s.routed and s.decoder_layer == block]
+        assert [s.expert for s in experts] == list(range(n_experts)) and {s.gate for s in experts} == {layout}
         assert experts[0].key_name == f"model.layers.{block}.mlp.experts.down_proj[0]"
+        assert sites.index(experts[0]) > max(
+            (sites.index(s) for s in sites if s.decoder_layer == block and not s.routed), default=-1
+        )
 
     # the reference: the router's top-k choice, the experts' input, and the raw 3-D weights
     batches = token_batches(0, **FORGET, n=2)
-    routed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {0: [], 1: []}
+    routed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {b: [] for b in moe_blocks}
     handles = []
-    for block in range(2):
+    for block in moe_blocks:
         experts = model.model.layers[block].mlp.experts
         handles.append(
             experts.register_forward_pre_hook(

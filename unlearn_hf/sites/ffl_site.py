@@ -114,18 +114,6 @@ class SitePair:
     key: str
     gate: str | None = None
     pre_missing: str = ""
-    block: int | None = None
-    expert: int | None = None
-
-    @property
-    def routed(self) -> bool:
-        """Whether the site sees only the tokens routed to one expert (the hooks get their indices too)."""
-        return self.expert is not None
-
-    @property
-    def decoder_layer(self) -> int:
-        """The index of the decoder layer the site is in."""
-        return self.layer if self.block is None else self.block
 
 
 def check_pairs(

@@ -35,24 +35,25 @@ class NeuronAdjustAttachment(Attachment):
         self.layers = layers
         by_device: dict[torch.device, dict[int, NeuronAdjustLayer]] = {}
         for layer, adj in layers.items():
-            if not sites[layer].routed:  # an expert's layer draws its own thresholds (see _routed_hook)
+            if not sites[layer].routed:  # an expert's layer draws its own thresholds (see _stochastic_hook)
                 by_device.setdefault(adj.device, {})[layer] = adj
         groups = {device: LayerGroup(group) for device, group in by_device.items()}
         for layer, adj in layers.items():
             site = sites[layer]
             if method.config.deterministic:
                 hook = self._deterministic_hook(adj)
-            elif site.routed:
-                hook = self._routed_hook(adj, layer)
             else:
-                hook = self._stochastic_hook(adj, layer, groups[adj.device])
+                hook = self._stochastic_hook(adj, layer, None if site.routed else groups[adj.device])
             hooks.forward_hook(site.pre, hook if site.gate is None else _on_gate(hook, site))
 
     @staticmethod
     def _deterministic_hook(adj: NeuronAdjustLayer):
         return lambda ctx, output: adj(output)
 
-    def _stochastic_hook(self, adj: NeuronAdjustLayer, layer: int, group: LayerGroup):
+    def _stochastic_hook(self, adj: NeuronAdjustLayer, layer: int, group: LayerGroup | None):
+        """The hook of a layer in random mode. An expert's layer (``group=None``) has rows of its own (the tokens
+        routed to it), so it draws its thresholds at its hook, from the request's generator, replayed in a
+        recomputation like a large forward's."""
         seed = self.method.current_seed
         name = self.name
 
@@ -60,8 +61,12 @@ class NeuronAdjustAttachment(Attachment):
             draws = ctx.request.data.get(name)
             if draws is None:
                 draws = ctx.request.data[name] = Draws()
-            if draws.forward is not ctx or output.shape[:-1] != draws.lead:  # a new forward (or shape)
-                draws.start(ctx, output)
+            if draws.forward is not ctx or (group is not None and output.shape[:-1] != draws.lead):
+                draws.start(ctx, output)  # a new forward (or shape)
+            if group is None:
+                return adj(
+                    output, draws.draw_routed(output, layer, adj.num_neurons, adj.dtype, seed), full=False
+                )
             full, per_layer = draws.mode(output, group)
             if per_layer:
                 thresholds = draws.draw_layer(output, group, layer, adj.num_neurons, adj.dtype, seed)
@@ -71,23 +76,6 @@ class NeuronAdjustAttachment(Attachment):
                 draws.draw(output, group, adj.dtype, seed, full)
                 thresholds = draws.views[layer]
             return adj(output, thresholds, full=full)
-
-        return hook
-
-    def _routed_hook(self, adj: NeuronAdjustLayer, layer: int):
-        """One expert's layer: its rows are the tokens routed to it, a leading shape of their own, so its thresholds
-        are drawn at its hook (from the request's generator, replayed in a recomputation like a large forward's)."""
-        seed = self.method.current_seed
-        name = self.name
-
-        def hook(ctx: ForwardContext, output: torch.Tensor) -> torch.Tensor:
-            draws = ctx.request.data.get(name)
-            if draws is None:
-                draws = ctx.request.data[name] = Draws()
-            if draws.forward is not ctx:
-                draws.start(ctx, output)
-            thresholds = draws.draw_routed(output, layer, adj.num_neurons, adj.dtype, seed)
-            return adj(output, thresholds, full=False)
 
         return hook
 

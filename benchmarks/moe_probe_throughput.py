@@ -1,0 +1,95 @@
+"""Probe throughput on a small random mixture-of-experts model, against a plain forward measured in the same run.
+
+The probe reads the pre-activation and key sites of every routed expert (over the tokens routed to it) and of the
+shared experts, and runs the whole forward (models with experts are not stopped early). The plain forward uses the
+model's own experts implementation (transformers' default on this machine). Repeats alternate probe and forward,
+reversing the order each time; the report gives tokens/s and the median per-repeat ratio (target >= 0.90).
+
+Usage: python benchmarks/moe_probe_throughput.py [--model-type qwen2_moe] [--repeats 5] [--batches 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from unlearn_hf import probe
+from unlearn_hf.sites import find_ffl_sites
+
+CONFIGS = {
+    "qwen2_moe": dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=384, shared_expert_intermediate_size=768
+    ),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-type", default="qwen2_moe", choices=sorted(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args()
+    config = AutoConfig.for_model(
+        args.model_type,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        vocab_size=2048,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        **CONFIGS[args.model_type],
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    sites = find_ffl_sites(model)
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        {
+            "input_ids": (ids := torch.randint(3, 2048, (args.batch_size, args.seq_len), generator=gen)),
+            "attention_mask": torch.ones_like(ids),
+        }
+        for _ in range(args.batches)
+    ]
+    tokens = args.batches * args.batch_size * args.seq_len
+
+    def forward() -> None:
+        with torch.no_grad():
+            for b in batches:
+                model(**b, use_cache=False)
+
+    def probing() -> None:
+        probe(model, batches, site=("pre", "key"), sites=sites, show_progress=False)
+
+    runs = {"forward": forward, "probe": probing}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    forward()  # warm-up
+    for r in range(args.repeats):
+        for name in runs if r % 2 == 0 else reversed(list(runs)):
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    ratios = [f / p for f, p in zip(times["forward"], times["probe"])]
+    routed = sum(s.routed for s in sites)
+    print(
+        f"{args.model_type}: {len(sites)} sites ({routed} routed experts), {tokens} tokens per pass, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    for name, t in times.items():
+        print(f"  {name:8s} {tokens / statistics.median(t):10.0f} tokens/s")
+    print(
+        f"  probe / forward: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
