@@ -125,7 +125,7 @@ def check_methods(model, model_type: str) -> dict[str, str]:
             out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         return out
 
-    forget, retain = rows(3, vocab // 2), rows(vocab // 2, vocab)
+    forget, retain = rows(3, vocab // 2), rows(vocab // 2, vocab)  # 24 tokens each: rare experts see few
     unlearned = UnlearnedModelForCausalLM.from_base(model.eval())
     with torch.no_grad():
         plain = model(**forget[0], use_cache=False).logits
@@ -143,16 +143,18 @@ def check_methods(model, model_type: str) -> dict[str, str]:
         except Exception as err:  # noqa: BLE001 - reported, not raised: the survey goes on
             out[name] = f"error: {type(err).__name__}: {err}"[:300]
     try:
-        ksd = KeySpaceDetectionConfig(inputs="prompts", layers=[-1], alpha=1.0, window=1, action="eos")
+        ksd = KeySpaceDetectionConfig(inputs="prompts", layers=None, alpha=1.0, window=1, action="eos")
         unlearned.fit(ksd, forget, name="ksd", show_progress=False, batch_size=1)
         with torch.no_grad():
             inside = all(bool(unlearned.detect(**row)[0]) for row in forget)
         out["ksd"] = "ok" if inside else "error: a fitted row is outside the hypercube at alpha 1"
+    except Exception as err:  # noqa: BLE001
+        out["ksd"] = f"error: {type(err).__name__}: {err}"[:300]
+    try:
         generated = unlearned.generate(**retain[0], max_new_tokens=2, do_sample=False, pad_token_id=0)
         out["generate"] = "ok" if generated.shape[1] >= 7 else "error: nothing generated"
     except Exception as err:  # noqa: BLE001
-        out.setdefault("ksd", f"error: {type(err).__name__}: {err}"[:300])
-        out.setdefault("generate", f"error: {type(err).__name__}: {err}"[:300])
+        out["generate"] = f"error: {type(err).__name__}: {err}"[:300]
     return out
 
 

@@ -267,3 +267,40 @@ def test_save_load_and_deepcopy(tmp_path):
         unlearned.remove_all_methods()
         assert torch.equal(twin(**batch).logits, before)  # the copy has methods and taps of its own
         assert torch.equal(unlearned(**batch).logits, moe_model("qwen2_moe")(**batch).logits)
+
+
+def test_experts_that_saw_too_few_tokens_are_left_out_of_the_selection(caplog):
+    config = AutoConfig.for_model(
+        "qwen2_moe",
+        **{**_BASE, **MOE["qwen2_moe"][0], "num_experts": 16, "num_experts_per_tok": 1},
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    forget, retain = (
+        token_batches(0, **FORGET, n=1, batch=2, width=4),
+        token_batches(1, **RETAIN, n=1, batch=2, width=4),
+    )
+    stats = {
+        role: probe(model, data, site=("pre", "key"), sites=unlearned.ffl_sites, show_progress=False)
+        for role, data in (("forget", forget), ("retain", retain))
+    }
+    starved = {
+        kind: {
+            s.layer
+            for s in unlearned.ffl_sites
+            if min(stats["forget"][kind].layers[s.layer].count, stats["retain"][kind].layers[s.layer].count)
+            < need
+        }
+        for kind, need in (("pre", 2), ("key", 1))
+    }
+    assert starved["pre"] and starved["key"]  # 8 tokens or fewer per set over 16 experts: some see none
+    with caplog.at_level("INFO", logger="unlearn_hf.methods.selection"):
+        na = unlearned.fit(NeuronAdjustConfig(ratio=0.5), forget, retain, name="na", show_progress=False)
+        sp = unlearned.fit(SelectivePruningConfig(ratio=0.5), forget, retain, name="sp", show_progress=False)
+    assert "cannot be scored and are not selected" in caplog.text
+    assert not set(na.state["layer_index"].tolist()) & starved["pre"]
+    assert not set(sp.state["layer_index"].tolist()) & starved["key"]
+    assert not unlearned.ffl_sites[0].routed and 0 in set(
+        na.state["layer_index"].tolist()
+    )  # the shared expert

@@ -181,8 +181,9 @@ class SiteStatistics:
 
     @property
     def count(self) -> int:
-        """Number of vectors counted per layer (identical for every layer)."""
-        return next(iter(self.layers.values())).count if self.layers else 0
+        """Number of vectors counted per layer: identical for every dense layer; a routed expert's site counts only
+        the tokens routed to it, so this is the largest count (per-layer counts: ``layers[i].count``)."""
+        return max((s.count for s in self.layers.values()), default=0)
 
 
 def merge(*results: SiteStatistics) -> SiteStatistics:

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -14,6 +15,8 @@ from ..sites import FFLSite, require_pre_sites
 from .base import UnlearningMethod
 from .config import resolve_layers
 from .ratio_search import fit_neuron_method
+
+logger = logging.getLogger(__name__)
 
 
 class NeuronSelectionMethod(UnlearningMethod):
@@ -56,6 +59,34 @@ class NeuronSelectionMethod(UnlearningMethod):
     @classmethod
     def changed_sites(cls, config, n_layers):
         return {cls.site: resolve_layers(config.layers, n_layers)}
+
+
+def scorable_layers(
+    layers: Sequence[int], stats_f: Any, stats_r: Any, minimum: int, method: str
+) -> list[int]:
+    """The ``layers`` whose forget and retain statistics each counted at least ``minimum`` tokens. A routed
+    expert's site counts only the tokens routed to it, so some may have too few to be scored: they are left out
+    of the selection (logged). Dense layers all count every token.
+
+    Raises:
+        ValueError: no layer has enough tokens.
+    """
+    kept = [i for i in layers if min(stats_f.layers[i].count, stats_r.layers[i].count) >= minimum]
+    if not kept:
+        raise ValueError(
+            f"{method}: no layer saw {minimum} or more forget and retain tokens (got at most "
+            f"{stats_f.count} forget and {stats_r.count} retain): give more data."
+        )
+    if len(kept) < len(layers):
+        logger.info(
+            "%s: %d of %d sites (experts that the router sent fewer than %d forget or retain tokens) cannot be "
+            "scored and are not selected.",
+            method,
+            len(layers) - len(kept),
+            len(layers),
+            minimum,
+        )
+    return kept
 
 
 def selection_size(ratio: float, total: int) -> int:

@@ -12,7 +12,7 @@ from ...hooks import HookRegistrar
 from ...sites import module_device, require_pre_sites
 from ..ratio_search import RatioCurve, curve_spec, validate_curve
 from ..registry import register_method
-from ..selection import NeuronSelectionMethod, check_selection, select_global, split_by_layer
+from ..selection import NeuronSelectionMethod, check_selection, scorable_layers, select_global, split_by_layer
 from .attachment import NeuronAdjustAttachment
 from .config import NeuronAdjustConfig
 from .layer import NeuronAdjustLayer, weight_dtype
@@ -69,7 +69,7 @@ class NeuronAdjust(NeuronSelectionMethod):
                     f"The {role} set gave {st.count} token(s); Neuron Adjust needs at least 2 to estimate σ."
                 )
         per_layer = {}
-        for i in layers:
+        for i in scorable_layers(layers, stats_f, stats_r, 2, "Neuron Adjust"):
             f, r = stats_f.layers[i], stats_r.layers[i]
             per_layer[i] = (f.mean, f.std(config.eps), r.mean, r.std(config.eps))
         scores = {i: neuron_scores(config, *v) for i, v in per_layer.items()}

@@ -9,7 +9,7 @@ from ...sites import module_device
 from ..base import Attachment
 from ..ratio_search import RatioCurve, curve_spec, validate_curve
 from ..registry import register_method
-from ..selection import NeuronSelectionMethod, check_selection, select_global, split_by_layer
+from ..selection import NeuronSelectionMethod, check_selection, scorable_layers, select_global, split_by_layer
 from .config import SelectivePruningConfig
 from .layer import SelectivePruningLayer
 
@@ -29,7 +29,8 @@ class SelectivePruning(NeuronSelectionMethod):
     def from_statistics(cls, config, layers, stats_f, stats_r, ratio, extra_state=None):
         """Select the top ``ratio`` of the key neurons of ``layers`` by importance from forget/retain statistics;
         ``extra_state`` (the ``ratio="auto"`` curve) is stored with the selection."""
-        scores = {i: stats_f.layers[i].abs_mean / (stats_r.layers[i].abs_mean + config.eps) for i in layers}
+        kept = scorable_layers(layers, stats_f, stats_r, 1, "Selective Pruning")
+        scores = {i: stats_f.layers[i].abs_mean / (stats_r.layers[i].abs_mean + config.eps) for i in kept}
         layer_index, neuron_index, score = select_global(scores, ratio)
         state = {"layer_index": layer_index, "neuron_index": neuron_index, "score": score.float()}
         return cls(config, {**state, **(extra_state or {})})
