@@ -304,3 +304,90 @@ def test_experts_that_saw_too_few_tokens_are_left_out_of_the_selection(caplog):
     assert not unlearned.ffl_sites[0].routed and 0 in set(
         na.state["layer_index"].tolist()
     )  # the shared expert
+
+
+def _deepseek_all_moe():
+    """DeepSeek-V3 with every layer MoE: its routed experts run before its shared experts."""
+    config = AutoConfig.for_model(
+        "deepseek_v3", **{**_BASE, **MOE["deepseek_v3"][0], "first_k_dense_replace": 0}
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def test_stochastic_neuron_adjust_on_experts_keeps_its_draws_under_checkpointing():
+    forget, retain = token_batches(0, **FORGET, n=2), token_batches(1, **RETAIN, n=2)
+    na = UnlearnedModelForCausalLM.from_base(_deepseek_all_moe()).fit(
+        NeuronAdjustConfig(ratio=0.2, seed=3), forget, retain, show_progress=False
+    )
+    batch = token_batches(4, **FORGET, n=1)[0]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    grads = {}
+    for checkpointing in (False, True):
+        unlearned = UnlearnedModelForCausalLM.from_base(_deepseek_all_moe())
+        unlearned.add_method("na", na)
+        if checkpointing:
+            unlearned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        unlearned.train()
+        unlearned(**batch, labels=labels, use_cache=False).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in unlearned.named_parameters() if p.grad is not None}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_plain_model_keeps_its_own_forward_pickles_and_keeps_accelerate_hooks(tmp_path):
+    from accelerate import cpu_offload
+
+    base = moe_model("gpt_oss")
+    base.set_experts_implementation("batched_mm")
+    batch = token_batches(3, **FORGET, n=1)[0]
+    with torch.no_grad():
+        before = base(**batch).logits
+    unlearned = UnlearnedModelForCausalLM.from_base(base)
+    unlearned.fit(
+        NeuronAdjustConfig(ratio=0.1, seed=1),
+        token_batches(0, **FORGET, n=2),
+        token_batches(1, **RETAIN, n=2),
+        show_progress=False,
+    )
+    with torch.no_grad():  # not the eager loop of the taps: bit for bit the model's own batched_mm
+        assert torch.equal(base(**batch).logits, before)
+        with unlearned.disable_unlearning():
+            assert torch.equal(unlearned(**batch).logits, before)
+    plain = moe_model("qwen2_moe")
+    probe(plain, token_batches(0, **FORGET, n=1), show_progress=False)  # installs the taps
+    torch.save(plain, tmp_path / "plain.pt")
+    again = torch.load(tmp_path / "plain.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, plain(**batch).logits)
+
+    offloaded = moe_model("mixtral")
+    with torch.no_grad():
+        reference = offloaded(**batch).logits
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    sites = find_ffl_sites(offloaded)  # installs the taps (and checks them) through accelerate's hooks
+    seen = []
+    handle = sites[0].key.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    with torch.no_grad():
+        assert torch.equal(offloaded(**batch).logits, reference)  # untapped: accelerate's forward
+    handle.remove()
+    assert (
+        seen and offloaded.model.layers[0].mlp.experts.down_proj.is_meta
+    )  # tapped, weights brought in and out
+
+
+def test_a_dense_mlp_beside_the_experts_is_a_site():
+    config = AutoConfig.for_model(
+        "gemma4_text",
+        **{**_BASE, "intermediate_size": 64},
+        enable_moe_block=True,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=40,
+        hidden_size_per_layer_input=0,
+    )
+    torch.manual_seed(0)
+    sites = find_ffl_sites(AutoModelForCausalLM.from_config(config).eval())
+    assert [(s.key_name, s.routed) for s in sites if s.decoder_layer == 0] == [
+        ("model.layers.0.mlp.down_proj", False)
+    ] + [(f"model.layers.0.experts.down_proj[{e}]", True) for e in range(4)]

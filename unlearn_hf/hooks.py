@@ -90,6 +90,13 @@ class HookRegistrar:
             new = _run(fn, ctx, args[0], observer)
             return None if new is None else (new, *args[1:])
 
+        owner, name = self.owner, self.method_name
+
+        def would_run() -> bool:  # the gate, without its bookkeeping (see unlearn_hf.sites.experts)
+            ctx = _CURRENT.get()
+            return ctx is not None and ctx.model is owner and name not in ctx.disabled
+
+        hook.unlearn_would_run = would_run
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._add(register(hook), handle_id)
 

@@ -11,15 +11,15 @@ over the tokens routed to it only:
 * key: the input of its down projection, ``[n_e, I]``.
 
 No module computes them alone, so each is an :class:`ExpertTap`: an identity module (not registered in the model)
-that the experts module calls with the values and the indices of their tokens, while any tap of it has hooks. The
-methods hook taps as they hook real modules. Without hooks the module runs its own forward (any experts
-implementation) untouched; with hooks it runs :func:`tapped_experts_forward`, the eager computation of
+that the experts module calls with the values and the indices of their tokens, while a hook on one of its taps
+would run (the probe's always; a method's while its unlearned model is being called). The methods hook taps as
+they hook real modules. Otherwise the module runs its own forward (any experts implementation, accelerate's
+offloading hooks) untouched; with such hooks it runs :func:`tapped_experts_forward`, the eager computation of
 transformers, checked against the module's own forward when the taps are installed.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 
 from ..context import _CURRENT
 from .ffl_site import SiteError
+from .site_tensors import module_device
 
 _TAPS = "_unlearn_expert_taps"
 
@@ -90,8 +91,16 @@ class ExpertTaps:
             return None
         return "first_half" if getattr(self.module, "is_concatenated", True) else "even"
 
-    def hooked(self) -> bool:
-        return any(t._forward_hooks or t._forward_pre_hooks for t in (*self.pre, *self.key))
+    def active(self) -> bool:
+        """Whether a hook on a tap would run now: a method's hook only while its unlearned model is being called
+        (see :mod:`unlearn_hf.hooks`), any other hook (the probe's, a user's) always."""
+        for tap in (*self.pre, *self.key):
+            for hooks in (tap._forward_hooks, tap._forward_pre_hooks):
+                for hook in hooks.values():
+                    would_run = getattr(hook, "unlearn_would_run", None)
+                    if would_run is None or would_run():
+                        return True
+        return False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         """A copy of the model gets no taps (it runs its own forward) until its sites are found: then taps of its
@@ -105,22 +114,53 @@ def expert_widths(module: nn.Module) -> tuple[int, int]:
     return (down.shape[2], down.shape[1]) if module.is_transposed else (down.shape[1], down.shape[2])
 
 
+class _ExpertsForward:
+    """The forward of an experts module with taps: the tapped computation while a hook on a tap would run, else the
+    forward it had (``inner``: accelerate's offloading forward, or ``None`` for the class's), untouched. An object,
+    not a bound method, so that the model still pickles and deep-copies.
+
+    With accelerate's hooks on the module, this replaces its ``_old_forward`` (the innermost call), so weights
+    are still brought in before and sent back after."""
+
+    def __init__(self, module: nn.Module, inner: Any = None) -> None:
+        self.module, self.inner = module, inner
+        self.force: bool | None = None  # the equivalence check runs each path on purpose
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        module = self.module
+        taps = module.__dict__.get(_TAPS)
+        tapped = taps is not None and (taps.active() if self.force is None else self.force)
+        if tapped:
+            return tapped_experts_forward(module, taps, *args, **kwargs)
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(module).forward(module, *args, **kwargs)
+
+
 def expert_taps(module: nn.Module) -> ExpertTaps:
-    """The taps of an experts module, installed on first use (checked against the module's own forward)."""
+    """The taps of an experts module, installed on first use and checked against the module's own forward.
+
+    Raises:
+        SiteError: the module's forward is not the eager computation the taps run (nothing is left installed).
+    """
     taps = module.__dict__.get(_TAPS)
-    if taps is None:
-        taps = ExpertTaps(module)
-        _check_equivalent(module)
-        module.__dict__[_TAPS] = taps
-        module.forward = types.MethodType(_dispatching_forward, module)
+    if taps is not None:
+        return taps
+    slot = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+    previous = module.__dict__.get(slot)
+    forward = previous if isinstance(previous, _ExpertsForward) else _ExpertsForward(module, previous)
+    module.__dict__[slot] = forward
+    module.__dict__[_TAPS] = taps = ExpertTaps(module)
+    try:
+        _check_equivalent(module, forward)
+    except BaseException:
+        module.__dict__.pop(_TAPS)
+        if previous is None:
+            module.__dict__.pop(slot)
+        else:
+            module.__dict__[slot] = previous
+        raise
     return taps
-
-
-def _dispatching_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    taps = self.__dict__.get(_TAPS)
-    if taps is None or not taps.hooked():
-        return type(self).forward(self, *args, **kwargs)
-    return tapped_experts_forward(self, taps, *args, **kwargs)
 
 
 def _linear(
@@ -168,25 +208,31 @@ def tapped_experts_forward(
     return out
 
 
-def _check_equivalent(module: nn.Module) -> None:
-    """Refuse an experts module whose own forward is not the eager computation the taps run (checked on random
-    tokens routed to every expert)."""
+def _check_equivalent(module: nn.Module, forward: _ExpertsForward) -> None:
+    """Refuse an experts module whose own forward is not the eager computation the taps run (both called through
+    the module, on random tokens routed to every expert)."""
     weight = module.down_proj
-    if weight.is_meta:
-        return
+    if weight.is_meta and not hasattr(module, "_hf_hook"):
+        return  # not materialized: nothing can run
+    device = module_device(module)
     hidden, _ = expert_widths(module)
     gen = torch.Generator().manual_seed(0)
     n, k = module.num_experts, min(2, module.num_experts)
     tokens = 2 * n
-    x = torch.randn(tokens, hidden, generator=gen).to(weight.device, weight.dtype)
-    index = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)]).to(weight.device)
-    weights = torch.rand(tokens, k, generator=gen).to(weight.device, weight.dtype)
-    probe_taps = ExpertTaps(module)
-    with torch.no_grad():
-        own = type(module).forward(module, x, index, weights)
-        ours = tapped_experts_forward(module, probe_taps, x, index, weights)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, weight.dtype)
+    index = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)]).to(device)
+    weights = torch.rand(tokens, k, generator=gen).to(device, weight.dtype)
+    results = []
+    try:
+        with torch.no_grad():
+            for force in (False, True):
+                forward.force = force
+                results.append(module(x, index, weights))
+    finally:
+        forward.force = None
+    own, ours = (r.float() for r in results)
     tol = max(1e-4, 8 * torch.finfo(weight.dtype).eps)
-    if not torch.allclose(own.float(), ours.float(), rtol=tol, atol=tol * float(own.abs().mean()) + 1e-6):
+    if not torch.allclose(own, ours, rtol=tol, atol=tol * float(own.abs().mean()) + 1e-6):
         raise SiteError(
             f"The experts module {type(module).__name__} does not compute transformers' eager experts function "
             "(its output differs from the tapped computation), so its expert sites cannot be read. Name one dense "

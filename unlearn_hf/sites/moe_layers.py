@@ -11,8 +11,9 @@ from .discovery import discover_in_layer
 from .experts import expert_taps, is_fused_experts
 from .ffl_site import FFLSite, SiteError, SitePair, check_pairs
 
-#: Names of the dense experts every token goes through, beside the routed ones.
-_SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
+#: Names of the dense FFLs every token goes through beside the routed experts (in the experts' container): shared
+#: experts, or a dense MLP run next to them (Gemma 4's ``mlp`` beside its ``experts``).
+_SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp", "mlp", "feed_forward", "ffn")
 
 
 def experts_in(layer: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -61,12 +61,15 @@ class Draws:
         self.layer_states: dict[int, torch.Tensor] = {}
 
     def start(self, ctx: ForwardContext, output: torch.Tensor) -> None:
-        """A new forward (or a new leading shape within one): forget its views, modes and generator states, and
-        drop buffers of other shapes."""
+        """A new forward (or a new leading shape within one): forget its views and modes, and drop buffers of other
+        shapes; a new forward also forgets the generator states kept for recomputation (within one forward, a layer
+        drawn before the shape changed, e.g. an expert's, keeps its state)."""
         lead = output.shape[:-1]
         if lead != self.lead:
             self.buffers = {}
-        self.forward, self.lead, self.views, self.modes, self.layer_states = ctx, lead, {}, {}, {}
+        if ctx is not self.forward:
+            self.layer_states = {}
+        self.forward, self.lead, self.views, self.modes = ctx, lead, {}, {}
 
     def mode(self, output: torch.Tensor, group: LayerGroup) -> tuple[bool, bool]:
         """``(full, per_layer)`` of this forward for ``group``: whether its layers take the full-width path (decided
