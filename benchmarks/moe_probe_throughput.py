@@ -5,7 +5,10 @@ shared experts, and runs the whole forward (models with experts are not stopped 
 model's own experts implementation (transformers' default on this machine). Repeats alternate probe and forward,
 reversing the order each time; the report gives tokens/s and the median per-repeat ratio (target >= 0.90).
 
-Usage: python benchmarks/moe_probe_throughput.py [--model-type qwen2_moe] [--repeats 5] [--batches 8]
+The probe's own work (float64 statistics of every site) grows with the FFL widths, the model's with hidden x width:
+on very small models the statistics weigh more, so the report is given at two hidden sizes.
+
+Usage: python benchmarks/moe_probe_throughput.py [--model-type qwen2_moe] [--hidden 256] [--repeats 5] [--batches 8]
 """
 
 from __future__ import annotations
@@ -20,17 +23,25 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from unlearn_hf import probe
 from unlearn_hf.sites import find_ffl_sites
 
-CONFIGS = {
-    "qwen2_moe": dict(
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=384, shared_expert_intermediate_size=768
-    ),
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-}
+
+def moe_config(model_type: str, hidden: int) -> dict:
+    """8 experts, top-2; expert width 1.5 x hidden (Qwen2-MoE: and a shared expert of 3 x hidden)."""
+    if model_type == "qwen2_moe":
+        return dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=3 * hidden // 2,
+            shared_expert_intermediate_size=3 * hidden,
+        )
+    return dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=3 * hidden // 2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-type", default="qwen2_moe", choices=sorted(CONFIGS))
+    parser.add_argument("--model-type", default="qwen2_moe", choices=["qwen2_moe", "mixtral"])
+    parser.add_argument(
+        "--hidden", type=int, default=256, help="hidden size (the probe's share falls as it grows)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -38,16 +49,18 @@ def main() -> None:
     args = parser.parse_args()
     config = AutoConfig.for_model(
         args.model_type,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=32,
-        vocab_size=2048,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        **CONFIGS[args.model_type],
+        **{
+            "hidden_size": args.hidden,
+            "intermediate_size": 3 * args.hidden,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": args.hidden // 8,
+            "vocab_size": 2048,
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+            **moe_config(args.model_type, args.hidden),
+        },
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -81,7 +94,7 @@ def main() -> None:
     ratios = [f / p for f, p in zip(times["forward"], times["probe"])]
     routed = sum(s.routed for s in sites)
     print(
-        f"{args.model_type}: {len(sites)} sites ({routed} routed experts), {tokens} tokens per pass, "
+        f"{args.model_type}, hidden {args.hidden}: {len(sites)} sites ({routed} routed experts), {tokens} tokens per pass, "
         f"torch threads {torch.get_num_threads()}"
     )
     for name, t in times.items():
