@@ -114,8 +114,9 @@ def discover_in_layer(
         for m in ffl_modules
     ):
         raise SiteError(
-            f"The FFL of {where} looks like a mixture of experts (expert lists or fused expert weights), which "
-            f"is not supported; found: {found}. Name the sites yourself to use one projection pair."
+            f"The FFL of {where} holds module lists or weights of more than two dimensions: a mixture of experts "
+            "that is not a transformers experts module (expert lists), or a convolution or state-space block. It is "
+            f"not supported; found: {found}. Name the sites yourself to use one projection pair."
         )
     if hidden is None:
         raise SiteError(f"Cannot discover FFL sites without the model's hidden size; {where} has: {found}.")
