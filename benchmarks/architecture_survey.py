@@ -9,8 +9,8 @@ Outcomes:
 and, for these three, whether every method its sites allow works on the tiny model (``methods``: Selective
 Pruning and Neuron Adjust fit and change the logits, Key Space Detection at α = 1 contains every fitted row,
 ``generate`` runs);
-- ``refused: mixture of experts`` / ``refused: sites``: ``SiteError``, whose message says why and how to name the
-  sites;
+- ``refused: module lists or >2-D weights`` (expert lists, recurrent or state-space blocks) / ``refused: sites``:
+  ``SiteError``, whose message says why and how to name the sites;
 - ``not built``: the tiny config could not be built with the generic shrinking below (the model type itself may
   work at its real size: these are not verdicts on the library).
 
@@ -79,11 +79,9 @@ def survey_one(model_type: str) -> dict:
     try:
         sites = find_ffl_sites(model)
     except SiteError as err:
-        moe = "mixture of experts" in str(err)
-        return {
-            "outcome": "refused: mixture of experts" if moe else "refused: sites",
-            "detail": str(err)[:400],
-        }
+        blocks = "weights of more than two dimensions" in str(err)
+        outcome = "refused: module lists or >2-D weights" if blocks else "refused: sites"
+        return {"outcome": outcome, "detail": str(err)[:400]}
     first = sites[0]
     checks = check_methods(model, model_type)
     if model_type in KNOWN_SITES:
