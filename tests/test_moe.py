@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_na import token_batches
+from tiny_models import small_text_kwargs
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
@@ -24,19 +25,7 @@ from unlearn_hf import (
 from unlearn_hf.sites import SiteError, find_ffl_sites
 
 FORGET, RETAIN = dict(lo=3, hi=64), dict(lo=64, hi=128)
-_BASE = dict(
-    hidden_size=32,
-    intermediate_size=80,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    vocab_size=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    max_position_embeddings=128,
-)
+_BASE = small_text_kwargs()
 #: model_type -> (config, experts per MoE layer, the dense sites' key modules, gate layout of the experts)
 MOE = {
     "mixtral": (dict(num_local_experts=4), 4, [], "first_half"),

@@ -6,23 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import hook_count
+from tiny_models import hook_count, small_text_kwargs
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from unlearn_hf import KeySpaceDetectionConfig, NeuronAdjustConfig, UnlearnedModelForCausalLM
 
 IMAGE_TOKEN, EOS = 299, 2
-_TEXT = dict(
-    hidden_size=32,
-    intermediate_size=80,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    vocab_size=300,
-    eos_token_id=EOS,
-    pad_token_id=0,
-)
+_TEXT = small_text_kwargs(vocab_size=300)
 _VISION = dict(
     hidden_size=16,
     intermediate_size=40,

@@ -142,6 +142,19 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 TINY_MODEL_TYPES: tuple[str, ...] = tuple(_CONFIGS)
 
 
+def small_text_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of a small decoder config (2 layers, hidden 32, d_ff 80, 4 heads of 8, 128 tokens) for
+    model types built outside :func:`tiny_model` (mixtures of experts, the text part of image-text models)."""
+    return {
+        **_llama_like(head_dim=HIDDEN // HEADS),
+        "vocab_size": 128,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **overrides,
+    }
+
+
 def tiny_config(model_type: str, vocab_size: int = 128, **overrides: Any):
     """The shrunken config of ``model_type`` (special tokens 0/1/2 inside the vocabulary)."""
     if model_type not in _CONFIGS:
