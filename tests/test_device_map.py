@@ -143,3 +143,27 @@ def test_direct_forward_applies_unlearning_on_a_dispatched_model(models, smol_to
         assert torch.equal(unlearned.forward(**enc).logits, unlearned(**enc).logits)
     finally:
         unlearned.remove_all_methods()
+
+
+def test_fully_offloaded_model_fits_like_the_plain_one():
+    """``accelerate.cpu_offload``: every weight, the input embedding's included, waits on "meta"; inputs go to the
+    execution device, and the fit and the unlearned model's logits are the plain model's."""
+    from accelerate import cpu_offload
+    from helpers_na import token_batches
+
+    forget, retain = token_batches(0, 3, 400, n=2), token_batches(1, 30000, 49000, n=2)
+    fitted = {}
+    for offload in (False, True):
+        model = tiny_llama(seed=4)
+        if offload:
+            cpu_offload(model, execution_device=torch.device("cpu"))
+            assert model.get_input_embeddings().weight.is_meta
+        unlearned = UnlearnedModelForCausalLM.from_base(model)
+        na = unlearned.fit(
+            NeuronAdjustConfig(ratio=0.1, deterministic=True), forget, retain, show_progress=False
+        )
+        with torch.no_grad():
+            fitted[offload] = (na.state, unlearned(**forget[0]).logits)
+    for name, value in fitted[False][0].items():
+        torch.testing.assert_close(fitted[True][0][name], value, msg=name)
+    torch.testing.assert_close(fitted[True][1], fitted[False][1])

@@ -46,12 +46,15 @@ def accepts(model: Any, argument: str, *, through_kwargs: bool = False) -> bool:
 
 
 def input_device(model: Any) -> torch.device:
-    """Where input ids must go: the input embedding's device (also for dispatched models), else the model's
-    ``device``, else its first parameter's, else the CPU."""
+    """Where input ids must go: the input embedding's device (also for dispatched models; for offloaded weights,
+    accelerate's execution device), else the model's ``device``, else its first parameter's, else the CPU."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
         return weight.device
+    execution = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    if execution is not None:  # accelerate brings the offloaded weights there for each call
+        return execution if isinstance(execution, torch.device) else torch.device(execution)
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device
