@@ -42,18 +42,28 @@ class HookRegistrar:
         self.method_name = method_name
         self.handles: list[RemovableHandle] = []
 
-    def _gate(self, observer: bool, handle_id: list[int]) -> Callable[[], ForwardContext | None]:
-        """``gate()``: the forward context when the hook registered as ``handle_id[0]`` must run now, else
-        ``None``."""
+    def _runs(self, observer: bool) -> Callable[[], ForwardContext | None]:
+        """``runs()``: the forward context when a hook of this method must run now (its model is being called,
+        the method is not disabled, an observer not in a recomputation), else ``None``."""
         owner, name = self.owner, self.method_name
 
-        def gate() -> ForwardContext | None:
+        def runs() -> ForwardContext | None:
             ctx = _CURRENT.get()
             if ctx is None or ctx.model is not owner or name in ctx.disabled:
                 return None
             if observer and _REPLAY.get():
                 return None
-            ctx.fired.add(handle_id[0])
+            return ctx
+
+        return runs
+
+    def _gate(self, runs: Callable[[], ForwardContext | None], handle_id: list[int]):
+        """``gate()``: :meth:`_runs`, recording in the context that the hook registered as ``handle_id[0]`` ran."""
+
+        def gate() -> ForwardContext | None:
+            ctx = runs()
+            if ctx is not None:
+                ctx.fired.add(handle_id[0])
             return ctx
 
         return gate
@@ -78,7 +88,8 @@ class HookRegistrar:
         """Register the gated hook. With ``observer=True``, ``fn`` only reads (returns ``None``): it runs without
         autograd and not in activation checkpointing's recomputation."""
         handle_id: list[int] = []
-        gate = self._gate(observer, handle_id)
+        runs = self._runs(observer)
+        gate = self._gate(runs, handle_id)
 
         @functools.partial(torch.compiler.disable, reason=_EAGER)
         def hook(mod, args, *output):
@@ -90,13 +101,7 @@ class HookRegistrar:
             new = _run(fn, ctx, args[0], observer)
             return None if new is None else (new, *args[1:])
 
-        owner, name = self.owner, self.method_name
-
-        def would_run() -> bool:  # the gate, without its bookkeeping (see unlearn_hf.sites.experts)
-            ctx = _CURRENT.get()
-            return ctx is not None and ctx.model is owner and name not in ctx.disabled
-
-        hook.unlearn_would_run = would_run
+        hook.unlearn_would_run = lambda: runs() is not None  # asked by expert taps (unlearn_hf.sites.experts)
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._add(register(hook), handle_id)
 

@@ -232,29 +232,23 @@ def _run_pass(
         k: {i: RunningStats(by_layer[i].d_ff, track) for i in layer_ids if k == "key" or by_layer[i].pre}
         for k in kinds
     }
-    # the selected tokens as flat row indices, computed on the host once per batch and copied to each device
-    # once: boolean indexing on an accelerator would wait for the device to count the rows (a host sync)
-    selection: dict[torch.device, torch.Tensor | None] = {}
+    # the selected tokens, computed on the host once per batch and copied to each device once: as flat row indices
+    # (boolean indexing on an accelerator would wait for the device to count the rows, a host sync) and, for expert
+    # sites (rows: the tokens routed to the expert), as one flag per token of the batch
+    selected: dict[tuple[str, torch.device], torch.Tensor | None] = {}
     grid = torch.Size()
+    host = torch.device("cpu")
+
+    def selected_on(what: str, device: torch.device) -> torch.Tensor | None:
+        if (what, device) not in selected:
+            on_host = selected[(what, host)]
+            selected[(what, device)] = None if on_host is None else on_host.to(device, non_blocking=True)
+        return selected[(what, device)]
+
     # the last site the forward reaches (a layer's key comes after its pre-activation), where the forward stops;
     # not in models with experts, whose layers may compute a shared expert after the routed ones
     last_layer, _, last_kind = max((i, k == "key", k) for k in kinds for i in stats[k])
-    if any(by_layer[i].routed for k in kinds for i in stats[k]):
-        last_layer = -1
-    # for expert sites (rows: the tokens routed to the expert): whether each token of the batch is selected
-    flags: dict[torch.device, torch.Tensor | None] = {}
-
-    def flags_on(device: torch.device) -> torch.Tensor | None:
-        if device not in flags:
-            host = flags[torch.device("cpu")]
-            flags[device] = None if host is None else host.to(device, non_blocking=True)
-        return flags[device]
-
-    def select_on(device: torch.device) -> torch.Tensor | None:
-        if device not in selection:
-            host = selection[torch.device("cpu")]
-            selection[device] = None if host is None else host.to(device, non_blocking=True)
-        return selection[device]
+    stop_at = None if any(by_layer[i].routed for k in kinds for i in stats[k]) else (last_layer, last_kind)
 
     def make_hook(kind: str, layer: int):
         def capture(x: torch.Tensor) -> None:
@@ -265,10 +259,10 @@ def _run_pass(
                     f"Layer {layer} {kind} site produced shape {tuple(x.shape)}, expected [batch, seq, "
                     f"{by_layer[layer].d_ff}]; the site does not match the model."
                 )
-            index = select_on(x.device)
+            index = selected_on("index", x.device)
             rows = x.flatten(0, 1) if index is None else x.flatten(0, 1).index_select(0, index)
             stats[kind][layer].update(rows)
-            if layer == last_layer and kind == last_kind:
+            if (layer, kind) == stop_at:
                 raise StopForward
 
         def capture_routed(x: torch.Tensor, token_index: torch.Tensor) -> None:
@@ -277,7 +271,7 @@ def _run_pass(
                     f"Layer {layer} {kind} site produced shape {tuple(x.shape)}, expected [tokens, "
                     f"{by_layer[layer].d_ff}]; the site does not match the model."
                 )
-            keep = flags_on(x.device)
+            keep = selected_on("flags", x.device)
             stats[kind][layer].update(x if keep is None else x[keep.index_select(0, token_index)])
 
         site = by_layer[layer]
@@ -314,12 +308,11 @@ def _run_pass(
                     f"Token id {lo if lo < 0 else hi} is outside the model's vocabulary "
                     f"(0..{'?' if vocab is None else vocab - 1}): the data was tokenized for another model."
                 )
-            selection.clear()
             select = batch.select.cpu()
-            grid = select.shape
-            selection[torch.device("cpu")] = None if bool(select.all()) else select.flatten().nonzero()[:, 0]
-            flags.clear()
-            flags[torch.device("cpu")] = None if bool(select.all()) else select.flatten()
+            grid, every = select.shape, bool(select.all())
+            selected.clear()
+            selected[("index", host)] = None if every else select.flatten().nonzero()[:, 0]
+            selected[("flags", host)] = None if every else select.flatten()
             try:
                 model(
                     input_ids=batch.input_ids.to(device),

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .ffl_site import GATE_LAYOUTS, FFLSite, SiteError, SitePair, linear_io
+from .ffl_site import GATE_LAYOUTS, SiteError, SitePair, gate_and_up, linear_io
 from .model_config import text_config
 
 _MLP_CONTAINER_NAMES = ("mlp", "ffn", "feed_forward", "feedforward", "ff", "ffl")
@@ -196,16 +196,7 @@ def fused_gate_layout(layer: nn.Module, prefix: str, fused: str, key: str, act: 
     rtol = max(1e-3, 4 * torch.finfo(dtype).eps)
     atol = max(1e-5, rtol * float(got["key"].abs().mean()))
     for layout in GATE_LAYOUTS:
-        site = FFLSite(0, fused, key, pre_mod, key_mod, d_ff, layout)
-        out = got["pre"]
-        gate = site.pre_activation(out)
-        up = (
-            out[..., d_ff:]
-            if layout == "first_half"
-            else out[..., :d_ff]
-            if layout == "second_half"
-            else out[..., 1::2]
-        )
+        gate, up = gate_and_up(got["pre"], layout, d_ff)
         if torch.allclose((fn(gate) * up).float(), got["key"].float(), rtol=rtol, atol=atol):
             return layout
     return None

@@ -54,14 +54,25 @@ class ExpertTap(nn.Module):
             ``pre``, the down projection for ``key``), so that shape checks treat it as that projection.
     """
 
-    def __init__(self, owner: nn.Module, expert: int, role: str, in_features: int, out_features: int) -> None:
+    def __init__(
+        self, owner: nn.Module, expert: int, role: str, in_features: int, out_features: int, hooked: set
+    ) -> None:
         super().__init__()
         object.__setattr__(self, "owner", owner)  # not a submodule: the experts module owns the tap
+        object.__setattr__(self, "_hooked", hooked)  # the taps of its module that were ever given a hook
         self.expert, self.role = expert, role
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, values: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
         return values
+
+    def register_forward_hook(self, *args: Any, **kwargs: Any):
+        self._hooked.add(self)
+        return super().register_forward_hook(*args, **kwargs)
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any):
+        self._hooked.add(self)
+        return super().register_forward_pre_hook(*args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -81,8 +92,12 @@ class ExpertTaps:
         hidden, width = expert_widths(module)
         up = 2 * width if module.has_gate else width
         self.width = width
-        self.pre = [ExpertTap(module, e, "pre", hidden, up) for e in range(module.num_experts)]
-        self.key = [ExpertTap(module, e, "key", width, hidden) for e in range(module.num_experts)]
+        #: the taps that were ever given a hook: all that :meth:`active` looks at, on every call of the module
+        self.hooked: set[ExpertTap] = set()
+        self.pre = [ExpertTap(module, e, "pre", hidden, up, self.hooked) for e in range(module.num_experts)]
+        self.key = [
+            ExpertTap(module, e, "key", width, hidden, self.hooked) for e in range(module.num_experts)
+        ]
 
     @property
     def gate(self) -> str | None:
@@ -94,7 +109,7 @@ class ExpertTaps:
     def active(self) -> bool:
         """Whether a hook on a tap would run now: a method's hook only while its unlearned model is being called
         (see :mod:`unlearn_hf.hooks`), any other hook (the probe's, a user's) always."""
-        for tap in (*self.pre, *self.key):
+        for tap in self.hooked:
             for hooks in (tap._forward_hooks, tap._forward_pre_hooks):
                 for hook in hooks.values():
                     would_run = getattr(hook, "unlearn_would_run", None)

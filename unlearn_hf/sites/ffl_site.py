@@ -15,6 +15,15 @@ from torch import nn
 GATE_LAYOUTS = ("first_half", "second_half", "even")
 
 
+def gate_and_up(output: torch.Tensor, layout: str, d_ff: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the gate and the up columns of a fused gate/up output ``[..., 2 * d_ff]`` in ``layout``."""
+    if layout == "first_half":
+        return output[..., :d_ff], output[..., d_ff:]
+    if layout == "second_half":
+        return output[..., d_ff:], output[..., :d_ff]
+    return output[..., 0::2], output[..., 1::2]
+
+
 class SiteError(ValueError):
     """The feed-forward sites of a model could not be found or do not match its shapes."""
 
@@ -65,13 +74,7 @@ class FFLSite:
     def pre_activation(self, output: torch.Tensor) -> torch.Tensor:
         """The pre-activation ``[..., d_ff]`` in the pre module's output: the output itself, or a view of the gate
         columns of a fused gate/up output (writing into the view writes into the output)."""
-        if self.gate is None:
-            return output
-        if self.gate == "first_half":
-            return output[..., : self.d_ff]
-        if self.gate == "second_half":
-            return output[..., self.d_ff :]
-        return output[..., 0::2]
+        return output if self.gate is None else gate_and_up(output, self.gate, self.d_ff)[0]
 
     def with_pre_activation(self, output: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """``output`` with its pre-activation ``old`` (from :meth:`pre_activation`) replaced by ``new``: in place
@@ -114,6 +117,11 @@ class SitePair:
     key: str
     gate: str | None = None
     pre_missing: str = ""
+
+    def prefixed(self, prefix: str) -> SitePair:
+        """The same sites with ``prefix`` before each module name."""
+        pre = None if self.pre is None else prefix + self.pre
+        return SitePair(pre, prefix + self.key, self.gate, self.pre_missing)
 
 
 def check_pairs(

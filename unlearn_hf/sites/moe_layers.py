@@ -75,9 +75,7 @@ def moe_sites(
 
 def _dense(model: nn.Module, prefix: str, pair: SitePair, hidden: int | None, block: int) -> list[FFLSite]:
     """The validated site of one dense FFL whose names ``pair`` are relative to ``prefix``."""
-    full = SitePair(
-        None if pair.pre is None else prefix + pair.pre, prefix + pair.key, pair.gate, pair.pre_missing
-    )
     return [
-        dataclasses.replace(s, block=block) for s in check_pairs(model, [full], hidden, None, "discovery")
+        dataclasses.replace(s, block=block)
+        for s in check_pairs(model, [pair.prefixed(prefix)], hidden, None, "discovery")
     ]

@@ -142,9 +142,4 @@ def find_ffl_sites(model: nn.Module, override: SiteOverride | None = None) -> li
 def full_names(layers_name: str, rel: Sequence[SitePair]) -> list[SitePair]:
     """Full module names of per-layer :class:`SitePair` names relative to the layers of the list ``layers_name``."""
     prefix = f"{layers_name}." if layers_name else ""
-    return [
-        SitePair(
-            None if p.pre is None else f"{prefix}{i}.{p.pre}", f"{prefix}{i}.{p.key}", p.gate, p.pre_missing
-        )
-        for i, p in enumerate(rel)
-    ]
+    return [pair.prefixed(f"{prefix}{i}.") for i, pair in enumerate(rel)]
