@@ -1,7 +1,7 @@
 """Mixtures of experts (transformers 5 fused experts): one site per routed expert over the tokens routed to it, plus
 shared experts and dense layers; statistics against a hand computation from the raw 3-D weights and the router's
-choices; Neuron Adjust and Selective Pruning on expert sites; Key Space Detection on the dense sites only (refused
-without any); generate, save/load, deepcopy, and a model without methods left as it was."""
+choices; Neuron Adjust and Selective Pruning on expert sites; Key Space Detection's default layer (its routed decision:
+``test_moe_ksd.py``); generate, save/load, deepcopy, and a model without methods left as it was."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from unlearn_hf import (
     UnlearnedModelForCausalLM,
     probe,
 )
-from unlearn_hf.sites import SiteError, find_ffl_sites
+from unlearn_hf.sites import find_ffl_sites
 
 FORGET, RETAIN = dict(lo=3, hi=64), dict(lo=64, hi=128)
 _BASE = small_text_kwargs()
@@ -62,8 +62,8 @@ MOE = {
 }
 
 
-def moe_model(model_type: str, seed: int = 0):
-    config = AutoConfig.for_model(model_type, **{**_BASE, **MOE[model_type][0]})
+def moe_model(model_type: str, seed: int = 0, **overrides):
+    config = AutoConfig.for_model(model_type, **{**_BASE, **MOE[model_type][0], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # biases are zero at init: randomize them so that a forgotten bias shows
@@ -214,29 +214,30 @@ def test_neuron_adjust_and_selective_pruning_on_expert_sites(model_type):
     assert torch.equal(first, again) and first.shape == (1, 9)  # seeded per request: the same draws
 
 
-def test_key_space_detection_reads_dense_sites_only():
+def test_key_space_detection_defaults_to_the_middle_dense_site_else_the_middle_experts_layer():
+    """Uncalibrated, Key Space Detection reads the middle dense site (a shared expert) where the model has one, else
+    the routed experts of the middle layer (``tests/test_moe_ksd.py`` checks their decision)."""
     tok_rows = [
         {
             "input_ids": (ids := torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(i))),
             "attention_mask": torch.ones_like(ids),
         }
-        for i in range(5)
+        for i in range(8)
     ]
     ksd = dict(inputs="prompts", alpha=1.0, window=1, action="eos")
     mixtral = UnlearnedModelForCausalLM.from_base(moe_model("mixtral"))
-    with pytest.raises(SiteError, match="every FFL site of this model is a routed expert"):
-        mixtral.fit(KeySpaceDetectionConfig(**ksd), tok_rows, show_progress=False)
-    assert not mixtral.methods
+    method = mixtral.fit(KeySpaceDetectionConfig(**ksd), tok_rows, show_progress=False, batch_size=1)
+    assert {mixtral.ffl_sites[i].decoder_layer for i in method.config.layers} == {1}  # the 2nd of 2 layers
+    assert all(mixtral.ffl_sites[i].routed for i in method.config.layers)
 
     qwen = UnlearnedModelForCausalLM.from_base(moe_model("qwen2_moe"))
-    with pytest.raises(SiteError, match=r"layers \[1\] \(routed experts\).*dense sites \[0, 5\]"):
-        qwen.fit(KeySpaceDetectionConfig(layers=[1], **ksd), tok_rows, show_progress=False)
     method = qwen.fit(KeySpaceDetectionConfig(**ksd), tok_rows, show_progress=False, batch_size=1)
     assert (
         method.config.layers == [5] and not qwen.ffl_sites[5].routed
     )  # the middle dense site: a shared expert
     with torch.no_grad():
         assert all(bool(qwen.detect(**row)[0]) for row in tok_rows)
+        assert all(bool(mixtral.detect(**row)[0]) for row in tok_rows)
 
 
 def test_save_load_and_deepcopy(tmp_path):

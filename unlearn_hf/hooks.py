@@ -79,12 +79,22 @@ class HookRegistrar:
         self._register(module, fn, observer, pre=False)
 
     def forward_pre_hook(
-        self, module: nn.Module, fn: Callable[[ForwardContext, torch.Tensor], Any], *, observer: bool = False
+        self,
+        module: nn.Module,
+        fn: Callable[[ForwardContext, Any], Any],
+        *,
+        observer: bool = False,
+        all_inputs: bool = False,
     ) -> None:
-        """``fn(ctx, first_input) -> new first input or None`` runs before ``module`` when the owner is called."""
-        self._register(module, fn, observer, pre=True)
+        """``fn(ctx, first_input) -> new first input or None`` runs before ``module`` when the owner is called
+        (``all_inputs=True``, observers only: ``fn(ctx, inputs)`` with the tuple of positional inputs)."""
+        if all_inputs and not observer:
+            raise ValueError("Only an observer hook can be given all inputs (it returns nothing).")
+        self._register(module, fn, observer, pre=True, all_inputs=all_inputs)
 
-    def _register(self, module: nn.Module, fn: Callable, observer: bool, *, pre: bool) -> None:
+    def _register(
+        self, module: nn.Module, fn: Callable, observer: bool, *, pre: bool, all_inputs: bool = False
+    ) -> None:
         """Register the gated hook. With ``observer=True``, ``fn`` only reads (returns ``None``): it runs without
         autograd and not in activation checkpointing's recomputation."""
         handle_id: list[int] = []
@@ -98,7 +108,7 @@ class HookRegistrar:
                 return None
             if not pre:
                 return _run(fn, ctx, output[0], observer)
-            new = _run(fn, ctx, args[0], observer)
+            new = _run(fn, ctx, args if all_inputs else args[0], observer)
             return None if new is None else (new, *args[1:])
 
         hook.unlearn_would_run = lambda: runs() is not None  # asked by expert taps (unlearn_hf.sites.experts)

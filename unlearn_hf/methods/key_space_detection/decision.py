@@ -3,8 +3,9 @@
 **The decision.** In the forward that ends the prompt (the prefill), at every checked layer, the key vectors of
 each row's last ``window`` real prompt tokens (found through the attention mask, so either padding side works;
 column 0 is the last token; candidate tokens that the forward carries after the prompt, as assisted decoding's
-first forward does, are not read) are tested against that layer's hypercube (:mod:`.hypercube`); the row is inside at
-that layer when *one* of them is. The hypercube was fitted on the key at the end of the question's own text in
+first forward does, are not read) are tested against that layer's hypercube (:mod:`.hypercube`; at the routed
+experts of a mixture-of-experts layer, against the hypercube of every expert each token is routed to,
+:mod:`.key_units`); the row is inside at that layer when *one* of them is. The hypercube was fitted on the key at the end of the question's own text in
 every rendering (:mod:`.rendering`), and a template's closing tokens (``\nAnswer:``, the chat template's
 ``<|im_end|>\n<|im_start|>assistant\n``) only push that position back a few tokens: the window reaches past
 them, so the same question abstains however it is wrapped. Positions before the prompt's first real token (a
@@ -30,6 +31,7 @@ from ...hooks import HookRegistrar
 from ...sites import as_token_grid
 from ..base import AbstainingAttachment
 from .hypercube import KeySpaceLayer
+from .key_units import RoutedUnit, wanted_tokens
 from .refusal import AbstentionLogitsProcessor, Refusal
 
 
@@ -60,8 +62,9 @@ def combine_layers(per_layer: dict[int, torch.Tensor], rule: str) -> torch.Tenso
 
 
 class KeySpaceAttachment(AbstainingAttachment):
-    """Key Space Detection attached to one model: the hypercube of each checked layer on that layer's device,
-    the refusal, and a pre-hook on each checked layer's key module that takes the decision."""
+    """Key Space Detection attached to one model: the hypercube(s) of each checked key unit (:mod:`.key_units`)
+    on its device, the refusal, and the hooks that take the decision: a pre-hook on a dense unit's key module; on
+    a routed unit, hooks on its experts module (start, end) and on its experts' key taps."""
 
     def __init__(
         self,
@@ -69,19 +72,22 @@ class KeySpaceAttachment(AbstainingAttachment):
         model: Any,
         name: str,
         hooks: HookRegistrar,
-        layers: dict[int, KeySpaceLayer],
+        layers: dict[int, KeySpaceLayer | RoutedUnit],
         key_modules: dict[int, Any],
         refusal: Refusal,
     ) -> None:
         super().__init__(method, model, name, hooks)
-        self.layers = layers
+        self.layers = layers  # unit id -> its reader (a dense unit's id is its layer)
         self.refusal = refusal
         self.rule = method.config.rule
         self.recheck = method.config.recheck_each_token
         self.window = method.config.window
-        self._last_layer = max(layers)
-        for layer, kl in layers.items():
-            hooks.forward_pre_hook(key_modules[layer], self._make_hook(layer, kl), observer=True)
+        self.alpha = method.config.alpha
+        for unit, reader in layers.items():
+            if isinstance(reader, RoutedUnit):
+                self._hook_routed(hooks, unit, reader)
+            else:
+                hooks.forward_pre_hook(key_modules[unit], self._dense_hook(unit, reader), observer=True)
 
     # -- the contract ----------------------------------------------------------------------------------------
     def decision(self, request: RequestState) -> torch.Tensor | None:
@@ -101,39 +107,84 @@ class KeySpaceAttachment(AbstainingAttachment):
                 "recheck_each_token=False (the prompt is still checked)."
             )
 
-    # -- deciding --------------------------------------------------------------------------------------------
-    def _make_hook(self, layer: int, kl: KeySpaceLayer):
+    # -- reading the keys ------------------------------------------------------------------------------------
+    def _reads(self, ctx: ForwardContext) -> bool:
+        return ctx.is_prefill or ctx.is_prompt_chunk or self.recheck
+
+    def _dense_hook(self, unit: int, kl: KeySpaceLayer):
         def hook(ctx: ForwardContext, key: torch.Tensor) -> None:
-            key = as_token_grid(key, ctx.input_len)  # OPT runs its FFL on [batch * positions, d_ff]
-            if ctx.is_prefill or ctx.is_prompt_chunk:
-                st = self.request_data(ctx.request, AbstentionState)
-                flags, valid = self._window_flags(ctx, st, layer, kl, key)
-                if ctx.is_prompt_chunk:
-                    st.carry[layer] = (flags, valid)
-                    return None
-                st.carry.pop(layer, None)
-                inside = flags.any(1)
-            elif self.recheck:
-                st = self.request_data(ctx.request, AbstentionState)
-                inside = kl.inside(key[:, -1])
-            else:
-                return None
-            st.pending[layer] = inside.cpu()
-            if layer == self._last_layer:
-                self._decide(ctx, st)
-            return None
+            if self._reads(ctx):
+                key = as_token_grid(key, ctx.input_len)  # OPT runs its FFL on [batch * positions, d_ff]
+                self._observe(ctx, unit, key.shape[0], key.device, lambda r, i: kl.inside(key[r, i]))
 
         return hook
 
-    def _window_flags(
-        self, ctx: ForwardContext, st: AbstentionState, layer: int, kl: KeySpaceLayer, key: torch.Tensor
+    def _hook_routed(self, hooks: HookRegistrar, unit: int, reader: RoutedUnit) -> None:
+        """The experts module's pre-hook starts the unit's forward (measuring only the tokens read), each expert's
+        key tap adds the distances of its routed tokens, and the module's forward hook reads the unit."""
+
+        def start(ctx: ForwardContext, inputs: tuple) -> None:
+            if not self._reads(ctx):
+                return
+            hidden = inputs[0]
+            rows, rest = divmod(hidden.shape[0], ctx.input_len)
+            if rest or hidden.dim() != 2:
+                raise RuntimeError(
+                    f"Key Space Detection: the experts module got hidden states {tuple(hidden.shape)}, not "
+                    f"[batch * {ctx.input_len}, hidden]."
+                )
+            index, valid = self._read_positions(ctx, rows, hidden.device)
+            reader.begin(hidden.shape[0], wanted_tokens(rows, ctx.input_len, index, valid), hidden.device)
+
+        def tap(expert: int):
+            def hook(ctx: ForwardContext, inputs: tuple) -> None:
+                if self._reads(ctx):
+                    reader.add(expert, inputs[0], inputs[1])
+
+            return hook
+
+        def finish(ctx: ForwardContext, output: Any) -> None:
+            if self._reads(ctx):
+                z = reader.distances().view(-1, ctx.input_len)
+                self._observe(ctx, unit, z.shape[0], z.device, lambda r, i: z[r, i] <= self.alpha)
+
+        hooks.forward_pre_hook(reader.owner, start, observer=True, all_inputs=True)
+        for site in reader.sites:
+            hooks.forward_pre_hook(site.key, tap(site.expert), observer=True, all_inputs=True)
+        hooks.forward_hook(reader.owner, finish, observer=True)
+
+    def _read_positions(
+        self, ctx: ForwardContext, rows: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, valid)`` ``[rows, w]`` of the positions read in this forward: the prompt's trailing window
+        at the prefill (or a prompt chunk), the newest position at a recheck."""
+        if ctx.is_prefill or ctx.is_prompt_chunk:
+            return ctx.trailing_token_index(rows, self.window, device)
+        index = torch.full((rows, 1), ctx.input_len - 1, dtype=torch.long, device=device)
+        return index, torch.ones_like(index, dtype=torch.bool)
+
+    def _observe(self, ctx: ForwardContext, unit: int, rows: int, device: torch.device, inside_at) -> None:
+        """Record whether each row is inside ``unit`` (``inside_at(rows [R, 1], positions [R, w]) -> bool``), and
+        decide once every unit has been read in this forward."""
+        st = self.request_data(ctx.request, AbstentionState)
+        index, valid = self._read_positions(ctx, rows, device)
+        flags = inside_at(torch.arange(rows, device=device).unsqueeze(1), index) & valid
+        if ctx.is_prefill or ctx.is_prompt_chunk:
+            flags, valid = self._with_carried(ctx, st, unit, flags, valid)
+            if ctx.is_prompt_chunk:
+                st.carry[unit] = (flags, valid)
+                return
+            st.carry.pop(unit, None)
+        st.pending[unit] = flags.any(1).cpu()
+        if len(st.pending) == len(self.layers):
+            self._decide(ctx, st)
+
+    def _with_carried(
+        self, ctx: ForwardContext, st: AbstentionState, unit: int, flags: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inside flags and validity ``[rows, window]`` (newest first) of each row's last ``window`` prompt tokens
         seen so far: this forward's, then those carried from earlier prompt chunks of the request."""
-        index, valid = ctx.trailing_token_index(key.shape[0], self.window, key.device)
-        rows = torch.arange(key.shape[0], device=key.device).unsqueeze(1)
-        flags = kl.inside(key[rows, index]) & valid
-        carried = st.carry.get(layer)
+        carried = st.carry.get(unit)
         if carried is not None:
             flags, valid = torch.cat([flags, carried[0]], 1), torch.cat([valid, carried[1]], 1)
             order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, : self.window]
@@ -148,10 +199,6 @@ class KeySpaceAttachment(AbstainingAttachment):
         return flags, valid
 
     def _decide(self, ctx: ForwardContext, st: AbstentionState) -> None:
-        if len(st.pending) != len(self.layers):
-            missing = sorted(set(self.layers) - set(st.pending))
-            st.pending = {}
-            raise RuntimeError(f"Key Space Detection did not see layers {missing} in this forward.")
         flags = combine_layers(st.pending, self.rule)
         st.pending = {}
         group = ctx.request.group_size
@@ -180,6 +227,10 @@ class KeySpaceAttachment(AbstainingAttachment):
         """Force the refusal onto the logits of the abstaining rows (and recompute the loss from them when
         ``labels`` were given)."""
         st = self.request_data(ctx.request)
+        if st is not None and st.pending:  # some units were read, not all: a path that bypasses their modules
+            missing = sorted(set(self.layers) - set(st.pending))
+            st.pending = {}
+            raise RuntimeError(f"Key Space Detection did not see layers {missing} in this forward.")
         if ctx.is_prefill and (st is None or st.abstained is None):
             raise RuntimeError(
                 f"Key Space Detection did not run at layers {sorted(self.layers)} during the prefill: the key "

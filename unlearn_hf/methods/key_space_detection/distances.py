@@ -1,5 +1,5 @@
 """The calibration pass: scaled distances of the trailing key vectors of rendered queries to every candidate
-layer's hypercube, in one forward per batch (all layers at once, stopping after the last one needed)."""
+key unit (:mod:`.key_units`), in one forward per batch (all units at once, stopping once all are read)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ...batch_plan import PaddingMeter
 from ...data import DataSpec
 from ...model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from ...sites import FFLSite, as_token_grid
+from .key_units import RoutedUnit, scaled_distance, wanted_tokens
 from .rendering import RenderedQuery
 
 
@@ -35,7 +36,7 @@ def trailing_distances(
     model,
     queries: Sequence[RenderedQuery],
     sites: Sequence[FFLSite],
-    cubes: dict[int, tuple[torch.Tensor, torch.Tensor, float]],
+    cubes: dict[int, tuple[torch.Tensor, torch.Tensor, float] | RoutedUnit],
     *,
     window: int,
     pad_id: int,
@@ -43,26 +44,50 @@ def trailing_distances(
     show_progress: bool = True,
     desc: str = "calibrating",
 ) -> torch.Tensor:
-    """``z`` ``[len(queries), len(cubes), window]`` (float64): at each layer of ``cubes`` (``{layer: (μ, σ, k)}``,
-    in sorted layer order) and each of the query's last ``window`` positions (offset 0 = the last token),
-    ``max_d |v_d − μ_d| / σ_d / k``; ``inf`` where the prompt is shorter than the window. The queries run in
-    the token-budget batches of ``spec`` (each truncated on the left to ``spec.max_length``)."""
-    layer_ids = sorted(cubes)
+    """``z`` ``[len(queries), len(cubes), window]`` (float64): at each key unit of ``cubes`` (``{unit id: (μ, σ,
+    k)}`` for a dense unit, a :class:`~.key_units.RoutedUnit` for routed experts; in sorted id order) and each of
+    the query's last ``window`` positions (offset 0 = the last token), the scaled distance ``max_d |v_d − μ_d| /
+    σ_d / k`` (:mod:`.key_units` for routed units); ``inf`` where the prompt is shorter than the window. The
+    queries run in the token-budget batches of ``spec`` (each truncated on the left to ``spec.max_length``)."""
+    unit_ids = sorted(cubes)
     by_layer = {s.layer: s for s in sites}
-    out = torch.full((len(queries), len(layer_ids), window), torch.inf, dtype=torch.float64)
+    out = torch.full((len(queries), len(unit_ids), window), torch.inf, dtype=torch.float64)
     captured: dict[int, torch.Tensor] = {}
-    last = layer_ids[-1]
     length = [0]  # the current batch's sequence length (OPT runs its FFL on [batch * positions, d_ff])
 
-    def make_hook(layer: int):
-        def hook(module, args):
-            captured[layer] = as_token_grid(args[0], length[0])[:, -window:, :].detach()
-            if layer == last:
-                raise StopForward
+    def captured_(unit: int, value: torch.Tensor) -> None:
+        captured[unit] = value
+        if len(captured) == len(unit_ids):  # every unit read: the rest of the forward is not needed
+            raise StopForward
 
-        return hook
+    def dense_hook(unit: int):
+        return lambda module, args: captured_(
+            unit, as_token_grid(args[0], length[0])[:, -window:, :].detach()
+        )
 
-    handles = [by_layer[i].key.register_forward_pre_hook(make_hook(i)) for i in layer_ids]
+    def routed_hooks(unit: int, reader: RoutedUnit):
+        def start(module, args):
+            rows, seq = args[0].shape[0] // length[0], length[0]
+            index = torch.arange(max(0, seq - window), seq, device=args[0].device).expand(rows, -1)
+            valid = torch.ones_like(index, dtype=torch.bool)
+            reader.begin(args[0].shape[0], wanted_tokens(rows, seq, index, valid), args[0].device)
+
+        def tap(expert: int):
+            return lambda module, args: reader.add(expert, args[0], args[1])
+
+        def end(module, args, output):
+            captured_(unit, reader.distances().view(-1, length[0])[:, -window:])
+
+        yield reader.owner.register_forward_pre_hook(start)
+        yield from (s.key.register_forward_pre_hook(tap(s.expert)) for s in reader.sites)
+        yield reader.owner.register_forward_hook(end)
+
+    handles = []
+    for unit, cube in cubes.items():
+        if isinstance(cube, RoutedUnit):
+            handles += list(routed_hooks(unit, cube))
+        else:
+            handles.append(by_layer[unit].key.register_forward_pre_hook(dense_hook(unit)))
     device = input_device(model)
     positions = accepts(model, "position_ids")
     bar = tqdm(total=len(queries), desc=desc, disable=not show_progress, unit="q")
@@ -82,10 +107,13 @@ def trailing_distances(
                 pass
             real = mask[:, -window:].flip(1).bool()  # [B, w], offset 0 first
             w = real.shape[1]
-            for j, layer in enumerate(layer_ids):
-                mu, sigma, k = cubes[layer]
-                keys = captured[layer].to(torch.float64).cpu().flip(1)  # [B, w, d], offset 0 first
-                z = (keys - mu).abs_().div_(sigma).amax(-1).div_(max(k, 1e-12))
+            for j, unit in enumerate(unit_ids):
+                cube = cubes[unit]
+                if isinstance(cube, RoutedUnit):
+                    z = captured[unit].to(torch.float64).cpu().flip(1)
+                else:
+                    keys = captured[unit].cpu().flip(1)  # [B, w, d], offset 0 first
+                    z = scaled_distance(keys, *cube)
                 out[rows, j, :w] = torch.where(real, z, torch.inf)
             bar.update(len(batch))
         meter.log(desc)

@@ -13,7 +13,7 @@ import torch
 
 from ...data import DataSpec, holdout_split
 from ...model_inputs import input_device
-from ...sites import SiteError
+from ...sites import module_device
 from ...stats import SiteStatistics
 from ..config import resolve_layers
 from ..fitting import probe_or_check
@@ -21,6 +21,7 @@ from .calibration import ALPHA_GRID, calibrate
 from .config import AUTO, MAX_WINDOW, KeySpaceDetectionConfig
 from .distances import pad_left, trailing_distances
 from .hypercube import hypercube_radius
+from .key_units import RoutedUnit, key_units, unit_of
 from .rendering import QueryRenderer
 
 logger = logging.getLogger(__name__)
@@ -70,11 +71,15 @@ def _is_token_batches(data: Any) -> bool:
 
 
 def _fit_cubes(stats: SiteStatistics, layers: list[int], eps: float) -> dict[int, tuple]:
+    """The hypercube ``(μ, σ, k, count)`` of each site of ``layers``; a routed expert to which fewer than 2 fitted
+    queries were routed has none (:mod:`.key_units`)."""
     cubes = {}
     for i in layers:
         s = stats.layers[i]
         if s.minimum is None:
             raise ValueError("Precomputed key statistics must track per-dimension min/max (query mode).")
+        if s.count < 2:
+            continue
         std = s.std(eps)
         cubes[i] = (
             s.mean.double(),
@@ -83,6 +88,17 @@ def _fit_cubes(stats: SiteStatistics, layers: list[int], eps: float) -> dict[int
             s.count,
         )
     return cubes
+
+
+def _readers(model, sites, units: dict[int, list[int]], chosen: list[int], cubes: dict[int, tuple]) -> dict:
+    """The calibration's reader of each unit of ``chosen``: ``(μ, σ, k)`` or a :class:`RoutedUnit`."""
+    out = {}
+    for u in chosen:
+        if sites[u].routed:
+            out[u] = RoutedUnit([sites[i] for i in units[u]], cubes, module_device(sites[u].key.owner))
+        else:
+            out[u] = cubes[u][:3]
+    return out
 
 
 def fit_key_space(
@@ -98,15 +114,13 @@ def fit_key_space(
     """Fit (and calibrate) Key Space Detection on ``model`` as it runs. See :class:`KeySpaceDetectionConfig`."""
     sites = model.ffl_sites
     n_layers = len(sites)
-    dense = dense_key_layers(sites)
-    middle = [dense[len(dense) // 2]]
-    fixed = None if config.layers in (AUTO, None) else resolve_layers(config.layers, n_layers)
-    routed = [i for i in fixed or () if sites[i].routed]
-    if routed:
-        raise SiteError(
-            f"Key Space Detection decides on the key of a prompt's tokens, which layers {routed} (routed experts) only "
-            f"see for the tokens routed to them; choose among the dense sites {dense}."
-        )
+    units = key_units(sites)
+    dense = [u for u in units if not sites[u].routed]
+    middle = [(dense or list(units))[len(dense or units) // 2]]
+    fixed = None  # the units of the config's layers (a routed expert's layer: all experts of its layer)
+    if config.layers not in (AUTO, None):
+        owner = unit_of(sites)
+        fixed = sorted({owner[i] for i in resolve_layers(config.layers, n_layers)})
     probe_kw = dict(
         role="forget", site="key", mode="last", spec=spec, show_progress=show_progress, sites=sites
     )
@@ -115,11 +129,14 @@ def fit_key_space(
         # precomputed statistics or tokenized prompts: fitted on the prompts' last tokens, nothing to render
         if retain is not None:
             logger.info("Key Space Detection: tokenized or precomputed forget data is not calibrated.")
-        layers = fixed or middle
-        stats = probe_or_check(model, forget, tokenizer, layers=layers, **probe_kw)
+        chosen = fixed or middle
+        members = _members(units, chosen)
+        stats = probe_or_check(model, forget, tokenizer, layers=members, **probe_kw)
         window = 1 if config.window == AUTO else config.window
         alpha = 1.0 if config.alpha == AUTO else config.alpha
-        return _result(config, _fit_cubes(stats, layers, config.eps), layers, alpha, window, None)
+        return _result(
+            config, _fitted(_fit_cubes(stats, members, config.eps), units, chosen), alpha, window, None
+        )
 
     renderer = QueryRenderer(
         tokenizer,
@@ -154,20 +171,23 @@ def fit_key_space(
         else (range(len(queries)), [])
     )
     fit_rows = [r for i in fit_idx for r in renderer.render([queries[i]])[0]]
-    candidates = fixed or (dense if calibrating and config.layers == AUTO else middle)
+    candidates = fixed or (list(units) if calibrating and config.layers == AUTO else middle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [r.input_ids[: r.question_end + 1][-spec.max_length :] for r in fit_rows]
     batches = [
         dict(zip(("input_ids", "attention_mask"), pad_left([prompts[i] for i in b], pad, spec.max_length)))
         for b in spec.plan([len(p) for p in prompts], input_device(model))
     ]
-    stats = probe_or_check(model, batches, tokenizer, layers=candidates, **probe_kw)
+    stats = probe_or_check(model, batches, tokenizer, layers=_members(units, candidates), **probe_kw)
     if stats.count < 2:
         raise ValueError(
             f"Key Space Detection needs at least 2 forget queries: the standard deviation is undefined for "
             f"{stats.count}."
         )
-    cubes = _fit_cubes(stats, candidates, config.eps)
+    cubes = _fit_cubes(stats, _members(units, candidates), config.eps)
+    if fixed is None:  # a routed unit none of whose experts got 2 fitted queries is no candidate
+        candidates = [u for u in candidates if any(i in cubes for i in units[u])] or candidates
+    _fitted(cubes, units, candidates)  # raises for a candidate without a hypercube
     narrowest = min(MAX_WINDOW, max(r.trailing for r in fit_rows) + 1)
     if config.window != AUTO:
         windows = [config.window]
@@ -175,7 +195,7 @@ def fit_key_space(
         windows = list(range(narrowest, min(MAX_WINDOW, narrowest + config.max_window_slack) + 1))
     if not calibrating:
         alpha = 1.0 if config.alpha == AUTO else config.alpha
-        return _result(config, cubes, candidates, alpha, windows[0], None)
+        return _result(config, _fitted(cubes, units, candidates), alpha, windows[0], None)
 
     held = [r for i in held_idx for r in renderer.render([queries[i]])[0]]
     groups = retain if isinstance(retain, Mapping) else {"retain": retain}
@@ -190,7 +210,7 @@ def fit_key_space(
         spec=spec,
         show_progress=show_progress,
     )
-    cube_args = {i: c[:3] for i, c in cubes.items()}
+    cube_args = _readers(model, sites, units, candidates, cubes)
     zf = trailing_distances(model, held, sites, cube_args, desc="calibrating: held-out forget", **z_kw)
     zr = trailing_distances(model, retain_rows, sites, cube_args, desc="calibrating: retain", **z_kw)
     cal = calibrate(
@@ -237,40 +257,43 @@ def fit_key_space(
         "calibration_forget": cal.table_forget,
         "calibration_false": cal.table_false,
     }
-    return _result(config, cubes, cal.layers, cal.alpha, cal.window, summary, table)
+    return _result(config, _fitted(cubes, units, cal.layers), cal.alpha, cal.window, summary, table)
 
 
 def _fmt(rates: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.1%}" for k, v in rates.items())
 
 
-def _result(config, cubes, layers, alpha, window, summary, table=None) -> FitResult:
+def _members(units: dict[int, list[int]], chosen: list[int]) -> list[int]:
+    return sorted(i for u in chosen for i in units[u])
+
+
+def _fitted(cubes: dict[int, tuple], units: dict[int, list[int]], chosen: list[int]) -> dict[int, tuple]:
+    """The hypercubes of the units ``chosen``: every site of theirs that has one.
+
+    Raises:
+        ValueError: a unit has none (routed experts to none of which 2 fitted queries were routed).
+    """
+    empty = [u for u in chosen if not any(i in cubes for i in units[u])]
+    if empty:
+        raise ValueError(
+            f"Key Space Detection: layers {empty} have no hypercube: no expert of theirs had at least 2 fitted "
+            "queries routed to it. Give more forget questions or choose other layers."
+        )
+    return {i: cubes[i] for i in _members(units, chosen) if i in cubes}
+
+
+def _result(config, chosen: dict[int, tuple], alpha, window, summary, table=None) -> FitResult:
     config = dataclasses.replace(
-        config, layers=sorted(layers), alpha=float(alpha), window=int(window), calibration=summary
+        config, layers=sorted(chosen), alpha=float(alpha), window=int(window), calibration=summary
     )
-    chosen = [cubes[i] for i in config.layers]
+    rows = [chosen[i] for i in config.layers]
     state = {
         "layers": torch.tensor(config.layers, dtype=torch.int64),
-        "center": torch.stack([c[0] for c in chosen]).to(torch.float64),
-        "scale": torch.stack([c[1] for c in chosen]).to(torch.float64),
-        "k": torch.tensor([c[2] for c in chosen], dtype=torch.float64),
-        "count": torch.tensor([c[3] for c in chosen], dtype=torch.int64),
+        "center": torch.stack([c[0] for c in rows]).to(torch.float64),
+        "scale": torch.stack([c[1] for c in rows]).to(torch.float64),
+        "k": torch.tensor([c[2] for c in rows], dtype=torch.float64),
+        "count": torch.tensor([c[3] for c in rows], dtype=torch.int64),
         **(table or {}),
     }
     return FitResult(config, state)
-
-
-def dense_key_layers(sites: list) -> list[int]:
-    """The sites Key Space Detection can read: those every token passes through (not a routed expert's).
-
-    Raises:
-        SiteError: the model has none (a mixture of experts without shared experts or dense layers).
-    """
-    dense = [s.layer for s in sites if not s.routed]
-    if not dense:
-        raise SiteError(
-            "Key Space Detection reads a key site that every token passes through, and every FFL site of this model "
-            "is a routed expert (a mixture of experts without shared experts or dense layers): it is not supported "
-            "on this model. Neuron Adjust and Selective Pruning work on the experts' sites."
-        )
-    return dense

@@ -20,6 +20,8 @@ from .config import AUTO, KeySpaceDetectionConfig
 from .decision import KeySpaceAttachment
 from .fit import fit_key_space
 from .hypercube import KeySpaceLayer
+from .key_units import RoutedUnit, key_units
+from .key_units import unit_of as _unit_index
 from .refusal import Refusal
 
 
@@ -174,30 +176,31 @@ class KeySpaceDetection(AbstainingMethod):
             raise ValueError(
                 f"Refusal token id {int(ids.max())} is outside the model's vocabulary ({vocab})."
             )
-        layers: dict[int, KeySpaceLayer] = {}
-        for row, layer in enumerate(self.state["layers"].tolist()):
+        state_rows = {layer: row for row, layer in enumerate(self.state["layers"].tolist())}
+        for layer in state_rows:
             if layer >= len(sites):
                 raise ValueError(
                     f"Key Space Detection state names layer {layer}; the model has {len(sites)}."
                 )
-            site = sites[layer]
+            if self.state["center"].shape[-1] != sites[layer].d_ff:
+                raise ValueError(
+                    f"Layer {layer}: hypercube width {self.state['center'].shape[-1]} != d_ff {sites[layer].d_ff}."
+                )
+        units, unit_of = key_units(sites), _unit_index(sites)
+        layers: dict[int, KeySpaceLayer | RoutedUnit] = {}
+        for unit in sorted({unit_of[layer] for layer in state_rows}):
+            cubes = {
+                i: (self.state["center"][r], self.state["scale"][r], float(self.state["k"][r]))
+                for i in units[unit]
+                if (r := state_rows.get(i)) is not None
+            }
+            site = sites[unit]
             if site.routed:
-                raise ValueError(
-                    f"Key Space Detection state names layer {layer}, a routed expert's site: it decides on keys that "
-                    "every token has."
-                )
-            if self.state["center"].shape[-1] != site.d_ff:
-                raise ValueError(
-                    f"Layer {layer}: hypercube width {self.state['center'].shape[-1]} != d_ff {site.d_ff}."
-                )
-            layers[layer] = KeySpaceLayer(
-                self.state["center"][row],
-                self.state["scale"][row],
-                float(self.state["k"][row]),
-                self.config.alpha,
-                module_device(site.key),
-            )
-        key_modules = {layer: sites[layer].key for layer in layers}
+                members = [sites[i] for i in units[unit]]
+                layers[unit] = RoutedUnit(members, cubes, module_device(site.key.owner))
+            else:
+                layers[unit] = KeySpaceLayer(*cubes[unit], self.config.alpha, module_device(site.key))
+        key_modules = {unit: sites[unit].key for unit in layers}
         return KeySpaceAttachment(
             self, model, hooks.method_name, hooks, layers, key_modules, Refusal(ids, eos)
         )

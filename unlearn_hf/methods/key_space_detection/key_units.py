@@ -1,0 +1,127 @@
+"""What Key Space Detection reads at one layer: a *key unit* (``docs/ARCHITECTURES.md``, "Mixtures of experts").
+
+A dense FFL's key site is a unit of its own: every token has a key vector there, tested against the unit's one
+hypercube (:class:`~.hypercube.KeySpaceLayer`). The routed experts of one mixture-of-experts layer form one unit
+together: a token has a key only in the experts it is routed to, and each expert has a hypercube of its own, fitted
+on the question ends routed to it. A token's scaled distance to such a unit is the largest of its scaled distances
+to the hypercubes of the experts it is routed to,
+
+    ``z = max_{e routed} max_d |v_{e,d} − μ_{e,d}| / σ_{e,d} / k_e``,
+
+and ``inf`` when one of them has no hypercube (fewer than 2 fitted question ends were routed to it). A token is
+inside the unit at α when ``z ≤ α``: inside the hypercube of every expert it is routed to. At α = 1 every fitted
+question end whose experts all have hypercubes is inside (each ``k_e`` is the largest scaled distance of the
+expert's own fitted keys). A unit's id is its first site's index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ...sites import FFLSite
+
+#: the floor of k in scaled distances (a hypercube of identical keys has k = 0)
+_TINY_K = 1e-12
+
+
+def key_units(sites: Sequence[FFLSite]) -> dict[int, list[int]]:
+    """``{unit id: [site indices]}``, in the model's order: each dense site alone, the routed experts of one
+    experts module together (all of them, whatever was fitted)."""
+    units: dict[int, list[int]] = {}
+    owners: dict[int, int] = {}
+    for s in sites:
+        if not s.routed:
+            units[s.layer] = [s.layer]
+            continue
+        owner = id(s.key.owner)
+        if owner not in owners:
+            owners[owner] = s.layer
+            units[s.layer] = []
+        units[owners[owner]].append(s.layer)
+    return units
+
+
+def unit_of(sites: Sequence[FFLSite]) -> dict[int, int]:
+    """``{site index: its unit's id}``."""
+    return {i: u for u, members in key_units(sites).items() for i in members}
+
+
+def scaled_distance(
+    keys: torch.Tensor,
+    center: torch.Tensor,
+    scale: torch.Tensor,
+    k: float,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``max_d |v_d − μ_d| / σ_d / k`` of key vectors ``[..., d]`` -> ``[...]`` (in ``dtype``)."""
+    return (keys.to(dtype) - center).abs_().div_(scale).amax(-1).div_(max(float(k), _TINY_K))
+
+
+class RoutedUnit:
+    """The routed experts of one experts module, read as one key unit: during a forward, the experts' taps add the
+    scaled distances of the tokens routed to them (:meth:`add`), and :meth:`distances` gives each token's ``z``.
+
+    Args:
+        sites: every expert site of the module, in expert order.
+        cubes: ``{site index: (μ, σ, k)}`` of the experts that have a hypercube.
+        device: where the distances are computed (the module's device).
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[FFLSite],
+        cubes: Mapping[int, tuple[torch.Tensor, torch.Tensor, float]],
+        device: torch.device | str,
+    ) -> None:
+        device = torch.device(device)
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.sites = list(sites)
+        self.owner = self.sites[0].key.owner
+        self.cubes = {
+            s.expert: (cubes[s.layer][0].to(device, self.dtype), cubes[s.layer][1].to(device, self.dtype))
+            + (float(cubes[s.layer][2]),)
+            for s in self.sites
+            if s.layer in cubes
+        }
+        self._z: torch.Tensor | None = None
+        self._wanted: torch.Tensor | None = None
+
+    def begin(self, n_tokens: int, wanted: torch.Tensor | None, device: torch.device) -> None:
+        """Start a forward over ``n_tokens`` flattened tokens; only those flagged in ``wanted`` (bool
+        ``[n_tokens]``, ``None``: all) are measured."""
+        self._z = torch.full((n_tokens,), -1.0, dtype=self.dtype, device=device)
+        self._wanted = wanted
+
+    def add(self, expert: int, keys: torch.Tensor, token_index: torch.Tensor) -> None:
+        """The key vectors ``[n, I]`` of the tokens ``token_index`` ``[n]`` routed to ``expert``."""
+        if self._z is None:
+            raise RuntimeError("RoutedUnit.add before begin: the experts module was not seen starting.")
+        if self._wanted is not None:
+            keep = self._wanted[token_index]
+            keys, token_index = keys[keep], token_index[keep]
+        cube = self.cubes.get(expert)
+        if cube is None:
+            z = torch.full(token_index.shape, torch.inf, dtype=self.dtype, device=token_index.device)
+        else:
+            z = scaled_distance(keys, cube[0], cube[1], cube[2], self.dtype)
+        self._z.scatter_reduce_(0, token_index.to(self._z.device), z.to(self._z.device), "amax")
+
+    def distances(self) -> torch.Tensor:
+        """``z`` ``[n_tokens]`` of this forward (``inf`` for a token routed to no expert), and the unit is reset."""
+        if self._z is None:
+            raise RuntimeError("RoutedUnit.distances before begin.")
+        z, self._z, self._wanted = self._z, None, None
+        return z.masked_fill_(z < 0, torch.inf)
+
+    def inside(self, z: torch.Tensor, alpha: float) -> torch.Tensor:
+        return z <= alpha
+
+
+def wanted_tokens(rows: int, seq: int, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Bool ``[rows * seq]``: the flattened positions ``index`` ``[rows, w]`` (where ``valid``) of each row."""
+    flat = torch.arange(rows, device=index.device).unsqueeze(1) * seq + index
+    wanted = torch.zeros(rows * seq, dtype=torch.bool, device=index.device)
+    wanted[flat[valid]] = True
+    return wanted
