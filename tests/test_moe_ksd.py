@@ -1,5 +1,6 @@
 """Key Space Detection on the routed experts of a mixture of experts (``docs/ARCHITECTURES.md``): one hypercube per
-expert, a token inside a layer's experts when it is inside the hypercube of every expert it is routed to. The
+expert, a token inside a layer's experts when it is inside the hypercube of every expert it is routed to that has
+one. The
 decision and the calibration pass against a numpy computation from the router's choices and the raw 3-D weights;
 α = 1 containing every fitted query; calibration over dense and routed layers; save/load and generate."""
 
@@ -49,7 +50,8 @@ def as_batches(token_rows: list[list[int]], size: int) -> list[dict[str, torch.T
 
 def reference_distances(model, block: int, batch, cubes: dict[int, tuple]) -> np.ndarray:
     """``z`` ``[rows, seq]`` by hand: the router's top-k and the experts' input captured from a plain forward, each
-    routed expert's key from its raw 3-D weights, ``max_e max_d |v − μ_e| / σ_e / k_e`` (``inf``: no hypercube)."""
+    routed expert's key from its raw 3-D weights, ``max_e max_d |v − μ_e| / σ_e / k_e`` over its experts with a
+    hypercube (``inf``: none has one)."""
     experts = model.model.layers[block].mlp.experts
     seen = {}
     h = experts.register_forward_pre_hook(
@@ -70,12 +72,9 @@ def reference_distances(model, block: int, batch, cubes: dict[int, tuple]) -> np
         if experts.has_bias:
             pre = pre + getattr(experts, f"{name}_bias")[e].detach().double()
         key = (experts._apply_gate(pre) if experts.has_gate else experts.act_fn(pre)).numpy()
-        if e in cubes:
+        if e in cubes:  # an expert without a hypercube has no say
             mu, sd, k = cubes[e]
-            ze = (np.abs(key - mu) / sd).max(-1) / k
-        else:
-            ze = np.full(key.shape[0], np.inf)
-        z[routed] = np.maximum(z[routed], ze)
+            z[routed] = np.maximum(z[routed], (np.abs(key - mu) / sd).max(-1) / k)
     z[z < 0] = np.inf
     return z.reshape(batch["input_ids"].shape)
 
@@ -198,3 +197,85 @@ def test_calibration_chooses_among_dense_and_routed_layers(smol_tokenizer):
             method.config.layers
         )
         assert max(method.config.calibration["false_rate"].values()) <= 0.25
+
+
+def _fitted_mixture(model_type: str, **overrides):
+    unlearned = UnlearnedModelForCausalLM.from_base(moe_model(model_type))
+    routed = [s.layer for s in unlearned.ffl_sites if s.routed]
+    config = dict(
+        inputs="prompts", layers=[routed[-1]], window=WINDOW, alpha=ALPHA, action="eos", **overrides
+    )
+    unlearned.fit(KeySpaceDetectionConfig(**config), as_batches(rows(0, 16, 3, 64), 4), show_progress=False)
+    return unlearned
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "mixtral"])
+def test_rows_that_do_not_abstain_are_the_bare_models_bit_for_bit(model_type):
+    """Only reading hooks on the taps: the experts module runs its own forward (its default implementation, not the
+    eager loop), and the keys are computed beside it, so every non-abstaining logit is the bare model's."""
+    unlearned = _fitted_mixture(model_type)
+    bare = moe_model(model_type)
+    mixed = left_padded(rows(0, 2, 3, 64) + rows(5, 6, 64, 128))
+    with torch.no_grad():
+        flags = unlearned.detect(**mixed)
+        assert flags[:2].all() and not flags.all()
+        # a forward (the prefill): the rows that do not abstain are the bare model's
+        keep = ~flags
+        assert torch.equal(unlearned(**mixed).logits[keep], bare(**mixed).logits[keep])
+        # generate on the rows that do not abstain: every step's logits are the bare model's
+        batch = left_padded([r for r, f in zip(rows(0, 2, 3, 64) + rows(5, 6, 64, 128), flags) if not f])
+        gen = dict(
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        out, ref = unlearned.generate(**batch, **gen), bare.generate(**batch, **gen)
+    assert not out.abstained.any() and torch.equal(out.sequences, ref.sequences)
+    for step, (got, want) in enumerate(zip(out.logits, ref.logits)):
+        assert torch.equal(got, want), step
+
+
+def test_threads_sharing_one_model_decide_as_one_thread_does():
+    import threading
+
+    unlearned = _fitted_mixture("mixtral")
+    batches = [left_padded(rows(0, 6, 3, 64) + rows(4, 10, 64, 128)), left_padded(rows(7, 5, 3, 64))]
+    with torch.no_grad():
+        expected = [unlearned.detect(**b) for b in batches]
+    assert 0 < int(expected[0].sum()) < 16
+    failures: list[str] = []
+
+    def worker(batch, want):
+        try:
+            for _ in range(25):
+                with torch.no_grad():
+                    got = unlearned.detect(**batch)
+                if not torch.equal(got, want):
+                    failures.append("a decision differs")
+        except Exception as err:  # noqa: BLE001 - collected and asserted on below
+            failures.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=worker, args=pair) for pair in zip(batches, expected)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+
+
+def test_bad_layer_choices_are_refused_clearly():
+    unlearned = UnlearnedModelForCausalLM.from_base(moe_model("qwen2_moe"))
+    data = as_batches(rows(0, 8, 3, 64), 4)
+    with pytest.raises(
+        ValueError, match=r"different widths \[40, 48\]"
+    ):  # the shared expert (48) and experts (40)
+        unlearned.fit(KeySpaceDetectionConfig(inputs="prompts", layers=[0, 1], action="eos"), data, show_progress=False)
+    with pytest.raises(ValueError, match="at least 2 forget queries.*for 1"):
+        unlearned.fit(
+            KeySpaceDetectionConfig(inputs="prompts", layers=[0], action="eos"),
+            [left_padded(rows(0, 1, 3, 64))],
+            show_progress=False,
+        )
+    assert not unlearned.methods

@@ -73,10 +73,16 @@ class HookRegistrar:
         self.handles.append(handle)
 
     def forward_hook(
-        self, module: nn.Module, fn: Callable[[ForwardContext, Any], Any], *, observer: bool = False
+        self,
+        module: nn.Module,
+        fn: Callable[[ForwardContext, Any], Any],
+        *,
+        observer: bool = False,
+        when: Callable[[ForwardContext], bool] | None = None,
     ) -> None:
-        """``fn(ctx, output) -> new output or None`` runs after ``module`` when the owner is being called."""
-        self._register(module, fn, observer, pre=False)
+        """``fn(ctx, output) -> new output or None`` runs after ``module`` when the owner is being called (``when``:
+        see :meth:`_register`)."""
+        self._register(module, fn, observer, pre=False, when=when)
 
     def forward_pre_hook(
         self,
@@ -85,18 +91,30 @@ class HookRegistrar:
         *,
         observer: bool = False,
         all_inputs: bool = False,
+        when: Callable[[ForwardContext], bool] | None = None,
     ) -> None:
         """``fn(ctx, first_input) -> new first input or None`` runs before ``module`` when the owner is called
-        (``all_inputs=True``, observers only: ``fn(ctx, inputs)`` with the tuple of positional inputs)."""
+        (``all_inputs=True``, observers only: ``fn(ctx, inputs)`` with the tuple of positional inputs; ``when``:
+        and only in the forwards it accepts, see :meth:`_register`)."""
         if all_inputs and not observer:
             raise ValueError("Only an observer hook can be given all inputs (it returns nothing).")
-        self._register(module, fn, observer, pre=True, all_inputs=all_inputs)
+        self._register(module, fn, observer, pre=True, all_inputs=all_inputs, when=when)
 
     def _register(
-        self, module: nn.Module, fn: Callable, observer: bool, *, pre: bool, all_inputs: bool = False
+        self,
+        module: nn.Module,
+        fn: Callable,
+        observer: bool,
+        *,
+        pre: bool,
+        all_inputs: bool = False,
+        when: Callable[[ForwardContext], bool] | None = None,
     ) -> None:
         """Register the gated hook. With ``observer=True``, ``fn`` only reads (returns ``None``): it runs without
-        autograd and not in activation checkpointing's recomputation."""
+        autograd and not in activation checkpointing's recomputation. ``when(ctx)`` false: ``fn`` has nothing to
+        do in this forward (the hook counts as run). The hook tells expert taps (:mod:`unlearn_hf.sites.experts`)
+        whether it would do something now (``unlearn_would_run()``) and whether it only reads
+        (``unlearn_observer``)."""
         handle_id: list[int] = []
         runs = self._runs(observer)
         gate = self._gate(runs, handle_id)
@@ -104,14 +122,18 @@ class HookRegistrar:
         @functools.partial(torch.compiler.disable, reason=_EAGER)
         def hook(mod, args, *output):
             ctx = gate()
-            if ctx is None:
+            if ctx is None or (when is not None and not when(ctx)):
                 return None
             if not pre:
                 return _run(fn, ctx, output[0], observer)
             new = _run(fn, ctx, args if all_inputs else args[0], observer)
             return None if new is None else (new, *args[1:])
 
-        hook.unlearn_would_run = lambda: runs() is not None  # asked by expert taps (unlearn_hf.sites.experts)
+        def would_run() -> bool:
+            ctx = runs()
+            return ctx is not None and (when is None or when(ctx))
+
+        hook.unlearn_would_run, hook.unlearn_observer = would_run, observer
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._add(register(hook), handle_id)
 

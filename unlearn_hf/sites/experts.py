@@ -12,10 +12,13 @@ over the tokens routed to it only:
 
 No module computes them alone, so each is an :class:`ExpertTap`: an identity module (not registered in the model)
 that the experts module calls with the values and the indices of their tokens, while a hook on one of its taps
-would run (the probe's always; a method's while its unlearned model is being called). The methods hook taps as
-they hook real modules. Otherwise the module runs its own forward (any experts implementation, accelerate's
-offloading hooks) untouched; with such hooks it runs :func:`tapped_experts_forward`, the eager computation of
-transformers, checked against the module's own forward when the taps are installed.
+would run (the probe's always; a method's while its unlearned model is being called and the method has work in
+that forward). The methods hook taps as they hook real modules. When a hook that may change values would run, the
+module runs :func:`tapped_experts_forward`, the eager computation of transformers, checked against the module's
+own forward when the taps are installed. Otherwise it runs its own forward (any experts implementation,
+accelerate's offloading hooks) untouched, and when hooks that only read would run (Key Space Detection's), it
+computes their sites beside it as the eager loop does (:func:`observe_expert_sites`): its output stays bit for bit
+its own.
 """
 
 from __future__ import annotations
@@ -106,16 +109,30 @@ class ExpertTaps:
             return None
         return "first_half" if getattr(self.module, "is_concatenated", True) else "even"
 
-    def active(self) -> bool:
-        """Whether a hook on a tap would run now: a method's hook only while its unlearned model is being called
-        (see :mod:`unlearn_hf.hooks`), any other hook (the probe's, a user's) always."""
+    def mode(self) -> str | None:
+        """How the module must run now: ``"tapped"`` (the tapped computation) when a hook that may change values
+        would run (a method's only while its unlearned model is being called and the method has work in this
+        forward, see :mod:`unlearn_hf.hooks`; any other hook, as the probe's, always); ``"observe"`` when only
+        hooks that read would (the module's own forward, then the sites computed beside it); else ``None``."""
+        observe = False
         for tap in self.hooked:
             for hooks in (tap._forward_hooks, tap._forward_pre_hooks):
                 for hook in hooks.values():
                     would_run = getattr(hook, "unlearn_would_run", None)
                     if would_run is None or would_run():
-                        return True
-        return False
+                        if not getattr(hook, "unlearn_observer", False):
+                            return "tapped"
+                        observe = True
+        return "observe" if observe else None
+
+    def mark_considered(self) -> None:
+        """Record in the forward's context that every tap's hooks ran: the module was called, and a hook not called
+        had nothing to do (an expert without tokens, a method with no work in this forward)."""
+        ctx = _CURRENT.get()
+        if ctx is not None:
+            for tap in self.hooked:
+                ctx.fired.update(tap._forward_hooks)
+                ctx.fired.update(tap._forward_pre_hooks)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         """A copy of the model gets no taps (it runs its own forward) until its sites are found: then taps of its
@@ -130,9 +147,10 @@ def expert_widths(module: nn.Module) -> tuple[int, int]:
 
 
 class _ExpertsForward:
-    """The forward of an experts module with taps: the tapped computation while a hook on a tap would run, else the
-    forward it had (``inner``: accelerate's offloading forward, or ``None`` for the class's), untouched. An object,
-    not a bound method, so that the model still pickles and deep-copies.
+    """The forward of an experts module with taps: the tapped computation while a hook that may change values would
+    run, else the forward it had (``inner``: accelerate's offloading forward, or ``None`` for the class's),
+    untouched, followed by the sites that reading hooks want (see :meth:`ExpertTaps.mode`). An object, not a bound
+    method, so that the model still pickles and deep-copies.
 
     With accelerate's hooks on the module, this replaces its ``_old_forward`` (the innermost call), so weights
     are still brought in before and sent back after."""
@@ -144,12 +162,23 @@ class _ExpertsForward:
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         module = self.module
         taps = module.__dict__.get(_TAPS)
-        tapped = taps is not None and (taps.active() if self.force is None else self.force)
-        if tapped:
-            return tapped_experts_forward(module, taps, *args, **kwargs)
-        if self.inner is not None:
-            return self.inner(*args, **kwargs)
-        return type(module).forward(module, *args, **kwargs)
+        if taps is None:
+            mode = None
+        else:
+            mode = taps.mode() if self.force is None else ("tapped" if self.force else None)
+        if mode == "tapped":
+            out = tapped_experts_forward(module, taps, *args, **kwargs)
+        else:
+            out = (
+                self.inner(*args, **kwargs)
+                if self.inner is not None
+                else type(module).forward(module, *args, **kwargs)
+            )
+            if mode == "observe":
+                observe_expert_sites(module, taps, *args, **kwargs)
+        if taps is not None and taps.hooked:
+            taps.mark_considered()
+        return out
 
 
 def expert_taps(module: nn.Module) -> ExpertTaps:
@@ -185,6 +214,27 @@ def _linear(
     return out if bias is None else out + bias
 
 
+def _routed(self: nn.Module, top_k_index: torch.Tensor):
+    """``(expert, top_k_pos, token_index)`` of every expert that has tokens, as transformers' eager loop finds them."""
+    n = self.num_experts
+    with torch.no_grad():
+        mask = nn.functional.one_hot(top_k_index.clamp(max=n), num_classes=n + 1).permute(2, 1, 0)
+        hit = [int(e) for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0] if int(e) < n]
+    for e in hit:
+        yield (e, *torch.where(mask[e]))
+
+
+def _up(self: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``expert``'s up (or fused gate/up) projection for its tokens ``x``."""
+    name = "gate_up_proj" if self.has_gate else "up_proj"
+    bias = getattr(self, f"{name}_bias")[expert] if self.has_bias else None
+    return _linear(x, getattr(self, name)[expert], bias, self.is_transposed)
+
+
+def _activate(self: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return self._apply_gate(h) if self.has_gate else self.act_fn(h)
+
+
 def tapped_experts_forward(
     self: nn.Module,
     taps: ExpertTaps,
@@ -192,35 +242,36 @@ def tapped_experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """transformers' eager experts computation, calling the taps of every expert that has tokens (and marking the
-    hooks of the others as run: an expert without tokens has nothing to change)."""
+    """transformers' eager experts computation, calling the taps of every expert that has tokens."""
     out = torch.zeros_like(hidden_states)
-    n = self.num_experts
-    with torch.no_grad():
-        mask = nn.functional.one_hot(top_k_index.clamp(max=n), num_classes=n + 1).permute(2, 1, 0)
-        hit = [int(e) for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0] if int(e) < n]
-    up_name = "gate_up_proj" if self.has_gate else "up_proj"
-    for e in hit:
-        top_k_pos, token_index = torch.where(mask[e])
-        x = hidden_states[token_index]
-        bias = getattr(self, f"{up_name}_bias")[e] if self.has_bias else None
-        h = taps.pre[e](_linear(x, getattr(self, up_name)[e], bias, self.is_transposed), token_index)
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        h = taps.key[e](h, token_index)
+    for e, top_k_pos, token_index in _routed(self, top_k_index):
+        h = taps.pre[e](_up(self, e, hidden_states[token_index]), token_index)
+        h = taps.key[e](_activate(self, h), token_index)
         bias = self.down_proj_bias[e] if self.has_bias else None
         y = _linear(h, self.down_proj[e], bias, self.is_transposed)
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
         y = y * top_k_weights[token_index, top_k_pos, None]
         out.index_add_(0, token_index, y.to(out.dtype))
-    ctx = _CURRENT.get()
-    if ctx is not None and len(hit) < n:
-        idle = set(range(n)).difference(hit)
-        for e in idle:
-            for tap in (taps.pre[e], taps.key[e]):
-                ctx.fired.update(tap._forward_hooks)
-                ctx.fired.update(tap._forward_pre_hooks)
     return out
+
+
+def observe_expert_sites(
+    self: nn.Module,
+    taps: ExpertTaps,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> None:
+    """The sites of the experts whose taps have hooks, computed as :func:`tapped_experts_forward` computes them
+    (the same rows, the same operations), for hooks that only read: the module's output is its own forward's."""
+    for e, _, token_index in _routed(self, top_k_index):
+        pre, key = taps.pre[e], taps.key[e]
+        if pre not in taps.hooked and key not in taps.hooked:
+            continue
+        h = pre(_up(self, e, hidden_states[token_index]), token_index)
+        if key in taps.hooked:
+            key(_activate(self, h), token_index)
 
 
 def _check_equivalent(module: nn.Module, forward: _ExpertsForward) -> None:

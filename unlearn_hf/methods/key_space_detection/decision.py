@@ -31,7 +31,7 @@ from ...hooks import HookRegistrar
 from ...sites import as_token_grid
 from ..base import AbstainingAttachment
 from .hypercube import KeySpaceLayer
-from .key_units import RoutedUnit, wanted_tokens
+from .key_units import RoutedUnit, UnitDistances, wanted_tokens
 from .refusal import AbstentionLogitsProcessor, Refusal
 
 
@@ -43,6 +43,7 @@ class AbstentionState:
         abstained: bool ``[rows]`` (CPU), rows abstaining (``None`` before the decision).
         start: int64 ``[rows]``, generation step at which each abstaining row began its refusal.
         pending: per-layer inside flags gathered during the current forward.
+        routed: per routed unit, the distances its experts are adding in the current forward.
         carry: per layer, the inside flags and validity ``[rows, window]`` (newest first) of the trailing tokens
             of the prompt chunks seen so far (chunked prefill: the window may span chunks).
         any: whether any row abstains (kept as a Python bool: decoding steps check it for free).
@@ -52,6 +53,7 @@ class AbstentionState:
     start: torch.Tensor | None = None
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
     carry: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    routed: dict[int, UnitDistances] = field(default_factory=dict)
     any: bool = False
 
 
@@ -124,8 +126,6 @@ class KeySpaceAttachment(AbstainingAttachment):
         key tap adds the distances of its routed tokens, and the module's forward hook reads the unit."""
 
         def start(ctx: ForwardContext, inputs: tuple) -> None:
-            if not self._reads(ctx):
-                return
             hidden = inputs[0]
             rows, rest = divmod(hidden.shape[0], ctx.input_len)
             if rest or hidden.dim() != 2:
@@ -134,24 +134,31 @@ class KeySpaceAttachment(AbstainingAttachment):
                     f"[batch * {ctx.input_len}, hidden]."
                 )
             index, valid = self._read_positions(ctx, rows, hidden.device)
-            reader.begin(hidden.shape[0], wanted_tokens(rows, ctx.input_len, index, valid), hidden.device)
+            wanted = wanted_tokens(rows, ctx.input_len, index, valid)
+            st = self.request_data(ctx.request, AbstentionState)
+            st.routed[unit] = reader.start(hidden.shape[0], wanted, hidden.device)
+
+        def distances(ctx: ForwardContext, pop: bool) -> UnitDistances:
+            st = self.request_data(ctx.request, AbstentionState)
+            found = st.routed.pop(unit, None) if pop else st.routed.get(unit)
+            if found is None:
+                raise RuntimeError(
+                    f"Key Space Detection: the experts of layer {unit} were read without their module's start."
+                )
+            return found
 
         def tap(expert: int):
-            def hook(ctx: ForwardContext, inputs: tuple) -> None:
-                if self._reads(ctx):
-                    reader.add(expert, inputs[0], inputs[1])
-
-            return hook
+            return lambda ctx, inputs: distances(ctx, False).add(expert, inputs[0], inputs[1])
 
         def finish(ctx: ForwardContext, output: Any) -> None:
-            if self._reads(ctx):
-                z = reader.distances().view(-1, ctx.input_len)
-                self._observe(ctx, unit, z.shape[0], z.device, lambda r, i: z[r, i] <= self.alpha)
+            z = distances(ctx, True).distances().view(-1, ctx.input_len)
+            self._observe(ctx, unit, z.shape[0], z.device, lambda r, i: z[r, i] <= self.alpha)
 
-        hooks.forward_pre_hook(reader.owner, start, observer=True, all_inputs=True)
-        for site in reader.sites:
-            hooks.forward_pre_hook(site.key, tap(site.expert), observer=True, all_inputs=True)
-        hooks.forward_hook(reader.owner, finish, observer=True)
+        reads = dict(observer=True, when=self._reads)
+        hooks.forward_pre_hook(reader.owner, start, all_inputs=True, **reads)
+        for site in reader.read_sites:
+            hooks.forward_pre_hook(site.key, tap(site.expert), all_inputs=True, **reads)
+        hooks.forward_hook(reader.owner, finish, **reads)
 
     def _read_positions(
         self, ctx: ForwardContext, rows: int, device: torch.device
@@ -220,8 +227,8 @@ class KeySpaceAttachment(AbstainingAttachment):
     # -- the forward -----------------------------------------------------------------------------------------
     def on_forward_start(self, ctx: ForwardContext) -> None:
         st = self.request_data(ctx.request)
-        if st is not None and st.pending:
-            st.pending = {}  # left over from a forward that raised
+        if st is not None and (st.pending or st.routed):
+            st.pending, st.routed = {}, {}  # left over from a forward that raised
 
     def on_forward_end(self, ctx: ForwardContext, output: Any) -> Any:
         """Force the refusal onto the logits of the abstaining rows (and recompute the loss from them when

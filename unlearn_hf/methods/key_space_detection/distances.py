@@ -66,20 +66,30 @@ def trailing_distances(
         )
 
     def routed_hooks(unit: int, reader: RoutedUnit):
+        current = {}
+
         def start(module, args):
             rows, seq = args[0].shape[0] // length[0], length[0]
             index = torch.arange(max(0, seq - window), seq, device=args[0].device).expand(rows, -1)
             valid = torch.ones_like(index, dtype=torch.bool)
-            reader.begin(args[0].shape[0], wanted_tokens(rows, seq, index, valid), args[0].device)
+            current[unit] = reader.start(
+                args[0].shape[0], wanted_tokens(rows, seq, index, valid), args[0].device
+            )
 
         def tap(expert: int):
-            return lambda module, args: reader.add(expert, args[0], args[1])
+            def hook(module, args):
+                current[unit].add(expert, args[0], args[1])
+
+            hook.unlearn_observer = (
+                True  # it only reads: the experts module runs its own forward, as at run time
+            )
+            return hook
 
         def end(module, args, output):
-            captured_(unit, reader.distances().view(-1, length[0])[:, -window:])
+            captured_(unit, current.pop(unit).distances().view(-1, length[0])[:, -window:])
 
         yield reader.owner.register_forward_pre_hook(start)
-        yield from (s.key.register_forward_pre_hook(tap(s.expert)) for s in reader.sites)
+        yield from (s.key.register_forward_pre_hook(tap(s.expert)) for s in reader.read_sites)
         yield reader.owner.register_forward_hook(end)
 
     handles = []

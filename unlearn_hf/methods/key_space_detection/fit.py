@@ -70,7 +70,7 @@ def _is_token_batches(data: Any) -> bool:
     return getattr(data, "column_names", None) is None and not hasattr(data, "__len__")
 
 
-def _fit_cubes(stats: SiteStatistics, layers: list[int], eps: float) -> dict[int, tuple]:
+def _fit_cubes(stats: SiteStatistics, sites: list, layers: list[int], eps: float) -> dict[int, tuple]:
     """The hypercube ``(μ, σ, k, count)`` of each site of ``layers``; a routed expert to which fewer than 2 fitted
     queries were routed has none (:mod:`.key_units`)."""
     cubes = {}
@@ -79,7 +79,12 @@ def _fit_cubes(stats: SiteStatistics, layers: list[int], eps: float) -> dict[int
         if s.minimum is None:
             raise ValueError("Precomputed key statistics must track per-dimension min/max (query mode).")
         if s.count < 2:
-            continue
+            if sites[i].routed:
+                continue
+            raise ValueError(
+                f"Key Space Detection needs at least 2 forget queries: the standard deviation is undefined for "
+                f"{s.count}."
+            )
         std = s.std(eps)
         cubes[i] = (
             s.mean.double(),
@@ -121,6 +126,12 @@ def fit_key_space(
     if config.layers not in (AUTO, None):
         owner = unit_of(sites)
         fixed = sorted({owner[i] for i in resolve_layers(config.layers, n_layers)})
+        widths = sorted({sites[u].d_ff for u in fixed})
+        if len(widths) > 1:
+            raise ValueError(
+                f"Key Space Detection layers {fixed} have keys of different widths {widths}; the hypercubes of one "
+                "method share one width. Fit one method per width (name=...), or choose layers of one width."
+            )
     probe_kw = dict(
         role="forget", site="key", mode="last", spec=spec, show_progress=show_progress, sites=sites
     )
@@ -135,7 +146,7 @@ def fit_key_space(
         window = 1 if config.window == AUTO else config.window
         alpha = 1.0 if config.alpha == AUTO else config.alpha
         return _result(
-            config, _fitted(_fit_cubes(stats, members, config.eps), units, chosen), alpha, window, None
+            config, _fitted(_fit_cubes(stats, sites, members, config.eps), units, chosen), alpha, window, None
         )
 
     renderer = QueryRenderer(
@@ -184,7 +195,7 @@ def fit_key_space(
             f"Key Space Detection needs at least 2 forget queries: the standard deviation is undefined for "
             f"{stats.count}."
         )
-    cubes = _fit_cubes(stats, _members(units, candidates), config.eps)
+    cubes = _fit_cubes(stats, sites, _members(units, candidates), config.eps)
     if fixed is None:  # a routed unit none of whose experts got 2 fitted queries is no candidate
         candidates = [u for u in candidates if any(i in cubes for i in units[u])] or candidates
     _fitted(cubes, units, candidates)  # raises for a candidate without a hypercube
@@ -279,6 +290,14 @@ def _fitted(cubes: dict[int, tuple], units: dict[int, list[int]], chosen: list[i
         raise ValueError(
             f"Key Space Detection: layers {empty} have no hypercube: no expert of theirs had at least 2 fitted "
             "queries routed to it. Give more forget questions or choose other layers."
+        )
+    idle = [i for i in _members(units, chosen) if i not in cubes]
+    if idle:
+        logger.info(
+            "Key Space Detection: %d experts (sites %s) got fewer than 2 fitted queries: they have no hypercube and "
+            "no say in the decision; a query all of whose experts are among them is never inside.",
+            len(idle),
+            idle,
         )
     return {i: cubes[i] for i in _members(units, chosen) if i in cubes}
 

@@ -3,15 +3,16 @@
 A dense FFL's key site is a unit of its own: every token has a key vector there, tested against the unit's one
 hypercube (:class:`~.hypercube.KeySpaceLayer`). The routed experts of one mixture-of-experts layer form one unit
 together: a token has a key only in the experts it is routed to, and each expert has a hypercube of its own, fitted
-on the question ends routed to it. A token's scaled distance to such a unit is the largest of its scaled distances
-to the hypercubes of the experts it is routed to,
+on the question ends routed to it (an expert to which fewer than 2 were routed has none). A token's scaled distance
+to such a unit is the largest of its scaled distances to the hypercubes of the experts it is routed to that have
+one,
 
-    ``z = max_{e routed} max_d |v_{e,d} − μ_{e,d}| / σ_{e,d} / k_e``,
+    ``z = max_{e routed, with a hypercube} max_d |v_{e,d} − μ_{e,d}| / σ_{e,d} / k_e``,
 
-and ``inf`` when one of them has no hypercube (fewer than 2 fitted question ends were routed to it). A token is
-inside the unit at α when ``z ≤ α``: inside the hypercube of every expert it is routed to. At α = 1 every fitted
-question end whose experts all have hypercubes is inside (each ``k_e`` is the largest scaled distance of the
-expert's own fitted keys). A unit's id is its first site's index.
+and ``inf`` when none of its experts has one. A token is inside the unit at α when ``z ≤ α``. So at α = 1 every
+fitted question end is inside (each ``k_e`` is the largest scaled distance of the expert's own fitted keys) unless
+none of its experts got 2 fitted question ends, and an expert the forget questions rarely reach does not veto a
+question that every other expert of its token places inside. A unit's id is its first site's index.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def scaled_distance(
 
 
 class RoutedUnit:
-    """The routed experts of one experts module, read as one key unit: during a forward, the experts' taps add the
-    scaled distances of the tokens routed to them (:meth:`add`), and :meth:`distances` gives each token's ``z``.
+    """The routed experts of one experts module, read as one key unit: each forward that reads it starts a
+    :class:`UnitDistances` (:meth:`start`), the experts' key taps add their tokens' distances to it, and it gives
+    each token's ``z``. The unit itself holds only the hypercubes: forwards in several threads do not mix.
 
     Args:
         sites: every expert site of the module, in expert order.
@@ -85,38 +87,38 @@ class RoutedUnit:
             for s in self.sites
             if s.layer in cubes
         }
-        self._z: torch.Tensor | None = None
-        self._wanted: torch.Tensor | None = None
 
-    def begin(self, n_tokens: int, wanted: torch.Tensor | None, device: torch.device) -> None:
-        """Start a forward over ``n_tokens`` flattened tokens; only those flagged in ``wanted`` (bool
+    @property
+    def read_sites(self) -> list[FFLSite]:
+        """The expert sites whose keys are read: those with a hypercube."""
+        return [s for s in self.sites if s.expert in self.cubes]
+
+    def start(self, n_tokens: int, wanted: torch.Tensor | None, device: torch.device) -> UnitDistances:
+        """The distances of one forward over ``n_tokens`` flattened tokens; only those flagged in ``wanted`` (bool
         ``[n_tokens]``, ``None``: all) are measured."""
-        self._z = torch.full((n_tokens,), -1.0, dtype=self.dtype, device=device)
-        self._wanted = wanted
+        return UnitDistances(self, torch.full((n_tokens,), -1.0, dtype=self.dtype, device=device), wanted)
+
+
+class UnitDistances:
+    """The scaled distances of one forward's tokens to a :class:`RoutedUnit` (``-1`` until an expert adds one)."""
+
+    def __init__(self, unit: RoutedUnit, z: torch.Tensor, wanted: torch.Tensor | None) -> None:
+        self.unit, self.z, self.wanted = unit, z, wanted
 
     def add(self, expert: int, keys: torch.Tensor, token_index: torch.Tensor) -> None:
         """The key vectors ``[n, I]`` of the tokens ``token_index`` ``[n]`` routed to ``expert``."""
-        if self._z is None:
-            raise RuntimeError("RoutedUnit.add before begin: the experts module was not seen starting.")
-        if self._wanted is not None:
-            keep = self._wanted[token_index]
+        cube = self.unit.cubes.get(expert)
+        if cube is None:  # no hypercube: the expert has no say
+            return
+        if self.wanted is not None:
+            keep = self.wanted[token_index]
             keys, token_index = keys[keep], token_index[keep]
-        cube = self.cubes.get(expert)
-        if cube is None:
-            z = torch.full(token_index.shape, torch.inf, dtype=self.dtype, device=token_index.device)
-        else:
-            z = scaled_distance(keys, cube[0], cube[1], cube[2], self.dtype)
-        self._z.scatter_reduce_(0, token_index.to(self._z.device), z.to(self._z.device), "amax")
+        z = scaled_distance(keys, cube[0], cube[1], cube[2], self.unit.dtype)
+        self.z.scatter_reduce_(0, token_index.to(self.z.device), z.to(self.z.device), "amax")
 
     def distances(self) -> torch.Tensor:
-        """``z`` ``[n_tokens]`` of this forward (``inf`` for a token routed to no expert), and the unit is reset."""
-        if self._z is None:
-            raise RuntimeError("RoutedUnit.distances before begin.")
-        z, self._z, self._wanted = self._z, None, None
-        return z.masked_fill_(z < 0, torch.inf)
-
-    def inside(self, z: torch.Tensor, alpha: float) -> torch.Tensor:
-        return z <= alpha
+        """``z`` ``[n_tokens]`` (``inf`` for a token routed to no expert with a hypercube)."""
+        return self.z.masked_fill(self.z < 0, torch.inf)
 
 
 def wanted_tokens(rows: int, seq: int, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
