@@ -381,3 +381,27 @@ def test_a_dense_mlp_beside_the_experts_is_a_site():
     assert [(s.key_name, s.routed) for s in sites if s.decoder_layer == 0] == [
         ("model.layers.0.mlp.down_proj", False)
     ] + [(f"model.layers.0.experts.down_proj[{e}]", True) for e in range(4)]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])
+def test_the_probe_stops_after_the_last_decoder_layer_it_needs(model_type):
+    """Shared experts run before (Qwen2-MoE) or after (DeepSeek-V3) the routed ones: the forward stops once every
+    probed module of the last probed decoder layer has finished, with the statistics of a full pass."""
+    model = moe_model(model_type)
+    sites = find_ffl_sites(model)
+    first = [s.layer for s in sites if s.decoder_layer == (1 if model_type == "deepseek_v3" else 0)]
+    later = [s.layer for s in sites if s.decoder_layer > first[-1]]
+    batches = token_batches(0, **FORGET, n=2)
+    full = probe(model, batches, site=("pre", "key"), sites=sites, show_progress=False)
+    calls = []
+    handles = [model.lm_head.register_forward_hook(lambda *a: calls.append("head"))]
+    if later:
+        handles.append(model.model.layers[-1].register_forward_hook(lambda *a: calls.append("layer")))
+    part = probe(model, batches, site=("pre", "key"), layers=first, sites=sites, show_progress=False)
+    for h in handles:
+        h.remove()
+    assert calls == []
+    for kind in ("pre", "key"):
+        for i in first:
+            a, b = part[kind].layers[i], full[kind].layers[i]
+            assert a.count == b.count and torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)

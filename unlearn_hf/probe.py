@@ -245,10 +245,23 @@ def _run_pass(
             selected[(what, device)] = None if on_host is None else on_host.to(device, non_blocking=True)
         return selected[(what, device)]
 
-    # the last site the forward reaches (a layer's key comes after its pre-activation), where the forward stops;
-    # not in models with experts, whose layers may compute a shared expert after the routed ones
+    # the last site the forward reaches (a layer's key comes after its pre-activation), where the forward stops; in
+    # a model with experts, whose layers may compute a shared expert after the routed ones, the forward stops once
+    # every module of the last decoder layer probed has finished (``finishing``)
     last_layer, _, last_kind = max((i, k == "key", k) for k in kinds for i in stats[k])
-    stop_at = None if any(by_layer[i].routed for k in kinds for i in stats[k]) else (last_layer, last_kind)
+    probed = [by_layer[i] for k in kinds for i in stats[k]]
+    stop_at, finishing = (last_layer, last_kind), {}
+    if any(s.routed for s in probed):
+        stop_at, block = None, max(s.decoder_layer for s in probed)
+        finishing = {
+            id(m): m for s in probed if s.decoder_layer == block for m in [s.key.owner if s.routed else s.key]
+        }
+    finished: set[int] = set()
+
+    def finish(module, args, output) -> None:
+        finished.add(id(module))
+        if len(finished) == len(finishing):
+            raise StopForward
 
     def make_hook(kind: str, layer: int):
         def capture(x: torch.Tensor) -> None:
@@ -298,6 +311,7 @@ def _run_pass(
                     handles.append(s.pre.register_forward_hook(make_hook(kind, i)))
                 else:
                     handles.append(s.key.register_forward_pre_hook(make_hook(kind, i)))
+        handles += [m.register_forward_hook(finish) for m in finishing.values()]
         bar = tqdm(total=n_examples, desc=desc, disable=not show_progress, unit="ex")
         meter = PaddingMeter()
         for batch in batches:
@@ -311,6 +325,7 @@ def _run_pass(
             select = batch.select.cpu()
             grid, every = select.shape, bool(select.all())
             selected.clear()
+            finished.clear()
             selected[("index", host)] = None if every else select.flatten().nonzero()[:, 0]
             selected[("flags", host)] = None if every else select.flatten()
             try:
