@@ -271,7 +271,9 @@ def test_bad_layer_choices_are_refused_clearly():
     with pytest.raises(
         ValueError, match=r"different widths \[40, 48\]"
     ):  # the shared expert (48) and experts (40)
-        unlearned.fit(KeySpaceDetectionConfig(inputs="prompts", layers=[0, 1], action="eos"), data, show_progress=False)
+        unlearned.fit(
+            KeySpaceDetectionConfig(inputs="prompts", layers=[0, 1], action="eos"), data, show_progress=False
+        )
     with pytest.raises(ValueError, match="at least 2 forget queries.*for 1"):
         unlearned.fit(
             KeySpaceDetectionConfig(inputs="prompts", layers=[0], action="eos"),
@@ -279,3 +281,17 @@ def test_bad_layer_choices_are_refused_clearly():
             show_progress=False,
         )
     assert not unlearned.methods
+
+
+def test_several_routed_layers_at_alpha_one_contain_every_fitted_query():
+    """The fit reads routed keys as the decision does (the experts' own forward, keys beside it): GPT-OSS's own
+    experts forward differs from the eager loop in the last bits, which fed later layers other inputs (23 of 24)."""
+    unlearned = UnlearnedModelForCausalLM.from_base(moe_model("gpt_oss", num_hidden_layers=3))
+    routed = [s.layer for s in unlearned.ffl_sites if s.routed]
+    fit_rows = as_batches(rows(1, 24, 3, 64), 4)
+    config = dict(
+        inputs="prompts", layers=[routed[0], routed[4], routed[8]], window=1, alpha=1.0, action="eos"
+    )
+    unlearned.fit(KeySpaceDetectionConfig(**config), fit_rows, show_progress=False)
+    with torch.no_grad():
+        assert all(bool(unlearned.detect(**b).all()) for b in fit_rows)

@@ -32,7 +32,7 @@ class ProbeShare:
     (``{kind: layers}``); a later probe over the same tokens (same token mode) that asks for a subset reuses it.
 
     Attributes:
-        sites: what every pass collects. memo: pass results by (mode, extremes, token fingerprint). hits: reuses.
+        sites: what every pass collects. memo: pass results by (mode, extremes, experts' forward, token fingerprint). hits: reuses.
     """
 
     sites: dict[str, set[int]]
@@ -86,6 +86,7 @@ def probe(
     show_progress: bool = True,
     desc: str = "probing",
     distributed: bool | None = None,
+    experts_own_forward: bool = False,
 ) -> SiteStatistics | dict[str, SiteStatistics]:
     """Run ``model`` over ``data`` and return mergeable statistics of the chosen FFL sites.
 
@@ -100,6 +101,9 @@ def probe(
         spec: columns, batch size and truncation length.
         track_extremes: keep per-dimension min/max (default: in query mode).
         show_progress: show a tqdm bar (on rank 0 only when distributed).
+        experts_own_forward: routed experts run their own forward, their sites computed beside it as Key Space
+            Detection reads them at run time (:func:`unlearn_hf.sites.experts.observe_expert_sites`), instead of
+            transformers' eager loop (which the probe otherwise runs: it costs less; the two agree to float rounding).
         distributed: shard the data over the processes of the default ``torch.distributed`` process group and
             combine their statistics (every rank gets the same result; see :mod:`unlearn_hf.distributed`).
             ``None`` (default): when a process group is initialized (or as set by
@@ -110,7 +114,14 @@ def probe(
     """
     kinds = (site,) if isinstance(site, str) else tuple(site)
     local_kw = dict(
-        site=site, mode=mode, layers=layers, sites=sites, spec=spec, track_extremes=track_extremes, desc=desc
+        site=site,
+        mode=mode,
+        layers=layers,
+        sites=sites,
+        spec=spec,
+        track_extremes=track_extremes,
+        desc=desc,
+        experts_own_forward=experts_own_forward,
     )
     if not _dist.resolve_distributed(distributed):
         results, _ = _probe_local(model, data, tokenizer, show_progress=show_progress, **local_kw)
@@ -152,6 +163,7 @@ def _probe_local(
     track_extremes: bool | None,
     show_progress: bool,
     desc: str,
+    experts_own_forward: bool = False,
     shard: tuple[int, int] | None = None,
 ) -> tuple[dict[str, SiteStatistics], int]:
     """Probe ``data`` (or this rank's ``shard`` of it) here; returns ``({kind: statistics}, batches probed)``."""
@@ -180,12 +192,13 @@ def _probe_local(
         n_examples=n_examples,
         show_progress=show_progress,
         device=device,
+        experts_own_forward=experts_own_forward,
     )
     share = _SHARE.get()
     if share is None or not share.covers(kinds, layer_ids):
         return _run_pass(model, batches, kinds, layer_ids, desc=desc, **pass_kw)
     batches = list(batches)
-    key = (mode, track, _digest(batches))
+    key = (mode, track, experts_own_forward, _digest(batches))
     if key in share.memo:
         share.hits += 1
         logger.info("%s: the statistics of a shared pass over the same tokens are reused.", desc)
@@ -224,6 +237,7 @@ def _run_pass(
     show_progress: bool,
     desc: str,
     device: torch.device,
+    experts_own_forward: bool = False,
 ) -> tuple[dict[str, SiteStatistics], int]:
     """One forward pass over ``batches``, collecting ``kinds`` at ``layer_ids`` (stopping after the last)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -288,14 +302,16 @@ def _run_pass(
             stats[kind][layer].update(x if keep is None else x[keep.index_select(0, token_index)])
 
         site = by_layer[layer]
+        if not site.routed:
+            if kind == "pre":
+                return lambda mod, args, out: capture(site.pre_activation(out))
+            return lambda mod, args: capture(args[0])
         if kind == "pre":
-            view = site.pre_activation
-            if site.routed:
-                return lambda mod, args, out: capture_routed(view(out), args[1])
-            return lambda mod, args, out: capture(view(out))
-        if site.routed:
-            return lambda mod, args: capture_routed(args[0], args[1])
-        return lambda mod, args: capture(args[0])
+            hook = lambda mod, args, out: capture_routed(site.pre_activation(out), args[1])  # noqa: E731
+        else:
+            hook = lambda mod, args: capture_routed(args[0], args[1])  # noqa: E731
+        hook.unlearn_observer = experts_own_forward  # see sites.experts.ExpertTaps.mode
+        return hook
 
     accepts_positions = accepts(model, "position_ids")
 

@@ -59,6 +59,7 @@ def probe_or_check(
     spec: DataSpec,
     show_progress: bool,
     sites: Sequence[FFLSite] | None = None,
+    experts_own_forward: bool = False,
 ) -> SiteStatistics:
     """Probe ``data`` at ``site``, or validate precomputed :class:`SiteStatistics` given in its place.
 
@@ -72,6 +73,7 @@ def probe_or_check(
         spec / show_progress: passed to the probe.
         sites: the model's FFL sites (e.g. the wrapper's, honouring a site override); also used to check the
             width of precomputed statistics. Default: found on ``model``.
+        experts_own_forward: see :func:`unlearn_hf.probe.probe`.
 
     Raises:
         ValueError: ``data`` is ``None`` or empty, or precomputed statistics belong to another site, token mode,
@@ -93,6 +95,7 @@ def probe_or_check(
         spec=spec,
         show_progress=show_progress,
         desc=f"probing {role}",
+        experts_own_forward=experts_own_forward,
     )
 
 

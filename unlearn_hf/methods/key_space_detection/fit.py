@@ -132,8 +132,15 @@ def fit_key_space(
                 f"Key Space Detection layers {fixed} have keys of different widths {widths}; the hypercubes of one "
                 "method share one width. Fit one method per width (name=...), or choose layers of one width."
             )
+    # routed experts read beside their own forward, as the decision reads them (see key_units)
     probe_kw = dict(
-        role="forget", site="key", mode="last", spec=spec, show_progress=show_progress, sites=sites
+        role="forget",
+        site="key",
+        mode="last",
+        spec=spec,
+        show_progress=show_progress,
+        sites=sites,
+        experts_own_forward=True,
     )
 
     if isinstance(forget, SiteStatistics) or _is_token_batches(forget):
