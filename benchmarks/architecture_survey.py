@@ -11,8 +11,9 @@ Pruning and Neuron Adjust fit and change the logits, Key Space Detection at α =
 ``generate`` runs);
 - ``refused: module lists or >2-D weights`` (expert lists, recurrent or state-space blocks) / ``refused: sites``:
   ``SiteError``, whose message says why and how to name the sites;
-- ``not built``: the tiny config could not be built with the generic shrinking below (the model type itself may
-  work at its real size: these are not verdicts on the library).
+- ``not built``: no variant of the generic shrinking below gives a tiny model (the first variant whose model runs a
+  forward is surveyed, else the first that builds); the model type itself may work at its real size: these are not
+  verdicts on the library.
 
 Each type runs in its own process (some configs are large or hang), one worker per CPU by default. Writes
 ``benchmarks/architecture_survey.json`` and prints a summary.
@@ -35,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "architecture_survey.json"
 
-#: The generic shrinking: every size attribute a config class may use, small; tried with and without head_dim.
+#: The generic shrinking: every size attribute a config class may use, small (see ``_VARIANTS``).
 _SMALL = dict(
     hidden_size=32,
     intermediate_size=80,
@@ -53,6 +54,26 @@ _SMALL = dict(
     d_model=32,
     num_layers=2,
 )
+#: Variants tried in order until the tiny model runs a forward: the generic shrinking, with a head_dim, with the
+#: sizes of multi-head latent attention (DeepSeek-V2/V3 and kin), with a small rotary_dim (GPT-J, CodeGen).
+_VARIANTS = (
+    {},
+    {"head_dim": 8},
+    dict(
+        num_key_value_heads=4,
+        head_dim=8,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+    ),
+    {"head_dim": 8, "rotary_dim": 8},
+)
 
 
 def survey_one(model_type: str) -> dict:
@@ -62,20 +83,29 @@ def survey_one(model_type: str) -> dict:
 
     from unlearn_hf.sites import KNOWN_SITES, SiteError, find_ffl_sites
 
-    config, error = None, None
-    for extra in ({}, {"head_dim": 8}):
+    model, built, error = None, None, None
+    for extra in _VARIANTS:
         try:
-            config = AutoConfig.for_model(model_type, **_SMALL, **extra)
-            break
+            config = AutoConfig.for_model(model_type, **{**_SMALL, **extra})
         except Exception as err:  # noqa: BLE001 - any failure of a foreign config class is an outcome
-            error = err
-    if config is None:
-        return {"outcome": "not built", "detail": f"config: {type(error).__name__}: {error}"[:300]}
-    try:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-    except Exception as err:  # noqa: BLE001
-        return {"outcome": "not built", "detail": f"model: {type(err).__name__}: {err}"[:300]}
+            error = f"config: {type(err).__name__}: {err}"
+            continue
+        try:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config).eval()
+        except Exception as err:  # noqa: BLE001
+            model, error = None, f"model: {type(err).__name__}: {err}"
+            continue
+        built = built or model
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([[3, 4, 5, 6]]), use_cache=False)
+            break
+        except Exception:  # noqa: BLE001 - the next variant may run; else the first one built is surveyed
+            model = None
+    model = model or built
+    if model is None:
+        return {"outcome": "not built", "detail": str(error)[:300]}
     try:
         sites = find_ffl_sites(model)
     except SiteError as err:
@@ -117,9 +147,9 @@ def check_methods(model, model_type: str) -> dict[str, str]:
     gen = torch.Generator().manual_seed(0)
     vocab = min(128, model.get_input_embeddings().weight.shape[0])
 
-    def rows(lo, hi):
+    def rows(lo, hi, n=4):
         out = []
-        for _ in range(4):
+        for _ in range(n):
             ids = torch.randint(lo, hi, (1, 6), generator=gen)
             out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         return out
@@ -142,10 +172,13 @@ def check_methods(model, model_type: str) -> dict[str, str]:
         except Exception as err:  # noqa: BLE001 - reported, not raised: the survey goes on
             out[name] = f"error: {type(err).__name__}: {err}"[:300]
     try:
+        # routed experts: a row is inside at alpha 1 when one of its experts got 2 fitted rows (with 200 rows, all
+        # experts of the tiny models do)
+        queries = forget + rows(3, vocab // 2, 196)
         ksd = KeySpaceDetectionConfig(inputs="prompts", layers=None, alpha=1.0, window=1, action="eos")
-        unlearned.fit(ksd, forget, name="ksd", show_progress=False, batch_size=1)
+        unlearned.fit(ksd, queries, name="ksd", show_progress=False, batch_size=1)
         with torch.no_grad():
-            inside = all(bool(unlearned.detect(**row)[0]) for row in forget)
+            inside = all(bool(unlearned.detect(**row)[0]) for row in queries)
         out["ksd"] = "ok" if inside else "error: a fitted row is outside the hypercube at alpha 1"
     except Exception as err:  # noqa: BLE001
         out["ksd"] = f"error: {type(err).__name__}: {err}"[:300]

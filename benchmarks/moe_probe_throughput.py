@@ -3,7 +3,9 @@
 The probe reads the pre-activation and key sites of every routed expert (over the tokens routed to it) and of the
 shared experts, and runs the whole forward (models with experts are not stopped early). The plain forward uses the
 model's own experts implementation (transformers' default on this machine). Repeats alternate probe and forward,
-reversing the order each time; the report gives tokens/s and the median per-repeat ratio (target >= 0.90).
+reversing the order each time; the report gives tokens/s and the median per-repeat ratio (target >= 0.90) of three
+probes: both sites ("probe": a shared pass of several methods), the pre-activation only (what Neuron Adjust
+probes) and the key only (Selective Pruning; Key Space Detection reads the key of a few tokens per query).
 
 The probe's own work (float64 statistics of every site) grows with the FFL widths, the model's with hidden x width:
 on very small models the statistics weigh more, so the report is given at two hidden sizes.
@@ -80,10 +82,16 @@ def main() -> None:
             for b in batches:
                 model(**b, use_cache=False)
 
-    def probing() -> None:
-        probe(model, batches, site=("pre", "key"), sites=sites, show_progress=False)
+    def probing(kinds: tuple[str, ...]):
+        return lambda: probe(model, batches, site=kinds, sites=sites, show_progress=False)
 
-    runs = {"forward": forward, "probe": probing}
+    # both sites (a shared pass of several methods), the pre-activation (Neuron Adjust), the key (Selective Pruning)
+    runs = {
+        "forward": forward,
+        "probe": probing(("pre", "key")),
+        "pre": probing(("pre",)),
+        "key": probing(("key",)),
+    }
     times: dict[str, list[float]] = {name: [] for name in runs}
     forward()  # warm-up
     for r in range(args.repeats):
@@ -91,17 +99,17 @@ def main() -> None:
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
-    ratios = [f / p for f, p in zip(times["forward"], times["probe"])]
     routed = sum(s.routed for s in sites)
     print(
         f"{args.model_type}, hidden {args.hidden}: {len(sites)} sites ({routed} routed experts), {tokens} tokens per pass, "
         f"torch threads {torch.get_num_threads()}"
     )
     for name, t in times.items():
-        print(f"  {name:8s} {tokens / statistics.median(t):10.0f} tokens/s")
-    print(
-        f"  probe / forward: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
-    )
+        line = f"  {name:8s} {tokens / statistics.median(t):10.0f} tokens/s"
+        if name != "forward":
+            ratios = [f / p for f, p in zip(times["forward"], t)]
+            line += f"   / forward: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+        print(line)
 
 
 if __name__ == "__main__":
