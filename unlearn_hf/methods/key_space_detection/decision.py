@@ -89,7 +89,8 @@ class KeySpaceAttachment(AbstainingAttachment):
             if isinstance(reader, RoutedUnit):
                 self._hook_routed(hooks, unit, reader)
             else:
-                hooks.forward_pre_hook(key_modules[unit], self._dense_hook(unit, reader), observer=True)
+                hook = self._dense_hook(unit, reader)
+                hooks.forward_pre_hook(key_modules[unit], hook, observer=True, when=self._reads)
 
     # -- the contract ----------------------------------------------------------------------------------------
     def decision(self, request: RequestState) -> torch.Tensor | None:
@@ -115,9 +116,8 @@ class KeySpaceAttachment(AbstainingAttachment):
 
     def _dense_hook(self, unit: int, kl: KeySpaceLayer):
         def hook(ctx: ForwardContext, key: torch.Tensor) -> None:
-            if self._reads(ctx):
-                key = as_token_grid(key, ctx.input_len)  # OPT runs its FFL on [batch * positions, d_ff]
-                self._observe(ctx, unit, key.shape[0], key.device, lambda r, i: kl.inside(key[r, i]))
+            key = as_token_grid(key, ctx.input_len)  # OPT runs its FFL on [batch * positions, d_ff]
+            self._observe(ctx, unit, key.shape[0], key.device, lambda r, i: kl.inside(key[r, i]))
 
         return hook
 

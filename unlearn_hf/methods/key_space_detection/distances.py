@@ -12,7 +12,8 @@ from ...batch_plan import PaddingMeter
 from ...data import DataSpec
 from ...model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from ...sites import FFLSite, as_token_grid
-from .key_units import RoutedUnit, scaled_distance, wanted_tokens
+from .hypercube import KeySpaceLayer
+from .key_units import RoutedUnit, wanted_tokens
 from .rendering import RenderedQuery
 
 
@@ -36,7 +37,7 @@ def trailing_distances(
     model,
     queries: Sequence[RenderedQuery],
     sites: Sequence[FFLSite],
-    cubes: dict[int, tuple[torch.Tensor, torch.Tensor, float] | RoutedUnit],
+    cubes: dict[int, KeySpaceLayer | RoutedUnit],
     *,
     window: int,
     pad_id: int,
@@ -44,8 +45,8 @@ def trailing_distances(
     show_progress: bool = True,
     desc: str = "calibrating",
 ) -> torch.Tensor:
-    """``z`` ``[len(queries), len(cubes), window]`` (float64): at each key unit of ``cubes`` (``{unit id: (μ, σ,
-    k)}`` for a dense unit, a :class:`~.key_units.RoutedUnit` for routed experts; in sorted id order) and each of
+    """``z`` ``[len(queries), len(cubes), window]`` (float64): at each key unit of ``cubes`` (``{unit id: reader}``
+    from :func:`~.key_units.unit_readers`; in sorted id order) and each of
     the query's last ``window`` positions (offset 0 = the last token), the scaled distance ``max_d |v_d − μ_d| /
     σ_d / k`` (:mod:`.key_units` for routed units); ``inf`` where the prompt is shorter than the window. The
     queries run in the token-budget batches of ``spec`` (each truncated on the left to ``spec.max_length``)."""
@@ -119,11 +120,9 @@ def trailing_distances(
             w = real.shape[1]
             for j, unit in enumerate(unit_ids):
                 cube = cubes[unit]
-                if isinstance(cube, RoutedUnit):
-                    z = captured[unit].to(torch.float64).cpu().flip(1)
-                else:
-                    keys = captured[unit].cpu().flip(1)  # [B, w, d], offset 0 first
-                    z = scaled_distance(keys, *cube)
+                # [B, w] (the keys' last window positions), offset 0 first
+                z = captured[unit] if isinstance(cube, RoutedUnit) else cube.scaled(captured[unit])
+                z = z.to(torch.float64).cpu().flip(1)
                 out[rows, j, :w] = torch.where(real, z, torch.inf)
             bar.update(len(batch))
         meter.log(desc)

@@ -13,7 +13,6 @@ import torch
 
 from ...data import DataSpec, holdout_split
 from ...model_inputs import input_device
-from ...sites import module_device
 from ...stats import SiteStatistics
 from ..config import resolve_layers
 from ..fitting import probe_or_check
@@ -21,7 +20,7 @@ from .calibration import ALPHA_GRID, calibrate
 from .config import AUTO, MAX_WINDOW, KeySpaceDetectionConfig
 from .distances import pad_left, trailing_distances
 from .hypercube import hypercube_radius
-from .key_units import RoutedUnit, key_units, unit_of
+from .key_units import key_units, unit_of, unit_readers
 from .rendering import QueryRenderer
 
 logger = logging.getLogger(__name__)
@@ -93,17 +92,6 @@ def _fit_cubes(stats: SiteStatistics, sites: list, layers: list[int], eps: float
             s.count,
         )
     return cubes
-
-
-def _readers(model, sites, units: dict[int, list[int]], chosen: list[int], cubes: dict[int, tuple]) -> dict:
-    """The calibration's reader of each unit of ``chosen``: ``(μ, σ, k)`` or a :class:`RoutedUnit`."""
-    out = {}
-    for u in chosen:
-        if sites[u].routed:
-            out[u] = RoutedUnit([sites[i] for i in units[u]], cubes, module_device(sites[u].key.owner))
-        else:
-            out[u] = cubes[u][:3]
-    return out
 
 
 def fit_key_space(
@@ -228,9 +216,9 @@ def fit_key_space(
         spec=spec,
         show_progress=show_progress,
     )
-    cube_args = _readers(model, sites, units, candidates, cubes)
-    zf = trailing_distances(model, held, sites, cube_args, desc="calibrating: held-out forget", **z_kw)
-    zr = trailing_distances(model, retain_rows, sites, cube_args, desc="calibrating: retain", **z_kw)
+    readers = unit_readers(sites, cubes, candidates, alpha=1.0)
+    zf = trailing_distances(model, held, sites, readers, desc="calibrating: held-out forget", **z_kw)
+    zr = trailing_distances(model, retain_rows, sites, readers, desc="calibrating: retain", **z_kw)
     cal = calibrate(
         zf,
         [r.rendering for r in held],

@@ -4,6 +4,34 @@ from __future__ import annotations
 
 import torch
 
+from ...stats import NO_FLOAT64
+
+#: the floor of k in scaled distances (a hypercube of identical keys has k = 0)
+_TINY_K = 1e-12
+
+
+def distance_dtype(device: torch.device | str) -> torch.dtype:
+    """Where distances are computed in float64, or float32 on devices without it."""
+    return torch.float32 if torch.device(device).type in NO_FLOAT64 else torch.float64
+
+
+def standardized_distance(
+    vectors: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``max_d |v_d − μ_d| / σ_d`` of vectors ``[..., d]`` -> ``[...]`` (in ``dtype``)."""
+    return (vectors.to(dtype) - center).abs_().div_(scale).amax(-1)
+
+
+def scaled_distance(
+    vectors: torch.Tensor,
+    center: torch.Tensor,
+    scale: torch.Tensor,
+    k: float,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``max_d |v_d − μ_d| / σ_d / k``: inside the hypercube at α when at most α."""
+    return standardized_distance(vectors, center, scale, dtype).div_(max(float(k), _TINY_K))
+
 
 def hypercube_radius(
     mean: torch.Tensor, std: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor
@@ -30,7 +58,7 @@ class KeySpaceLayer:
 
     def __init__(self, center: torch.Tensor, scale: torch.Tensor, k: float, alpha: float, device) -> None:
         device = torch.device(device)
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.dtype = distance_dtype(device)
         self.center = center.to(device=device, dtype=self.dtype)
         self.scale = scale.to(device=device, dtype=self.dtype)
         self.k = float(k)
@@ -39,7 +67,11 @@ class KeySpaceLayer:
 
     def distance(self, vectors: torch.Tensor) -> torch.Tensor:
         """Largest standardized distance max_d |v_d − μ_d| / σ_d of each key vector ``[..., d_ff]`` -> ``[...]``."""
-        return (vectors.to(self.dtype) - self.center).abs_().div_(self.scale).amax(-1)
+        return standardized_distance(vectors, self.center, self.scale, self.dtype)
+
+    def scaled(self, vectors: torch.Tensor) -> torch.Tensor:
+        """:func:`scaled_distance` of key vectors ``[..., d_ff]`` (what calibration compares with α)."""
+        return scaled_distance(vectors, self.center, self.scale, self.k, self.dtype)
 
     def inside(self, vectors: torch.Tensor) -> torch.Tensor:
         """Bool ``[...]`` for key vectors ``[..., d_ff]``."""

@@ -17,14 +17,12 @@ question that every other expert of its token places inside. A unit's id is its 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ...sites import FFLSite
-
-#: the floor of k in scaled distances (a hypercube of identical keys has k = 0)
-_TINY_K = 1e-12
+from ...sites import FFLSite, module_device
+from .hypercube import KeySpaceLayer, distance_dtype, scaled_distance
 
 
 def key_units(sites: Sequence[FFLSite]) -> dict[int, list[int]]:
@@ -49,15 +47,21 @@ def unit_of(sites: Sequence[FFLSite]) -> dict[int, int]:
     return {i: u for u, members in key_units(sites).items() for i in members}
 
 
-def scaled_distance(
-    keys: torch.Tensor,
-    center: torch.Tensor,
-    scale: torch.Tensor,
-    k: float,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """``max_d |v_d − μ_d| / σ_d / k`` of key vectors ``[..., d]`` -> ``[...]`` (in ``dtype``)."""
-    return (keys.to(dtype) - center).abs_().div_(scale).amax(-1).div_(max(float(k), _TINY_K))
+def unit_readers(
+    sites: Sequence[FFLSite], cubes: Mapping[int, tuple], chosen: Iterable[int], alpha: float
+) -> dict[int, KeySpaceLayer | RoutedUnit]:
+    """The reader of each unit of ``chosen`` on its module's device, from the hypercubes ``{site index: (μ, σ, k,
+    ...)}``: a :class:`~.hypercube.KeySpaceLayer` for a dense unit (tested at ``alpha``), a :class:`RoutedUnit`
+    for routed experts."""
+    units = key_units(sites)
+    out: dict[int, KeySpaceLayer | RoutedUnit] = {}
+    for u in chosen:
+        site = sites[u]
+        if site.routed:
+            out[u] = RoutedUnit([sites[i] for i in units[u]], cubes, module_device(site.key.owner))
+        else:
+            out[u] = KeySpaceLayer(*cubes[u][:3], alpha, module_device(site.key))
+    return out
 
 
 class RoutedUnit:
@@ -78,7 +82,7 @@ class RoutedUnit:
         device: torch.device | str,
     ) -> None:
         device = torch.device(device)
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.dtype = distance_dtype(device)
         self.sites = list(sites)
         self.owner = self.sites[0].key.owner
         self.cubes = {

@@ -11,7 +11,6 @@ import torch
 from ...data import DataSpec
 from ...hooks import HookRegistrar
 from ...model_inputs import eos_token_id
-from ...sites import module_device
 from ..base import AbstainingMethod
 from ..config import resolve_layers
 from ..fitting import check_tokenizer
@@ -19,9 +18,7 @@ from ..registry import register_method
 from .config import AUTO, KeySpaceDetectionConfig
 from .decision import KeySpaceAttachment
 from .fit import fit_key_space
-from .hypercube import KeySpaceLayer
-from .key_units import RoutedUnit, key_units
-from .key_units import unit_of as _unit_index
+from .key_units import unit_of, unit_readers
 from .refusal import Refusal
 
 
@@ -186,20 +183,12 @@ class KeySpaceDetection(AbstainingMethod):
                 raise ValueError(
                     f"Layer {layer}: hypercube width {self.state['center'].shape[-1]} != d_ff {sites[layer].d_ff}."
                 )
-        units, unit_of = key_units(sites), _unit_index(sites)
-        layers: dict[int, KeySpaceLayer | RoutedUnit] = {}
-        for unit in sorted({unit_of[layer] for layer in state_rows}):
-            cubes = {
-                i: (self.state["center"][r], self.state["scale"][r], float(self.state["k"][r]))
-                for i in units[unit]
-                if (r := state_rows.get(i)) is not None
-            }
-            site = sites[unit]
-            if site.routed:
-                members = [sites[i] for i in units[unit]]
-                layers[unit] = RoutedUnit(members, cubes, module_device(site.key.owner))
-            else:
-                layers[unit] = KeySpaceLayer(*cubes[unit], self.config.alpha, module_device(site.key))
+        cubes = {
+            i: (self.state["center"][r], self.state["scale"][r], float(self.state["k"][r]))
+            for i, r in state_rows.items()
+        }
+        owner = unit_of(sites)
+        layers = unit_readers(sites, cubes, sorted({owner[i] for i in state_rows}), self.config.alpha)
         key_modules = {unit: sites[unit].key for unit in layers}
         return KeySpaceAttachment(
             self, model, hooks.method_name, hooks, layers, key_modules, Refusal(ids, eos)
