@@ -259,17 +259,16 @@ def _run_pass(
             selected[(what, device)] = None if on_host is None else on_host.to(device, non_blocking=True)
         return selected[(what, device)]
 
-    # the last site the forward reaches (a layer's key comes after its pre-activation), where the forward stops; in
-    # a model with experts, whose layers may compute a shared expert after the routed ones, the forward stops once
-    # every module of the last decoder layer probed has finished (``finishing``)
-    last_layer, _, last_kind = max((i, k == "key", k) for k in kinds for i in stats[k])
-    probed = [by_layer[i] for k in kinds for i in stats[k]]
-    stop_at, finishing = (last_layer, last_kind), {}
-    if any(s.routed for s in probed):
-        stop_at, block = None, max(s.decoder_layer for s in probed)
-        finishing = {
-            id(m): m for s in probed if s.decoder_layer == block for m in [s.key.owner if s.routed else s.key]
-        }
+    # the forward stops once every probed module of the last probed decoder layer has finished (its experts module
+    # for routed sites: a layer may compute its shared expert after the routed ones)
+    block = max(by_layer[i].decoder_layer for k in kinds for i in stats[k])
+    finishing = {
+        id(m): m
+        for k in kinds
+        for s in (by_layer[i] for i in stats[k])
+        if s.decoder_layer == block
+        for m in [s.key.owner if s.routed else (s.key if k == "key" else s.pre)]
+    }
     finished: set[int] = set()
 
     def finish(module, args, output) -> None:
@@ -289,8 +288,6 @@ def _run_pass(
             index = selected_on("index", x.device)
             rows = x.flatten(0, 1) if index is None else x.flatten(0, 1).index_select(0, index)
             stats[kind][layer].update(rows)
-            if (layer, kind) == stop_at:
-                raise StopForward
 
         def capture_routed(x: torch.Tensor, token_index: torch.Tensor) -> None:
             if x.dim() != 2 or x.shape[-1] != by_layer[layer].d_ff:
