@@ -32,7 +32,8 @@ class ProbeShare:
     (``{kind: layers}``); a later probe over the same tokens (same token mode) that asks for a subset reuses it.
 
     Attributes:
-        sites: what every pass collects. memo: pass results by (mode, extremes, experts' forward, token fingerprint). hits: reuses.
+        sites: what every pass collects. memo: pass results by (mode, extremes, experts' forward, token
+            fingerprint). hits: reuses.
     """
 
     sites: dict[str, set[int]]
