@@ -5,8 +5,8 @@ each row's last ``window`` real prompt tokens (found through the attention mask,
 column 0 is the last token; candidate tokens that the forward carries after the prompt, as assisted decoding's
 first forward does, are not read) are tested against that layer's hypercube (:mod:`.hypercube`; at the routed
 experts of a mixture-of-experts layer, against the hypercube of every expert each token is routed to,
-:mod:`.key_units`); the row is inside at that layer when *one* of them is. The hypercube was fitted on the key at the end of the question's own text in
-every rendering (:mod:`.rendering`), and a template's closing tokens (``\nAnswer:``, the chat template's
+:mod:`.key_units`); the row is inside at that layer when *one* of them is. The hypercube was fitted on the key at
+the end of the question's own text in every rendering (:mod:`.rendering`), and a template's closing tokens (``\nAnswer:``, the chat template's
 ``<|im_end|>\n<|im_start|>assistant\n``) only push that position back a few tokens: the window reaches past
 them, so the same question abstains however it is wrapped. Positions before the prompt's first real token (a
 prompt shorter than the window, padding) never count. The cost is O(window · d_ff) per row and layer, once per
