@@ -237,3 +237,52 @@ def test_running_stats_leave_float64_input_untouched_and_match_numpy():
     np.testing.assert_allclose(rs.abs_mean.numpy(), np.abs(ref).mean(0), rtol=1e-12)
     np.testing.assert_array_equal(rs.minimum.numpy(), ref.min(0))
     np.testing.assert_array_equal(rs.maximum.numpy(), ref.max(0))
+
+
+@pytest.mark.parametrize("fold_rows", [1 << 16, 8])
+def test_running_stats_fold_pending_sums_exactly_whenever_read(monkeypatch, fold_rows):
+    """``update`` only adds to pending float64 sums; reading a statistic folds them in (Chan's formula). Reads
+    between updates, ``merge_``/``copy``/``to_`` with sums pending and a mean 10^3 standard deviations away from
+    zero (where Σx² − n·mean² cancels most) must all give numpy's float64 statistics of the whole stream, within
+    the documented bound on the variance (about n·eps·(1 + mean²/var) relative; 1.7e-9 measured, bound 3e-7)."""
+    from unlearn_hf import stats as stats_mod
+    from unlearn_hf.stats import RunningStats
+
+    monkeypatch.setattr(stats_mod, "_FOLD_ROWS", fold_rows)  # 8: folded inside the stream, not only when read
+    gen = torch.Generator().manual_seed(3)
+    offset = torch.tensor([1e3, -2.5, 0.0])
+    batches = [torch.randn(n, 3, generator=gen) + offset for n in (7, 1, 300, 2, 41)]
+    ref = torch.cat(batches).double().numpy()
+
+    def check(rs: RunningStats, rows: np.ndarray) -> None:
+        assert rs.count == rows.shape[0]
+        np.testing.assert_allclose(rs.mean.numpy(), rows.mean(0), rtol=1e-13)
+        var = rows.var(0, ddof=1)
+        bound = 4 * rows.shape[0] * np.finfo(np.float64).eps * (1 + rows.mean(0) ** 2 / var)
+        assert (np.abs(rs.variance.numpy() - var) <= bound * var).all(), (rs.variance, var, bound)
+        np.testing.assert_allclose(rs.abs_mean.numpy(), np.abs(rows).mean(0), rtol=1e-13)
+        np.testing.assert_array_equal(rs.minimum.numpy(), rows.min(0))
+        np.testing.assert_array_equal(rs.maximum.numpy(), rows.max(0))
+
+    read_between = RunningStats(3, track_extremes=True)
+    seen = 0
+    for b in batches:
+        read_between.update(b)
+        seen += b.shape[0]
+        check(read_between, ref[:seen])  # folds after every batch
+
+    pending = RunningStats(3, track_extremes=True)
+    for b in batches[:3]:
+        pending.update(b)
+    other = RunningStats(3, track_extremes=True)
+    for b in batches[3:]:
+        other.update(b)
+    assert pending.count == 308 and other.count == 43  # counts include pending rows without folding
+    merged = pending.copy().merge_(other)  # both sides still hold pending sums
+    check(merged, ref)
+    moved = RunningStats(3, track_extremes=True)
+    for b in batches:
+        moved.update(b)
+    check(moved.to_("cpu"), ref)
+    with pytest.raises(ValueError, match="different widths"):
+        pending.merge_(RunningStats(4, track_extremes=True))

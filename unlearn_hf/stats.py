@@ -11,14 +11,27 @@ would wait for the device); :meth:`RunningStats.to_` moves them at the end. A de
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 _CHUNK_ROWS = 1024
+#: Pending sums are folded into the statistics after this many vectors (bounds the cancellation of Σx² − n·mean²).
+_FOLD_ROWS = 1 << 16
 
 #: Device types without float64 arithmetic: their activations are accumulated on the host.
 NO_FLOAT64 = frozenset({"mps"})
+
+
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    """A float64 row of ``n`` ones on ``device`` (``[1, n]``), sliced from one cached row per device."""
+    row = _ONES.get(device)
+    if row is None or row.shape[1] < n:
+        row = _ONES[device] = torch.ones(1, max(n, _CHUNK_ROWS), dtype=torch.float64, device=device)
+    return row[:, :n]
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
 
 
 def accumulation_device(device: torch.device | str) -> torch.device:
@@ -27,9 +40,14 @@ def accumulation_device(device: torch.device | str) -> torch.device:
     return torch.device("cpu") if device.type in NO_FLOAT64 else device
 
 
-@dataclass
 class RunningStats:
     """Per-dimension running statistics of a stream of vectors of width ``dim``.
+
+    :meth:`update` only adds to float64 sums (of x, |x| and x²) and a count; they are folded into
+    ``count``/``mean``/``m2``/``abs_sum`` (Chan's formula) when one of them is read, and every
+    :data:`_FOLD_ROWS` vectors, so a probe pays a few matrix-vector products per batch and no per-batch merge.
+    Folding M2 = Σx² − n·mean² over n vectors can lose up to about ``n·eps·(1 + mean²/var)`` of M2 (float64
+    eps; n ≤ :data:`_FOLD_ROWS`, so the bound does not grow with the stream).
 
     Attributes:
         count: number of vectors seen.
@@ -39,23 +57,49 @@ class RunningStats:
         minimum / maximum: per-dimension extremes (``None`` unless ``track_extremes``).
     """
 
-    dim: int
-    track_extremes: bool = False
-    count: int = 0
-    mean: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    m2: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    abs_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    minimum: torch.Tensor | None = None
-    maximum: torch.Tensor | None = None
+    def __init__(
+        self,
+        dim: int,
+        track_extremes: bool = False,
+        count: int = 0,
+        mean: torch.Tensor | None = None,
+        m2: torch.Tensor | None = None,
+        abs_sum: torch.Tensor | None = None,
+        minimum: torch.Tensor | None = None,
+        maximum: torch.Tensor | None = None,
+    ) -> None:
+        zeros = lambda: torch.zeros(dim, dtype=torch.float64)  # noqa: E731
+        self.dim, self.track_extremes = dim, track_extremes
+        self._count = count
+        self._mean = zeros() if mean is None else mean
+        self._m2 = zeros() if m2 is None else m2
+        self._abs_sum = zeros() if abs_sum is None else abs_sum
+        self.minimum, self.maximum = minimum, maximum
+        if track_extremes and minimum is None:
+            self.minimum = torch.full((dim,), float("inf"), dtype=torch.float64)
+            self.maximum = torch.full((dim,), float("-inf"), dtype=torch.float64)
+        # sums of x, |x| and x² (rows of one [3, dim] block) over the vectors not folded in yet
+        self._sums: torch.Tensor | None = None
+        self._pending = 0
 
-    def __post_init__(self) -> None:
-        zeros = lambda: torch.zeros(self.dim, dtype=torch.float64)  # noqa: E731
-        self.mean = zeros() if self.mean is None else self.mean
-        self.m2 = zeros() if self.m2 is None else self.m2
-        self.abs_sum = zeros() if self.abs_sum is None else self.abs_sum
-        if self.track_extremes and self.minimum is None:
-            self.minimum = torch.full((self.dim,), float("inf"), dtype=torch.float64)
-            self.maximum = torch.full((self.dim,), float("-inf"), dtype=torch.float64)
+    def __repr__(self) -> str:
+        return f"RunningStats(dim={self.dim}, count={self.count}, track_extremes={self.track_extremes})"
+
+    @property
+    def count(self) -> int:
+        return self._count + self._pending
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._folded()._mean
+
+    @property
+    def m2(self) -> torch.Tensor:
+        return self._folded()._m2
+
+    @property
+    def abs_sum(self) -> torch.Tensor:
+        return self._folded()._abs_sum
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of vectors ``x`` of shape ``[n, dim]`` (any dtype/device)."""
@@ -68,33 +112,56 @@ class RunningStats:
         device = accumulation_device(x.device)
         if x.device != device:
             x = x.to(device)
-        # three reductions accumulated in float64, over float64 copies of row chunks: a bounded transient
-        # (``_CHUNK_ROWS`` rows) and several times faster than reducing float32 with ``dtype=float64``. The copy
-        # is forced (``copy=True``) because it is modified in place: float64 activations must stay untouched.
-        # Within a batch M2 = Σx² − n·mean² (float64 keeps the cancellation harmless at activation scales).
-        f64 = torch.float64
-        total = torch.zeros(self.dim, dtype=f64, device=x.device)
-        sumsq, abs_sum = total.clone(), total.clone()
+        if self._sums is None or self._sums.device != x.device:
+            self._fold()
+            self._sums = torch.zeros(3, self.dim, dtype=torch.float64, device=x.device)
+        # The column sums are matrix products of a row of ones with float64 copies of row chunks (a bounded
+        # transient of ``_CHUNK_ROWS`` rows), accumulated in place (``addmm_``): 2.5x faster than ``sum(0)`` for a
+        # routed expert's 256 x 384 rows, 1.3x for a dense 1024 x 1536 site, and faster still than reducing
+        # float32 with ``dtype=float64``. The copy is forced (``copy=True``) because it is modified in place:
+        # float64 activations must stay untouched.
+        total, abs_sum, sumsq = self._sums.split(1)
         for chunk in x.split(_CHUNK_ROWS):
-            c = chunk.to(f64, copy=True)
-            total += c.sum(0)
-            abs_sum += c.abs_().sum(0)
-            sumsq += c.square_().sum(0)
+            c = chunk.to(torch.float64, copy=True)
+            ones = _ones(c.shape[0], c.device)
+            total.addmm_(ones, c)
+            abs_sum.addmm_(ones, c.abs_())
+            sumsq.addmm_(ones, c.square_())
+        self._pending += n
+        if self._pending >= _FOLD_ROWS:
+            self._fold()
+        if self.track_extremes:
+            low, high = x.amin(0).to(torch.float64), x.amax(0).to(torch.float64)
+            self.minimum = torch.minimum(self.minimum.to(low.device), low)
+            self.maximum = torch.maximum(self.maximum.to(high.device), high)
+
+    def _folded(self) -> RunningStats:
+        if self._pending:
+            self._fold()
+        return self
+
+    def _fold(self) -> None:
+        """Merge the pending sums into count/mean/M2/sum |x| (Chan's formula) and clear them."""
+        if not self._pending:
+            return
+        n = self._pending
+        total, abs_sum, sumsq = self._sums.unbind(0)
         mean_b = total / n
         m2_b = (sumsq - mean_b * total).clamp_min_(0)
-        batch = RunningStats(self.dim, self.track_extremes, n, mean_b, m2_b, abs_sum)
+        self._sums, self._pending = None, 0
+        if self._count and self._mean.device != mean_b.device:
+            self._move(mean_b.device)
+        self._merge_parts(n, mean_b, m2_b, abs_sum)
+
+    def _move(self, device: torch.device | str) -> None:
+        self._mean, self._m2, self._abs_sum = (t.to(device) for t in (self._mean, self._m2, self._abs_sum))
         if self.track_extremes:
-            batch.minimum, batch.maximum = x.amin(0).to(f64), x.amax(0).to(f64)
-        if self.count and self.mean.device != device:
-            self.to_(device)
-        self.merge_(batch)
+            self.minimum, self.maximum = self.minimum.to(device), self.maximum.to(device)
 
     def to_(self, device: torch.device | str) -> RunningStats:
         """Move the statistics to ``device`` in place and return ``self``."""
-        for name in ("mean", "m2", "abs_sum", "minimum", "maximum"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device))
+        self._fold()
+        self._move(device)
         return self
 
     def merge_(self, other: RunningStats) -> RunningStats:
@@ -103,23 +170,25 @@ class RunningStats:
             raise ValueError("Cannot merge statistics of different widths or kinds.")
         if other.count == 0:
             return self
-        if self.count == 0:
-            self.count, self.mean, self.m2 = other.count, other.mean.clone(), other.m2.clone()
-            self.abs_sum = other.abs_sum.clone()
-            if self.track_extremes:
-                self.minimum, self.maximum = other.minimum.clone(), other.maximum.clone()
-            return self
-        n_a, n_b = self.count, other.count
-        n = n_a + n_b
-        delta = other.mean - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + other.m2 + delta.square() * (n_a * n_b / n)
-        self.abs_sum = self.abs_sum + other.abs_sum
-        self.count = n
+        self._fold()
+        self._merge_parts(other.count, other.mean, other.m2, other.abs_sum)
         if self.track_extremes:
-            self.minimum = torch.minimum(self.minimum, other.minimum)
-            self.maximum = torch.maximum(self.maximum, other.maximum)
+            self.minimum = torch.minimum(self.minimum.to(other.minimum.device), other.minimum)
+            self.maximum = torch.maximum(self.maximum.to(other.maximum.device), other.maximum)
         return self
+
+    def _merge_parts(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, abs_b: torch.Tensor) -> None:
+        """Chan's formula: fold (count n_b, mean, M2, sum |x|) into the folded statistics."""
+        if self._count == 0:
+            self._count, self._mean, self._m2, self._abs_sum = n_b, mean_b.clone(), m2_b.clone(), abs_b.clone()
+            return
+        n_a = self._count
+        n = n_a + n_b
+        delta = mean_b - self._mean
+        self._mean = self._mean + delta * (n_b / n)
+        self._m2 = self._m2 + m2_b + delta.square() * (n_a * n_b / n)
+        self._abs_sum = self._abs_sum + abs_b
+        self._count = n
 
     def merge(self, other: RunningStats) -> RunningStats:
         """Return a new object holding the statistics of both ``self`` and ``other``."""
