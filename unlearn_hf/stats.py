@@ -180,7 +180,8 @@ class RunningStats:
     def _merge_parts(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, abs_b: torch.Tensor) -> None:
         """Chan's formula: fold (count n_b, mean, M2, sum |x|) into the folded statistics."""
         if self._count == 0:
-            self._count, self._mean, self._m2, self._abs_sum = n_b, mean_b.clone(), m2_b.clone(), abs_b.clone()
+            self._count, self._mean, self._m2 = n_b, mean_b.clone(), m2_b.clone()
+            self._abs_sum = abs_b.clone()
             return
         n_a = self._count
         n = n_a + n_b
