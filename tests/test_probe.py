@@ -226,7 +226,7 @@ def test_running_stats_leave_float64_input_untouched_and_match_numpy():
     tensor) must come back unchanged, and its statistics and extremes must still be right, over several chunks."""
     from unlearn_hf import stats as stats_mod
 
-    x = torch.randn(2 * stats_mod._CHUNK_ROWS + 5, 3, dtype=torch.float64) * 4 - 1
+    x = torch.randn(2 * stats_mod._chunk_rows(3, torch.device("cpu")) + 5, 3, dtype=torch.float64) * 4 - 1
     before = x.clone()
     rs = stats_mod.RunningStats(3, track_extremes=True)
     rs.update(x)
