@@ -1,7 +1,7 @@
 """Probe throughput on a small random mixture-of-experts model, against a plain forward measured in the same run.
 
 The probe reads the pre-activation and key sites of every routed expert (over the tokens routed to it) and of the
-shared experts, and runs the whole forward (models with experts are not stopped early). The plain forward uses the
+shared experts, and stops after the last decoder layer (the plain forward also runs the LM head). The plain forward uses the
 model's own experts implementation (transformers' default on this machine). Repeats alternate probe and forward,
 reversing the order each time; the report gives tokens/s and the median per-repeat ratio (target >= 0.90) of three
 probes: both sites ("probe": a shared pass of several methods), the pre-activation only (what Neuron Adjust
