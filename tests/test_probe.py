@@ -286,3 +286,25 @@ def test_running_stats_fold_pending_sums_exactly_whenever_read(monkeypatch, fold
     check(moved.to_("cpu"), ref)
     with pytest.raises(ValueError, match="different widths"):
         pending.merge_(RunningStats(4, track_extremes=True))
+
+
+@pytest.mark.parametrize("site", ["key", "pre", ("pre", "key")])
+def test_a_dense_probe_stops_as_soon_as_its_last_site_is_read(model, smol_tokenizer, site):
+    """Probing layer 1 stops the forward once layer 1's last site is read: a key site as soon as its input arrives,
+    so layer 1's down projection (and everything after it) never runs; the statistics are a full pass's."""
+    full = probe(model, TEXTS, smol_tokenizer, site=site, show_progress=False)
+    ran = []
+    handles = [
+        model.model.layers[i].mlp.down_proj.register_forward_hook(lambda *a, i=i: ran.append(i)) for i in (0, 1, 2)
+    ]
+    try:
+        part = probe(model, TEXTS, smol_tokenizer, site=site, layers=[1], show_progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(ran) == {0}
+    for kind in (site,) if isinstance(site, str) else site:
+        got = part if isinstance(site, str) else part[kind]
+        ref = full if isinstance(site, str) else full[kind]
+        assert torch.equal(got.layers[1].mean, ref.layers[1].mean)
+        assert torch.equal(got.layers[1].m2, ref.layers[1].m2)

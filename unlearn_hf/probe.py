@@ -260,11 +260,13 @@ def _run_pass(
             selected[(what, device)] = None if on_host is None else on_host.to(device, non_blocking=True)
         return selected[(what, device)]
 
-    # the forward stops once every probed module of the last probed decoder layer has finished (its experts module
-    # for routed sites: a layer may compute its shared expert after the routed ones)
+    # the forward stops once every probed module of the last probed decoder layer has been read: a dense key site
+    # as soon as its input arrives (its output projection never runs), a pre-activation site once it has run, the
+    # experts module of routed sites once it has finished (a layer may compute its shared expert after the routed
+    # ones); ``finishing``: id -> (module, read from its input)
     block = max(by_layer[i].decoder_layer for k in kinds for i in stats[k])
     finishing = {
-        id(m): m
+        id(m): (m, k == "key" and not s.routed)
         for k in kinds
         for s in (by_layer[i] for i in stats[k])
         if s.decoder_layer == block
@@ -272,7 +274,7 @@ def _run_pass(
     }
     finished: set[int] = set()
 
-    def finish(module, args, output) -> None:
+    def finish(module, *_) -> None:
         finished.add(id(module))
         if len(finished) == len(finishing):
             raise StopForward
@@ -325,7 +327,10 @@ def _run_pass(
                     handles.append(s.pre.register_forward_hook(make_hook(kind, i)))
                 else:
                     handles.append(s.key.register_forward_pre_hook(make_hook(kind, i)))
-        handles += [m.register_forward_hook(finish) for m in finishing.values()]
+        handles += [
+            m.register_forward_pre_hook(finish) if on_input else m.register_forward_hook(finish)
+            for m, on_input in finishing.values()
+        ]
         bar = tqdm(total=n_examples, desc=desc, disable=not show_progress, unit="ex")
         meter = PaddingMeter()
         for batch in batches:

@@ -100,15 +100,18 @@ class RunningStats:
 
     @property
     def mean(self) -> torch.Tensor:
-        return self._folded()._mean
+        self._fold()
+        return self._mean
 
     @property
     def m2(self) -> torch.Tensor:
-        return self._folded()._m2
+        self._fold()
+        return self._m2
 
     @property
     def abs_sum(self) -> torch.Tensor:
-        return self._folded()._abs_sum
+        self._fold()
+        return self._abs_sum
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of vectors ``x`` of shape ``[n, dim]`` (any dtype/device)."""
@@ -143,11 +146,6 @@ class RunningStats:
             low, high = x.amin(0).to(torch.float64), x.amax(0).to(torch.float64)
             self.minimum = torch.minimum(self.minimum.to(low.device), low)
             self.maximum = torch.maximum(self.maximum.to(high.device), high)
-
-    def _folded(self) -> RunningStats:
-        if self._pending:
-            self._fold()
-        return self
 
     def _fold(self) -> None:
         """Merge the pending sums into count/mean/M2/sum |x| (Chan's formula) and clear them."""
