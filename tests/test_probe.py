@@ -295,7 +295,8 @@ def test_a_dense_probe_stops_as_soon_as_its_last_site_is_read(model, smol_tokeni
     full = probe(model, TEXTS, smol_tokenizer, site=site, show_progress=False)
     ran = []
     handles = [
-        model.model.layers[i].mlp.down_proj.register_forward_hook(lambda *a, i=i: ran.append(i)) for i in (0, 1, 2)
+        model.model.layers[i].mlp.down_proj.register_forward_hook(lambda *a, i=i: ran.append(i))
+        for i in (0, 1, 2)
     ]
     try:
         part = probe(model, TEXTS, smol_tokenizer, site=site, layers=[1], show_progress=False)
