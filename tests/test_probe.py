@@ -315,3 +315,36 @@ def test_a_dense_probe_stops_as_soon_as_its_last_site_is_read(model, smol_tokeni
         ref = full if isinstance(site, str) else full[kind]
         assert torch.equal(got.layers[1].mean, ref.layers[1].mean)
         assert torch.equal(got.layers[1].m2, ref.layers[1].m2)
+
+
+def test_a_probe_keeps_only_the_statistics_asked_for(model, smol_tokenizer):
+    """Each statistic costs the probe a pass over the activations, so a method asks only for what it reads (Neuron
+    Adjust the moments, Selective Pruning mean |x|): the kept values are bit-identical to a full probe's (same chunks,
+    and |x|² = x² exactly), the others are refused by name, and merging needs the same statistics on both sides."""
+    full = probe(model, TEXTS, smol_tokenizer, site=("pre", "key"), show_progress=False)
+    moments = probe(
+        model, TEXTS, smol_tokenizer, site=("pre", "key"), statistics=["moments"], show_progress=False
+    )
+    absolute = probe(model, TEXTS, smol_tokenizer, site="key", statistics="abs", show_progress=False)
+    for kind in ("pre", "key"):
+        for i, ref in full[kind].layers.items():
+            got = moments[kind].layers[i]
+            assert got.quantities == ("moments",) and got.count == ref.count
+            assert torch.equal(got.mean, ref.mean) and torch.equal(got.m2, ref.m2)
+            with pytest.raises(ValueError, match="without 'abs'"):
+                _ = got.abs_mean
+    for i, ref in full["key"].layers.items():
+        got = absolute.layers[i]
+        assert got.quantities == ("abs",)
+        assert torch.equal(got.abs_sum, ref.abs_sum)
+        with pytest.raises(ValueError, match="without 'moments'"):
+            _ = got.variance
+        # a result that keeps more merges into one that keeps less, never the other way round
+        merged = got.merge(ref)
+        assert merged.quantities == ("abs",) and merged.count == 2 * ref.count
+        torch.testing.assert_close(merged.abs_sum, 2 * ref.abs_sum, rtol=1e-15, atol=0)
+        with pytest.raises(ValueError, match=r"without \['moments'\]"):
+            ref.copy().merge_(got)
+    for bad in ([], ["extremes"], ["moments", "median"]):
+        with pytest.raises(ValueError, match="statistics must name one or more of"):
+            probe(model, TEXTS, smol_tokenizer, statistics=bad, show_progress=False)

@@ -134,6 +134,13 @@ def test_bad_input_raises_and_leaves_no_hooks():
             "different model",
         ),
         (dict(forget=probe(model, forget, site="pre", show_progress=False), retain=forget), "site"),
+        (
+            dict(
+                forget=probe(model, forget, site="key", statistics=["moments"], show_progress=False),
+                retain=forget,
+            ),
+            r"lack the statistics \['abs'\]",
+        ),
     ]
     for data, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -143,6 +150,47 @@ def test_bad_input_raises_and_leaves_no_hooks():
     with pytest.raises(ValueError, match="layers"):  # fitted on 3 layers, attached to 2
         unlearned.add_method("sp", SelectivePruning(sp.config, sp.state_dict()))
     assert hook_count(model) == 0 and not unlearned.methods
+
+
+def test_each_method_probes_only_the_statistics_it_reads(monkeypatch):
+    """Every statistic costs the probe a pass over the activations: Neuron Adjust keeps the moments of the
+    pre-activations, Selective Pruning mean |x| of the keys, Key Space Detection the moments and extremes of its
+    query keys; the selections equal those from full statistics."""
+    from unlearn_hf import stats as stats_mod
+
+    kept = []
+    tracking = stats_mod.RunningStats.tracking.__func__
+
+    def spy(cls, dim, quantities, **values):
+        kept.append(tuple(quantities))
+        return tracking(cls, dim, quantities, **values)
+
+    model = tiny_llama(layers=3)
+    forget, retain = token_batches(0, **FORGET), token_batches(1, **RETAIN)
+    full = {
+        site: [probe(model, data, site=site, show_progress=False) for data in (forget, retain)]
+        for site in ("pre", "key")
+    }
+    monkeypatch.setattr(stats_mod.RunningStats, "tracking", classmethod(spy))
+    cases = [
+        (NeuronAdjustConfig(ratio=0.1, deterministic=True), "pre", {("moments",)}),
+        (SelectivePruningConfig(ratio=0.1), "key", {("abs",)}),
+        (
+            KeySpaceDetectionConfig(inputs="prompts", layers=[1], alpha=1.0, window=1, action="eos"),
+            None,
+            {("moments", "extremes")},
+        ),
+    ]
+    for config, site, quantities in cases:
+        kept.clear()
+        unlearned = UnlearnedModelForCausalLM.from_base(model)
+        method = unlearned.fit(config, forget, retain if site else None, show_progress=False)
+        assert set(kept) == quantities, type(config).__name__
+        if site:
+            again = UnlearnedModelForCausalLM.from_base(model).fit(config, *full[site], show_progress=False)
+            assert torch.equal(method.state["neuron_index"], again.state["neuron_index"])
+            assert torch.equal(method.state["layer_index"], again.state["layer_index"])
+        unlearned.remove_all_methods()
 
 
 # -- several methods at once -----------------------------------------------------------------------------------

@@ -173,10 +173,10 @@ def _all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> list[t
     return [t.cpu() for t in out]
 
 
-def _layout(results: Mapping[str, SiteStatistics]) -> list[tuple[str, int, int, bool]]:
-    """(site, layer, dim, track_extremes) of every accumulator, in a fixed order."""
+def _layout(results: Mapping[str, SiteStatistics]) -> list[tuple[str, int, int, tuple[str, ...]]]:
+    """(site, layer, dim, kept quantities) of every accumulator, in a fixed order."""
     return [
-        (kind, i, st.dim, st.track_extremes)
+        (kind, i, st.dim, st.quantities)
         for kind in sorted(results)
         for i, st in sorted(results[kind].layers.items())
     ]
@@ -197,32 +197,31 @@ def _encode_message(error: BaseException) -> torch.Tensor:
     return buf
 
 
+#: The float64 vectors of each kept quantity, in packing order.
+_PARTS = {"moments": ("mean", "m2"), "abs": ("abs_sum",), "extremes": ("minimum", "maximum")}
+
+
 def _pack(results: Mapping[str, SiteStatistics]) -> tuple[torch.Tensor, torch.Tensor]:
     """All accumulators as one float64 vector and their counts as one int64 vector."""
     floats, counts = [], []
-    for kind, i, _, track in _layout(results):
+    for kind, i, _, quantities in _layout(results):
         st = results[kind].layers[i]
-        floats += [st.mean, st.m2, st.abs_sum]
-        if track:
-            floats += [st.minimum, st.maximum]
+        floats += [getattr(st, name) for q in quantities for name in _PARTS[q]]
         counts.append(st.count)
     flat = torch.cat([t.to(torch.float64).cpu() for t in floats]) if floats else torch.zeros(0)
     return flat, torch.tensor(counts, dtype=torch.int64)
 
 
 def _unpack(
-    flat: torch.Tensor, counts: torch.Tensor, layout: list[tuple[str, int, int, bool]]
+    flat: torch.Tensor, counts: torch.Tensor, layout: list[tuple[str, int, int, tuple[str, ...]]]
 ) -> dict[tuple[str, int], RunningStats]:
     out, pos = {}, 0
-    for n, (kind, i, dim, track) in enumerate(layout):
-        parts = []
-        for _ in range(5 if track else 3):
-            parts.append(flat[pos : pos + dim].clone())
+    for n, (kind, i, dim, quantities) in enumerate(layout):
+        parts = {}
+        for name in (name for q in quantities for name in _PARTS[q]):
+            parts[name] = flat[pos : pos + dim].clone()
             pos += dim
-        st = RunningStats(dim, track, int(counts[n]), parts[0], parts[1], parts[2])
-        if track:
-            st.minimum, st.maximum = parts[3], parts[4]
-        out[(kind, i)] = st
+        out[(kind, i)] = RunningStats.tracking(dim, quantities, count=int(counts[n]), **parts)
     return out
 
 
@@ -271,7 +270,7 @@ def exchange_statistics(
     layout = _layout(local)
     flat, counts = _pack(local)
     all_flat, all_counts = _all_gather(flat, group), _all_gather(counts, group)
-    merged = {(kind, i): RunningStats(dim, track) for kind, i, dim, track in layout}
+    merged = {(kind, i): RunningStats.tracking(dim, quantities) for kind, i, dim, quantities in layout}
     for rank_flat, rank_counts in zip(all_flat, all_counts):  # rank order: the same result on every rank
         for key, st in _unpack(rank_flat, rank_counts, layout).items():
             merged[key].merge_(st)

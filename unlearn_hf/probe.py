@@ -24,6 +24,20 @@ from .stats import RunningStats, SiteStatistics
 logger = logging.getLogger(__name__)
 
 SITE_KINDS = ("pre", "key")
+#: What a probe accumulates by default besides the count (see :class:`~unlearn_hf.stats.RunningStats`).
+DEFAULT_STATISTICS = ("moments", "abs")
+
+
+def check_statistics(statistics: Sequence[str]) -> tuple[str, ...]:
+    """``statistics`` as a tuple in canonical order; raises ``ValueError`` when it is empty or names an unknown one."""
+    chosen = (statistics,) if isinstance(statistics, str) else tuple(statistics)
+    unknown = [q for q in chosen if q not in DEFAULT_STATISTICS]
+    if unknown or not chosen:
+        raise ValueError(
+            f"statistics must name one or more of {list(DEFAULT_STATISTICS)}, got {statistics!r}"
+            + (" (min/max: track_extremes)." if "extremes" in unknown else ".")
+        )
+    return tuple(q for q in DEFAULT_STATISTICS if q in chosen)
 
 
 @dataclass
@@ -84,6 +98,7 @@ def probe(
     sites: Sequence[FFLSite] | None = None,
     spec: DataSpec | None = None,
     track_extremes: bool | None = None,
+    statistics: Sequence[str] = DEFAULT_STATISTICS,
     show_progress: bool = True,
     desc: str = "probing",
     distributed: bool | None = None,
@@ -101,6 +116,9 @@ def probe(
         sites: precomputed :class:`FFLSite` list (default: :func:`find_ffl_sites`).
         spec: columns, batch size and truncation length.
         track_extremes: keep per-dimension min/max (default: in query mode).
+        statistics: what to accumulate per dimension besides the count: ``"moments"`` (mean and variance) and/or
+            ``"abs"`` (mean |x|); each costs a pass over the activations (Neuron Adjust needs the moments,
+            Selective Pruning the mean |x|, Key Space Detection the moments and extremes).
         show_progress: show a tqdm bar (on rank 0 only when distributed).
         experts_own_forward: routed experts run their own forward, their sites computed beside it as Key Space
             Detection reads them at run time (:func:`unlearn_hf.sites.experts.observe_expert_sites`), instead of
@@ -121,6 +139,7 @@ def probe(
         sites=sites,
         spec=spec,
         track_extremes=track_extremes,
+        statistics=statistics,
         desc=desc,
         experts_own_forward=experts_own_forward,
     )
@@ -162,6 +181,7 @@ def _probe_local(
     sites: Sequence[FFLSite] | None,
     spec: DataSpec | None,
     track_extremes: bool | None,
+    statistics: Sequence[str],
     show_progress: bool,
     desc: str,
     experts_own_forward: bool = False,
@@ -182,6 +202,7 @@ def _probe_local(
     if "pre" in kinds:
         require_pre_sites([by_layer[i] for i in layer_ids], "Probing the pre-activation site")
     track = (mode == "last") if track_extremes is None else track_extremes
+    statistics = check_statistics(statistics)
     device = input_device(model)
     n_examples, batches = iter_token_batches(
         data, tokenizer, mode=mode, spec=spec, shard=shard, device=device
@@ -189,6 +210,7 @@ def _probe_local(
     pass_kw = dict(
         by_layer=by_layer,
         track=track,
+        statistics=statistics,
         mode=mode,
         n_examples=n_examples,
         show_progress=show_progress,
@@ -206,6 +228,8 @@ def _probe_local(
     else:
         all_kinds = tuple(k for k in SITE_KINDS if k in share.sites)
         union = sorted(set().union(*share.sites.values()) & set(by_layer))
+        # a shared pass serves probes that need different statistics: it keeps all of them
+        pass_kw["statistics"] = DEFAULT_STATISTICS
         share.memo[key] = _run_pass(model, batches, all_kinds, union, desc=f"{desc} (shared)", **pass_kw)
     full, n_batches = share.memo[key]
     subset = {
@@ -233,6 +257,7 @@ def _run_pass(
     *,
     by_layer: dict[int, FFLSite],
     track: bool,
+    statistics: tuple[str, ...],
     mode: str,
     n_examples: int | None,
     show_progress: bool,
@@ -244,7 +269,11 @@ def _run_pass(
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     # a shared pass (several methods) may span layers without a pre-activation site: only the sites that exist
     stats = {
-        k: {i: RunningStats(by_layer[i].d_ff, track) for i in layer_ids if k == "key" or by_layer[i].pre}
+        k: {
+            i: RunningStats.tracking(by_layer[i].d_ff, statistics + (("extremes",) if track else ()))
+            for i in layer_ids
+            if k == "key" or by_layer[i].pre
+        }
         for k in kinds
     }
     # the selected tokens, computed on the host once per batch and copied to each device once: as flat row indices

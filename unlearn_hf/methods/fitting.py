@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..data import DataSpec
-from ..probe import architecture_id, probe
+from ..probe import DEFAULT_STATISTICS, architecture_id, probe
 from ..sites import FFLSite
 from ..stats import SiteStatistics
 from .config import resolve_layers
@@ -24,11 +24,22 @@ def check_tokenizer(model, tokenizer: Any) -> None:
 
 
 def _check_precomputed(
-    data: SiteStatistics, model, *, role: str, site: str, mode: str, layers: list[int], sites
+    data: SiteStatistics,
+    model,
+    *,
+    role: str,
+    site: str,
+    mode: str,
+    layers: list[int],
+    sites,
+    statistics: Sequence[str],
 ) -> None:
     problems = []
     if data.site != site:
         problems.append(f"site {data.site!r} != {site!r}")
+    missing = sorted({q for s in data.layers.values() for q in statistics if q not in s.quantities})
+    if missing:
+        problems.append(f"they lack the statistics {missing} (probe with statistics including them)")
     if data.mode != mode:
         problems.append(f"token mode {data.mode!r} != {mode!r}")
     if sorted(data.layers) != sorted(layers):
@@ -58,6 +69,7 @@ def probe_or_check(
     layers: list[int],
     spec: DataSpec,
     show_progress: bool,
+    statistics: Sequence[str] = DEFAULT_STATISTICS,
     sites: Sequence[FFLSite] | None = None,
     experts_own_forward: bool = False,
 ) -> SiteStatistics:
@@ -70,6 +82,7 @@ def probe_or_check(
         data: anything :func:`unlearn_hf.probe.probe` accepts, or precomputed statistics.
         role: ``"forget"`` / ``"retain"``, for messages.
         site / mode / layers: where and which tokens to probe (precomputed statistics must match them).
+        statistics: what the method reads (see :func:`unlearn_hf.probe.probe`); precomputed statistics must keep it.
         spec / show_progress: passed to the probe.
         sites: the model's FFL sites (e.g. the wrapper's, honouring a site override); also used to check the
             width of precomputed statistics. Default: found on ``model``.
@@ -82,7 +95,9 @@ def probe_or_check(
     if data is None:
         raise ValueError(f"This method needs {role} data (got None).")
     if isinstance(data, SiteStatistics):
-        _check_precomputed(data, model, role=role, site=site, mode=mode, layers=layers, sites=sites)
+        _check_precomputed(
+            data, model, role=role, site=site, mode=mode, layers=layers, sites=sites, statistics=statistics
+        )
         return data
     return probe(
         model,
@@ -93,6 +108,7 @@ def probe_or_check(
         layers=layers,
         sites=sites,
         spec=spec,
+        statistics=statistics,
         show_progress=show_progress,
         desc=f"probing {role}",
         experts_own_forward=experts_own_forward,
@@ -107,6 +123,7 @@ def probe_forget_and_retain(
     tokenizer: Any,
     *,
     site: str,
+    statistics: Sequence[str],
     spec: DataSpec,
     show_progress: bool,
     label: str,
@@ -124,7 +141,13 @@ def probe_forget_and_retain(
     if retain is None:
         raise ValueError(f"{label} needs retain data (got None).")
     kw = dict(
-        site=site, mode=config.tokens, layers=layers, spec=spec, show_progress=show_progress, sites=sites
+        site=site,
+        mode=config.tokens,
+        layers=layers,
+        spec=spec,
+        show_progress=show_progress,
+        sites=sites,
+        statistics=statistics,
     )
     stats_f = probe_or_check(model, forget, tokenizer, role="forget", **kw)
     stats_r = probe_or_check(model, retain, tokenizer, role="retain", **kw)

@@ -164,12 +164,13 @@ def fit_neuron_method(
     tokenizer: Any,
     *,
     site: str,
+    statistics: tuple[str, ...],
     spec: DataSpec,
     show_progress: bool,
 ) -> Any:
     """Fit ``cls`` (a method with ``from_statistics(config, layers, stats_f, stats_r, ratio, extra_state)``):
     probe, then select at ``config.ratio``, or search the ratio on held-out examples (module docstring)."""
-    kw = dict(site=site, spec=spec, show_progress=show_progress, label=cls.label)
+    kw = dict(site=site, statistics=statistics, spec=spec, show_progress=show_progress, label=cls.label)
     if config.ratio != AUTO:
         layers, stats_f, stats_r = probe_forget_and_retain(model, config, forget, retain, tokenizer, **kw)
         return cls.from_statistics(config, layers, stats_f, stats_r, config.ratio)

@@ -21,9 +21,11 @@ logger = logging.getLogger(__name__)
 
 class NeuronSelectionMethod(UnlearningMethod):
     """A method that probes one site of its layers on forget and retain data and acts on selected neurons of
-    that same site (:attr:`site`: ``"pre"`` or ``"key"``)."""
+    that same site (:attr:`site`: ``"pre"`` or ``"key"``), from the per-neuron :attr:`statistics` it needs (see
+    :func:`unlearn_hf.probe.probe`: each one costs the probe a pass over the activations)."""
 
     site: ClassVar[str]
+    statistics: ClassVar[tuple[str, ...]]
 
     @classmethod
     def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):
@@ -48,6 +50,7 @@ class NeuronSelectionMethod(UnlearningMethod):
             retain,
             tokenizer,
             site=cls.site,
+            statistics=cls.statistics,
             spec=spec,
             show_progress=show_progress,
         )

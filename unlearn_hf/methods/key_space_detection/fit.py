@@ -124,6 +124,7 @@ def fit_key_space(
     probe_kw = dict(
         role="forget",
         site="key",
+        statistics=("moments",),
         mode="last",
         spec=spec,
         show_progress=show_progress,

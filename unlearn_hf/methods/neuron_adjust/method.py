@@ -56,6 +56,7 @@ class NeuronAdjust(NeuronSelectionMethod):
     config_class = NeuronAdjustConfig
     short_name = "na"
     site = "pre"
+    statistics = ("moments",)
     label = "Neuron Adjust"
     cli_options = ("ratio", "max_retain_drop", "seed")
 

@@ -22,6 +22,7 @@ class SelectivePruning(NeuronSelectionMethod):
     config_class = SelectivePruningConfig
     short_name = "sp"
     site = "key"
+    statistics = ("abs",)
     label = "Selective Pruning"
     cli_options = ("ratio", "max_retain_drop")
 
