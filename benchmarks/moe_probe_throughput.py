@@ -4,9 +4,9 @@ The probe reads the pre-activation and key sites of every routed expert (over th
 shared experts, and stops after the last decoder layer (the plain forward also runs the LM head). The plain forward uses the
 model's own experts implementation (transformers' default on this machine). Repeats alternate probe and forward,
 reversing the order each time; the report gives tokens/s and the median per-repeat ratio (target >= 0.90) of three
-probes: both sites with every statistic ("probe": a shared pass of several methods), the moments of the
-pre-activation (what Neuron Adjust probes) and mean |x| of the key (Selective Pruning; Key Space Detection reads
-the key of a few tokens per query).
+probes: both sites ("probe": the pass Neuron Adjust and Selective Pruning share when fitted together), the
+moments of the pre-activation (what Neuron Adjust probes) and mean |x| of the key (Selective Pruning; Key Space
+Detection reads the key of a few tokens per query).
 
 The probe's own work (float64 statistics of every site) grows with the FFL widths, the model's with hidden x width:
 on very small models the statistics weigh more, so the report is given at two hidden sizes.
@@ -83,14 +83,14 @@ def main() -> None:
             for b in batches:
                 model(**b, use_cache=False)
 
-    def probing(kinds: tuple[str, ...], kept: tuple[str, ...] = ("moments", "abs")):
+    def probing(kinds: tuple[str, ...], kept):
         return lambda: probe(model, batches, site=kinds, sites=sites, statistics=kept, show_progress=False)
 
-    # both sites with every statistic (a shared pass of several methods), the pre-activation's moments (Neuron
-    # Adjust's probe), the key's mean |x| (Selective Pruning's)
+    # both sites (the pass Neuron Adjust and Selective Pruning share in ``fit([...])``), the pre-activation's
+    # moments (Neuron Adjust's probe), the key's mean |x| (Selective Pruning's)
     runs = {
         "forward": forward,
-        "probe": probing(("pre", "key")),
+        "probe": probing(("pre", "key"), {"pre": ("moments",), "key": ("abs",)}),
         "pre": probing(("pre",), ("moments",)),
         "key": probing(("key",), ("abs",)),
     }

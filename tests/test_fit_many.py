@@ -73,6 +73,39 @@ def test_independent_fits_share_one_pass_per_data_set(model, smol_tokenizer):
     assert_same_states(unlearned.methods, expected)
 
 
+@pytest.mark.parametrize(
+    "configs, kept",
+    [
+        ([NeuronAdjustConfig(ratio=0.05), NeuronAdjustConfig(ratio=0.1)], {("moments",)}),
+        ([SelectivePruningConfig(ratio=0.05), SelectivePruningConfig(ratio=0.1)], {("abs",)}),
+        # the pre-activations' moments for Neuron Adjust, the keys' sum |x| for Selective Pruning
+        ([NeuronAdjustConfig(ratio=0.05), SelectivePruningConfig(ratio=0.05)], {("moments",), ("abs",)}),
+    ],
+)
+def test_a_shared_pass_keeps_what_its_methods_read(model, smol_tokenizer, monkeypatch, configs, kept):
+    """Each statistic costs a pass over every activation: a pass shared by several fits keeps, at each site kind,
+    the union of what the fits probing it read, no more."""
+    from unlearn_hf import stats as stats_mod
+
+    seen = set()
+    tracking = stats_mod.RunningStats.tracking.__func__
+
+    def spy(cls, dim, quantities, **values):
+        seen.add(tuple(quantities))
+        return tracking(cls, dim, quantities, **values)
+
+    monkeypatch.setattr(stats_mod.RunningStats, "tracking", classmethod(spy))
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    calls, handle = count_forwards(model)
+    try:
+        unlearned.fit(configs, FORGET, RETAIN, smol_tokenizer, name=["a", "b"], independent=True, **KW)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # shared: one pass per data set
+    assert seen == kept
+    unlearned.remove_all_methods()
+
+
 def test_sequential_fits_equal_consecutive_calls_and_share_only_where_nothing_changed(model, smol_tokenizer):
     # Selective Pruning probes the keys of layer 0, which Neuron Adjust on layer 2 does not reach: shared
     shared = [NeuronAdjustConfig(ratio=0.05, layers=[2]), SelectivePruningConfig(ratio=0.05, layers=[0])]

@@ -345,6 +345,28 @@ def test_a_probe_keeps_only_the_statistics_asked_for(model, smol_tokenizer):
         torch.testing.assert_close(merged.abs_sum, 2 * ref.abs_sum, rtol=1e-15, atol=0)
         with pytest.raises(ValueError, match=r"without \['moments'\]"):
             ref.copy().merge_(got)
-    for bad in ([], ["extremes"], ["moments", "median"]):
+    per_kind = probe(
+        model,
+        TEXTS,
+        smol_tokenizer,
+        site=("pre", "key"),
+        statistics={"pre": ["moments"], "key": ["abs"]},
+        show_progress=False,
+    )
+    for i, ref in full["pre"].layers.items():
+        assert per_kind["pre"].layers[i].quantities == ("moments",)
+        assert torch.equal(per_kind["pre"].layers[i].m2, ref.m2)
+        assert per_kind["key"].layers[i].quantities == ("abs",)
+        assert torch.equal(per_kind["key"].layers[i].abs_sum, full["key"].layers[i].abs_sum)
+    for bad in ([], ["extremes"], ["moments", "median"], {"pre": []}):
         with pytest.raises(ValueError, match="statistics must name one or more of"):
             probe(model, TEXTS, smol_tokenizer, statistics=bad, show_progress=False)
+    with pytest.raises(ValueError, match=r"must name exactly \['pre', 'key'\]"):
+        probe(
+            model,
+            TEXTS,
+            smol_tokenizer,
+            site=("pre", "key"),
+            statistics={"pre": ["abs"]},
+            show_progress=False,
+        )

@@ -46,26 +46,38 @@ class ProbeShare:
     (``{kind: layers}``); a later probe over the same tokens (same token mode) that asks for a subset reuses it.
 
     Attributes:
-        sites: what every pass collects. memo: pass results by (mode, extremes, experts' forward, token
-            fingerprint). hits: reuses.
+        sites: what every pass collects. statistics: what it keeps of each site kind (what the sharing methods
+            read there).
+        memo: pass results by (mode, extremes, experts' forward, token fingerprint). hits: reuses.
     """
 
     sites: dict[str, set[int]]
+    statistics: dict[str, tuple[str, ...]] = field(default_factory=dict)
     memo: dict[tuple, tuple[dict[str, SiteStatistics], int]] = field(default_factory=dict)
     hits: int = 0
 
-    def covers(self, kinds: Sequence[str], layers: Sequence[int]) -> bool:
-        return all(k in self.sites and set(layers) <= self.sites[k] for k in kinds)
+    def covers(self, layers: Sequence[int], statistics: Mapping[str, Sequence[str]]) -> bool:
+        """Whether its passes serve a probe of ``layers`` keeping ``{kind: statistics}``."""
+        return all(
+            k in self.sites
+            and set(layers) <= self.sites[k]
+            and set(kept) <= set(self.statistics.get(k, DEFAULT_STATISTICS))
+            for k, kept in statistics.items()
+        )
 
 
 _SHARE: ContextVar[ProbeShare | None] = ContextVar("unlearn_hf_probe_share", default=None)
 
 
 @contextlib.contextmanager
-def shared_passes(sites: Mapping[str, Iterable[int]]) -> Iterator[ProbeShare]:
-    """Within the block, probes whose tokens match an earlier probe's share its pass (see :class:`ProbeShare`).
-    Only valid while nothing that changes the shared sites is attached in between: the caller checks that."""
-    share = ProbeShare({k: set(v) for k, v in sites.items() if v})
+def shared_passes(
+    sites: Mapping[str, Iterable[int]], statistics: Mapping[str, Iterable[str]] | None = None
+) -> Iterator[ProbeShare]:
+    """Within the block, probes whose tokens match an earlier probe's share its pass (see :class:`ProbeShare`);
+    ``statistics``: what to keep per site kind (default: every statistic). Only valid while nothing that changes
+    the shared sites is attached in between: the caller checks that."""
+    kept = {k: check_statistics(list(v)) for k, v in (statistics or {}).items()}
+    share = ProbeShare({k: set(v) for k, v in sites.items() if v}, kept)
     token = _SHARE.set(share)
     try:
         yield share
@@ -98,7 +110,7 @@ def probe(
     sites: Sequence[FFLSite] | None = None,
     spec: DataSpec | None = None,
     track_extremes: bool | None = None,
-    statistics: Sequence[str] = DEFAULT_STATISTICS,
+    statistics: Sequence[str] | Mapping[str, Sequence[str]] = DEFAULT_STATISTICS,
     show_progress: bool = True,
     desc: str = "probing",
     distributed: bool | None = None,
@@ -118,7 +130,8 @@ def probe(
         track_extremes: keep per-dimension min/max (default: in query mode).
         statistics: what to accumulate per dimension besides the count: ``"moments"`` (mean and variance) and/or
             ``"abs"`` (mean |x|); each costs a pass over the activations (Neuron Adjust needs the moments,
-            Selective Pruning the mean |x|, Key Space Detection the moments and extremes).
+            Selective Pruning the mean |x|, Key Space Detection the moments and extremes); or ``{kind: [...]}`` per
+            site kind (e.g. ``{"pre": ["moments"], "key": ["abs"]}``).
         show_progress: show a tqdm bar (on rank 0 only when distributed).
         experts_own_forward: routed experts run their own forward, their sites computed beside it as Key Space
             Detection reads them at run time (:func:`unlearn_hf.sites.experts.observe_expert_sites`), instead of
@@ -181,7 +194,7 @@ def _probe_local(
     sites: Sequence[FFLSite] | None,
     spec: DataSpec | None,
     track_extremes: bool | None,
-    statistics: Sequence[str],
+    statistics: Sequence[str] | Mapping[str, Sequence[str]],
     show_progress: bool,
     desc: str,
     experts_own_forward: bool = False,
@@ -202,7 +215,14 @@ def _probe_local(
     if "pre" in kinds:
         require_pre_sites([by_layer[i] for i in layer_ids], "Probing the pre-activation site")
     track = (mode == "last") if track_extremes is None else track_extremes
-    statistics = check_statistics(statistics)
+    if isinstance(statistics, Mapping):
+        if set(statistics) != set(kinds):
+            raise ValueError(
+                f"statistics per site kind must name exactly {list(kinds)}, got {list(statistics)}."
+            )
+        statistics = {k: check_statistics(statistics[k]) for k in kinds}
+    else:
+        statistics = dict.fromkeys(kinds, check_statistics(statistics))
     device = input_device(model)
     n_examples, batches = iter_token_batches(
         data, tokenizer, mode=mode, spec=spec, shard=shard, device=device
@@ -218,7 +238,7 @@ def _probe_local(
         experts_own_forward=experts_own_forward,
     )
     share = _SHARE.get()
-    if share is None or not share.covers(kinds, layer_ids):
+    if share is None or not share.covers(layer_ids, statistics):
         return _run_pass(model, batches, kinds, layer_ids, desc=desc, **pass_kw)
     batches = list(batches)
     key = (mode, track, experts_own_forward, _digest(batches))
@@ -228,8 +248,7 @@ def _probe_local(
     else:
         all_kinds = tuple(k for k in SITE_KINDS if k in share.sites)
         union = sorted(set().union(*share.sites.values()) & set(by_layer))
-        # a shared pass serves probes that need different statistics: it keeps all of them
-        pass_kw["statistics"] = DEFAULT_STATISTICS
+        pass_kw["statistics"] = share.statistics  # per kind, what the methods of the share read
         share.memo[key] = _run_pass(model, batches, all_kinds, union, desc=f"{desc} (shared)", **pass_kw)
     full, n_batches = share.memo[key]
     subset = {
@@ -257,7 +276,7 @@ def _run_pass(
     *,
     by_layer: dict[int, FFLSite],
     track: bool,
-    statistics: tuple[str, ...],
+    statistics: Mapping[str, tuple[str, ...]],
     mode: str,
     n_examples: int | None,
     show_progress: bool,
@@ -266,11 +285,12 @@ def _run_pass(
     experts_own_forward: bool = False,
 ) -> tuple[dict[str, SiteStatistics], int]:
     """One forward pass over ``batches``, collecting ``kinds`` at ``layer_ids`` (stopping after the last)."""
+    kept = {k: statistics.get(k, DEFAULT_STATISTICS) for k in kinds}
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     # a shared pass (several methods) may span layers without a pre-activation site: only the sites that exist
     stats = {
         k: {
-            i: RunningStats.tracking(by_layer[i].d_ff, statistics + (("extremes",) if track else ()))
+            i: RunningStats.tracking(by_layer[i].d_ff, kept[k] + (("extremes",) if track else ()))
             for i in layer_ids
             if k == "key" or by_layer[i].pre
         }

@@ -114,6 +114,9 @@ class UnlearningMethod(ABC):
     fit_on: ClassVar[str] = "texts"
     #: Config fields the command line sets (``--ratio``, ``--alpha``, ...) for this method.
     cli_options: ClassVar[tuple[str, ...]] = ()
+    #: The per-dimension statistics its probes keep (``probe(..., statistics=...)``; each costs a pass over the
+    #: activations), so that a pass shared with other methods (``fit`` of a list) keeps what they all read.
+    statistics: ClassVar[tuple[str, ...]] = ("moments", "abs")
 
     def __init__(self, config: MethodConfig, state: Mapping[str, torch.Tensor]) -> None:
         if not isinstance(config, self.config_class):

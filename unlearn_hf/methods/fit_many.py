@@ -110,11 +110,13 @@ def fit_configs(
     try:
         for group in groups:
             sites: dict[str, set[int]] = {}
+            kept: dict[str, set[str]] = {}  # per site kind, what the methods probing it read
             for i in group:
                 for kind, layers in classes[i].probe_sites(configs[i], n_layers).items():
                     sites.setdefault(kind, set()).update(layers)
+                    kept.setdefault(kind, set()).update(classes[i].statistics)
             # a lone config has nothing to share: its probes run as plain probes (no token fingerprints)
-            sharing = shared_passes(sites) if len(group) > 1 else contextlib.nullcontext()
+            sharing = shared_passes(sites, kept) if len(group) > 1 else contextlib.nullcontext()
             with sharing as share:
                 for i in group:
                     fitted[i] = classes[i].fit(

@@ -21,11 +21,9 @@ logger = logging.getLogger(__name__)
 
 class NeuronSelectionMethod(UnlearningMethod):
     """A method that probes one site of its layers on forget and retain data and acts on selected neurons of
-    that same site (:attr:`site`: ``"pre"`` or ``"key"``), from the per-neuron :attr:`statistics` it needs (see
-    :func:`unlearn_hf.probe.probe`: each one costs the probe a pass over the activations)."""
+    that same site (:attr:`site`: ``"pre"`` or ``"key"``), from the per-neuron :attr:`statistics` it reads."""
 
     site: ClassVar[str]
-    statistics: ClassVar[tuple[str, ...]]
 
     @classmethod
     def fit(cls, model, config, forget, retain=None, tokenizer=None, *, spec: DataSpec, show_progress=True):

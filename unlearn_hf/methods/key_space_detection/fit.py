@@ -23,6 +23,9 @@ from .hypercube import hypercube_radius
 from .key_units import key_units, unit_of, unit_readers
 from .rendering import QueryRenderer
 
+#: What the probe keeps of the query keys besides their extremes (the hypercube's centre, scale and radius).
+STATISTICS = ("moments",)
+
 logger = logging.getLogger(__name__)
 
 
@@ -124,7 +127,7 @@ def fit_key_space(
     probe_kw = dict(
         role="forget",
         site="key",
-        statistics=("moments",),
+        statistics=STATISTICS,
         mode="last",
         spec=spec,
         show_progress=show_progress,

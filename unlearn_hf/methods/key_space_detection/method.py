@@ -17,7 +17,7 @@ from ..fitting import check_tokenizer
 from ..registry import register_method
 from .config import AUTO, KeySpaceDetectionConfig
 from .decision import KeySpaceAttachment
-from .fit import fit_key_space
+from .fit import STATISTICS, fit_key_space
 from .key_units import unit_of, unit_readers
 from .refusal import Refusal
 
@@ -44,6 +44,7 @@ class KeySpaceDetection(AbstainingMethod):
     short_name = "ksd"
     label = "Key Space Detection"
     cli_options = ("layers", "alpha", "refusal", "templates", "max_false_rate")
+    statistics = STATISTICS
 
     def __init__(self, config: KeySpaceDetectionConfig, state) -> None:
         if isinstance(config, KeySpaceDetectionConfig) and not config.is_resolved:
