@@ -57,17 +57,6 @@ class HookRegistrar:
 
         return runs
 
-    def _gate(self, runs: Callable[[], ForwardContext | None], handle_id: list[int]):
-        """``gate()``: :meth:`_runs`, recording in the context that the hook registered as ``handle_id[0]`` ran."""
-
-        def gate() -> ForwardContext | None:
-            ctx = runs()
-            if ctx is not None:
-                ctx.fired.add(handle_id[0])
-            return ctx
-
-        return gate
-
     def _add(self, handle: RemovableHandle, handle_id: list[int]) -> None:
         handle_id.append(handle.id)
         self.handles.append(handle)
@@ -117,17 +106,26 @@ class HookRegistrar:
         (``unlearn_observer``)."""
         handle_id: list[int] = []
         runs = self._runs(observer)
-        gate = self._gate(runs, handle_id)
+        owner, name = self.owner, self.method_name
+        current, replay, no_grad = _CURRENT.get, _REPLAY.get, torch.no_grad
 
+        # one flat function (the checks of ``runs`` inlined): inside a decode step every Python frame and attribute
+        # lookup runs on cold caches, and a hook runs on every hooked module of every step
         @functools.partial(torch.compiler.disable, reason=_EAGER)
         def hook(mod, args, *output):
-            ctx = gate()
-            if ctx is None or (when is not None and not when(ctx)):
+            ctx = current()
+            if ctx is None or ctx.model is not owner or name in ctx.disabled or (observer and replay()):
                 return None
-            if not pre:
-                return _run(fn, ctx, output[0], observer)
-            new = _run(fn, ctx, args if all_inputs else args[0], observer)
-            return None if new is None else (new, *args[1:])
+            ctx.fired.add(handle_id[0])
+            if when is not None and not when(ctx):
+                return None
+            value = (args if all_inputs else args[0]) if pre else output[0]
+            if observer:
+                with no_grad():
+                    fn(ctx, value)
+                return None
+            new = fn(ctx, value)
+            return new if not pre or new is None else (new, *args[1:])
 
         def would_run() -> bool:
             ctx = runs()
@@ -141,12 +139,3 @@ class HookRegistrar:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-
-
-def _run(fn: Callable[[ForwardContext, Any], Any], ctx: ForwardContext, value: Any, observer: bool) -> Any:
-    """``fn(ctx, value)``; an observer's without autograd and with its result dropped."""
-    if observer:
-        with torch.no_grad():
-            fn(ctx, value)
-        return None
-    return fn(ctx, value)
