@@ -60,23 +60,39 @@ class Calibration:
 
 def window_scores(z: torch.Tensor, columns: Sequence[int], window: int, rule: str) -> torch.Tensor:
     """Per-row scores ``[rows]`` of ``z`` ``[rows, layers, W]`` at the layer ``columns`` with a ``window``."""
-    per_layer = z[:, list(columns), :window].amin(-1)
-    return per_layer.amax(1) if rule == "all" else per_layer.amin(1)
+    return _combine(z[:, :, :window].amin(-1), columns, rule)
 
 
-def _group_rates(scores: torch.Tensor, groups: Sequence[str], alpha: float) -> dict[str, float]:
-    out = {}
-    for g in dict.fromkeys(groups):
-        sel = torch.tensor([x == g for x in groups])
-        out[g] = float((scores[sel] <= alpha).double().mean())
-    return out
+def _combine(per_layer: torch.Tensor, columns: Sequence[int], rule: str) -> torch.Tensor:
+    """Per-row scores ``[rows]`` from window scores ``[rows, layers]`` at the layer ``columns``."""
+    if len(columns) == 1:
+        return per_layer[:, columns[0]]
+    chosen = per_layer[:, torch.tensor(list(columns))]
+    return chosen.amax(1) if rule == "all" else chosen.amin(1)
 
 
-def budget_limit(scores: torch.Tensor, groups: Sequence[str], max_false_rate: float) -> float:
+class _Groups:
+    """The rows of each group (a rendering; a retain set × rendering), groups in first-seen order, indexed once:
+    every candidate's rates are then a ``bincount`` (calibration scores hundreds of candidates)."""
+
+    def __init__(self, groups: Sequence[str]) -> None:
+        self.names = list(dict.fromkeys(groups))
+        index = {g: i for i, g in enumerate(self.names)}
+        self.ids = torch.tensor([index[g] for g in groups], dtype=torch.long)
+        self.masks = [self.ids == i for i in range(len(self.names))]
+        self.sizes = torch.bincount(self.ids, minlength=len(self.names)).double()
+
+    def rates(self, scores: torch.Tensor, alpha: float) -> dict[str, float]:
+        """Share of each group's rows with a score ≤ ``alpha``."""
+        inside = torch.bincount(self.ids[scores <= alpha], minlength=len(self.names)).double() / self.sizes
+        return dict(zip(self.names, inside.tolist()))
+
+
+def budget_limit(scores: torch.Tensor, groups: _Groups, max_false_rate: float) -> float:
     """The supremum of α keeping every group's false abstention ≤ ``max_false_rate``: α must stay below it."""
     limit = math.inf
-    for g in dict.fromkeys(groups):
-        s = torch.sort(scores[torch.tensor([x == g for x in groups])]).values
+    for mask in groups.masks:
+        s = torch.sort(scores[mask]).values
         allowed = math.floor(max_false_rate * s.numel() + 1e-9)
         if allowed < s.numel():
             limit = min(limit, float(s[allowed]))
@@ -95,8 +111,8 @@ def _evaluate(sf, f_groups, sr, r_groups, budget, alpha):
         margin = math.inf if math.isinf(limit) else limit / max(reach, 1e-12)
     else:
         margin = 0.0
-    forget = _group_rates(sf, f_groups, alpha)
-    false = _group_rates(sr, r_groups, alpha)
+    forget = f_groups.rates(sf, alpha)
+    false = r_groups.rates(sr, alpha)
     if max(false.values()) > budget + 1e-12:
         return None
     key = (min(forget.values()), sum(forget.values()) / len(forget), margin)
@@ -137,13 +153,15 @@ def calibrate(
     """
     col = {layer: j for j, layer in enumerate(layer_ids)}
     sets = [list(layers)] if layers is not None else [[layer] for layer in layer_ids]
+    forget_groups, retain_groups = _Groups(forget_groups), _Groups(retain_groups)
     results = {}
     for w in windows:
         feasible = []
+        forget_w, retain_w = forget_z[:, :, :w].amin(-1), retain_z[:, :, :w].amin(-1)  # [rows, layers]
         for s in sets:
             cols = [col[i] for i in s]
-            sf = window_scores(forget_z, cols, w, rule)
-            sr = window_scores(retain_z, cols, w, rule)
+            sf = _combine(forget_w, cols, rule)
+            sr = _combine(retain_w, cols, rule)
             r = _evaluate(sf, forget_groups, sr, retain_groups, max_false_rate, alpha)
             if r is not None:
                 feasible.append((r, s))
@@ -170,8 +188,7 @@ def _table(forget_z, retain_z, retain_groups, window) -> tuple[torch.Tensor, tor
     grid = ALPHA_GRID.view(1, 1, -1)
     forget = (sf.unsqueeze(-1) <= grid).double().mean(0)  # [L, A]
     false = torch.zeros_like(forget)
-    for g in dict.fromkeys(retain_groups):
-        sel = torch.tensor([x == g for x in retain_groups])
+    for sel in retain_groups.masks:
         false = torch.maximum(false, (sr[sel].unsqueeze(-1) <= grid).double().mean(0))
     return forget, false
 
@@ -185,7 +202,7 @@ def _infeasible(forget_z, retain_z, retain_groups, sets, col, windows, rule, bud
             sf = window_scores(forget_z, cols, w, rule)
             sr = window_scores(retain_z, cols, w, rule)
             a = float(torch.quantile(sf.double(), 0.5))  # the α that abstains on half the forget queries
-            false = max(_group_rates(sr, retain_groups, a).values())
+            false = max(retain_groups.rates(sr, a).values())
             if best is None or false < best[0]:
                 best = (false, s, w)
     false, s, w = best
