@@ -221,8 +221,9 @@ def fit_key_space(
         show_progress=show_progress,
     )
     readers = unit_readers(sites, cubes, candidates, alpha=1.0)
-    zf = trailing_distances(model, held, sites, readers, desc="calibrating: held-out forget", **z_kw)
-    zr = trailing_distances(model, retain_rows, sites, readers, desc="calibrating: retain", **z_kw)
+    # held-out forget and retain rows in one pass: one length-sorted plan pads less than two
+    z = trailing_distances(model, held + retain_rows, sites, readers, desc="calibrating", **z_kw)
+    zf, zr = z[: len(held)], z[len(held) :]
     cal = calibrate(
         zf,
         [r.rendering for r in held],
