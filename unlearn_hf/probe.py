@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,71 +15,13 @@ from . import distributed as _dist
 from .batch_plan import PaddingMeter
 from .data import DataSpec, TokenBatch, iter_token_batches
 from .model_inputs import StopForward, accepts, input_device, position_ids_from_mask
+from .probe_share import _SHARE
 from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites, require_pre_sites
-from .stats import RunningStats, SiteStatistics
+from .stats import DEFAULT_STATISTICS, RunningStats, SiteStatistics, check_statistics
 
 logger = logging.getLogger(__name__)
 
 SITE_KINDS = ("pre", "key")
-#: What a probe accumulates by default besides the count (see :class:`~unlearn_hf.stats.RunningStats`).
-DEFAULT_STATISTICS = ("moments", "abs")
-
-
-def check_statistics(statistics: Sequence[str]) -> tuple[str, ...]:
-    """``statistics`` as a tuple in canonical order; raises ``ValueError`` when it is empty or names an unknown one."""
-    chosen = (statistics,) if isinstance(statistics, str) else tuple(statistics)
-    unknown = [q for q in chosen if q not in DEFAULT_STATISTICS]
-    if unknown or not chosen:
-        raise ValueError(
-            f"statistics must name one or more of {list(DEFAULT_STATISTICS)}, got {statistics!r}"
-            + (" (min/max: track_extremes)." if "extremes" in unknown else ".")
-        )
-    return tuple(q for q in DEFAULT_STATISTICS if q in chosen)
-
-
-@dataclass
-class ProbeShare:
-    """Passes shared by the fits of one ``fit([...])`` call: each pass collects every site of ``sites``
-    (``{kind: layers}``); a later probe over the same tokens (same token mode) that asks for a subset reuses it.
-
-    Attributes:
-        sites: what every pass collects. statistics: what it keeps of each site kind (what the sharing methods
-            read there).
-        memo: pass results by (mode, extremes, experts' forward, token fingerprint). hits: reuses.
-    """
-
-    sites: dict[str, set[int]]
-    statistics: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    memo: dict[tuple, tuple[dict[str, SiteStatistics], int]] = field(default_factory=dict)
-    hits: int = 0
-
-    def covers(self, layers: Sequence[int], statistics: Mapping[str, Sequence[str]]) -> bool:
-        """Whether its passes serve a probe of ``layers`` keeping ``{kind: statistics}``."""
-        return all(
-            k in self.sites
-            and set(layers) <= self.sites[k]
-            and set(kept) <= set(self.statistics.get(k, DEFAULT_STATISTICS))
-            for k, kept in statistics.items()
-        )
-
-
-_SHARE: ContextVar[ProbeShare | None] = ContextVar("unlearn_hf_probe_share", default=None)
-
-
-@contextlib.contextmanager
-def shared_passes(
-    sites: Mapping[str, Iterable[int]], statistics: Mapping[str, Iterable[str]] | None = None
-) -> Iterator[ProbeShare]:
-    """Within the block, probes whose tokens match an earlier probe's share its pass (see :class:`ProbeShare`);
-    ``statistics``: what to keep per site kind (default: every statistic). Only valid while nothing that changes
-    the shared sites is attached in between: the caller checks that."""
-    kept = {k: check_statistics(list(v)) for k, v in (statistics or {}).items()}
-    share = ProbeShare({k: set(v) for k, v in sites.items() if v}, kept)
-    token = _SHARE.set(share)
-    try:
-        yield share
-    finally:
-        _SHARE.reset(token)
 
 
 def architecture_id(model: nn.Module) -> str:

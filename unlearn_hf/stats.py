@@ -27,6 +27,22 @@ _FOLD_ROWS = 1 << 16
 #: What :class:`RunningStats` can keep besides the count (``statistics`` of the probe: the first two).
 QUANTITIES = ("moments", "abs", "extremes")
 
+#: What a probe accumulates by default besides the count (see :class:`~unlearn_hf.stats.RunningStats`).
+DEFAULT_STATISTICS = ("moments", "abs")
+
+
+def check_statistics(statistics: Sequence[str]) -> tuple[str, ...]:
+    """``statistics`` as a tuple in canonical order; raises ``ValueError`` when it is empty or names an unknown one."""
+    chosen = (statistics,) if isinstance(statistics, str) else tuple(statistics)
+    unknown = [q for q in chosen if q not in DEFAULT_STATISTICS]
+    if unknown or not chosen:
+        raise ValueError(
+            f"statistics must name one or more of {list(DEFAULT_STATISTICS)}, got {statistics!r}"
+            + (" (min/max: track_extremes)." if "extremes" in unknown else ".")
+        )
+    return tuple(q for q in DEFAULT_STATISTICS if q in chosen)
+
+
 #: Device types without float64 arithmetic: their activations are accumulated on the host.
 NO_FLOAT64 = frozenset({"mps"})
 

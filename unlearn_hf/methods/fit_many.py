@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..data import DataSpec
-from ..probe import SITE_KINDS, shared_passes
+from ..probe import SITE_KINDS
+from ..probe_share import shared_passes
 from .base import UnlearningMethod
 from .config import MethodConfig
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..data import DataSpec
-from ..probe import DEFAULT_STATISTICS, architecture_id, probe
+from ..probe import architecture_id, probe
 from ..sites import FFLSite
-from ..stats import SiteStatistics
+from ..stats import DEFAULT_STATISTICS, SiteStatistics
 from .config import resolve_layers
 
 
