@@ -106,15 +106,14 @@ class HookRegistrar:
         (``unlearn_observer``)."""
         handle_id: list[int] = []
         runs = self._runs(observer)
-        owner, name = self.owner, self.method_name
-        current, replay, no_grad = _CURRENT.get, _REPLAY.get, torch.no_grad
+        no_grad = torch.no_grad
 
-        # one flat function (the checks of ``runs`` inlined): inside a decode step every Python frame and attribute
-        # lookup runs on cold caches, and a hook runs on every hooked module of every step
+        # one function calling ``runs`` (no further helper frames): inside a decode step every Python frame runs on
+        # cold caches, and a hook runs on every hooked module of every step
         @functools.partial(torch.compiler.disable, reason=_EAGER)
         def hook(mod, args, *output):
-            ctx = current()
-            if ctx is None or ctx.model is not owner or name in ctx.disabled or (observer and replay()):
+            ctx = runs()
+            if ctx is None:
                 return None
             ctx.fired.add(handle_id[0])
             if when is not None and not when(ctx):

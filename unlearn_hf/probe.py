@@ -224,12 +224,11 @@ def _run_pass(
     experts_own_forward: bool = False,
 ) -> tuple[dict[str, SiteStatistics], int]:
     """One forward pass over ``batches``, collecting ``kinds`` at ``layer_ids`` (stopping after the last)."""
-    kept = {k: statistics.get(k, DEFAULT_STATISTICS) for k in kinds}
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     # a shared pass (several methods) may span layers without a pre-activation site: only the sites that exist
     stats = {
         k: {
-            i: RunningStats.tracking(by_layer[i].d_ff, kept[k] + (("extremes",) if track else ()))
+            i: RunningStats.tracking(by_layer[i].d_ff, statistics[k] + (("extremes",) if track else ()))
             for i in layer_ids
             if k == "key" or by_layer[i].pre
         }

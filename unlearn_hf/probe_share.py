@@ -17,8 +17,8 @@ class ProbeShare:
     (``{kind: layers}``); a later probe over the same tokens (same token mode) that asks for a subset reuses it.
 
     Attributes:
-        sites: what every pass collects. statistics: what it keeps of each site kind (what the sharing methods
-            read there).
+        sites: what every pass collects. statistics: what it keeps of each site kind of ``sites`` (what the
+            sharing methods read there).
         memo: pass results by (mode, extremes, experts' forward, token fingerprint). hits: reuses.
     """
 
@@ -30,9 +30,7 @@ class ProbeShare:
     def covers(self, layers: Sequence[int], statistics: Mapping[str, Sequence[str]]) -> bool:
         """Whether its passes serve a probe of ``layers`` keeping ``{kind: statistics}``."""
         return all(
-            k in self.sites
-            and set(layers) <= self.sites[k]
-            and set(kept) <= set(self.statistics.get(k, DEFAULT_STATISTICS))
+            k in self.sites and set(layers) <= self.sites[k] and set(kept) <= set(self.statistics[k])
             for k, kept in statistics.items()
         )
 
@@ -47,8 +45,9 @@ def shared_passes(
     """Within the block, probes whose tokens match an earlier probe's share its pass (see :class:`ProbeShare`);
     ``statistics``: what to keep per site kind (default: every statistic). Only valid while nothing that changes
     the shared sites is attached in between: the caller checks that."""
-    kept = {k: check_statistics(list(v)) for k, v in (statistics or {}).items()}
-    share = ProbeShare({k: set(v) for k, v in sites.items() if v}, kept)
+    kinds = {k: set(v) for k, v in sites.items() if v}
+    kept = {k: check_statistics(list((statistics or {}).get(k, DEFAULT_STATISTICS))) for k in kinds}
+    share = ProbeShare(kinds, kept)
     token = _SHARE.set(share)
     try:
         yield share
