@@ -242,6 +242,57 @@ def test_running_stats_leave_float64_input_untouched_and_match_numpy():
     np.testing.assert_array_equal(rs.maximum.numpy(), ref.max(0))
 
 
+def test_running_stats_exclude_rows_by_zeroing_them(monkeypatch, model, smol_tokenizer):
+    """``update(x, exclude=rows)`` equals the statistics of the other rows (numpy float64), over several chunks,
+    whatever the left-out rows hold (NaN, inf), with rows left out at chunk edges, a chunk left out whole and a new
+    set of rows of the same count next (the per-chunk split is cached per set); extremes refuse it."""
+    from unlearn_hf import stats as stats_mod
+    from unlearn_hf.stats import RunningStats
+
+    chunk = stats_mod._chunk_rows(256, torch.device("cpu"))
+    rows = 3 * chunk + 5
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 256, generator=gen) * 3 + 0.5
+    first = [0, chunk - 1, chunk, *range(2 * chunk, 3 * chunk), rows - 1]  # edges, and the third chunk whole
+    second = sorted(set(range(0, rows, 7)) - {0})
+    for left_out in (first, second):
+        assert len(first) != len(second) or left_out is first
+        y = x.clone()
+        y[left_out[::2]] = float("nan")
+        y[left_out[1::2]] = float("inf")
+        exclude = torch.tensor(left_out)
+        keep = np.setdiff1d(np.arange(rows), left_out)
+        ref = x.double().numpy()[keep]
+        for quantities in (("moments",), ("abs",), ("moments", "abs")):
+            rs = RunningStats.tracking(256, quantities)
+            rs.update(y, exclude=exclude)
+            rs.update(x[:3])  # a later update without exclusion adds to the same sums
+            both = np.concatenate([ref, x[:3].double().numpy()])
+            assert rs.count == both.shape[0]
+            if "moments" in quantities:
+                np.testing.assert_allclose(rs.mean.numpy(), both.mean(0), rtol=1e-12, atol=1e-14)
+                np.testing.assert_allclose(rs.variance.numpy(), both.var(0, ddof=1), rtol=1e-10)
+            if "abs" in quantities:
+                np.testing.assert_allclose(rs.abs_mean.numpy(), np.abs(both).mean(0), rtol=1e-12)
+    everything = RunningStats.tracking(256, ("moments",))
+    everything.update(x, exclude=torch.arange(rows))
+    assert everything.count == 0
+    with pytest.raises(ValueError, match="extremes"):
+        RunningStats(256, track_extremes=True).update(x, exclude=torch.tensor([1]))
+
+    # a probe of padded batches takes this path (and still equals the one-by-one statistics, see the invariance test)
+    calls = []
+    split = stats_mod._excluded_by_chunk
+    monkeypatch.setattr(stats_mod, "_excluded_by_chunk", lambda *a: calls.append(a[0].numel()) or split(*a))
+    texts = [TEXTS[3] + " more" * k for k in range(6)]  # padding: 8% of the batch, under _EXCLUDE_AT_MOST
+    padded = probe(model, texts, smol_tokenizer, spec=DataSpec(batch_size=6), show_progress=False)
+    one = probe(model, texts, smol_tokenizer, spec=DataSpec(batch_size=1), show_progress=False)
+    assert calls and all(n > 0 for n in calls)
+    for layer, s in one.layers.items():
+        assert padded.layers[layer].count == s.count
+        torch.testing.assert_close(padded.layers[layer].mean, s.mean, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("fold_rows", [1 << 16, 8])
 def test_running_stats_fold_pending_sums_exactly_whenever_read(monkeypatch, fold_rows):
     """``update`` only adds to pending float64 sums; reading a statistic folds them in (Chan's formula). Reads

@@ -197,6 +197,13 @@ def _probe_local(
     return subset, n_batches
 
 
+#: The largest fraction of a batch's rows (its padding, or the tokens a mode leaves out) that a dense site's
+#: statistics zero in their float64 copy (:meth:`RunningStats.update`'s ``exclude``) rather than gather the others
+#: with ``index_select``. Measured on a CPU (1024 rows of width 1536, 2 threads): with 2% left out, zeroing takes
+#: 13% (moments) to 19% (Σ|x|) less time than gathering; the two break even at about 10% (moments) to 15% left out.
+_EXCLUDE_AT_MOST = 0.1
+
+
 def _digest(batches: list[TokenBatch]) -> str:
     """A fingerprint of the tokens and the selection of ``batches``."""
     h = hashlib.sha1()
@@ -275,9 +282,12 @@ def _run_pass(
                     f"Layer {layer} {kind} site produced shape {tuple(x.shape)}, expected [batch, seq, "
                     f"{by_layer[layer].d_ff}]; the site does not match the model."
                 )
+            rows = x.flatten(0, 1)
+            if selected[("exclude", host)] is not None and not track:
+                stats[kind][layer].update(rows, exclude=selected[("exclude", host)])
+                return
             index = selected_on("index", x.device)
-            rows = x.flatten(0, 1) if index is None else x.flatten(0, 1).index_select(0, index)
-            stats[kind][layer].update(rows)
+            stats[kind][layer].update(rows if index is None else rows.index_select(0, index))
 
         def capture_routed(x: torch.Tensor, token_index: torch.Tensor) -> None:
             if x.dim() != 2 or x.shape[-1] != by_layer[layer].d_ff:
@@ -334,6 +344,10 @@ def _run_pass(
             finished.clear()
             selected[("index", host)] = None if every else select.flatten().nonzero()[:, 0]
             selected[("flags", host)] = None if every else select.flatten()
+            # few rows left out (padding): zeroed in the statistics' float64 copy instead of gathering the others
+            left_out = None if every else (~select.flatten()).nonzero()[:, 0]
+            few = left_out is not None and left_out.numel() <= _EXCLUDE_AT_MOST * select.numel()
+            selected[("exclude", host)] = left_out if few else None
             try:
                 model(
                     input_ids=batch.input_ids.to(device),
