@@ -293,6 +293,35 @@ def test_running_stats_exclude_rows_by_zeroing_them(monkeypatch, model, smol_tok
         torch.testing.assert_close(padded.layers[layer].mean, s.mean, rtol=1e-5, atol=1e-7)
 
 
+def test_running_stats_of_concurrent_threads_do_not_share_a_work_buffer():
+    """On a CPU the float64 work buffer is reused, one per thread: statistics updated in two threads at once (torch
+    releases the GIL inside its kernels) are each the numpy statistics of their own rows."""
+    import threading
+
+    from unlearn_hf.stats import RunningStats
+
+    gen = torch.Generator().manual_seed(5)
+    data = [[torch.randn(300, 256, generator=gen) * (k + 1) + 10 * k for _ in range(40)] for k in range(2)]
+    results: dict[int, RunningStats] = {}
+
+    def run(k: int) -> None:
+        rs = RunningStats.tracking(256, ("moments", "abs"))
+        for x in data[k]:
+            rs.update(x)
+        results[k] = rs
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        ref = torch.cat(data[k]).double().numpy()
+        np.testing.assert_allclose(results[k].mean.numpy(), ref.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(results[k].variance.numpy(), ref.var(0, ddof=1), rtol=1e-9)
+        np.testing.assert_allclose(results[k].abs_mean.numpy(), np.abs(ref).mean(0), rtol=1e-12)
+
+
 @pytest.mark.parametrize("fold_rows", [1 << 16, 8])
 def test_running_stats_fold_pending_sums_exactly_whenever_read(monkeypatch, fold_rows):
     """``update`` only adds to pending float64 sums; reading a statistic folds them in (Chan's formula). Reads
