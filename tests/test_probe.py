@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from tiny_models import tiny_llama
 
-from unlearn_hf import SiteError, merge, probe
+from unlearn_hf import SiteError, merge, probe, stats_chunks
 from unlearn_hf.data import DataSpec
 from unlearn_hf.sites import find_ffl_sites
 
@@ -227,7 +227,7 @@ def test_running_stats_leave_float64_input_untouched_and_match_numpy():
     from unlearn_hf import stats as stats_mod
 
     # width 256: chunks of 512 rows on a CPU, so 1029 rows span three chunks (width 3 would need 87k rows)
-    rows = 2 * stats_mod._chunk_rows(256, torch.device("cpu")) + 5
+    rows = 2 * stats_chunks.chunk_rows(256, torch.device("cpu")) + 5
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 256, dtype=torch.float64, generator=gen) * 4 - 1
     before = x.clone()
@@ -246,10 +246,9 @@ def test_running_stats_exclude_rows_by_zeroing_them(monkeypatch, model, smol_tok
     """``update(x, exclude=rows)`` equals the statistics of the other rows (numpy float64), over several chunks,
     whatever the left-out rows hold (NaN, inf), with rows left out at chunk edges, a chunk left out whole and a new
     set of rows of the same count next (the per-chunk split is cached per set); extremes refuse it."""
-    from unlearn_hf import stats as stats_mod
     from unlearn_hf.stats import RunningStats
 
-    chunk = stats_mod._chunk_rows(256, torch.device("cpu"))
+    chunk = stats_chunks.chunk_rows(256, torch.device("cpu"))
     rows = 3 * chunk + 5
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, 256, generator=gen) * 3 + 0.5
@@ -282,8 +281,8 @@ def test_running_stats_exclude_rows_by_zeroing_them(monkeypatch, model, smol_tok
 
     # a probe of padded batches takes this path (and still equals the one-by-one statistics, see the invariance test)
     calls = []
-    split = stats_mod._excluded_by_chunk
-    monkeypatch.setattr(stats_mod, "_excluded_by_chunk", lambda *a: calls.append(a[0].numel()) or split(*a))
+    split = stats_chunks.excluded_by_chunk
+    monkeypatch.setattr(stats_chunks, "excluded_by_chunk", lambda *a: calls.append(a[0].numel()) or split(*a))
     texts = [TEXTS[3] + " more" * k for k in range(6)]  # padding: 8% of the batch, under _EXCLUDE_AT_MOST
     padded = probe(model, texts, smol_tokenizer, spec=DataSpec(batch_size=6), show_progress=False)
     one = probe(model, texts, smol_tokenizer, spec=DataSpec(batch_size=1), show_progress=False)

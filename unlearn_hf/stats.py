@@ -11,18 +11,13 @@ would wait for the device); :meth:`RunningStats.to_` moves them at the end. A de
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-#: Rows of the float64 copy ``update`` works on at a time: on a CPU, as many as fit :data:`_CPU_CHUNK_ELEMENTS` values
-#: (1 MiB, so the copy and the reductions over it stay in cache: a SmolLM2 key-site probe ran in 16.0 s with chunks
-#: of 64-128 rows against 18.5-19.1 s with 1024); elsewhere ``_CHUNK_ROWS`` values of each row, shared by the
-#: blocks of the copy (fewer, larger kernels; the transient stays 1024 float64 rows).
-_CHUNK_ROWS = 1024
-_CPU_CHUNK_ELEMENTS = 1 << 17
+from . import stats_chunks as chunks
+
 #: Pending sums are folded into the statistics after this many vectors (bounds the cancellation of Σx² − n·mean²).
 _FOLD_ROWS = 1 << 16
 
@@ -47,66 +42,6 @@ def check_statistics(statistics: Sequence[str]) -> tuple[str, ...]:
 
 #: Device types without float64 arithmetic: their activations are accumulated on the host.
 NO_FLOAT64 = frozenset({"mps"})
-
-
-def _chunk_rows(dim: int, device: torch.device, blocks: int = 1) -> int:
-    """How many rows of width ``dim`` :meth:`RunningStats.update` copies to float64 at a time on ``device``, for a
-    copy of ``blocks`` blocks (x, x², |x|)."""
-    return max(1, _CPU_CHUNK_ELEMENTS // dim) if device.type == "cpu" else max(1, _CHUNK_ROWS // blocks)
-
-
-def _scratch(rows: int, width: int, device: torch.device) -> torch.Tensor:
-    """A float64 ``[rows, width]`` work buffer: on a CPU one per thread and shape, reused (a fresh megabyte costs
-    page faults at every chunk); elsewhere a new one (the device's caching allocator reuses memory)."""
-    if device.type != "cpu":
-        return torch.empty(rows, width, dtype=torch.float64, device=device)
-    buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None:
-        buffers = _SCRATCH.buffers = {}
-    buf = buffers.get(width)
-    if buf is None or buf.shape[0] < rows:
-        buf = buffers[width] = torch.empty(rows, width, dtype=torch.float64)
-    return buf[:rows]
-
-
-_SCRATCH = threading.local()
-
-
-def _ones(n: int, device: torch.device) -> torch.Tensor:
-    """A float64 row of ``n`` ones on ``device`` (``[1, n]``), sliced from one cached row per device."""
-    row = _ONES.get(device)
-    if row is None or row.shape[1] < n:
-        row = _ONES[device] = torch.ones(1, max(n, _CHUNK_ROWS), dtype=torch.float64, device=device)
-    return row[:, :n]
-
-
-_ONES: dict[torch.device, torch.Tensor] = {}
-
-
-def _excluded_by_chunk(
-    exclude: torch.Tensor, n: int, rows: int, device: torch.device
-) -> list[torch.Tensor | None]:
-    """The rows of ``exclude`` (sorted indices into ``n`` rows) per chunk of ``rows`` rows, as indices local to their
-    chunk on ``device`` (``None``: none in that chunk). Cached for the last ``exclude`` seen: a probe excludes the
-    same rows at every layer of a batch."""
-    of, splits = getattr(_EXCLUDED, "last", (None, None))
-    if of is not exclude:  # holding ``exclude`` keeps its identity unique
-        splits = {}
-        _EXCLUDED.last = (exclude, splits)
-    key = (n, rows, device)
-    out = splits.get(key)
-    if out is None:
-        starts = torch.arange(0, n + rows, rows).clamp_max_(n)
-        bounds = torch.searchsorted(exclude, starts).tolist()
-        out = splits[key] = [
-            (exclude[lo:hi] - start).to(device, non_blocking=True) if hi > lo else None
-            for start, lo, hi in zip(starts.tolist(), bounds[:-1], bounds[1:])
-        ]
-    return out
-
-
-#: Per thread, the last rows excluded and their split per chunk layout (see :func:`_excluded_by_chunk`).
-_EXCLUDED = threading.local()
 
 
 def accumulation_device(device: torch.device | str) -> torch.device:
@@ -244,9 +179,11 @@ class RunningStats:
         # float32 rows, moments, 2 threads). The input is only read: float64 activations stay untouched.
         d, blocks = self.dim, self._rows
         sums = self._sums.view(1, -1)
-        rows = _chunk_rows(d, x.device, blocks)
-        zeroed = _excluded_by_chunk(exclude, x.shape[0], rows, x.device) if exclude is not None else None
-        work = _scratch(min(rows, x.shape[0]), blocks * d, x.device) if blocks else None
+        rows = chunks.chunk_rows(d, x.device, blocks)
+        zeroed = (
+            chunks.excluded_by_chunk(exclude, x.shape[0], rows, x.device) if exclude is not None else None
+        )
+        work = chunks.scratch(min(rows, x.shape[0]), blocks * d, x.device) if blocks else None
         for i, chunk in enumerate(x.split(rows)) if blocks else ():
             w = work[: chunk.shape[0]]
             first = w[:, :d].copy_(chunk)
@@ -258,7 +195,7 @@ class RunningStats:
                     torch.abs(first, out=w[:, 2 * d :])
             else:
                 first.abs_()
-            sums.addmm_(_ones(w.shape[0], w.device), w)
+            sums.addmm_(chunks.ones(w.shape[0], w.device), w)
         self._pending += n
         if self._pending >= _FOLD_ROWS:
             self._fold()
