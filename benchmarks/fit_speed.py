@@ -255,13 +255,13 @@ def main() -> None:
             "speed_vs_best_batched": med[(best, key)] / fit_s,
             "per_budget_s": {str(b): med[(b, key)] for b in budgets},
             "fit_s_runs": times[("fit", name)],
-            # paired in time: each repeat's fastest budget over that repeat's fit (drift between repeats cancels)
             # CPU seconds of this process (time other processes take from the cores does not count)
             "speed_vs_best_batched_cpu": min(statistics.median(cpu[(b, key)]) for b in budgets)
             / statistics.median(cpu[("fit", name)]),
             "speed_vs_best_batched_cpu_runs": [
                 min(cpu[(b, key)][r] for b in budgets) / cpu[("fit", name)][r] for r in range(args.repeats)
             ],
+            # paired in time: each repeat's fastest budget over that repeat's fit (drift between repeats cancels)
             "speed_vs_best_batched_runs": [
                 min(times[(b, key)][r] for b in budgets) / times[("fit", name)][r]
                 for r in range(args.repeats)

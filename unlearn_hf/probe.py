@@ -283,7 +283,7 @@ def _run_pass(
                     f"{by_layer[layer].d_ff}]; the site does not match the model."
                 )
             rows = x.flatten(0, 1)
-            if selected[("exclude", host)] is not None and not track:
+            if selected[("exclude", host)] is not None:
                 stats[kind][layer].update(rows, exclude=selected[("exclude", host)])
                 return
             index = selected_on("index", x.device)
@@ -345,7 +345,8 @@ def _run_pass(
             selected[("index", host)] = None if every else select.flatten().nonzero()[:, 0]
             selected[("flags", host)] = None if every else select.flatten()
             # few rows left out (padding): zeroed in the statistics' float64 copy instead of gathering the others
-            left_out = None if every else (~select.flatten()).nonzero()[:, 0]
+            # (not with extremes, which must see the kept rows only)
+            left_out = None if every or track else (~select.flatten()).nonzero()[:, 0]
             few = left_out is not None and left_out.numel() <= _EXCLUDE_AT_MOST * select.numel()
             selected[("exclude", host)] = left_out if few else None
             try:
