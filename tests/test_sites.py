@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import TINY_MODEL_TYPES, tiny_model, tiny_tokenizer
+from tiny_models import TINY_MODEL_TYPES, tiny_config, tiny_model, tiny_tokenizer
 from torch import nn
+from transformers import AutoModelForCausalLM
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
@@ -20,6 +21,7 @@ from unlearn_hf.sites import (
     KNOWN_SITES,
     SiteError,
     as_token_grid,
+    config_d_ff,
     find_decoder_layers,
     find_ffl_sites,
     linear_io,
@@ -358,6 +360,22 @@ def test_known_type_with_a_wrong_d_ff_in_the_config_is_refused():
     model = tiny_model("llama")
     model.config.intermediate_size = 81
     with pytest.raises(SiteError, match="config says 81"):
+        find_ffl_sites(model)
+
+
+@pytest.mark.parametrize("model_type,width_attr", [("opt", "ffn_dim"), ("xglm", "ffn_dim"), ("falcon", None)])
+def test_a_width_keyword_the_config_class_does_not_use_is_ignored(model_type, width_attr):
+    # OPTConfig(intermediate_size=...) keeps the stray keyword as an attribute; the model's width is ffn_dim (Falcon:
+    # ffn_hidden_size, 4 x hidden by default), so the stray value must neither be read nor refuse the sites
+    config = tiny_config(model_type, intermediate_size=7)
+    assert config.intermediate_size == 7
+    model = AutoModelForCausalLM.from_config(config)
+    expected = getattr(config, width_attr) if width_attr else config.ffn_hidden_size
+    assert [s.d_ff for s in find_ffl_sites(model)] == [expected] * config.num_hidden_layers
+    assert config_d_ff(config, config.hidden_size) == expected
+    # a declared width that disagrees with the modules is still refused
+    setattr(config, width_attr or "ffn_hidden_size", expected + 1)
+    with pytest.raises(SiteError, match=f"config says {expected + 1}"):
         find_ffl_sites(model)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from .known_architectures import FOUR_X_HIDDEN, WIDTH_FROM_MODULES
@@ -40,21 +42,30 @@ def config_d_ff(config, hidden: int | None = None) -> int | None:
         return None
     if model_type in FOUR_X_HIDDEN:
         attr = FOUR_X_HIDDEN[model_type]
-        value = getattr(config, attr, None) if attr else None
+        value = _declared(config, attr) if attr else None
         if isinstance(value, int) and value > 0:
             return value
         return 4 * hidden if hidden else None
     for attr in ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff"):
-        value = getattr(config, attr, None)
+        value = _declared(config, attr)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
 
 
+def _declared(config, attr: str):
+    """``config.<attr>`` when the config class declares it (a field of a dataclass config, as transformers 5's are;
+    any attribute of another config). A keyword its class does not use (``OPTConfig(intermediate_size=...)``, whose
+    width is ``ffn_dim``) is kept as an attribute but says nothing about the model."""
+    if dataclasses.is_dataclass(config) and attr not in {f.name for f in dataclasses.fields(config)}:
+        return None
+    return getattr(config, attr, None)
+
+
 def expert_count(config) -> int:
     """The number of experts the config declares; 0 when it declares none (not a mixture of experts)."""
     for attr in _EXPERT_COUNT_ATTRS:
-        value = getattr(config, attr, None)
+        value = _declared(config, attr)
         if isinstance(value, int) and value > 1:
             return value
     return 0
