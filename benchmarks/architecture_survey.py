@@ -8,12 +8,15 @@ Outcomes:
 
 and, for these three, whether every method its sites allow works on the tiny model (``methods``: Selective
 Pruning and Neuron Adjust fit and change the logits, Key Space Detection at α = 1 contains every fitted row,
-``generate`` runs);
+``generate`` runs; a model built whose forward on token ids fails, e.g. a drafter that needs its target model's
+states, is surveyed without them: ``methods`` then says why);
 - ``refused: module lists or >2-D weights`` (expert lists, recurrent or state-space blocks) / ``refused: sites``:
   ``SiteError``, whose message says why and how to name the sites;
-- ``not built``: no variant of the generic shrinking below gives a tiny model (the first variant whose model runs a
-  forward is surveyed, else the first that builds); the model type itself may work at its real size: these are not
-  verdicts on the library.
+- ``not built``: neither the per-type override (``_PER_TYPE``, for config classes that the generic shrinking leaves
+  inconsistent or large: nested sub-configs, per-layer lists, state-space sizes) nor a variant of the generic
+  shrinking (``_SMALL``, ``_VARIANTS``; a composite config gets the same sizes in its ``text_config``) gives a tiny
+  model (the first try whose model runs a forward on token ids is surveyed, else the first that builds); the model
+  type itself may work at its real size: these are not verdicts on the library.
 
 Each type runs in its own process (some configs are large or hang), one worker per CPU by default. Writes
 ``benchmarks/architecture_survey.json`` and prints a summary.
@@ -76,6 +79,294 @@ _VARIANTS = (
 )
 
 
+#: Per-type overrides, tried before ``_VARIANTS`` for their type: config kwargs merged over ``_SMALL`` (nested dicts
+#: merged key by key), for the config classes that the generic shrinking leaves inconsistent or too large.
+_PER_TYPE: dict[str, dict] = {
+    # attention and FFN sizes live in nested configs; the attention reads a rope_theta and clamps with clip_qkv
+    "dbrx": dict(
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2),
+    ),
+    # the routed experts have no default count (None)
+    "dots1": dict(
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        first_k_dense_replace=1,
+    ),
+    # layer_types has no default; one dense layer, then a sparse one
+    "lfm2_moe": dict(
+        layer_types=["conv", "full_attention"],
+        num_dense_layers=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+    ),
+    # Qwen3.5: the text model (gated delta net + full attention) with small linear-attention heads
+    "qwen3_5": dict(
+        text_config=dict(
+            head_dim=8,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            layer_types=["linear_attention", "full_attention"],
+        )
+    ),
+    # as qwen3_5, with few small experts (256 by default)
+    "qwen3_5_moe": dict(
+        text_config=dict(
+            head_dim=8,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            layer_types=["linear_attention", "full_attention"],
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=48,
+        )
+    ),
+    # as qwen3_5_moe, with hyper-connections and an indexed-attention layer, whose indexer sizes have no default
+    "qwen4_exp": dict(
+        text_config=dict(
+            head_dim=8,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            layer_types=["linear_attention", "indexed_attention"],
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=48,
+            hc_lowrank=8,
+            indexer_n_heads=2,
+            indexer_kv_heads=1,
+            indexer_head_dim=8,
+            indexer_budget=8,
+            indexer_compress_ratio=4,
+        )
+    ),
+    # small per-layer-input embeddings and global (full-attention) heads; one sliding and one full layer
+    "gemma4": dict(
+        text_config=dict(
+            head_dim=8,
+            global_head_dim=16,
+            vocab_size_per_layer_input=128,
+            hidden_size_per_layer_input=8,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+        )
+    ),
+    # as gemma4 (the audio and vision towers are absent by default)
+    "gemma4_unified": dict(
+        text_config=dict(
+            head_dim=8,
+            global_head_dim=16,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+        )
+    ),
+    # the drafter of gemma4: no per-layer inputs, few centroids; its forward needs the target model's inputs_embeds
+    # and shared_kv_states, so it is surveyed as built, without a forward on token ids
+    "gemma4_assistant": dict(
+        backbone_hidden_size=32,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
+        text_config=dict(
+            head_dim=8,
+            global_head_dim=16,
+            vocab_size_per_layer_input=0,
+            hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+        ),
+    ),
+    # as gemma4_assistant (the drafter of gemma4_unified)
+    "gemma4_unified_assistant": dict(
+        backbone_hidden_size=32,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
+        text_config=dict(
+            head_dim=8,
+            global_head_dim=16,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+        ),
+    ),
+    # 15 KV-shared layers by default (more than 2); small per-layer inputs and LAuReL rank
+    "gemma3n_text": dict(
+        head_dim=8,
+        vocab_size_per_layer_input=128,
+        hidden_size_per_layer_input=8,
+        num_kv_shared_layers=0,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=16,
+        laurel_rank=8,
+    ),
+    # rope_parameters are per layer type, without a default for them
+    "cohere_compass_text": dict(
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=16,
+        rope_parameters=dict(
+            sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+            full_attention=dict(rope_type="default", rope_theta=10000.0),
+        ),
+    ),
+    # multi-head latent attention with as many KV heads as query heads, one indexed (DSA) and one sliding layer (its
+    # sizes are the swa_* kwargs); the vision and audio adapters must output the text hidden size
+    "dots3_note": dict(
+        vision_config=dict(adapter_out_dim=32),
+        audio_config=dict(adapter_out_dim=32),
+        text_config=dict(
+            num_key_value_heads=4,
+            head_dim=16,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_experts_intermediate_size=48,
+            index_topk=4,
+            index_head_dim=8,
+            index_n_heads=2,
+            layer_types=["indexed_attention", "sliding_attention"],
+            sliding_window=16,
+            swa_num_attention_heads=4,
+            swa_num_key_value_heads=4,
+            swa_q_lora_rank=16,
+            swa_kv_lora_rank=16,
+            swa_head_dim=16,
+            swa_qk_nope_head_dim=8,
+            swa_v_head_dim=8,
+        ),
+    ),
+    # head_dim a multiple of 16 (NVFP4 rounding); a dense sliding layer, then a sparse indexed-attention one
+    "kolibri1_1": dict(
+        head_dim=16,
+        layer_types=["sliding_attention", "indexed_attention"],
+        sliding_window=16,
+        index_topk=4,
+        index_pool_size=16,
+        index_compression=4,
+        index_num_heads=2,
+        index_num_local_tokens=2,
+        index_num_sink_tokens=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=48,
+        mlp_only_layers=[0],
+        mlp_only_intermediate_size=80,
+    ),
+    # attention_types must expand to num_layers entries
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=16),
+    # mamba_n_heads must divide mamba_expand * hidden_size; one mamba and one attention layer
+    "bamba": dict(mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=16, attn_layer_indices=[1]),
+    # as bamba, with few experts
+    "granitemoehybrid": dict(
+        mamba_n_heads=4,
+        mamba_d_state=16,
+        mamba_chunk_size=16,
+        layer_types=["linear_attention", "full_attention"],
+        num_local_experts=4,
+        shared_intermediate_size=48,
+    ),
+    # num_heads * head_dim must equal expand * hidden_size
+    "mamba2": dict(num_heads=4, head_dim=16, state_size=16, n_groups=1, chunk_size=16),
+    # layers_block_type has one entry per layer; the shared transformer is tied across hybrid layers, so two of them
+    "zamba": dict(
+        num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"], mamba_d_state=8
+    ),
+    # layers_block_type has one entry per layer (54 by default)
+    "zamba2": dict(
+        layers_block_type=["linear_attention", "hybrid"],
+        mamba_d_state=8,
+        n_mamba_heads=4,
+        chunk_size=16,
+        adapter_rank=8,
+    ),
+    # few experts, one dense and one MoE layer
+    "llama4": dict(
+        text_config=dict(
+            head_dim=8,
+            num_local_experts=4,
+            intermediate_size=48,
+            intermediate_size_mlp=80,
+            interleave_moe_layer_step=2,
+            attention_chunk_size=16,
+        )
+    ),
+    # a cross-attention layer among self-attention ones, as in the real model (skipped on text-only inputs)
+    "mllama": dict(text_config=dict(num_hidden_layers=3, cross_attention_layers=[1])),
+    # four nested transformers (entropy patcher, local encoder, global, local decoder), each of one small layer; the
+    # global width is the encoder's times cross_attn_k; few hash embeddings (500002 by default)
+    "blt": dict(
+        vocab_size=260,
+        local_attention_window_len=16,
+        encoder_hash_byte_group_size=[3, 4],
+        encoder_hash_byte_group_vocab=64,
+        patcher_config=dict(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_hidden_layers=1,
+            intermediate_size=80,
+            vocab_size=260,
+            sliding_window=16,
+        ),
+        encoder_config=dict(
+            hidden_size=32,
+            hidden_size_global=64,
+            num_attention_heads=4,
+            num_hidden_layers=1,
+            intermediate_size=80,
+            vocab_size=260,
+        ),
+        global_config=dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=80),
+        decoder_config=dict(
+            hidden_size=32,
+            hidden_size_global=64,
+            num_attention_heads=4,
+            num_hidden_layers=1,
+            intermediate_size=80,
+            vocab_size=260,
+        ),
+    ),
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``base`` updated with ``over``, dict values merged recursively."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def _config_kwargs(model_type: str, extra: dict) -> dict:
+    """The config kwargs of one try: ``extra`` merged over ``_SMALL``. A composite config (one with a ``text_config``,
+    e.g. a vision-language model whose ``*ForCausalLM`` is its text model) gets the same flat sizes in its
+    ``text_config`` too, merged under ``extra["text_config"]``."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    kwargs = _merge(_SMALL, extra)
+    config_class = CONFIG_MAPPING[model_type]
+    sub_configs = getattr(config_class, "sub_configs", None) or getattr(
+        config_class, "sub_configs_defaults", {}
+    )
+    if "text_config" in sub_configs:
+        flat = {key: value for key, value in kwargs.items() if not isinstance(value, dict)}
+        kwargs["text_config"] = _merge(flat, extra.get("text_config", {}))
+    return kwargs
+
+
 def survey_one(model_type: str) -> dict:
     """Build ``model_type`` tiny and find its sites; the outcome as a JSON-ready dict."""
     import torch
@@ -83,10 +374,11 @@ def survey_one(model_type: str) -> dict:
 
     from unlearn_hf.sites import KNOWN_SITES, SiteError, find_ffl_sites
 
-    model, built, error = None, None, None
-    for extra in _VARIANTS:
+    model, built, error, no_forward = None, None, None, None
+    per_type = (_PER_TYPE[model_type],) if model_type in _PER_TYPE else ()
+    for extra in per_type + _VARIANTS:
         try:
-            config = AutoConfig.for_model(model_type, **{**_SMALL, **extra})
+            config = AutoConfig.for_model(model_type, **_config_kwargs(model_type, extra))
         except Exception as err:  # noqa: BLE001 - any failure of a foreign config class is an outcome
             error = f"config: {type(err).__name__}: {err}"
             continue
@@ -96,14 +388,18 @@ def survey_one(model_type: str) -> dict:
         except Exception as err:  # noqa: BLE001
             model, error = None, f"model: {type(err).__name__}: {err}"
             continue
-        built = built or model
         try:
             with torch.no_grad():
                 model(input_ids=torch.tensor([[3, 4, 5, 6]]), use_cache=False)
             break
-        except Exception:  # noqa: BLE001 - the next variant may run; else the first one built is surveyed
+        except Exception as err:  # noqa: BLE001 - the next variant may run; else the first one built is surveyed
+            if built is None:
+                built, no_forward = model, f"{type(err).__name__}: {err}"
             model = None
-    model = model or built
+    if model is None:  # none ran a forward: the first one built, whose methods cannot be checked
+        model = built
+    else:
+        no_forward = None
     if model is None:
         return {"outcome": "not built", "detail": str(error)[:300]}
     try:
@@ -113,7 +409,10 @@ def survey_one(model_type: str) -> dict:
         outcome = "refused: module lists or >2-D weights" if blocks else "refused: sites"
         return {"outcome": outcome, "detail": str(err)[:400]}
     first = sites[0]
-    checks = check_methods(model, model_type)
+    if no_forward is None:
+        checks = check_methods(model, model_type)
+    else:  # e.g. a drafter model, whose forward needs its target model's states
+        checks = {"forward": f"n/a: the bare model's forward on token ids fails: {no_forward}"[:300]}
     if model_type in KNOWN_SITES:
         outcome = "table"
     elif any(s.pre is None for s in sites):
