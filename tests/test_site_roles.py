@@ -85,7 +85,10 @@ def test_discovery_verifies_the_fused_layout_on_the_layer(layout, caplog):
 def test_fused_layout_that_cannot_be_verified_leaves_key_sites(caplog):
     phi = _phi3()
     phi.config.model_type = "my_fused_arch"
-    phi.config.hidden_act = "relu"  # not what the layer computes: no layout reproduces the key input
+    for (
+        layer
+    ) in phi.model.layers:  # neither the config's activation nor a common one: no layout reproduces it
+        layer.mlp.activation_fn = nn.Tanh()
     with caplog.at_level(logging.WARNING, logger="unlearn_hf.sites"):
         sites = find_ffl_sites(phi)
     assert all(s.pre is None and s.key_name.endswith("mlp.down_proj") for s in sites)
@@ -136,14 +139,15 @@ def test_fused_sites_save_load_and_fingerprint(tmp_path):
 
 
 class _W123(nn.Module):
-    """``w2(silu(w1 x) * w3 x)``: w1 and w3 cannot be told apart by their names or shapes."""
+    """``w2(tanh(w1 x) * w3 x)``: w1 and w3 cannot be told apart by their names or shapes, nor by the computation
+    (tanh is neither the config's activation nor a common one that discovery tries)."""
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
         self.w1, self.w3, self.w2 = mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
     def forward(self, x):
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        return self.w2(torch.tanh(self.w1(x)) * self.w3(x))
 
 
 def _key_only_llama():

@@ -42,8 +42,6 @@ _FUSED = {
 }
 _FUSED["modernbert-decoder"] = ("model.layers", "mlp", "mlp.Wi", None, "mlp.Wo")
 #: types whose gate only the table names (their two input projections have no telling names)
-_UNTOLD_GATE = {"lfm2"}
-
 #: model_type -> (layer list, module whose input is the FFL input x, pre-activation, up (gated) or None, key).
 REFERENCE: dict[str, tuple[str, str, str, str | None, str]] = {
     **{t: ("model.layers", *_GATED) for t in _LLAMA_FAMILY},
@@ -279,9 +277,6 @@ def test_discovery_on_unknown_model_type_finds_the_table_sites(model_type, caplo
     with caplog.at_level(logging.INFO, logger="unlearn_hf.sites"):
         found = find_ffl_sites(model)
     assert "Discovered FFL sites" in caplog.text
-    if model_type in _UNTOLD_GATE:  # two gated projections named w1 / w3: discovery keeps the key sites only
-        expected = [(None, key, d_ff, None) for _, key, d_ff, _ in expected]
-        assert "several candidate FFL pre-activation" in found[0].pre_missing
     assert [(s.pre_name, s.key_name, s.d_ff, s.gate) for s in found] == expected
 
 
@@ -291,6 +286,30 @@ def test_gated_discovery_uses_gate_not_up():
     sites = find_ffl_sites(model)
     assert [s.pre_name for s in sites] == [f"model.layers.{i}.mlp.gate_proj" for i in range(2)]
     assert [s.key_name for s in sites] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+
+
+class _StackedExperts(nn.Module):
+    """DBRX's layout: a router, and every expert's weights stacked in one ``[experts * d_ff, hidden]`` parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(32, 4)
+        self.w1, self.w2 = nn.Parameter(torch.randn(320, 32)), nn.Parameter(torch.randn(320, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_experts_stacked_in_one_weight_are_refused_naming_the_weights():
+    model = tiny_model("llama")
+    model.config.model_type = "my_new_arch"
+    for layer in model.model.layers:
+        layer.mlp = _StackedExperts()
+    with pytest.raises(SiteError, match=r"No FFL output projections") as err:
+        find_ffl_sites(model)
+    message = str(err.value)
+    assert "weights outside linear modules (mlp.w1 [320, 32], mlp.w2 [320, 32])" in message
+    assert "mlp.router (32->4)" in message and "not a transformers experts module" in message
 
 
 def test_ambiguous_output_projection_names_the_candidates():
@@ -304,20 +323,44 @@ def test_ambiguous_output_projection_names_the_candidates():
     assert "mlp.gate_proj (32->80)" in str(err.value)  # everything found is listed
 
 
-def test_ambiguous_gate_gives_key_sites_naming_the_candidates(caplog):
+class _NeutralNamesMLP(nn.Module):
+    """LlamaMLP's gated FFL with projections called w1 / w3 / w2, names that do not say which one (``gate``) enters
+    the activation."""
+
+    def __init__(self, mlp: nn.Module, gate: str, up: str) -> None:
+        super().__init__()
+        self.gate_name, self.up_name, self.act_fn = gate, up, mlp.act_fn
+        setattr(self, gate, mlp.gate_proj)
+        setattr(self, up, mlp.up_proj)
+        self.w2 = mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act_fn(getattr(self, self.gate_name)(x)) * getattr(self, self.up_name)(x))
+
+
+@pytest.mark.parametrize("gate,up", [("w1", "w3"), ("w3", "w1")])
+def test_a_gate_whose_name_does_not_tell_is_found_from_the_layer_computation(gate, up, caplog):
     model = tiny_model("llama")
     model.config.model_type = "my_new_arch"
-    for layer in model.model.layers:  # a gated FFL whose projections are called w1 / w3 / w2
-        layer.mlp.w1, layer.mlp.w3, layer.mlp.w2 = layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
-        del layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
+    for layer in model.model.layers:
+        layer.mlp = _NeutralNamesMLP(layer.mlp, gate, up)
+    # the gate is the projection that enters the activation, whichever name (and order) it has
+    sites = find_ffl_sites(model)
+    assert [(s.pre_name, s.key_name) for s in sites] == [
+        (f"model.layers.{i}.mlp.{gate}", f"model.layers.{i}.mlp.w2") for i in range(2)
+    ]
+    # an activation that is neither the config's nor a common one: nothing can be told, the key sites remain
+    for layer in model.model.layers:
+        layer.mlp.act_fn = nn.Tanh()
     with caplog.at_level(logging.WARNING, logger="unlearn_hf.sites"):
         sites = find_ffl_sites(model)
     assert [(s.pre, s.key_name) for s in sites] == [(None, f"model.layers.{i}.mlp.w2") for i in range(2)]
     assert "several candidate FFL pre-activation" in sites[0].pre_missing
-    assert "mlp.w1, mlp.w3" in sites[0].pre_missing and "key sites only in 2 of 2 layers" in caplog.text
+    assert "mlp.w1, mlp.w3" in sites[0].pre_missing or "mlp.w3, mlp.w1" in sites[0].pre_missing
+    assert "key sites only in 2 of 2 layers" in caplog.text
     # the names form of the override resolves it
-    sites = find_ffl_sites(model, {"pre": "mlp.w1", "key": "mlp.w2"})
-    assert [s.pre for s in sites] == [layer.mlp.w1 for layer in model.model.layers]
+    sites = find_ffl_sites(model, {"pre": f"mlp.{gate}", "key": "mlp.w2"})
+    assert [s.pre for s in sites] == [getattr(layer.mlp, gate) for layer in model.model.layers]
 
 
 def test_override_missing_module():

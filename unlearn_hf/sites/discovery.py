@@ -78,6 +78,17 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
     return True
 
 
+def _weights_outside_linears(scope: nn.Module, prefix: str) -> list[str]:
+    """``name [shape]`` of the weights of ``scope`` that no linear module holds (DBRX keeps its experts in
+    ``[experts * d_ff, hidden]`` parameters)."""
+    linear = {n for n, m in scope.named_modules() if n and linear_io(m) is not None}
+    return [
+        f"{prefix}{n} {list(p.shape)}"
+        for n, p in scope.named_parameters()
+        if p.dim() >= 2 and not any(n.startswith(lin + ".") for lin in linear)
+    ]
+
+
 def _describe(linears: Sequence[tuple[str, tuple[int, int]]]) -> str:
     return ", ".join(f"{n} ({i}->{o})" for n, (i, o) in linears) or "no linear modules"
 
@@ -88,7 +99,8 @@ def discover_in_layer(
     """Find the site names relative to one decoder layer, or raise naming what was found.
 
     Without one pre-activation projection, a fused gate/up projection ``h -> 2 d_ff`` is taken when one layout of
-    :data:`~.ffl_site.GATE_LAYOUTS` reproduces the key input from its output with the config's activation ``act``
+    :data:`~.ffl_site.GATE_LAYOUTS` reproduces the key input from its output with the config's activation ``act`` (or
+    a common one); two projections ``h -> d_ff`` whose names do not tell the gate are told apart the same way
     (checked on a random input through the FFL container); otherwise only the key site is returned.
     """
     prefix, scope = "", layer
@@ -129,14 +141,25 @@ def discover_in_layer(
         downs = [(n, i) for n, i in downs if i == d_ff_hint] or downs
     if len(downs) != 1:
         what = "Several candidate" if downs else "No"
+        raw = [] if downs else _weights_outside_linears(scope, prefix)
+        why = (
+            f" The FFL holds weights outside linear modules ({', '.join(raw)}): experts stacked in one weight, not "
+            "a transformers experts module, are not supported."
+            if raw
+            else ""
+        )
         raise SiteError(
             f"{what} FFL output projections (input width d_ff, output width {hidden}) in {where}: "
-            f"{', '.join(n for n, _ in downs) or 'none'}; found: {found}. Name the sites yourself."
+            f"{', '.join(n for n, _ in downs) or 'none'}; found: {found}.{why} Name the sites yourself."
         )
     key_name, d_ff = downs[0]
     ups = [n for n, (i, o) in linears if i == hidden and o == d_ff and n != key_name]
     if len(ups) > 1:  # gated FFL: the pre-activation is the gate
         gates = [n for n in ups if "gate" in n.rsplit(".", 1)[-1].lower()]
+        if (
+            len(gates) != 1 and len(ups) == 2
+        ):  # names that do not tell (w1 / w3): the layer's own computation does
+            gates = [g] if (g := gate_of_pair(layer, prefix, ups, key_name, act)) else []
         ups = gates if len(gates) == 1 else ups
     if len(ups) == 1:
         return SitePair(ups[0], key_name)
@@ -147,7 +170,8 @@ def discover_in_layer(
             return SitePair(fused[0], key_name, layout)
         why = (
             f"{fused[0]} computes gate and up in one fused projection whose layout could not be verified (the "
-            f"config's activation {act!r} reproduces the key input with none of {', '.join(GATE_LAYOUTS)})"
+            f"config's activation {act!r} and the common ones reproduce the key input with none of "
+            f"{', '.join(GATE_LAYOUTS)})"
         )
     else:
         what = "several candidate" if ups else "no"
@@ -163,40 +187,82 @@ def discover_in_layer(
     )
 
 
-def fused_gate_layout(layer: nn.Module, prefix: str, fused: str, key: str, act: str | None) -> str | None:
-    """The layout of a fused gate/up projection in ``layer``: the one with which ``act(gate) * up`` equals the
-    input of ``key`` when the FFL container (``prefix``) runs on a random input; ``None`` when none does or the
-    check cannot run (no container, no known activation, weights not materialized)."""
-    if not prefix or not isinstance(act, str) or act not in ACT2FN:
+#: Activations tried, after the config's, to tell the gate of a gated FFL from its computation (some FFLs call one
+#: whatever the config says, e.g. LFM2's ``F.silu``; some configs name none).
+_COMMON_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+
+
+def _activations(act: str | None) -> list:
+    names = ([act] if isinstance(act, str) and act in ACT2FN else []) + list(_COMMON_ACTIVATIONS)
+    return [ACT2FN[n] for n in dict.fromkeys(names)]
+
+
+def _run_ffl(
+    layer: nn.Module, prefix: str, outputs: Sequence[str], key: str
+) -> dict[str, torch.Tensor] | None:
+    """The outputs of the modules ``outputs`` and the input of ``key`` (under ``"key"``) when the FFL container
+    (``prefix``) runs on a random input; ``None`` when the run cannot be made (no container, weights not
+    materialized, a container that needs other arguments)."""
+    if not prefix:
         return None
-    container, fn = layer.get_submodule(prefix[:-1]), ACT2FN[act]
-    pre_mod, key_mod = layer.get_submodule(fused), layer.get_submodule(key)
-    weight = next((p for p in pre_mod.parameters() if p.is_floating_point()), None)
+    container, key_mod = layer.get_submodule(prefix[:-1]), layer.get_submodule(key)
+    first = layer.get_submodule(outputs[0])
+    weight = next((p for p in first.parameters() if p.is_floating_point()), None)
     if weight is None or weight.is_meta:
         return None
     got: dict[str, torch.Tensor] = {}
     handles = [
-        pre_mod.register_forward_hook(lambda m, a, out: got.__setitem__("pre", out)),
-        key_mod.register_forward_pre_hook(lambda m, a: got.__setitem__("key", a[0])),
+        layer.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: got.__setitem__(n, out))
+        for n in outputs
     ]
+    handles.append(key_mod.register_forward_pre_hook(lambda m, a: got.__setitem__("key", a[0])))
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 5, linear_io(pre_mod)[0], generator=gen).to(weight.device, weight.dtype)
+    x = torch.randn(1, 5, linear_io(first)[0], generator=gen).to(weight.device, weight.dtype)
     try:
         with torch.no_grad():
             container(x)
-    except Exception:  # noqa: BLE001 - a container that needs other arguments: the layout stays unknown
+    except Exception:  # noqa: BLE001 - a container that needs other arguments: nothing can be told
         return None
     finally:
         for h in handles:
             h.remove()
-    if "pre" not in got or "key" not in got:
+    return got if all(n in got for n in (*outputs, "key")) else None
+
+
+def _reproduces(gate: torch.Tensor, up: torch.Tensor, key: torch.Tensor, act) -> bool:
+    """Whether ``act(gate) * up`` is the key input ``key``, recomputed in the layer's own dtype (half-precision
+    rounding, bf16: 2^-8, must not hide the match)."""
+    rtol = max(1e-3, 4 * torch.finfo(key.dtype).eps)
+    atol = max(1e-5, rtol * float(key.abs().mean()))
+    return torch.allclose((act(gate) * up).float(), key.float(), rtol=rtol, atol=atol)
+
+
+def gate_of_pair(layer: nn.Module, prefix: str, ups: Sequence[str], key: str, act: str | None) -> str | None:
+    """Of two projections ``h -> d_ff`` of a gated FFL whose names do not tell, the one that enters the activation:
+    the ``a`` with which ``act(a) * b`` equals the input of ``key`` when the FFL runs on a random input (the config's
+    activation, else a common one); ``None`` when neither or both do, or the check cannot run."""
+    got = _run_ffl(layer, prefix, ups, key)
+    if got is None:
         return None
-    d_ff, dtype = got["key"].shape[-1], got["key"].dtype
-    # recomputed in the layer's own dtype; half-precision rounding (bf16: 2^-8) must not hide the layout
-    rtol = max(1e-3, 4 * torch.finfo(dtype).eps)
-    atol = max(1e-5, rtol * float(got["key"].abs().mean()))
-    for layout in GATE_LAYOUTS:
-        gate, up = gate_and_up(got["pre"], layout, d_ff)
-        if torch.allclose((fn(gate) * up).float(), got["key"].float(), rtol=rtol, atol=atol):
-            return layout
+    a, b = ups
+    for fn in _activations(act):
+        found = [g for g, u in ((a, b), (b, a)) if _reproduces(got[g], got[u], got["key"], fn)]
+        if found:
+            return found[0] if len(found) == 1 else None
+    return None
+
+
+def fused_gate_layout(layer: nn.Module, prefix: str, fused: str, key: str, act: str | None) -> str | None:
+    """The layout of a fused gate/up projection in ``layer``: the one with which ``act(gate) * up`` equals the
+    input of ``key`` when the FFL container (``prefix``) runs on a random input (the config's activation ``act``,
+    else a common one); ``None`` when none does or the check cannot run (no container, weights not materialized)."""
+    got = _run_ffl(layer, prefix, [fused], key)
+    if got is None:
+        return None
+    d_ff = got["key"].shape[-1]
+    for fn in _activations(act):
+        for layout in GATE_LAYOUTS:
+            gate, up = gate_and_up(got[fused], layout, d_ff)
+            if _reproduces(gate, up, got["key"], fn):
+                return layout
     return None
