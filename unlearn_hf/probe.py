@@ -364,6 +364,17 @@ def _run_pass(
     finally:
         for h in handles:
             h.remove()
+    for kind, per_layer in stats.items():
+        dense = {i: s.count for i, s in per_layer.items() if not by_layer[i].routed}
+        unseen = [i for i, n in dense.items() if n == 0]
+        if unseen and any(
+            dense.values()
+        ):  # a dense site sees every selected token, unless its layer was skipped
+            raise ValueError(
+                f"The {kind} sites of layers {unseen} ({by_layer[unseen[0]].key_name}, ...) saw no tokens while "
+                "others did: the forward did not run them (a layer these inputs skip, as Mllama's cross-attention "
+                "layers without an image). Leave them out of the sites."
+            )
     fp = architecture_id(model)
     for per_layer in stats.values():
         for s in per_layer.values():
