@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers_na import token_batches
 from tiny_models import small_text_kwargs
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
@@ -59,7 +60,16 @@ MOE = {
         ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.down_proj"],
         "first_half",
     ),
+    # Llama 4: every expert computes every token, its rows pre-scaled by the routing weight (0 where not routed)
+    "llama4_text": (
+        dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=40, intermediate_size_mlp=80),
+        4,
+        [f"model.layers.{i}.feed_forward.shared_expert.down_proj" for i in range(2)],
+        "first_half",
+    ),
 }
+#: the types whose experts take the top-k experts of each token (transformers' ``use_experts_implementation``)
+TOP_K = sorted(set(MOE) - {"llama4_text"})
 
 
 def moe_model(model_type: str, seed: int = 0, **overrides):
@@ -73,12 +83,25 @@ def moe_model(model_type: str, seed: int = 0, **overrides):
     return model
 
 
+def captured_then_probed(model, batches, sites, hooks):
+    """Run ``batches`` through ``model`` with the forward pre-hooks ``hooks`` ``[(module, hook)]`` that capture the
+    reference's inputs, then probe both sites: ``(statistics per kind, flags of the selected tokens)``."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    result = probe(model, batches, site=("pre", "key"), sites=sites, show_progress=False)
+    return result, torch.cat([b["attention_mask"].flatten().bool() for b in batches])
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_here(one_thread):
     """Tiny models run fastest on one thread."""
 
 
-@pytest.mark.parametrize("model_type", sorted(MOE))
+@pytest.mark.parametrize("model_type", TOP_K)
 def test_expert_sites_and_their_statistics_match_a_hand_computation(model_type):
     model = moe_model(model_type)
     _, n_experts, dense, layout = MOE[model_type]
@@ -98,21 +121,14 @@ def test_expert_sites_and_their_statistics_match_a_hand_computation(model_type):
     # the reference: the router's top-k choice, the experts' input, and the raw 3-D weights
     batches = token_batches(0, **FORGET, n=2)
     routed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {b: [] for b in moe_blocks}
-    handles = []
-    for block in moe_blocks:
-        experts = model.model.layers[block].mlp.experts
-        handles.append(
-            experts.register_forward_pre_hook(
-                lambda m, a, b=block: routed[b].append((a[0].detach().double(), a[1].detach()))
-            )
+    hooks = [
+        (
+            model.model.layers[b].mlp.experts,
+            lambda m, a, b=b: routed[b].append((a[0].detach().double(), a[1].detach())),
         )
-    with torch.no_grad():
-        for batch in batches:
-            model(**batch, use_cache=False)
-    for h in handles:
-        h.remove()
-    result = probe(model, batches, site=("pre", "key"), sites=sites, show_progress=False)
-    selected = torch.cat([b["attention_mask"].flatten().bool() for b in batches])
+        for b in moe_blocks
+    ]
+    result, selected = captured_then_probed(model, batches, sites, hooks)
     for s in (s for s in sites if s.routed):
         experts = model.model.layers[s.decoder_layer].mlp.experts
         pre_rows, key_rows = [], []
@@ -137,6 +153,51 @@ def test_expert_sites_and_their_statistics_match_a_hand_computation(model_type):
         experts = model.model.layers[0].mlp.experts
         h = torch.randn(3, 160, dtype=torch.float64)
         torch.testing.assert_close(experts._apply_gate(h), ACT2FN["silu"](h[:, :80]) * h[:, 80:])
+
+
+def test_llama4_expert_sites_and_statistics_match_a_hand_computation_from_the_router():
+    """Llama 4's experts see every token, scaled by its routing weight (0 where not routed): an expert's sites are
+    its routed tokens' gate/up output (of the scaled input, as the model computes it) and its key."""
+    model = moe_model("llama4_text")
+    sites = find_ffl_sites(model)
+    assert [(s.decoder_layer, s.expert) for s in sites] == [
+        (b, e) for b in (0, 1) for e in (None, 0, 1, 2, 3)
+    ]
+    assert sites[1].pre_name == "model.layers.0.feed_forward.experts.gate_up_proj[0]"
+    assert sites[1].key_name == "model.layers.0.feed_forward.experts.down_proj[0]"
+    assert {s.gate for s in sites if s.routed} == {"first_half"} and sites[1].d_ff == 40
+    batches = token_batches(0, **FORGET, n=2)
+    inputs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    hooks = [
+        (
+            model.model.layers[b].feed_forward,
+            lambda m, a, b=b: inputs[b].append(a[0].detach().reshape(-1, a[0].shape[-1])),
+        )
+        for b in inputs
+    ]
+    result, selected = captured_then_probed(model, batches, sites, hooks)
+    for s in (s for s in sites if s.routed):
+        moe = model.model.layers[s.decoder_layer].feed_forward
+        pre_rows, routed_flags = [], []
+        for x in inputs[s.decoder_layer]:
+            with torch.no_grad():  # the router's own float32 choice, top-1 of 4, sigmoid weight
+                logits = nn.functional.linear(x, moe.router.weight)
+                routed = logits.topk(1, dim=1).indices[:, 0] == s.expert
+                scaled = (x * torch.sigmoid(logits[:, s.expert : s.expert + 1])).double()
+            pre_rows.append(scaled[routed] @ moe.experts.gate_up_proj[s.expert].detach().double())
+            routed_flags.append(routed)
+        h = torch.cat(pre_rows)[selected[torch.cat(routed_flags)]]
+        gate, up = h[:, :40], h[:, 40:]
+        for kind, values in (("pre", gate), ("key", up * nn.functional.silu(gate))):
+            stats = result[kind].layers[s.layer]
+            assert stats.count == values.shape[0] > 1
+            np.testing.assert_allclose(stats.mean.numpy(), values.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(stats.variance.numpy(), values.var(0).numpy(), rtol=1e-3, atol=1e-5)
+    # the tapped computation is the module's own: without methods the model's output is untouched
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    plain = moe_model("llama4_text")
+    with torch.no_grad():
+        assert torch.equal(unlearned(**batches[0]).logits, plain(**batches[0]).logits)
 
 
 @pytest.mark.parametrize("model_type", sorted(MOE))

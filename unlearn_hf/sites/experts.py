@@ -1,10 +1,9 @@
 """The sites of a mixture-of-experts layer (``docs/ARCHITECTURES.md``, "Mixtures of experts").
 
 transformers 5 stores a layer's experts in one module with 3-D weights (``gate_up_proj`` ``[E, 2I, h]`` or
-``up_proj``, and ``down_proj``; flags ``has_gate``, ``is_concatenated``, ``is_transposed``, ``has_bias``,
-``has_post_expert_norm`` set by ``use_experts_implementation``), whose forward takes the flattened tokens, the
-indices of their top-k experts and the routing weights. Expert ``e`` of such a module has the two sites of an FFL,
-over the tokens routed to it only:
+``up_proj``, and ``down_proj``), called in one of two layouts (:mod:`.expert_layouts`: with the top-k experts of each
+token, or with every expert's rows pre-scaled, as Llama 4). Expert ``e`` of such a module has the two sites of an
+FFL, over the tokens routed to it only:
 
 * pre-activation: the output of its up (or fused gate/up) projection, ``[n_e, 2I]`` (the gate columns, in the
   module's layout, are what enters the activation);
@@ -23,12 +22,15 @@ its own.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..context import _CURRENT
+from . import expert_layouts as layouts
+from .expert_layouts import ExpertsLayout, experts_layout
 from .ffl_site import SiteError
 from .site_tensors import module_device
 
@@ -36,14 +38,8 @@ _TAPS = "_unlearn_expert_taps"
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """Whether ``module`` is a transformers experts module with 3-D weights (``use_experts_implementation``)."""
-    down = getattr(module, "down_proj", None)
-    return (
-        isinstance(down, torch.Tensor)
-        and down.dim() == 3
-        and isinstance(getattr(module, "num_experts", None), int)
-        and all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "has_bias"))
-    )
+    """Whether ``module`` is a transformers experts module with 3-D weights (see :mod:`.expert_layouts`)."""
+    return experts_layout(module) is not None
 
 
 class ExpertTap(nn.Module):
@@ -80,8 +76,8 @@ class ExpertTap(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The expert's slice of the projection's 3-D weight (for fingerprints and dtypes)."""
-        name = "down_proj" if self.role == "key" else ("gate_up_proj" if self.owner.has_gate else "up_proj")
-        return getattr(self.owner, name)[self.expert]
+        taps = self.owner.__dict__[_TAPS]
+        return getattr(self.owner, "down_proj" if self.role == "key" else taps.layout.up_name)[self.expert]
 
     def extra_repr(self) -> str:
         return f"expert={self.expert}, role={self.role}, in={self.in_features}, out={self.out_features}"
@@ -90,10 +86,10 @@ class ExpertTap(nn.Module):
 class ExpertTaps:
     """The taps of one experts module, and the switch of its forward to :func:`tapped_experts_forward`."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        hidden, width = expert_widths(module)
-        up = 2 * width if module.has_gate else width
+    def __init__(self, module: nn.Module, layout: ExpertsLayout) -> None:
+        self.module, self.layout = module, layout
+        hidden, width = layouts.expert_widths(module, layout)
+        up = 2 * width if layout.has_gate else width
         self.width = width
         #: the taps that were ever given a hook: all that :meth:`active` looks at, on every call of the module
         self.hooked: set[ExpertTap] = set()
@@ -105,9 +101,11 @@ class ExpertTaps:
     @property
     def gate(self) -> str | None:
         """The layout of the gate in a fused expert output (see :data:`~.ffl_site.GATE_LAYOUTS`)."""
-        if not self.module.has_gate:
-            return None
-        return "first_half" if getattr(self.module, "is_concatenated", True) else "even"
+        return self.layout.gate
+
+    def tokens(self, args: tuple) -> int:
+        """How many tokens a call of the module with positional ``args`` computes."""
+        return layouts.token_count(self.module, self.layout, args)
 
     def mode(self) -> str | None:
         """How the module must run now: ``"tapped"`` (the tapped computation) when a hook that may change values
@@ -142,8 +140,12 @@ class ExpertTaps:
 
 def expert_widths(module: nn.Module) -> tuple[int, int]:
     """``(hidden, I)`` of an experts module, from its down projection's 3-D weight."""
-    down = module.down_proj
-    return (down.shape[2], down.shape[1]) if module.is_transposed else (down.shape[1], down.shape[2])
+    return layouts.expert_widths(module, experts_layout(module))
+
+
+def expert_tokens(module: nn.Module, args: tuple) -> int:
+    """How many tokens a call of the experts module ``module`` with positional ``args`` computes."""
+    return module.__dict__[_TAPS].tokens(args)
 
 
 class _ExpertsForward:
@@ -167,7 +169,7 @@ class _ExpertsForward:
         else:
             mode = taps.mode() if self.force is None else ("tapped" if self.force else None)
         if mode == "tapped":
-            out = tapped_experts_forward(module, taps, *args, **kwargs)
+            out = tapped_experts_forward(module, taps, *_positional(module, args, kwargs))
         else:
             out = (
                 self.inner(*args, **kwargs)
@@ -175,10 +177,18 @@ class _ExpertsForward:
                 else type(module).forward(module, *args, **kwargs)
             )
             if mode == "observe":
-                observe_expert_sites(module, taps, *args, **kwargs)
+                observe_expert_sites(module, taps, *_positional(module, args, kwargs))
         if taps is not None and taps.hooked:
             taps.mark_considered()
         return out
+
+
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """The arguments of a call of the experts module, all positional (in the order of its class's forward)."""
+    if not kwargs:
+        return args
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    return tuple(bound.arguments.values())[1:]
 
 
 def expert_taps(module: nn.Module) -> ExpertTaps:
@@ -194,7 +204,7 @@ def expert_taps(module: nn.Module) -> ExpertTaps:
     previous = module.__dict__.get(slot)
     forward = previous if isinstance(previous, _ExpertsForward) else _ExpertsForward(module, previous)
     module.__dict__[slot] = forward
-    module.__dict__[_TAPS] = taps = ExpertTaps(module)
+    module.__dict__[_TAPS] = taps = ExpertTaps(module, experts_layout(module))
     try:
         _check_equivalent(module, forward)
     except BaseException:
@@ -207,71 +217,33 @@ def expert_taps(module: nn.Module) -> ExpertTaps:
     return taps
 
 
-def _linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
-) -> torch.Tensor:
-    out = x @ weight if transposed else nn.functional.linear(x, weight)
-    return out if bias is None else out + bias
-
-
-def _routed(self: nn.Module, top_k_index: torch.Tensor):
-    """``(expert, top_k_pos, token_index)`` of every expert that has tokens, as transformers' eager loop finds them."""
-    n = self.num_experts
-    with torch.no_grad():
-        mask = nn.functional.one_hot(top_k_index.clamp(max=n), num_classes=n + 1).permute(2, 1, 0)
-        hit = [int(e) for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0] if int(e) < n]
-    for e in hit:
-        yield (e, *torch.where(mask[e]))
-
-
-def _up(self: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """The output of ``expert``'s up (or fused gate/up) projection for its tokens ``x``."""
-    name = "gate_up_proj" if self.has_gate else "up_proj"
-    bias = getattr(self, f"{name}_bias")[expert] if self.has_bias else None
-    return _linear(x, getattr(self, name)[expert], bias, self.is_transposed)
-
-
-def _activate(self: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return self._apply_gate(h) if self.has_gate else self.act_fn(h)
-
-
-def tapped_experts_forward(
-    self: nn.Module,
-    taps: ExpertTaps,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-) -> torch.Tensor:
+def tapped_experts_forward(self: nn.Module, taps: ExpertTaps, *args: torch.Tensor) -> torch.Tensor:
     """transformers' eager experts computation, calling the taps of every expert that has tokens."""
-    out = torch.zeros_like(hidden_states)
-    for e, top_k_pos, token_index in _routed(self, top_k_index):
-        h = taps.pre[e](_up(self, e, hidden_states[token_index]), token_index)
-        h = taps.key[e](_activate(self, h), token_index)
-        bias = self.down_proj_bias[e] if self.has_bias else None
-        y = _linear(h, self.down_proj[e], bias, self.is_transposed)
-        if getattr(self, "has_post_expert_norm", False):
-            y = self.post_expert_norm(y)
-        y = y * top_k_weights[token_index, top_k_pos, None]
-        out.index_add_(0, token_index, y.to(out.dtype))
+    layout = taps.layout
+    out = torch.zeros_like(args[0])
+    blocks = out.view(self.num_experts, -1, out.shape[-1]) if layout.routing == "scaled_rows" else None
+    for e, token_index, x, weights in layouts.routed(self, layout, args):
+        h = taps.pre[e](layouts.up(self, layout, e, x), token_index)
+        h = taps.key[e](layouts.activate(self, layout, h), token_index)
+        y = layouts.down(self, layout, e, h)
+        if blocks is not None:
+            blocks[e].index_copy_(0, token_index, y.to(out.dtype))
+        else:
+            out.index_add_(0, token_index, (y * weights).to(out.dtype))
     return out
 
 
-def observe_expert_sites(
-    self: nn.Module,
-    taps: ExpertTaps,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-) -> None:
+def observe_expert_sites(self: nn.Module, taps: ExpertTaps, *args: torch.Tensor) -> None:
     """The sites of the experts whose taps have hooks, computed as :func:`tapped_experts_forward` computes them
     (the same rows, the same operations), for hooks that only read: the module's output is its own forward's."""
-    for e, _, token_index in _routed(self, top_k_index):
+    layout = taps.layout
+    for e, token_index, x, _ in layouts.routed(self, layout, args):
         pre, key = taps.pre[e], taps.key[e]
         if pre not in taps.hooked and key not in taps.hooked:
             continue
-        h = pre(_up(self, e, hidden_states[token_index]), token_index)
+        h = pre(layouts.up(self, layout, e, x), token_index)
         if key in taps.hooked:
-            key(_activate(self, h), token_index)
+            key(layouts.activate(self, layout, h), token_index)
 
 
 def _check_equivalent(module: nn.Module, forward: _ExpertsForward) -> None:
@@ -281,19 +253,13 @@ def _check_equivalent(module: nn.Module, forward: _ExpertsForward) -> None:
     if weight.is_meta and not hasattr(module, "_hf_hook"):
         return  # not materialized: nothing can run
     device = module_device(module)
-    hidden, _ = expert_widths(module)
-    gen = torch.Generator().manual_seed(0)
-    n, k = module.num_experts, min(2, module.num_experts)
-    tokens = 2 * n
-    x = torch.randn(tokens, hidden, generator=gen).to(device, weight.dtype)
-    index = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)]).to(device)
-    weights = torch.rand(tokens, k, generator=gen).to(device, weight.dtype)
+    args = layouts.random_call(module, experts_layout(module), device, weight.dtype)
     results = []
     try:
         with torch.no_grad():
             for force in (False, True):
                 forward.force = force
-                results.append(module(x, index, weights))
+                results.append(module(*args))
     finally:
         forward.force = None
     own, ours = (r.float() for r in results)

@@ -55,7 +55,7 @@ def moe_sites(
                 )
         taps = expert_taps(experts)
         full = f"{prefix}{i}.{experts_name}"
-        up = "gate_up_proj" if experts.has_gate else "up_proj"
+        up = taps.layout.up_name
         out += [
             FFLSite(
                 0,

@@ -126,17 +126,17 @@ class KeySpaceAttachment(AbstainingAttachment):
         key tap adds the distances of its routed tokens, and the module's forward hook reads the unit."""
 
         def start(ctx: ForwardContext, inputs: tuple) -> None:
-            hidden = inputs[0]
-            rows, rest = divmod(hidden.shape[0], ctx.input_len)
+            hidden, tokens = inputs[0], reader.tokens(inputs)
+            rows, rest = divmod(tokens, ctx.input_len)
             if rest or hidden.dim() != 2:
                 raise RuntimeError(
-                    f"Key Space Detection: the experts module got hidden states {tuple(hidden.shape)}, not "
-                    f"[batch * {ctx.input_len}, hidden]."
+                    f"Key Space Detection: the experts module got hidden states {tuple(hidden.shape)} for {tokens} "
+                    f"tokens, not [batch * {ctx.input_len}] tokens."
                 )
             index, valid = self._read_positions(ctx, rows, hidden.device)
             wanted = wanted_tokens(rows, ctx.input_len, index, valid)
             st = self.request_data(ctx.request, AbstentionState)
-            st.routed[unit] = reader.start(hidden.shape[0], wanted, hidden.device)
+            st.routed[unit] = reader.start(tokens, wanted, hidden.device)
 
         def distances(ctx: ForwardContext, pop: bool) -> UnitDistances:
             st = self.request_data(ctx.request, AbstentionState)

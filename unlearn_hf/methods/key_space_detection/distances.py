@@ -70,12 +70,11 @@ def trailing_distances(
         current = {}
 
         def start(module, args):
-            rows, seq = args[0].shape[0] // length[0], length[0]
+            tokens = reader.tokens(args)
+            rows, seq = tokens // length[0], length[0]
             index = torch.arange(max(0, seq - window), seq, device=args[0].device).expand(rows, -1)
             valid = torch.ones_like(index, dtype=torch.bool)
-            current[unit] = reader.start(
-                args[0].shape[0], wanted_tokens(rows, seq, index, valid), args[0].device
-            )
+            current[unit] = reader.start(tokens, wanted_tokens(rows, seq, index, valid), args[0].device)
 
         def tap(expert: int):
             def hook(module, args):

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from ...sites import FFLSite, module_device
+from ...sites.experts import expert_tokens
 from .hypercube import KeySpaceLayer, distance_dtype, scaled_distance
 
 
@@ -91,6 +92,10 @@ class RoutedUnit:
             for s in self.sites
             if s.layer in cubes
         }
+
+    def tokens(self, args: tuple) -> int:
+        """How many tokens a call of the experts module with positional ``args`` computes."""
+        return expert_tokens(self.owner, args)
 
     @property
     def read_sites(self) -> list[FFLSite]:

@@ -1,0 +1,159 @@
+"""How an experts module with 3-D weights stores its experts and is called: the two layouts of transformers 5.
+
+* ``"top_k"``: the experts modules of ``use_experts_implementation`` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, GPT-OSS,
+  ...): ``forward(hidden [T, h], top_k_index [T, k], top_k_weights [T, k])``; expert ``e`` computes only the tokens
+  routed to it and its output is weighted afterwards. Flags ``has_gate``, ``is_concatenated``, ``is_transposed``,
+  ``has_bias``, ``has_post_expert_norm`` and the method ``_apply_gate`` describe the computation.
+* ``"scaled_rows"``: Llama 4's ``Llama4TextExperts``: ``forward(routed_in [E * T, h])`` computes every expert on
+  every token, block ``e`` of the rows holding each token already scaled by its routing weight for expert ``e``
+  (0 for a token not routed to it, whose output is then 0); weights ``gate_up_proj [E, h, 2I]`` (gate, then up),
+  ``down_proj [E, I, h]``, ``act_fn``. Expert ``e``'s tokens are the rows of its block that are not all zero.
+
+Either way, expert ``e``'s sites are the output of its up (or fused gate/up) projection and the input of its down
+projection over its tokens (:mod:`.experts`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """The layout of one experts module (see the module docstring).
+
+    Attributes:
+        routing: ``"top_k"`` or ``"scaled_rows"``.
+        has_gate: the up projection is a fused gate/up projection (its gate enters the activation).
+        gate: where the gate sits in the fused output (see :data:`~.ffl_site.GATE_LAYOUTS`), ``None`` without one.
+        transposed: weights stored ``[E, in, out]`` (``x @ W``) rather than ``[E, out, in]``.
+        has_bias: the projections have biases ``<name>_bias [E, out]``.
+    """
+
+    routing: str
+    has_gate: bool
+    gate: str | None
+    transposed: bool
+    has_bias: bool
+
+    @property
+    def up_name(self) -> str:
+        return "gate_up_proj" if self.has_gate else "up_proj"
+
+
+def experts_layout(module: nn.Module) -> ExpertsLayout | None:
+    """The layout of an experts module with 3-D weights; ``None`` for any other module."""
+    down = getattr(module, "down_proj", None)
+    if (
+        not isinstance(down, torch.Tensor)
+        or down.dim() != 3
+        or not isinstance(getattr(module, "num_experts", None), int)
+    ):
+        return None
+    if all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "has_bias")):
+        gate = (
+            ("first_half" if getattr(module, "is_concatenated", True) else "even")
+            if module.has_gate
+            else None
+        )
+        return ExpertsLayout(
+            "top_k", bool(module.has_gate), gate, bool(module.is_transposed), bool(module.has_bias)
+        )
+    up = getattr(module, "gate_up_proj", None)
+    if (
+        isinstance(up, torch.Tensor)
+        and up.dim() == 3
+        and callable(getattr(module, "act_fn", None))
+        and up.shape[0] == down.shape[0] == module.num_experts
+        and up.shape[2] == 2 * down.shape[1]
+        and up.shape[1] == down.shape[2]
+        and list(inspect.signature(type(module).forward).parameters)[1:] == ["hidden_states"]
+    ):
+        return ExpertsLayout("scaled_rows", True, "first_half", True, False)
+    return None
+
+
+def expert_widths(module: nn.Module, layout: ExpertsLayout) -> tuple[int, int]:
+    """``(hidden, I)`` of an experts module, from its down projection's 3-D weight."""
+    down = module.down_proj
+    return (down.shape[2], down.shape[1]) if layout.transposed else (down.shape[1], down.shape[2])
+
+
+def token_count(module: nn.Module, layout: ExpertsLayout, args: tuple) -> int:
+    """How many tokens a call of the module with positional ``args`` computes (the flattened batch)."""
+    rows = args[0].shape[0]
+    return rows // module.num_experts if layout.routing == "scaled_rows" else rows
+
+
+def routed(
+    module: nn.Module, layout: ExpertsLayout, args: tuple
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``(expert, token_index, rows, weights)`` of every expert that has tokens in a call with ``args``: the indices of
+    its tokens ``[n]``, their input rows ``[n, h]`` and their routing weights ``[n, 1]`` to apply to its output
+    (``None`` when the rows are already scaled), as transformers' eager loop finds them."""
+    n = module.num_experts
+    if layout.routing == "scaled_rows":
+        blocks = args[0].view(n, -1, args[0].shape[-1])
+        with torch.no_grad():
+            hit = blocks.ne(0).any(-1)  # [E, T]
+            experts = [int(e) for e in hit.any(-1).nonzero()[:, 0]]
+        for e in experts:
+            token_index = hit[e].nonzero()[:, 0]
+            yield e, token_index, blocks[e].index_select(0, token_index), None
+        return
+    hidden, top_k_index, top_k_weights = args[:3]
+    with torch.no_grad():
+        mask = nn.functional.one_hot(top_k_index.clamp(max=n), num_classes=n + 1).permute(2, 1, 0)
+        experts = [int(e) for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0] if int(e) < n]
+    for e in experts:
+        top_k_pos, token_index = torch.where(mask[e])
+        yield e, token_index, hidden[token_index], top_k_weights[token_index, top_k_pos, None]
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    out = x @ weight if transposed else nn.functional.linear(x, weight)
+    return out if bias is None else out + bias
+
+
+def up(module: nn.Module, layout: ExpertsLayout, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``expert``'s up (or fused gate/up) projection for its rows ``x``."""
+    name = layout.up_name
+    bias = getattr(module, f"{name}_bias")[expert] if layout.has_bias else None
+    return _linear(x, getattr(module, name)[expert], bias, layout.transposed)
+
+
+def activate(module: nn.Module, layout: ExpertsLayout, h: torch.Tensor) -> torch.Tensor:
+    """The key (the input of the down projection) from the up projection's output ``h``."""
+    if layout.routing == "scaled_rows":
+        gate, up_ = h.chunk(2, dim=-1)
+        return up_ * module.act_fn(gate)
+    return module._apply_gate(h) if layout.has_gate else module.act_fn(h)
+
+
+def down(module: nn.Module, layout: ExpertsLayout, expert: int, h: torch.Tensor) -> torch.Tensor:
+    """The output of ``expert``'s down projection (and post-expert norm) for its keys ``h``."""
+    bias = module.down_proj_bias[expert] if layout.has_bias else None
+    y = _linear(h, module.down_proj[expert], bias, layout.transposed)
+    return module.post_expert_norm(y) if getattr(module, "has_post_expert_norm", False) else y
+
+
+def random_call(module: nn.Module, layout: ExpertsLayout, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Seeded positional arguments of one call that routes tokens to every expert (for the equivalence check)."""
+    hidden, _ = expert_widths(module, layout)
+    gen = torch.Generator().manual_seed(0)
+    n, k = module.num_experts, min(2, module.num_experts)
+    tokens = 2 * n
+    x = torch.randn(tokens, hidden, generator=gen)
+    index = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    if layout.routing == "scaled_rows":  # each expert's block: its tokens scaled by their weight, 0 elsewhere
+        scores = torch.zeros(tokens, n).scatter_(1, index, weights)
+        return ((x.repeat(n, 1) * scores.t().reshape(-1, 1)).to(device, dtype),)
+    return x.to(device, dtype), index.to(device), weights.to(device, dtype)
