@@ -1,6 +1,7 @@
-"""Image-text models whose language model is a dense decoder (Gemma 3, LLaVA, Mistral 3): the methods attach to the
-language model's layers only, text-only and image+text ``generate`` both work, the vision tower is never touched,
-and save/load round-trips."""
+"""Image-text models whose language model is a dense decoder (Gemma 3, LLaVA, Mistral 3) or a mixture of experts
+(Llama 4, whose vision layers discovery tells from the text decoder's by ``get_decoder()``): the methods attach to
+the language model's layers only, text-only and image+text ``generate`` both work, the vision tower is never
+touched, and save/load round-trips."""
 
 from __future__ import annotations
 
@@ -54,7 +55,40 @@ MODELS = {
         ),
         {"image_sizes": torch.tensor([[28, 28]])},
     ),
+    # Llama 4: a mixture of experts (a dense layer, then routed experts and a shared expert); one image token per
+    # 28 x 28 image (4 patches, pixel shuffle 0.5)
+    "llama4": (
+        dict(
+            text_config=dict(
+                _TEXT,
+                num_local_experts=4,
+                intermediate_size=40,
+                intermediate_size_mlp=80,
+                interleave_moe_layer_step=2,
+            ),
+            vision_config=dict(
+                _VISION,
+                intermediate_size=64,
+                vision_output_dim=16,
+                projector_input_dim=16,
+                projector_output_dim=16,
+                pixel_shuffle_ratio=0.5,
+            ),
+            image_token_index=IMAGE_TOKEN,
+        ),
+        {},
+    ),
 }
+#: where each model keeps its text decoder layers, vision tower, projector and image features
+_PARTS = {
+    "llama4": ("language_model.model.layers.", "vision_model", "multi_modal_projector", ""),
+}
+_DEFAULT_PARTS = (
+    "model.language_model.layers.",
+    "model.vision_tower",
+    "model.multi_modal_projector",
+    "model",
+)
 
 
 def _model(model_type: str):
@@ -75,11 +109,16 @@ def _rows(seed: int, lo: int, hi: int, n: int = 4):
     ]
 
 
+def _part(model, model_type: str, which: int):
+    name = _PARTS.get(model_type, _DEFAULT_PARTS)[which]
+    return model.get_submodule(name) if name else model
+
+
 def _image_inputs(model_type: str) -> dict[str, torch.Tensor]:
     if model_type == "gemma3":
         ids = [5, 297] + [IMAGE_TOKEN] * 4 + [298, 7, 8, 9]
     else:
-        ids = [5] + [IMAGE_TOKEN] * 4 + [7, 8, 9]
+        ids = [5] + [IMAGE_TOKEN] * (1 if model_type == "llama4" else 4) + [7, 8, 9]
     input_ids = torch.tensor([ids])
     pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(3))
     return {
@@ -99,22 +138,20 @@ def _flat(features) -> torch.Tensor:
     return features.flatten()
 
 
-def _vision(model):
-    return model.model.vision_tower
-
-
 @pytest.mark.parametrize("model_type", sorted(MODELS))
 def test_methods_on_the_language_model_only(model_type, tmp_path):
     base = _model(model_type)
     image = _image_inputs(model_type)
     with torch.no_grad():
         plain = base.generate(**image, max_new_tokens=4, do_sample=False)
-        vision_before = base.model.get_image_features(
+        vision_before = _part(base, model_type, 3).get_image_features(
             pixel_values=image["pixel_values"], **MODELS[model_type][1]
         )
-    own_hooks = hook_count(_vision(base)), hook_count(base.model.multi_modal_projector)  # transformers' own
+    vision, projector = _part(base, model_type, 1), _part(base, model_type, 2)
+    own_hooks = hook_count(vision), hook_count(projector)  # transformers' own
     unlearned = UnlearnedModelForCausalLM.from_base(base)
-    assert all(s.key_name.startswith("model.language_model.layers.") for s in unlearned.ffl_sites)
+    layers = _PARTS.get(model_type, _DEFAULT_PARTS)[0]
+    assert all(s.key_name.startswith(layers) for s in unlearned.ffl_sites)
     forget, retain = _rows(0, 3, 150), _rows(1, 150, 296)
     ksd = KeySpaceDetectionConfig(inputs="prompts", layers=[-1], alpha=1.0, window=1, action="eos")
     unlearned.fit(ksd, forget, name="ksd", show_progress=False, batch_size=1)
@@ -128,10 +165,10 @@ def test_methods_on_the_language_model_only(model_type, tmp_path):
     assert torch.equal(unlearned.generate(**image, max_new_tokens=4, do_sample=False), plain)
 
     unlearned.fit(NeuronAdjustConfig(ratio=0.1, seed=1), forget, retain, name="na", show_progress=False)
-    assert (hook_count(_vision(base)), hook_count(base.model.multi_modal_projector)) == own_hooks
+    assert (hook_count(vision), hook_count(projector)) == own_hooks
     with torch.no_grad():
         sequences = unlearned.generate(**image, max_new_tokens=4, do_sample=False)
-        vision_after = base.model.get_image_features(
+        vision_after = _part(base, model_type, 3).get_image_features(
             pixel_values=image["pixel_values"], **MODELS[model_type][1]
         )
     assert sequences.shape[1] == image["input_ids"].shape[1] + 4

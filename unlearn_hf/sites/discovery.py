@@ -25,7 +25,8 @@ def find_decoder_layers(
 
     With ``path`` the list is taken from there. Otherwise the candidates are the ``nn.ModuleList`` of identical
     blocks holding linear modules (and every module named in ``holding``), of length ``num_hidden_layers`` when
-    the config gives it; lists nested in another candidate are dropped, and exactly one must remain.
+    the config gives it; lists nested in another candidate are dropped, then (an image-text model's vision and text
+    towers) those outside the model's text decoder (``get_decoder()``), and exactly one must remain.
 
     Raises:
         SiteError: no list, or several, were found (the message names them).
@@ -60,6 +61,8 @@ def find_decoder_layers(
         for n, m in candidates
         if not any(o != n and (o == "" or n.startswith(o + ".")) for o, _ in candidates)
     ]
+    if len(outer) > 1:  # an image-text model's towers: keep the lists of its decoder (``get_decoder()``)
+        outer = [(n, m) for n, m in outer if _in_decoder(model, n)] or outer
     if len(outer) != 1:
         found = ", ".join(f"{n or '<root>'} ({len(m)} x {type(m[0]).__name__})" for n, m in outer) or "none"
         expected = f" holding {', '.join(holding)}" if holding else ""
@@ -68,6 +71,19 @@ def find_decoder_layers(
             f"found: {found}. Name them with a site override {{'layers': ..., 'pre': ..., 'key': ...}}."
         )
     return outer[0]
+
+
+def _in_decoder(model: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` lies in the model's text decoder, as transformers' ``get_decoder()`` names it."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except Exception:  # noqa: BLE001 - a model without a decoder to name: nothing can be told
+        return False
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return False
+    prefix = next((n for n, m in model.named_modules() if m is decoder), None)
+    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
 
 
 def _has_submodule(module: nn.Module, name: str) -> bool:
