@@ -67,9 +67,40 @@ MOE = {
         [f"model.layers.{i}.feed_forward.shared_expert.down_proj" for i in range(2)],
         "first_half",
     ),
+    # DBRX: the experts' weights stacked in 2-D parameters (``mlp.w1`` / ``v1`` / ``w2``, ``[E * I, h]``); the
+    # attention needs a rope_theta in its config and a clip_qkv (transformers 5.25 fails without either)
+    "dbrx": (
+        dict(
+            d_model=32,  # what the sub-configs' sizes follow
+            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2),
+        ),
+        4,
+        [],
+        None,
+    ),
 }
-#: the types whose experts take the top-k experts of each token (transformers' ``use_experts_implementation``)
+#: the types whose experts take the top-k experts of each token (transformers' ``use_experts_implementation``,
+#: DBRX)
 TOP_K = sorted(set(MOE) - {"llama4_text"})
+#: model_type -> (decoder layers, experts module in a layer, key weight) where they differ from Mixtral's
+EXPERT_NAMES = {"dbrx": ("transformer.blocks", "ffn.experts", "mlp.w2")}
+
+
+def reference_expert(experts, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pre-activation, key)`` in float64 of ``expert``'s rows ``x`` ``[n, h]``, from the raw weights."""
+    if hasattr(experts, "mlp"):  # DBRX: w2(act(w1 x) * v1 x), weights [E * I, h]
+        w1, v1 = (
+            getattr(experts.mlp, n).detach().double().view(experts.num_experts, -1, x.shape[-1])
+            for n in ("w1", "v1")
+        )
+        gate = x @ w1[expert].T
+        return gate, experts.mlp.activation_fn(gate) * (x @ v1[expert].T)
+    w = experts.gate_up_proj[expert].detach().double()
+    h = x @ w if experts.is_transposed else x @ w.T
+    if experts.has_bias:
+        h = h + experts.gate_up_proj_bias[expert].detach().double()
+    return h, experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
 
 
 def moe_model(model_type: str, seed: int = 0, **overrides):
@@ -113,7 +144,8 @@ def test_expert_sites_and_their_statistics_match_a_hand_computation(model_type):
     for block in moe_blocks:
         experts = [s for s in sites if s.routed and s.decoder_layer == block]
         assert [s.expert for s in experts] == list(range(n_experts)) and {s.gate for s in experts} == {layout}
-        assert experts[0].key_name == f"model.layers.{block}.mlp.experts.down_proj[0]"
+        layers, module, key = EXPERT_NAMES.get(model_type, ("model.layers", "mlp.experts", "down_proj"))
+        assert experts[0].key_name == f"{layers}.{block}.{module}.{key}[0]"
         assert sites.index(experts[0]) > max(
             (sites.index(s) for s in sites if s.decoder_layer == block and not s.routed), default=-1
         )
@@ -121,25 +153,23 @@ def test_expert_sites_and_their_statistics_match_a_hand_computation(model_type):
     # the reference: the router's top-k choice, the experts' input, and the raw 3-D weights
     batches = token_batches(0, **FORGET, n=2)
     routed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {b: [] for b in moe_blocks}
+    owner = {s.decoder_layer: s.key.owner for s in sites if s.routed}  # the experts module of each block
     hooks = [
         (
-            model.model.layers[b].mlp.experts,
-            lambda m, a, b=b: routed[b].append((a[0].detach().double(), a[1].detach())),
+            owner[b],
+            lambda m, a, b=b: routed[b].append(
+                (a[0].detach().double().reshape(-1, a[0].shape[-1]), a[1].detach())
+            ),
         )
         for b in moe_blocks
     ]
     result, selected = captured_then_probed(model, batches, sites, hooks)
     for s in (s for s in sites if s.routed):
-        experts = model.model.layers[s.decoder_layer].mlp.experts
         pre_rows, key_rows = [], []
         for x, top_k in routed[s.decoder_layer]:
-            tokens = (top_k == s.expert).any(-1)
-            w = experts.gate_up_proj[s.expert].detach().double()
-            h = x[tokens] @ w if experts.is_transposed else x[tokens] @ w.T
-            if experts.has_bias:
-                h = h + experts.gate_up_proj_bias[s.expert].detach().double()
-            pre_rows.append(h)
-            key_rows.append(experts._apply_gate(h))
+            pre, key = reference_expert(owner[s.decoder_layer], s.expert, x[(top_k == s.expert).any(-1)])
+            pre_rows.append(pre)
+            key_rows.append(key)
         mask = selected[torch.cat([(t == s.expert).any(-1) for _, t in routed[s.decoder_layer]])]
         gate = s.pre_activation(torch.cat(pre_rows))[mask].numpy()
         key = torch.cat(key_rows)[mask].numpy()

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 from test_ksd_formats import QUESTIONS, RETAIN
-from test_moe import MOE, moe_model
+from test_moe import MOE, moe_model, reference_expert
 
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
 from unlearn_hf.data import DataSpec
 from unlearn_hf.methods.key_space_detection.distances import trailing_distances
 from unlearn_hf.methods.key_space_detection.key_units import RoutedUnit, key_units
+from unlearn_hf.sites import find_ffl_sites
 
 ALPHA, WINDOW = 1.3, 2
 
@@ -72,10 +73,10 @@ def expert_keys(model, block: int, batch) -> tuple[int, dict[int, tuple[np.ndarr
             gate, up = (scaled @ moe.experts.gate_up_proj[e].detach().double()).chunk(2, dim=-1)
             out[e] = routed.numpy(), (up * torch.nn.functional.silu(gate)).numpy()
         return x.shape[0], out
-    experts = model.model.layers[block].mlp.experts
+    experts = next(s.key.owner for s in find_ffl_sites(model) if s.routed and s.decoder_layer == block)
     seen = {}
     h = experts.register_forward_pre_hook(
-        lambda m, a: seen.update(x=a[0].detach().double(), top=a[1].detach())
+        lambda m, a: seen.update(x=a[0].detach().double().reshape(-1, a[0].shape[-1]), top=a[1].detach())
     )
     with torch.no_grad():
         model(**batch, use_cache=False)
@@ -84,15 +85,7 @@ def expert_keys(model, block: int, batch) -> tuple[int, dict[int, tuple[np.ndarr
     out = {}
     for e in range(experts.num_experts):
         routed = (top == e).any(-1)
-        name = "gate_up_proj" if experts.has_gate else "up_proj"
-        w = getattr(experts, name)[e].detach().double()
-        pre = x[routed] @ w if experts.is_transposed else x[routed] @ w.T
-        if experts.has_bias:
-            pre = pre + getattr(experts, f"{name}_bias")[e].detach().double()
-        out[e] = (
-            routed.numpy(),
-            (experts._apply_gate(pre) if experts.has_gate else experts.act_fn(pre)).numpy(),
-        )
+        out[e] = routed.numpy(), reference_expert(experts, e, x[routed])[1].numpy()
     return x.shape[0], out
 
 
@@ -109,7 +102,9 @@ def reference_distances(model, block: int, batch, cubes: dict[int, tuple]) -> np
     return z.reshape(batch["input_ids"].shape)
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "llama4_text"])
+@pytest.mark.parametrize(
+    "model_type", ["mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "llama4_text", "dbrx"]
+)
 def test_routed_decision_and_calibration_distances_match_numpy(model_type):
     model = moe_model(model_type)
     unlearned = UnlearnedModelForCausalLM.from_base(model)

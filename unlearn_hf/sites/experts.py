@@ -76,8 +76,7 @@ class ExpertTap(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The expert's slice of the projection's 3-D weight (for fingerprints and dtypes)."""
-        taps = self.owner.__dict__[_TAPS]
-        return getattr(self.owner, "down_proj" if self.role == "key" else taps.layout.up_name)[self.expert]
+        return layouts.expert_weight(self.owner, self.owner.__dict__[_TAPS].layout, self.role, self.expert)
 
     def extra_repr(self) -> str:
         return f"expert={self.expert}, role={self.role}, in={self.in_features}, out={self.out_features}"
@@ -220,17 +219,19 @@ def expert_taps(module: nn.Module) -> ExpertTaps:
 def tapped_experts_forward(self: nn.Module, taps: ExpertTaps, *args: torch.Tensor) -> torch.Tensor:
     """transformers' eager experts computation, calling the taps of every expert that has tokens."""
     layout = taps.layout
-    out = torch.zeros_like(args[0])
+    out = torch.zeros_like(args[0]).view(
+        -1, args[0].shape[-1]
+    )  # DBRX's experts take (and give) [batch, seq, h]
     blocks = out.view(self.num_experts, -1, out.shape[-1]) if layout.routing == "scaled_rows" else None
     for e, token_index, x, weights in layouts.routed(self, layout, args):
         h = taps.pre[e](layouts.up(self, layout, e, x), token_index)
-        h = taps.key[e](layouts.activate(self, layout, h), token_index)
+        h = taps.key[e](layouts.activate(self, layout, e, x, h), token_index)
         y = layouts.down(self, layout, e, h)
         if blocks is not None:
             blocks[e].index_copy_(0, token_index, y.to(out.dtype))
         else:
             out.index_add_(0, token_index, (y * weights).to(out.dtype))
-    return out
+    return out.view(args[0].shape)
 
 
 def observe_expert_sites(self: nn.Module, taps: ExpertTaps, *args: torch.Tensor) -> None:
@@ -243,17 +244,18 @@ def observe_expert_sites(self: nn.Module, taps: ExpertTaps, *args: torch.Tensor)
             continue
         h = pre(layouts.up(self, layout, e, x), token_index)
         if key in taps.hooked:
-            key(layouts.activate(self, layout, h), token_index)
+            key(layouts.activate(self, layout, e, x, h), token_index)
 
 
 def _check_equivalent(module: nn.Module, forward: _ExpertsForward) -> None:
     """Refuse an experts module whose own forward is not the eager computation the taps run (both called through
     the module, on random tokens routed to every expert)."""
-    weight = module.down_proj
+    layout = experts_layout(module)
+    weight = layouts.expert_weight(module, layout, "key", 0)
     if weight.is_meta and not hasattr(module, "_hf_hook"):
         return  # not materialized: nothing can run
     device = module_device(module)
-    args = layouts.random_call(module, experts_layout(module), device, weight.dtype)
+    args = layouts.random_call(module, layout, device, weight.dtype)
     results = []
     try:
         with torch.no_grad():
@@ -262,7 +264,9 @@ def _check_equivalent(module: nn.Module, forward: _ExpertsForward) -> None:
                 results.append(module(*args))
     finally:
         forward.force = None
-    own, ours = (r.float() for r in results)
+    own, ours = (
+        r.float().reshape(-1, r.shape[-1]) for r in results
+    )  # DBRX gives [tokens, 1, h] for [tokens, h]
     tol = max(1e-4, 8 * torch.finfo(weight.dtype).eps)
     if not torch.allclose(own, ours, rtol=tol, atol=tol * float(own.abs().mean()) + 1e-6):
         raise SiteError(

@@ -60,7 +60,7 @@ def moe_sites(
             FFLSite(
                 0,
                 f"{full}.{up}[{e}]",
-                f"{full}.down_proj[{e}]",
+                f"{full}.{taps.layout.down_name}[{e}]",
                 taps.pre[e],
                 taps.key[e],
                 taps.width,

@@ -128,7 +128,7 @@ class KeySpaceAttachment(AbstainingAttachment):
         def start(ctx: ForwardContext, inputs: tuple) -> None:
             hidden, tokens = inputs[0], reader.tokens(inputs)
             rows, rest = divmod(tokens, ctx.input_len)
-            if rest or hidden.dim() != 2:
+            if rest:
                 raise RuntimeError(
                     f"Key Space Detection: the experts module got hidden states {tuple(hidden.shape)} for {tokens} "
                     f"tokens, not [batch * {ctx.input_len}] tokens."
