@@ -1,8 +1,8 @@
 """The sites of a mixture-of-experts layer (``docs/ARCHITECTURES.md``, "Mixtures of experts").
 
 transformers 5 stores a layer's experts in one module with 3-D weights (``gate_up_proj`` ``[E, 2I, h]`` or
-``up_proj``, and ``down_proj``), called in one of two layouts (:mod:`.expert_layouts`: with the top-k experts of each
-token, or with every expert's rows pre-scaled, as Llama 4). Expert ``e`` of such a module has the two sites of an
+``up_proj``, and ``down_proj``; DBRX: stacked 2-D weights), called with the top-k experts of each token, or (Llama 4)
+with every expert's rows pre-scaled (:mod:`.expert_layouts`). Expert ``e`` of such a module has the two sites of an
 FFL, over the tokens routed to it only:
 
 * pre-activation: the output of its up (or fused gate/up) projection, ``[n_e, 2I]`` (the gate columns, in the
