@@ -1,4 +1,4 @@
-"""How an experts module with 3-D weights stores its experts and is called: the two layouts of transformers 5.
+"""How an experts module stores its experts and is called: the layouts of transformers 5.
 
 * ``"top_k"``: the experts modules of ``use_experts_implementation`` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, GPT-OSS,
   ...): ``forward(hidden [T, h], top_k_index [T, k], top_k_weights [T, k])``; expert ``e`` computes only the tokens
@@ -8,12 +8,11 @@
   every token, block ``e`` of the rows holding each token already scaled by its routing weight for expert ``e``
   (0 for a token not routed to it, whose output is then 0); weights ``gate_up_proj [E, h, 2I]`` (gate, then up),
   ``down_proj [E, I, h]``, ``act_fn``. Expert ``e``'s tokens are the rows of its block that are not all zero.
-
 * ``"top_k"`` with ``weights="stacked"``: DBRX's ``DbrxExperts``: called as the first layout (``hidden`` may be
   ``[batch, seq, h]``), its experts' weights stacked in 2-D parameters of its ``mlp``: ``w1``, ``v1``, ``w2``
   ``[E * I, h]`` (gate, up, down), ``w2(act(w1 x) * v1 x)``; the pre-activation site is the gate's output.
 
-Either way, expert ``e``'s sites are the output of its up (or fused gate/up) projection and the input of its down
+In every layout, expert ``e``'s sites are the output of its up (or fused gate/up) projection and the input of its down
 projection over its tokens (:mod:`.experts`).
 """
 
