@@ -9,7 +9,9 @@ moments of the pre-activation (what Neuron Adjust probes) and mean |x| of the ke
 Detection reads the key of a few tokens per query).
 
 The probe's own work (float64 statistics of every site) grows with the FFL widths, the model's with hidden x width:
-on very small models the statistics weigh more, so the report is given at two hidden sizes.
+on very small models the statistics weigh more, so the report is given at two hidden sizes. Llama 4's own experts
+module computes every expert on every token; the probe computes each expert on its routed tokens only (transformers'
+eager loop), so there the probe can outrun the plain forward.
 
 Usage: python benchmarks/moe_probe_throughput.py [--model-type qwen2_moe] [--hidden 256] [--repeats 5] [--batches 8]
 """
@@ -28,7 +30,16 @@ from unlearn_hf.sites import find_ffl_sites
 
 
 def moe_config(model_type: str, hidden: int) -> dict:
-    """8 experts, top-2; expert width 1.5 x hidden (Qwen2-MoE: and a shared expert of 3 x hidden)."""
+    """8 experts, top-2 (Llama 4: top-1, every MoE layer, as Llama 4 Scout); expert width 1.5 x hidden (Qwen2-MoE: and
+    a shared expert of 3 x hidden; Llama 4: a shared expert of the experts' width)."""
+    if model_type == "llama4_text":
+        return dict(
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            intermediate_size=3 * hidden // 2,
+            intermediate_size_mlp=3 * hidden,
+            interleave_moe_layer_step=1,
+        )
     if model_type == "qwen2_moe":
         return dict(
             num_experts=8,
@@ -41,7 +52,7 @@ def moe_config(model_type: str, hidden: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-type", default="qwen2_moe", choices=["qwen2_moe", "mixtral"])
+    parser.add_argument("--model-type", default="qwen2_moe", choices=["qwen2_moe", "mixtral", "llama4_text"])
     parser.add_argument(
         "--hidden", type=int, default=256, help="hidden size (the probe's share falls as it grows)"
     )
