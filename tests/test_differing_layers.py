@@ -84,10 +84,14 @@ def test_naming_a_layer_that_text_only_forwards_skip_fails_loudly():
     model = tiny_mllama_text()
     every = lambda m: [(b.mlp.gate_proj, b.mlp.down_proj) for b in m.model.layers]  # noqa: E731
     unlearned = UnlearnedModelForCausalLM.from_base(model, sites=every)
-    forget, retain = token_batches(0, **FORGET, n=2), token_batches(1, **RETAIN, n=2)
+    forget, retain = token_batches(0, **FORGET, n=3), token_batches(1, **RETAIN, n=3)
+    forwards = []
+    model.model.embed_tokens.register_forward_hook(lambda *a: forwards.append(1))
     for config in (NeuronAdjustConfig(ratio=0.1), SelectivePruningConfig(ratio=0.1)):
+        forwards.clear()
         with pytest.raises(
             ValueError, match=r"sites of layers \[1\] \(model\.layers\.1\.mlp\.down_proj.*saw no tokens"
         ):
-            unlearned.fit(config, forget, retain, show_progress=False)
-        assert not unlearned.methods and hook_count(model) == 0
+            unlearned.fit(config, forget, retain, show_progress=False, batch_size=1)
+        assert len(forwards) == 1  # after the first batch, not at the end of the pass
+        assert not unlearned.methods and hook_count(model) == 1  # the test's own counting hook

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import TINY_MODEL_TYPES, tiny_config, tiny_model, tiny_tokenizer
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
@@ -27,6 +27,7 @@ from unlearn_hf.sites import (
     linear_io,
     module_device,
 )
+from unlearn_hf.sites.model_config import expert_count
 
 # -- the independent reference: where each architecture's FFL lives and what it computes ------------------------
 
@@ -420,6 +421,22 @@ def test_a_width_keyword_the_config_class_does_not_use_is_ignored(model_type, wi
     setattr(config, width_attr or "ffn_hidden_size", expected + 1)
     with pytest.raises(SiteError, match=f"config says {expected + 1}"):
         find_ffl_sites(model)
+
+
+def test_widths_of_configs_that_do_not_declare_them_as_fields_are_still_read():
+    # a remote-code config with its own __init__ (InternLM2, Baichuan, ...) inherits PretrainedConfig's dataclass
+    # fields but declares none of its own; BART-like text configs get their decoder width copied onto ``ffn_dim``
+    class RemoteConfig(PretrainedConfig):
+        model_type = "my_remote_arch"
+
+        def __init__(self, **kwargs):
+            self.intermediate_size, self.n_routed_experts = 256, 8
+            super().__init__(**kwargs)
+
+    remote = RemoteConfig()
+    assert (config_d_ff(remote, 64), expert_count(remote)) == (256, 8)
+    bart = AutoConfig.for_model("bart", d_model=32, decoder_ffn_dim=100, encoder_ffn_dim=90)
+    assert config_d_ff(bart.get_text_config(decoder=True), 32) == 100
 
 
 def test_known_type_whose_table_names_are_missing_falls_back_to_discovery(caplog):

@@ -204,6 +204,24 @@ def _probe_local(
 _EXCLUDE_AT_MOST = 0.1
 
 
+def _all_dense_sites_ran(stats: dict[str, dict[int, RunningStats]], by_layer: dict[int, FFLSite]) -> bool:
+    """Whether the dense sites have counted rows (``False``: none has yet); raises when some have and others not: a
+    dense site sees every selected token, unless the forward skipped its layer. Checked after each batch until one
+    counts rows, so the error comes at once, not after the whole pass."""
+    for kind, per_layer in stats.items():
+        dense = {i: s.count for i, s in per_layer.items() if not by_layer[i].routed}
+        unseen = [i for i, n in dense.items() if n == 0]
+        if unseen and len(unseen) < len(dense):
+            raise ValueError(
+                f"The {kind} sites of layers {unseen} ({by_layer[unseen[0]].key_name}, ...) saw no tokens while "
+                "others did: the forward did not run them (a layer these inputs skip, as Mllama's cross-attention "
+                "layers without an image). Leave them out of the sites."
+            )
+        if unseen:
+            return False
+    return True
+
+
 def _digest(batches: list[TokenBatch]) -> str:
     """A fingerprint of the tokens and the selection of ``batches``."""
     h = hashlib.sha1()
@@ -329,7 +347,7 @@ def _run_pass(
             for m, on_input in finishing.values()
         ]
         bar = tqdm(total=n_examples, desc=desc, disable=not show_progress, unit="ex")
-        meter = PaddingMeter()
+        meter, checked = PaddingMeter(), False
         for batch in batches:
             meter.add(batch.attention_mask)
             lo, hi = int(batch.input_ids.min()), int(batch.input_ids.max())
@@ -359,22 +377,12 @@ def _run_pass(
             except StopForward:
                 pass
             bar.update(batch.input_ids.shape[0])
+            checked = checked or _all_dense_sites_ran(stats, by_layer)
         bar.close()
         meter.log(desc)
     finally:
         for h in handles:
             h.remove()
-    for kind, per_layer in stats.items():
-        dense = {i: s.count for i, s in per_layer.items() if not by_layer[i].routed}
-        unseen = [i for i, n in dense.items() if n == 0]
-        if unseen and any(
-            dense.values()
-        ):  # a dense site sees every selected token, unless its layer was skipped
-            raise ValueError(
-                f"The {kind} sites of layers {unseen} ({by_layer[unseen[0]].key_name}, ...) saw no tokens while "
-                "others did: the forward did not run them (a layer these inputs skip, as Mllama's cross-attention "
-                "layers without an image). Leave them out of the sites."
-            )
     fp = architecture_id(model)
     for per_layer in stats.values():
         for s in per_layer.values():

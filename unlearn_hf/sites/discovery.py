@@ -157,7 +157,9 @@ def discover_in_layer(
         downs = [(n, i) for n, i in downs if i == d_ff_hint] or downs
     if len(downs) != 1:
         what = "Several candidate" if downs else "No"
-        raw = [] if downs else _weights_outside_linears(scope, prefix)
+        raw = (
+            [] if downs or not prefix else _weights_outside_linears(scope, prefix)
+        )  # inside an FFL container
         why = (
             f" The FFL holds weights outside linear modules ({', '.join(raw)}): experts stacked in one weight, not "
             "a transformers experts module, are not supported."

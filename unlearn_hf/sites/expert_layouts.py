@@ -7,7 +7,9 @@
 * ``"scaled_rows"``: Llama 4's ``Llama4TextExperts``: ``forward(routed_in [E * T, h])`` computes every expert on
   every token, block ``e`` of the rows holding each token already scaled by its routing weight for expert ``e``
   (0 for a token not routed to it, whose output is then 0); weights ``gate_up_proj [E, h, 2I]`` (gate, then up),
-  ``down_proj [E, I, h]``, ``act_fn``. Expert ``e``'s tokens are the rows of its block that are not all zero.
+  ``down_proj [E, I, h]``, ``act_fn``. Expert ``e``'s tokens are the rows of its block that are not all zero. (A
+  routed token whose weight underflows to 0, as a sigmoid of a router logit below about -17 does in float16, has a
+  zero row and counts as not routed: its output is 0 either way.)
 * ``"top_k"`` with ``weights="stacked"``: DBRX's ``DbrxExperts``: called as the first layout (``hidden`` may be
   ``[batch, seq, h]``), its experts' weights stacked in 2-D parameters of its ``mlp``: ``w1``, ``v1``, ``w2``
   ``[E * I, h]`` (gate, up, down), ``w2(act(w1 x) * v1 x)``; the pre-activation site is the gate's output.
@@ -136,12 +138,11 @@ def routed(
     n = module.num_experts
     if layout.routing == "scaled_rows":
         blocks = args[0].view(n, -1, args[0].shape[-1])
-        with torch.no_grad():
-            hit = blocks.ne(0).any(-1)  # [E, T]
-            experts = [int(e) for e in hit.any(-1).nonzero()[:, 0]]
-        for e in experts:
-            token_index = hit[e].nonzero()[:, 0]
-            yield e, token_index, blocks[e].index_select(0, token_index), None
+        for e in range(n):  # one expert's [T, h] comparison at a time, not [E, T, h]
+            with torch.no_grad():
+                token_index = blocks[e].ne(0).any(-1).nonzero()[:, 0]
+            if token_index.numel():
+                yield e, token_index, blocks[e].index_select(0, token_index), None
         return
     hidden, top_k_index, top_k_weights = args[:3]
     hidden = hidden.reshape(-1, hidden.shape[-1])  # DBRX's experts take [batch, seq, h]

@@ -6,7 +6,7 @@ with every expert's rows pre-scaled (:mod:`.expert_layouts`). Expert ``e`` of su
 FFL, over the tokens routed to it only:
 
 * pre-activation: the output of its up (or fused gate/up) projection, ``[n_e, 2I]`` (the gate columns, in the
-  module's layout, are what enters the activation);
+  module's layout, are what enters the activation; DBRX: its gate projection's output, ``[n_e, I]``);
 * key: the input of its down projection, ``[n_e, I]``.
 
 No module computes them alone, so each is an :class:`ExpertTap`: an identity module (not registered in the model)
@@ -38,7 +38,7 @@ _TAPS = "_unlearn_expert_taps"
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """Whether ``module`` is a transformers experts module with 3-D weights (see :mod:`.expert_layouts`)."""
+    """Whether ``module`` is an experts module of one of the layouts of :mod:`.expert_layouts`."""
     return experts_layout(module) is not None
 
 
@@ -75,7 +75,7 @@ class ExpertTap(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The expert's slice of the projection's 3-D weight (for fingerprints and dtypes)."""
+        """The expert's slice of its projection's weight (for fingerprints and dtypes)."""
         return layouts.expert_weight(self.owner, self.owner.__dict__[_TAPS].layout, self.role, self.expert)
 
     def extra_repr(self) -> str:
@@ -138,7 +138,7 @@ class ExpertTaps:
 
 
 def expert_widths(module: nn.Module) -> tuple[int, int]:
-    """``(hidden, I)`` of an experts module, from its down projection's 3-D weight."""
+    """``(hidden, I)`` of an experts module, from its weights."""
     return layouts.expert_widths(module, experts_layout(module))
 
 

@@ -42,30 +42,36 @@ def config_d_ff(config, hidden: int | None = None) -> int | None:
         return None
     if model_type in FOUR_X_HIDDEN:
         attr = FOUR_X_HIDDEN[model_type]
-        value = _declared(config, attr) if attr else None
+        value = getattr(config, attr, None) if attr else None
         if isinstance(value, int) and value > 0:
             return value
         return 4 * hidden if hidden else None
-    for attr in ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff"):
-        value = _declared(config, attr)
+    for attr in _declared_first(
+        config, ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
+    ):
+        value = getattr(config, attr, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
 
 
-def _declared(config, attr: str):
-    """``config.<attr>`` when the config class declares it (a field of a dataclass config, as transformers 5's are;
-    any attribute of another config). A keyword its class does not use (``OPTConfig(intermediate_size=...)``, whose
-    width is ``ffn_dim``) is kept as an attribute but says nothing about the model."""
-    if dataclasses.is_dataclass(config) and attr not in {f.name for f in dataclasses.fields(config)}:
-        return None
-    return getattr(config, attr, None)
+def _declared_first(config, names: tuple[str, ...]) -> list[str]:
+    """``names``, those the config's own class declares first (its dataclass fields, as transformers 5's configs have,
+    and its ``attribute_map`` aliases), then the others. A keyword a class does not use stays an attribute
+    (``OPTConfig(intermediate_size=...)``, whose width is ``ffn_dim``), and must not win over the declared name; an
+    undeclared attribute is still read after them (remote-code configs with their own ``__init__``, the decoder
+    widths that ``get_text_config`` copies onto BART-like configs)."""
+    cls = type(config)
+    declared = set(getattr(cls, "attribute_map", {}) or {})
+    if "__dataclass_fields__" in cls.__dict__:  # the class's own dataclass, not one it inherits
+        declared |= {f.name for f in dataclasses.fields(cls)}
+    return [n for n in names if n in declared] + [n for n in names if n not in declared]
 
 
 def expert_count(config) -> int:
     """The number of experts the config declares; 0 when it declares none (not a mixture of experts)."""
-    for attr in _EXPERT_COUNT_ATTRS:
-        value = _declared(config, attr)
+    for attr in _declared_first(config, _EXPERT_COUNT_ATTRS):
+        value = getattr(config, attr, None)
         if isinstance(value, int) and value > 1:
             return value
     return 0
