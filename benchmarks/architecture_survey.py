@@ -79,6 +79,23 @@ _VARIANTS = (
 )
 
 
+#: Pieces shared by the per-type overrides: few small experts (with a shared one), Qwen3.5's small linear-attention
+#: heads, Gemma 4's text layers (one sliding, one full), its drafters' centroids, small Mamba-2 heads.
+_FEW_EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+_SHARED_EXPERT = dict(_FEW_EXPERTS, shared_expert_intermediate_size=48)
+_LINEAR_ATTENTION = dict(
+    head_dim=8,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+)
+_GEMMA4_TEXT = dict(
+    head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"], sliding_window=16
+)
+_DRAFTER = dict(backbone_hidden_size=32, num_centroids=16, centroid_intermediate_top_k=4)
+_MAMBA = dict(mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=16)
+
 #: Per-type overrides, tried before ``_VARIANTS`` for their type: config kwargs merged over ``_SMALL`` (nested dicts
 #: merged key by key), for the config classes that the generic shrinking leaves inconsistent or too large.
 _PER_TYPE: dict[str, dict] = {
@@ -96,52 +113,21 @@ _PER_TYPE: dict[str, dict] = {
         first_k_dense_replace=1,
     ),
     # layer_types has no default; one dense layer, then a sparse one
-    "lfm2_moe": dict(
-        layer_types=["conv", "full_attention"],
-        num_dense_layers=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=48,
-    ),
+    "lfm2_moe": dict(_FEW_EXPERTS, layer_types=["conv", "full_attention"], num_dense_layers=1),
     # Qwen3.5: the text model (gated delta net + full attention) with small linear-attention heads
-    "qwen3_5": dict(
-        text_config=dict(
-            head_dim=8,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            layer_types=["linear_attention", "full_attention"],
-        )
-    ),
+    "qwen3_5": dict(text_config=dict(_LINEAR_ATTENTION, layer_types=["linear_attention", "full_attention"])),
     # as qwen3_5, with few small experts (256 by default)
     "qwen3_5_moe": dict(
         text_config=dict(
-            head_dim=8,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            layer_types=["linear_attention", "full_attention"],
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=48,
-            shared_expert_intermediate_size=48,
+            _LINEAR_ATTENTION, **_SHARED_EXPERT, layer_types=["linear_attention", "full_attention"]
         )
     ),
     # as qwen3_5_moe, with hyper-connections and an indexed-attention layer, whose indexer sizes have no default
     "qwen4_exp": dict(
         text_config=dict(
-            head_dim=8,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
+            _LINEAR_ATTENTION,
+            **_SHARED_EXPERT,
             layer_types=["linear_attention", "indexed_attention"],
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=48,
-            shared_expert_intermediate_size=48,
             hc_lowrank=8,
             indexer_n_heads=2,
             indexer_kv_heads=1,
@@ -152,51 +138,17 @@ _PER_TYPE: dict[str, dict] = {
     ),
     # small per-layer-input embeddings and global (full-attention) heads; one sliding and one full layer
     "gemma4": dict(
-        text_config=dict(
-            head_dim=8,
-            global_head_dim=16,
-            vocab_size_per_layer_input=128,
-            hidden_size_per_layer_input=8,
-            layer_types=["sliding_attention", "full_attention"],
-            sliding_window=16,
-        )
+        text_config=dict(_GEMMA4_TEXT, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8)
     ),
     # as gemma4 (the audio and vision towers are absent by default)
-    "gemma4_unified": dict(
-        text_config=dict(
-            head_dim=8,
-            global_head_dim=16,
-            layer_types=["sliding_attention", "full_attention"],
-            sliding_window=16,
-        )
-    ),
+    "gemma4_unified": dict(text_config=_GEMMA4_TEXT),
     # the drafter of gemma4: no per-layer inputs, few centroids; its forward needs the target model's inputs_embeds
     # and shared_kv_states, so it is surveyed as built, without a forward on token ids
     "gemma4_assistant": dict(
-        backbone_hidden_size=32,
-        num_centroids=16,
-        centroid_intermediate_top_k=4,
-        text_config=dict(
-            head_dim=8,
-            global_head_dim=16,
-            vocab_size_per_layer_input=0,
-            hidden_size_per_layer_input=0,
-            layer_types=["sliding_attention", "full_attention"],
-            sliding_window=16,
-        ),
+        _DRAFTER, text_config=dict(_GEMMA4_TEXT, vocab_size_per_layer_input=0, hidden_size_per_layer_input=0)
     ),
     # as gemma4_assistant (the drafter of gemma4_unified)
-    "gemma4_unified_assistant": dict(
-        backbone_hidden_size=32,
-        num_centroids=16,
-        centroid_intermediate_top_k=4,
-        text_config=dict(
-            head_dim=8,
-            global_head_dim=16,
-            layer_types=["sliding_attention", "full_attention"],
-            sliding_window=16,
-        ),
-    ),
+    "gemma4_unified_assistant": dict(_DRAFTER, text_config=_GEMMA4_TEXT),
     # 15 KV-shared layers by default (more than 2); small per-layer inputs and LAuReL rank
     "gemma3n_text": dict(
         head_dim=8,
@@ -258,22 +210,17 @@ _PER_TYPE: dict[str, dict] = {
         index_num_heads=2,
         index_num_local_tokens=2,
         index_num_sink_tokens=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=48,
-        shared_expert_intermediate_size=48,
+        **_SHARED_EXPERT,
         mlp_only_layers=[0],
         mlp_only_intermediate_size=80,
     ),
     # attention_types must expand to num_layers entries
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=16),
     # mamba_n_heads must divide mamba_expand * hidden_size; one mamba and one attention layer
-    "bamba": dict(mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=16, attn_layer_indices=[1]),
+    "bamba": dict(_MAMBA, attn_layer_indices=[1]),
     # as bamba, with few experts
     "granitemoehybrid": dict(
-        mamba_n_heads=4,
-        mamba_d_state=16,
-        mamba_chunk_size=16,
+        _MAMBA,
         layer_types=["linear_attention", "full_attention"],
         num_local_experts=4,
         shared_intermediate_size=48,

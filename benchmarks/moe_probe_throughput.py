@@ -32,22 +32,19 @@ from unlearn_hf.sites import find_ffl_sites
 def moe_config(model_type: str, hidden: int) -> dict:
     """8 experts, top-2 (Llama 4: top-1, every MoE layer, as Llama 4 Scout); expert width 1.5 x hidden (Qwen2-MoE: and
     a shared expert of 3 x hidden; Llama 4: a shared expert of the experts' width)."""
-    if model_type == "llama4_text":
-        return dict(
-            num_local_experts=8,
-            num_experts_per_tok=1,
-            intermediate_size=3 * hidden // 2,
-            intermediate_size_mlp=3 * hidden,
-            interleave_moe_layer_step=1,
-        )
-    if model_type == "qwen2_moe":
-        return dict(
+    expert = 3 * hidden // 2
+    return {
+        "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=expert),
+        "qwen2_moe": dict(
             num_experts=8,
             num_experts_per_tok=2,
-            moe_intermediate_size=3 * hidden // 2,
+            moe_intermediate_size=expert,
             shared_expert_intermediate_size=3 * hidden,
-        )
-    return dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=3 * hidden // 2)
+        ),
+        "llama4_text": dict(
+            num_local_experts=8, num_experts_per_tok=1, intermediate_size=expert, interleave_moe_layer_step=1
+        ),
+    }[model_type]
 
 
 def main() -> None:

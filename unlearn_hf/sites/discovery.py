@@ -62,7 +62,9 @@ def find_decoder_layers(
         if not any(o != n and (o == "" or n.startswith(o + ".")) for o, _ in candidates)
     ]
     if len(outer) > 1:  # an image-text model's towers: keep the lists of its decoder (``get_decoder()``)
-        outer = [(n, m) for n, m in outer if _in_decoder(model, n)] or outer
+        decoder = _decoder_name(model)
+        if decoder is not None:
+            outer = [(n, m) for n, m in outer if n == decoder or n.startswith(decoder + ".")] or outer
     if len(outer) != 1:
         found = ", ".join(f"{n or '<root>'} ({len(m)} x {type(m[0]).__name__})" for n, m in outer) or "none"
         expected = f" holding {', '.join(holding)}" if holding else ""
@@ -73,17 +75,16 @@ def find_decoder_layers(
     return outer[0]
 
 
-def _in_decoder(model: nn.Module, name: str) -> bool:
-    """Whether the module ``name`` lies in the model's text decoder, as transformers' ``get_decoder()`` names it."""
+def _decoder_name(model: nn.Module) -> str | None:
+    """The name of the model's text decoder, as transformers' ``get_decoder()`` gives it (``None``: none to tell)."""
     get_decoder = getattr(model, "get_decoder", None)
     try:
         decoder = get_decoder() if callable(get_decoder) else None
     except Exception:  # noqa: BLE001 - a model without a decoder to name: nothing can be told
-        return False
+        return None
     if not isinstance(decoder, nn.Module) or decoder is model:
-        return False
-    prefix = next((n for n, m in model.named_modules() if m is decoder), None)
-    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+        return None
+    return next((n for n, m in model.named_modules() if m is decoder), None)
 
 
 def _has_submodule(module: nn.Module, name: str) -> bool:
@@ -157,9 +158,8 @@ def discover_in_layer(
         downs = [(n, i) for n, i in downs if i == d_ff_hint] or downs
     if len(downs) != 1:
         what = "Several candidate" if downs else "No"
-        raw = (
-            [] if downs or not prefix else _weights_outside_linears(scope, prefix)
-        )  # inside an FFL container
+        # weights that no linear holds, named inside an FFL container only (a whole layer also holds attention's)
+        raw = [] if downs or not prefix else _weights_outside_linears(scope, prefix)
         why = (
             f" The FFL holds weights outside linear modules ({', '.join(raw)}): experts stacked in one weight, not "
             "a transformers experts module, are not supported."
@@ -176,7 +176,7 @@ def discover_in_layer(
         gates = [n for n in ups if "gate" in n.rsplit(".", 1)[-1].lower()]
         if (
             len(gates) != 1 and len(ups) == 2
-        ):  # names that do not tell (w1 / w3): the layer's own computation does
+        ):  # names that do not tell (w1 / w3): the layer's computation does
             gates = [g] if (g := gate_of_pair(layer, prefix, ups, key_name, act)) else []
         ups = gates if len(gates) == 1 else ups
     if len(ups) == 1:

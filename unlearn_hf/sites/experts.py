@@ -137,16 +137,6 @@ class ExpertTaps:
         return None
 
 
-def expert_widths(module: nn.Module) -> tuple[int, int]:
-    """``(hidden, I)`` of an experts module, from its weights."""
-    return layouts.expert_widths(module, experts_layout(module))
-
-
-def expert_tokens(module: nn.Module, args: tuple) -> int:
-    """How many tokens a call of the experts module ``module`` with positional ``args`` computes."""
-    return module.__dict__[_TAPS].tokens(args)
-
-
 class _ExpertsForward:
     """The forward of an experts module with taps: the tapped computation while a hook that may change values would
     run, else the forward it had (``inner``: accelerate's offloading forward, or ``None`` for the class's),
@@ -205,7 +195,7 @@ def expert_taps(module: nn.Module) -> ExpertTaps:
     module.__dict__[slot] = forward
     module.__dict__[_TAPS] = taps = ExpertTaps(module, experts_layout(module))
     try:
-        _check_equivalent(module, forward)
+        _check_equivalent(module, taps.layout, forward)
     except BaseException:
         module.__dict__.pop(_TAPS)
         if previous is None:
@@ -219,9 +209,8 @@ def expert_taps(module: nn.Module) -> ExpertTaps:
 def tapped_experts_forward(self: nn.Module, taps: ExpertTaps, *args: torch.Tensor) -> torch.Tensor:
     """transformers' eager experts computation, calling the taps of every expert that has tokens."""
     layout = taps.layout
-    out = torch.zeros_like(args[0]).view(
-        -1, args[0].shape[-1]
-    )  # DBRX's experts take (and give) [batch, seq, h]
+    # rows [tokens, h]: DBRX's experts take (and give) [batch, seq, h]
+    out = torch.zeros_like(args[0]).view(-1, args[0].shape[-1])
     blocks = out.view(self.num_experts, -1, out.shape[-1]) if layout.routing == "scaled_rows" else None
     for e, token_index, x, weights in layouts.routed(self, layout, args):
         h = taps.pre[e](layouts.up(self, layout, e, x), token_index)
@@ -247,10 +236,9 @@ def observe_expert_sites(self: nn.Module, taps: ExpertTaps, *args: torch.Tensor)
             key(layouts.activate(self, layout, e, x, h), token_index)
 
 
-def _check_equivalent(module: nn.Module, forward: _ExpertsForward) -> None:
+def _check_equivalent(module: nn.Module, layout: ExpertsLayout, forward: _ExpertsForward) -> None:
     """Refuse an experts module whose own forward is not the eager computation the taps run (both called through
     the module, on random tokens routed to every expert)."""
-    layout = experts_layout(module)
     weight = layouts.expert_weight(module, layout, "key", 0)
     if weight.is_meta and not hasattr(module, "_hf_hook"):
         return  # not materialized: nothing can run

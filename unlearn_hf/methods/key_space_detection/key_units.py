@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from ...sites import FFLSite, module_device
-from ...sites.experts import expert_tokens
+from ...sites.experts import expert_taps
 from .hypercube import KeySpaceLayer, distance_dtype, scaled_distance
 
 
@@ -95,7 +95,7 @@ class RoutedUnit:
 
     def tokens(self, args: tuple) -> int:
         """How many tokens a call of the experts module with positional ``args`` computes."""
-        return expert_tokens(self.owner, args)
+        return expert_taps(self.owner).tokens(args)
 
     @property
     def read_sites(self) -> list[FFLSite]:
