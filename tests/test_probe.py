@@ -454,3 +454,47 @@ def test_a_probe_keeps_only_the_statistics_asked_for(model, smol_tokenizer):
             statistics={"pre": ["abs"]},
             show_progress=False,
         )
+
+
+def test_a_model_that_adds_positions_of_its_own_is_refused_with_the_reason():
+    """CPM-Ant prepends ``prompt_length`` positions of its own to the input ids, so its FFLs see more rows than the
+    input has tokens: no row can be told to be a token's, and every method refuses it, saying why."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from unlearn_hf import SelectivePruningConfig, UnlearnedModelForCausalLM
+    from unlearn_hf.sites.site_tensors import site_shape_error
+
+    config = AutoConfig.for_model(
+        "cpmant",
+        vocab_size=128,
+        hidden_size=32,
+        num_attention_heads=4,
+        dim_head=8,
+        dim_ff=48,
+        num_hidden_layers=2,
+        prompt_types=3,
+        prompt_length=4,
+        segment_types=3,
+        position_bias_num_buckets=32,
+        position_bias_max_distance=64,
+    )
+    torch.manual_seed(0)
+    cpmant = AutoModelForCausalLM.from_config(config).eval()
+    unlearned = UnlearnedModelForCausalLM.from_base(cpmant)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    why = (
+        r"ran over 10 positions for 6 input tokens \(shape \(2, 10, 48\).*adds positions of its own "
+        r"\(e\.g\. CPM-Ant's prompt tokens\).*cannot tell which rows are the input's tokens"
+    )
+    with pytest.raises(SiteError, match=why):
+        unlearned.fit(SelectivePruningConfig(ratio=0.1), rows, rows, show_progress=False)
+    with pytest.raises(SiteError, match=r"Layer 0 pre site ran over 10 positions"):
+        probe(cpmant, rows, site="pre", show_progress=False)
+    # any other mismatch keeps the plain message
+    other = site_shape_error("Layer 0 key site", (2, 6, 40), (2, 6), 48)
+    assert str(other) == (
+        "Layer 0 key site produced shape (2, 6, 40), expected [batch, seq, 48]; the site does not match the model."
+    )
+    fewer = site_shape_error("Layer 0 key site", (2, 3, 48), (2, 6), 48)
+    assert "ran over 3 positions for 6 input tokens" in str(fewer) and "drops or merges" in str(fewer)

@@ -17,6 +17,7 @@ from .data import DataSpec, TokenBatch, iter_token_batches
 from .model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from .probe_share import _SHARE
 from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites, require_pre_sites
+from .sites.site_tensors import site_shape_error
 from .stats import DEFAULT_STATISTICS, RunningStats, SiteStatistics, check_statistics
 
 logger = logging.getLogger(__name__)
@@ -296,9 +297,8 @@ def _run_pass(
             if x.dim() == 2 and x.shape[0] == grid.numel():
                 x = as_token_grid(x, grid[1])  # OPT runs its FFL on [batch * seq, d_ff]
             if x.shape[-1] != by_layer[layer].d_ff or x.shape[:2] != grid:
-                raise SiteError(
-                    f"Layer {layer} {kind} site produced shape {tuple(x.shape)}, expected [batch, seq, "
-                    f"{by_layer[layer].d_ff}]; the site does not match the model."
+                raise site_shape_error(
+                    f"Layer {layer} {kind} site", tuple(x.shape), tuple(grid), by_layer[layer].d_ff
                 )
             rows = x.flatten(0, 1)
             if selected[("exclude", host)] is not None:

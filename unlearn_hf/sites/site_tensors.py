@@ -1,4 +1,5 @@
-"""The tensors at a site: their ``[batch, seq, d_ff]`` view (OPT flattens the tokens) and the device they live on."""
+"""The tensors at a site: their ``[batch, seq, d_ff]`` view (OPT flattens the tokens), the error when one is not that
+shape, and the device they live on."""
 
 from __future__ import annotations
 
@@ -23,6 +24,26 @@ def as_token_grid(x: torch.Tensor, seq_len: int) -> torch.Tensor:
     raise SiteError(
         f"A site tensor of shape {tuple(x.shape)} is neither [batch, {seq_len}, d] nor [batch * {seq_len}, d]."
     )
+
+
+def site_shape_error(name: str, shape: tuple[int, ...], grid: tuple[int, int], d_ff: int) -> SiteError:
+    """The error for a dense site tensor of ``shape`` that is not ``[batch, seq, d_ff]`` for a batch of token ids
+    shaped ``grid``; ``name`` says which site (``"Layer 0 pre site"``). When only the number of positions differs,
+    the message says why the library refuses: the model runs its FFLs over positions that are not the input's
+    tokens (CPM-Ant prepends prompt positions of its own), so no row can be told to be a token's."""
+    expected = f"expected [batch, seq, {d_ff}]"
+    if len(shape) == 3 and shape[0] == grid[0] and shape[2] == d_ff and shape[1] != grid[1]:
+        how = (
+            "the model adds positions of its own (e.g. CPM-Ant's prompt tokens)"
+            if shape[1] > grid[1]
+            else "the model drops or merges positions"
+        )
+        return SiteError(
+            f"{name} ran over {shape[1]} positions for {grid[1]} input tokens (shape {shape}, {expected}): {how}, "
+            "so the library cannot tell which rows are the input's tokens; unlearn_hf supports models whose "
+            "feed-forward layers run over the input's tokens only."
+        )
+    return SiteError(f"{name} produced shape {shape}, {expected}; the site does not match the model.")
 
 
 def module_device(module: nn.Module) -> torch.device:
