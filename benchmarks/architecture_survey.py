@@ -9,7 +9,12 @@ Outcomes:
 and, for these three, whether every method its sites allow works on the tiny model (``methods``: Selective
 Pruning and Neuron Adjust fit and change the logits, Key Space Detection at α = 1 contains every fitted row,
 ``generate`` runs; a model built whose forward on token ids fails, e.g. a drafter that needs its target model's
-states, is surveyed without them: ``methods`` then says why);
+states, is surveyed without them: ``methods`` then says why). Before the checks every floating-point weight of two or
+more dimensions that is all zero at initialization (xLSTM's gate projections) gets small random values from a seeded
+generator (biases aside), else no change of an FFL could reach the logits; ``note`` then names them;
+- ``refused: positions of its own``: sites found, but every method refuses the model at fit time with a
+  ``SiteError`` saying that its FFLs run over positions that are not the input's tokens (CPM-Ant prepends prompt
+  positions of its own);
 - ``refused: module lists or >2-D weights`` (expert lists, recurrent or state-space blocks) / ``refused: sites``:
   ``SiteError``, whose message says why and how to name the sites;
 - ``not built``: neither the per-type override (``_PER_TYPE``, for config classes that the generic shrinking leaves
@@ -355,18 +360,22 @@ def survey_one(model_type: str) -> dict:
         blocks = "weights of more than two dimensions" in str(err)
         outcome = "refused: module lists or >2-D weights" if blocks else "refused: sites"
         return {"outcome": outcome, "detail": str(err)[:400]}
-    first = sites[0]
+    first, filled = sites[0], []
     if no_forward is None:
+        filled = fill_zero_weights(model)
         checks = check_methods(model, model_type)
     else:  # e.g. a drafter model, whose forward needs its target model's states
         checks = {"forward": f"n/a: the bare model's forward on token ids fails: {no_forward}"[:300]}
-    if model_type in KNOWN_SITES:
+    fits = [checks[name] for name in ("sp", "na", "ksd") if name in checks]
+    if fits and all(_OWN_POSITIONS in check for check in fits):
+        outcome = "refused: positions of its own"
+    elif model_type in KNOWN_SITES:
         outcome = "table"
     elif any(s.pre is None for s in sites):
         outcome = "key sites only"
     else:
         outcome = "discovered"
-    return {
+    entry = {
         "outcome": outcome,
         "class": type(model).__name__,
         "layers": len(sites),
@@ -376,6 +385,40 @@ def survey_one(model_type: str) -> dict:
         "detail": first.pre_missing[:300],
         "methods": checks,
     }
+    if outcome == "refused: positions of its own":
+        entry["detail"] = fits[0].removeprefix("error: SiteError: ")
+    if filled:
+        names = ", ".join(filled)
+        if len(names) > 300:
+            names = names[: names.rfind(", ", 0, 300)] + ", ..."
+        entry["note"] = (
+            f"{len(filled)} all-zero weights given small random values before the method checks: {names}"
+        )
+    return entry
+
+
+#: What the library's ``SiteError`` says of a model whose FFLs run over positions that are not the input's tokens.
+_OWN_POSITIONS = "the library cannot tell which rows are the input's tokens"
+
+
+def fill_zero_weights(model, std: float = 0.02) -> list[str]:
+    """Give every floating-point parameter of two or more dimensions that is all zero, biases aside, small random
+    values (normal, ``std``, from a generator seeded with 0, in parameter order); the names of those filled. Some
+    types initialize projections at zero (xLSTM's gate projections), under which no change of an FFL reaches the
+    logits and a method check would say nothing; a trained model's are not zero. Norm weights (one dimension) and
+    biases of any shape (a zero bias hides no change; some, as routers' score corrections, start at zero by design)
+    stay as built."""
+    import torch
+
+    gen, filled = torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            weight = param.dim() >= 2 and param.is_floating_point() and not name.endswith("bias")
+            if weight and not param.any():
+                noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
+                param.copy_(noise.to(param.dtype))
+                filled.append(name)
+    return filled
 
 
 def check_methods(model, model_type: str) -> dict[str, str]:
@@ -416,7 +459,7 @@ def check_methods(model, model_type: str) -> dict[str, str]:
             unlearned.remove_method(name)
             out[name] = "ok" if changed else "error: the logits did not change"
         except Exception as err:  # noqa: BLE001 - reported, not raised: the survey goes on
-            out[name] = f"error: {type(err).__name__}: {err}"[:300]
+            out[name] = f"error: {type(err).__name__}: {err}"[:500]
     try:
         # routed experts: a row is inside at alpha 1 when one of its experts got 2 fitted rows (with 200 rows, all
         # experts of the tiny models do)
@@ -427,7 +470,7 @@ def check_methods(model, model_type: str) -> dict[str, str]:
             inside = all(bool(unlearned.detect(**row)[0]) for row in queries)
         out["ksd"] = "ok" if inside else "error: a fitted row is outside the hypercube at alpha 1"
     except Exception as err:  # noqa: BLE001
-        out["ksd"] = f"error: {type(err).__name__}: {err}"[:300]
+        out["ksd"] = f"error: {type(err).__name__}: {err}"[:500]
     try:
         with unlearned.disable_unlearning():
             unlearned.generate(**retain[0], max_new_tokens=2, do_sample=False, pad_token_id=0)
