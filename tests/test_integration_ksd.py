@@ -127,27 +127,17 @@ def format_rates(smollm2, shared_data):
 @pytest.mark.slow
 def test_default_ksd_abstains_however_the_question_is_asked(format_rates):
     """Held-out GSM8K test questions abstain in every format, including a system prompt and instruction wordings
-    the fit never saw; held-out MBPP / HumanEval / MMLU non-math questions do not. The bounds (GSM8K ≥ 90% in the
-    fitted formats, ≥ 85% in unseen wordings; others ≤ 6%) lie about 5 points inside what this setting measured
-    (one question is 1.7 points): they are a statement about the model and data, not about float noise, since
-    the calibrated α sits midway between the forget and retain scores."""
+    the fit never saw; held-out MBPP / HumanEval / MMLU non-math questions and MLQA-en reading comprehension
+    (``Context: … Question: …``, unlike every calibration question) do not. The bounds are the issue's targets:
+    ≥ 95% of GSM8K in the fitted formats, ≥ 90% in unseen wordings, ≤ 2% false abstention. Measured (calibration
+    chose layers 8 and 13 under "all"): GSM8K 58-59 of 60 in every format (the bound is 57), 0 of 60 MBPP,
+    HumanEval and MMLU, 1 of 60 MLQA-en (the bound is 1). Every held-out query's score lies ≥ 0.2% (relative) from
+    α, far beyond float rounding (~1e-6), so the counts are the model's and the data's, not the machine's. Before
+    pairs of layers, one layer (8) abstained on 23% of MLQA-en."""
     rates = format_rates
     for fmt, rate in rates["gsm8k"].items():
-        bound = 0.85 if fmt.startswith("unseen") else 0.90
+        bound = 0.90 if fmt.startswith("unseen") else 0.95
         assert rate >= bound, (fmt, rates["gsm8k"])
-    for name in ("mbpp", "humaneval", "mmlu_other"):
+    for name in ("mbpp", "humaneval", "mmlu_other", "mlqa_en"):
         for fmt, rate in rates[name].items():
-            assert rate <= 0.06, (name, fmt, rates[name])
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known weakness: with 160 fitted and 60 + 60 calibration questions the calibration picked layer 8 in our runs, "
-    "whose hypercube takes in MLQA-en's long 'Context: … Question: …' prompts (measured 23% QA template, 13% "
-    "bare, 3-8% chat; the test measures the QA template only), which no calibration question resembles; the benchmark's 200 fitted + 200 calibration "
-    "questions pick layer 21 and abstain on 0-1% of MLQA-en. Strict: this test turns red when it is fixed.",
-)
-def test_default_ksd_does_not_abstain_on_reading_comprehension(format_rates):
-    for fmt, rate in format_rates["mlqa_en"].items():
-        assert rate <= 0.06, (fmt, format_rates["mlqa_en"])
+            assert rate <= 0.02, (name, fmt, rates[name])

@@ -7,14 +7,24 @@ the key at each trailing position to each candidate layer's hypercube, ``z = max
 the scores combine by the rule (``"all"``: maximum, ``"any"``: minimum). Everything below is a function of these
 scores: no candidate probes the model again.
 
-**The choice.** For each candidate (layer set, window) the largest α whose false abstention is at most
-``max_false_rate`` in *every* retain group (a retain set in one rendering) is found exactly from the sorted
-scores. Of the candidates that then abstain on (within ``forget_tolerance`` of) the largest share of held-out
-forget queries in their *worst* rendering, the one with the widest margin between the α that reaches its share
-and the budget's limit wins: several layers often separate the calibration data perfectly, and the widest
-margin is the least sensitive to retain queries unlike the calibration data (measured on SmolLM2: the
-narrowest-margin perfect layer abstained on 23% of MLQA-en questions, which no calibration set resembled). α is set midway
-between the smallest value that reaches that share and the budget's limit, leaving a margin on both sides.
+**The candidates.** Each candidate layer on its own and, up to ``max_layers``, every combination of candidate layers
+of one key width under the config's rule (``"all"``: inside at every layer of the set). A combination reads several
+views of the same question.
+
+**The choice.** For each candidate (layer set, window) the *limit* is the smallest α at which the false abstention
+of some retain group (a retain set in one rendering) would exceed :data:`LIMIT_SHARE` of ``max_false_rate``, found
+exactly from the sorted scores. Of the candidates that then abstain on (within ``forget_tolerance`` of) the largest
+share of held-out forget queries in their *worst* rendering, the one with the widest margin between the α that
+reaches its share and the limit wins: several layers often separate the calibration data perfectly, and the widest
+margin is the least sensitive to retain queries unlike the calibration data. α is set :data:`ALPHA_POSITION` of the
+way from the smallest value that reaches that share to the limit. Both leave room for retain queries that no
+calibration question resembles, which the budget cannot see.
+
+Measured on SmolLM2 (README, "Key Space Detection however the question is asked"; 160-200 GSM8K questions, 60-100
+MBPP and MMLU calibration questions per rendering): the best-margin single layer abstained on 89% of held-out GSM8K
+questions in the QA template, or, with the smaller calibration, on 23% of MLQA-en questions; pairs under ``"all"``
+with the limit at half the budget and α a third of the way reached 95-97% in every rendering and wording at 0-1.7%
+false abstention on every retain set. Those rules were chosen on those measurements (the same held-out sets).
 ``window="auto"`` takes the widest window whose worst-rendering forget share is within ``window_tolerance`` of
 the best: the held-out queries come in the fitted renderings, and a wider window also covers closing tokens no
 rendering showed (an unseen wording), at a false-abstention cost the budget still bounds.
@@ -22,11 +32,17 @@ rendering showed (an unseen wording), at a false-abstention cost the budget stil
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+#: Share of ``max_false_rate`` that calibration may spend on its own retain queries (the rest is room for others).
+LIMIT_SHARE = 0.5
+#: Where α sits between the α that reaches the chosen forget share (0) and the limit (1).
+ALPHA_POSITION = 1 / 3
 
 #: α grid of the saved calibration table (forget and false abstention per layer and α).
 ALPHA_GRID = torch.logspace(math.log10(0.25), math.log10(4.0), 49, dtype=torch.float64)
@@ -102,12 +118,12 @@ def budget_limit(scores: torch.Tensor, groups: _Groups, max_false_rate: float) -
 def _evaluate(sf, f_groups, sr, r_groups, budget, alpha):
     """``(key, alpha, forget rates, false rates)`` of one candidate, ``None`` when it cannot meet the budget."""
     if alpha is None:
-        limit = budget_limit(sr, r_groups, budget)
+        limit = budget_limit(sr, r_groups, budget * LIMIT_SHARE)
         caught = sf[sf < limit]
         if caught.numel() == 0:
             return None
         reach = float(caught.max())
-        alpha = reach * 1.25 if math.isinf(limit) else (reach + limit) / 2
+        alpha = reach * 1.25 if math.isinf(limit) else reach + (limit - reach) * ALPHA_POSITION
         margin = math.inf if math.isinf(limit) else limit / max(reach, 1e-12)
     else:
         margin = 0.0
@@ -131,6 +147,8 @@ def calibrate(
     layers: Sequence[int] | None = None,
     alpha: float | None = None,
     rule: str = "all",
+    max_layers: int = 1,
+    widths: Sequence[int] | None = None,
     window_tolerance: float = 0.01,
     forget_tolerance: float = 0.05,
 ) -> Calibration:
@@ -141,8 +159,11 @@ def calibrate(
         forget_groups / retain_groups: the group (rendering; retain set × rendering) of each row.
         layer_ids: the model layer of each column of ``z``.
         windows: candidate windows, narrowest first; a single one fixes the window.
-        layers: fixed layers (``None``: each candidate layer on its own is a candidate).
+        layers: fixed layers (``None``: each candidate layer on its own, and combinations of them, are candidates).
         alpha: a fixed α (``None``: calibrated).
+        rule: how the layers of a set combine (``"all"``: the largest score, ``"any"``: the smallest).
+        max_layers: the largest set of layers tried together (1: each layer alone).
+        widths: the key width of each layer of ``layer_ids``; only layers of one width combine (``None``: all).
         window_tolerance: how much worst-rendering forget share a wider window may cost.
         forget_tolerance: candidates within this share of the best worst-rendering forget share compete on
             their margin (the ratio of the budget's limit to the α that reaches their share).
@@ -152,7 +173,7 @@ def calibrate(
             gives the best achievable rates.
     """
     col = {layer: j for j, layer in enumerate(layer_ids)}
-    sets = [list(layers)] if layers is not None else [[layer] for layer in layer_ids]
+    sets = [list(layers)] if layers is not None else layer_sets(layer_ids, max_layers, widths)
     forget_groups, retain_groups = _Groups(forget_groups), _Groups(retain_groups)
     results = {}
     for w in windows:
@@ -182,6 +203,24 @@ def calibrate(
     return Calibration(sorted(chosen), window, float(a), forget, false, torch.tensor(list(layer_ids)), *table)
 
 
+def layer_sets(
+    layer_ids: Sequence[int], max_layers: int, widths: Sequence[int] | None = None
+) -> list[list[int]]:
+    """The candidate layer sets: every layer alone, then every combination of up to ``max_layers`` layers of one
+    width (``widths[j]``: the key width of ``layer_ids[j]``), in increasing order."""
+    widths = [0] * len(layer_ids) if widths is None else list(widths)
+    if len(widths) != len(layer_ids):
+        raise ValueError(f"Expected {len(layer_ids)} widths, got {len(widths)}.")
+    by_width: dict[int, list[int]] = {}
+    for layer, width in zip(layer_ids, widths):
+        by_width.setdefault(width, []).append(layer)
+    sets = [[layer] for layer in layer_ids]
+    for n in range(2, max_layers + 1):
+        for same in by_width.values():
+            sets += [list(c) for c in itertools.combinations(same, n)]
+    return sets
+
+
 def _table(forget_z, retain_z, retain_groups, window) -> tuple[torch.Tensor, torch.Tensor]:
     sf = forget_z[:, :, :window].amin(-1).double()  # [rows, L]
     sr = retain_z[:, :, :window].amin(-1).double()
@@ -208,7 +247,8 @@ def _infeasible(forget_z, retain_z, retain_groups, sets, col, windows, rule, bud
     false, s, w = best
     return (
         f"The calibration data cannot meet the false-abstention budget {budget:.3f}: no layer, window and α "
-        f"abstains on any held-out forget query while staying within it. Best achievable: at layers {s}, "
-        f"window {w}, abstaining on 50% of the held-out forget queries abstains on {false:.1%} of the retain "
-        "queries of the worst retain group. Raise max_false_rate, give more forget data, or set layers/alpha."
+        f"abstains on any held-out forget query while its own retain questions stay within {LIMIT_SHARE:.0%} of "
+        f"it (the rest is room for retain queries unlike them). Best achievable: at layers {s}, window {w}, "
+        f"abstaining on 50% of the held-out forget queries abstains on {false:.1%} of the retain queries of the "
+        "worst retain group. Raise max_false_rate, give more forget data, or set layers/alpha."
     )

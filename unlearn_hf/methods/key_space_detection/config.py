@@ -13,6 +13,8 @@ RULES = ("all", "any")
 ACTIONS = ("refuse", "eos")
 INPUTS = ("questions", "prompts")
 AUTO = cfg.AUTO
+#: The most layers calibration may combine (the candidates grow as layers^max_layers).
+MAX_COMBINED = 3
 #: The widest trailing window the decision may read (tokens before and including the prompt's last).
 MAX_WINDOW = 32
 
@@ -31,8 +33,9 @@ class KeySpaceDetectionConfig(MethodConfig):
     tested; the row abstains when one of them is inside (:mod:`.decision`).
 
     **Calibration.** With retain queries given to ``fit``, every ``"auto"`` field is chosen on held-out data: a
-    ``calibration_fraction`` of the forget questions is kept out of the fit, and the layer(s), window and α that
-    abstain on most held-out forget questions while abstaining on at most ``max_false_rate`` of the retain
+    ``calibration_fraction`` of the forget questions is kept out of the fit, and the layer(s) (each layer alone and
+    combinations of up to ``max_layers`` layers under ``rule``), window and α that abstain on most held-out forget
+    questions while abstaining on at most ``max_false_rate`` of the retain
     questions *of every retain group and rendering* are chosen (:mod:`.calibration`). Without retain data the
     ``"auto"`` fields fall back to the middle layer, α = 1 and the narrowest window that covers every fitted
     rendering (a log line says so).
@@ -41,6 +44,9 @@ class KeySpaceDetectionConfig(MethodConfig):
         layers: layer(s) whose key site is checked (negative indices count from the end); ``"auto"``: calibrated;
             ``None``: the middle layer. The fitted config holds the resolved, sorted indices.
         rule: with several layers, abstain when inside at ``"all"`` of them or at ``"any"`` of them.
+        max_layers: with ``layers="auto"`` and calibration data, the largest number of layers calibration combines
+            (1: one layer). On SmolLM2 a pair under ``"all"`` abstained on 95-98% of held-out GSM8K questions where
+            one layer reached 89%, at the same false abstention (README).
         alpha: multiplier of the fitted radius k (> 0), or ``"auto"``. At α = 1 every fitted key is inside.
         window: how many trailing prompt tokens the decision reads (1 = the last token only), or ``"auto"``:
             the widest window (up to ``max_window_slack`` tokens past the fitted renderings' closing tokens)
@@ -67,6 +73,7 @@ class KeySpaceDetectionConfig(MethodConfig):
 
     layers: Any = AUTO
     rule: str = "all"
+    max_layers: int = 2
     alpha: Any = AUTO
     window: Any = AUTO
     max_false_rate: float = 0.02
@@ -86,6 +93,7 @@ class KeySpaceDetectionConfig(MethodConfig):
     def __post_init__(self) -> None:
         self._set("layers", cfg.auto_or("layers", self.layers, cfg.layer_list))
         self._set("rule", cfg.choice("rule", self.rule, RULES))
+        self._set("max_layers", cfg.integer("max_layers", self.max_layers, lo=1, hi=MAX_COMBINED))
         self._set(
             "alpha", cfg.auto_or("alpha", self.alpha, lambda n, v: cfg.positive_float(n, v, cfg.MAX_ALPHA))
         )

@@ -235,6 +235,8 @@ def fit_key_space(
         layers=fixed,
         alpha=None if config.alpha == AUTO else config.alpha,
         rule=config.rule,
+        max_layers=config.max_layers,
+        widths=[sites[u].d_ff for u in candidates],
     )
     worst = min(cal.forget_rate.values())
     logger.info(
