@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
+from unlearn_hf.methods.key_space_detection.calibration import LIMIT_SHARE
 from unlearn_hf.methods.key_space_detection.distances import pad_left
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -193,12 +194,23 @@ def plot(method, path: str) -> None:
             lw=2.5 if layer in method.config.layers else 0.8,
             label=f"layer {layer}" if layer in method.config.layers else None,
         )
-    ax.axvline(method.config.max_false_rate, ls="--", color="grey", label="false-abstention budget")
+    cal = method.config.calibration or {}
+    if cal:  # the chosen set (one layer or several) is not one of the single-layer curves: its point
+        ax.plot(
+            max(cal["false_rate"].values()),
+            sum(cal["forget_rate"].values()) / len(cal["forget_rate"]),
+            "r*",
+            ms=14,
+            label=f"chosen: layers {method.config.layers}, α {method.config.alpha:.3f}",
+        )
+    budget = method.config.max_false_rate
+    ax.axvline(budget, ls="--", color="grey", label="false-abstention budget")
+    ax.axvline(budget * LIMIT_SHARE, ls=":", color="grey", label="limit on the calibration's own questions")
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlim(left=0)
     ax.set_xlabel("false abstention (worst retain group, calibration)")
     ax.set_ylabel("held-out forget abstention (mean over renderings)")
-    ax.set_title(f"KSD calibration: every layer, α from 0.25 to 4 (window {method.config.window})")
+    ax.set_title(f"KSD calibration: each single layer, α from 0.25 to 4 (window {method.config.window})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

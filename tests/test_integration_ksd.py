@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.ksd_eval import BATCH, MAX_LENGTH, by_length, eval_sets, gsm8k_questions, left_batches
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
+from unlearn_hf.methods.key_space_detection.calibration import LIMIT_SHARE
 
 N_FIT = 200
 
@@ -115,11 +116,14 @@ def format_rates(smollm2, shared_data):
         )
         cal = method.config.calibration
         assert cal["fitted_forget"] + cal["held_out_forget"] == N_FIT_FORMATS
-        assert max(cal["false_rate"].values()) <= method.config.max_false_rate
+        assert max(cal["false_rate"].values()) <= method.config.max_false_rate * LIMIT_SHARE
         sets = eval_sets(shared_data, N_HELD)
         del sets["mmlu_math"]  # reported by the benchmark; abstaining there is not a false abstention
-        mlqa = {"mlqa_en": sets.pop("mlqa_en")}  # long prompts: only the format of the known weakness
-        yield {**measure(unlearned, tok, sets), **measure(unlearned, tok, mlqa, format_names=["qa"])}
+        # long prompts: only the QA template, where one layer alone abstained most (23% at layer 8)
+        mlqa = {"mlqa_en": sets.pop("mlqa_en")}
+        rates = {**measure(unlearned, tok, sets), **measure(unlearned, tok, mlqa, format_names=["qa"])}
+        # the choice travels with the rates, so that a failure names it (measured: layers [8, 13], window 15)
+        yield rates, (method.config.layers, method.config.window, round(method.config.alpha, 4))
     finally:
         unlearned.remove_all_methods()
 
@@ -134,10 +138,10 @@ def test_default_ksd_abstains_however_the_question_is_asked(format_rates):
     HumanEval and MMLU, 1 of 60 MLQA-en (the bound is 1). Every held-out query's score lies ≥ 0.2% (relative) from
     α, far beyond float rounding (~1e-6), so the counts are the model's and the data's, not the machine's. Before
     pairs of layers, one layer (8) abstained on 23% of MLQA-en."""
-    rates = format_rates
+    rates, chosen = format_rates
     for fmt, rate in rates["gsm8k"].items():
         bound = 0.90 if fmt.startswith("unseen") else 0.95
-        assert rate >= bound, (fmt, rates["gsm8k"])
+        assert rate >= bound, (fmt, rates["gsm8k"], chosen)
     for name in ("mbpp", "humaneval", "mmlu_other", "mlqa_en"):
         for fmt, rate in rates[name].items():
-            assert rate <= 0.02, (name, fmt, rates[name])
+            assert rate <= 0.02, (name, fmt, rates[name], chosen)

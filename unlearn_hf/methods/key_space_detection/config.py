@@ -43,16 +43,20 @@ class KeySpaceDetectionConfig(MethodConfig):
     Args:
         layers: layer(s) whose key site is checked (negative indices count from the end); ``"auto"``: calibrated;
             ``None``: the middle layer. The fitted config holds the resolved, sorted indices.
-        rule: with several layers, abstain when inside at ``"all"`` of them or at ``"any"`` of them.
-        max_layers: with ``layers="auto"`` and calibration data, the largest number of layers calibration combines
-            (1: one layer). On SmolLM2 a pair under ``"all"`` abstained on 95-98% of held-out GSM8K questions where
-            one layer reached 89%, at the same false abstention (README).
+        rule: with several layers, abstain when inside at ``"all"`` of them or at ``"any"`` of them (also how
+            calibration combines the layers of a candidate set).
+        max_layers: with ``layers="auto"`` and calibration data, the largest number of layers (of one key width)
+            calibration combines under ``rule`` (1: one layer). On SmolLM2 a pair under ``"all"`` abstained on
+            96-99% of held-out GSM8K questions in every rendering where one layer reached 85-89% in the QA template
+            and bare, at 0-1% false abstention (README). 3 is slow on deep models (``len(layers) ** 3`` candidates).
         alpha: multiplier of the fitted radius k (> 0), or ``"auto"``. At α = 1 every fitted key is inside.
         window: how many trailing prompt tokens the decision reads (1 = the last token only), or ``"auto"``:
             the widest window (up to ``max_window_slack`` tokens past the fitted renderings' closing tokens)
             whose calibrated forget abstention is within one point of the best; without calibration data, the
             narrowest window covering every fitted rendering.
-        max_false_rate: the false-abstention budget of calibration, in (0, 1).
+        max_false_rate: the false-abstention budget of calibration, in (0, 1). A calibrated α keeps the
+            calibration's own retain questions within half of it in every retain group (the rest is room for
+            retain queries unlike them), so a group of fewer than 100 questions at 0.02 allows none to abstain.
         calibration_fraction: share of the forget questions held out to calibrate, in (0, 1).
         inputs: ``"questions"`` (rendered by the library) or ``"prompts"`` (already formatted).
         chat_template: render questions with the tokenizer's chat template (when it has one).

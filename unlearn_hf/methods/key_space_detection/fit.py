@@ -252,7 +252,7 @@ def fit_key_space(
     if worst < 0.5:
         logger.warning(
             "Key Space Detection abstains on only %.0f%% of the held-out forget questions in its worst rendering "
-            "within the false-abstention budget %.3f.",
+            "within the false-abstention budget %.3f (half of it spent on the calibration's retain questions).",
             100 * worst,
             config.max_false_rate,
         )
