@@ -461,7 +461,12 @@ def test_a_model_that_adds_positions_of_its_own_is_refused_with_the_reason():
     input has tokens: no row can be told to be a token's, and every method refuses it, saying why."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from unlearn_hf import SelectivePruningConfig, UnlearnedModelForCausalLM
+    from unlearn_hf import (
+        KeySpaceDetection,
+        KeySpaceDetectionConfig,
+        SelectivePruningConfig,
+        UnlearnedModelForCausalLM,
+    )
     from unlearn_hf.sites.site_tensors import site_shape_error
 
     config = AutoConfig.for_model(
@@ -491,6 +496,24 @@ def test_a_model_that_adds_positions_of_its_own_is_refused_with_the_reason():
         unlearned.fit(SelectivePruningConfig(ratio=0.1), rows, rows, show_progress=False)
     with pytest.raises(SiteError, match=r"Layer 0 pre site ran over 10 positions"):
         probe(cpmant, rows, site="pre", show_progress=False)
+    # a hypercube that never probed this model (saved, or built from statistics) refuses at its first decision
+    ksd = KeySpaceDetection(
+        KeySpaceDetectionConfig(layers=[0], alpha=1.0, window=1, inputs="prompts"),
+        {
+            "layers": torch.tensor([0]),
+            "center": torch.zeros(1, 48, dtype=torch.float64),
+            "scale": torch.ones(1, 48, dtype=torch.float64),
+            "k": torch.ones(1, dtype=torch.float64),
+            "count": torch.tensor([2]),
+            "refusal_ids": torch.tensor([5, 6]),
+        },
+    )
+    cpmant.generation_config.eos_token_id = 7  # abstaining rows need one to end with
+    unlearned.add_method("ksd", ksd)
+    with pytest.raises(
+        SiteError, match=r"ran over 10 positions for 6 input tokens.*adds positions of its own"
+    ):
+        unlearned.detect(ids, torch.ones_like(ids))
     # any other mismatch keeps the plain message
     other = site_shape_error("Layer 0 key site", (2, 6, 40), (2, 6), 48)
     assert str(other) == (

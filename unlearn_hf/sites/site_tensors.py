@@ -15,12 +15,15 @@ def as_token_grid(x: torch.Tensor, seq_len: int) -> torch.Tensor:
     Site tensors are ``[batch, seq, d]`` except in OPT, which runs its FFL on ``[batch * seq, d]``.
 
     Raises:
-        SiteError: when ``x`` is neither layout.
+        SiteError: when ``x`` is neither layout (for a ``[batch, positions, d]`` tensor, :func:`site_shape_error`'s
+            reason).
     """
     if x.dim() == 3 and x.shape[1] == seq_len:
         return x
     if x.dim() == 2 and seq_len > 0 and x.shape[0] % seq_len == 0:
         return x.view(x.shape[0] // seq_len, seq_len, x.shape[1])
+    if x.dim() == 3:  # e.g. CPM-Ant's prompt positions of its own: say why
+        raise site_shape_error("A site tensor", tuple(x.shape), (x.shape[0], seq_len), x.shape[-1])
     raise SiteError(
         f"A site tensor of shape {tuple(x.shape)} is neither [batch, {seq_len}, d] nor [batch * {seq_len}, d]."
     )
