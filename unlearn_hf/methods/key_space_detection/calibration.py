@@ -108,12 +108,17 @@ class _Groups:
         return dict(zip(self.names, inside.tolist()))
 
 
+def allowed_false(rate: float, n: int) -> int:
+    """How many of ``n`` retain questions may abstain within a false-abstention ``rate``."""
+    return math.floor(rate * n + 1e-9)
+
+
 def budget_limit(scores: torch.Tensor, groups: _Groups, max_false_rate: float) -> float:
     """The supremum of α keeping every group's false abstention ≤ ``max_false_rate``: α must stay below it."""
     limit = math.inf
     for mask in groups.masks:
         s = torch.sort(scores[mask]).values
-        allowed = math.floor(max_false_rate * s.numel() + 1e-9)
+        allowed = allowed_false(max_false_rate, s.numel())
         if allowed < s.numel():
             limit = min(limit, float(s[allowed]))
     return limit
@@ -252,7 +257,7 @@ def _infeasible(forget_z, retain_z, retain_groups, sets, col, windows, rule, bud
                 best = (false, s, w)
     false, s, w = best
     smallest = int(retain_groups.sizes.min())
-    allowed = math.floor(used * smallest + 1e-9)
+    allowed = allowed_false(used, smallest)
     share = (
         ""
         if used == budget
