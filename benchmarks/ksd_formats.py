@@ -6,8 +6,12 @@ turn, and with a system prompt the fit never saw), and instruction wordings the 
 Held-out sets: GSM8K test (to forget), MBPP test tasks, HumanEval prompts, MLQA-en questions, MMLU non-math
 questions (to keep), and MMLU's math subjects (reported apart: abstaining there is forgetting math).
 
-Run: ``python -m benchmarks.ksd_formats [--n 100] [--plot calibration.png]`` (prints a markdown table, the fit
-time against today's single-template fit, and optionally plots the calibration table). The integration test
+With ``--skip 100``, the held-out questions are the next ones in each set, which no choice of the calibration's
+rules ever looked at, and four ``fresh_*`` wordings written after those choices are added (for every set: generic
+wrappers, so false abstention is measured under them too).
+
+Run: ``python -m benchmarks.ksd_formats [--n 100] [--skip 100] [--plot calibration.png]`` (prints a markdown table,
+the fit time against today's single-template fit, and optionally plots the calibration table). The integration test
 ``tests/test_integration_ksd.py`` reads the same definitions.
 """
 
@@ -104,19 +108,24 @@ def fit_data(data: Path, n_fit: int = N_FIT) -> tuple[list[str], dict[str, list[
     }
 
 
-def eval_sets(data: Path, n: int) -> dict[str, list[str]]:
-    return {
-        "gsm8k": gsm8k(data, "test", n),
-        "mbpp": mbpp(data, 11, 510, n),
-        "humaneval": humaneval(data, n),
-        "mlqa_en": mlqa_en(data, n),
-        "mmlu_other": mmlu(data, "test", n, math=False),
-        "mmlu_math": mmlu(data, "test", n, math=True),
+def eval_sets(data: Path, n: int, skip: int = 0) -> dict[str, list[str]]:
+    """``n`` held-out questions per set, after the first ``skip`` (``skip=100``: questions the calibration's rules
+    were never chosen on, see ``--skip``)."""
+    m = skip + n
+    sets = {
+        "gsm8k": gsm8k(data, "test", m),
+        "mbpp": mbpp(data, 11, 510, m),
+        "humaneval": humaneval(data, m),
+        "mlqa_en": mlqa_en(data, m),
+        "mmlu_other": mmlu(data, "test", m, math=False),
+        "mmlu_math": mmlu(data, "test", m, math=True),
     }
+    return {name: qs[skip:] for name, qs in sets.items()}
 
 
-def formats(tok) -> dict[str, Callable[[str], str]]:
-    """``{name: question -> prompt text}``; chat renderings hold their special tokens as text."""
+def formats(tok, fresh: bool = False) -> dict[str, Callable[[str], str]]:
+    """``{name: question -> prompt text}``; chat renderings hold their special tokens as text. ``fresh``: also the
+    ``fresh_*`` wordings, written after the calibration's rules were chosen and never used to choose anything."""
 
     def chat(q: str, system: str | None = None, prefix: str = "") -> str:
         msgs = ([{"role": "system", "content": system}] if system else []) + [
@@ -134,6 +143,18 @@ def formats(tok) -> dict[str, Callable[[str], str]]:
         "unseen_qa": lambda q: f"Q: {q}\nA:",
         "unseen_here": lambda q: f"Here is a problem:\n{q}\n\nWhat is the answer?",
         "unseen_chat_instruction": lambda q: chat(q, None, "Please solve the following problem.\n"),
+        **(
+            {
+                "fresh_alpaca": lambda q: f"### Instruction:\n{q}\n\n### Response:\n",
+                "fresh_help": lambda q: f"Can you help me with this?\n\n{q}",
+                "fresh_work": lambda q: f"Problem: {q}\nShow your work, then give the final answer.",
+                "fresh_chat_tutor": lambda q: chat(
+                    f"{q}\nHow do I work this out?", "You are a patient tutor."
+                ),
+            }
+            if fresh
+            else {}
+        ),
     }
 
 
@@ -155,9 +176,11 @@ def abstention(unlearned, tok, questions: list[str], render: Callable[[str], str
     return float(torch.cat(flags).double().mean())
 
 
-def measure(unlearned, tok, sets: dict[str, list[str]], format_names=None) -> dict[str, dict[str, float]]:
+def measure(
+    unlearned, tok, sets: dict[str, list[str]], format_names=None, fresh: bool = False
+) -> dict[str, dict[str, float]]:
     """``{set: {format: abstention}}``: GSM8K in every format, the other sets in the known formats."""
-    fmts = formats(tok)
+    fmts = formats(tok, fresh)
     out = {}
     for name, qs in sets.items():
         names = format_names or (
@@ -225,6 +248,13 @@ def main() -> None:
     ap.add_argument(
         "--slack", type=int, default=None, help="max_window_slack of the config (default: its own)"
     )
+    ap.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="skip the first N held-out questions of each set (100: the questions after those the calibration's "
+        "rules were chosen on) and add the fresh_* wordings",
+    )
     ap.add_argument("--plot", default=None, help="write the calibration plot here (needs matplotlib)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -261,7 +291,7 @@ def main() -> None:
         f"fit time: single-template fit {t_single:.1f}s, fit with renderings + calibration {t_cal:.1f}s "
         f"(ratio {t_cal / t_single:.2f})"
     )
-    print(table(measure(unlearned, tok, eval_sets(data, args.n))))
+    print(table(measure(unlearned, tok, eval_sets(data, args.n, args.skip), fresh=args.skip > 0)))
     if args.plot:
         plot(method, args.plot)
         print(f"plot: {args.plot}")
