@@ -312,6 +312,32 @@ def test_calibration_that_cannot_meet_the_budget_says_so():
         )
 
 
+def test_a_rendering_no_candidate_catches_leaves_the_choice_to_the_mean_not_the_margin():
+    """No layer catches a single chat query, so every candidate ties at 0 in the worst rendering: the one that
+    catches 18 of 20 bare queries wins over a wider-margin one that catches 1 (found by a review)."""
+    zf = torch.full((40, 2, 1), 5.0, dtype=torch.float64)
+    zf[:18, 0, 0] = 0.5  # layer 10: 18 of 20 bare queries
+    zf[0, 1, 0] = 0.05  # layer 20: 1 of 20, far from the retain scores
+    zr = torch.full((100, 2, 1), 1.0, dtype=torch.float64)
+    fg = ["bare"] * 20 + ["chat"] * 20
+    cal = calibrate(zf, fg, zr, ["r/bare"] * 100, layer_ids=[10, 20], windows=[1], max_false_rate=0.02)
+    assert cal.layers == [10] and cal.forget_rate == {"bare": 0.9, "chat": 0.0}
+
+
+def test_infeasible_message_ignores_queries_no_expert_can_score():
+    """Scores of ``inf`` (a routed unit none of whose reached experts has a hypercube) do not make the reported α
+    NaN: the message gives the share actually caught at the median of the finite scores."""
+    zf = torch.tensor([2.0, *[float("inf")] * 3], dtype=torch.float64).view(4, 1, 1)
+    zr = torch.full((50, 1, 1), 0.1, dtype=torch.float64)
+    kw = dict(layer_ids=[3], windows=[1], max_false_rate=0.02)
+    with pytest.raises(
+        CalibrationError, match=r"abstaining on 25% of the held-out .* on 100.0% of the retain"
+    ):
+        calibrate(zf, ["bare"] * 4, zr, ["r/bare"] * 50, **kw)
+    with pytest.raises(CalibrationError, match="no held-out forget query has a finite score"):
+        calibrate(torch.full_like(zf, float("inf")), ["bare"] * 4, zr, ["r/bare"] * 50, **kw)
+
+
 # -- the calibrated fit, several skills, persistence ---------------------------------------------------------------
 def test_calibrated_fit_saves_its_table_and_reports_each_skill(tok, tmp_path):
     model = tiny_llama(layers=N_LAYERS)
@@ -375,6 +401,17 @@ def test_infeasible_calibration_leaves_nothing_attached(tok):
         unlearned.fit(KeySpaceDetectionConfig(), QUESTIONS[:1], tokenizer=tok, show_progress=False)
     with pytest.raises(ValueError, match="empty"):
         unlearned.fit(KeySpaceDetectionConfig(), [], tokenizer=tok, show_progress=False)
+    # empty retain data fails before any forward, naming the retain data
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        with pytest.raises(ValueError, match="retain data is an empty mapping"):
+            unlearned.fit(KeySpaceDetectionConfig(), QUESTIONS, {}, tok, show_progress=False)
+        with pytest.raises(ValueError, match=r"The retain \(retain\) data is empty: give retain questions"):
+            unlearned.fit(KeySpaceDetectionConfig(), QUESTIONS, [], tok, show_progress=False)
+    finally:
+        handle.remove()
+    assert not forwards
     assert hook_count(model) == before and not unlearned.methods
 
 

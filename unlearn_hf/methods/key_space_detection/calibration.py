@@ -14,7 +14,8 @@ views of the same question.
 **The choice.** For each candidate (layer set, window) the *limit* is the smallest α at which the false abstention
 of some retain group (a retain set in one rendering) would exceed :data:`LIMIT_SHARE` of ``max_false_rate``, found
 exactly from the sorted scores. Of the candidates that then abstain on (within ``forget_tolerance`` of) the largest
-share of held-out forget queries in their *worst* rendering, the one with the widest margin between the α that
+share of held-out forget queries in their *worst* rendering, and then (within the same tolerance) on the largest
+mean share over renderings, the one with the widest margin between the α that
 reaches its share and the limit wins: several layers often separate the calibration data perfectly, and the widest
 margin is the least sensitive to retain queries unlike the calibration data. α is set :data:`ALPHA_POSITION` of the
 way from the smallest value that reaches that share to the limit. Both leave room for retain queries that no
@@ -27,10 +28,12 @@ MBPP and MMLU calibration questions per rendering): the best-margin single layer
 questions in the QA template and bare, or, with the smaller calibration, on 23% of MLQA-en questions; pairs under
 ``"all"`` with the limit at half the budget and α a third of the way abstained on 95-99% of them in every rendering
 and wording at 0-1.7% false abstention on every retain set. Those rules were chosen on those measurements (the same
-held-out sets), so they are not independent evidence that they generalise.
+held-out sets), so they are not independent evidence that they generalise; on the next 100 questions of each set
+and four wordings written afterwards, GSM8K abstention was 97-100% and false abstention 0-1%, except MLQA-en, unlike
+every calibration question: up to 3%.
 
-``window="auto"`` takes the widest window whose worst-rendering forget share is within ``window_tolerance`` of
-the best: the held-out queries come in the fitted renderings, and a wider window also covers closing tokens no
+``window="auto"`` takes the widest window whose worst-rendering (and mean) forget share is within
+``window_tolerance`` of the best: the held-out queries come in the fitted renderings, and a wider window also covers closing tokens no
 rendering showed (an unseen wording), at a false-abstention cost the budget still bounds.
 """
 
@@ -40,6 +43,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -174,9 +178,10 @@ def calibrate(
         max_layers: the largest set of layers tried together (1: each layer alone). The candidates grow as
             ``len(layer_ids) ** max_layers``: pairs of 30 layers take well under a second, triples of 80 minutes.
         widths: the key width of each layer of ``layer_ids``; only layers of one width combine (``None``: all).
-        window_tolerance: how much worst-rendering forget share a wider window may cost.
-        forget_tolerance: candidates within this share of the best worst-rendering forget share compete on
-            their margin (the ratio of the budget's limit to the α that reaches their share).
+        window_tolerance: how much worst-rendering (and mean) forget share a wider window may cost.
+        forget_tolerance: candidates within this share of the best worst-rendering forget share, and of the
+            best mean share among those, compete on their margin (the ratio of the budget's limit to the α that
+            reaches their share).
 
     Raises:
         CalibrationError: no candidate abstains on any held-out forget query within the budget (a calibrated α:
@@ -197,8 +202,7 @@ def calibrate(
             if r is not None:
                 feasible.append((r, s))
         if feasible:
-            best = max(r[0][0] for r, _ in feasible)
-            near = [(r, s) for r, s in feasible if r[0][0] >= best - forget_tolerance]
+            near = _near_best([(r[0], (r, s)) for r, s in feasible], forget_tolerance)
             # among the candidates that forget (nearly) as much as the best, the widest gap between forget and
             # retain scores: it is the choice least sensitive to queries unlike the calibration data
             results[w] = max(near, key=lambda rs: (rs[0][0][2], rs[0][0][0], rs[0][0][1]))
@@ -207,11 +211,20 @@ def calibrate(
         raise CalibrationError(
             _infeasible(forget_z, retain_z, retain_groups, sets, col, windows, rule, max_false_rate, used)
         )
-    top = max(results[w][0][0][0] for w in results)
-    window = max(w for w in results if results[w][0][0][0] >= top - window_tolerance)
+    window = max(_near_best([(results[w][0][0], w) for w in results], window_tolerance))
     (_, a, forget, false), chosen = results[window]
     table = _table(forget_z, retain_z, retain_groups, window)
     return Calibration(sorted(chosen), window, float(a), forget, false, torch.tensor(list(layer_ids)), *table)
+
+
+def _near_best(keyed: list[tuple[tuple, Any]], tolerance: float) -> list[Any]:
+    """The items whose key ``(worst-rendering forget share, mean forget share, ...)`` is within ``tolerance`` of the
+    best worst-rendering share and, among those, of the best mean: when some rendering is caught by no candidate
+    (every worst share 0), the mean still rules out a set that catches almost nothing."""
+    worst = max(k[0] for k, _ in keyed)
+    keyed = [(k, item) for k, item in keyed if k[0] >= worst - tolerance]
+    mean = max(k[1] for k, _ in keyed)
+    return [item for k, item in keyed if k[1] >= mean - tolerance]
 
 
 def layer_sets(
@@ -251,11 +264,20 @@ def _infeasible(forget_z, retain_z, retain_groups, sets, col, windows, rule, bud
             cols = [col[i] for i in s]
             sf = window_scores(forget_z, cols, w, rule)
             sr = window_scores(retain_z, cols, w, rule)
-            a = float(torch.quantile(sf.double(), 0.5))  # the α that abstains on half the forget queries
+            finite = sf[torch.isfinite(sf)].double()  # inf: a query none of whose experts has a hypercube
+            if finite.numel() == 0:
+                continue
+            a = float(torch.quantile(finite, 0.5))  # the α that abstains on half the forget queries it can
             false = max(retain_groups.rates(sr, a).values())
             if best is None or false < best[0]:
-                best = (false, s, w)
-    false, s, w = best
+                best = (false, s, w, float((sf <= a).double().mean()))
+    if best is None:
+        return (
+            f"The calibration data cannot meet the false-abstention budget {budget:.3f}: no held-out forget query "
+            "has a finite score at any candidate layer (no expert that its tokens reach has a hypercube). Give more "
+            "forget questions or set layers."
+        )
+    false, s, w, caught = best
     smallest = int(retain_groups.sizes.min())
     allowed = allowed_false(used, smallest)
     share = (
@@ -267,7 +289,7 @@ def _infeasible(forget_z, retain_z, retain_groups, sets, col, windows, rule, bud
         f"The calibration data cannot meet the false-abstention budget {budget:.3f}: no layer, window and α "
         f"abstains on any held-out forget query while the calibration's own retain questions stay within "
         f"{used:.3f}{share} in every retain group (at most {allowed} of the {smallest} questions of the smallest "
-        f"group). Best achievable: at layers {s}, window {w}, abstaining on 50% of the held-out forget queries "
+        f"group). Best achievable: at layers {s}, window {w}, abstaining on {caught:.0%} of the held-out forget queries "
         f"abstains on {false:.1%} of the retain queries of the worst retain group. Raise max_false_rate, give more "
         "retain or forget data, or set layers/alpha."
     )

@@ -58,7 +58,10 @@ def read_queries(data: Any, spec: DataSpec, role: str) -> list[Any]:
         if isinstance(q, Mapping):
             raise ValueError(f"{role} example {i} has no key {column!r}; available keys: {sorted(q)}.")
     if not out:
-        raise ValueError(f"The {role} data is empty: at least 2 forget questions are needed.")
+        need = (
+            "at least 2 forget questions are needed" if role == "forget" else "give retain questions or None"
+        )
+        raise ValueError(f"The {role} data is empty: {need}.")
     return out
 
 
@@ -181,6 +184,18 @@ def fit_key_space(
         else (range(len(queries)), [])
     )
     fit_rows = [r for i in fit_idx for r in renderer.render([queries[i]])[0]]
+    retain_rows, retain_groups, groups = [], [], {}
+    if calibrating:  # read and rendered before any forward: bad retain data fails at once
+        groups = retain if isinstance(retain, Mapping) else {"retain": retain}
+        if not groups:
+            raise ValueError(
+                "The retain data is an empty mapping: give at least one named retain set, or retain=None (no "
+                "calibration)."
+            )
+        for name, data in groups.items():
+            for rows in renderer.render(read_queries(data, spec, f"retain ({name})")):
+                retain_rows += rows
+                retain_groups += [f"{name}/{r.rendering}" for r in rows]
     candidates = fixed or (list(units) if calibrating and config.layers == AUTO else middle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [r.input_ids[: r.question_end + 1][-spec.max_length :] for r in fit_rows]
@@ -208,12 +223,6 @@ def fit_key_space(
         return _result(config, _fitted(cubes, units, candidates), alpha, windows[0], None)
 
     held = [r for i in held_idx for r in renderer.render([queries[i]])[0]]
-    groups = retain if isinstance(retain, Mapping) else {"retain": retain}
-    retain_rows, retain_groups = [], []
-    for name, data in groups.items():
-        for rows in renderer.render(read_queries(data, spec, f"retain ({name})")):
-            retain_rows += rows
-            retain_groups += [f"{name}/{r.rendering}" for r in rows]
     z_kw = dict(
         window=max(windows),
         pad_id=pad,
