@@ -4,6 +4,7 @@ saying so."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -70,6 +71,19 @@ def folders(tmp_path_factory, smol_tokenizer, shared_data):
         "empty": data_dir("empty", b""),
         "fifo": data_dir("fifo", None),
     }
+    for name, row in (
+        ("mbpp_types", {"task_id": 601, "text": "t", "code": "c", "test_list": 5}),
+        ("mbpp_taskid", {"task_id": "abc", "text": "t", "code": "c", "test_list": []}),
+    ):
+        (root / name / "mbpp").mkdir(parents=True)
+        (root / name / "mbpp" / "mbpp.jsonl").write_text(json.dumps(row) + "\n")
+        dirs[name] = root / name
+    nochat = root / "nochat"  # a tokenizer without a chat template
+    tiny_llama(layers=4).save_pretrained(nochat)
+    plain_tok = copy.deepcopy(smol_tokenizer)
+    plain_tok.chat_template = None
+    plain_tok.save_pretrained(nochat)
+    dirs["nochat"] = nochat
     good_gz = (shared_data / "humaneval" / "HumanEval.jsonl.gz").read_bytes()
     (root / "badgz" / "humaneval").mkdir(parents=True)
     (root / "badgz" / "humaneval" / "HumanEval.jsonl.gz").write_bytes(
@@ -173,6 +187,23 @@ BAD_INPUTS = [
     (["demo", "--data-dir", "/nonexistent/data", "--output", "{out}"], "not found"),
     (["demo", "--output", "{file}"], "exists and is not a folder"),
     (["dance"], "invalid choice: 'dance'"),
+    # found by a review of the command line
+    (
+        [*[*FIT[:4], "ksd", *FIT[5:]], "--ratio", "0.03"],
+        "--ratio does not apply to --method ksd; it is an option of na, sp",
+    ),
+    ([*FIT, "--layers", "1"], "--layers does not apply to --method na; it is an option of ksd"),
+    ([*FIT, "--refusal", "No."], "--refusal does not apply to --method na"),
+    ([*FIT, "--method", "na"], "--method na is given twice"),
+    ([*FIT[:-1], ""], "--output is empty"),
+    ([*FIT[:-1], "{tiny}"], "is the base model's own folder"),
+    ([*FIT, "--retain", ""], "Neuron Adjust need at least one retain skill"),
+    ([*EVAL, "--skills", "mbpp", "--data-dir", "{mbpp_types}"], "malformed data, a field has the wrong type"),
+    ([*EVAL, "--skills", "mbpp", "--data-dir", "{mbpp_taskid}"], "Skill 'mbpp': invalid literal for int()"),
+    ([*EVAL, "--output", "{file}/results.json"], "is a file, not a folder"),
+    ([*EVAL[:2], "{nochat}", *EVAL[3:], "--formats", "qa,chat"], "--formats chat needs a chat template"),
+    (["generate", "--model", "{tiny}", "--prompt", "", "--template", "{{prompt}}"], "The prompt is empty"),
+    (["demo", "--model", "/nonexistent/m", "--data-dir", "{data}", "--output", "{out}"], "Cannot load model"),
 ]
 
 
@@ -302,3 +333,61 @@ def test_cli_generate_on_an_unlearned_folder_abstains(folders, smol_tokenizer, t
     )
     assert capsys.readouterr().out.strip() == "No."
     assert json.loads((tmp_path / "m" / CONFIG_NAME).read_text())["layout"] == "full"
+
+
+def test_push_uploads_the_folder_as_it_was_saved(folders, smol_tokenizer, tmp_path, capsys):
+    """``push`` of a full folder uploads the base model's files and the tokenizer, so the repo loads anywhere as
+    the same unlearned model; a light folder whose base model is a local folder is refused (it would load nowhere
+    else) unless ``--save-base-model``; no Hub to reach is one line, exit 2 (found by a review)."""
+    from huggingface_hub import HfApi
+
+    unlearned = UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_pretrained(folders["tiny"]))
+    fit_methods(unlearned, smol_tokenizer, ("na", "ksd"))
+    full, light = tmp_path / "full", tmp_path / "light"
+    unlearned.save_pretrained(full, save_base_model=True, tokenizer=smol_tokenizer)
+    unlearned.save_pretrained(light, tokenizer=smol_tokenizer)
+    ids = torch.tensor([[5, 17, 42, 7, 99]])
+    with torch.no_grad():
+        expected = unlearned(input_ids=ids).logits
+    with start_hub_server(tmp_path) as hub, hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        assert main(["push", "--model", str(full), "--repo-id", "user/full", "-q"]) == 0
+        files = set(HfApi().list_repo_files("user/full"))
+        assert {CONFIG_NAME, "config.json", "model.safetensors", "tokenizer.json", "README.md"} <= files
+        capsys.readouterr()
+        assert main(["push", "--model", str(light), "--repo-id", "user/light", "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--save-base-model" in err and len(err.splitlines()) == 1, err
+        assert (
+            main(["push", "--model", str(light), "--repo-id", "user/light", "--save-base-model", "-q"]) == 0
+        )
+        assert "model.safetensors" in HfApi().list_repo_files("user/light")
+        capsys.readouterr()
+        with hub_env("http://127.0.0.1:9", tmp_path / "cache2", token=TOKEN):  # no Hub listening there
+            assert main(["push", "--model", str(full), "--repo-id", "user/x", "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Cannot push to 'user/x'" in err and len(err.splitlines()) == 1, err
+        with hub_env(hub.endpoint, tmp_path / "elsewhere", token=TOKEN):  # a fresh cache: another machine
+            for repo in ("user/full", "user/light"):
+                model, _ = load_model(repo)
+                assert isinstance(model, UnlearnedModelForCausalLM) and sorted(model.methods) == ["ksd", "na"]
+                with torch.no_grad():
+                    assert torch.equal(model(input_ids=ids).logits, expected), repo
+
+
+def test_evaluate_scores_qa_only_without_a_chat_template(folders, shared_data, tmp_path, caplog):
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--model", str(folders["nochat"]), "--skills", "gsm8k", "--n-eval", "2"]
+    with caplog.at_level(logging.WARNING):
+        code = main([*argv, "--data-dir", str(shared_data), "--output", str(out), "-q"])
+    assert code == 0 and "no chat template: scoring the qa format only" in caplog.text
+    assert json.loads(out.read_text())["metadata"]["formats"] == ["qa"]
+
+
+def test_ksd_fits_without_retain_skills(folders, shared_data, tmp_path):
+    """``--retain ''`` with Key Space Detection alone: fitted uncalibrated (the middle layer, alpha 1)."""
+    out = tmp_path / "m"
+    argv = ["fit", "--model", str(folders["tiny"]), "--method", "ksd", "--forget", "gsm8k", "--retain", ""]
+    assert main([*argv, "--data-dir", str(shared_data), "--n-probe", "8", "--output", str(out), "-q"]) == 0
+    saved = json.loads((out / CONFIG_NAME).read_text())
+    (config,) = [m["config"] for m in saved["methods"]]
+    assert config["layers"] == [2] and config["alpha"] == 1.0 and config["calibration"] is None

@@ -60,9 +60,16 @@ def check_retain_budget(args: argparse.Namespace) -> None:
 
 def output_folder(path: str) -> Path:
     """``--output`` of ``fit``/``demo``: a folder (new or existing), not a file."""
+    if not path.strip():
+        raise UserError("--output is empty: give the folder to write.")
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {path!r} exists and is not a folder.")
+    cwd = Path.cwd().resolve()
+    if (
+        out.resolve() == cwd or out.resolve() in cwd.parents
+    ):  # a save replaces the folder: the shell's would go
+        raise UserError(f"--output {path!r} is the current folder or holds it; give a folder of its own.")
     for parent in out.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -78,6 +85,9 @@ def output_file(path: str | None) -> Path | None:
     out = Path(path).expanduser()
     if out.is_dir():
         raise UserError(f"--output {path!r} is a folder; give a file name (e.g. results.json).")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # found now, not after the whole evaluation
+        raise UserError(f"--output {path!r}: {str(blocking)!r} is a file, not a folder.")
     return out
 
 

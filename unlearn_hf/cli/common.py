@@ -140,18 +140,53 @@ def load_tokenizer(sources: list[str], model: Any) -> Any:
 
 def load_skills(names: list[str], data_dir: str | None) -> list[Any]:
     from ..evaluation import get_skill
+    from ..evaluation.data_files import DataFileError
 
     if not names:
         raise UserError("No skill names given.")
-    try:
-        skills = [get_skill(n, data_dir) for n in names]
-        for skill in skills:  # reads the data now, so that a bad file is reported before any model work
+    skills = []
+    for name in names:
+        try:
+            skill = get_skill(name, data_dir)
+            # reads the data now, so that a bad file is reported before any model work
             if not skill.probe_items(1) or not skill.eval_items(1):
                 raise UserError(f"Skill {skill.name!r} has no items in {data_dir or 'its Hub data set'}.")
-        return skills
-    except (ValueError, OSError, KeyError) as err:
-        raise UserError(_one_line(err.args[0] if isinstance(err, KeyError) and err.args else err)) from err
+        except (DataFileError, OSError) as err:  # they name the file
+            raise UserError(_one_line(err)) from err
+        except ValueError as err:  # a value its loader cannot read (a task_id 'abc'), or an unknown skill
+            known = str(err).startswith("Unknown skill")
+            raise UserError(_one_line(err) if known else f"Skill {name!r}: {_one_line(err)}") from err
+        except KeyError as err:  # a record without a field its loader reads
+            key = err.args[0] if err.args else ""
+            what = f"a record has no field {key!r}" if isinstance(key, str) and " " not in key else key
+            raise UserError(f"Skill {name!r} ({data_dir or 'Hub'}): {_one_line(what)}") from err
+        # a field of the wrong type (a number, null...)
+        except (TypeError, AttributeError, IndexError) as err:
+            bad = f"malformed data, a field has the wrong type ({_one_line(err)})"
+            raise UserError(f"Skill {name!r} ({data_dir or 'Hub'}): {bad}.") from err
+        skills.append(skill)
+    return skills
 
 
 def split_names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def formats_for(requested: str | None, tokenizer: Any, model: str) -> list[str]:
+    """The prompt formats to score: those ``requested`` (comma-separated; ``None``: ``qa`` and, when the tokenizer
+    has a chat template, ``chat``).
+
+    Raises:
+        UserError: ``chat`` asked for with a tokenizer that has no chat template (before anything is scored).
+    """
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if requested is None:
+        if not has_chat:
+            logging.getLogger(__name__).warning(
+                "%s's tokenizer has no chat template: scoring the qa format only.", model
+            )
+        return ["qa", "chat"] if has_chat else ["qa"]
+    formats = split_names(requested)
+    if "chat" in formats and not has_chat:
+        raise UserError(f"--formats chat needs a chat template, and {model}'s tokenizer has none.")
+    return formats

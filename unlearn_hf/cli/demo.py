@@ -50,10 +50,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     skills = [forget, *retain]
     n_eval = {s.name: (args.n_eval_mmlu if s.name == "mmlu" else args.n_eval) for s in skills}
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     _say(quiet, f"== unlearn-hf demo: forget {forget.name}, retain {', '.join(s.name for s in retain)} ==")
     model, tok = load_model(args.model, args.dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the model loads: a wrong --model leaves no folder
     torch.manual_seed(0)
     eval_kw = dict(batch_size=args.batch_size, show_progress=not quiet)
     _say(quiet, "evaluating the base model ...")

@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import UserError, load_model, split_names
+from .common import UserError, formats_for, load_model, split_names
 
 
-def evaluate_lm_eval(args: argparse.Namespace, formats: list[str], output: Path | None) -> int:
+def evaluate_lm_eval(args: argparse.Namespace, output: Path | None) -> int:
     """Run lm-eval's tasks on ``args.model`` once per format; print our table, write our report to ``output`` and
     lm-eval's own results beside it (``<output>.lm_eval.json``)."""
     from ..evaluation import build_report, markdown_table, write_json
@@ -30,6 +30,7 @@ def evaluate_lm_eval(args: argparse.Namespace, formats: list[str], output: Path 
         raise UserError(f"--tasks: no such YAML file {missing}.")
     tasks = [str(Path(t).expanduser()) if t.endswith(YAML_SUFFIXES) else t for t in tasks]
     model, tok = load_model(args.model, args.dtype)
+    formats = formats_for(args.formats, tok, args.model)
     results, scores = {}, {}
     for fmt in formats:
         try:

@@ -26,7 +26,8 @@ from .arguments import (
     output_folder,
     ratio_or_auto,
 )
-from .common import UserError, load_model, load_skills, setup_logging, split_names
+from .common import UserError, formats_for, load_model, load_skills, setup_logging, split_names
+from .push import cmd_push
 from .recipes import method_names
 
 logger = logging.getLogger("unlearn_hf.cli")
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "attached, as the Python API does: put ksd last): " + ", ".join(f"{k}={v}" for k, v in names.items()),
     )
     fit.add_argument("--forget", required=True, help="skill to forget, e.g. gsm8k")
-    fit.add_argument("--retain", default="mbpp", help="comma-separated skills to keep (for na/sp)")
+    fit.add_argument(
+        "--retain", default="mbpp", help="comma-separated skills to keep ('' with ksd alone: no calibration)"
+    )
     fit.add_argument("--n-probe", type=POSITIVE_INT, default=200, help="probe examples per skill")
     fit.add_argument(
         "--ratio",
@@ -148,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--skills", default="gsm8k,mbpp,mmlu", help="comma-separated skill names")
     ev.add_argument(
         "--formats",
-        default="qa,chat",
+        default=None,
         help="prompt formats to score in: qa (Question/Answer template), chat "
-        "(the tokenizer's chat template; MMLU stays 5-shot QA)",
+        "(the tokenizer's chat template; MMLU stays 5-shot QA); default: qa, and chat when the tokenizer has one",
     )
     ev.add_argument(
         "--harness",
@@ -181,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None)
     push.add_argument("--commit-message", default=None)
+    push.add_argument(
+        "--save-base-model",
+        action="store_true",
+        help="also upload the base model's files (a light folder whose base model is a local folder needs it)",
+    )
     _add_common(push)
 
     demo = sub.add_parser("demo", help="the end-to-end run: unlearn GSM8K math from SmolLM2, measured")
@@ -245,10 +253,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from ..wrapper import UnlearnedModelForCausalLM
-    from .recipes import fit_methods
+    from .recipes import check_options, fit_methods
 
     check_retain_budget(args)
     out = output_folder(args.output)
+    if Path(args.model).expanduser().is_dir() and Path(args.model).expanduser().resolve() == out.resolve():
+        raise UserError(f"--output {args.output!r} is the base model's own folder; give another folder.")
+    defaults = vars(build_parser().parse_args(["fit", "--method", "na", "--forget", "-", "--output", "-"]))
+    try:
+        check_options(args.method, {k for k, v in vars(args).items() if k in defaults and v != defaults[k]})
+    except ValueError as err:
+        raise UserError(str(err)) from err
     try:
         layers = [int(x) for x in split_names(args.layers)] if args.layers not in (None, "auto") else None
     except ValueError:
@@ -258,7 +273,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if layers is not None and not layers:
         raise UserError("--layers is empty; give layer numbers or 'auto'.")
     forget = load_skills([args.forget], args.data_dir)[0]
-    retain = load_skills(split_names(args.retain), args.data_dir)
+    retain_names = split_names(args.retain)  # none: Key Space Detection uncalibrated (the others refuse)
+    retain = load_skills(retain_names, args.data_dir) if retain_names else []
     model, tok = load_model(args.model, args.dtype)
     if isinstance(model, UnlearnedModelForCausalLM):
         raise UserError(f"{args.model!r} is already an unlearned model; fit on its base model.")
@@ -300,18 +316,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.runner import evaluate_skills
 
     output = output_file(args.output)
-    formats = split_names(args.formats)
+    formats = split_names(args.formats or "qa")
     bad = [f for f in formats if f not in PROMPT_FORMATS]
     if bad or not formats:
         raise UserError(f"Unknown prompt formats {bad}; choose from {', '.join(PROMPT_FORMATS)}.")
     if args.harness == "lm-eval":
         from .harness import evaluate_lm_eval
 
-        return evaluate_lm_eval(args, formats, output)
+        return evaluate_lm_eval(args, output)
     if args.tasks is not None:
         raise UserError("--tasks names lm-eval tasks; add --harness lm-eval.")
     skills = load_skills(split_names(args.skills), args.data_dir)
     model, tok = load_model(args.model, args.dtype)
+    formats = formats_for(args.formats, tok, args.model)
     scores = {
         f"{args.model} [{fmt}]": evaluate_skills(
             model,
@@ -341,6 +358,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def answer(prompt: str) -> str:
         text = args.template.replace("{prompt}", prompt)
         enc = tok(text, return_tensors="pt")
+        if enc["input_ids"].shape[1] == 0:
+            raise UserError("The prompt is empty (after --template): nothing to generate from.")
         out = model.generate(
             **enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tok.pad_token_id
         )
@@ -354,19 +373,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not line.strip():
             break
         print(answer(line.strip()), flush=True)
-    return 0
-
-
-def cmd_push(args: argparse.Namespace) -> int:
-    from ..persistence.format import CONFIG_NAME
-
-    if not (Path(args.model) / CONFIG_NAME).is_file():
-        raise UserError(f"{args.model!r} is not a folder saved by unlearn_hf (no {CONFIG_NAME}).")
-    model, _ = load_model(args.model, args.dtype)
-    url = model.push_to_hub(
-        args.repo_id, private=args.private, token=args.token, commit_message=args.commit_message
-    )
-    print(f"pushed to {url}")
     return 0
 
 

@@ -17,6 +17,26 @@ def method_names() -> dict[str, str]:
     return {short: cls.label for short, cls in by_short_name().items()}
 
 
+def check_options(methods: list[str], explicit: set[str]) -> None:
+    """Refuse method options given on the command line (``explicit``) that none of ``methods`` takes, and a method
+    named twice, before any model work.
+
+    Raises:
+        ValueError: naming the option, the methods asked for and the ones that take it.
+    """
+    registry = by_short_name()
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise ValueError(f"--method {twice[0]} is given twice; each method is fitted once.")
+    for option in sorted(explicit):
+        owners = [short for short, cls in registry.items() if option in cls.cli_options]
+        if owners and not any(m in owners for m in methods):
+            flag = "--" + option.replace("_", "-").replace("templates", "template")
+            raise ValueError(
+                f"{flag} does not apply to --method {', '.join(methods)}; it is an option of {', '.join(owners)}."
+            )
+
+
 def retain_texts(retain: list[Any], n_probe: int) -> list[str]:
     """``n_probe`` retain texts, split evenly over the retain skills."""
     if not retain:
