@@ -164,7 +164,7 @@ BAD_INPUTS = [
     ([*EVAL, "--output", "{tiny}"], "is a folder; give a file name"),
     (
         ["evaluate", "--model", "/nonexistent/model", "--skills", "gsm8k", "--data-dir", "{data}"],
-        "Cannot load model",
+        "Cannot load model '/nonexistent/model': no such folder",
     ),
     (
         ["evaluate", "--model", "{bad_config}", "--skills", "gsm8k", "--data-dir", "{data}"],

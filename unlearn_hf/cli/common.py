@@ -93,6 +93,9 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
             return load_smollm2(dtype=torch_dtype)
         except ImportError as err:
             raise UserError(str(err)) from err
+    path = Path(name).expanduser()
+    if (path.is_absolute() or name.startswith((".", "~"))) and not path.exists():
+        raise UserError(f"Cannot load model {name!r}: no such folder.")
     try:
         if has_unlearning(name):
             model = UnlearnedModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
