@@ -247,3 +247,45 @@ def test_overwrite_removes_only_stale_companion_files(smol_tokenizer, base_dir, 
     assert_same_outputs(
         outputs(model, batch), outputs(UnlearnedModelForCausalLM.from_pretrained(folder), batch)
     )
+
+
+# -- found by a review of saving and publishing ------------------------------------------------------------------
+def test_a_light_save_into_the_full_checkpoint_the_base_came_from_is_refused(tmp_path, smol_tokenizer):
+    """Loading a full checkpoint and saving it back light into its folder would replace the folder and delete the
+    base model's weights; it is refused and the folder stays loadable. A full save there works."""
+    folder = tmp_path / "full"
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama()), smol_tokenizer, ("na", "ksd"))
+    model.save_pretrained(folder, save_base_model=True)
+    before = sorted(p.name for p in folder.iterdir())
+    loaded = UnlearnedModelForCausalLM.from_pretrained(folder)
+    loaded.remove_method("ksd")
+    with pytest.raises(ValueError, match="full checkpoint the base model was loaded from"):
+        loaded.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    loaded.save_pretrained(folder, save_base_model=True)
+    again = UnlearnedModelForCausalLM.from_pretrained(folder)
+    assert sorted(again.methods) == ["na"]
+    batch = encode(smol_tokenizer)
+    assert torch.equal(outputs(again, batch)["logits"], outputs(loaded, batch)["logits"])
+
+
+def test_a_full_save_over_another_models_weights_drops_them(tmp_path, smol_tokenizer):
+    """A sharded full save into a folder holding another model's ``model.safetensors``: the stale file would
+    shadow the new shards, so it is not kept, and the folder loads as the saved model."""
+    folder = tmp_path / "shared"
+    tiny_llama(layers=3, seed=7).save_pretrained(folder)  # another model's single-file weights
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama()), smol_tokenizer, ("na",))
+    model.save_pretrained(folder, save_base_model=True, max_shard_size="20KB")
+    names = {p.name for p in folder.iterdir()}
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    loaded = UnlearnedModelForCausalLM.from_pretrained(folder)
+    batch = encode(smol_tokenizer)
+    assert torch.equal(outputs(loaded, batch)["logits"], outputs(model, batch)["logits"])
+
+
+def test_a_light_push_of_a_local_base_is_refused_before_any_request(tmp_path, smol_tokenizer):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(base), smol_tokenizer, ("na",))
+    with pytest.raises(ValueError, match="local folder .* loads nowhere else"):
+        model.push_to_hub("user/light")  # raises before the Hub is asked anything

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -169,6 +170,12 @@ def push_unlearned(
             "tags": tags,
         },
     )
+    base_name = base_model_name_or_path or getattr(model.get_base_model().config, "_name_or_path", None)
+    if not save_base_model and base_name and os.path.isdir(base_name):
+        raise ValueError(
+            f"The base model is the local folder {base_name!r}: a light repo pushed from it loads nowhere else. "
+            "Pass save_base_model=True, or base_model_name_or_path=<the base model's Hub id>."
+        )
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="unlearn_hf-push-") as tmp:
         folder = Path(tmp) / "model"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +164,13 @@ def save_unlearned(
         )
 
     target = resolve_target(save_directory)
+    base_name = config.base_model.name_or_path
+    into_base = base_name and os.path.isdir(base_name) and Path(base_name).resolve() == target
+    if not save_base_model and into_base and any(WEIGHT_FILE.match(f) for f in _own_files(target)):
+        raise ValueError(
+            f"{target} is the full checkpoint the base model was loaded from: a light save there replaces it and "
+            "deletes the base model's files. Save with save_base_model=True, or into another folder."
+        )
 
     def write(tmp: Path) -> list[str]:
         if save_base_model:
@@ -180,11 +188,26 @@ def save_unlearned(
         (tmp / CONFIG_NAME).write_text(config.to_json(), encoding="utf-8")
         return [*companions, WEIGHTS_NAME, CONFIG_NAME]
 
-    replace_folder(target, write, _own_files)
+    def not_carried(folder: Path) -> set[str]:
+        own = _own_files(folder)
+        if save_base_model:  # another model's weight files would shadow the new ones (its shards, its index)
+            stale = {p.name for p in folder.glob("*") if WEIGHT_FILE.match(p.name)} - own
+            if stale:
+                logger.warning(
+                    "Not keeping %s in %s: this save writes the base model's weights.", sorted(stale), folder
+                )
+            own |= stale
+        return own
+
+    replace_folder(target, write, not_carried)
     logger.info(
         "Saved %d unlearning method(s) to %s (%s layout).", len(config.methods), target, config.layout
     )
     return target
+
+
+#: File names of transformers model weights (single file, shards, their index; pickle ones included).
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 
 
 def _own_files(folder: Path) -> set[str]:
