@@ -444,6 +444,11 @@ class _Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(_API + r"/refs", path)
         if m and method == "GET":
             return self._refs(REPO_TYPES[m["type"]], unquote(m["repo"]), token)
+        m = re.fullmatch(_API + r"/branch/(?P<branch>[^/]+)", path)
+        if m and method == "POST":
+            return self._create_branch(
+                REPO_TYPES[m["type"]], unquote(m["repo"]), unquote(m["branch"]), body, token
+            )
         raise HubError(404, f"Not implemented by the loopback hub: {method} {path}")
 
     # -- repo endpoints
@@ -547,6 +552,20 @@ class _Handler(BaseHTTPRequestHandler):
             for name, oid in repo.branches.items()
         ]
         self._json(200, {"branches": branches, "converts": [], "tags": []})
+
+    def _create_branch(
+        self, repo_type: str, repo_id: str, branch: str, body: bytes, token: str | None
+    ) -> None:
+        """A new branch at ``startingPoint`` (default: main's head); 409 when it exists."""
+        hub = self._hub()
+        repo = hub._write_repo(repo_type, repo_id, token)
+        start = json.loads(body or b"{}").get("startingPoint") or "main"
+        with hub.storage.lock:
+            if branch in repo.branches:
+                raise HubError(409, f"Reference already exists: refs/heads/{branch}")
+            repo.branches[branch] = hub.storage.resolve(repo, start)
+            hub.storage.save(repo)
+        self._json(200, {})
 
     def _commits(self, repo_type: str, repo_id: str, rev: str, token: str | None) -> None:
         hub = self._hub()

@@ -167,3 +167,22 @@ def test_hub_repo_without_unlearning_or_with_a_pickle(hub, tmp_path, smol_tokeni
         monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
         with pytest.raises(UnlearnFormatError, match="unlearn_model.bin.*pickle-based files are refused"):
             UnlearnedModelForCausalLM.from_pretrained(f"{USER}/pickled")
+
+
+def test_push_to_a_new_branch_creates_it(hub, tmp_path, smol_tokenizer, batch):
+    """``revision="dev"`` on a repo without that branch creates it, as transformers' ``push_to_hub`` does (it
+    failed with ``RevisionNotFoundError`` and left an empty repo; found by a review); main is left alone."""
+    model = fit_methods(
+        UnlearnedModelForCausalLM.from_base(tiny_llama(seed=4)), smol_tokenizer, ("na", "ksd")
+    )
+    repo = f"{USER}/tiny-branch"
+    with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        model.push_to_hub(
+            repo, save_base_model=True, revision="dev", base_model_name_or_path=f"{USER}/origin"
+        )
+        api = HfApi()
+        assert {b.name for b in api.list_repo_refs(repo).branches} == {"main", "dev"}
+        assert CONFIG_NAME in api.list_repo_files(repo, revision="dev")
+        assert CONFIG_NAME not in api.list_repo_files(repo)
+        loaded = UnlearnedModelForCausalLM.from_pretrained(repo, revision="dev")
+    assert_same_outputs(outputs(loaded, batch), outputs(model, batch))

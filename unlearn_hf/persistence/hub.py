@@ -193,6 +193,9 @@ def push_unlearned(
         card = build_model_card(folder, repo_id, values)  # fails here, before any request, on bad card values
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         full_id = url.repo_id
+        # a new branch is created, as transformers' push_to_hub does
+        if revision is not None and not create_pr:
+            api.create_branch(full_id, branch=revision, exist_ok=True)
         if full_id != repo_id:
             card = build_model_card(folder, full_id, values)
         card.save(folder / "README.md")
