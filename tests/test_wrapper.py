@@ -236,3 +236,27 @@ def test_module_tree_is_the_base_models(pair):
     assert all(a is b for a, b in zip(unlearned.parameters(), model.parameters()))
     unlearned.extra_head = torch.nn.Linear(2, 2)  # a top-level attribute of the wrapper only
     assert not hasattr(model, "extra_head")
+
+
+def test_nested_disable_blocks_of_two_models_each_keep_theirs(smol_tokenizer):
+    """Inside ``a.disable_unlearning()`` and then ``b.disable_unlearning()``, both are their plain base models;
+    leaving b's block switches b back on only (the inner block used to switch a's methods back on: a review)."""
+    enc = left_padded(smol_tokenizer, PROMPTS)
+    models = []
+    for seed in (0, 1):
+        base = tiny_llama(seed=seed)
+        unlearned = UnlearnedModelForCausalLM.from_base(base)
+        unlearned.fit(SelectivePruningConfig(ratio=0.2), token_batches(0), token_batches(1), show_progress=False)
+        models.append((unlearned, base))
+    (a, a_base), (b, b_base) = models
+    with torch.no_grad():
+        plain = {"a": a_base(**enc).logits, "b": b_base(**enc).logits}
+        changed = {"a": a(**enc).logits, "b": b(**enc).logits}
+        assert not torch.equal(changed["a"], plain["a"]) and not torch.equal(changed["b"], plain["b"])
+        with a.disable_unlearning():
+            with b.disable_unlearning("selective_pruning"):
+                assert torch.equal(a(**enc).logits, plain["a"])
+                assert torch.equal(b(**enc).logits, plain["b"])
+            assert torch.equal(a(**enc).logits, plain["a"])
+            assert torch.equal(b(**enc).logits, changed["b"])
+        assert torch.equal(a(**enc).logits, changed["a"])

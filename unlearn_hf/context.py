@@ -135,11 +135,21 @@ class ForwardContext:
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("unlearn_hf_forward", default=None)
 _GENERATION: ContextVar[RequestState | None] = ContextVar("unlearn_hf_generation", default=None)
-_DISABLED: ContextVar[tuple[Any, frozenset[str] | None] | None] = ContextVar(
-    "unlearn_hf_disabled", default=None
+#: ``((model, names), ...)``: the models whose ``disable_unlearning`` block is open, each with the methods it switches
+#: off (``None``: all); one entry per model, so nested blocks of several models each keep theirs.
+_DISABLED: ContextVar[tuple[tuple[Any, frozenset[str] | None], ...]] = ContextVar(
+    "unlearn_hf_disabled", default=()
 )
 #: True while activation checkpointing replays a forward in the backward pass (see :mod:`unlearn_hf.hooks`).
 _REPLAY: ContextVar[bool] = ContextVar("unlearn_hf_replay", default=False)
+
+
+def disabled_for(model: Any) -> frozenset[str] | None:
+    """The methods of ``model`` switched off in this context (``None``: all of them)."""
+    for owner, names in _DISABLED.get():
+        if owner is model:
+            return names
+    return frozenset()
 
 
 def current_context() -> ForwardContext | None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..context import _DISABLED
+from ..context import disabled_for
 from ..data import (
     DataSpec,
     _columns_of,
@@ -222,8 +222,7 @@ def search_ratio(
     Raises:
         RatioSearchError: no ratio keeps the retain drop within ``config.max_retain_drop``.
     """
-    disabled = _DISABLED.get()
-    if disabled is not None and disabled[0] is model and disabled[1] is None:
+    if disabled_for(model) is None:
         raise ValueError(
             f"{label}: ratio='auto' cannot be fitted inside disable_unlearning(): the block also switches off the "
             "method being measured, so every ratio would score no drop. Fit outside the block, or disable only "

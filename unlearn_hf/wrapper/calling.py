@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..context import _CURRENT, _DISABLED, _GENERATION, _REPLAY, ForwardContext, RequestState
+from ..context import _CURRENT, _GENERATION, _REPLAY, ForwardContext, RequestState, disabled_for
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +115,7 @@ class CallingMixin:
 
     def _disabled_names(self) -> frozenset[str] | None:
         """Methods switched off in this context; ``None`` when all are."""
-        state = _DISABLED.get()
-        if state is None or state[0] is not self:
-            return frozenset()
-        return state[1]
+        return disabled_for(self)
 
     # Under torch.compile, these two frames run as plain Python (the context lives in context variables, which
     # compiled graphs cannot hold); the model's own forward, which they call, is compiled.

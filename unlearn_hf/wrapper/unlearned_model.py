@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedModel
 
-from ..context import _DISABLED
+from ..context import _DISABLED, disabled_for
 from ..data import DataSpec
 from ..hooks import HookRegistrar
 from ..methods.base import Attachment, UnlearningMethod
@@ -202,10 +202,10 @@ class UnlearnedModelForCausalLM(
         unknown = [n for n in names if n not in self._unlearn_methods]
         if unknown:
             raise KeyError(f"No methods named {unknown}; attached: {sorted(self._unlearn_methods)}.")
-        outer = _DISABLED.get()
-        previous = outer[1] if outer is not None and outer[0] is self else frozenset()
+        previous = disabled_for(self)
         now = None if (not names or previous is None) else previous | frozenset(names)
-        token = _DISABLED.set((self, now))
+        others = tuple(entry for entry in _DISABLED.get() if entry[0] is not self)
+        token = _DISABLED.set((*others, (self, now)))
         try:
             yield
         finally:
