@@ -246,7 +246,9 @@ def test_nested_disable_blocks_of_two_models_each_keep_theirs(smol_tokenizer):
     for seed in (0, 1):
         base = tiny_llama(seed=seed)
         unlearned = UnlearnedModelForCausalLM.from_base(base)
-        unlearned.fit(SelectivePruningConfig(ratio=0.2), token_batches(0), token_batches(1), show_progress=False)
+        unlearned.fit(
+            SelectivePruningConfig(ratio=0.2), token_batches(0), token_batches(1), show_progress=False
+        )
         models.append((unlearned, base))
     (a, a_base), (b, b_base) = models
     with torch.no_grad():
