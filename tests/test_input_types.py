@@ -63,3 +63,28 @@ def test_a_streaming_dataset_is_refused_in_words(unlearned, smol_tokenizer):
             show_progress=False,
         )
     assert not unlearned.methods
+
+
+# found by a review of the Python API: each of these failed with a torch or tokenizer error that named nothing
+@pytest.mark.parametrize(
+    "forget, kwargs, error, message",
+    [
+        (["", ""], {}, ValueError, "tokenize to no tokens at all"),
+        ((t for t in ["a b c", "d e f"]), {}, TypeError, "pass texts as a list of strings or dicts"),
+        ({"text": ["a b c", "d e f"]}, {}, TypeError, "Dataset.from_dict"),
+        (
+            [{"q": "a b", "a": "c"}, {"q": "d e", "a": "f"}],
+            {"prompt_column": "q"},
+            ValueError,
+            "name both prompt_column and completion_column \\(got 'q' and None\\)",
+        ),
+    ],
+    ids=["empty-texts", "generator", "dict-of-lists", "prompt-column-alone"],
+)
+def test_inputs_a_fit_cannot_read_are_named(unlearned, smol_tokenizer, forget, kwargs, error, message):
+    pairs = "prompt_column" in kwargs
+    retain = [{"q": "x y", "a": "z"}] * 2 if pairs else ["x y z", "u v w"]
+    config = NeuronAdjustConfig(ratio=0.1, tokens="completion" if pairs else "all")
+    with pytest.raises(error, match=message):
+        unlearned.fit(config, forget, retain, smol_tokenizer, show_progress=False, **kwargs)
+    assert not unlearned.methods

@@ -105,6 +105,11 @@ def _columns_of(data: Any) -> list[str] | None:
 def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None]]:
     """Return ``(text_or_prompt, completion_or_None)`` pairs out of strings, dicts or a Dataset."""
     wants_pairs = mode in ("prompt", "completion") or (spec.prompt_column is not None and mode != "last")
+    if wants_pairs and None in (spec.prompt_column, spec.completion_column):
+        raise ValueError(
+            f"Token mode {mode!r} reads prompt + completion pairs: name both prompt_column and completion_column "
+            f"(got {spec.prompt_column!r} and {spec.completion_column!r})."
+        )
     columns = _columns_of(data)
     if columns is not None:  # datasets.Dataset (or anything column-addressable)
         needed = [spec.prompt_column, spec.completion_column] if wants_pairs else None
@@ -276,7 +281,11 @@ def _tokenized_iter(
     seen = allow_empty
     for i, b in batches:
         if not _is_tokenized_batch(b):
-            raise TypeError(f"Batch {i} is not a mapping with an 'input_ids' tensor.")
+            raise TypeError(
+                f"Batch {i} is not a mapping with an 'input_ids' tensor. Data that is not a list, tuple or Dataset "
+                "is read as tokenized batches; pass texts as a list of strings or dicts, or a datasets.Dataset "
+                "(a dict of lists: datasets.Dataset.from_dict(...); tokenizer output: return_tensors='pt')."
+            )
         ids = b["input_ids"]
         mask = b.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask

@@ -350,6 +350,8 @@ def _run_pass(
         meter, checked = PaddingMeter(), False
         for batch in batches:
             meter.add(batch.attention_mask)
+            if batch.input_ids.numel() == 0:
+                raise ValueError("The texts tokenize to no tokens at all (empty strings?): nothing to probe.")
             lo, hi = int(batch.input_ids.min()), int(batch.input_ids.max())
             if lo < 0 or (vocab is not None and hi >= vocab):
                 raise ValueError(
