@@ -167,3 +167,29 @@ def test_card_push_through_loopback_hub(tmp_path: Path) -> None:
         assert info.library_name == "unlearn_hf" and "neuron-adjust" in info.tags
         assert ModelCard.load("test-user/no-math").text == card.text
         assert any(r.path == "/api/validate-yaml" for r in hub.requests)
+
+
+def test_each_method_says_what_it_does_and_named_methods_are_told_apart() -> None:
+    """Two Key Space Detection methods attached as ``math`` and ``code`` get headings of their own, and every
+    registered method's section says what it does and where it stops (a review found identical headings and no
+    word on what the methods do)."""
+    from unlearn_hf import KeySpaceDetection, NeuronAdjust
+
+    methods = [
+        {"name": "neuron_adjust", "config": {"ratio": 0.03}},
+        {"name": "key_space_detection", "config": {"attached_as": "math", "alpha": 1.0}},
+        {"name": "key_space_detection", "config": {"attached_as": "code", "alpha": 1.0}},
+    ]
+    text = render_model_card(_info(methods=methods)).text
+    assert "### Neuron Adjust (`neuron_adjust`)" in text
+    assert "### Key Space Detection `math` (`key_space_detection`)" in text
+    assert "### Key Space Detection `code` (`key_space_detection`)" in text
+    assert text.count(KeySpaceDetection.summary) == 2 and text.count(NeuronAdjust.summary) == 1
+    assert "calibration's retain questions" in KeySpaceDetection.summary
+
+
+def test_every_registered_method_has_a_summary_for_its_card() -> None:
+    from unlearn_hf.methods.registry import METHOD_CLASSES, discover
+
+    discover()
+    assert METHOD_CLASSES and all(cls.summary.strip() for cls in METHOD_CLASSES.values())

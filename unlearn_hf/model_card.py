@@ -66,14 +66,16 @@ def method_tag(name: str) -> str:
     return "-".join(name.replace("_", " ").replace("-", " ").lower().split())
 
 
-def _method_title(name: str, config: dict[str, Any]) -> str:
-    """The registered method's label (``Neuron Adjust``) for a config with a known ``method_type``; else the
-    attached name in title case."""
+def _method_title(name: str, config: dict[str, Any]) -> tuple[str, str]:
+    """The registered method's label (``Neuron Adjust``) and summary for a config with a known ``method_type``
+    (else for a method registered under ``name``); else the name in title case and no summary."""
     from .methods.registry import METHOD_CLASSES, discover
 
     discover()
-    cls = METHOD_CLASSES.get(config.get("method_type"))
-    return cls.label if cls is not None else name.replace("_", " ").replace("-", " ").title()
+    cls = METHOD_CLASSES.get(config.get("method_type")) or METHOD_CLASSES.get(name)
+    if cls is None:
+        return name.replace("_", " ").replace("-", " ").title(), ""
+    return cls.label, cls.summary
 
 
 def _cell(value: Any) -> str:
@@ -153,7 +155,8 @@ def render_model_card(info: ModelCardInfo) -> ModelCard:
     methods = [
         {
             "name": name,
-            "title": _method_title(name, m.get("config") or {}),
+            **dict(zip(("title", "summary"), _method_title(name, m.get("config") or {}))),
+            "attached": (m.get("config") or {}).get("attached_as"),
             "config": [(_cell(k), _cell(v)) for k, v in (m.get("config") or {}).items()],
         }
         for name, m in zip(method_names, info.methods)

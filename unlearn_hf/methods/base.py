@@ -107,6 +107,8 @@ class UnlearningMethod(ABC):
     short_name: ClassVar[str] = ""
     #: The name in reports, the demo table and model cards.
     label: ClassVar[str] = ""
+    #: What the method does and where it stops, in one or two sentences (shown on model cards).
+    summary: ClassVar[str] = ""
     #: Whether :meth:`fit` needs retain data.
     needs_retain: ClassVar[bool] = True
     #: What the forget data is, for the CLI and demo: ``"texts"`` (question + answer) or ``"queries"``

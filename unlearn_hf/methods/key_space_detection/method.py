@@ -43,6 +43,11 @@ class KeySpaceDetection(AbstainingMethod):
     config_class = KeySpaceDetectionConfig
     short_name = "ksd"
     label = "Key Space Detection"
+    summary = (
+        "Abstains (answers with its refusal text) on a prompt whose feed-forward key vectors lie inside the forget "
+        "skill's hypercube at the chosen layers; other prompts get the base model's output unchanged. Its false-"
+        "abstention budget holds on prompts like its calibration's retain questions, not on unlike ones."
+    )
     cli_options = ("layers", "alpha", "refusal", "templates", "max_false_rate")
     statistics = STATISTICS
 

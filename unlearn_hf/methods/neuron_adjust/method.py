@@ -58,6 +58,11 @@ class NeuronAdjust(NeuronSelectionMethod):
     site = "pre"
     statistics = ("moments",)
     label = "Neuron Adjust"
+    summary = (
+        "Moves the selected feed-forward neurons' pre-activations from the forget skill's distribution to the "
+        "retain skill's in forward hooks, on every prompt; the base weights are unchanged. Retain skills lose "
+        "some accuracy too: see the evaluation."
+    )
     cli_options = ("ratio", "max_retain_drop", "seed")
 
     @classmethod

@@ -24,6 +24,11 @@ class SelectivePruning(NeuronSelectionMethod):
     site = "key"
     statistics = ("abs",)
     label = "Selective Pruning"
+    summary = (
+        "Zeroes the feed-forward neurons most specific to the forget skill (mean |activation| on forget over retain "
+        "data), on every prompt; the base weights are unchanged. Retain skills lose some accuracy too: see the "
+        "evaluation."
+    )
     cli_options = ("ratio", "max_retain_drop")
 
     @classmethod
