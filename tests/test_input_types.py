@@ -88,3 +88,24 @@ def test_inputs_a_fit_cannot_read_are_named(unlearned, smol_tokenizer, forget, k
     with pytest.raises(error, match=message):
         unlearned.fit(config, forget, retain, smol_tokenizer, show_progress=False, **kwargs)
     assert not unlearned.methods
+
+
+def test_a_dataset_column_that_is_not_text_is_named(unlearned, smol_tokenizer):
+    """A ``None`` in a data set's column reached the tokenizer, whose error named no example (a review)."""
+    forget = Dataset.from_dict({"text": ["a b c", None]})
+    with pytest.raises(TypeError, match=r"Example 1 does not hold text \(got NoneType\)"):
+        unlearned.fit(
+            NeuronAdjustConfig(ratio=0.1), forget, ["x y", "z w"], smol_tokenizer, show_progress=False
+        )
+    pairs = Dataset.from_dict({"q": ["a b", "c d"], "a": ["e", None]})
+    with pytest.raises(TypeError, match=r"Example 1 does not hold text \(got NoneType\)"):
+        unlearned.fit(
+            NeuronAdjustConfig(ratio=0.1, tokens="completion"),
+            pairs,
+            pairs,
+            smol_tokenizer,
+            prompt_column="q",
+            completion_column="a",
+            show_progress=False,
+        )
+    assert not unlearned.methods

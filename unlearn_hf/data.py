@@ -124,8 +124,10 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
                 + (f" Token mode {mode!r} needs prompt_column and completion_column." if wants_pairs else "")
             )
         if len(needed) == 2:
-            return list(zip(data[needed[0]], data[needed[1]]))
-        return [(t, None) for t in data[needed[0]]]
+            records = list(zip(data[needed[0]], data[needed[1]]))
+        else:
+            records = [(t, None) for t in data[needed[0]]]
+        return _check_text(records, wants_pairs and mode != "last")
     records = []
     for i, item in enumerate(data):
         if isinstance(item, str):
@@ -149,9 +151,15 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
             records.append((item[0], item[1]) if mode != "last" else (item[0], None))
         else:
             raise TypeError(f"Example {i} is a {type(item).__name__}; expected a string, a dict or a pair.")
+    return _check_text(records, wants_pairs and mode != "last")
+
+
+def _check_text(records: list[tuple[Any, Any]], pairs: bool) -> list[tuple[str, str | None]]:
+    """``records`` once every text (and, for ``pairs``, every completion) is a string, not ``None`` or a number."""
     for i, (a, b) in enumerate(records):
-        if not isinstance(a, str) or (b is not None and not isinstance(b, str)):
-            raise TypeError(f"Example {i} does not hold text (got {type(a).__name__}).")
+        for value in (a, b) if pairs or b is not None else (a,):
+            if not isinstance(value, str):
+                raise TypeError(f"Example {i} does not hold text (got {type(value).__name__}).")
     return records
 
 
