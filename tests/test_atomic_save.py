@@ -308,6 +308,23 @@ def test_saving_into_a_file_is_refused_before_anything_is_written(two_models, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
 
 
+def test_a_read_only_folder_is_refused_before_anything_is_written(two_models, tmp_path):
+    """A checkpoint folder made read-only (mode 0555) was replaced anyway, and its undeletable previous contents
+    then blocked every later save (found by a review). It is refused, by its mode bits (root included)."""
+    old, new = two_models
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    os.chmod(target, 0o555)
+    try:
+        with pytest.raises(atomic.AtomicSaveError, match=r"the folder is read-only \(mode 555\)"):
+            new.save_pretrained(target)
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before and leftovers(tmp_path) == []
+    finally:
+        os.chmod(target, 0o755)
+    new.save_pretrained(target)  # writable again: saved
+
+
 def test_dot_dot_and_the_current_folder(two_models, tmp_path, monkeypatch):
     """``save_pretrained("..")`` saves into the parent (".." used to become a name and nest without end); saving
     the folder the process stands in leaves the process in the new folder, not in the deleted old one."""

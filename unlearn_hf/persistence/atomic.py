@@ -59,6 +59,11 @@ def check_replaceable(target: Path) -> None:
         )
     if not target.is_dir():
         return
+    if not stat.S_IMODE(target.stat().st_mode) & stat.S_IWUSR:  # by its mode bits, even for root
+        raise AtomicSaveError(
+            f"Cannot save into {target}: the folder is read-only (mode {stat.S_IMODE(target.stat().st_mode):o}). "
+            "Make it writable (chmod u+w) to replace it, or save elsewhere."
+        )
     if os.path.ismount(target):
         raise AtomicSaveError(
             f"Cannot save into {target}: it is a mount point, which cannot be swapped atomically. Save into a "
