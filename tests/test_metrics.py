@@ -359,6 +359,11 @@ def test_relative_drop():
         ("-5 degrees", "-5"),
         ("so #### 1,000\n\nQuestion: 3 more", "1000"),
         ("no numbers here", None),
+        # a hyphen after a number is a range or a subtraction, not a sign (found by a review)
+        ("in the years 2019-2020", "2020"),
+        ("Total = 12 - 4", "4"),
+        ("x = -5", "-5"),
+        ("it cost -$5", "-5"),
     ],
 )
 def test_extract_last_number(text, expected):

@@ -9,7 +9,9 @@ from decimal import Decimal, InvalidOperation
 from .items import EvalItem
 from .results import MetricResult
 
-_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
+#: A number, its minus sign only where no digit precedes it (``2019-2020`` and ``12 - 4`` end in 2020 and 4: a
+#: range or a subtraction, not a negative number).
+_NUMBER = re.compile(r"(?:(?<!\d)(?<!\d\s)-)?\$?\s?\d[\d,]*(?:\.\d+)?")
 
 
 def normalize_number(text: str | None) -> str | None:
