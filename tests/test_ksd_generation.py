@@ -306,3 +306,36 @@ def test_left_padding_decides_like_the_fit_on_absolute_position_models(model_typ
         **enc, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0
     )
     assert torch.equal(out.abstained, decided)
+
+
+def _turn(model, ids, cache, steps: int = 8):
+    """Greedy tokens of one turn fed on ``cache`` (``None``: a fresh conversation), and the cache after it."""
+    out = model(input_ids=ids, use_cache=True, **({} if cache is None else {"cache": cache}))
+    tokens = []
+    for _ in range(steps):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt.item())
+        out = model(input_ids=nxt, cache=out.cache)
+    return tokens, out.cache
+
+
+@pytest.mark.parametrize("first, second", [(0, "forget"), ("forget", 4)])
+@torch.no_grad()
+def test_a_new_turn_fed_on_a_conversations_cache_is_decided_on(setup, tok, first, second):
+    """A hand-written loop that feeds a new user turn (several tokens) on the cache of the previous turn decides
+    on it like the same conversation run from scratch: a forget question after an answered turn is refused, and an
+    ordinary turn after a refused one is answered (it was treated as a decoding step of the old turn: the question
+    was answered, the other turn got end-of-sequence for ever; found by a review)."""
+    model, unlearned = setup
+    first_text = OTHER[0] if first == 0 else FORGET[0]
+    second_text = "\n" + (FORGET[3] if second == "forget" else OTHER[second] + " and some more words")
+    ids1 = tok(first_text, return_tensors="pt")["input_ids"]
+    ids2 = tok(second_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    tokens1, cache = _turn(unlearned, ids1, None)
+    continued, _ = _turn(unlearned, ids2, cache)
+    full = torch.cat([ids1, torch.tensor([tokens1]), ids2], 1)  # the whole conversation, one fresh request
+    scratch, _ = _turn(unlearned, full, None)
+    base, _ = _turn(model, full, None)
+    assert continued == scratch
+    assert unlearned.detect(full).item() == (second == "forget")
+    assert (continued == base) == (second != "forget")

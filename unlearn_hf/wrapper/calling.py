@@ -226,8 +226,9 @@ class CallingMixin:
         """The context of one forward: which request it belongs to and where it stands in it.
 
         A forward belongs to the running ``generate`` call of this model; otherwise to the request carried by
-        the KV cache it is given (a hand-written decoding loop), when that cache holds a past; otherwise it is a
-        new request of its own (e.g. a plain forward over full sequences for scoring). The first forward of a
+        the KV cache it is given (a hand-written decoding loop), when that cache holds a past and the forward feeds
+        one token; otherwise it is a new request of its own (a plain forward over full sequences for scoring, or a
+        new turn fed on a conversation's cache: its prompt is decided on). The first forward of a
         request ends its prompt (``is_prefill``), unless ``generate`` announced a longer prompt (chunked prefill).
         A first forward that runs past the announced prompt (assisted decoding verifies candidate tokens along with
         the prompt) ends the prompt at its announced length: ``prompt_end`` says where, so decisions read the
@@ -242,11 +243,13 @@ class CallingMixin:
         cache = _cache_of({**extra, **bound})
         past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
         request = _GENERATION.get()
+        input_len = ids.shape[1]
         if request is None or request.owner is not self:
             request = getattr(cache, "_unlearn_request", None)
-            if request is None or request.owner is not self or past == 0:
+            # several new tokens on a cache of a past request, outside generate: a new turn of a conversation, a new
+            # prompt to decide on (as generate(past_key_values=cache) does), not a decoding step of the old request
+            if request is None or request.owner is not self or past == 0 or input_len > 1:
                 request = RequestState(self)
-        input_len = ids.shape[1]
         total = past + input_len
         is_prefill = is_chunk = False
         prompt_end = None
