@@ -110,14 +110,14 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
             f"Token mode {mode!r} reads prompt + completion pairs: name both prompt_column and completion_column "
             f"(got {spec.prompt_column!r} and {spec.completion_column!r})."
         )
+    # the fields read: the prompt (query mode), prompt and completion (pairs) or the text
+    if mode == "last":
+        needed = [spec.prompt_column or spec.text_column]
+    else:
+        needed = [spec.prompt_column, spec.completion_column] if wants_pairs else [spec.text_column]
     columns = _columns_of(data)
     if columns is not None:  # datasets.Dataset (or anything column-addressable)
-        needed = [spec.prompt_column, spec.completion_column] if wants_pairs else None
-        if mode == "last":
-            needed = [spec.prompt_column or spec.text_column]
-        elif not wants_pairs:
-            needed = [spec.text_column]
-        missing = [c for c in needed if c is None or c not in columns]
+        missing = [c for c in needed if c not in columns]
         if missing:
             raise ValueError(
                 f"Column(s) {missing} not found in the data set; available columns: {columns}."
@@ -127,7 +127,7 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
             records = list(zip(data[needed[0]], data[needed[1]]))
         else:
             records = [(t, None) for t in data[needed[0]]]
-        return _check_text(records, wants_pairs and mode != "last")
+        return _check_text(records, wants_pairs)
     records = []
     for i, item in enumerate(data):
         if isinstance(item, str):
@@ -138,20 +138,15 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
                 )
             records.append((item, None))
         elif isinstance(item, Mapping):
-            keys = [spec.prompt_column, spec.completion_column] if wants_pairs else None
-            if mode == "last":
-                keys = [spec.prompt_column or spec.text_column]
-            elif not wants_pairs:
-                keys = [spec.text_column]
-            missing = [k for k in keys if k is None or k not in item]
+            missing = [k for k in needed if k not in item]
             if missing:
                 raise ValueError(f"Example {i} has no key(s) {missing}; available keys: {sorted(item)}.")
-            records.append((item[keys[0]], item[keys[1]] if len(keys) == 2 else None))
+            records.append((item[needed[0]], item[needed[1]] if len(needed) == 2 else None))
         elif isinstance(item, Sequence) and len(item) == 2 and all(isinstance(s, str) for s in item):
             records.append((item[0], item[1]) if mode != "last" else (item[0], None))
         else:
             raise TypeError(f"Example {i} is a {type(item).__name__}; expected a string, a dict or a pair.")
-    return _check_text(records, wants_pairs and mode != "last")
+    return _check_text(records, wants_pairs)
 
 
 def _check_text(records: list[tuple[Any, Any]], pairs: bool) -> list[tuple[str, str | None]]:

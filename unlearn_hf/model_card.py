@@ -66,16 +66,21 @@ def method_tag(name: str) -> str:
     return "-".join(name.replace("_", " ").replace("-", " ").lower().split())
 
 
-def _method_title(name: str, config: dict[str, Any]) -> tuple[str, str]:
-    """The registered method's label (``Neuron Adjust``) and summary for a config with a known ``method_type``
-    (else for a method registered under ``name``); else the name in title case and no summary."""
+def _method_section(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The template's fields of one method: its title (the registered class's label for a config with a known
+    ``method_type``, else for a method registered under ``name``, else the name in title case), the class's
+    summary, the name it was attached under and its settings."""
     from .methods.registry import METHOD_CLASSES, discover
 
     discover()
     cls = METHOD_CLASSES.get(config.get("method_type")) or METHOD_CLASSES.get(name)
-    if cls is None:
-        return name.replace("_", " ").replace("-", " ").title(), ""
-    return cls.label, cls.summary
+    return {
+        "name": name,
+        "title": cls.label if cls is not None else name.replace("_", " ").replace("-", " ").title(),
+        "summary": cls.summary if cls is not None else "",
+        "attached": config.get("attached_as"),
+        "config": [(_cell(k), _cell(v)) for k, v in config.items()],
+    }
 
 
 def _cell(value: Any) -> str:
@@ -152,15 +157,7 @@ def render_model_card(info: ModelCardInfo) -> ModelCard:
         license=info.license,
         tags=tags,
     )
-    methods = [
-        {
-            "name": name,
-            **dict(zip(("title", "summary"), _method_title(name, m.get("config") or {}))),
-            "attached": (m.get("config") or {}).get("attached_as"),
-            "config": [(_cell(k), _cell(v)) for k, v in (m.get("config") or {}).items()],
-        }
-        for name, m in zip(method_names, info.methods)
-    ]
+    methods = [_method_section(name, m.get("config") or {}) for name, m in zip(method_names, info.methods)]
     evaluation = [
         {
             "method": _cell(row.get("method", "")),

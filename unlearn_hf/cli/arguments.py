@@ -65,10 +65,9 @@ def output_folder(path: str) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {path!r} exists and is not a folder.")
+    # a save replaces the folder: a shell standing in it (or below it) would be left in a deleted folder
     cwd = Path.cwd().resolve()
-    if (
-        out.resolve() == cwd or out.resolve() in cwd.parents
-    ):  # a save replaces the folder: the shell's would go
+    if out.resolve() in (cwd, *cwd.parents):
         raise UserError(f"--output {path!r} is the current folder or holds it; give a folder of its own.")
     for parent in out.absolute().parents:
         if parent.exists():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config_file import read_config
-from .save import save_unlearned
+from .save import base_name, save_unlearned
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -170,10 +170,10 @@ def push_unlearned(
             "tags": tags,
         },
     )
-    base_name = base_model_name_or_path or getattr(model.get_base_model().config, "_name_or_path", None)
-    if not save_base_model and base_name and os.path.isdir(base_name):
+    local = base_name(model, base_model_name_or_path)
+    if not save_base_model and local and os.path.isdir(local):
         raise ValueError(
-            f"The base model is the local folder {base_name!r}: a light repo pushed from it loads nowhere else. "
+            f"The base model is the local folder {local!r}: a light repo pushed from it loads nowhere else. "
             "Pass save_base_model=True, or base_model_name_or_path=<the base model's Hub id>."
         )
     api = HfApi(token=token)

@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def base_name(model: Any, base_model_name_or_path: str | None = None) -> str | None:
+    """The base model's name or path a save records: the one given, else the base model's ``_name_or_path``."""
+    return base_model_name_or_path or getattr(model.get_base_model().config, "_name_or_path", None) or None
+
+
 def build_checkpoint(
     model: Any,
     *,
@@ -54,7 +59,7 @@ def build_checkpoint(
 
     base = model.get_base_model()
     cfg = base.config
-    name = base_model_name_or_path or getattr(cfg, "_name_or_path", None) or None
+    name = base_name(model, base_model_name_or_path)
     if name is not None and os.path.isdir(name):
         name = os.path.abspath(name)
         if not save_base_model:
@@ -164,8 +169,8 @@ def save_unlearned(
         )
 
     target = resolve_target(save_directory)
-    base_name = config.base_model.name_or_path
-    into_base = base_name and os.path.isdir(base_name) and Path(base_name).resolve() == target
+    recorded = config.base_model.name_or_path
+    into_base = recorded and os.path.isdir(recorded) and Path(recorded).resolve() == target
     if not save_base_model and into_base and any(WEIGHT_FILE.match(f) for f in _own_files(target)):
         raise ValueError(
             f"{target} is the full checkpoint the base model was loaded from: a light save there replaces it and "

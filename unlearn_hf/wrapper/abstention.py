@@ -26,7 +26,7 @@ from transformers.generation.candidate_generator import AssistedCandidateGenerat
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
-from ..context import _GENERATION, RequestState
+from ..context import _GENERATION, RequestState, disabled_for
 from ..methods.base import AbstainingAttachment
 from ..model_inputs import StopForward, accepts, eos_token_id, input_device, position_ids_from_mask
 
@@ -60,7 +60,7 @@ class AbstentionMixin:
 
     def _active_abstaining(self) -> dict[str, AbstainingAttachment]:
         """The attached abstaining methods that are not switched off in this context."""
-        disabled = self._disabled_names()
+        disabled = disabled_for(self)
         if disabled is None:
             return {}
         return {

@@ -113,10 +113,6 @@ class CallingMixin:
             return kwargs
         return self._signature("forward").bind_partial(None, *args, **kwargs).arguments
 
-    def _disabled_names(self) -> frozenset[str] | None:
-        """Methods switched off in this context; ``None`` when all are."""
-        return disabled_for(self)
-
     # Under torch.compile, these two frames run as plain Python (the context lives in context variables, which
     # compiled graphs cannot hold); the model's own forward, which they call, is compiled.
     @functools.partial(torch.compiler.disable, recursive=False)
@@ -146,7 +142,7 @@ class CallingMixin:
     def _start_forward(self, args: tuple, kwargs: dict) -> tuple[ForwardContext, list[Any], Any] | None:
         """Open the forward's context (``None`` when no method is active): set it current and tell the
         attachments."""
-        disabled = self._disabled_names()
+        disabled = disabled_for(self)
         active = (
             [] if disabled is None else [a for n, a in self._unlearn_attachments.items() if n not in disabled]
         )

@@ -43,7 +43,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import torch
 
@@ -128,8 +128,22 @@ def budget_limit(scores: torch.Tensor, groups: _Groups, max_false_rate: float) -
     return limit
 
 
-def _evaluate(sf, f_groups, sr, r_groups, budget, alpha):
-    """``(key, alpha, forget rates, false rates)`` of one candidate, ``None`` when it cannot meet the budget."""
+class _Candidate(NamedTuple):
+    """One (layer set, window) that meets the budget: its worst-rendering and mean forget share, its margin (the
+    budget's limit over the α that reaches its share; 0 for a fixed α), its α and its rates."""
+
+    worst: float
+    mean: float
+    margin: float
+    alpha: float
+    forget: dict[str, float]
+    false: dict[str, float]
+    layers: list[int]
+    window: int
+
+
+def _evaluate(sf, f_groups, sr, r_groups, budget, alpha, layers, window) -> _Candidate | None:
+    """The candidate ``layers`` at ``window`` (scores ``sf``/``sr``), ``None`` when it cannot meet the budget."""
     if alpha is None:
         limit = budget_limit(sr, r_groups, budget * LIMIT_SHARE)
         caught = sf[sf < limit]
@@ -144,8 +158,8 @@ def _evaluate(sf, f_groups, sr, r_groups, budget, alpha):
     false = r_groups.rates(sr, alpha)
     if max(false.values()) > budget + 1e-12:
         return None
-    key = (min(forget.values()), sum(forget.values()) / len(forget), margin)
-    return key, alpha, forget, false
+    mean = sum(forget.values()) / len(forget)
+    return _Candidate(min(forget.values()), mean, margin, alpha, forget, false, layers, window)
 
 
 def calibrate(
@@ -192,39 +206,48 @@ def calibrate(
     forget_groups, retain_groups = _Groups(forget_groups), _Groups(retain_groups)
     results = {}
     for w in windows:
-        feasible = []
         forget_w, retain_w = forget_z[:, :, :w].amin(-1), retain_z[:, :, :w].amin(-1)  # [rows, layers]
+        feasible = []
         for s in sets:
-            cols = [col[i] for i in s]
-            sf = _combine(forget_w, cols, rule)
-            sr = _combine(retain_w, cols, rule)
-            r = _evaluate(sf, forget_groups, sr, retain_groups, max_false_rate, alpha)
-            if r is not None:
-                feasible.append((r, s))
+            sf, sr = (
+                _combine(forget_w, [col[i] for i in s], rule),
+                _combine(retain_w, [col[i] for i in s], rule),
+            )
+            c = _evaluate(sf, forget_groups, sr, retain_groups, max_false_rate, alpha, s, w)
+            if c is not None:
+                feasible.append(c)
         if feasible:
-            near = _near_best([(r[0], (r, s)) for r, s in feasible], forget_tolerance)
             # among the candidates that forget (nearly) as much as the best, the widest gap between forget and
             # retain scores: it is the choice least sensitive to queries unlike the calibration data
-            results[w] = max(near, key=lambda rs: (rs[0][0][2], rs[0][0][0], rs[0][0][1]))
+            near = _near_best(feasible, forget_tolerance)
+            results[w] = max(near, key=lambda c: (c.margin, c.worst, c.mean))
     if not results:
         used = max_false_rate * (LIMIT_SHARE if alpha is None else 1.0)
         raise CalibrationError(
             _infeasible(forget_z, retain_z, retain_groups, sets, col, windows, rule, max_false_rate, used)
         )
-    window = max(_near_best([(results[w][0][0], w) for w in results], window_tolerance))
-    (_, a, forget, false), chosen = results[window]
+    window = max(c.window for c in _near_best(list(results.values()), window_tolerance))
+    best = results[window]
     table = _table(forget_z, retain_z, retain_groups, window)
-    return Calibration(sorted(chosen), window, float(a), forget, false, torch.tensor(list(layer_ids)), *table)
+    return Calibration(
+        sorted(best.layers),
+        window,
+        float(best.alpha),
+        best.forget,
+        best.false,
+        torch.tensor(list(layer_ids)),
+        *table,
+    )
 
 
-def _near_best(keyed: list[tuple[tuple, Any]], tolerance: float) -> list[Any]:
-    """The items whose key ``(worst-rendering forget share, mean forget share, ...)`` is within ``tolerance`` of the
-    best worst-rendering share and, among those, of the best mean: when some rendering is caught by no candidate
-    (every worst share 0), the mean still rules out a set that catches almost nothing."""
-    worst = max(k[0] for k, _ in keyed)
-    keyed = [(k, item) for k, item in keyed if k[0] >= worst - tolerance]
-    mean = max(k[1] for k, _ in keyed)
-    return [item for k, item in keyed if k[1] >= mean - tolerance]
+def _near_best(candidates: list[_Candidate], tolerance: float) -> list[_Candidate]:
+    """The candidates within ``tolerance`` of the best worst-rendering forget share and, among those, of the best
+    mean: when some rendering is caught by no candidate (every worst share 0), the mean still rules out a set that
+    catches almost nothing."""
+    worst = max(c.worst for c in candidates)
+    candidates = [c for c in candidates if c.worst >= worst - tolerance]
+    mean = max(c.mean for c in candidates)
+    return [c for c in candidates if c.mean >= mean - tolerance]
 
 
 def layer_sets(
