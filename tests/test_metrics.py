@@ -341,6 +341,38 @@ def test_generate_completions_cuts_at_stop(model, tokenizer):
     assert len(out) == 3 and all(isinstance(o, str) and "\nQuestion:" not in o for o in out)
 
 
+class _Scripted:
+    """A stand-in model whose ``generate`` appends the same continuation to every row."""
+
+    def __init__(self, tokenizer, continuation: str):
+        self.ids = torch.tensor(tokenizer(continuation)["input_ids"])
+        self.device = torch.device("cpu")
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs):
+        return torch.cat([input_ids, self.ids.expand(input_ids.shape[0], -1)], 1)
+
+
+def test_generate_completions_cuts_each_item_at_its_own_stop(tokenizer):
+    # A HumanEval completion ends where the function body does (the Codex evaluation's stop lines); a greedy model
+    # that goes on with a test driver would fail its tests on that code, not on the function
+    body = "    return a + b\n\n"
+    tail = "if __name__ == '__main__':\n    print(add(1, 2))\nQuestion: x"
+    human = get_skill("humaneval", shared_data_dir()).eval_items(2)
+    plain = [it for it in ITEMS[:2]]
+    model = _Scripted(tokenizer, body + tail)
+    out = generate_completions(model, tokenizer, [*human, *plain, "Question: q\nAnswer:"], batch_size=2)
+    assert out[:2] == [body.rstrip("\n") + "\n"] * 2
+    assert out[2:] == [body + tail[: tail.index("\nQuestion:")]] * 3
+    # every top-level line that leaves the body cuts; an indented one does not
+    for line in ("def helper():", "class A:", "# test", "if True:", "print(1)"):
+        model = _Scripted(tokenizer, body + line + "\n")
+        assert generate_completions(model, tokenizer, human[:1]) == [body.rstrip("\n") + "\n"]
+    nested = "    def inner():\n        return 1\n    if a:\n        print(a)\n    return inner()\n"
+    assert generate_completions(_Scripted(tokenizer, nested), tokenizer, human[:1]) == [nested]
+    # stop= given: it ends every completion, whatever the item
+    assert generate_completions(model, tokenizer, human[:1] + plain[:1], stop=["return"]) == ["    "] * 2
+
+
 def test_relative_drop():
     assert relative_drop(0.8, 0.2) == pytest.approx(0.75)
     assert relative_drop(0.5, 0.5) == 0.0

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..model_inputs import input_device
 from .batching import batches, encode_prompts, pad, pad_token_id
-from .items import EvalItem
+from .items import ANSWER_STOP, EvalItem
 
 
 def generate_completions(
@@ -19,16 +19,22 @@ def generate_completions(
     prompts: Sequence[str | EvalItem],
     max_new_tokens: int = 256,
     batch_size: int = 8,
-    stop: Sequence[str] = ("\nQuestion:",),
+    stop: Sequence[str] | None = None,
     max_length: int = 2048,
     show_progress: bool = False,
     **generate_kwargs: Any,
 ) -> list[str]:
-    """Greedy completions (new text only, cut at the first ``stop`` string), left-padded batches.
+    """Greedy completions (new text only, cut at the first stop string), left-padded batches.
 
-    Extra keyword arguments go to ``model.generate``.
+    ``stop``: the strings that end every completion; ``None``: each item's own (:attr:`EvalItem.stop`: a HumanEval
+    completion ends where the function body does, the others at the template's next ``"\nQuestion:"``), and
+    ``"\nQuestion:"`` for plain prompts. Extra keyword arguments go to ``model.generate``.
     """
     texts = [p.prompt if isinstance(p, EvalItem) else p for p in prompts]
+    stops = [
+        tuple(stop) if stop is not None else p.stop if isinstance(p, EvalItem) else ANSWER_STOP
+        for p in prompts
+    ]
     seqs = encode_prompts(tokenizer, texts, max_length)
     pad_id, device = pad_token_id(tokenizer), input_device(model)
     out: list[str] = [""] * len(texts)
@@ -47,6 +53,6 @@ def generate_completions(
             gen = gen.sequences if hasattr(gen, "sequences") else gen
             for i, row in zip(chunk, gen[:, ids.shape[1] :]):
                 text = tokenizer.decode(row, skip_special_tokens=True)
-                cuts = [text.find(s) for s in stop if s and s in text]
+                cuts = [text.find(s) for s in stops[i] if s and s in text]
                 out[i] = text[: min(cuts)] if cuts else text
     return out

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: Where a generated answer ends by default: the template's next question.
+ANSWER_STOP = ("\nQuestion:",)
+
 
 @dataclass(frozen=True)
 class EvalItem:
@@ -20,6 +23,10 @@ class EvalItem:
             ``program_prefix + completion + "\\n\\n" + test_code``.
         question: the question's own text, without any prompt template (what a user would type or send as a
             chat message); :attr:`query` falls back to ``prompt`` when it is empty.
+        stop: strings that end a generated answer (:func:`~unlearn_hf.evaluation.generate_completions` cuts there):
+            the next ``"\nQuestion:"`` of the template; for HumanEval, a line that leaves the function body
+            (``"\ndef"``, ``"\nclass"``, ``"\nif"``, ``"\nprint"``, ``"\n#"``, as in the Codex paper's
+            evaluation).
     """
 
     prompt: str
@@ -33,6 +40,7 @@ class EvalItem:
     program_prefix: str = field(default="", repr=False)
     test_code: str | None = field(default=None, repr=False)
     question: str = field(default="", repr=False)
+    stop: tuple[str, ...] = field(default=ANSWER_STOP, repr=False)
 
     @property
     def query(self) -> str:

@@ -82,6 +82,10 @@ def _load_mbpp(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
     return SkillSplits(out[0], out[1], {})
 
 
+#: Where a HumanEval completion leaves the function body (the Codex paper's stop sequences): a top-level line.
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
 def _load_humaneval(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
     if data_dir is not None:
         path: Path | None = None
@@ -112,6 +116,7 @@ def _load_humaneval(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
             program_prefix=r["prompt"],
             test_code=f"{r['test']}\n\ncheck({r['entry_point']})\n",
             question=r["prompt"],
+            stop=HUMANEVAL_STOP,
         )
         for r in rows
     ]
