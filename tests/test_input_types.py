@@ -11,11 +11,13 @@ from datasets import Dataset, DatasetDict
 from tiny_models import tiny_llama
 
 from unlearn_hf import (
+    DataSpec,
     KeySpaceDetectionConfig,
     NeuronAdjustConfig,
     SelectivePruningConfig,
     UnlearnedModelForCausalLM,
 )
+from unlearn_hf.data import iter_token_batches
 
 
 @pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25)])
@@ -88,6 +90,17 @@ def test_inputs_a_fit_cannot_read_are_named(unlearned, smol_tokenizer, forget, k
     with pytest.raises(error, match=message):
         unlearned.fit(config, forget, retain, smol_tokenizer, show_progress=False, **kwargs)
     assert not unlearned.methods
+
+
+@pytest.mark.parametrize("mode", ["all", "last"])
+@pytest.mark.parametrize("spec", [DataSpec(), DataSpec(batch_size=1), DataSpec(max_batch_tokens=8)])
+def test_an_empty_text_is_refused_whatever_the_batching(smol_tokenizer, spec, mode):
+    """An empty text among others passed with the default batches (it was padding) and failed with batches of one
+    or a small token budget, where it formed a batch of no tokens (a review)."""
+    with pytest.raises(
+        ValueError, match=r"1 of 3 examples tokenize to no tokens at all .* example\(s\) \[1\]"
+    ):
+        list(iter_token_batches(["a b c", "", "d e"], smol_tokenizer, mode=mode, spec=spec)[1])
 
 
 def test_a_dataset_column_that_is_not_text_is_named(unlearned, smol_tokenizer):

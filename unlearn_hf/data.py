@@ -258,6 +258,12 @@ def iter_token_batches(
     records = _records(data, spec, mode)
     tok = prepare_tokenizer(tokenizer, mode)
     rows = _encode_rows(records, tok, spec.max_length)
+    empty = [i for i, (ids, _) in enumerate(rows) if not ids]
+    if empty:  # refused whatever the batching (a batch of empty rows alone would have no tokens at all)
+        raise ValueError(
+            f"{len(empty)} of {len(rows)} examples tokenize to no tokens at all (empty strings?), e.g. example(s) "
+            f"{empty[:5]}: remove them."
+        )
     plan = spec.plan([len(ids) for ids, _ in rows], device)
     if shard is not None:
         plan = plan[rank::world_size]
