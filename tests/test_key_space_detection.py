@@ -275,7 +275,7 @@ class EmptyTokenizer:
 
 
 @pytest.mark.parametrize(
-    "case", ["layer_out_of_range", "negative_out_of_range", "one_query", "empty_refusal"]
+    "case", ["layer_out_of_range", "negative_out_of_range", "one_query", "empty_refusal", "empty_query"]
 )
 def test_failed_fit_is_clear_and_leaves_no_hooks(tok, case):
     model = tiny_llama(layers=N_LAYERS)
@@ -288,6 +288,8 @@ def test_failed_fit_is_clear_and_leaves_no_hooks(tok, case):
         config, message = KeySpaceDetectionConfig(layers=[0, -N_LAYERS - 1]), "out of range"
     elif case == "one_query":
         forget, message = FORGET[:1], "at least 2 forget queries"
+    elif case == "empty_query":  # named by its index in the forget data (every query was "Query 0", a review)
+        forget, message = [*FORGET, " "], f"Query {len(FORGET)} is an empty question"
     else:
         tokenizer, message = EmptyTokenizer(tok, config.refusal), "tokenizes to no tokens"
     with pytest.raises(ValueError, match=message):

@@ -183,7 +183,8 @@ def fit_key_space(
         if calibrating
         else (range(len(queries)), [])
     )
-    fit_rows = [r for i in fit_idx for r in renderer.render([queries[i]])[0]]
+    rendered = renderer.render(queries)  # every query at once: an error names its index in the forget data
+    fit_rows = [r for i in fit_idx for r in rendered[i]]
     retain_rows, retain_groups, groups = [], [], {}
     if calibrating:  # read and rendered before any forward: bad retain data fails at once
         groups = retain if isinstance(retain, Mapping) else {"retain": retain}
@@ -222,7 +223,7 @@ def fit_key_space(
         alpha = 1.0 if config.alpha == AUTO else config.alpha
         return _result(config, _fitted(cubes, units, candidates), alpha, windows[0], None)
 
-    held = [r for i in held_idx for r in renderer.render([queries[i]])[0]]
+    held = [r for i in held_idx for r in rendered[i]]
     z_kw = dict(
         window=max(windows),
         pad_id=pad,
