@@ -164,6 +164,29 @@ def test_mutual_information_accuracy_of_abstained_items_is_wrong(setup, tok, tas
             assert (s["acc"], s["acc_mutual_info"]) == (b["acc"], b["acc_mutual_info"])
 
 
+@pytest.mark.parametrize("max_length", [12, 2048])
+def test_loglikelihood_decides_on_the_context_as_lm_eval_feeds_it(setup, tok, max_length):
+    """A request longer than max_length loses the start of its context in the scored forward: the decision reads
+    the same tokens (it read the context's last max_length tokens, which the forward never saw; a review)."""
+    from lm_eval.api.instance import Instance
+
+    _, unlearned = setup
+    lm = UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=1, max_length=max_length)
+    fed, decided = [], []
+    call, decide = lm._model_call, lm.abstainers
+    lm._model_call = lambda inps, *a, **k: fed.append(inps[0].tolist()) or call(inps, *a, **k)
+    lm.abstainers = lambda tokens: decided.append(list(tokens)) or decide(tokens)
+    pairs = [(q, " The answer is 42.") for q in FORGET[:2]]
+    requests = [Instance("loglikelihood", {}, pair, i, metadata=("t", i, 1)) for i, pair in enumerate(pairs)]
+    lm.loglikelihood(requests, disable_tqdm=True)
+    n_cont = len(tok(pairs[0][1], add_special_tokens=False)["input_ids"])
+    # the context part of each fed row: all but the continuation's tokens (its last one is not fed)
+    contexts = sorted(row[: len(row) - (n_cont - 1)] for row in fed)
+    assert sorted(decided) == contexts
+    full = [len(tok(q)["input_ids"]) for q, _ in pairs]
+    assert [len(c) for c in sorted(decided, key=len)] == sorted(min(n, max_length + 1 - n_cont) for n in full)
+
+
 def test_rolling_loglikelihood_decides_on_the_text_itself(setup, tok, tasks):
     model, unlearned = setup
     out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=2), tasks["rolling"])
@@ -374,10 +397,13 @@ def test_generation_with_recheck_each_token_is_what_generate_emits(tok, tmp_path
     assert sample["resps"] == [[emitted]] and sample["abstained"] == 1.0
 
 
-def test_refusal_is_cut_to_the_requests_token_budget(setup, tok, tmp_path):
+# lm-eval reads the budget from max_gen_toks or an alias (tasks use max_new_tokens): the alias was ignored, the
+# refusal kept the default 256 tokens and the decision read the context cut for them (a review)
+@pytest.mark.parametrize("key", ["max_gen_toks", "max_new_tokens", "max_tokens"])
+def test_refusal_is_cut_to_the_requests_token_budget(setup, tok, tmp_path, key):
     _, unlearned = setup
     path = generation_task(tmp_path, FORGET[:1], [], name="ul_short")
-    path.write_text(path.read_text().replace("max_gen_toks: 10", "max_gen_toks: 3"))
+    path.write_text(path.read_text().replace("max_gen_toks: 10", f"{key}: 3"))
     sample = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=1), path)["samples"]["ul_short"][
         0
     ]

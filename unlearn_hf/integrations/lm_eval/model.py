@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import postprocess_generated_text
+from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.models.utils_hf import get_dtype
 
 from ...context import is_unlearned_model
@@ -158,8 +158,12 @@ class UnlearnedLM(HFLM):
         )
 
     def _context_tokens(self, context: str, continuation: str) -> list[int]:
-        """The context's tokens as ``loglikelihood`` feeds them (empty context: nothing to decide on)."""
-        return self._encode_pair(context, continuation)[0] if context else []
+        """The context's tokens as ``loglikelihood`` feeds them: HFLM scores ``(context + continuation)[-(max_length
+        + 1):][:-1]``, so a long request loses the start of its context (empty context: nothing to decide on)."""
+        if not context:
+            return []
+        ctx, cont = self._encode_pair(context, continuation)
+        return ctx[max(0, len(ctx) + len(cont) - self.max_length - 1) :]
 
     # --- lm-eval's request types --------------------------------------------------------------------------------
 
@@ -206,7 +210,8 @@ class UnlearnedLM(HFLM):
         contexts: list[tuple[int, ...]] = []
         for req in requests:
             context, gen_kwargs = req.args
-            new_tokens = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            # as HFLM reads it: max_gen_toks or an alias (max_new_tokens, max_tokens, max_completion_tokens)
+            new_tokens = int(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)["max_gen_toks"])
             contexts.append(tuple(self.tok_encode(context)[-max(self.max_length - new_tokens, 1) :]))
             who = self.abstainers(list(contexts[-1]))
             refusals.append(
