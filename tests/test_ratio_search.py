@@ -170,6 +170,23 @@ def test_auto_choice_equals_a_hand_computed_search(setup, config_cls):
     assert curve.retain_drop[best] <= config.max_retain_drop
 
 
+def test_a_truncation_warning_is_given_once_per_data_set(setup, caplog):
+    """The held-out examples were tokenized anew at every ratio of the search, repeating the warning (a review)."""
+    model, tok, forget, retain = setup
+    config = NeuronAdjustConfig(ratio="auto", ratio_grid=GRID, max_retain_drop=0.99, holdout_fraction=0.25)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    with caplog.at_level("WARNING", logger="unlearn_hf"):
+        method = unlearned.fit(config, forget, retain, tok, show_progress=False, max_length=8)
+    assert len(method.ratio_curve.ratios) == len(GRID)
+    warned = [r.getMessage() for r in caplog.records if "longer than max_length=8" in r.getMessage()]
+    # one per data set: the fit's forget and retain splits, the held-out forget and retain splits
+    expected = []
+    for texts in (forget, retain):
+        for part in reference_split(20, 0.25):
+            expected.append(f"{sum(len(tok(texts[i]).input_ids) > 8 for i in part)} of {len(part)}")
+    assert sorted(w.split(" rows")[0] for w in warned) == sorted(expected)
+
+
 def test_a_budget_no_ratio_meets_fails_with_nothing_attached(setup):
     model, tok, forget, retain = setup
     unlearned = UnlearnedModelForCausalLM.from_base(model)

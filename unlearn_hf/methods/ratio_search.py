@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from ..context import disabled_for
 from ..data import (
     DataSpec,
+    TokenBatch,
     _columns_of,
     _is_tokenized_batch,
     _shard_rows,
@@ -180,11 +181,15 @@ def fit_neuron_method(
     fit_r, held_r = split_examples(retain, config.holdout_fraction, "retain")
     layers, stats_f, stats_r = probe_forget_and_retain(model, config, fit_f, fit_r, tokenizer, **kw)
 
+    # tokenized once (and a truncation warning given once), scored at every ratio of the search
+    device = input_device(model)
+    held = [
+        list(iter_token_batches(d, tokenizer, mode=config.tokens, spec=spec, device=device)[1])
+        for d in (held_f, held_r)
+    ]
+
     def accuracy() -> tuple[float, float]:
-        return tuple(
-            held_out_accuracy(model, held, tokenizer, mode=config.tokens, spec=spec)
-            for held in (held_f, held_r)
-        )
+        return tuple(batches_accuracy(model, batches, config.tokens) for batches in held)
 
     curve = search_ratio(
         model,
@@ -313,8 +318,13 @@ def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
 def held_out_accuracy(model: Any, data: Any, tokenizer: Any, *, mode: str, spec: DataSpec) -> float:
     """Teacher-forced next-token accuracy of ``model`` on ``data``: the share of the tokens selected by ``mode``
     (and preceded by a real token) that are the model's top-1 prediction from the position before."""
+    _, batches = iter_token_batches(data, tokenizer, mode=mode, spec=spec, device=input_device(model))
+    return batches_accuracy(model, batches, mode)
+
+
+def batches_accuracy(model: Any, batches: Iterable[TokenBatch], mode: str) -> float:
+    """:func:`held_out_accuracy` of data already cut into batches."""
     device = input_device(model)
-    _, batches = iter_token_batches(data, tokenizer, mode=mode, spec=spec, device=device)
     positions = accepts(model, "position_ids")
     correct = total = 0
     with torch.no_grad():
