@@ -289,3 +289,7 @@ def test_a_light_push_of_a_local_base_is_refused_before_any_request(tmp_path, sm
     model = fit_methods(UnlearnedModelForCausalLM.from_base(base), smol_tokenizer, ("na",))
     with pytest.raises(ValueError, match="local folder .* loads nowhere else"):
         model.push_to_hub("user/light")  # raises before the Hub is asked anything
+    # a base folder moved away since: its absolute path names no repo either (the CLI refused it, the API did not)
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match="local folder .* loads nowhere else"):
+        model.push_to_hub("user/light")

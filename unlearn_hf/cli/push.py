@@ -13,17 +13,14 @@ def cmd_push(args: argparse.Namespace) -> int:
     the base model and data it names, so that the repo loads anywhere."""
     from ..persistence.config_file import read_config
     from ..persistence.format import CONFIG_NAME, LAYOUT_FULL
+    from ..persistence.hub import is_local_base
 
     if not (Path(args.model) / CONFIG_NAME).is_file():
         raise UserError(f"{args.model!r} is not a folder saved by unlearn_hf (no {CONFIG_NAME}).")
     saved = read_config(Path(args.model))  # validated; a broken config is one line (UnlearnFormatError)
     full = args.save_base_model or saved.layout == LAYOUT_FULL
     base = saved.base_model
-    if (
-        not full
-        and base.name_or_path
-        and (Path(base.name_or_path).is_absolute() or Path(base.name_or_path).is_dir())
-    ):
+    if not full and is_local_base(base.name_or_path):
         raise UserError(
             f"{args.model} is a light folder whose base model is the local folder {base.name_or_path!r}: a repo "
             "pushed from it loads nowhere else. Pass --save-base-model to upload the base model's files too."

@@ -115,6 +115,12 @@ def build_model_card(folder: Path, repo_id: str, values: dict[str, Any]):
     return render_model_card(info)
 
 
+def is_local_base(name: str | None) -> bool:
+    """Whether a base model named ``name`` is a folder of this machine (absolute, or a folder here), which a light
+    repo cannot name: it would load nowhere else."""
+    return bool(name) and (os.path.isabs(name) or os.path.isdir(name))
+
+
 def push_unlearned(
     model: Any,
     repo_id: str,
@@ -171,7 +177,7 @@ def push_unlearned(
         },
     )
     local = base_name(model, base_model_name_or_path)
-    if not save_base_model and local and os.path.isdir(local):
+    if not save_base_model and is_local_base(local):
         raise ValueError(
             f"The base model is the local folder {local!r}: a light repo pushed from it loads nowhere else. "
             "Pass save_base_model=True, or base_model_name_or_path=<the base model's Hub id>."
