@@ -1,5 +1,5 @@
-"""Every architecture of the tiny-model matrix (``tiny_models.TINY_MODEL_TYPES``: dense and fused gate/up FFLs)
-through every method: Key Space Detection at α = 1 contains every fitted query, Neuron Adjust changes only its
+"""Every architecture of the tiny-model matrix (``tiny_models.TINY_MODEL_TYPES``: dense and fused gate/up FFLs; and
+``DISCOVERED_MODEL_TYPES``, outside the table, whose sites discovery finds) through every method: Key Space Detection at α = 1 contains every fitted query, Neuron Adjust changes only its
 selected neurons (by METHOD.md's formula, in numpy), generate runs and abstains, and save/load round-trips.
 The sites themselves are checked against hand-computed activations in test_sites."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_na import token_batches
-from tiny_models import TINY_MODEL_TYPES, tiny_model, tiny_tokenizer
+from tiny_models import DISCOVERED_MODEL_TYPES, TINY_MODEL_TYPES, tiny_model, tiny_tokenizer
 
 from unlearn_hf import (
     KeySpaceDetectionConfig,
@@ -44,7 +44,7 @@ def _ksd(**overrides) -> KeySpaceDetectionConfig:
     )
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES + DISCOVERED_MODEL_TYPES)
 def test_ksd_at_alpha_one_contains_every_fitted_query(model_type):
     unlearned = UnlearnedModelForCausalLM.from_base(tiny_model(model_type))
     forget = _rows(0, FORGET)
@@ -54,7 +54,7 @@ def test_ksd_at_alpha_one_contains_every_fitted_query(model_type):
     assert inside == [True] * len(forget)
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES + DISCOVERED_MODEL_TYPES)
 def test_neuron_adjust_changes_only_its_selected_neurons(model_type):
     unlearned = UnlearnedModelForCausalLM.from_base(tiny_model(model_type))
     sites = unlearned.ffl_sites
@@ -105,7 +105,7 @@ def test_neuron_adjust_changes_only_its_selected_neurons(model_type):
     assert changed > 0
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES + DISCOVERED_MODEL_TYPES)
 def test_generate_abstains_and_save_load_round_trips(model_type, tmp_path):
     tok = tiny_tokenizer()
     unlearned = UnlearnedModelForCausalLM.from_base(tiny_model(model_type))

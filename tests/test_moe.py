@@ -60,6 +60,14 @@ MOE = {
         ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.down_proj"],
         "first_half",
     ),
+    # GraniteMoeShared: a dense shared_mlp (fused gate/up input_linear) on the layer, beside block_sparse_moe (it was
+    # left out: only the experts' container was searched; a review)
+    "granitemoeshared": (
+        dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48),
+        4,
+        [f"model.layers.{i}.shared_mlp.output_linear" for i in range(2)],
+        "first_half",
+    ),
     # Llama 4: every expert computes every token, its rows pre-scaled by the routing weight (0 where not routed)
     "llama4_text": (
         dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=40, intermediate_size_mlp=80),
@@ -84,7 +92,10 @@ MOE = {
 #: DBRX)
 TOP_K = sorted(set(MOE) - {"llama4_text"})
 #: model_type -> (decoder layers, experts module in a layer, key weight) where they differ from Mixtral's
-EXPERT_NAMES = {"dbrx": ("transformer.blocks", "ffn.experts", "mlp.w2")}
+EXPERT_NAMES = {
+    "dbrx": ("transformer.blocks", "ffn.experts", "mlp.w2"),
+    "granitemoeshared": ("model.layers", "block_sparse_moe.experts", "down_proj"),
+}
 
 
 def reference_expert(experts, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -281,6 +281,20 @@ def test_discovery_on_unknown_model_type_finds_the_table_sites(model_type, caplo
     assert [(s.pre_name, s.key_name, s.d_ff, s.gate) for s in found] == expected
 
 
+@pytest.mark.parametrize(
+    "model_type, pre, key, d_ff, gate",
+    [  # the FFL container beside a state-space / recurrent block: searched alone (both were refused, a review)
+        ("granitemoehybrid", "shared_mlp.input_linear", "shared_mlp.output_linear", 48, "first_half"),
+        ("recurrent_gemma", "mlp_block.gate_proj", "mlp_block.down_proj", 40, None),  # half the config's 80
+    ],
+)
+def test_discovery_finds_the_ffl_container_beside_a_state_space_block(model_type, pre, key, d_ff, gate):
+    sites = find_ffl_sites(tiny_model(model_type))
+    assert [(s.pre_name, s.key_name, s.d_ff, s.gate) for s in sites] == [
+        (f"model.layers.{i}.{pre}", f"model.layers.{i}.{key}", d_ff, gate) for i in range(2)
+    ]
+
+
 def test_gated_discovery_uses_gate_not_up():
     model = tiny_model("llama")
     model.config.model_type = "my_new_arch"

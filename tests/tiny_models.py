@@ -138,8 +138,28 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
-#: Every architecture ``tiny_model`` can build.
+#: Architectures outside the table of known sites, whose sites discovery finds: the FFL sits in a container beside a
+#: state-space or recurrent block (Granite 4.0-H's ``shared_mlp``, a fused gate/up; RecurrentGemma's ``mlp_block``,
+#: whose width is half the config's intermediate_size). Both were refused before (a review).
+_DISCOVERED_CONFIGS: dict[str, dict[str, Any]] = {
+    "granitemoehybrid": _llama_like(
+        num_local_experts=0,
+        shared_intermediate_size=48,
+        layer_types=["mamba", "attention"],
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=8,
+        mamba_n_groups=1,
+    ),
+    "recurrent_gemma": _llama_like(
+        head_dim=HIDDEN // HEADS, lru_width=HIDDEN, block_types=["recurrent", "attention"]
+    ),
+}
+
+#: Every architecture of the table of known sites, each with a tiny config.
 TINY_MODEL_TYPES: tuple[str, ...] = tuple(_CONFIGS)
+#: Architectures whose sites only discovery finds.
+DISCOVERED_MODEL_TYPES: tuple[str, ...] = tuple(_DISCOVERED_CONFIGS)
 
 
 def small_text_kwargs(**overrides: Any) -> dict[str, Any]:
@@ -157,10 +177,11 @@ def small_text_kwargs(**overrides: Any) -> dict[str, Any]:
 
 def tiny_config(model_type: str, vocab_size: int = 128, **overrides: Any):
     """The shrunken config of ``model_type`` (special tokens 0/1/2 inside the vocabulary)."""
-    if model_type not in _CONFIGS:
-        raise ValueError(f"No tiny config for {model_type!r}; known: {', '.join(TINY_MODEL_TYPES)}.")
+    configs = {**_CONFIGS, **_DISCOVERED_CONFIGS}
+    if model_type not in configs:
+        raise ValueError(f"No tiny config for {model_type!r}; known: {', '.join(configs)}.")
     kwargs = {
-        **_CONFIGS[model_type],
+        **configs[model_type],
         "vocab_size": vocab_size,
         "bos_token_id": 1,
         "eos_token_id": 2,

@@ -14,7 +14,9 @@ from transformers.activations import ACT2FN
 from .ffl_site import GATE_LAYOUTS, SiteError, SitePair, gate_and_up, linear_io
 from .model_config import text_config
 
-_MLP_CONTAINER_NAMES = ("mlp", "ffn", "feed_forward", "feedforward", "ff", "ffl")
+#: Names of a decoder layer's FFL container (Granite 4's ``shared_mlp``, RecurrentGemma's ``mlp_block``): the FFL is
+#: searched there alone, so a state-space or convolution block beside it does not count.
+_MLP_CONTAINER_NAMES = ("mlp", "ffn", "feed_forward", "feedforward", "ff", "ffl", "shared_mlp", "mlp_block")
 _ATTENTION_MARKERS = ("attn", "attention")
 
 
@@ -111,7 +113,12 @@ def _describe(linears: Sequence[tuple[str, tuple[int, int]]]) -> str:
 
 
 def discover_in_layer(
-    layer: nn.Module, index: int, hidden: int | None, d_ff_hint: int | None, act: str | None = None
+    layer: nn.Module,
+    index: int,
+    hidden: int | None,
+    d_ff_hint: int | None,
+    act: str | None = None,
+    container: bool = False,
 ) -> SitePair:
     """Find the site names relative to one decoder layer, or raise naming what was found.
 
@@ -119,13 +126,15 @@ def discover_in_layer(
     :data:`~.ffl_site.GATE_LAYOUTS` reproduces the key input from its output with the config's activation ``act`` (or
     a common one); two projections ``h -> d_ff`` whose names do not tell the gate are told apart the same way
     (checked on a random input through the FFL container); otherwise only the key site is returned.
+    ``container=True``: ``layer`` is itself an FFL (a shared expert), searched whole and run alone for those checks.
     """
     prefix, scope = "", layer
-    for name in _MLP_CONTAINER_NAMES:
+    for name in () if container else _MLP_CONTAINER_NAMES:
         sub = getattr(layer, name, None)
         if isinstance(sub, nn.Module) and linear_io(sub) is None:
             prefix, scope = name + ".", sub
             break
+    runs = prefix if prefix or container else None  # the FFL that runs alone (None: only a whole layer)
     linears = [
         (prefix + n, io)
         for n, m in scope.named_modules()
@@ -177,13 +186,13 @@ def discover_in_layer(
         if (
             len(gates) != 1 and len(ups) == 2
         ):  # names that do not tell (w1 / w3): the layer's computation does
-            gates = [g] if (g := gate_of_pair(layer, prefix, ups, key_name, act)) else []
+            gates = [g] if (g := gate_of_pair(layer, runs, ups, key_name, act)) else []
         ups = gates if len(gates) == 1 else ups
     if len(ups) == 1:
         return SitePair(ups[0], key_name)
     fused = [n for n, (i, o) in linears if i == hidden and o == 2 * d_ff]
     if not ups and len(fused) == 1:
-        layout = fused_gate_layout(layer, prefix, fused[0], key_name, act)
+        layout = fused_gate_layout(layer, runs, fused[0], key_name, act)
         if layout is not None:
             return SitePair(fused[0], key_name, layout)
         why = (
@@ -216,12 +225,12 @@ def _activations(act: str | None) -> list:
 
 
 def _run_ffl(
-    layer: nn.Module, prefix: str, outputs: Sequence[str], key: str
+    layer: nn.Module, prefix: str | None, outputs: Sequence[str], key: str
 ) -> dict[str, torch.Tensor] | None:
     """The outputs of the modules ``outputs`` and the input of ``key`` (under ``"key"``) when the FFL container
-    (``prefix``) runs on a random input; ``None`` when the run cannot be made (no container, weights not
-    materialized, a container that needs other arguments)."""
-    if not prefix:
+    (``prefix``; ``""``: ``layer`` itself) runs on a random input; ``None`` when the run cannot be made (no container,
+    weights not materialized, a container that needs other arguments)."""
+    if prefix is None:
         return None
     container, key_mod = layer.get_submodule(prefix[:-1]), layer.get_submodule(key)
     first = layer.get_submodule(outputs[0])
@@ -255,7 +264,9 @@ def _reproduces(gate: torch.Tensor, up: torch.Tensor, key: torch.Tensor, act) ->
     return torch.allclose((act(gate) * up).float(), key.float(), rtol=rtol, atol=atol)
 
 
-def gate_of_pair(layer: nn.Module, prefix: str, ups: Sequence[str], key: str, act: str | None) -> str | None:
+def gate_of_pair(
+    layer: nn.Module, prefix: str | None, ups: Sequence[str], key: str, act: str | None
+) -> str | None:
     """Of two projections ``h -> d_ff`` of a gated FFL whose names do not tell, the one that enters the activation:
     the ``a`` with which ``act(a) * b`` equals the input of ``key`` when the FFL runs on a random input (the config's
     activation, else a common one); ``None`` when neither or both do, or the check cannot run."""
@@ -270,7 +281,9 @@ def gate_of_pair(layer: nn.Module, prefix: str, ups: Sequence[str], key: str, ac
     return None
 
 
-def fused_gate_layout(layer: nn.Module, prefix: str, fused: str, key: str, act: str | None) -> str | None:
+def fused_gate_layout(
+    layer: nn.Module, prefix: str | None, fused: str, key: str, act: str | None
+) -> str | None:
     """The layout of a fused gate/up projection in ``layer``: the one with which ``act(gate) * up`` equals the
     input of ``key`` when the FFL container (``prefix``) runs on a random input (the config's activation ``act``,
     else a common one); ``None`` when none does or the check cannot run (no container, weights not materialized)."""

@@ -45,14 +45,15 @@ def moe_sites(
             continue
         experts_name, experts = found[0]
         container = experts_name.rpartition(".")[0]
-        scope = layer.get_submodule(container) if container else layer
-        for name in _SHARED_NAMES:
-            shared = getattr(scope, name, None)
-            if isinstance(shared, nn.Module):
-                pair = discover_in_layer(shared, i, hidden, None, act)
-                out += _dense(
-                    model, f"{prefix}{i}.{container + '.' if container else ''}{name}.", pair, hidden, i
-                )
+        # in the experts' container, then on the layer beside it (GraniteMoeShared's shared_mlp)
+        scopes = [(container, layer.get_submodule(container))] if container else []
+        for where, scope in [*scopes, ("", layer)]:
+            for name in _SHARED_NAMES:
+                shared = getattr(scope, name, None)
+                if not isinstance(shared, nn.Module) or any(m is experts for m in shared.modules()):
+                    continue  # none, or the MoE block itself (a layer's ``mlp`` holding the experts)
+                pair = discover_in_layer(shared, i, hidden, None, act, container=True)
+                out += _dense(model, f"{prefix}{i}.{where + '.' if where else ''}{name}.", pair, hidden, i)
         taps = expert_taps(experts)
         full = f"{prefix}{i}.{experts_name}"
         up = taps.layout.up_name
