@@ -156,8 +156,6 @@ def test_auto_choice_equals_a_hand_computed_search(setup, config_cls):
         with torch.no_grad():
             rows.append((r, brute_accuracy(ref, tok, f_held), brute_accuracy(ref, tok, r_held), fixed))
         ref.remove_method(config.method_type)
-        if (base_r - rows[-1][2]) / base_r > config.max_retain_drop:
-            break
     assert curve.ratios == [r[0] for r in rows]
     assert curve.base_forget == pytest.approx(base_f) and curve.base_retain == pytest.approx(base_r)
     assert curve.forget_accuracy == pytest.approx([r[1] for r in rows])
@@ -269,3 +267,54 @@ def test_a_retain_drop_exactly_at_the_budget_is_within_it(setup, monkeypatch):
         label="test",
     )
     assert curve.ratio == 0.05 and curve.chosen == 0
+
+
+def test_every_ratio_is_scored_when_the_retain_drop_does_not_grow_with_it(setup, monkeypatch):
+    """A ratio beyond the budget does not end the search: a larger one may drop retain less (small held-out sets,
+    random draws) and forget more. The walk stopped at the first one beyond the budget, so it missed the best ratio
+    or found none (a review)."""
+    from unlearn_hf.methods import ratio_search
+
+    model, _, _, _ = setup
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    monkeypatch.setattr(unlearned, "add_method", lambda name, method: None)
+    monkeypatch.setattr(unlearned, "remove_method", lambda name: None)
+
+    def search(scores, budget):
+        scores = iter(scores)
+        return ratio_search.search_ratio(
+            unlearned,
+            SelectivePruningConfig(ratio="auto", ratio_grid=[0.01, 0.1, 0.4], max_retain_drop=budget),
+            lambda r: None,
+            lambda: next(scores),
+            label="test",
+        )
+
+    # (forget, retain) accuracy before, then at 0.01, 0.1, 0.4: retain drops 0%, 10.5%, 5.3%
+    scores = [(0.5, 0.95), (0.49, 0.95), (0.45, 0.85), (0.4, 0.9)]
+    curve = search(scores, 0.06)
+    assert curve.ratios == [0.01, 0.1, 0.4] and curve.ratio == 0.4
+    assert curve.forget_drop[2] == pytest.approx(0.2) and curve.retain_drop[2] == pytest.approx(0.05 / 0.95)
+    # the smallest ratio beyond the budget, a larger one within it
+    curve = search([(0.5, 0.95), (0.49, 0.85), (0.45, 0.95), (0.4, 0.5)], 0.06)
+    assert curve.ratio == 0.1 and curve.chosen == 1
+    # none within: the error names the least drop and its ratio
+    with pytest.raises(RatioSearchError, match=r"the least: 0\.053 at ratio 0\.4"):
+        search([(0.5, 0.95), (0.49, 0.85), (0.45, 0.8), (0.4, 0.9)], 0.05)
+
+
+def test_the_fitted_config_records_the_grid_it_searched(setup, tmp_path, monkeypatch):
+    """A fit on the default grid saved ratio_grid=None: a later default grid made the checkpoint unloadable (its
+    curve no longer matched; a review)."""
+    from unlearn_hf.methods import ratio_search
+
+    model, tok, forget, retain = setup
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    config = SelectivePruningConfig(ratio="auto", max_retain_drop=0.9)
+    method = unlearned.fit(config, forget, retain, tok, show_progress=False)
+    assert config.ratio_grid is None and method.config.ratio_grid == list(DEFAULT_GRID)
+    assert method.ratio_curve.ratios == list(DEFAULT_GRID)
+    unlearned.save_pretrained(tmp_path / "u", base_model_name_or_path="tiny/llama")
+    monkeypatch.setattr(ratio_search, "DEFAULT_GRID", (*DEFAULT_GRID, 0.5))
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "u", base_model=copy.deepcopy(model))
+    assert loaded.methods["selective_pruning"].ratio_curve == method.ratio_curve

@@ -6,11 +6,11 @@ permutation, the same for every run) is kept out of the fit. The rest is probed 
 grid the neurons are re-selected from those statistics (no probing per ratio), the method is attached to the model
 for a moment, and the held-out examples are scored by teacher-forced next-token accuracy on the tokens the config
 probes (``tokens``: every token after the first, or the completion / prompt part of pairs). A drop is relative to
-the model as it ran before (with the methods already attached): ``(before − after) / before``. The grid is walked
-upwards and the walk stops at the first ratio whose retain drop exceeds ``max_retain_drop`` (the retain drop grows
-with the ratio; this saves the evaluations beyond it). The chosen ratio has the largest forget drop among the
-ratios within the budget (ties: the smaller ratio); when even the smallest is beyond it, the fit fails and nothing
-is attached.
+the model as it ran before (with the methods already attached): ``(before − after) / before``. Every ratio of the
+grid is scored (the retain drop need not grow with the ratio: on a small held-out set, or with Neuron Adjust's
+random draws, a larger ratio can drop less), and the chosen ratio has the largest forget drop among the ratios
+whose retain drop is within ``max_retain_drop`` (ties: the smaller ratio); when none is, the fit fails and nothing
+is attached. The fitted config records the grid it searched (``ratio_grid``, the default filled in).
 The fitted method keeps the curve (:class:`RatioCurve`, saved with it). The held-out examples are not fitted on:
 the chosen method is fitted on the remaining ``1 − holdout_fraction``.
 
@@ -66,7 +66,8 @@ class RatioCurve:
     """What ``ratio="auto"`` measured and chose.
 
     Attributes:
-        ratios: the grid up to where the search stopped. forget_accuracy / retain_accuracy: held-out accuracy with the method at each ratio.
+        ratios: the grid (an older save may stop at its first ratio beyond the budget).
+        forget_accuracy / retain_accuracy: held-out accuracy with the method at each ratio.
         base_forget / base_retain: held-out accuracy before. chosen: index of the chosen ratio.
     """
 
@@ -177,6 +178,8 @@ def fit_neuron_method(
         return cls.from_statistics(config, layers, stats_f, stats_r, config.ratio)
     if retain is None:
         raise ValueError(f"{cls.label} needs retain data (got None).")
+    # the grid searched, saved with the fit: a later version's default grid must not change what it means
+    config = dataclasses.replace(config, ratio_grid=list(config.ratio_grid or DEFAULT_GRID))
     fit_f, held_f = split_examples(forget, config.holdout_fraction, "forget")
     fit_r, held_r = split_examples(retain, config.holdout_fraction, "retain")
     layers, stats_f, stats_r = probe_forget_and_retain(model, config, fit_f, fit_r, tokenizer, **kw)
@@ -259,15 +262,14 @@ def search_ratio(
             t,
             base_r,
         )
-        if _drop(base_r, t) > config.max_retain_drop + BUDGET_TOLERANCE:
-            break  # the retain drop grows with the ratio: larger ones are beyond the budget too
-    curve = RatioCurve(grid[: len(acc_f)], acc_f, acc_r, base_f, base_r, 0)
+    curve = RatioCurve(grid, acc_f, acc_r, base_f, base_r, 0)
     ok = [i for i, d in enumerate(curve.retain_drop) if d <= config.max_retain_drop + BUDGET_TOLERANCE]
     if not ok:
+        least = min(range(len(grid)), key=lambda i: curve.retain_drop[i])
         raise RatioSearchError(
-            f"{label}: the smallest ratio of the grid, {grid[0]:g}, already lowers held-out retain accuracy by "
-            f"{curve.retain_drop[0]:.3f}, more than max_retain_drop={config.max_retain_drop:g}; raise the budget, "
-            "add smaller ratios to ratio_grid, or set a fixed ratio."
+            f"{label}: every ratio of the grid lowers held-out retain accuracy by more than max_retain_drop="
+            f"{config.max_retain_drop:g} (the least: {curve.retain_drop[least]:.3f} at ratio {grid[least]:g}); "
+            "raise the budget, add smaller ratios to ratio_grid, or set a fixed ratio."
         )
     best = max(ok, key=lambda i: (curve.forget_drop[i], -i))
     if curve.forget_drop[best] <= 0:
