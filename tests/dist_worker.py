@@ -169,6 +169,22 @@ def _failure(workdir: Path, rank: int) -> None:
     results["mismatch"] = _record(
         lambda: probe(model, batches[:2], site="pre", layers=[rank], show_progress=False)
     )
+    # 3b. Ranks given different data (each must be given all of it, in one order): a per-rank split of the texts, a
+    # per-rank order, one example fewer, and tokenized batches that differ; a review found them all accepted.
+    texts = list(data["forget"])
+    for name, mine in (
+        ("split", texts[rank::2]),
+        ("order", texts if rank == 0 else texts[::-1]),
+        ("fewer", texts[: len(texts) - rank]),
+    ):
+        results[f"data_{name}"] = _record(
+            lambda mine=mine: probe(
+                model, mine, tokenizer, site="pre", spec=DataSpec(batch_size=2), show_progress=False
+            )
+        )
+    other = token_batches(data)
+    other[0]["input_ids"][0, 0] = (other[0]["input_ids"][0, 0] + rank) % model.config.vocab_size
+    results["data_batches"] = _record(lambda: probe(model, other, site="pre", show_progress=False))
     # 4. A stream of batches that is empty on every rank: the same error as on one process.
     results["empty"] = _record(lambda: probe(model, iter([]), site="pre", show_progress=False))
     # 5. The process group still works after the failures.

@@ -21,7 +21,7 @@ from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM, merge, probe
-from unlearn_hf.data import DataSpec, iter_token_batches, shard_batch_indices
+from unlearn_hf.data import DataSpec, iter_token_batches
 from unlearn_hf.distributed import (
     DistributedProbeError,
     all_reduce_statistics,
@@ -31,6 +31,7 @@ from unlearn_hf.distributed import (
     is_main_process,
     resolve_distributed,
 )
+from unlearn_hf.sharding import shard_batch_indices
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 sys.path.insert(0, str(WORKER.parent))
@@ -315,6 +316,9 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_message(workdir, loaded)
 
     for r in ranks:  # ranks that disagree on the layers fail together instead of exchanging mismatched data
         assert r["mismatch"]["type"] == "ValueError" and "different" in r["mismatch"]["message"]
+        for name in ("split", "order", "fewer", "batches"):  # or on the data they were given
+            assert r[f"data_{name}"]["type"] == "ValueError", name
+            assert "given different data" in r[f"data_{name}"]["message"], name
         assert r["empty"]["type"] == "ValueError" and "empty" in r["empty"]["message"]
         assert r["after"]["type"] is None  # the group still works afterwards
         assert r["after"]["count"] == sum(len(row) for b in data["token_batches"] for row in b["rows"])

@@ -34,6 +34,7 @@ import torch
 
 from .batch_plan import default_batch_tokens, plan_batches
 from .model_inputs import last_token_mask
+from .sharding import ShardBatches, check_shard, fingerprint_rows, shard_batch_indices
 
 logger = logging.getLogger(__name__)
 
@@ -172,25 +173,6 @@ def prepare_tokenizer(tokenizer: Any, mode: str):
     return tok
 
 
-def shard_batch_indices(n_batches: int, rank: int, world_size: int) -> range:
-    """Indices of the batches that ``rank`` probes out of ``n_batches``: ``rank, rank + world_size, ...``."""
-    check_shard((rank, world_size))
-    return range(rank, n_batches, world_size)
-
-
-def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
-    """Validate a ``(rank, world_size)`` pair."""
-    try:
-        rank, world_size = (int(v) for v in shard)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"shard must be a (rank, world_size) pair of integers, got {shard!r}.") from err
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"Invalid shard (rank {rank}, world_size {world_size}): need 0 <= rank < world_size."
-        )
-    return rank, world_size
-
-
 def _shard_rows(data: Any, rows: list[int]) -> Any:
     """The given rows of a list or a column-addressable data set (``datasets.Dataset.select``)."""
     if _columns_of(data) is not None:
@@ -254,7 +236,11 @@ def iter_token_batches(
     if _columns_of(data) is None and _is_tokenized_batch(data[0]):
         mine = shard_batch_indices(len(data), rank, world_size)
         n = sum(int(data[i]["input_ids"].shape[0]) for i in mine)
-        return n, _tokenized_iter(((i, data[i]) for i in mine), mode, allow_empty=shard is not None)
+        batches = _tokenized_iter(((i, data[i]) for i in mine), mode, allow_empty=shard is not None)
+        if shard is None:
+            return n, batches
+        rows = (row.tolist() for b in data if _is_tokenized_batch(b) for row in b["input_ids"])
+        return n, ShardBatches(batches, fingerprint_rows(rows))
     records = _records(data, spec, mode)
     tok = prepare_tokenizer(tokenizer, mode)
     rows = _encode_rows(records, tok, spec.max_length)
@@ -265,9 +251,12 @@ def iter_token_batches(
             f"{empty[:5]}: remove them."
         )
     plan = spec.plan([len(ids) for ids, _ in rows], device)
-    if shard is not None:
-        plan = plan[rank::world_size]
-    return sum(len(b) for b in plan), _text_iter(rows, plan, tok, mode)
+    if shard is None:
+        return sum(len(b) for b in plan), _text_iter(rows, plan, tok, mode)
+    mine = plan[rank::world_size]
+    return sum(len(b) for b in mine), ShardBatches(
+        _text_iter(rows, mine, tok, mode), fingerprint_rows(i for i, _ in rows)
+    )
 
 
 def _refuse_containers(data: Any) -> None:

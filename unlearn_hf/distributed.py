@@ -19,8 +19,9 @@ Works with ``gloo`` (CPU) and ``nccl`` (GPU; collective tensors then live on the
 process group, probing is the plain single-process probe. Opt out per call with ``probe(..., distributed=False)``
 or for a block of code (e.g. a ``fit``) with :func:`distributed_probing`.
 
-Every rank must make the same probe / fit calls with the same arguments and the same (full) data: each one
-picks its own shard. Precomputed :class:`~unlearn_hf.stats.SiteStatistics` given to a ``fit`` are used as they
+Every rank must make the same probe / fit calls with the same arguments and the same (full) data, in the same
+order: each one picks its own shard. Both are checked when the ranks exchange their statistics (a hash of what was
+probed, and one of the whole data's token rows: a per-rank split or shuffle is refused on every rank). Precomputed :class:`~unlearn_hf.stats.SiteStatistics` given to a ``fit`` are used as they
 are; combine per-rank statistics first with :func:`all_reduce_statistics`. Errors are shared only once probing
 starts: a rank that fails or stops before it reaches the probe leaves the others waiting for the process
 group's timeout.
@@ -230,6 +231,7 @@ def exchange_statistics(
     error: BaseException | None = None,
     *,
     n_batches: int = 0,
+    data_fingerprint: int = 0,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[dict[str, SiteStatistics], int]:
     """Combine every rank's probe results; a collective: every rank of ``group`` must call it.
@@ -238,6 +240,7 @@ def exchange_statistics(
         local: this rank's results (``{site: SiteStatistics}``), ``None`` when it failed.
         error: this rank's exception, if it failed.
         n_batches: how many batches this rank probed.
+        data_fingerprint: :func:`~unlearn_hf.sharding.fingerprint_rows` of the whole data this rank was given.
         group: process group (default: the default group).
 
     Returns:
@@ -245,14 +248,15 @@ def exchange_statistics(
 
     Raises:
         The rank's own exception on a failing rank; :class:`DistributedProbeError` (naming the lowest failing
-        rank and its message) on the others; ``ValueError`` on every rank when ranks probed different things.
+        rank and its message) on the others; ``ValueError`` on every rank when ranks probed different things or were
+        given different data.
     """
     if local is None and error is None:
         raise ValueError("exchange_statistics needs this rank's results or its error.")
     failed = error is not None
     message = _encode_message(error) if failed else torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
     signature = 0 if failed else _signature(local)
-    header = torch.tensor([int(failed), signature, int(n_batches)], dtype=torch.int64)
+    header = torch.tensor([int(failed), signature, int(n_batches), int(data_fingerprint)], dtype=torch.int64)
     headers = torch.stack(_all_gather(header, group))
     failing = headers[:, 0].nonzero().squeeze(1).tolist()
     if failing:
@@ -266,6 +270,12 @@ def exchange_statistics(
         raise ValueError(
             "The ranks probed different sites, layers, token modes or models; every rank must call probe / fit "
             "with the same arguments and the same model."
+        )
+    if len(set(headers[:, 3].tolist())) != 1:
+        raise ValueError(
+            "The ranks were given different data (other examples, fewer, or the same in another order): every rank "
+            "must pass the same full data, in the same order; each probes its own share of it. Do not split the "
+            "data per rank yourself (e.g. data[rank::world_size]) or shuffle it with a per-rank seed."
         )
     layout = _layout(local)
     flat, counts = _pack(local)

@@ -97,12 +97,12 @@ def probe(
         experts_own_forward=experts_own_forward,
     )
     if not _dist.resolve_distributed(distributed):
-        results, _ = _probe_local(model, data, tokenizer, show_progress=show_progress, **local_kw)
+        results = _probe_local(model, data, tokenizer, show_progress=show_progress, **local_kw)[0]
     else:
         rank, world = _dist.get_rank(), _dist.get_world_size()
-        local, error, n_batches = None, None, 0
+        local, error, n_batches, fingerprint = None, None, 0, 0
         try:
-            local, n_batches = _probe_local(
+            local, n_batches, fingerprint = _probe_local(
                 model,
                 data,
                 tokenizer,
@@ -112,7 +112,9 @@ def probe(
             )
         except Exception as err:  # every rank must learn of it, or the others would wait forever
             error = err
-        results, total_batches = _dist.exchange_statistics(local, error, n_batches=n_batches)
+        results, total_batches = _dist.exchange_statistics(
+            local, error, n_batches=n_batches, data_fingerprint=fingerprint
+        )
         if total_batches == 0:
             raise ValueError("The data set is empty: the iterable yielded no batches.")
     for k, r in results.items():
@@ -139,8 +141,10 @@ def _probe_local(
     desc: str,
     experts_own_forward: bool = False,
     shard: tuple[int, int] | None = None,
-) -> tuple[dict[str, SiteStatistics], int]:
-    """Probe ``data`` (or this rank's ``shard`` of it) here; returns ``({kind: statistics}, batches probed)``."""
+) -> tuple[dict[str, SiteStatistics], int, int]:
+    """Probe ``data`` (or this rank's ``shard`` of it) here; returns ``({kind: statistics}, batches probed, the
+    whole data's fingerprint)`` (the fingerprint: :func:`~unlearn_hf.sharding.fingerprint_rows` with a ``shard``,
+    0 without one or when the data cannot tell it)."""
     kinds = (site,) if isinstance(site, str) else tuple(site)
     if not kinds or any(k not in SITE_KINDS for k in kinds):
         raise ValueError(f"site must be one or more of {SITE_KINDS}, got {site!r}.")
@@ -167,6 +171,7 @@ def _probe_local(
     n_examples, batches = iter_token_batches(
         data, tokenizer, mode=mode, spec=spec, shard=shard, device=device
     )
+    fingerprint = getattr(batches, "fingerprint", 0)
     pass_kw = dict(
         by_layer=by_layer,
         track=track,
@@ -179,7 +184,7 @@ def _probe_local(
     )
     share = _SHARE.get()
     if share is None or not share.covers(layer_ids, statistics):
-        return _run_pass(model, batches, kinds, layer_ids, desc=desc, **pass_kw)
+        return (*_run_pass(model, batches, kinds, layer_ids, desc=desc, **pass_kw), fingerprint)
     batches = list(batches)
     key = (mode, track, experts_own_forward, _digest(batches))
     if key in share.memo:
@@ -195,7 +200,7 @@ def _probe_local(
         k: SiteStatistics(k, mode, {i: full[k].layers[i].copy() for i in layer_ids}, full[k].architecture_id)
         for k in kinds
     }
-    return subset, n_batches
+    return subset, n_batches, fingerprint
 
 
 #: The largest fraction of a batch's rows (its padding, or the tokens a mode leaves out) that a dense site's
