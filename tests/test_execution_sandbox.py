@@ -443,6 +443,37 @@ for obj in gc.get_objects():
                     pass
 os._exit(0)
 """,
+    # found by a review: the completion event audited from a frameless thread (or at exit) made the hook raise, and
+    # the traceback handed to sys.unraisablehook held the hook's frame, whose locals hold the nonce
+    "the hook's frame through a raised audit": """
+import _thread, os, sys, time
+def steal(args):
+    tb = args.exc_traceback
+    while tb is not None:
+        loc = tb.tb_frame.f_locals
+        if "nonce" in loc:
+            os.write(loc["done_fd"], loc["nonce"])
+            os._exit(0)
+        tb = tb.tb_next
+sys.unraisablehook = steal
+_thread.start_new_thread(sys.audit, ("unlearn_hf.done",))
+time.sleep(1)
+assert False
+""",
+    "the hook's frame through an audit at exit": """
+import atexit, os, sys
+def steal(args):
+    tb = args.exc_traceback
+    while tb is not None:
+        loc = tb.tb_frame.f_locals
+        if "nonce" in loc:
+            os.write(loc["done_fd"], loc["nonce"])
+            os._exit(0)
+        tb = tb.tb_next
+sys.unraisablehook = steal
+atexit.register(sys.audit, "unlearn_hf.done")
+sys.exit(0)
+""",
     "read its own memory": """
 import os
 with open("/proc/self/mem", "rb") as f:
@@ -465,6 +496,19 @@ def test_forged_completion_fails_without_python_guards(name, monkeypatch):
     monkeypatch.setattr(runner, "_disabled_mechanisms", frozenset({"python-guards"}))
     result = run(FORGERIES[name])
     assert result.status == "failed", (name, result.stderr)
+
+
+def test_a_flooded_done_pipe_is_a_failure_not_a_timeout():
+    """A program that wrote 40 KB into its done pipe made the supervisor's report outgrow the result pipe: the
+    supervisor blocked writing it until the backstop killed it, and a plain failure came back as a timeout (a
+    review)."""
+    program = """
+import os, sys
+os.write(sys._getframe(1).f_locals["done_fd"], b"x" * 40000)
+assert False
+"""
+    result = run(program, timeout=5)
+    assert result.status == "failed" and result.returncode == 1 and result.mechanisms, result.stderr
 
 
 # ------------------------------------------------------------------------------------------ degraded modes
