@@ -138,3 +138,55 @@ def test_generate_abstains_and_save_load_round_trips(model_type, tmp_path):
     after = run(loaded)
     for key, value in before.items():
         assert torch.equal(value, after[key]), key
+
+
+def _gemma4_with_kv_shared_layers():
+    """Gemma 4 whose last 2 of 4 layers reuse earlier layers' keys and values: when generating (logits_to_keep=1)
+    the model runs them over the last position only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gemma4_text",
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=False,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128,
+        sliding_window=16,
+        vocab_size=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def test_ksd_never_decides_at_layers_that_generate_runs_over_the_last_position_only():
+    """The default KSD layer of a Gemma 4 with KV-shared layers was one of them: the fit saw every position, and
+    every detect / generate then failed (the layer ran over 1 of 7 positions; a review)."""
+    unlearned = UnlearnedModelForCausalLM.from_base(_gemma4_with_kv_shared_layers())
+    seen: dict[int, int] = {}
+    for s in unlearned.ffl_sites:  # the premise, measured: layers 2 and 3 see the last position only
+        s.key.register_forward_pre_hook(lambda m, a, i=s.layer: seen.__setitem__(i, a[0].shape[-2]))
+    forget = _rows(0, FORGET)
+    with torch.no_grad():
+        unlearned(**forget[0], logits_to_keep=1)
+    n = forget[0]["input_ids"].shape[1]
+    assert seen == {0: n, 1: n, 2: 1, 3: 1}
+    method = unlearned.fit(_ksd(layers="auto", action="eos"), forget, show_progress=False, batch_size=1)
+    assert method.config.layers == [1]  # the middle of the layers that can decide
+    with torch.no_grad():
+        gen = unlearned.generate(**forget[0], max_new_tokens=2, return_dict_in_generate=True, pad_token_id=0)
+        assert gen["abstained"].tolist() == [True] and bool(unlearned.detect(**forget[0])[0])
+    unlearned.remove_method("key_space_detection")
+    with pytest.raises(ValueError, match=r"layers \[3\] run over the last position only"):
+        unlearned.fit(_ksd(layers=[3], action="eos"), forget, show_progress=False, batch_size=1)
+    assert not unlearned.methods

@@ -20,7 +20,7 @@ from .calibration import ALPHA_GRID, calibrate
 from .config import AUTO, MAX_WINDOW, KeySpaceDetectionConfig
 from .distances import pad_left, trailing_distances
 from .hypercube import hypercube_radius
-from .key_units import key_units, unit_of, unit_readers
+from .key_units import key_units, unit_of, unit_readers, units_cut_by_generate
 from .rendering import QueryRenderer
 
 #: What the probe keeps of the query keys besides their extremes (the hypercube's centre, scale and radius).
@@ -114,12 +114,25 @@ def fit_key_space(
     sites = model.ffl_sites
     n_layers = len(sites)
     units = key_units(sites)
+    cut = units_cut_by_generate(model, sites, units)
+    if cut:
+        logger.info(
+            "Key Space Detection: layers %s run over the last position only when generating: no candidates.",
+            cut,
+        )
+        units = {u: m for u, m in units.items() if u not in cut}
     dense = [u for u in units if not sites[u].routed]
     middle = [(dense or list(units))[len(dense or units) // 2]]
     fixed = None  # the units of the config's layers (a routed expert's layer: all experts of its layer)
     if config.layers not in (AUTO, None):
         owner = unit_of(sites)
         fixed = sorted({owner[i] for i in resolve_layers(config.layers, n_layers)})
+        if set(fixed) & set(cut):
+            raise ValueError(
+                f"Key Space Detection layers {sorted(set(fixed) & set(cut))} run over the last position only when the "
+                "model generates (generate's logits_to_keep=1: Gemma 4's KV-shared layers), so they never see a "
+                f"question's end; choose among layers {sorted(u for u in units if not sites[u].routed)}."
+            )
         widths = sorted({sites[u].d_ff for u in fixed})
         if len(widths) > 1:
             raise ValueError(

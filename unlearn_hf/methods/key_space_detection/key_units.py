@@ -23,6 +23,7 @@ import torch
 
 from ...sites import FFLSite, module_device
 from ...sites.experts import expert_taps
+from ...sites.model_config import text_config
 from .hypercube import KeySpaceLayer, distance_dtype, scaled_distance
 
 
@@ -41,6 +42,18 @@ def key_units(sites: Sequence[FFLSite]) -> dict[int, list[int]]:
             units[s.layer] = []
         units[owners[owner]].append(s.layer)
     return units
+
+
+def units_cut_by_generate(model, sites: Sequence[FFLSite], units: Iterable[int]) -> list[int]:
+    """The units of ``units`` whose decoder layer runs over the last position only in a prefill as ``generate`` runs
+    it (``logits_to_keep=1``): the KV-shared layers of transformers' Gemma 4 models (the last
+    ``config.num_kv_shared_layers``, which reuse earlier layers' keys and values and are run on the positions whose
+    logits are kept). Their key vectors at a question's end are never computed there, so they cannot decide."""
+    config = text_config(model)
+    shared, n_layers = getattr(config, "num_kv_shared_layers", 0), getattr(config, "num_hidden_layers", None)
+    if not isinstance(shared, int) or shared <= 0 or not isinstance(n_layers, int):
+        return []
+    return [u for u in units if sites[u].decoder_layer >= n_layers - shared]
 
 
 def unit_of(sites: Sequence[FFLSite]) -> dict[int, int]:
