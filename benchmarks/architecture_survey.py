@@ -487,7 +487,13 @@ def check_methods(model, model_type: str) -> dict[str, str]:
 
 def _run(model_type: str, timeout: float) -> tuple[str, dict]:
     cmd = [sys.executable, __file__, "--one", model_type]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        # this checkout, installed or not (an editable install may point at another copy)
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
