@@ -235,3 +235,41 @@ def test_existing_cache_works_without_wheel(fake_gguf, tmp_path, monkeypatch):
     monkeypatch.setattr(smollm2, "gguf_path", missing)
     model, _ = load_smollm2(tmp_path)
     assert model.config.model_type == "llama"
+
+
+def test_concurrent_first_loads_convert_once(fake_gguf, tmp_path, monkeypatch):
+    """Two processes (the ranks of a torchrun job) loading an empty cache at once both converted, and the second
+    moved the first one's folder aside while it was being loaded (a review). Now one converts and the other waits
+    for it and loads its result."""
+    import multiprocessing
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    convert, log = smollm2._convert, tmp_path / "conversions.log"
+
+    def slow_convert(*args):
+        with open(log, "a") as f:
+            f.write(f"start {time.monotonic()}\n")
+        time.sleep(0.5)  # the window in which a second conversion would start
+        convert(*args)
+        with open(log, "a") as f:
+            f.write(f"end {time.monotonic()}\n")
+
+    monkeypatch.setattr(smollm2, "_convert", slow_convert)
+
+    def load(out):
+        model, _ = load_smollm2(tmp_path / "cache")
+        save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, out)
+
+    ctx = multiprocessing.get_context("fork")  # the children keep this test's stand-ins for the GGUF load
+    procs = [ctx.Process(target=load, args=(tmp_path / f"state{i}.safetensors",)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["start", "end"]  # one conversion
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [FOLDER]
+    a, b = (load_file(tmp_path / f"state{i}.safetensors") for i in range(2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..persistence.atomic import locked
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "UNLEARN_HF_CACHE"
@@ -201,7 +203,12 @@ def load_gguf_model(
     else:
         source = _source_info(path)
         if not _cache_is_valid(folder, source):
-            _convert(path, folder, source)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            # one process converts, the others (ranks of one job) wait and load its result: two conversions at
+            # once moved the first one's folder aside while it was being loaded
+            with locked(folder.parent):
+                if not _cache_is_valid(folder, source):
+                    _convert(path, folder, source)
         else:
             logger.debug("Loading cached conversion from %s", folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
