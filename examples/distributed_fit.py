@@ -66,10 +66,12 @@ def main() -> None:
     # Initializes torch.distributed from the launcher's environment (gloo on CPU, NCCL on GPUs); without a
     # launcher it is a plain single process. torch.distributed.init_process_group() works just as well.
     state = PartialState()
-    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING, force=True)
+    # the ranks as torch.distributed numbers them (on CPU, accelerate 1.16 reports every gloo rank as its main process)
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, force=True)
 
-    with state.main_process_first():  # rank 0 converts the model into its cache once; the others then load it
-        model, tokenizer = load_smollm2()
+    model, tokenizer = (
+        load_smollm2()
+    )  # on a fresh machine one rank converts the GGUF file, the others wait for it
     model.to(state.device)
 
     gsm8k = read_jsonl(args.data / "gsm8k" / "train.jsonl", args.forget)
@@ -114,8 +116,8 @@ def main() -> None:
         for prompt, seq, refused in zip(prompts, out.sequences, abstained):
             text = tokenizer.decode(seq[enc["input_ids"].shape[1] :], skip_special_tokens=True)
             logger.info("%s\n  -> %s%r", prompt.strip()[:80], "[abstained] " if refused else "", text)
-    state.wait_for_everyone()
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
