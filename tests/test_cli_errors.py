@@ -313,7 +313,12 @@ def test_model_from_the_hub_loads_its_unlearning(full, folders, smol_tokenizer, 
                     load_model(repo)
 
 
-def test_cli_generate_on_an_unlearned_folder_abstains(folders, smol_tokenizer, tmp_path, capsys):
+# a full checkpoint saved without tokenizer= (as FORMAT.md shows) found no tokenizer: its _name_or_path is its own
+# folder; the tokenizer is now also looked for at the base model it records (a review)
+@pytest.mark.parametrize("with_tokenizer", [True, False])
+def test_cli_generate_on_an_unlearned_folder_abstains(
+    folders, smol_tokenizer, tmp_path, capsys, with_tokenizer
+):
     unlearned = UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_pretrained(folders["tiny"]))
     question = "What is 2 + 3?"
     template = "Question: {prompt}\nAnswer:"
@@ -324,7 +329,10 @@ def test_cli_generate_on_an_unlearned_folder_abstains(folders, smol_tokenizer, t
         tokenizer=smol_tokenizer,
         show_progress=False,
     )
-    unlearned.save_pretrained(tmp_path / "m", save_base_model=True, tokenizer=smol_tokenizer)
+    unlearned.save_pretrained(
+        tmp_path / "m", save_base_model=True, tokenizer=smol_tokenizer if with_tokenizer else None
+    )
+    assert (tmp_path / "m" / "tokenizer.json").is_file() == with_tokenizer
     assert (
         main(
             ["generate", "--model", str(tmp_path / "m"), "--prompt", question, "--max-new-tokens", "5", "-q"]

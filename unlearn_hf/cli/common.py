@@ -99,7 +99,7 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
     try:
         if has_unlearning(name):
             model = UnlearnedModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-            tok_sources = [name, model.config._name_or_path]
+            tok_sources = [name, model.config._name_or_path, saved_base_name(name)]
         else:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
             logging.getLogger(__name__).warning(
@@ -116,6 +116,18 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def saved_base_name(name: str) -> str:
+    """The base model that the unlearned checkpoint ``name`` records (``""`` when it names none): where its tokenizer
+    is when the checkpoint was saved without one (a full checkpoint's ``_name_or_path`` is its own folder)."""
+    from ..persistence.config_file import read_config
+    from ..persistence.load import resolve_source
+
+    try:
+        return read_config(resolve_source(name).folder).base_model.name_or_path or ""
+    except Exception:  # noqa: BLE001 - the checkpoint loaded already; a source that cannot tell names none
+        return ""
 
 
 def load_tokenizer(sources: list[str], model: Any) -> Any:

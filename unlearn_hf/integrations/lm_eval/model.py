@@ -241,7 +241,7 @@ def _load(
     ignore_fingerprint: bool,
 ) -> tuple[Any, Any]:
     """Load an unlearned checkpoint (refusing a plain model) and its tokenizer, on ``device``."""
-    from ...cli.common import has_unlearning, load_tokenizer
+    from ...cli.common import has_unlearning, load_tokenizer, saved_base_name
     from ...wrapper import UnlearnedModelForCausalLM
 
     if not has_unlearning(name):
@@ -262,7 +262,9 @@ def _load(
         device = "cpu"
     model.to(torch.device(device or "cpu")).eval()
     if tokenizer is None:
-        tokenizer = load_tokenizer([name, getattr(model.config, "_name_or_path", "")], model)
+        tokenizer = load_tokenizer(
+            [name, getattr(model.config, "_name_or_path", ""), saved_base_name(name)], model
+        )
     return model, tokenizer
 
 
