@@ -190,3 +190,44 @@ def test_ksd_never_decides_at_layers_that_generate_runs_over_the_last_position_o
     with pytest.raises(ValueError, match=r"layers \[3\] run over the last position only"):
         unlearned.fit(_ksd(layers=[3], action="eos"), forget, show_progress=False, batch_size=1)
     assert not unlearned.methods
+
+
+def test_gemma3n_keeps_its_kv_shared_layers_for_ksd():
+    """Gemma 3n shares keys and values too (config num_kv_shared_layers) but runs those layers over every position:
+    they stay candidates (the first version of the rule above cut them; a review)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from unlearn_hf.methods.key_space_detection.key_units import key_units, units_cut_by_generate
+
+    config = AutoConfig.for_model(
+        "gemma3n_text",
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        vocab_size=128,
+        vocab_size_per_layer_input=128,
+        hidden_size_per_layer_input=8,
+        num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=16,
+        laurel_rank=8,
+        activation_sparsity_pattern=[0.0] * 4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    unlearned = UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_config(config).eval())
+    sites, seen = unlearned.ffl_sites, {}
+    for s in sites:  # the premise, measured: every layer runs over every position when generating
+        s.key.register_forward_pre_hook(lambda m, a, i=s.layer: seen.__setitem__(i, a[0].shape[-2]))
+    forget = _rows(0, FORGET)
+    with torch.no_grad():
+        unlearned(**forget[0], logits_to_keep=1)
+    assert set(seen.values()) == {forget[0]["input_ids"].shape[1]}
+    assert units_cut_by_generate(unlearned, sites, key_units(sites)) == []
+    unlearned.fit(_ksd(layers=[3], action="eos"), forget, show_progress=False, batch_size=1)

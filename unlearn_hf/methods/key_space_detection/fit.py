@@ -121,6 +121,11 @@ def fit_key_space(
             cut,
         )
         units = {u: m for u, m in units.items() if u not in cut}
+        if not units:
+            raise ValueError(
+                "Key Space Detection: every layer of this model runs over the last position only when it generates "
+                "(KV-shared layers), so no layer sees a question's end."
+            )
     dense = [u for u in units if not sites[u].routed]
     middle = [(dense or list(units))[len(dense or units) // 2]]
     fixed = None  # the units of the config's layers (a routed expert's layer: all experts of its layer)

@@ -48,7 +48,10 @@ def units_cut_by_generate(model, sites: Sequence[FFLSite], units: Iterable[int])
     """The units of ``units`` whose decoder layer runs over the last position only in a prefill as ``generate`` runs
     it (``logits_to_keep=1``): the KV-shared layers of transformers' Gemma 4 models (the last
     ``config.num_kv_shared_layers``, which reuse earlier layers' keys and values and are run on the positions whose
-    logits are kept). Their key vectors at a question's end are never computed there, so they cannot decide."""
+    logits are kept; Gemma 3n shares keys and values too but runs every position, and keeps its layers). Their key
+    vectors at a question's end are never computed there, so they cannot decide."""
+    if not any(hasattr(type(m), "_maybe_slice_kv_shared_inputs") for m in model.modules()):
+        return []  # the model never slices its inputs before the KV-shared layers
     config = text_config(model)
     shared, n_layers = getattr(config, "num_kv_shared_layers", 0), getattr(config, "num_hidden_layers", None)
     if not isinstance(shared, int) or shared <= 0 or not isinstance(n_layers, int):
