@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
     try:
         if has_unlearning(name):
             model = UnlearnedModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-            tok_sources = [name, model.config._name_or_path, saved_base_name(name)]
+            tok_sources = [name, model.config._name_or_path, lambda: saved_base_name(name)]
         else:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
             logging.getLogger(__name__).warning(
@@ -118,24 +119,28 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def saved_base_name(name: str) -> str:
+def saved_base_name(name: str, revision: str | None = None) -> str:
     """The base model that the unlearned checkpoint ``name`` records (``""`` when it names none): where its tokenizer
     is when the checkpoint was saved without one (a full checkpoint's ``_name_or_path`` is its own folder)."""
     from ..persistence.config_file import read_config
     from ..persistence.load import resolve_source
 
     try:
-        return read_config(resolve_source(name).folder).base_model.name_or_path or ""
+        return read_config(resolve_source(name, revision=revision).folder).base_model.name_or_path or ""
     except Exception:  # noqa: BLE001 - the checkpoint loaded already; a source that cannot tell names none
         return ""
 
 
-def load_tokenizer(sources: list[str], model: Any) -> Any:
-    """The first tokenizer found among ``sources`` (the model's own folder or repo, then its base model's)."""
+def load_tokenizer(sources: list[str | Callable[[], str]], model: Any) -> Any:
+    """The first tokenizer found among ``sources`` (the model's own folder or repo, then its base model's; a callable
+    is asked only when the sources before it had none)."""
     from transformers import AutoTokenizer
 
     error: Exception | None = None
+    tried = []
     for source in sources:
+        source = source() if callable(source) else source
+        tried.append(source)
         if not source:
             continue
         if source.lower() in ("smollm2", "smollm2-135m-instruct"):
@@ -150,7 +155,7 @@ def load_tokenizer(sources: list[str], model: Any) -> Any:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
-    raise OSError(f"no tokenizer found in {[s for s in sources if s]}: {error}")
+    raise OSError(f"no tokenizer found in {list(dict.fromkeys(s for s in tried if s))}: {error}")
 
 
 def load_skills(names: list[str], data_dir: str | None) -> list[Any]:

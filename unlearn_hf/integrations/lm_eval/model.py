@@ -262,9 +262,8 @@ def _load(
         device = "cpu"
     model.to(torch.device(device or "cpu")).eval()
     if tokenizer is None:
-        tokenizer = load_tokenizer(
-            [name, getattr(model.config, "_name_or_path", ""), saved_base_name(name)], model
-        )
+        base = lambda: saved_base_name(name, revision)  # noqa: E731 - asked only when the others have none
+        tokenizer = load_tokenizer([name, getattr(model.config, "_name_or_path", ""), base], model)
     return model, tokenizer
 
 
