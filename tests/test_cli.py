@@ -68,6 +68,9 @@ def test_fit_save_evaluate_generate(tiny_dir, shared_data, tmp_path, capsys):
     assert (out_dir / "unlearn_config.json").is_file() and (out_dir / "unlearn_model.safetensors").is_file()
     config = json.loads((out_dir / "unlearn_config.json").read_text())
     assert json.dumps(config).count("selective_pruning") >= 1 and "key_space_detection" in json.dumps(config)
+    # what the fit read is recorded (the card and `push` show it; it was null, a review)
+    assert config["forget_data"] == f"8 gsm8k probe examples ({shared_data})"
+    assert config["retain_data"] == f"8 examples of mbpp ({shared_data})"
 
     loaded = UnlearnedModelForCausalLM.from_pretrained(str(out_dir))
     assert set(loaded.methods) == {"selective_pruning", "key_space_detection"}

@@ -15,7 +15,7 @@ from ..evaluation import build_report, markdown_table, save_report
 from ..evaluation.runner import abstention_rates, evaluate_skills
 from ..wrapper import UnlearnedModelForCausalLM
 from .common import UserError, load_model, load_skills, split_names
-from .recipes import fit_methods, method_names
+from .recipes import data_descriptions, fit_methods, method_names
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         for s in report["skills"]
         if report["scores"]["base"][s] is not None and report["scores"][label][s] is not None
     ]
-    saved.save_pretrained(model_dir, tokenizer=tok)  # one atomic save, the tokenizer included
+    # one atomic save, the tokenizer and what the fit read included
+    saved.save_pretrained(
+        model_dir, tokenizer=tok, **data_descriptions(forget, retain, args.n_probe, args.data_dir)
+    )
     _write_card(saved, model_dir, forget, retain, args, evaluation_rows)
     elapsed = time.perf_counter() - start
     report["metadata"]["timings"] = {**timings, "total_s": round(elapsed, 1)}
@@ -178,8 +181,7 @@ def _write_card(unlearned, model_dir: Path, forget, retain, args, rows) -> None:
         base_model="HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == "smollm2" else args.model,
         forget_skill=forget.name,
         retain_skills=[s.name for s in retain],
-        forget_data=f"{args.n_probe} {forget.name} probe examples ({args.data_dir})",
-        retain_data=f"{args.n_probe} examples of {', '.join(s.name for s in retain)}",
+        **data_descriptions(forget, retain, args.n_probe, args.data_dir),
         methods=[{"name": n, "config": m.config.to_dict()} for n, m in unlearned.methods.items()],
         evaluation=rows,
         repo_id=f"your-name/{model_dir.name}",

@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from ..wrapper import UnlearnedModelForCausalLM
-    from .recipes import check_options, fit_methods
+    from .recipes import check_options, data_descriptions, fit_methods
 
     check_retain_budget(args)
     out = output_folder(args.output)
@@ -305,7 +305,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UserError(str(err)) from err
-    unlearned.save_pretrained(out, save_base_model=args.save_base_model, tokenizer=tok)
+    data = data_descriptions(forget, retain, args.n_probe, args.data_dir)
+    unlearned.save_pretrained(out, save_base_model=args.save_base_model, tokenizer=tok, **data)
     print(f"saved {', '.join(unlearned.methods)} to {out}")
     return 0
 

@@ -37,6 +37,19 @@ def check_options(methods: list[str], explicit: set[str]) -> None:
             )
 
 
+def data_descriptions(
+    forget: Any, retain: list[Any], n_probe: int, data_dir: str | None
+) -> dict[str, str | None]:
+    """``forget_data`` / ``retain_data`` for ``save_pretrained``: what a fit from skills read (the model card and
+    ``push`` show them)."""
+    where = f" ({data_dir})" if data_dir else ""
+    names = ", ".join(s.name for s in retain)
+    return {
+        "forget_data": f"{n_probe} {forget.name} probe examples{where}",
+        "retain_data": f"{n_probe} examples of {names}{where}" if retain else None,
+    }
+
+
 def retain_texts(retain: list[Any], n_probe: int) -> list[str]:
     """``n_probe`` retain texts, split evenly over the retain skills."""
     if not retain:
