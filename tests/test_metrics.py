@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -464,7 +465,7 @@ def test_run_program_sandbox():
     assert cwd.passed and not Path("f.txt").exists()
 
 
-def test_report_files(tmp_path):
+def test_report_files(tmp_path, monkeypatch, caplog):
     base = MetricResult("answer_token_accuracy", 0.64, 10, per_item=[0.5] * 10, abstained=[False] * 10)
     scores = {
         "base": {"gsm8k": base, "mbpp": 0.69, "mmlu": 0.25},
@@ -486,5 +487,16 @@ def test_report_files(tmp_path):
     assert "| gsm8k | 0.640 | 0.064 (drop 90.0%) | 0.320 (drop 50.0%) |" in lines
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    # plot=None (the demo's): the chart only where matplotlib is installed; without it the rest is written (the
+    # demo failed after every fit without matplotlib, a review)
+    assert "png" in save_report(report, tmp_path / "auto", plot=None)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else find_spec(n, *a)
+    )
+    with caplog.at_level("WARNING", logger="unlearn_hf"):
+        paths = save_report(report, tmp_path / "no-plot", plot=None)
+    assert sorted(paths) == ["json", "markdown"] and "matplotlib is not installed" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "no-plot").iterdir()) == ["report.json", "report.md"]
     with pytest.raises(ValueError, match="Baseline"):
         build_report(scores, baseline="nope")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -114,12 +113,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     }
     report = build_report(scores, baseline="base", metadata={**settings, "abstention_rate": abstention})
     table = markdown_table(report)
-    plot = (
-        importlib.util.find_spec("matplotlib") is not None
-    )  # the chart is optional: never lose the run over it
-    if not plot:
-        logger.warning("matplotlib is not installed: no chart (pip install 'unlearn_hf[plot]').")
-    paths = save_report(report, out_dir, stem="results", plot=plot)
+    paths = save_report(report, out_dir, stem="results", plot=None)  # the chart when matplotlib is there
     print("\n" + table, flush=True)  # the results: printed even with --quiet
     print("\nabstention (held-out questions; QA template | chat template):")
     for k, by_format in abstention.items():
@@ -165,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     _write_card(saved, model_dir, forget, retain, args, evaluation_rows)
     elapsed = time.perf_counter() - start
     report["metadata"]["timings"] = {**timings, "total_s": round(elapsed, 1)}
-    save_report(report, out_dir, stem="results", plot=plot)
+    save_report(report, out_dir, stem="results", plot="png" in paths)
     print(f"\nresults: {', '.join(str(p) for p in paths.values())}", flush=True)
     print(
         f"unlearned model ({labels[keep]}): {model_dir}  (load with UnlearnedModelForCausalLM.from_pretrained)",

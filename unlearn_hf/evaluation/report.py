@@ -11,6 +11,7 @@ The report is a plain dict (``json.dump``-able)::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -151,9 +152,14 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike, title: str |
 
 
 def save_report(
-    report: Mapping[str, Any], out_dir: str | os.PathLike, stem: str = "report", plot: bool = True
+    report: Mapping[str, Any], out_dir: str | os.PathLike, stem: str = "report", plot: bool | None = True
 ) -> dict[str, Path]:
-    """Write ``<stem>.json``, ``<stem>.md`` and (with ``plot``) ``<stem>.png`` into ``out_dir``."""
+    """Write ``<stem>.json``, ``<stem>.md`` and (with ``plot``) ``<stem>.png`` into ``out_dir``; ``plot=None``:
+    the chart when matplotlib is installed, else a warning (a run is never lost over its chart)."""
+    if plot is None:
+        plot = importlib.util.find_spec("matplotlib") is not None
+        if not plot:
+            logger.warning("matplotlib is not installed: no chart (pip install 'unlearn_hf[plot]').")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": write_json(report, out / f"{stem}.json")}
