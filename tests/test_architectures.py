@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 from helpers_na import token_batches
-from tiny_models import DISCOVERED_MODEL_TYPES, TINY_MODEL_TYPES, tiny_model, tiny_tokenizer
+from tiny_models import (
+    DISCOVERED_MODEL_TYPES,
+    TINY_MODEL_TYPES,
+    small_text_kwargs,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 from unlearn_hf import (
     KeySpaceDetectionConfig,
@@ -140,47 +146,52 @@ def test_generate_abstains_and_save_load_round_trips(model_type, tmp_path):
         assert torch.equal(value, after[key]), key
 
 
-def _gemma4_with_kv_shared_layers():
-    """Gemma 4 whose last 2 of 4 layers reuse earlier layers' keys and values: when generating (logits_to_keep=1)
-    the model runs them over the last position only."""
+def _kv_shared_model(model_type: str, **extra):
+    """A 4-layer Gemma 4 / Gemma 3n whose last 2 layers reuse earlier layers' keys and values."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "gemma4_text",
-        hidden_size=32,
-        intermediate_size=80,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        num_kv_shared_layers=2,
-        use_double_wide_mlp=False,
-        hidden_size_per_layer_input=8,
-        vocab_size_per_layer_input=128,
-        sliding_window=16,
-        vocab_size=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        model_type,
+        **small_text_kwargs(
+            num_hidden_layers=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            num_kv_shared_layers=2,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=128,
+            sliding_window=16,
+            **extra,
+        ),
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
+def _positions_when_generating(unlearned, row) -> dict[int, int]:
+    """``{layer: positions its key site runs over}`` in a forward as generate's prefill runs it (logits_to_keep=1)."""
+    seen: dict[int, int] = {}
+    handles = [
+        s.key.register_forward_pre_hook(lambda m, a, i=s.layer: seen.__setitem__(i, a[0].shape[-2]))
+        for s in unlearned.ffl_sites
+    ]
+    try:
+        with torch.no_grad():
+            unlearned(**row, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def test_ksd_never_decides_at_layers_that_generate_runs_over_the_last_position_only():
     """The default KSD layer of a Gemma 4 with KV-shared layers was one of them: the fit saw every position, and
     every detect / generate then failed (the layer ran over 1 of 7 positions; a review)."""
-    unlearned = UnlearnedModelForCausalLM.from_base(_gemma4_with_kv_shared_layers())
-    seen: dict[int, int] = {}
-    for s in unlearned.ffl_sites:  # the premise, measured: layers 2 and 3 see the last position only
-        s.key.register_forward_pre_hook(lambda m, a, i=s.layer: seen.__setitem__(i, a[0].shape[-2]))
+    unlearned = UnlearnedModelForCausalLM.from_base(
+        _kv_shared_model("gemma4_text", use_double_wide_mlp=False)
+    )
     forget = _rows(0, FORGET)
-    with torch.no_grad():
-        unlearned(**forget[0], logits_to_keep=1)
     n = forget[0]["input_ids"].shape[1]
-    assert seen == {0: n, 1: n, 2: 1, 3: 1}
+    # the premise, measured: layers 2 and 3 see the last position only
+    assert _positions_when_generating(unlearned, forget[0]) == {0: n, 1: n, 2: 1, 3: 1}
     method = unlearned.fit(_ksd(layers="auto", action="eos"), forget, show_progress=False, batch_size=1)
     assert method.config.layers == [1]  # the middle of the layers that can decide
     with torch.no_grad():
@@ -195,39 +206,13 @@ def test_ksd_never_decides_at_layers_that_generate_runs_over_the_last_position_o
 def test_gemma3n_keeps_its_kv_shared_layers_for_ksd():
     """Gemma 3n shares keys and values too (config num_kv_shared_layers) but runs those layers over every position:
     they stay candidates (the first version of the rule above cut them; a review)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from unlearn_hf.methods.key_space_detection.key_units import key_units, units_cut_by_generate
 
-    config = AutoConfig.for_model(
-        "gemma3n_text",
-        hidden_size=32,
-        intermediate_size=80,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        vocab_size=128,
-        vocab_size_per_layer_input=128,
-        hidden_size_per_layer_input=8,
-        num_kv_shared_layers=2,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        sliding_window=16,
-        laurel_rank=8,
-        activation_sparsity_pattern=[0.0] * 4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    unlearned = UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_config(config).eval())
-    sites, seen = unlearned.ffl_sites, {}
-    for s in sites:  # the premise, measured: every layer runs over every position when generating
-        s.key.register_forward_pre_hook(lambda m, a, i=s.layer: seen.__setitem__(i, a[0].shape[-2]))
+    model = _kv_shared_model("gemma3n_text", laurel_rank=8, activation_sparsity_pattern=[0.0] * 4)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
     forget = _rows(0, FORGET)
-    with torch.no_grad():
-        unlearned(**forget[0], logits_to_keep=1)
-    assert set(seen.values()) == {forget[0]["input_ids"].shape[1]}
+    # the premise, measured: every layer runs over every position when generating
+    assert set(_positions_when_generating(unlearned, forget[0]).values()) == {forget[0]["input_ids"].shape[1]}
+    sites = unlearned.ffl_sites
     assert units_cut_by_generate(unlearned, sites, key_units(sites)) == []
     unlearned.fit(_ksd(layers=[3], action="eos"), forget, show_progress=False, batch_size=1)

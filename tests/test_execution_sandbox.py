@@ -397,6 +397,20 @@ os.kill(os.getppid(), 9)
 
 # -------------------------------------------------------------------------------------- (h) forged nonce
 
+#: Reads the nonce from the completion hook's frame in a traceback handed to sys.unraisablehook, if one gets there.
+_STEAL_FROM_THE_HOOK = """
+import os, sys
+def steal(args):
+    tb = args.exc_traceback
+    while tb is not None:
+        loc = tb.tb_frame.f_locals
+        if "nonce" in loc:
+            os.write(loc["done_fd"], loc["nonce"])
+            os._exit(0)
+        tb = tb.tb_next
+sys.unraisablehook = steal
+"""
+
 FORGERIES = {
     "os._exit(0) before the tests": "import os\nos._exit(0)\nassert False\n",
     "sys.exit(0) before the tests": "import sys\nsys.exit(0)\nassert False\n",
@@ -445,32 +459,16 @@ os._exit(0)
 """,
     # found by a review: the completion event audited from a frameless thread (or at exit) made the hook raise, and
     # the traceback handed to sys.unraisablehook held the hook's frame, whose locals hold the nonce
-    "the hook's frame through a raised audit": """
-import _thread, os, sys, time
-def steal(args):
-    tb = args.exc_traceback
-    while tb is not None:
-        loc = tb.tb_frame.f_locals
-        if "nonce" in loc:
-            os.write(loc["done_fd"], loc["nonce"])
-            os._exit(0)
-        tb = tb.tb_next
-sys.unraisablehook = steal
+    "the hook's frame through a raised audit": _STEAL_FROM_THE_HOOK
+    + """
+import _thread, time
 _thread.start_new_thread(sys.audit, ("unlearn_hf.done",))
 time.sleep(1)
 assert False
 """,
-    "the hook's frame through an audit at exit": """
-import atexit, os, sys
-def steal(args):
-    tb = args.exc_traceback
-    while tb is not None:
-        loc = tb.tb_frame.f_locals
-        if "nonce" in loc:
-            os.write(loc["done_fd"], loc["nonce"])
-            os._exit(0)
-        tb = tb.tb_next
-sys.unraisablehook = steal
+    "the hook's frame through an audit at exit": _STEAL_FROM_THE_HOOK
+    + """
+import atexit
 atexit.register(sys.audit, "unlearn_hf.done")
 sys.exit(0)
 """,
