@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config_file import read_config
+from .format import looks_like_local_path
 from .save import base_name, save_unlearned
 
 if TYPE_CHECKING:
@@ -116,9 +117,9 @@ def build_model_card(folder: Path, repo_id: str, values: dict[str, Any]):
 
 
 def is_local_base(name: str | None) -> bool:
-    """Whether a base model named ``name`` is a folder of this machine (absolute, or a folder here), which a light
-    repo cannot name: it would load nowhere else."""
-    return bool(name) and (os.path.isabs(name) or os.path.isdir(name))
+    """Whether a base model named ``name`` is a folder of this machine (written as a local path, or a folder here),
+    which a light repo cannot name: it would load nowhere else."""
+    return bool(name) and (looks_like_local_path(name) or os.path.isdir(name))
 
 
 def push_unlearned(
