@@ -95,7 +95,26 @@ def _fits(model, tokenizer, data: dict[str, Any], out: dict[str, torch.Tensor]) 
         **kw,
     )
     ksd = unlearned.fit(KeySpaceDetectionConfig(layers=[0, 1]), data["queries"], None, tokenizer, **kw)
-    for name, method in (("na", na), ("sp", sp), ("ksd", ksd)):
+    # the passes a fit makes after its probe: ratio="auto"'s held-out scoring and KSD's calibration
+    auto = unlearned.fit(
+        NeuronAdjustConfig(
+            ratio="auto", deterministic=True, ratio_grid=[0.01, 0.05, 0.2], max_retain_drop=0.5
+        ),
+        data["auto_forget"],
+        data["auto_retain"],
+        tokenizer,
+        name="auto",
+        **kw,
+    )
+    calibrated = unlearned.fit(
+        KeySpaceDetectionConfig(max_layers=1, max_false_rate=0.5),
+        data["queries"],
+        data["retain_questions"],
+        tokenizer,
+        name="calibrated",
+        **kw,
+    )
+    for name, method in (("na", na), ("sp", sp), ("ksd", ksd), ("auto", auto), ("calibrated", calibrated)):
         out.update({f"{name}.{k}": v for k, v in method.state_dict().items()})
     unlearned.remove_all_methods()
 
@@ -187,6 +206,32 @@ def _failure(workdir: Path, rank: int) -> None:
     results["data_batches"] = _record(lambda: probe(model, other, site="pre", show_progress=False))
     # 4. A stream of batches that is empty on every rank: the same error as on one process.
     results["empty"] = _record(lambda: probe(model, iter([]), site="pre", show_progress=False))
+    # 4b. A failure in ratio="auto"'s held-out scoring (after the probe's exchange), on rank 0 only: a token id
+    # outside the vocabulary in rank 0's first held-out batch. Rank 1 must not wait for rank 0's counts forever.
+    import unlearn_hf.methods.ratio_search as ratio_search
+
+    real = ratio_search.iter_token_batches
+
+    def poisoned(*args, **kwargs):
+        n, batches = real(*args, **kwargs)
+
+        def gen():
+            for i, b in enumerate(batches):
+                if i == 0:
+                    b.input_ids[0, -1] = model.config.vocab_size + 5
+                yield b
+
+        return n, gen()
+
+    ratio_search.iter_token_batches = poisoned if rank == 0 else real
+    try:
+        results["scoring"] = _record(
+            lambda: unlearned.fit(
+                NeuronAdjustConfig(ratio="auto"), data["auto_forget"], data["auto_retain"], tokenizer
+            )
+        )
+    finally:
+        ratio_search.iter_token_batches = real
     # 5. The process group still works after the failures.
     counts = {}
     results["after"] = _record(

@@ -72,7 +72,19 @@ def torchrun(scenario: str, workdir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO_ROOT)
 
 
-def build_data(shared: Path, tokenizer) -> dict:
+def own_continuations(model, tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt followed by the model's own greedy continuation: texts a random model partly predicts, so that
+    ``ratio="auto"`` has a retain accuracy to lose."""
+    out = []
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt").input_ids[:, :12]
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=2)
+        out.append(tokenizer.decode(gen[0], skip_special_tokens=True))
+    return out
+
+
+def build_data(shared: Path, tokenizer, model) -> dict:
     gsm = read_jsonl(shared / "gsm8k" / "test.jsonl")
     mbpp = read_jsonl(shared / "mbpp" / "mbpp.jsonl")
     code = [m["code"].replace("\r\n", "\n") for m in mbpp]
@@ -91,6 +103,9 @@ def build_data(shared: Path, tokenizer) -> dict:
             {"prompt": m["text"] + "\n", "completion": c} for m, c in zip(mbpp[11:18], code[11:18])
         ],
         "queries": [f"Question: {g['question']}\nAnswer:" for g in gsm[22:37]],
+        "retain_questions": [m["text"] for m in mbpp[60:72]],
+        "auto_forget": own_continuations(model, tokenizer, [g["question"] for g in gsm[40:52]]),
+        "auto_retain": own_continuations(model, tokenizer, [m["text"] for m in mbpp[80:92]]),
         "token_batches": batches,
         "bad_index": 5,  # a bad example: found on every rank (each reads all examples to plan the batches)
     }
@@ -99,9 +114,10 @@ def build_data(shared: Path, tokenizer) -> dict:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, smol_tokenizer, shared_data) -> Path:
     d = tmp_path_factory.mktemp("distributed")
-    tiny_llama().save_pretrained(d / "model")
+    model = tiny_llama()
+    model.save_pretrained(d / "model")
     smol_tokenizer.save_pretrained(d / "tokenizer")
-    (d / "data.json").write_text(json.dumps(build_data(shared_data, smol_tokenizer)))
+    (d / "data.json").write_text(json.dumps(build_data(shared_data, smol_tokenizer, model)))
     return d
 
 
@@ -320,5 +336,10 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_message(workdir, loaded)
             assert r[f"data_{name}"]["type"] == "ValueError", name
             assert "given different data" in r[f"data_{name}"]["message"], name
         assert r["empty"]["type"] == "ValueError" and "empty" in r["empty"]["message"]
+    # a failure in held-out scoring (rank 0's batch), raised on both ranks instead of leaving rank 1 waiting
+    assert ranks[0]["scoring"]["type"] == "IndexError", ranks[0]["scoring"]
+    assert ranks[1]["scoring"]["type"] == DistributedProbeError.__name__
+    assert ranks[1]["scoring"]["message"].startswith("Scoring held-out examples failed on rank 0: IndexError")
+    for r in ranks:
         assert r["after"]["type"] is None  # the group still works afterwards
         assert r["after"]["count"] == sum(len(row) for b in data["token_batches"] for row in b["rows"])

@@ -10,6 +10,9 @@ single-process result up to float64 rounding:
 * combining: every rank ``all_gather``\\ s each rank's (count, mean, M2, sum |x|, min, max) and merges them in
   rank order with Chan's formula (:meth:`~unlearn_hf.stats.RunningStats.merge_`): the same operations in the same
   order on every rank, so the results are bitwise identical across ranks;
+* the passes a fit makes after probing (``ratio="auto"``'s held-out scoring, Key Space Detection's calibration)
+  are split the same way and summed over the ranks (:func:`sum_sharded`), so the choices made from them are the
+  same on every rank by construction (not by relying on bit-identical forwards on every rank's hardware);
 * errors: a failure on one rank (bad example in its shard, a token id outside the vocabulary, ...) is
   announced to all ranks before any statistics are exchanged, and every rank raises: the failing rank its own
   exception, the others a :class:`DistributedProbeError` carrying the failing rank's message. No rank waits
@@ -44,7 +47,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 
 import torch
@@ -69,8 +72,8 @@ class DistributedProbeError(RuntimeError):
         message: its error, as ``"ExceptionType: message"``.
     """
 
-    def __init__(self, rank: int, message: str) -> None:
-        super().__init__(f"Probing failed on rank {rank}: {message}")
+    def __init__(self, rank: int, message: str, stage: str = "Probing") -> None:
+        super().__init__(f"{stage} failed on rank {rank}: {message}")
         self.rank = rank
         self.message = message
 
@@ -198,6 +201,66 @@ def _encode_message(error: BaseException) -> torch.Tensor:
     return buf
 
 
+def _raise_failures(
+    flags: torch.Tensor, error: BaseException | None, group: dist.ProcessGroup | None, stage: str = "Probing"
+) -> None:
+    """Once the ranks have exchanged whether they failed (``flags[r]``), raise on every rank if one did: the rank's
+    own exception on a failing rank, :class:`DistributedProbeError` (the lowest failing rank's message) on the
+    others. A collective when one failed (the messages are exchanged)."""
+    failing = flags.nonzero().squeeze(1).tolist()
+    if not failing:
+        return
+    message = _encode_message(error) if error is not None else torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+    texts = _all_gather(message, group)
+    if error is not None:
+        raise error
+    raw = bytes(texts[failing[0]].tolist()).rstrip(b"\0")
+    raise DistributedProbeError(failing[0], raw.decode("utf-8", errors="replace"), stage)
+
+
+def fit_shard() -> tuple[int, int]:
+    """``(rank, world_size)`` of the passes a fit makes besides its probes (``ratio="auto"``'s held-out scoring, Key
+    Space Detection's calibration): the process group's when the fit's probes are distributed (see
+    :func:`resolve_distributed`), else ``(0, 1)``."""
+    return (get_rank(), get_world_size()) if resolve_distributed(None) else (0, 1)
+
+
+def sum_sharded(work: Callable[[Callable[[int], bool]], torch.Tensor], stage: str) -> torch.Tensor:
+    """Run a pass over batches split between the ranks and sum its result over them, identically on every rank.
+
+    ``work(mine)`` runs the batches ``i`` for which ``mine(i)`` is true (batch ``i`` is rank ``i % world_size``'s,
+    as in a probe) and returns a tensor of the same shape and dtype on every rank, zero where other ranks' batches
+    would write; the sum over the ranks is then exactly the single-process result (integer counts, or values next to
+    zeros), the same on every rank, so every rank makes the same choice from it. Without distribution (see
+    :func:`fit_shard`): ``work`` over every batch. A failure on one rank is raised on every rank (``stage`` names
+    the pass in the others' :class:`DistributedProbeError`), never left for the others to wait on.
+    """
+    rank, world = fit_shard()
+    if world == 1:
+        return work(lambda i: True)
+    try:
+        local = work(lambda i: i % world == rank)
+    except Exception as err:
+        _sum_over_ranks(None, err, stage)
+        raise  # not reached: the line above raises err
+    return _sum_over_ranks(local, None, stage)
+
+
+def _sum_over_ranks(local: torch.Tensor | None, error: BaseException | None, stage: str) -> torch.Tensor:
+    failed = error is not None
+    header = torch.tensor([int(failed), 0 if failed else local.numel()], dtype=torch.int64)
+    headers = torch.stack(_all_gather(header, None))
+    _raise_failures(headers[:, 0], error, None, stage)
+    if len(set(headers[:, 1].tolist())) != 1:
+        raise ValueError(
+            f"{stage}: the ranks produced results of different sizes {headers[:, 1].tolist()}; every rank must fit "
+            "with the same arguments and the same data."
+        )
+    out = local.to(collective_device(None), copy=True).contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
+
+
 #: The float64 vectors of each kept quantity, in packing order.
 _PARTS = {"moments": ("mean", "m2"), "abs": ("abs_sum",), "extremes": ("minimum", "maximum")}
 
@@ -254,18 +317,10 @@ def exchange_statistics(
     if local is None and error is None:
         raise ValueError("exchange_statistics needs this rank's results or its error.")
     failed = error is not None
-    message = _encode_message(error) if failed else torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
     signature = 0 if failed else _signature(local)
     header = torch.tensor([int(failed), signature, int(n_batches), int(data_fingerprint)], dtype=torch.int64)
     headers = torch.stack(_all_gather(header, group))
-    failing = headers[:, 0].nonzero().squeeze(1).tolist()
-    if failing:
-        texts = _all_gather(message, group)
-        if failed:
-            raise error
-        first = failing[0]
-        raw = bytes(texts[first].tolist()).rstrip(b"\0")
-        raise DistributedProbeError(first, raw.decode("utf-8", errors="replace"))
+    _raise_failures(headers[:, 0], error, group)
     if len(set(headers[:, 1].tolist())) != 1:
         raise ValueError(
             "The ranks probed different sites, layers, token modes or models; every rank must call probe / fit "

@@ -14,8 +14,10 @@ is attached. The fitted config records the grid it searched (``ratio_grid``, the
 The fitted method keeps the curve (:class:`RatioCurve`, saved with it). The held-out examples are not fitted on:
 the chosen method is fitted on the remaining ``1 − holdout_fraction``.
 
-Distributed fits (``torch.distributed``) shard the probe as usual; every rank scores all held-out examples, so
-every rank makes the same choice.
+Distributed fits (``torch.distributed``) shard the probe as usual, and the held-out scoring too: each rank scores
+its share of the batches and the counts of correct and scored tokens are summed over the ranks
+(:func:`~unlearn_hf.distributed.sum_sharded`), so every rank computes the same accuracies, equal to one process's,
+and makes the same choice.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..data import (
     holdout_split,
     iter_token_batches,
 )
+from ..distributed import sum_sharded
 from ..model_inputs import accepts, input_device, position_ids_from_mask
 from ..stats import SiteStatistics
 from .config import AUTO, NeuronSelectionConfig
@@ -325,26 +328,36 @@ def held_out_accuracy(model: Any, data: Any, tokenizer: Any, *, mode: str, spec:
 
 
 def batches_accuracy(model: Any, batches: Iterable[TokenBatch], mode: str) -> float:
-    """:func:`held_out_accuracy` of data already cut into batches."""
+    """:func:`held_out_accuracy` of data already cut into batches (in a distributed fit, each rank scores its share
+    of them and the counts are summed over the ranks)."""
     device = input_device(model)
     positions = accepts(model, "position_ids")
-    correct = total = 0
-    with torch.no_grad():
-        for batch in batches:
-            kwargs = (
-                {"position_ids": position_ids_from_mask(batch.attention_mask).to(device)} if positions else {}
-            )
-            out = model(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                use_cache=False,
-                **kwargs,
-            )
-            pred = out.logits[:, :-1].argmax(-1).cpu()
-            target = batch.input_ids[:, 1:]
-            counted = batch.select[:, 1:] & batch.attention_mask[:, :-1].bool()
-            correct += int(((pred == target) & counted).sum())
-            total += int(counted.sum())
+
+    def count(mine: Callable[[int], bool]) -> torch.Tensor:
+        correct = total = 0
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if not mine(i):
+                    continue
+                kwargs = (
+                    {"position_ids": position_ids_from_mask(batch.attention_mask).to(device)}
+                    if positions
+                    else {}
+                )
+                out = model(
+                    input_ids=batch.input_ids.to(device),
+                    attention_mask=batch.attention_mask.to(device),
+                    use_cache=False,
+                    **kwargs,
+                )
+                pred = out.logits[:, :-1].argmax(-1).cpu()
+                target = batch.input_ids[:, 1:]
+                counted = batch.select[:, 1:] & batch.attention_mask[:, :-1].bool()
+                correct += int(((pred == target) & counted).sum())
+                total += int(counted.sum())
+        return torch.tensor([correct, total], dtype=torch.int64)
+
+    correct, total = sum_sharded(count, "Scoring held-out examples").tolist()
     if total == 0:
         raise ValueError(f"The held-out examples hold no scorable tokens (token mode {mode!r}).")
     return correct / total

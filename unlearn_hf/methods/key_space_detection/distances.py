@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ...batch_plan import PaddingMeter
 from ...data import DataSpec
+from ...distributed import is_main_process, sum_sharded
 from ...model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from ...sites import FFLSite, as_token_grid
 from .hypercube import KeySpaceLayer
@@ -49,10 +50,22 @@ def trailing_distances(
     from :func:`~.key_units.unit_readers`; in sorted id order) and each of
     the query's last ``window`` positions (offset 0 = the last token), the scaled distance ``max_d |v_d − μ_d| /
     σ_d / k`` (:mod:`.key_units` for routed units); ``inf`` where the prompt is shorter than the window. The
-    queries run in the token-budget batches of ``spec`` (each truncated on the left to ``spec.max_length``)."""
+    queries run in the token-budget batches of ``spec`` (each truncated on the left to ``spec.max_length``); in a
+    distributed fit each rank runs its share of the batches and the rows are summed over the ranks
+    (:func:`~unlearn_hf.distributed.sum_sharded`: zeros where another rank's rows are), the same on every rank."""
+    return sum_sharded(
+        lambda mine: _distances(
+            model, queries, sites, cubes, mine, window, pad_id, spec, show_progress, desc
+        ),
+        "Key Space Detection calibration",
+    )
+
+
+def _distances(model, queries, sites, cubes, mine, window, pad_id, spec, show_progress, desc) -> torch.Tensor:
+    """:func:`trailing_distances` of the batches ``i`` with ``mine(i)`` (zeros in the other rows)."""
     unit_ids = sorted(cubes)
     by_layer = {s.layer: s for s in sites}
-    out = torch.full((len(queries), len(unit_ids), window), torch.inf, dtype=torch.float64)
+    out = torch.zeros((len(queries), len(unit_ids), window), dtype=torch.float64)
     captured: dict[int, torch.Tensor] = {}
     length = [0]  # the current batch's sequence length (OPT runs its FFL on [batch * positions, d_ff])
 
@@ -100,12 +113,16 @@ def trailing_distances(
             handles.append(by_layer[unit].key.register_forward_pre_hook(dense_hook(unit)))
     device = input_device(model)
     positions = accepts(model, "position_ids")
-    bar = tqdm(total=len(queries), desc=desc, disable=not show_progress, unit="q")
     meter = PaddingMeter()
     plan = spec.plan([min(len(q.input_ids), spec.max_length) for q in queries], device)
+    own = sum(len(batch) for b, batch in enumerate(plan) if mine(b))
+    bar = tqdm(total=own, desc=desc, disable=not show_progress or not is_main_process(), unit="q")
     try:
-        for batch in plan:
+        for b, batch in enumerate(plan):
+            if not mine(b):
+                continue
             rows = torch.tensor(batch)
+            out[rows] = torch.inf
             ids, mask = pad_left([queries[i].input_ids for i in batch], pad_id, spec.max_length)
             meter.add(mask)
             length[0] = ids.shape[1]
