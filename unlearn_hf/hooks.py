@@ -14,8 +14,10 @@ Every hook:
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -133,6 +135,57 @@ class HookRegistrar:
         hook.unlearn_would_run, hook.unlearn_observer = would_run, observer
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._add(register(hook), handle_id)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+#: The pass (:class:`PassHooks`) whose forward is running in this thread/task, if any.
+_PASS: ContextVar[object | None] = ContextVar("unlearn_hf_pass", default=None)
+
+
+class PassHooks:
+    """Plain hooks of one pass of the library over a model (a probe, a calibration), which run only inside that
+    pass's own forwards (:meth:`running`): another thread's or task's forward through the same modules (the base
+    model being served, another wrapper of it) never reaches them, so it neither feeds the pass's statistics nor
+    meets its early stop (:class:`~unlearn_hf.model_inputs.StopForward`).
+
+    ``fn`` is called as a module hook is (``fn(module, args)`` before, ``fn(module, args, output)`` after); an
+    ``unlearn_observer`` attribute on it is kept (see :mod:`unlearn_hf.sites.experts`).
+    """
+
+    def __init__(self) -> None:
+        self._token = object()
+        self.handles: list[RemovableHandle] = []
+
+    def _gated(self, fn: Callable) -> Callable:
+        token = self._token
+
+        def hook(*args):
+            return fn(*args) if _PASS.get() is token else None
+
+        hook.unlearn_would_run = lambda: _PASS.get() is token
+        hook.unlearn_observer = getattr(fn, "unlearn_observer", False)
+        return hook
+
+    def pre(self, module: nn.Module, fn: Callable) -> None:
+        """``fn(module, args)`` before ``module``, in this pass's forwards."""
+        self.handles.append(module.register_forward_pre_hook(self._gated(fn)))
+
+    def post(self, module: nn.Module, fn: Callable) -> None:
+        """``fn(module, args, output)`` after ``module``, in this pass's forwards."""
+        self.handles.append(module.register_forward_hook(self._gated(fn)))
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Within the block (this thread/task), forwards are this pass's: its hooks run."""
+        reset = _PASS.set(self._token)
+        try:
+            yield
+        finally:
+            _PASS.reset(reset)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import distributed as _dist
 from .batch_plan import PaddingMeter
 from .data import DataSpec, TokenBatch, iter_token_batches
+from .hooks import PassHooks
 from .model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from .probe_share import _SHARE
 from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites, require_pre_sites
@@ -338,19 +339,17 @@ def _run_pass(
     def position_kwargs(mask: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         return {"position_ids": position_ids_from_mask(mask).to(device)} if accepts_positions else {}
 
-    handles = []
+    hooks = PassHooks()  # only this probe's forwards run them, not another thread's through the same modules
     try:
         for kind in kinds:
             for i in stats[kind]:
                 s = by_layer[i]
                 if kind == "pre":
-                    handles.append(s.pre.register_forward_hook(make_hook(kind, i)))
+                    hooks.post(s.pre, make_hook(kind, i))
                 else:
-                    handles.append(s.key.register_forward_pre_hook(make_hook(kind, i)))
-        handles += [
-            m.register_forward_pre_hook(finish) if on_input else m.register_forward_hook(finish)
-            for m, on_input in finishing.values()
-        ]
+                    hooks.pre(s.key, make_hook(kind, i))
+        for m, on_input in finishing.values():
+            (hooks.pre if on_input else hooks.post)(m, finish)
         bar = tqdm(total=n_examples, desc=desc, disable=not show_progress, unit="ex")
         meter, checked = PaddingMeter(), False
         for batch in batches:
@@ -375,12 +374,13 @@ def _run_pass(
             few = left_out is not None and left_out.numel() <= _EXCLUDE_AT_MOST * select.numel()
             selected[("exclude", host)] = left_out if few else None
             try:
-                model(
-                    input_ids=batch.input_ids.to(device),
-                    attention_mask=batch.attention_mask.to(device),
-                    **position_kwargs(batch.attention_mask, device),
-                    use_cache=False,
-                )
+                with hooks.running():
+                    model(
+                        input_ids=batch.input_ids.to(device),
+                        attention_mask=batch.attention_mask.to(device),
+                        **position_kwargs(batch.attention_mask, device),
+                        use_cache=False,
+                    )
             except StopForward:
                 pass
             bar.update(batch.input_ids.shape[0])
@@ -388,8 +388,7 @@ def _run_pass(
         bar.close()
         meter.log(desc)
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
     fp = architecture_id(model)
     for per_layer in stats.values():
         for s in per_layer.values():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..hooks import PassHooks
 from .ffl_site import GATE_LAYOUTS, SiteError, SitePair, gate_and_up, linear_io
 from .model_config import text_config
 
@@ -238,21 +239,19 @@ def _run_ffl(
     if weight is None or weight.is_meta:
         return None
     got: dict[str, torch.Tensor] = {}
-    handles = [
-        layer.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: got.__setitem__(n, out))
-        for n in outputs
-    ]
-    handles.append(key_mod.register_forward_pre_hook(lambda m, a: got.__setitem__("key", a[0])))
+    hooks = PassHooks()  # another thread's forward through the layer must not write into ``got``
+    for n in outputs:
+        hooks.post(layer.get_submodule(n), lambda m, a, out, n=n: got.__setitem__(n, out))
+    hooks.pre(key_mod, lambda m, a: got.__setitem__("key", a[0]))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 5, linear_io(first)[0], generator=gen).to(weight.device, weight.dtype)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), hooks.running():
             container(x)
     except Exception:  # noqa: BLE001 - a container that needs other arguments: nothing can be told
         return None
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
     return got if all(n in got for n in (*outputs, "key")) else None
 
 

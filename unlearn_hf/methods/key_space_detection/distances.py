@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ...batch_plan import PaddingMeter
 from ...data import DataSpec
 from ...distributed import is_main_process, sum_sharded
+from ...hooks import PassHooks
 from ...model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from ...sites import FFLSite, as_token_grid
 from .hypercube import KeySpaceLayer
@@ -101,23 +102,24 @@ def _distances(model, queries, sites, cubes, mine, window, pad_id, spec, show_pr
         def end(module, args, output):
             captured_(unit, current.pop(unit).distances().view(-1, length[0])[:, -window:])
 
-        yield reader.owner.register_forward_pre_hook(start)
-        yield from (s.key.register_forward_pre_hook(tap(s.expert)) for s in reader.read_sites)
-        yield reader.owner.register_forward_hook(end)
+        hooks.pre(reader.owner, start)
+        for s in reader.read_sites:
+            hooks.pre(s.key, tap(s.expert))
+        hooks.post(reader.owner, end)
 
-    handles = []
-    for unit, cube in cubes.items():
-        if isinstance(cube, RoutedUnit):
-            handles += list(routed_hooks(unit, cube))
-        else:
-            handles.append(by_layer[unit].key.register_forward_pre_hook(dense_hook(unit)))
     device = input_device(model)
     positions = accepts(model, "position_ids")
     meter = PaddingMeter()
     plan = spec.plan([min(len(q.input_ids), spec.max_length) for q in queries], device)
     own = sum(len(batch) for b, batch in enumerate(plan) if mine(b))
     bar = tqdm(total=own, desc=desc, disable=not show_progress or not is_main_process(), unit="q")
+    hooks = PassHooks()  # only this pass's forwards run them, not another thread's through the same modules
     try:
+        for unit, cube in cubes.items():
+            if isinstance(cube, RoutedUnit):
+                routed_hooks(unit, cube)
+            else:
+                hooks.pre(by_layer[unit].key, dense_hook(unit))
         for b, batch in enumerate(plan):
             if not mine(b):
                 continue
@@ -129,7 +131,8 @@ def _distances(model, queries, sites, cubes, mine, window, pad_id, spec, show_pr
             kw = {"position_ids": position_ids_from_mask(mask).to(device)} if positions else {}
             captured.clear()
             try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kw)
+                with hooks.running():
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kw)
             except StopForward:
                 pass
             real = mask[:, -window:].flip(1).bool()  # [B, w], offset 0 first
@@ -144,6 +147,5 @@ def _distances(model, queries, sites, cubes, mine, window, pad_id, spec, show_pr
         meter.log(desc)
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
+        hooks.remove()
     return out
