@@ -30,6 +30,7 @@ from unlearn_hf.data import DataSpec
 from unlearn_hf.evaluation import get_skill
 from unlearn_hf.evaluation.runner import evaluate_skill
 from unlearn_hf.methods.fitting import probe_forget_and_retain
+from unlearn_hf.methods.registry import method_class
 from unlearn_hf.models import load_smollm2
 from unlearn_hf.stats import SiteStatistics
 
@@ -98,7 +99,15 @@ def run(args: argparse.Namespace) -> dict:
             )
             config = config_cls(**{k: v for k, v in kw.items() if k != "layers"})  # all layers, cached
             _, f, r = probe_forget_and_retain(
-                unlearned, config, *data[tokens], tok, site=site, spec=spec, show_progress=False, label=name
+                unlearned,
+                config,
+                *data[tokens],
+                tok,
+                site=site,
+                statistics=method_class(config.method_type).statistics,  # what the method's own fit keeps
+                spec=spec,
+                show_progress=False,
+                label=name,
             )
             probed[key] = (f, r, spec)
             logging.info("probed %s in %.0f s", key, time.perf_counter() - start)
@@ -165,7 +174,7 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DATA)
     parser.add_argument("--n-probe", type=int, default=200)
@@ -174,7 +183,7 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="write the Pareto plot (PNG) here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     result = run(args)
@@ -183,6 +192,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     if args.plot:
         plot(result, args.plot)
+    return result
 
 
 if __name__ == "__main__":
