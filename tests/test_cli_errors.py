@@ -204,6 +204,10 @@ BAD_INPUTS = [
     ([*EVAL[:2], "{nochat}", *EVAL[3:], "--formats", "qa,chat"], "--formats chat needs a chat template"),
     (["generate", "--model", "{tiny}", "--prompt", "", "--template", "{{prompt}}"], "The prompt is empty"),
     (["demo", "--model", "/nonexistent/m", "--data-dir", "{data}", "--output", "{out}"], "Cannot load model"),
+    # found by a review of the data paths: the same texts to forget and to keep, or one retain skill twice
+    ([*FIT, "--retain", "mbpp,GSM8K"], "'gsm8k' is both the skill to forget and a skill to keep"),
+    ([*FIT, "--retain", "mbpp,MBPP"], "--retain names mbpp more than once"),
+    (["demo", "--retain", "gsm8k", "--data-dir", "{data}", "--output", "{out}"], "is both the skill to forget"),
 ]
 
 

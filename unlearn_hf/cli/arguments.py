@@ -10,6 +10,22 @@ from typing import Any, NoReturn
 
 from .common import UserError
 
+DEFAULT_DATA = "../shared/data"
+N_PROBE_HELP = "probe examples of the forget skill, and of the retain skills together (split evenly)"
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and results; no progress bars")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="local folder of skill data sets (e.g. ../shared/data); without it skills load from the Hub",
+    )
+
 
 class Parser(argparse.ArgumentParser):
     """Argument errors in one line (``unlearn-hf fit: error: ...``), exit code 2, as every other user error."""

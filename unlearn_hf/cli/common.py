@@ -188,8 +188,39 @@ def load_skills(names: list[str], data_dir: str | None) -> list[Any]:
     return skills
 
 
+def forget_and_retain(forget: str, retain: str, data_dir: str | None) -> tuple[Any, list[Any]]:
+    """The forget skill and the retain skills (``retain``: comma-separated, may be empty).
+
+    Raises:
+        UserError: a retain skill named twice, or the forget skill among the retain skills (a fit would then be
+            given the same texts to forget and to keep).
+    """
+    forget_skill = load_skills([forget], data_dir)[0]
+    names = split_names(retain)
+    retain_skills = load_skills(names, data_dir) if names else []
+    seen = [s.name for s in retain_skills]
+    twice = sorted({n for n in seen if seen.count(n) > 1})
+    if twice:
+        raise UserError(f"--retain names {', '.join(twice)} more than once ({retain!r}).")
+    if forget_skill.name in seen:
+        raise UserError(
+            f"{forget_skill.name!r} is both the skill to forget and a skill to keep (--retain {retain!r})."
+        )
+    return forget_skill, retain_skills
+
+
 def split_names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def check_format_names(requested: str | None) -> None:
+    """Refuse unknown prompt format names (before any model is loaded)."""
+    from ..evaluation.prompts import PROMPT_FORMATS
+
+    formats = split_names(requested or "qa")
+    bad = [f for f in formats if f not in PROMPT_FORMATS]
+    if bad or not formats:
+        raise UserError(f"Unknown prompt formats {bad}; choose from {', '.join(PROMPT_FORMATS)}.")
 
 
 def formats_for(requested: str | None, tokenizer: Any, model: str) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from ..evaluation import build_report, markdown_table, save_report
 from ..evaluation.runner import abstention_rates, evaluate_skills
 from ..wrapper import UnlearnedModelForCausalLM
-from .common import UserError, load_model, load_skills, split_names
+from .common import UserError, forget_and_retain, load_model, split_names
 from .recipes import data_descriptions, fit_methods, method_names
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(
             f"Data folder {args.data_dir!r} not found (expected the skill data sets, e.g. ../shared/data)."
         )
-    forget = load_skills([args.forget], args.data_dir)[0]
-    retain = load_skills(split_names(args.retain), args.data_dir)
+    forget, retain = forget_and_retain(args.forget, args.retain, args.data_dir)
     skills = [forget, *retain]
     n_eval = {s.name: (args.n_eval_mmlu if s.name == "mmlu" else args.n_eval) for s in skills}
     out_dir = Path(args.output)

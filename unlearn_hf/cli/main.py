@@ -17,22 +17,33 @@ from ..persistence.atomic import AtomicSaveError
 from ..persistence.format import UnlearnFormatError
 from ..version import __version__
 from .arguments import (
+    DEFAULT_DATA,
     FRACTION,
+    N_PROBE_HELP,
     POSITIVE_INT,
     Parser,
+    add_common,
+    add_data,
     check_retain_budget,
     number,
     output_file,
     output_folder,
     ratio_or_auto,
 )
-from .common import UserError, formats_for, load_model, load_skills, setup_logging, split_names
+from .common import (
+    UserError,
+    check_format_names,
+    forget_and_retain,
+    formats_for,
+    load_model,
+    load_skills,
+    setup_logging,
+    split_names,
+)
 from .push import cmd_push
 from .recipes import method_names
 
 logger = logging.getLogger("unlearn_hf.cli")
-
-DEFAULT_DATA = "../shared/data"
 
 
 #: Failures caused by the command line or its inputs: one line on stderr, exit code 2. Anything else is a bug or
@@ -48,19 +59,6 @@ USER_ERRORS = (
     IsADirectoryError,
     PermissionError,
 )
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and results; no progress bars")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-
-
-def _add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="local folder of skill data sets (e.g. ../shared/data); without it skills load from the Hub",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--retain", default="mbpp", help="comma-separated skills to keep ('' with ksd alone: no calibration)"
     )
-    fit.add_argument("--n-probe", type=POSITIVE_INT, default=200, help="probe examples per skill")
+    fit.add_argument("--n-probe", type=POSITIVE_INT, default=200, help=N_PROBE_HELP)
     fit.add_argument(
         "--ratio",
         type=ratio_or_auto,
@@ -141,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--output", required=True, help="folder to save the unlearned model to")
     fit.add_argument("--save-base-model", action="store_true", help="also copy the base model's weights")
-    _add_data(fit)
-    _add_common(fit)
+    add_data(fit)
+    add_common(fit)
 
     ev = sub.add_parser("evaluate", help="score a (possibly unlearned) model on skills")
     ev.add_argument(
@@ -167,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-eval", type=POSITIVE_INT, default=50, help="held-out items per skill")
     ev.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     ev.add_argument("--output", default=None, help="write the results JSON here")
-    _add_data(ev)
-    _add_common(ev)
+    add_data(ev)
+    add_common(ev)
 
     gen = sub.add_parser("generate", help="generate from a prompt, or chat interactively")
     gen.add_argument("--model", default="smollm2")
@@ -176,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--template", default="Question: {prompt}\nAnswer:", help="prompt template ('{prompt}')")
     gen.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    _add_common(gen)
+    add_common(gen)
 
     push = sub.add_parser("push", help="upload a saved unlearned model folder to the Hugging Face Hub")
     push.add_argument("--model", required=True, help="folder saved by `unlearn-hf fit` / save_pretrained")
@@ -189,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also upload the base model's files (a light folder whose base model is a local folder needs it)",
     )
-    _add_common(push)
+    add_common(push)
 
     demo = sub.add_parser("demo", help="the end-to-end run: unlearn GSM8K math from SmolLM2, measured")
     demo.add_argument("--forget", default="gsm8k")
     demo.add_argument("--retain", default="mbpp,mmlu")
     demo.add_argument("--data-dir", default=DEFAULT_DATA, help=f"skill data sets (default {DEFAULT_DATA})")
-    demo.add_argument("--n-probe", type=POSITIVE_INT, default=200, help="probe examples per skill")
+    demo.add_argument("--n-probe", type=POSITIVE_INT, default=200, help=N_PROBE_HELP)
     demo.add_argument(
         "--n-eval", type=POSITIVE_INT, default=50, help="held-out items per skill (MMLU: --n-eval-mmlu)"
     )
@@ -229,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output", default="outputs/demo", help="results, chart and model folder")
     demo.add_argument("--model", default="smollm2", help="base model ('smollm2', a folder or a Hub id)")
-    _add_common(demo)
+    add_common(demo)
     return parser
 
 
@@ -272,9 +270,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         ) from None
     if layers is not None and not layers:
         raise UserError("--layers is empty; give layer numbers or 'auto'.")
-    forget = load_skills([args.forget], args.data_dir)[0]
-    retain_names = split_names(args.retain)  # none: Key Space Detection uncalibrated (the others refuse)
-    retain = load_skills(retain_names, args.data_dir) if retain_names else []
+    # no retain skill: Key Space Detection uncalibrated (the others refuse)
+    forget, retain = forget_and_retain(args.forget, args.retain, args.data_dir)
     model, tok = load_model(args.model, args.dtype)
     if isinstance(model, UnlearnedModelForCausalLM):
         raise UserError(f"{args.model!r} is already an unlearned model; fit on its base model.")
@@ -313,14 +310,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation import build_report, markdown_table, write_json
-    from ..evaluation.prompts import PROMPT_FORMATS
     from ..evaluation.runner import evaluate_skills
 
     output = output_file(args.output)
-    formats = split_names(args.formats or "qa")
-    bad = [f for f in formats if f not in PROMPT_FORMATS]
-    if bad or not formats:
-        raise UserError(f"Unknown prompt formats {bad}; choose from {', '.join(PROMPT_FORMATS)}.")
+    check_format_names(args.formats)
     if args.harness == "lm-eval":
         from .harness import evaluate_lm_eval
 
