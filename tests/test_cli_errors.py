@@ -207,7 +207,10 @@ BAD_INPUTS = [
     # found by a review of the data paths: the same texts to forget and to keep, or one retain skill twice
     ([*FIT, "--retain", "mbpp,GSM8K"], "'gsm8k' is both the skill to forget and a skill to keep"),
     ([*FIT, "--retain", "mbpp,MBPP"], "--retain names mbpp more than once"),
-    (["demo", "--retain", "gsm8k", "--data-dir", "{data}", "--output", "{out}"], "is both the skill to forget"),
+    (
+        ["demo", "--retain", "gsm8k", "--data-dir", "{data}", "--output", "{out}"],
+        "is both the skill to forget",
+    ),
 ]
 
 

@@ -122,3 +122,53 @@ def test_a_dataset_column_that_is_not_text_is_named(unlearned, smol_tokenizer):
             show_progress=False,
         )
     assert not unlearned.methods
+
+
+# found by a review of the data paths
+@pytest.mark.parametrize("kind", ["dict", "dataframe"])
+def test_ksd_refuses_columns_instead_of_fitting_on_their_names(unlearned, smol_tokenizer, kind):
+    """Iterating a dict of lists or a DataFrame yields its column names: Key Space Detection fitted on the two
+    "questions" 'question' and 'answer'."""
+    import pandas as pd
+
+    columns = {"question": ["What is 2 + 3?", "What is 4 + 5?"], "answer": ["5", "9"]}
+    data = columns if kind == "dict" else pd.DataFrame(columns)
+    with pytest.raises(
+        TypeError, match=r"of columns: pass a list of questions \(e.g. list\(df\['question'\]\)\)"
+    ):
+        unlearned.fit(
+            KeySpaceDetectionConfig(),
+            data,
+            None,
+            smol_tokenizer,
+            prompt_column="question",
+            completion_column="answer",
+            show_progress=False,
+        )
+    assert not unlearned.methods
+
+
+def test_ksd_refuses_the_splits_of_a_dataset_as_retain_groups(unlearned, smol_tokenizer):
+    ds = Dataset.from_dict({"text": ["Write a sort.", "Write a parser."]})
+    questions = [f"What is {a} + {a}?" for a in range(10)]
+    with pytest.raises(
+        ValueError, match=r"DatasetDict of splits \['train', 'test'\]: calibration would read"
+    ):
+        unlearned.fit(
+            KeySpaceDetectionConfig(),
+            questions,
+            DatasetDict({"train": ds, "test": ds}),
+            smol_tokenizer,
+            show_progress=False,
+        )
+    assert not unlearned.methods
+
+
+@pytest.mark.parametrize("kind", ["splits", "streaming"])
+def test_ratio_auto_refuses_containers_in_the_words_of_a_fixed_ratio(unlearned, smol_tokenizer, kind):
+    ds = Dataset.from_dict({"text": [f"text number {i}" for i in range(12)]})
+    data = DatasetDict({"train": ds}) if kind == "splits" else ds.to_iterable_dataset()
+    message = "DatasetDict of splits" if kind == "splits" else "streaming IterableDataset has no length"
+    with pytest.raises(ValueError, match=message):
+        unlearned.fit(NeuronAdjustConfig(ratio="auto"), data, ds, smol_tokenizer, show_progress=False)
+    assert not unlearned.methods

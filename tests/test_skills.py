@@ -242,3 +242,34 @@ def test_hub_missing_column(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"question": "q"}])
     with pytest.raises(KeyError, match=r"openai/gsm8k\[train\].*'answer'.*available columns: \['question'\]"):
         get_skill("gsm8k").probe_items()
+
+
+# found by a review of the data paths
+def test_jsonl_records_may_hold_unicode_line_separators_and_files_a_byte_order_mark(tmp_path):
+    """A JSONL file written with ensure_ascii=False may hold U+2028 / U+2029 / U+0085 inside strings (only "\\n"
+    ends a record), and a file saved as "UTF-8 with BOM" starts with U+FEFF: both are valid data."""
+    from unlearn_hf.evaluation.data_files import read_csv, read_jsonl
+
+    rows = [{"question": f"q{i} a\u2028b\u2029c\u0085d", "answer": f"w #### {i}"} for i in range(3)]
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
+    assert read_jsonl(path) == rows
+    csv_path = tmp_path / "a.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbfquestion,A\r\nwhat?,x\r\n")
+    assert read_csv(csv_path) == [{"question": "what?", "A": "x"}]
+
+
+def test_an_mlqa_answer_that_is_not_text_is_named(tmp_path):
+    doc = {
+        "data": [
+            {
+                "paragraphs": [
+                    {"context": "c", "qas": [{"id": "q-7", "question": "who?", "answers": [{"text": None}]}]}
+                ]
+            }
+        ]
+    }
+    (tmp_path / "mlqa" / "dev").mkdir(parents=True)
+    (tmp_path / "mlqa" / "dev" / "dev-context-en-question-en.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"question q-7 has an answer that is not text: \[None\]"):
+        get_skill("mlqa-en", tmp_path).eval_items()

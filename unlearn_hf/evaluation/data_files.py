@@ -81,7 +81,7 @@ def read_text(path: Path) -> str:
                 raise DataFileError(f"{path} decompresses to more than {MAX_DATA_FILE_BYTES} bytes.")
         else:
             raw = path.read_bytes()
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a leading byte-order mark (Excel's "CSV UTF-8") is not data
     except UnicodeDecodeError as err:
         raise DataFileError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}).") from None
     except zlib.error as err:
@@ -107,7 +107,8 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records (JSON objects) of a ``.jsonl`` or ``.jsonl.gz`` file."""
     rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
+    # records end at "\n" only: JSON strings may hold U+2028, U+0085... which str.splitlines() would also cut at
+    for n, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

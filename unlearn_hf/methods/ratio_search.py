@@ -36,6 +36,7 @@ from ..data import (
     TokenBatch,
     _columns_of,
     _is_tokenized_batch,
+    _refuse_containers,
     _shard_rows,
     holdout_split,
     iter_token_batches,
@@ -300,6 +301,7 @@ def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
         )
     if isinstance(data, str):
         raise TypeError("Pass a list of strings, not a single string.")
+    _refuse_containers(data)  # a DatasetDict or a streaming data set: the same words as a fixed-ratio fit's
     is_table = _columns_of(data) is not None
     if not is_table and not isinstance(data, (list, tuple)):
         raise ValueError(

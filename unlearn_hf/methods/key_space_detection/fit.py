@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ...data import DataSpec, holdout_split
+from ...data import DataSpec, _refuse_containers, holdout_split
 from ...model_inputs import input_device
 from ...stats import SiteStatistics
 from ..config import resolve_layers
@@ -46,6 +46,14 @@ def read_queries(data: Any, spec: DataSpec, role: str) -> list[Any]:
         raise TypeError(f"Pass the {role} questions as a list of strings, not one string.")
     column = spec.prompt_column or spec.text_column
     names = getattr(data, "column_names", None)
+    if names is None and (
+        isinstance(data, Mapping) or hasattr(data, "columns")
+    ):  # iterating would yield names
+        _refuse_containers(data)  # a DatasetDict: its own words
+        raise TypeError(
+            f"The {role} data is a {type(data).__name__} of columns: pass a list of questions (e.g. "
+            f"list(df[{column!r}])) or a datasets.Dataset (Dataset.from_pandas(df) / Dataset.from_dict(d))."
+        )
     if names is not None:
         if column not in names:
             raise ValueError(
@@ -205,6 +213,14 @@ def fit_key_space(
     fit_rows = [r for i in fit_idx for r in rendered[i]]
     retain_rows, retain_groups, groups = [], [], {}
     if calibrating:  # read and rendered before any forward: bad retain data fails at once
+        if type(retain).__name__ in (
+            "DatasetDict",
+            "IterableDatasetDict",
+        ):  # a data set's splits, not named skills
+            raise ValueError(
+                f"The retain data is a {type(retain).__name__} of splits {list(retain)}: calibration would read "
+                "every split (test included). Pass one split, or name your retain sets: {'code': data['train']}."
+            )
         groups = retain if isinstance(retain, Mapping) else {"retain": retain}
         if not groups:
             raise ValueError(
