@@ -342,3 +342,38 @@ def test_a_new_turn_fed_on_a_conversations_cache_is_decided_on(setup, tok, first
     assert continued == scratch
     assert unlearned.detect(full).item() == (second == "forget")
     assert (continued == base) == (second != "forget")
+
+
+def test_a_copied_prompt_cache_keeps_the_decision_and_not_a_copy_of_the_model(setup, tok):
+    """transformers' prompt-reuse pattern: prefill once, ``copy.deepcopy(cache)`` per continuation. The cache carries
+    its request (the abstention decisions); copying it copied the whole unlearned model with it, and the copy's
+    continuations were then decoded as a new request: no refusal (a review)."""
+    model, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+    mask = batch["attention_mask"]
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = unlearned(**batch, position_ids=position, cache=DynamicCache(), use_cache=True)
+    copies = [copy.deepcopy(out.past_key_values) for _ in range(2)]
+    for c in copies:
+        assert c._unlearn_request.owner is unlearned
+        assert c._unlearn_request is not out.past_key_values._unlearn_request
+    steps = len(refusal_ids(tok)) + 2
+    runs = []
+    for cache in [*copies, out.past_key_values]:
+        nxt, m, pos, tokens = out.logits[:, -1].argmax(-1, keepdim=True), mask, position[:, -1:], []
+        with torch.no_grad():
+            for _ in range(steps):
+                tokens.append(nxt)
+                m, pos = torch.cat([m, torch.ones_like(nxt)], 1), pos + 1
+                step = unlearned(
+                    input_ids=nxt, attention_mask=m, position_ids=pos, cache=cache, use_cache=True
+                )
+                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+        runs.append(torch.cat(tokens, 1))
+    eos = model.generation_config.eos_token_id
+    for i, forget in enumerate(IS_FORGET):
+        if forget:
+            assert runs[0][i].tolist() == ([*refusal_ids(tok), eos] + [eos] * steps)[:steps], i
+    for run in runs[1:]:
+        assert torch.equal(run, runs[0])

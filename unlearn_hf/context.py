@@ -9,8 +9,9 @@ call, or attached to the KV cache for hand-written decoding loops.
 
 from __future__ import annotations
 
+import copy
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -51,6 +52,17 @@ class RequestState:
     ids_missing: int = 0
     stop_when_decided: set[str] | None = None
     data: dict[str, Any] = field(default_factory=dict)
+
+    def __deepcopy__(self, memo: dict) -> RequestState:
+        """A copy of the request's state, served by the same model (the owner is not copied): a KV cache copied to
+        reuse a prompt's prefill for several continuations (``copy.deepcopy(cache)``) carries its request with it,
+        abstention decisions included, and does not drag a copy of the whole model along."""
+        memo[id(self.owner)] = self.owner
+        new = RequestState.__new__(type(self))
+        memo[id(self)] = new
+        for f in fields(self):
+            setattr(new, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        return new
 
     def decided(self, name: str) -> None:
         """Called by an abstaining method once its decision for this request is final; raises
