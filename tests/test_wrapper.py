@@ -178,6 +178,41 @@ def test_hooks_are_owned_and_removal_restores_the_base(pair, smol_tokenizer):
         unlearned.remove_method("neuron_adjust")
 
 
+def test_a_dropped_wrapper_is_freed_and_its_hooks_leave_the_base(smol_tokenizer):
+    """A wrapper per grid point, dropped without remove_method: the base model's modules held its hooks, the hooks
+    held the wrapper, so none was ever freed and every forward of the base ran every dead wrapper's gates (a
+    review). A wrapper still in use keeps its hooks through a garbage collection."""
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    enc = left_padded(smol_tokenizer, PROMPTS)
+    before = hook_counts(model)
+    with torch.no_grad():
+        reference = model(**enc).logits.clone()
+    kept = UnlearnedModelForCausalLM.from_base(model)
+    kept.fit(SelectivePruningConfig(ratio=0.2), token_batches(0), token_batches(1), show_progress=False)
+    with torch.no_grad():
+        kept_logits = kept(**enc).logits.clone()
+    with_kept = hook_counts(model)
+    refs = []
+    for ratio in (0.1, 0.3):
+        u = UnlearnedModelForCausalLM.from_base(model)
+        u.fit(SelectivePruningConfig(ratio=ratio), token_batches(0), token_batches(1), show_progress=False)
+        u.fit(NeuronAdjustConfig(ratio=ratio), token_batches(2), token_batches(3), show_progress=False)
+        refs.append(weakref.ref(u))
+        del u
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert hook_counts(model) == with_kept != before
+    with torch.no_grad():
+        assert torch.equal(kept(**enc).logits, kept_logits)
+        assert torch.equal(model(**enc).logits, reference)
+    del kept
+    gc.collect()
+    assert hook_counts(model) == before
+
+
 def test_failed_attach_leaves_no_hooks(pair):
     model, unlearned = pair
     before = hook_counts(model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -43,6 +44,9 @@ class HookRegistrar:
         self.owner = owner
         self.method_name = method_name
         self.handles: list[RemovableHandle] = []
+        self._live: list[_Live] = []
+        # a wrapper dropped without remove_method: its hooks leave the shared modules when it is collected
+        weakref.finalize(self, _remove_handles, self.handles)
 
     def _runs(self, observer: bool) -> Callable[[], ForwardContext | None]:
         """``runs()``: the forward context when a hook of this method must run now (its model is being called,
@@ -107,39 +111,62 @@ class HookRegistrar:
         whether it would do something now (``unlearn_would_run()``) and whether it only reads
         (``unlearn_observer``)."""
         handle_id: list[int] = []
-        runs = self._runs(observer)
+        # what the hook calls, reached through a weak reference: the module (and so the base model, which outlives
+        # its wrappers) must not keep the owner alive; once the owner is gone, its hooks do nothing until the
+        # registrar's finalizer removes them
+        live = _Live(self._runs(observer), fn, when)
+        self._live.append(live)
+        ref = weakref.ref(live)
         no_grad = torch.no_grad
 
         # one function calling ``runs`` (no further helper frames): inside a decode step every Python frame runs on
         # cold caches, and a hook runs on every hooked module of every step
         @functools.partial(torch.compiler.disable, reason=_EAGER)
         def hook(mod, args, *output):
-            ctx = runs()
+            target = ref()
+            if target is None:
+                return None
+            ctx = target.runs()
             if ctx is None:
                 return None
             ctx.fired.add(handle_id[0])
-            if when is not None and not when(ctx):
+            if target.when is not None and not target.when(ctx):
                 return None
             value = (args if all_inputs else args[0]) if pre else output[0]
             if observer:
                 with no_grad():
-                    fn(ctx, value)
+                    target.fn(ctx, value)
                 return None
-            new = fn(ctx, value)
+            new = target.fn(ctx, value)
             return new if not pre or new is None else (new, *args[1:])
 
         def would_run() -> bool:
-            ctx = runs()
-            return ctx is not None and (when is None or when(ctx))
+            target = ref()
+            ctx = None if target is None else target.runs()
+            return ctx is not None and (target.when is None or target.when(ctx))
 
         hook.unlearn_would_run, hook.unlearn_observer = would_run, observer
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._add(register(hook), handle_id)
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        _remove_handles(self.handles)
+        self._live.clear()
+
+
+class _Live:
+    """What one registered hook calls (see :meth:`HookRegistrar._register`)."""
+
+    __slots__ = ("runs", "fn", "when", "__weakref__")
+
+    def __init__(self, runs: Callable, fn: Callable, when: Callable | None) -> None:
+        self.runs, self.fn, self.when = runs, fn, when
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
 
 
 #: The pass (:class:`PassHooks`) whose forward is running in this thread/task, if any.
