@@ -377,10 +377,13 @@ def test_pickling_is_refused_with_a_pointer_to_save_pretrained(setup):
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 @pytest.mark.parametrize("draw", ["block", "per_layer"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_recomputes_with_the_methods(tok, reentrant, draw, monkeypatch):
+@pytest.mark.parametrize("on", ["wrapper", "base"])
+def test_gradient_checkpointing_recomputes_with_the_methods(tok, reentrant, draw, on, monkeypatch):
     """Loss and gradients with activation checkpointing are those without; (stochastic) Neuron Adjust draws the
     same thresholds again in the recomputation, whether the forward draws one block or layer by layer (a large
-    forward: the generator state of each layer's draw is replayed), Key Space Detection decides once."""
+    forward: the generator state of each layer's draw is replayed), Key Space Detection decides once. Training
+    mode and checkpointing may be switched on through the base model object (``get_base_model().train()``): the
+    wrapper's own flag stayed False and the recomputation ran without the methods (a review)."""
     monkeypatch.setattr(sampling, "GROUP_DRAW_MAX_NUMEL", 0 if draw == "per_layer" else 10**9)
     if draw == "per_layer":  # the full-width path always draws one block
         monkeypatch.setattr(layer_module, "FULL_WIDTH_MAX_NUMEL", 0)
@@ -391,11 +394,10 @@ def test_gradient_checkpointing_recomputes_with_the_methods(tok, reentrant, draw
         forget, retain = random_batches(0, 3, 400), random_batches(1, 30000, 49000)
         unlearned.fit(NeuronAdjustConfig(ratio=0.2), forget, retain, show_progress=False)
         fit_ksd(unlearned, tok)
-        unlearned.train()
+        target = unlearned if on == "wrapper" else model
+        target.train()
         if checkpointing:
-            unlearned.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
-            )
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         batch = encode(tok, [OTHER[0], OTHER[3]], "right")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = unlearned(**batch, labels=labels).loss

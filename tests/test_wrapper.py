@@ -213,6 +213,27 @@ def test_a_dropped_wrapper_is_freed_and_its_hooks_leave_the_base(smol_tokenizer)
     assert hook_counts(model) == before
 
 
+def test_replacing_a_shared_member_through_the_wrapper_replaces_it_in_the_base(tmp_path, smol_tokenizer):
+    """``resize_token_embeddings`` on the wrapper set a new ``lm_head`` on the wrapper only: the base kept the old
+    head with the new vocabulary size in its config, and a full save wrote the stale head (it then failed to load;
+    a review). The training flag is shared too."""
+    model = tiny_llama(vocab_size=128)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    unlearned.fit(SelectivePruningConfig(ratio=0.2), token_batches(0, vocab=128), token_batches(1, vocab=128))
+    unlearned.resize_token_embeddings(160, mean_resizing=False)
+    assert model.lm_head is unlearned.lm_head and model.lm_head.weight.shape[0] == 160
+    assert model.get_input_embeddings() is unlearned.get_input_embeddings()
+    ids = torch.tensor([[5, 150, 7, 159]])
+    unlearned.save_pretrained(tmp_path / "full", save_base_model=True)
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "full")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, unlearned(ids).logits)
+    model.train()
+    assert unlearned.training and unlearned.model.training
+    unlearned.eval()
+    assert not model.training
+
+
 def test_failed_attach_leaves_no_hooks(pair):
     model, unlearned = pair
     before = hook_counts(model)

@@ -74,6 +74,29 @@ class RuntimeClassMixin:
         obj._unlearn_attachments = {}
         return obj
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """As ``nn.Module``'s; replacing a top-level member the base model shares (``resize_token_embeddings``
+        sets a new ``lm_head``) replaces it in the base too, so that the two stay one model (a full save writes the
+        base's modules). A new member set on the wrapper stays the wrapper's."""
+        super().__setattr__(name, value)
+        base = self.__dict__.get("_unlearn_base")
+        if base is None:
+            return
+        for registry in ("_modules", "_parameters", "_buffers"):
+            mine, theirs = self.__dict__[registry], base.__dict__[registry]
+            if name in mine and name in theirs and mine[name] is not theirs[name]:
+                setattr(base, name, value)
+
+    @property
+    def training(self) -> bool:
+        """The base model's training flag: the two share every submodule, and now the flag too (``base.train()``
+        puts the wrapper in training mode, which activation checkpointing's recomputation reads)."""
+        return self._unlearn_base.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self._unlearn_base.training = mode
+
     @classmethod
     def _dynamic_class(cls, base_cls: type) -> type:
         key = (cls, base_cls)
