@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset, DatasetDict
 from tiny_models import tiny_llama
 
@@ -172,3 +173,40 @@ def test_ratio_auto_refuses_containers_in_the_words_of_a_fixed_ratio(unlearned, 
     with pytest.raises(ValueError, match=message):
         unlearned.fit(NeuronAdjustConfig(ratio="auto"), data, ds, smol_tokenizer, show_progress=False)
     assert not unlearned.methods
+
+
+@pytest.mark.parametrize("fit_many", [False, True])
+def test_named_retain_sets_given_to_a_neuron_method_are_explained(unlearned, smol_tokenizer, fit_many):
+    """Named retain sets are Key Space Detection's; given to Neuron Adjust (alone or in ``fit([...])``) they failed
+    with "Batch 0 is not a mapping with an 'input_ids' tensor" (a review)."""
+    forget = [f"What is {a} + {a}?" for a in range(6)]
+    retain = {"code": ["def f(): return 1", "def g(): return 2"], "prose": ["A cat sat.", "It rained."]}
+    config = NeuronAdjustConfig(ratio=0.1)
+    configs = [config, KeySpaceDetectionConfig()] if fit_many else config
+    with pytest.raises(
+        TypeError, match=r"retain data is a dict \(keys \['code', 'prose'\]\): Neuron Adjust reads"
+    ):
+        unlearned.fit(configs, forget, retain, smol_tokenizer, show_progress=False)
+    assert not unlearned.methods
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_rows_longer_than_a_learned_position_table_are_cut_to_it(model_type, caplog):
+    """A GPT-2 / OPT whose position table is shorter than max_length (512 by default) failed with a raw IndexError
+    on a long text (a review); rows are now cut to the table with a warning, as a fit with that max_length."""
+    import logging
+
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    texts = ["ab" * 150, "cd" * 80, "efg" * 20]  # 300 characters: longer than the 128 positions
+    model = tiny_model(model_type, vocab_size=len(tok))
+    config = SelectivePruningConfig(ratio=0.1)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    with caplog.at_level(logging.WARNING):
+        got = unlearned.fit(config, texts, texts[::-1], tok, name="long", show_progress=False)
+    assert "longer than the 128 positions of the model's learned position embeddings" in caplog.text
+    unlearned.remove_method("long")  # the next fit must probe the plain model, as this one did
+    want = unlearned.fit(config, texts, texts[::-1], tok, name="cut", max_length=128, show_progress=False)
+    for k, v in want.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k

@@ -122,3 +122,16 @@ def last_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     rows = real.nonzero().squeeze(1)
     out[rows, index[rows]] = True
     return out
+
+
+def learned_position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with learned position embeddings (GPT-2's ``wpe``, OPT's ``embed_positions``, less
+    its offset) can run over: a longer input indexes past the table. ``None`` for the others (rotary, ALiBi)."""
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    limits = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(module, nn.Embedding) and module is not inputs and ("pos" in leaf or leaf == "wpe"):
+            offset = getattr(module, "offset", 0)
+            limits.append(module.num_embeddings - (offset if isinstance(offset, int) else 0))
+    return min(limits) if limits else None

@@ -3,10 +3,10 @@ statistics in its place."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..data import DataSpec
+from ..data import DataSpec, _columns_of, _is_tokenized_batch
 from ..probe import architecture_id, probe
 from ..sites import FFLSite
 from ..stats import DEFAULT_STATISTICS, SiteStatistics
@@ -140,6 +140,19 @@ def probe_forget_and_retain(
     layers = resolve_layers(config.layers, len(sites))
     if retain is None:
         raise ValueError(f"{label} needs retain data (got None).")
+    for role, data in (("forget", forget), ("retain", retain)):
+        if (
+            isinstance(data, Mapping)
+            and not _is_tokenized_batch(data)
+            and not any(
+                _columns_of(v) is not None for v in data.values()
+            )  # a DatasetDict: refused in its words
+        ):
+            raise TypeError(
+                f"The {role} data is a dict (keys {list(data)[:4]}): {label} reads one list of texts. Named sets "
+                "({'code': texts, ...}) are for Key Space Detection's calibration; join them (texts_a + texts_b), or "
+                "pass a dict of columns as a datasets.Dataset (Dataset.from_dict)."
+            )
     kw = dict(
         site=site,
         mode=config.tokens,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,6 +19,7 @@ from ..methods.base import Attachment, UnlearningMethod
 from ..methods.config import MethodConfig
 from ..methods.fit_many import fit_configs
 from ..methods.registry import METHOD_CLASSES
+from ..model_inputs import learned_position_limit
 from ..sites import FFLSite, find_ffl_sites
 from .abstention import AbstentionMixin
 from .calling import CallingMixin
@@ -27,6 +29,8 @@ from .runtime_class import RuntimeClassMixin
 
 #: Modules whose reads of ``base_model`` mean transformers' backbone (``PreTrainedModel.base_model``).
 _LIBRARY_CALLERS = ("transformers", "accelerate", "peft", "torch")
+
+logger = logging.getLogger(__name__)
 
 
 class UnlearnedModelForCausalLM(
@@ -138,6 +142,16 @@ class UnlearnedModelForCausalLM(
                 tokens, by default the device's budget, and at most ``batch_size`` examples when given).
             show_progress: tqdm progress bars.
         """
+        limit = learned_position_limit(self)
+        if limit is not None and max_length > limit:  # a longer row would index past the position table
+            logger.warning(
+                "max_length=%d is longer than the %d positions of the model's learned position embeddings: rows are "
+                "cut to %d tokens.",
+                max_length,
+                limit,
+                limit,
+            )
+            max_length = limit
         spec = DataSpec(
             text_column, prompt_column, completion_column, batch_size, max_length, max_batch_tokens
         )
