@@ -273,3 +273,20 @@ def test_an_mlqa_answer_that_is_not_text_is_named(tmp_path):
     (tmp_path / "mlqa" / "dev" / "dev-context-en-question-en.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"question q-7 has an answer that is not text: \[None\]"):
         get_skill("mlqa-en", tmp_path).eval_items()
+
+
+@pytest.mark.parametrize("row, fields", [("What?,a,b,c\n", 4), ("What?,a,b,c,d,A,extra\n", 7)])
+def test_a_csv_row_with_the_wrong_number_of_fields_is_named(tmp_path, row, fields):
+    """A cut MMLU row gave "answer None is neither 0-3 nor A-D" without a line; a row with an extra field was read,
+    the extra value dropped (a review)."""
+    from unlearn_hf.evaluation.data_files import DataFileError
+
+    for split in ("dev", "test"):
+        folder = tmp_path / "mmlu" / split
+        folder.mkdir(parents=True)
+        text = "question,choice0,choice1,choice2,choice3,answer\nWho?,a,b,c,d,B\n" + row
+        (folder / f"anatomy_{split}.csv").write_text(text)
+    with pytest.raises(
+        DataFileError, match=rf"anatomy_dev.csv: line 3 has {fields} fields, the header names 6"
+    ):
+        get_skill("mmlu", tmp_path).eval_items()

@@ -125,10 +125,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
     """The rows of a CSV file with a header line."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    rows = []
     try:
-        return list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+        for row in reader:
+            if None in row or None in row.values():  # more fields than the header names, or fewer
+                n = len(reader.fieldnames or ())
+                got = n + len(row.get(None, ())) - sum(v is None for k, v in row.items() if k is not None)
+                raise DataFileError(
+                    f"{path}: line {reader.line_num} has {got} fields, the header names {n} (a cut or unquoted row?)."
+                )
+            rows.append(row)
     except csv.Error as err:
         raise DataFileError(f"{path}: invalid CSV: {err}.") from None
+    return rows
 
 
 def check_columns(
