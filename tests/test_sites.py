@@ -327,6 +327,59 @@ def test_experts_stacked_in_one_weight_are_refused_naming_the_weights():
     assert "mlp.router (32->4)" in message and "not a transformers experts module" in message
 
 
+# found by a review of mixtures of experts: FFL parts no site covered were left unhooked without a word
+def test_experts_kept_in_embeddings_beside_a_dense_ffl_are_refused():
+    """Doge's MoE variant (``is_moe=True``) keeps its routed experts in two embeddings inside the FFL container
+    whose dense projections the table names: the table's sites would cover the dense part only."""
+    from tiny_models import small_text_kwargs
+
+    config = AutoConfig.for_model(
+        "doge", **small_text_kwargs(), is_moe=True, num_experts=16, num_experts_per_tok=2
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(
+        SiteError, match=r"mlp.down_embed.weight \[16, 32\], model.layers.0.mlp.up_embed"
+    ) as err:
+        find_ffl_sites(model)
+    assert "experts kept in embeddings" in str(err.value)
+    dense = AutoModelForCausalLM.from_config(AutoConfig.for_model("doge", **small_text_kwargs()))
+    assert len(find_ffl_sites(dense)) == config.num_hidden_layers  # the dense variant keeps its sites
+
+
+def test_a_dense_ffl_beside_experts_under_an_unknown_name_is_refused():
+    """LongCat-Flash runs two dense FFLs (``mlps``) beside its experts in every layer: only the experts got sites."""
+    from tiny_models import small_text_kwargs
+
+    kw = {**small_text_kwargs(), "num_layers": 3, "num_hidden_layers": 6, "n_routed_experts": 4}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("longcat_flash", **kw))
+    with pytest.raises(
+        SiteError, match=r"Decoder layer 0 holds FFL output projections beside its experts"
+    ) as err:
+        find_ffl_sites(model)
+    assert "(mlps.0.down_proj, mlps.1.down_proj)" in str(err.value)
+    # a state-space mixer's output projection beside the experts is not an FFL (Granite 4.0-H with experts)
+    from tiny_models import _llama_like
+
+    hybrid = _llama_like(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        shared_intermediate_size=48,
+        layer_types=["mamba", "attention"],
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=8,
+        mamba_n_groups=1,
+        vocab_size=128,
+    )
+    sites = find_ffl_sites(
+        AutoModelForCausalLM.from_config(AutoConfig.for_model("granitemoehybrid", **hybrid))
+    )
+    assert [s.key_name for s in sites if s.block == 0] == [
+        "model.layers.0.shared_mlp.output_linear",
+        *(f"model.layers.0.block_sparse_moe.experts.down_proj[{e}]" for e in range(4)),
+    ]
+
+
 def test_ambiguous_output_projection_names_the_candidates():
     model = tiny_model("llama")
     model.config.model_type = "my_new_arch"

@@ -109,6 +109,30 @@ def _weights_outside_linears(scope: nn.Module, prefix: str) -> list[str]:
     ]
 
 
+def refuse_weights_outside_sites(model: nn.Module, key_names: Sequence[str], layers_name: str) -> None:
+    """Refuse FFL containers (the module holding a key site, when it is not the decoder layer itself) that also
+    compute with weights outside linear modules: experts kept in embeddings (Doge's MoE) would go unhooked.
+
+    Raises:
+        SiteError: naming the weights.
+    """
+    for key in key_names:
+        container = key.rpartition(".")[0]
+        if container.rpartition(".")[0] == layers_name:  # the key sits on the decoder layer: no FFL container
+            continue
+        outside = _weights_outside_linears(model.get_submodule(container), container + ".")
+        if outside:
+            raise SiteError(_outside_message(container, outside))
+
+
+def _outside_message(where: str, outside: list[str]) -> str:
+    return (
+        f"The FFL of {where} also computes with weights outside linear modules ({', '.join(outside)}): experts kept "
+        "in embeddings or stacked weights (Doge's mixture of experts), which no site could cover. It is not "
+        "supported; name the sites yourself to use one projection pair."
+    )
+
+
 def _describe(linears: Sequence[tuple[str, tuple[int, int]]]) -> str:
     return ", ".join(f"{n} ({i}->{o})" for n, (i, o) in linears) or "no linear modules"
 
@@ -181,6 +205,8 @@ def discover_in_layer(
             f"{', '.join(n for n, _ in downs) or 'none'}; found: {found}.{why} Name the sites yourself."
         )
     key_name, d_ff = downs[0]
+    if prefix and (outside := _weights_outside_linears(scope, prefix)):
+        raise SiteError(_outside_message(where, outside))
     ups = [n for n, (i, o) in linears if i == hidden and o == d_ff and n != key_name]
     if len(ups) > 1:  # gated FFL: the pre-activation is the gate
         gates = [n for n in ups if "gate" in n.rsplit(".", 1)[-1].lower()]

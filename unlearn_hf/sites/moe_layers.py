@@ -9,7 +9,7 @@ from torch import nn
 
 from .discovery import discover_in_layer
 from .experts import expert_taps, is_fused_experts
-from .ffl_site import FFLSite, SiteError, SitePair, check_pairs
+from .ffl_site import FFLSite, SiteError, SitePair, check_pairs, linear_io
 
 #: Names of the dense FFLs every token goes through beside the routed experts (in the experts' container): shared
 #: experts, or a dense MLP run next to them (Gemma 4's ``mlp`` beside its ``experts``).
@@ -54,6 +54,7 @@ def moe_sites(
                     continue  # none, or the MoE block itself (a layer's ``mlp`` holding the experts)
                 pair = discover_in_layer(shared, i, hidden, None, act, container=True)
                 out += _dense(model, f"{prefix}{i}.{where + '.' if where else ''}{name}.", pair, hidden, i)
+        _refuse_uncovered(layer, i, hidden, experts, [s for s in out if s.block == i])
         taps = expert_taps(experts)
         full = f"{prefix}{i}.{experts_name}"
         up = taps.layout.up_name
@@ -80,3 +81,34 @@ def _dense(model: nn.Module, prefix: str, pair: SitePair, hidden: int | None, bl
         dataclasses.replace(s, block=block)
         for s in check_pairs(model, [pair.prefixed(prefix)], hidden, None, "discovery")
     ]
+
+
+#: Blocks beside the FFL whose output projections map to the hidden size too: attention, state-space and recurrent
+#: mixers (Granite 4.0-H's ``mamba.out_proj``).
+_MIXER_MARKERS = ("attn", "attention", "mamba", "mixer", "ssm", "conv", "recurrent", "rnn", "lstm")
+
+
+def _refuse_uncovered(
+    layer: nn.Module, index: int, hidden: int | None, experts: nn.Module, shared: list[FFLSite]
+) -> None:
+    """Refuse an MoE layer holding FFL output projections (``d_ff -> hidden``, outside attention and the experts)
+    that none of its sites is: a dense FFL under a name this module does not know (LongCat-Flash's ``mlps``) would
+    otherwise go unhooked, without a word."""
+    if hidden is None:
+        return
+    own = {id(m) for m in experts.modules()} | {id(s.key) for s in shared}
+    loose = [
+        n
+        for n, m in layer.named_modules()
+        if n
+        and id(m) not in own
+        and not any(a in n.lower() for a in _MIXER_MARKERS)
+        and (io := linear_io(m)) is not None
+        and io[1] == hidden
+        and io[0] != hidden
+    ]
+    if loose:
+        raise SiteError(
+            f"Decoder layer {index} holds FFL output projections beside its experts that are not shared experts this "
+            f"library knows ({', '.join(loose)}): they would not be hooked. Name the sites with an override."
+        )

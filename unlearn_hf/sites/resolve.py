@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
-from .discovery import discover_in_layer, find_decoder_layers
+from .discovery import discover_in_layer, find_decoder_layers, refuse_weights_outside_sites
 from .ffl_site import FFLSite, SiteError, SitePair, check_pairs
 from .known_architectures import KNOWN_SITES
 from .model_config import config_d_ff, expert_count, hidden_size, text_config
@@ -100,7 +100,9 @@ def find_ffl_sites(model: nn.Module, override: SiteOverride | None = None) -> li
         source = f"the table entry for {model_type!r}"
         try:
             name, layers = find_decoder_layers(model, holding=(rel.pre, rel.key))
-            return check_pairs(model, full_names(name, [rel] * len(layers)), hidden, expected_d_ff, source)
+            sites = check_pairs(model, full_names(name, [rel] * len(layers)), hidden, expected_d_ff, source)
+            refuse_weights_outside_sites(model, [s.key_name for s in sites], name)
+            return sites
         except SiteError as err:
             table_error = err
     try:
