@@ -210,3 +210,9 @@ def test_rows_longer_than_a_learned_position_table_are_cut_to_it(model_type, cap
     want = unlearned.fit(config, texts, texts[::-1], tok, name="cut", max_length=128, show_progress=False)
     for k, v in want.state_dict().items():
         assert torch.equal(got.state_dict()[k], v), k
+
+
+def test_tokenizer_output_of_lists_gets_the_return_tensors_hint(unlearned, smol_tokenizer):
+    enc = smol_tokenizer(["a b c", "d e"], padding=True)  # lists, no return_tensors
+    with pytest.raises(TypeError, match="tokenizer output of lists: tokenize with return_tensors='pt'"):
+        unlearned.fit(NeuronAdjustConfig(ratio=0.1), dict(enc), ["x y z", "u v"], show_progress=False)

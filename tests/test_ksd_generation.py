@@ -358,6 +358,12 @@ def test_a_copied_prompt_cache_keeps_the_decision_and_not_a_copy_of_the_model(se
     for c in copies:
         assert c._unlearn_request.owner is unlearned
         assert c._unlearn_request is not out.past_key_values._unlearn_request
+    model_copy, cache_copy = copy.deepcopy(
+        [unlearned, out.past_key_values]
+    )  # a copied session: the copy's own
+    assert model_copy is not unlearned and cache_copy._unlearn_request.owner is model_copy
+    cache_copy, model_copy = copy.deepcopy([out.past_key_values, unlearned])  # the same, cache first
+    assert model_copy is not unlearned and cache_copy._unlearn_request.owner is unlearned
     steps = len(refusal_ids(tok)) + 2
     runs = []
     for cache in [*copies, out.past_key_values]:

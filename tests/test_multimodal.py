@@ -180,3 +180,12 @@ def test_methods_on_the_language_model_only(model_type, tmp_path):
         for row in (forget[1], retain[0]):
             assert torch.equal(loaded(**row).logits, unlearned(**row).logits)
         assert torch.equal(loaded.generate(**image, max_new_tokens=4, do_sample=False), sequences)
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_a_vision_towers_position_table_does_not_limit_the_text(model_type):
+    """A fit cuts rows to a learned position table of the text decoder only: the vision tower's patch table (4-5
+    positions in these tiny models, 256 in PaliGemma-224) cut every text row to that (a review of the change)."""
+    from unlearn_hf.model_inputs import learned_position_limit
+
+    assert learned_position_limit(_model(model_type)) is None

@@ -254,6 +254,8 @@ def test_jsonl_records_may_hold_unicode_line_separators_and_files_a_byte_order_m
     path = tmp_path / "a.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
     assert read_jsonl(path) == rows
+    path.write_text("\r".join(json.dumps(r) for r in rows))  # classic Mac line ends
+    assert read_jsonl(path) == rows
     csv_path = tmp_path / "a.csv"
     csv_path.write_bytes(b"\xef\xbb\xbfquestion,A\r\nwhat?,x\r\n")
     assert read_csv(csv_path) == [{"question": "what?", "A": "x"}]

@@ -57,11 +57,18 @@ class RequestState:
         """A copy of the request's state, served by the same model (the owner is not copied): a KV cache copied to
         reuse a prompt's prefill for several continuations (``copy.deepcopy(cache)``) carries its request with it,
         abstention decisions included, and does not drag a copy of the whole model along."""
-        memo[id(self.owner)] = self.owner
         new = RequestState.__new__(type(self))
         memo[id(self)] = new
-        for f in fields(self):
-            setattr(new, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        key = id(self.owner)
+        # the model's copy when the same deepcopy copies the model too (deepcopy([model, cache])), else the model
+        owner = memo.get(key, self.owner)
+        memo[key] = owner  # what the request's data refers to of the model follows it
+        try:
+            for f in fields(self):
+                setattr(new, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        finally:
+            if owner is self.owner:  # the rest of this deepcopy copies the model as it would have
+                del memo[key]
         return new
 
     def decided(self, name: str) -> None:

@@ -65,7 +65,8 @@ _warned_no_group = False
 
 
 class DistributedProbeError(RuntimeError):
-    """Raised on every healthy rank when probing failed on another rank.
+    """Raised on every healthy rank when probing (or another pass of a fit split between the ranks: held-out scoring,
+    Key Space Detection's calibration) failed on another rank; the message names the pass.
 
     Attributes:
         rank: the (lowest) failing rank.

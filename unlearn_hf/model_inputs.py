@@ -125,11 +125,16 @@ def last_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def learned_position_limit(model: nn.Module) -> int | None:
-    """How many positions a model with learned position embeddings (GPT-2's ``wpe``, OPT's ``embed_positions``, less
-    its offset) can run over: a longer input indexes past the table. ``None`` for the others (rotary, ALiBi)."""
+    """How many positions a model with learned position embeddings in its text decoder (GPT-2's ``wpe``, OPT's
+    ``embed_positions``, less its offset) can run over: a longer input indexes past the table. ``None`` for the
+    others (rotary, ALiBi)."""
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    # the text decoder: the module holding the input embeddings (an image-text model's vision tower has position
+    # tables of its own, for its patches)
+    owner = next((n.rpartition(".")[0] for n, m in model.named_modules() if m is inputs), "")
+    text = model.get_submodule(owner) if inputs is not None else model
     limits = []
-    for name, module in model.named_modules():
+    for name, module in text.named_modules():
         leaf = name.rsplit(".", 1)[-1].lower()
         if isinstance(module, nn.Embedding) and module is not inputs and ("pos" in leaf or leaf == "wpe"):
             offset = getattr(module, "offset", 0)

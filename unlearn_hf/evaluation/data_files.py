@@ -107,8 +107,9 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records (JSON objects) of a ``.jsonl`` or ``.jsonl.gz`` file."""
     rows = []
-    # records end at "\n" only: JSON strings may hold U+2028, U+0085... which str.splitlines() would also cut at
-    for n, line in enumerate(read_text(path).split("\n"), 1):
+    # records end at a line break ("\n", "\r\n", "\r": raw inside a JSON string they are invalid) and at nothing
+    # else: strings may hold U+2028, U+0085... at which str.splitlines() would also cut
+    for n, line in enumerate(unix_newlines(read_text(path)).split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -148,6 +148,11 @@ def probe_forget_and_retain(
                 _columns_of(v) is not None for v in data.values()
             )  # a DatasetDict: refused in its words
         ):
+            if "input_ids" in data:  # tokenizer output without return_tensors
+                raise TypeError(
+                    f"The {role} data is tokenizer output of lists: tokenize with return_tensors='pt' (and "
+                    "padding=True), or pass the texts."
+                )
             raise TypeError(
                 f"The {role} data is a dict (keys {list(data)[:4]}): {label} reads one list of texts. Named sets "
                 "({'code': texts, ...}) are for Key Space Detection's calibration; join them (texts_a + texts_b), or "
