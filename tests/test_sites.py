@@ -374,6 +374,9 @@ def test_a_dense_ffl_beside_experts_under_an_unknown_name_is_refused():
     sites = find_ffl_sites(
         AutoModelForCausalLM.from_config(AutoConfig.for_model("granitemoehybrid", **hybrid))
     )
+    # nor is a gated norm's small MLP (AXK2's input_layernorm.mlp.fc2, hidden -> 16 -> hidden)
+    axk2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("axk2", **small_text_kwargs()))
+    assert all(".mlp." in s.key_name and "norm" not in s.key_name for s in find_ffl_sites(axk2))
     assert [s.key_name for s in sites if s.block == 0] == [
         "model.layers.0.shared_mlp.output_linear",
         *(f"model.layers.0.block_sparse_moe.experts.down_proj[{e}]" for e in range(4)),

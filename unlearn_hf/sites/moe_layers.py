@@ -84,8 +84,8 @@ def _dense(model: nn.Module, prefix: str, pair: SitePair, hidden: int | None, bl
 
 
 #: Blocks beside the FFL whose output projections map to the hidden size too: attention, state-space and recurrent
-#: mixers (Granite 4.0-H's ``mamba.out_proj``).
-_MIXER_MARKERS = ("attn", "attention", "mamba", "mixer", "ssm", "conv", "recurrent", "rnn", "lstm")
+#: mixers (Granite 4.0-H's ``mamba.out_proj``) and gated norms (AXK2's ``input_layernorm.mlp``, a gate of the norm).
+_NOT_FFL_MARKERS = ("attn", "attention", "mamba", "mixer", "ssm", "conv", "recurrent", "rnn", "lstm", "norm")
 
 
 def _refuse_uncovered(
@@ -102,7 +102,7 @@ def _refuse_uncovered(
         for n, m in layer.named_modules()
         if n
         and id(m) not in own
-        and not any(a in n.lower() for a in _MIXER_MARKERS)
+        and not any(a in n.lower() for a in _NOT_FFL_MARKERS)
         and (io := linear_io(m)) is not None
         and io[1] == hidden
         and io[0] != hidden
