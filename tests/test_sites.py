@@ -358,29 +358,17 @@ def test_a_dense_ffl_beside_experts_under_an_unknown_name_is_refused():
         find_ffl_sites(model)
     assert "(mlps.0.down_proj, mlps.1.down_proj)" in str(err.value)
     # a state-space mixer's output projection beside the experts is not an FFL (Granite 4.0-H with experts)
-    from tiny_models import _llama_like
+    from tiny_models import tiny_config
 
-    hybrid = _llama_like(
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        shared_intermediate_size=48,
-        layer_types=["mamba", "attention"],
-        mamba_n_heads=4,
-        mamba_d_head=16,
-        mamba_d_state=8,
-        mamba_n_groups=1,
-        vocab_size=128,
-    )
-    sites = find_ffl_sites(
-        AutoModelForCausalLM.from_config(AutoConfig.for_model("granitemoehybrid", **hybrid))
-    )
-    # nor is a gated norm's small MLP (AXK2's input_layernorm.mlp.fc2, hidden -> 16 -> hidden)
-    axk2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("axk2", **small_text_kwargs()))
-    assert all(".mlp." in s.key_name and "norm" not in s.key_name for s in find_ffl_sites(axk2))
+    hybrid = tiny_config("granitemoehybrid", num_local_experts=4, num_experts_per_tok=2)
+    sites = find_ffl_sites(AutoModelForCausalLM.from_config(hybrid))
     assert [s.key_name for s in sites if s.block == 0] == [
         "model.layers.0.shared_mlp.output_linear",
         *(f"model.layers.0.block_sparse_moe.experts.down_proj[{e}]" for e in range(4)),
     ]
+    # nor is a gated norm's small MLP (AXK2's input_layernorm.mlp.fc2, hidden -> 16 -> hidden)
+    axk2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("axk2", **small_text_kwargs()))
+    assert all(".mlp." in s.key_name and "norm" not in s.key_name for s in find_ffl_sites(axk2))
 
 
 def test_ambiguous_output_projection_names_the_candidates():

@@ -7,7 +7,7 @@ import dataclasses
 
 from torch import nn
 
-from .discovery import discover_in_layer
+from .discovery import _ATTENTION_MARKERS, discover_in_layer
 from .experts import expert_taps, is_fused_experts
 from .ffl_site import FFLSite, SiteError, SitePair, check_pairs, linear_io
 
@@ -85,7 +85,7 @@ def _dense(model: nn.Module, prefix: str, pair: SitePair, hidden: int | None, bl
 
 #: Blocks beside the FFL whose output projections map to the hidden size too: attention, state-space and recurrent
 #: mixers (Granite 4.0-H's ``mamba.out_proj``) and gated norms (AXK2's ``input_layernorm.mlp``, a gate of the norm).
-_NOT_FFL_MARKERS = ("attn", "attention", "mamba", "mixer", "ssm", "conv", "recurrent", "rnn", "lstm", "norm")
+_NOT_FFL_MARKERS = (*_ATTENTION_MARKERS, "mamba", "mixer", "ssm", "conv", "recurrent", "rnn", "lstm", "norm")
 
 
 def _refuse_uncovered(
