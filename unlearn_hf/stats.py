@@ -171,31 +171,14 @@ class RunningStats:
         if self._sums is None or self._sums.device != x.device:
             self._fold()
             self._sums = torch.zeros(self._rows, self.dim, dtype=torch.float64, device=x.device)
-        # The column sums are one matrix product per chunk of rows: a row of ones times a float64 work buffer that
-        # holds the chunk's kept quantities side by side, in the order of the sums' rows: [x | x² | |x|] (moments and
-        # abs), [x | x²] or [|x|]. addmm_ is 2.5x faster than ``sum(0)`` for a routed expert's 256 x 384 rows, 1.3x
-        # for a dense 1024 x 1536 site, and faster still than reducing float32 with ``dtype=float64``; one product
-        # over the wide buffer, reused, took 22-24% less time than the copy and a product per quantity (1024 x 1536
-        # float32 rows, moments, 2 threads). The input is only read: float64 activations stay untouched.
-        d, blocks = self.dim, self._rows
-        sums = self._sums.view(1, -1)
-        rows = chunks.chunk_rows(d, x.device, blocks)
-        zeroed = (
-            chunks.excluded_by_chunk(exclude, x.shape[0], rows, x.device) if exclude is not None else None
-        )
-        work = chunks.scratch(min(rows, x.shape[0]), blocks * d, x.device) if blocks else None
-        for i, chunk in enumerate(x.split(rows)) if blocks else ():
-            w = work[: chunk.shape[0]]
-            first = w[:, :d].copy_(chunk)
-            if zeroed is not None and zeroed[i] is not None:
-                first.index_fill_(0, zeroed[i], 0.0)  # any value, NaN or inf included, becomes an exact 0
-            if self.track_moments:
-                torch.square(first, out=w[:, d : 2 * d])
-                if self.track_abs:
-                    torch.abs(first, out=w[:, 2 * d :])
-            else:
-                first.abs_()
-            sums.addmm_(chunks.ones(w.shape[0], w.device), w)
+        if self._rows:
+            chunks.add_column_sums(
+                self._sums.view(1, -1),
+                x,
+                moments=self.track_moments,
+                absolute=self.track_abs,
+                exclude=exclude,
+            )
         self._pending += n
         if self._pending >= _FOLD_ROWS:
             self._fold()
