@@ -198,8 +198,14 @@ BAD_INPUTS = [
     ([*FIT[:-1], ""], "--output is empty"),
     ([*FIT[:-1], "{tiny}"], "is the base model's own folder"),
     ([*FIT, "--retain", ""], "Neuron Adjust need at least one retain skill"),
-    ([*EVAL, "--skills", "mbpp", "--data-dir", "{mbpp_types}"], "malformed data, a field has the wrong type"),
-    ([*EVAL, "--skills", "mbpp", "--data-dir", "{mbpp_taskid}"], "Skill 'mbpp': invalid literal for int()"),
+    (
+        [*EVAL, "--skills", "mbpp", "--data-dir", "{mbpp_types}"],
+        "mbpp.jsonl: row 0 (task 601), test_list must be a list of text, got 5",
+    ),
+    (
+        [*EVAL, "--skills", "mbpp", "--data-dir", "{mbpp_taskid}"],
+        "mbpp.jsonl: row 0, task_id 'abc' is not an integer",
+    ),
     ([*EVAL, "--output", "{file}/results.json"], "is a file, not a folder"),
     ([*EVAL[:2], "{nochat}", *EVAL[3:], "--formats", "qa,chat"], "--formats chat needs a chat template"),
     (["generate", "--model", "{tiny}", "--prompt", "", "--template", "{{prompt}}"], "The prompt is empty"),

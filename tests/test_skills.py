@@ -277,6 +277,73 @@ def test_an_mlqa_answer_that_is_not_text_is_named(tmp_path):
         get_skill("mlqa-en", tmp_path).eval_items()
 
 
+MBPP_ROW = {"task_id": 601, "text": "t", "code": "c", "test_list": ["assert True"]}
+QA = {"id": "q-1", "question": "who?", "answers": [{"text": "me"}]}
+
+
+@pytest.mark.parametrize(
+    "skill, record, message",
+    [
+        ("mbpp", {**MBPP_ROW, "task_id": "abc"}, "row 0, task_id 'abc' is not an integer"),
+        ("mbpp", {**MBPP_ROW, "task_id": True}, "row 0, task_id True is not an integer"),
+        (
+            "mbpp",
+            {**MBPP_ROW, "test_list": None},
+            r"row 0 \(task 601\), test_list must be a list of text, got None",
+        ),
+        ("mbpp", {**MBPP_ROW, "test_list": ["a", 3]}, r"test_list must be a list of text, got \['a', 3\]"),
+        ("mbpp", {**MBPP_ROW, "test_setup_code": 7}, "test_setup_code must be text, got int"),
+        ("mlqa-en", {"data": [{"title": "t"}]}, r"data\[0\] has no 'paragraphs' \(not SQuAD-format JSON\)"),
+        ("mlqa-en", {"data": {"a": 1}}, ": data must be a list, got dict"),
+        (
+            "mlqa-en",
+            {"data": [{"paragraphs": [{"context": "c", "qas": "x"}]}]},
+            r"data\[0\].paragraphs\[0\].qas must be a list, got str",
+        ),
+        (
+            "mlqa-en",
+            {"data": [{"paragraphs": [{"qas": [QA]}]}]},
+            r"data\[0\].paragraphs\[0\] has no 'context'",
+        ),
+        (
+            "mlqa-en",
+            {"data": [{"paragraphs": [{"context": "c", "qas": [{**QA, "answers": [{"answer": "me"}]}]}]}]},
+            r"data\[0\].paragraphs\[0\].qas\[0\].answers\[0\] has no 'text'",
+        ),
+        (
+            "mlqa-en",
+            {"data": [{"paragraphs": [{"context": "c", "qas": [{**QA, "question": None}]}]}]},
+            r"qas\[0\].question must be a str, got NoneType",
+        ),
+    ],
+)
+def test_a_malformed_mbpp_or_mlqa_record_is_named_with_its_file_and_place(tmp_path, skill, record, message):
+    """A task_id "abc", a null test_list, a SQuAD document without its paragraphs gave raw Python errors that named
+    no file (ValueError: invalid literal for int(), TypeError: 'NoneType' object is not iterable, KeyError:
+    'paragraphs'); now a DataFileError names the file, the row or the place in the document, and the field
+    (a review of the data paths)."""
+    from unlearn_hf.evaluation.data_files import DataFileError
+
+    if skill == "mbpp":
+        path = tmp_path / "mbpp" / "mbpp.jsonl"
+        text = json.dumps(record) + "\n"
+    else:
+        path = tmp_path / "mlqa" / "dev" / "dev-context-en-question-en.json"
+        text = json.dumps(record)
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(DataFileError, match=message) as err:
+        get_skill(skill, tmp_path).eval_items()
+    assert str(path) in str(err.value)
+
+
+def test_mbpp_task_ids_written_as_digit_strings_are_read():
+    """A task_id saved as "601" (a CSV export) is still an integer id."""
+    from unlearn_hf.evaluation.skill_loaders import _check_mbpp_rows
+
+    _check_mbpp_rows([{**MBPP_ROW, "task_id": "601"}, {**MBPP_ROW, "test_list": "assert 1"}], "x.jsonl")
+
+
 @pytest.mark.parametrize("row, fields", [("What?,a,b,c\n", 4), ("What?,a,b,c,d,A,extra\n", 7)])
 def test_a_csv_row_with_the_wrong_number_of_fields_is_named(tmp_path, row, fields):
     """A cut MMLU row gave "answer None is neither 0-3 nor A-D" without a line; a row with an extra field was read,

@@ -11,7 +11,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .data_files import check_columns, hub_rows, local_folder, read_csv, read_json, read_jsonl, unix_newlines
+from .data_files import (
+    DataFileError,
+    check_columns,
+    hub_rows,
+    local_folder,
+    read_csv,
+    read_json,
+    read_jsonl,
+    unix_newlines,
+)
 from .items import EvalItem
 from .prompts import mlqa_prompt, qa_prompt
 from .skill_specs import SkillSpec
@@ -48,6 +57,28 @@ def _load_gsm8k(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
     return SkillSplits(out[0], out[1], {})
 
 
+def _check_mbpp_rows(rows: list[dict[str, Any]], source: str) -> None:
+    """Refuse, naming ``source`` and the row, a ``task_id`` that is not an integer and tests that are not text."""
+    for i, r in enumerate(rows):
+        task = r["task_id"]
+        if isinstance(task, bool) or not (
+            isinstance(task, int) or (isinstance(task, str) and task.strip().isdecimal())
+        ):
+            raise DataFileError(f"{source}: row {i}, task_id {task!r} is not an integer.")
+        tests = r["test_list"]
+        if not isinstance(tests, str) and not (
+            isinstance(tests, list) and all(isinstance(t, str) for t in tests)
+        ):
+            raise DataFileError(
+                f"{source}: row {i} (task {task}), test_list must be a list of text, got {tests!r:.80}."
+            )
+        setup = r.get("test_setup_code")
+        if setup is not None and not isinstance(setup, str):
+            raise DataFileError(
+                f"{source}: row {i} (task {task}), test_setup_code must be text, got {type(setup).__name__}."
+            )
+
+
 def _mbpp_item(row: Mapping[str, Any], split: str) -> EvalItem:
     tests = row["test_list"]
     tests = [tests] if isinstance(tests, str) else list(tests)
@@ -68,11 +99,13 @@ def _load_mbpp(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
         path = local_folder(spec, data_dir, ["mbpp.jsonl"]) / "mbpp.jsonl"
         rows = read_jsonl(path)
         check_columns(rows, needed, str(path), text=("text", "code"))
+        _check_mbpp_rows(rows, str(path))
         by_split = {"train": rows, "test": rows}
     else:
         by_split = {s: hub_rows(spec, s) for s in ("train", "test")}
         for s, rows in by_split.items():
             check_columns(rows, needed, f"{spec.hub_path}[{s}]", text=("text", "code"))
+            _check_mbpp_rows(rows, f"{spec.hub_path}[{s}]")
     out = []
     for split, (lo, hi) in (("train", MBPP_PROBE_IDS), ("test", MBPP_EVAL_IDS)):
         rows = sorted(
@@ -215,6 +248,45 @@ def _round_robin(groups: Mapping[str, list[EvalItem]]) -> list[EvalItem]:
     return out
 
 
+def _squad_rows(doc: Any, source: str) -> list[dict[str, Any]]:
+    """The questions of a SQuAD-format document (``data`` → articles → ``paragraphs`` → ``qas``) as rows with
+    context, question, answer texts and id; a part that is missing or of the wrong kind is named with its path."""
+
+    def part(obj: Any, key: str, where: str, kind: type) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise DataFileError(
+                f"{source}: {where or 'the document'} has no {key!r} (not SQuAD-format JSON)."
+            )
+        if not isinstance(obj[key], kind):
+            raise DataFileError(
+                f"{source}: {where + '.' if where else ''}{key} must be a {kind.__name__}, got "
+                f"{type(obj[key]).__name__}."
+            )
+        return obj[key]
+
+    if not isinstance(doc, dict) or "data" not in doc:
+        raise KeyError(f"{source}: not SQuAD-format JSON (no 'data' key).")
+    rows = []
+    for a, article in enumerate(part(doc, "data", "", list)):
+        for p, para in enumerate(part(article, "paragraphs", f"data[{a}]", list)):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = part(para, "context", where, str)
+            for q, qa in enumerate(part(para, "qas", where, list)):
+                at = f"{where}.qas[{q}]"
+                answers = part(qa, "answers", at, list)
+                rows.append(
+                    {
+                        "context": context,
+                        "question": part(qa, "question", at, str),
+                        "answers": [
+                            part(x, "text", f"{at}.answers[{i}]", object) for i, x in enumerate(answers)
+                        ],
+                        "id": part(qa, "id", at, object),
+                    }
+                )
+    return rows
+
+
 def _load_mlqa(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
     lang = spec.name.split("-", 1)[1]
     rows: list[dict[str, Any]] = []
@@ -222,20 +294,7 @@ def _load_mlqa(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
         name = f"dev-context-{lang}-question-{lang}.json"
         path = local_folder(spec, data_dir, [name]) / name
         source = str(path)
-        doc = read_json(path)
-        if not isinstance(doc, dict) or "data" not in doc:
-            raise KeyError(f"{source}: not SQuAD-format JSON (no 'data' key).")
-        for article in doc["data"]:
-            for para in article["paragraphs"]:
-                for qa in para["qas"]:
-                    rows.append(
-                        {
-                            "context": para["context"],
-                            "question": qa["question"],
-                            "answers": [a["text"] for a in qa["answers"]],
-                            "id": qa["id"],
-                        }
-                    )
+        rows = _squad_rows(read_json(path), source)
     else:
         source = f"{spec.hub_path}[{spec.hub_config}, validation]"
         for r in hub_rows(spec, "validation"):
