@@ -83,3 +83,62 @@ def test_no_warning_when_nothing_is_truncated(smol_tokenizer, caplog):
         _, batches = iter_token_batches(["a b c", "d e"], smol_tokenizer, spec=DataSpec(max_length=512))
         list(batches)
     assert "rows are longer" not in caplog.text
+
+
+@pytest.fixture
+def bos_tokenizer(smol_tokenizer):
+    """SmolLM2's tokenizer made to add its BOS token (``<|im_start|>``) in front of every text, as Llama 3's and
+    Gemma's do; its chat template's text starts with that token."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(smol_tokenizer)
+    bos = tok.bos_token
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+# found by a review of the data paths
+def test_text_that_carries_its_own_bos_token_gets_it_once(bos_tokenizer):
+    """A chat-templated text (``apply_chat_template(..., tokenize=False)``) passed as plain text starts with the BOS
+    token; a tokenizer that adds BOS itself doubled it ([1, 1, ...]), which generation never shows the model. The
+    probe's rows and Key Space Detection's prompts and templates now hold it once, other texts still get it."""
+    from unlearn_hf.methods.key_space_detection.rendering import QueryRenderer
+
+    tok = bos_tokenizer
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.startswith(tok.bos_token) and tok(chat)["input_ids"][:2] == [tok.bos_token_id] * 2
+    expected = list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+    assert expected[0] == tok.bos_token_id != expected[1]
+    _, batches = iter_token_batches([chat, "What is 2 + 2?"], tok, spec=DataSpec(batch_size=1))
+    rows = [b.input_ids[0][b.attention_mask[0].bool()].tolist() for b in batches]
+    assert sorted(rows, key=len) == sorted([expected, tok("What is 2 + 2?")["input_ids"]], key=len)
+
+    (prompt,) = QueryRenderer(tok, inputs="prompts").render([chat])[0]
+    assert prompt.input_ids == expected
+    template = tok.bos_token + "Q: {question}\nA:"
+    renderer = QueryRenderer(tok, chat=False, bare=False, templates=[template])
+    (rendered,) = renderer.render(["What is 2 + 2?"])[0]
+    assert rendered.input_ids[:2] == [tok.bos_token_id, tok.encode("Q", add_special_tokens=False)[0]]
+    assert tok.convert_ids_to_tokens(rendered.input_ids[rendered.question_end]).endswith("?")
+
+
+def test_probing_text_leaves_the_users_tokenizer_as_it_was(smol_tokenizer):
+    """The probe pads with the EOS token when there is no pad token and truncates queries on the left, without
+    copying the tokenizer (a copy per probe took 0.08 s) and without changing it."""
+    import copy
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.pad_token = None
+    tok.truncation_side = "right"
+    spec = DataSpec(max_length=3, batch_size=2)
+    ((batch),) = list(iter_token_batches(["a b c d e f", "a"], tok, mode="last", spec=spec)[1])
+    assert tok.pad_token is None and tok.truncation_side == "right"
+    real = [row[m.bool()].tolist() for row, m in zip(batch.input_ids, batch.attention_mask)]
+    assert real == [tok("a b c d e f")["input_ids"][-3:], tok("a")["input_ids"]]
+    assert batch.input_ids[1][~batch.attention_mask[1].bool()].tolist() == [tok.eos_token_id] * 2

@@ -23,7 +23,6 @@ get no batch at all.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,6 +34,7 @@ import torch
 from .batch_plan import default_batch_tokens, plan_batches
 from .model_inputs import last_token_mask
 from .sharding import ShardBatches, check_shard, fingerprint_rows, shard_batch_indices
+from .tokenizing import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -159,20 +159,6 @@ def _check_text(records: list[tuple[Any, Any]], pairs: bool) -> list[tuple[str, 
     return records
 
 
-def prepare_tokenizer(tokenizer: Any, mode: str):
-    """Return a copy of ``tokenizer`` with a pad token and, in query mode, left truncation."""
-    if tokenizer is None:
-        raise ValueError("A tokenizer is needed to tokenize text data (pass tokenizer=...).")
-    tok = copy.deepcopy(tokenizer)
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise ValueError("The tokenizer has neither a pad token nor an eos token to pad with.")
-        tok.pad_token = tok.eos_token
-    if mode == "last":
-        tok.truncation_side = "left"
-    return tok
-
-
 def _shard_rows(data: Any, rows: list[int]) -> Any:
     """The given rows of a list or a column-addressable data set (``datasets.Dataset.select``)."""
     if _columns_of(data) is not None:
@@ -242,7 +228,7 @@ def iter_token_batches(
         rows = (row.tolist() for b in data if _is_tokenized_batch(b) for row in b["input_ids"])
         return n, ShardBatches(batches, fingerprint_rows(rows))
     records = _records(data, spec, mode)
-    tok = prepare_tokenizer(tokenizer, mode)
+    tok = TextTokenizer.of(tokenizer, mode)
     rows = _encode_rows(records, tok, spec.max_length)
     empty = [i for i, (ids, _) in enumerate(rows) if not ids]
     if empty:  # refused whatever the batching (a batch of empty rows alone would have no tokens at all)
@@ -305,19 +291,21 @@ def _tokenized_iter(
         raise ValueError("The data set is empty: the iterable yielded no batches.")
 
 
-def _encode(tok: Any, prompt: str, completion: str | None) -> tuple[list[int], int]:
+def _encode(tok: TextTokenizer, prompt: str, completion: str | None) -> tuple[list[int], int]:
     """``(token ids, number of prompt tokens)``. A pair is tokenized part by part and the ids concatenated (the
     prompt with the tokenizer's special tokens, the completion without), so the boundary is exact: tokenizing the
     joined text lets BPE merge across it (``"A: " + "Paris"`` gives one token ``" Paris"``) and a count of the
     prompt's own tokens then misplaces it."""
-    ids = list(tok(prompt)["input_ids"])
+    ids = tok.encode(prompt)
     n_prompt = len(ids)
     if completion is not None:
-        ids += tok(completion, add_special_tokens=False)["input_ids"]
+        ids += tok.encode(completion, special=False)
     return ids, n_prompt
 
 
-def _encode_rows(records: list[tuple[str, str | None]], tok, max_length: int) -> list[tuple[list[int], int]]:
+def _encode_rows(
+    records: list[tuple[str, str | None]], tok: TextTokenizer, max_length: int
+) -> list[tuple[list[int], int]]:
     """Token ids and prompt-token count of each record, truncated to ``max_length`` on the tokenizer's side."""
     rows = [_encode(tok, p, c) for p, c in records]
     long = sum(len(ids) > max_length for ids, _ in rows)

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ...tokenizing import doubled_bos
+
 QUESTION_FIELD = "{question}"
 
 
@@ -173,7 +175,8 @@ class QueryRenderer:
 
     def _ids(self, text: str, special: bool) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
-        return list(ids.flatten().tolist() if hasattr(ids, "flatten") else ids)
+        ids = list(ids.flatten().tolist() if hasattr(ids, "flatten") else ids)
+        return ids[doubled_bos(self.tokenizer, text, ids) :] if special else ids
 
     def _locate(self, text: str, question: str, name: str, *, special: bool, index: int) -> RenderedQuery:
         """Tokenize ``text`` and find the token holding the last character of ``question`` in it."""
@@ -187,7 +190,9 @@ class QueryRenderer:
         end = start + len(stripped)  # one past the question's last character
         if getattr(self.tokenizer, "is_fast", False):
             enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-            ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+            ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+            drop = doubled_bos(self.tokenizer, text, ids) if special else 0
+            ids, offsets = ids[drop:], offsets[drop:]
             hits = [j for j, (a, b) in enumerate(offsets) if b > a and a < end]
             if not hits:
                 raise ValueError(f"Query {index}: no token of the {name} rendering covers the question.")
