@@ -142,3 +142,21 @@ def test_probing_text_leaves_the_users_tokenizer_as_it_was(smol_tokenizer):
     real = [row[m.bool()].tolist() for row, m in zip(batch.input_ids, batch.attention_mask)]
     assert real == [tok("a b c d e f")["input_ids"][-3:], tok("a")["input_ids"]]
     assert batch.input_ids[1][~batch.attention_mask[1].bool()].tolist() == [tok.eos_token_id] * 2
+
+
+def test_tokenized_batches_without_attention_mask_count_every_token_and_say_so_once(caplog):
+    """Without an attention_mask every token counts (as in transformers): right for rows of one length, padding
+    counted for padded rows, which the probe cannot tell apart; a batch of several rows without a mask is named
+    in one warning (a review found the padding counted silently)."""
+    ids = torch.tensor([[5, 6, 7], [8, 0, 0]])
+    data = [{"input_ids": ids}, {"input_ids": ids.clone()}, {"input_ids": torch.tensor([[1, 2]])}]
+    with caplog.at_level(logging.WARNING, logger="unlearn_hf.data"):
+        batches = list(iter_token_batches(data)[1])
+    assert [int(b.select.sum()) for b in batches] == [6, 6, 2]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "Batch 0 has 2 rows and no attention_mask" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unlearn_hf.data"):
+        list(iter_token_batches([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])[1])
+        list(iter_token_batches([{"input_ids": torch.tensor([[1, 2]])}])[1])
+    assert not caplog.records

@@ -262,7 +262,7 @@ def _refuse_containers(data: Any) -> None:
 def _tokenized_iter(
     batches: Iterable[tuple[int, Mapping[str, Any]]], mode: str, allow_empty: bool = False
 ) -> Iterator[TokenBatch]:
-    seen = allow_empty
+    seen, warned = allow_empty, False
     for i, b in batches:
         if not _is_tokenized_batch(b):
             raise TypeError(
@@ -272,6 +272,14 @@ def _tokenized_iter(
             )
         ids = b["input_ids"]
         mask = b.get("attention_mask")
+        if mask is None and ids.ndim == 2 and ids.shape[0] > 1 and not warned:
+            warned = True  # as transformers does: rows of one length need no mask, padded rows do
+            logger.warning(
+                "Batch %d has %d rows and no attention_mask: every token counts, padding included (pass the "
+                "tokenizer's attention_mask with the input_ids).",
+                i,
+                ids.shape[0],
+            )
         mask = torch.ones_like(ids) if mask is None else mask
         if mask.shape != ids.shape:
             raise ValueError(
