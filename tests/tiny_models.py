@@ -11,6 +11,7 @@ attention heads and a 128-token vocabulary (``vocab_size=49152`` gives the SmolL
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -243,5 +244,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def hook_count(model) -> int:
-    """Forward hooks and pre-hooks registered on any module of ``model``."""
+    """Forward hooks and pre-hooks registered on any module of ``model``, after a garbage collection: a dropped
+    wrapper's hooks stay until the collector frees it (its finalizer removes them), and when that happens depends on
+    what else the process allocated, so a count without it would depend on the tests that ran before."""
+    gc.collect()
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
