@@ -23,7 +23,6 @@ get no batch at all.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 
 from .batch_plan import default_batch_tokens, plan_batches
 from .model_inputs import last_token_mask
-from .sharding import ShardBatches, check_shard, fingerprint_rows, shard_batch_indices
+from .sharding import ShardBatches, check_shard, fingerprint_rows, owns_batch, shard_batch_indices
 from .tokenizing import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -215,7 +214,7 @@ def iter_token_batches(
     if not isinstance(data, Sequence) and _columns_of(data) is None:  # a generator of tokenized batches
         indexed = enumerate(data)
         if shard is not None:
-            indexed = itertools.islice(indexed, rank, None, world_size)
+            indexed = ((i, b) for i, b in indexed if owns_batch(i, rank, world_size))
         return None, _tokenized_iter(indexed, mode, allow_empty=shard is not None)
     if len(data) == 0:
         raise ValueError("The data set is empty: at least one example is needed.")
@@ -239,7 +238,7 @@ def iter_token_batches(
     plan = spec.plan([len(ids) for ids, _ in rows], device)
     if shard is None:
         return sum(len(b) for b in plan), _text_iter(rows, plan, tok, mode)
-    mine = plan[rank::world_size]
+    mine = [plan[i] for i in shard_batch_indices(len(plan), rank, world_size)]
     return sum(len(b) for b in mine), ShardBatches(
         _text_iter(rows, mine, tok, mode), fingerprint_rows(i for i, _ in rows)
     )

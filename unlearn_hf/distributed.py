@@ -53,6 +53,7 @@ from contextvars import ContextVar
 import torch
 import torch.distributed as dist
 
+from .sharding import owns_batch
 from .stats import RunningStats, SiteStatistics
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def sum_sharded(work: Callable[[Callable[[int], bool]], torch.Tensor], stage: st
     if world == 1:
         return work(lambda i: True)
     try:
-        local = work(lambda i: i % world == rank)
+        local = work(lambda i: owns_batch(i, rank, world))
     except Exception as err:
         _sum_over_ranks(None, err, stage)
         raise  # not reached: the line above raises err

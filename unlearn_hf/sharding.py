@@ -9,10 +9,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 
-def shard_batch_indices(n_batches: int, rank: int, world_size: int) -> range:
-    """Indices of the batches that ``rank`` probes out of ``n_batches``: ``rank, rank + world_size, ...``."""
+def owns_batch(index: int, rank: int, world_size: int) -> bool:
+    """Whether batch ``index`` is rank ``rank``'s: batch ``i`` goes to rank ``i % world_size``. The one statement of
+    the rule that every pass split between the ranks follows (probes, held-out scoring, KSD calibration)."""
+    return index % world_size == rank
+
+
+def shard_batch_indices(n_batches: int, rank: int, world_size: int) -> list[int]:
+    """Indices of the batches that ``rank`` probes out of ``n_batches`` (:func:`owns_batch`)."""
     check_shard((rank, world_size))
-    return range(rank, n_batches, world_size)
+    return [i for i in range(n_batches) if owns_batch(i, rank, world_size)]
 
 
 def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
