@@ -128,6 +128,34 @@ def test_text_that_carries_its_own_bos_token_gets_it_once(bos_tokenizer):
     assert tok.convert_ids_to_tokens(rendered.input_ids[rendered.question_end]).endswith("?")
 
 
+def test_the_bos_rule_drops_only_a_bos_the_tokenizer_added(bos_tokenizer, smol_tokenizer):
+    """A tokenizer that adds no BOS keeps a text's own leading BOS tokens, even two of them (a review: the first
+    rule looked at the ids only); the evaluation's prompts and prompt + answer texts get BOS once, as the probe's."""
+    from unlearn_hf.evaluation.batching import encode_pairs, encode_prompts
+    from unlearn_hf.tokenizing import BosRule, TextTokenizer
+
+    bos = smol_tokenizer.bos_token
+    assert (
+        BosRule.of(smol_tokenizer) == BosRule() and BosRule.of(bos_tokenizer).id == bos_tokenizer.bos_token_id
+    )
+    twice = bos + bos + "hi"
+    plain = TextTokenizer.of(smol_tokenizer, "all")
+    assert plain.encode(twice) == smol_tokenizer(twice)["input_ids"] and plain.encode(twice)[:2] == [1, 1]
+    assert TextTokenizer.of(bos_tokenizer, "all").encode(twice)[:3] == [
+        1,
+        1,
+        bos_tokenizer.encode("hi", add_special_tokens=False)[0],
+    ]
+
+    tok = bos_tokenizer
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+    assert encode_prompts(tok, [chat, "hi"], 512) == [expected, tok("hi")["input_ids"]]
+    ((ids, start, lost),) = encode_pairs(tok, [chat], [chat + "4"], 512)
+    assert ids[: len(expected)] == expected and start == len(expected) and lost == 0
+
+
 def test_probing_text_leaves_the_users_tokenizer_as_it_was(smol_tokenizer):
     """The probe pads with the EOS token when there is no pad token and truncates queries on the left, without
     copying the tokenizer (a copy per probe took 0.08 s) and without changing it."""

@@ -4,25 +4,52 @@ and the sides a probe uses, and one rule for text that carries its own BOS token
 A text rendered by a chat template (``apply_chat_template(..., tokenize=False)``) often starts with the BOS token
 (Llama 3's ``<|begin_of_text|>``, Gemma's ``<bos>``); a tokenizer that adds BOS itself then doubles it, which the
 model never sees at generation time (``apply_chat_template(tokenize=True)`` and ``pipeline`` add it once).
-:func:`doubled_bos` finds that case, and the callers drop the tokenizer's copy.
+:class:`BosRule` finds that case, and the probe, Key Space Detection's renderings and the evaluation drop the
+tokenizer's copy.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class BosRule:
+    """The BOS token a tokenizer puts in front of every text itself (``token``/``id`` ``None``: it adds none, or
+    has no BOS token), and which leading ids of a text to drop because of it."""
+
+    token: str | None = None
+    id: int | None = None
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> BosRule:
+        """The rule of ``tokenizer``: it adds BOS when a plain word tokenized with special tokens starts with it."""
+        token, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+        if not token or bos_id is None:
+            return cls()
+        ids = tokenizer("a")["input_ids"]
+        first = ids[0] if len(ids) else None
+        return cls(token, bos_id) if first == bos_id else cls()
+
+    def drop(self, text: str, ids: Sequence[int]) -> int:
+        """How many leading ``ids`` of ``text`` (tokenized with special tokens) to drop: 1 where the text starts
+        with the BOS token and the tokenizer added its own in front of it, else 0."""
+        if self.token is None or len(ids) < 2 or not text.startswith(self.token):
+            return 0
+        return int(ids[0] == ids[1] == self.id)
 
 
-def doubled_bos(tokenizer: Any, text: str, ids: list[int]) -> int:
-    """How many leading ``ids`` of ``text`` to drop: 1 where the text starts with the tokenizer's BOS token and the
-    tokenizer added its own in front of it, else 0."""
-    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
-    if not bos or bos_id is None or len(ids) < 2 or not text.startswith(bos):
-        return 0
-    return int(ids[0] == ids[1] == bos_id)
+def encode_texts(tokenizer: Any, texts: Sequence[str], rule: BosRule | None = None) -> list[list[int]]:
+    """Token ids of ``texts`` with the tokenizer's special tokens, BOS once (``rule``: the tokenizer's
+    :class:`BosRule`, found when not given)."""
+    rule = BosRule.of(tokenizer) if rule is None else rule
+    out = []
+    for text, ids in zip(texts, tokenizer(list(texts))["input_ids"]):
+        ids = list(ids)
+        out.append(ids[rule.drop(text, ids) :])
+    return out
 
 
 @dataclass(frozen=True)
@@ -34,12 +61,14 @@ class TextTokenizer:
         tokenizer: the user's tokenizer (only called).
         pad_token_id: the id that pads rows.
         padding_side / truncation_side: ``"left"`` or ``"right"``; query mode truncates on the left.
+        bos: the tokenizer's :class:`BosRule`.
     """
 
     tokenizer: Any
     pad_token_id: int
     padding_side: str
     truncation_side: str
+    bos: BosRule = BosRule()
 
     @classmethod
     def of(cls, tokenizer: Any, mode: str) -> TextTokenizer:
@@ -54,10 +83,9 @@ class TextTokenizer:
         if pad is None:
             raise ValueError("The tokenizer has neither a pad token nor an eos token to pad with.")
         side = "left" if mode == "last" else getattr(tokenizer, "truncation_side", "right")
-        return cls(tokenizer, pad, getattr(tokenizer, "padding_side", "right"), side)
+        return cls(tokenizer, pad, getattr(tokenizer, "padding_side", "right"), side, BosRule.of(tokenizer))
 
     def encode(self, text: str, special: bool = True) -> list[int]:
-        """Token ids of ``text``; with ``special``, the tokenizer's special tokens, BOS only once
-        (:func:`doubled_bos`)."""
+        """Token ids of ``text``; with ``special``, the tokenizer's special tokens, BOS only once."""
         ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
-        return ids[doubled_bos(self.tokenizer, text, ids) :] if special else ids
+        return ids[self.bos.drop(text, ids) :] if special else ids

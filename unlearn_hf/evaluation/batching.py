@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..model_inputs import accepts, input_device, position_ids_from_mask
+from ..tokenizing import encode_texts
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -95,8 +96,7 @@ def encode_pairs(
     many answer tokens were cut off by truncation. The answer starts where the text's ids stop matching the
     prompt's; special tokens the tokenizer appends (an EOS) are dropped."""
     _, n_suffix = special_layout(tokenizer)
-    full = tokenizer(list(texts))["input_ids"]
-    pre = tokenizer(list(prompts))["input_ids"]
+    full, pre = encode_texts(tokenizer, texts), encode_texts(tokenizer, prompts)
     out = []
     for f, p in zip(full, pre):
         if n_suffix:
@@ -112,7 +112,7 @@ def encode_pairs(
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int) -> list[list[int]]:
     _, n_suffix = special_layout(tokenizer)
-    ids = tokenizer(list(prompts))["input_ids"]
+    ids = encode_texts(tokenizer, prompts)
     return [(s[:-n_suffix] if n_suffix else s)[-max_length:] for s in ids]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..tokenizing import BosRule, encode_texts
 from .abstention import detect_ids, scoring_context
 from .batching import (
     batches,
@@ -87,8 +88,10 @@ def mmlu_accuracy(
     )
     _, n_suffix = special_layout(tokenizer)
 
+    bos = BosRule.of(tokenizer)
+
     def encode(text: str) -> list[int]:
-        ids = tokenizer(text)["input_ids"]
+        (ids,) = encode_texts(tokenizer, [text], bos)
         return ids[:-n_suffix] if n_suffix else ids
 
     letter_ids = [tokenizer(" " + x, add_special_tokens=False)["input_ids"] for x in MMLU_LETTERS]

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ...tokenizing import doubled_bos
+from ...tokenizing import BosRule
 
 QUESTION_FIELD = "{question}"
 
@@ -98,6 +98,7 @@ class QueryRenderer:
         if tokenizer is None:
             raise ValueError("A tokenizer is needed to render questions (pass tokenizer=...).")
         self.tokenizer = tokenizer
+        self._bos = BosRule.of(tokenizer)
         self.inputs = inputs
         self.templates = check_templates(templates)
         self.has_chat = chat and bool(getattr(tokenizer, "chat_template", None))
@@ -176,7 +177,7 @@ class QueryRenderer:
     def _ids(self, text: str, special: bool) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
         ids = list(ids.flatten().tolist() if hasattr(ids, "flatten") else ids)
-        return ids[doubled_bos(self.tokenizer, text, ids) :] if special else ids
+        return ids[self._bos.drop(text, ids) :] if special else ids
 
     def _locate(self, text: str, question: str, name: str, *, special: bool, index: int) -> RenderedQuery:
         """Tokenize ``text`` and find the token holding the last character of ``question`` in it."""
@@ -191,7 +192,7 @@ class QueryRenderer:
         if getattr(self.tokenizer, "is_fast", False):
             enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
             ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-            drop = doubled_bos(self.tokenizer, text, ids) if special else 0
+            drop = self._bos.drop(text, ids) if special else 0
             ids, offsets = ids[drop:], offsets[drop:]
             hits = [j for j, (a, b) in enumerate(offsets) if b > a and a < end]
             if not hits:
