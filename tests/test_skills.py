@@ -337,11 +337,15 @@ def test_a_malformed_mbpp_or_mlqa_record_is_named_with_its_file_and_place(tmp_pa
     assert str(path) in str(err.value)
 
 
-def test_mbpp_task_ids_written_as_digit_strings_are_read():
-    """A task_id saved as "601" (a CSV export) is still an integer id."""
-    from unlearn_hf.evaluation.skill_loaders import _check_mbpp_rows
+def test_mbpp_task_ids_written_as_digit_strings_or_whole_floats_are_read():
+    """A task_id saved as "601" (a CSV export), 601.0 or a numpy integer is still the integer id 601."""
+    import numpy as np
 
-    _check_mbpp_rows([{**MBPP_ROW, "task_id": "601"}, {**MBPP_ROW, "test_list": "assert 1"}], "x.jsonl")
+    from unlearn_hf.evaluation.skill_loaders import _check_mbpp_rows, _mbpp_item
+
+    rows = [{**MBPP_ROW, "task_id": t} for t in ("601", " 601 ", 601.0, np.int64(601))]
+    _check_mbpp_rows([*rows, {**MBPP_ROW, "test_list": ("assert 1",)}], "x.jsonl")
+    assert {_mbpp_item(r, "train").id for r in rows} == {"mbpp/train/601"}
 
 
 @pytest.mark.parametrize("row, fields", [("What?,a,b,c\n", 4), ("What?,a,b,c,d,A,extra\n", 7)])

@@ -7,7 +7,7 @@ The probe/eval splits are those of the table in :mod:`unlearn_hf.evaluation.skil
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,13 +61,15 @@ def _check_mbpp_rows(rows: list[dict[str, Any]], source: str) -> None:
     """Refuse, naming ``source`` and the row, a ``task_id`` that is not an integer and tests that are not text."""
     for i, r in enumerate(rows):
         task = r["task_id"]
-        if isinstance(task, bool) or not (
-            isinstance(task, int) or (isinstance(task, str) and task.strip().isdecimal())
-        ):
+        try:
+            whole = not isinstance(task, bool) and float(task) == int(task)
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole:
             raise DataFileError(f"{source}: row {i}, task_id {task!r} is not an integer.")
         tests = r["test_list"]
         if not isinstance(tests, str) and not (
-            isinstance(tests, list) and all(isinstance(t, str) for t in tests)
+            isinstance(tests, Sequence) and all(isinstance(t, str) for t in tests)
         ):
             raise DataFileError(
                 f"{source}: row {i} (task {task}), test_list must be a list of text, got {tests!r:.80}."
@@ -87,7 +89,7 @@ def _mbpp_item(row: Mapping[str, Any], split: str) -> EvalItem:
     return EvalItem(
         qa_prompt(row["text"]),
         unix_newlines(row["code"]),
-        f"mbpp/{split}/{row['task_id']}",
+        f"mbpp/{split}/{int(row['task_id'])}",
         test_code=test_code,
         question=row["text"],
     )
