@@ -1,5 +1,5 @@
-"""How text is tokenized for a probe: the user's tokenizer, called but never copied or changed, with the pad id
-and the sides a probe uses, and one rule for text that carries its own BOS token.
+"""How text becomes token ids for the probes and the evaluation: the user's tokenizer, called but never copied or
+changed, with the pad id and the sides a probe uses, and one rule for text that carries its own BOS token.
 
 A text rendered by a chat template (``apply_chat_template(..., tokenize=False)``) often starts with the BOS token
 (Llama 3's ``<|begin_of_text|>``, Gemma's ``<bos>``); a tokenizer that adds BOS itself then doubles it, which the
