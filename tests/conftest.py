@@ -35,6 +35,23 @@ def smol_tokenizer(smollm2):
     return smollm2[1]
 
 
+@pytest.fixture
+def bos_tokenizer(smol_tokenizer):
+    """SmolLM2's tokenizer made to add its BOS token (``<|im_start|>``) in front of every text, as Llama 3's and
+    Gemma's do; its chat template's text starts with that token."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(smol_tokenizer)
+    bos = tok.bos_token
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for the tests of a module (tiny models run fastest so on a shared machine)."""

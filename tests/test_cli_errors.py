@@ -412,3 +412,31 @@ def test_ksd_fits_without_retain_skills(folders, shared_data, tmp_path):
     saved = json.loads((out / CONFIG_NAME).read_text())
     (config,) = [m["config"] for m in saved["methods"]]
     assert config["layers"] == [2] and config["alpha"] == 1.0 and config["calibration"] is None
+
+
+def test_cli_generate_gives_a_template_that_starts_with_bos_one_bos(
+    bos_tokenizer, tmp_path, monkeypatch, capsys
+):
+    """`generate --template` tokenized the template with the tokenizer's special tokens: a template that starts with
+    the BOS token (a chat template written out) got two with a tokenizer that adds its own; now one."""
+    from transformers import GenerationMixin
+
+    folder = tmp_path / "bos"
+    tiny_llama(layers=2).save_pretrained(folder)
+    bos_tokenizer.save_pretrained(folder)
+    seen = []
+    real = GenerationMixin.generate
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording)
+    bos = bos_tokenizer.bos_token
+    args = ["generate", "--model", str(folder), "--max-new-tokens", "2", "-q", "--prompt", "hi"]
+    assert main([*args, "--template", bos + "user\n{prompt}"]) == 0
+    assert main([*args, "--template", "Q: {prompt}"]) == 0
+    capsys.readouterr()
+    one = bos_tokenizer.bos_token_id
+    assert seen[0][:2] == [one, bos_tokenizer.encode("user", add_special_tokens=False)[0]]
+    assert seen[1][0] == one and seen[1][1] != one  # a template without BOS still gets the tokenizer's

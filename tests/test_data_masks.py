@@ -85,23 +85,6 @@ def test_no_warning_when_nothing_is_truncated(smol_tokenizer, caplog):
     assert "rows are longer" not in caplog.text
 
 
-@pytest.fixture
-def bos_tokenizer(smol_tokenizer):
-    """SmolLM2's tokenizer made to add its BOS token (``<|im_start|>``) in front of every text, as Llama 3's and
-    Gemma's do; its chat template's text starts with that token."""
-    import copy
-
-    from tokenizers.processors import TemplateProcessing
-
-    tok = copy.deepcopy(smol_tokenizer)
-    bos = tok.bos_token
-    tok._tokenizer.post_processor = TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_token_id)]
-    )
-    assert tok("hi")["input_ids"][0] == tok.bos_token_id
-    return tok
-
-
 # found by a review of the data paths
 def test_text_that_carries_its_own_bos_token_gets_it_once(bos_tokenizer):
     """A chat-templated text (``apply_chat_template(..., tokenize=False)``) passed as plain text starts with the BOS

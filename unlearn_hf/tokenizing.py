@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 
 @dataclass(frozen=True)
 class BosRule:
@@ -50,6 +52,16 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], rule: BosRule | None = No
         ids = list(ids)
         out.append(ids[rule.drop(text, ids) :])
     return out
+
+
+def prompt_tensors(tokenizer: Any, text: str) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[1, n]`` of one prompt for ``generate``, BOS once
+    (:func:`encode_texts`)."""
+    (ids,) = encode_texts(tokenizer, [text])
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+    }
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 
 from ..evaluation import build_report, markdown_table, save_report
 from ..evaluation.runner import abstention_rates, evaluate_skills
+from ..tokenizing import prompt_tensors
 from ..wrapper import UnlearnedModelForCausalLM
 from .common import UserError, forget_and_retain, load_model, split_names
 from .recipes import data_descriptions, fit_methods, method_names
@@ -24,7 +25,7 @@ def _say(quiet: bool, text: str) -> None:
 
 
 def _sample_answer(model: Any, tok: Any, prompt: str, max_new_tokens: int = 40) -> str:
-    enc = tok(prompt, return_tensors="pt")
+    enc = prompt_tensors(tok, prompt)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return (
         tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip().replace("\n", " ")

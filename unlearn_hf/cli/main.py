@@ -15,6 +15,7 @@ from pathlib import Path
 from ..evaluation.data_files import DataFileError
 from ..persistence.atomic import AtomicSaveError
 from ..persistence.format import UnlearnFormatError
+from ..tokenizing import prompt_tensors
 from ..version import __version__
 from .arguments import (
     DEFAULT_DATA,
@@ -351,7 +352,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def answer(prompt: str) -> str:
         text = args.template.replace("{prompt}", prompt)
-        enc = tok(text, return_tensors="pt")
+        enc = prompt_tensors(tok, text)  # a template that starts with BOS gets it once
         if enc["input_ids"].shape[1] == 0:
             raise UserError("The prompt is empty (after --template): nothing to generate from.")
         out = model.generate(
