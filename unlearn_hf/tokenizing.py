@@ -12,9 +12,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+
+class SpecialTokens(NamedTuple):
+    """The special token ids a tokenizer adds before (``prefix``) and after (``suffix``) every text."""
+
+    prefix: list[int]
+    suffix: list[int]
+
+
+def special_tokens(tokenizer: Any) -> SpecialTokens:
+    """What :class:`SpecialTokens` ``tokenizer`` adds, read from one text tokenized with and without them."""
+    plain = list(tokenizer("hello world", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("hello world")["input_ids"])
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return SpecialTokens(full[:k], full[k + len(plain) :])
+    return SpecialTokens([], [])
 
 
 @dataclass(frozen=True)
@@ -27,13 +44,12 @@ class BosRule:
 
     @classmethod
     def of(cls, tokenizer: Any) -> BosRule:
-        """The rule of ``tokenizer``: it adds BOS when a plain word tokenized with special tokens starts with it."""
+        """The rule of ``tokenizer``: it adds BOS when the special tokens it puts before a text start with it."""
         token, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
         if not token or bos_id is None:
             return cls()
-        ids = tokenizer("a")["input_ids"]
-        first = ids[0] if len(ids) else None
-        return cls(token, bos_id) if first == bos_id else cls()
+        prefix = special_tokens(tokenizer).prefix
+        return cls(token, bos_id) if prefix[:1] == [bos_id] else cls()
 
     def drop(self, text: str, ids: Sequence[int]) -> int:
         """How many leading ``ids`` of ``text`` (tokenized with special tokens) to drop: 1 where the text starts

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..model_inputs import accepts, input_device, position_ids_from_mask
-from ..tokenizing import encode_texts
+from ..tokenizing import encode_texts, special_tokens
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -79,23 +79,13 @@ def forward_at(
     return results
 
 
-def special_layout(tokenizer: Any) -> tuple[int, int]:
-    """How many special tokens the tokenizer adds before and after a text."""
-    plain = tokenizer("hello world", add_special_tokens=False)["input_ids"]
-    full = tokenizer("hello world")["input_ids"]
-    for k in range(len(full) - len(plain) + 1):
-        if full[k : k + len(plain)] == plain:
-            return k, len(full) - k - len(plain)
-    return 0, 0
-
-
 def encode_pairs(
     tokenizer: Any, prompts: Sequence[str], texts: Sequence[str], max_length: int
 ) -> list[tuple[list[int], int, int]]:
     """Token ids of ``texts`` (left-truncated to ``max_length``), the index of the first answer token, and how
     many answer tokens were cut off by truncation. The answer starts where the text's ids stop matching the
     prompt's; special tokens the tokenizer appends (an EOS) are dropped."""
-    _, n_suffix = special_layout(tokenizer)
+    n_suffix = len(special_tokens(tokenizer).suffix)
     full, pre = encode_texts(tokenizer, texts), encode_texts(tokenizer, prompts)
     out = []
     for f, p in zip(full, pre):
@@ -111,7 +101,7 @@ def encode_pairs(
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int) -> list[list[int]]:
-    _, n_suffix = special_layout(tokenizer)
+    n_suffix = len(special_tokens(tokenizer).suffix)
     ids = encode_texts(tokenizer, prompts)
     return [(s[:-n_suffix] if n_suffix else s)[-max_length:] for s in ids]
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..tokenizing import BosRule, encode_texts
+from ..tokenizing import BosRule, encode_texts, special_tokens
 from .abstention import detect_ids, scoring_context
 from .batching import (
     batches,
@@ -17,7 +17,6 @@ from .batching import (
     forward_at,
     pad_token_id,
     resolve_padding_side,
-    special_layout,
 )
 from .items import EvalItem
 from .results import MetricResult
@@ -86,7 +85,7 @@ def mmlu_accuracy(
         side,
         show_progress,
     )
-    _, n_suffix = special_layout(tokenizer)
+    n_suffix = len(special_tokens(tokenizer).suffix)
 
     bos = BosRule.of(tokenizer)
 
