@@ -121,6 +121,7 @@ def test_the_cycle_finder_finds_a_cycle():
         ("unlearn_hf.sites", ("unlearn_hf.wrapper", "unlearn_hf.methods", "unlearn_hf.probe")),
         ("unlearn_hf.context", ("unlearn_hf.wrapper", "unlearn_hf.methods", "unlearn_hf.hooks")),
         ("unlearn_hf.model_inputs", ("unlearn_hf.",)),
+        ("unlearn_hf.adapters", ("unlearn_hf.",)),
         ("unlearn_hf.stats", ("unlearn_hf.wrapper", "unlearn_hf.methods", "unlearn_hf.probe")),
     ],
 )

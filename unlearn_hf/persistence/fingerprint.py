@@ -178,5 +178,7 @@ def check_fingerprint(
         return
     raise FingerprintMismatchError(
         f"The unlearning in {source} was fitted on another base model than the one given: {listing}. "
+        "A model whose weights changed after loading (merged PEFT adapters, fine-tuning) is found again only when "
+        "it was saved with save_base_model=True. "
         "Pass ignore_fingerprint=True to attach it anyway (only if you know the models are equivalent)."
     )

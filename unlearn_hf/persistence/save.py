@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 
+from ..adapters import check_no_adapters
 from ..context import is_unlearned_model
 from ..version import __version__
 from .atomic import replace_folder, resolve_target
@@ -58,6 +59,8 @@ def build_checkpoint(
             raise TypeError(f"{key} must be a text description (str), got {type(value).__name__}.")
 
     base = model.get_base_model()
+    if save_base_model:
+        check_no_adapters(base, "save the base model's files (save_base_model=True)")
     cfg = base.config
     name = base_name(model, base_model_name_or_path)
     if name is not None and os.path.isdir(name):

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel
 
+from ..adapters import check_no_adapters
 from ..context import _CURRENT
 
 
@@ -47,6 +48,7 @@ class RuntimeClassMixin:
             raise TypeError(
                 "This model is already an UnlearnedModelForCausalLM; attach more methods to it directly."
             )
+        check_no_adapters(model, "wrap this model")
         if not isinstance(model, PreTrainedModel):
             raise TypeError(
                 f"Expected a transformers PreTrainedModel (a causal LM), got {type(model).__name__}."

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedModel
 
+from ..adapters import check_no_adapters
 from ..context import _DISABLED, disabled_for
 from ..data import DataSpec
 from ..hooks import HookRegistrar
@@ -141,7 +142,11 @@ class UnlearnedModelForCausalLM(
                 :class:`unlearn_hf.data.DataSpec`: length-sorted batches of at most ``max_batch_tokens`` padded
                 tokens, by default the device's budget, and at most ``batch_size`` examples when given).
             show_progress: tqdm progress bars.
+
+        Raises:
+            ValueError: PEFT adapter layers were added to the model (see :mod:`unlearn_hf.adapters`).
         """
+        check_no_adapters(self, "fit unlearning methods on this model")
         limit = learned_position_limit(self)
         if limit is not None and max_length > limit:  # a longer row would index past the position table
             logger.warning(

@@ -1,0 +1,101 @@
+"""PEFT adapters: what a user with a LoRA-tuned model does. Unmerged adapters are refused where the unlearning would
+describe other activations than the saved base model's (wrapping, fitting, a full save), with the way out; a merged
+model fits, saves and loads; LoRA added on top of an unlearned model leaves its methods acting."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from tiny_models import hook_count, tiny_llama
+
+from unlearn_hf import NeuronAdjustConfig, SelectivePruningConfig, UnlearnedModelForCausalLM
+from unlearn_hf.persistence import FingerprintMismatchError
+
+VOCAB = 512
+
+
+def batches(seed: int, n: int = 3) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (2, 10), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+FORGET, RETAIN = batches(1), batches(2)
+PROMPT = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+
+
+def lora(model, targets=("gate_proj", "down_proj"), init=False):
+    """``model`` with LoRA on ``targets``; ``init=False``: random B, so the adapters change the outputs."""
+    config = peft.LoraConfig(r=4, target_modules=list(targets), init_lora_weights=init)
+    return peft.get_peft_model(model, config)
+
+
+def test_peft_model_refused_with_the_way_out():
+    model = lora(tiny_llama(vocab_size=VOCAB))
+    with pytest.raises(
+        TypeError, match=r"PeftModel is a PEFT model; merge the adapters .*merge_and_unload\(\)"
+    ):
+        UnlearnedModelForCausalLM.from_base(model)
+
+
+def test_model_with_adapter_layers_refused_and_left_unchanged():
+    """``get_base_model()`` of a PEFT model is a transformers model whose projections are LoRA layers: a light
+    checkpoint fitted on it would reload onto the plain base (the fingerprint reads the base layers' weights)."""
+    inner = lora(tiny_llama(vocab_size=VOCAB)).get_base_model()
+    before = hook_count(inner)
+    with pytest.raises(
+        ValueError, match=r"4 of its layers are PEFT adapter layers \(model\.layers\.0\.mlp\.gate_proj"
+    ):
+        UnlearnedModelForCausalLM.from_base(inner)
+    assert hook_count(inner) == before
+    assert not hasattr(inner, "_unlearn_methods")
+
+
+def test_merged_model_fits_saves_and_loads(tmp_path):
+    """The way out: ``merge_and_unload()`` gives a plain model. Saved light, its checkpoint names the base, whose
+    weights are not the merged ones: loading says so and names save_base_model=True, which then round-trips."""
+    base_dir = tmp_path / "base"
+    tiny_llama(vocab_size=VOCAB).save_pretrained(base_dir)
+    base = type(tiny_llama(vocab_size=VOCAB)).from_pretrained(base_dir)
+    merged = lora(base).merge_and_unload()
+    assert type(merged) is type(base)
+    model = UnlearnedModelForCausalLM.from_base(merged)
+    model.fit(NeuronAdjustConfig(ratio=0.1, deterministic=True), FORGET, RETAIN, show_progress=False)
+    with model.disable_unlearning():
+        plain = model(PROMPT).logits
+    adjusted = model(PROMPT).logits
+    assert not torch.equal(plain, adjusted)
+
+    model.save_pretrained(tmp_path / "light")
+    with pytest.raises(FingerprintMismatchError, match="merged PEFT adapters.*save_base_model=True"):
+        UnlearnedModelForCausalLM.from_pretrained(tmp_path / "light")
+    model.save_pretrained(tmp_path / "full", save_base_model=True)
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "full")
+    torch.testing.assert_close(loaded(PROMPT).logits, adjusted, rtol=0, atol=0)
+
+
+def test_lora_on_top_of_an_unlearned_model(tmp_path):
+    """Fine-tuning an unlearned model with LoRA: the methods keep acting (on the base projections' outputs) through the
+    PEFT wrapper; refitting or a full save with the adapter layers in place is refused, a light save (the
+    unlearning, which belongs to the base weights) is not."""
+    model = UnlearnedModelForCausalLM.from_base(tiny_llama(vocab_size=VOCAB))
+    model.fit(NeuronAdjustConfig(ratio=0.1, deterministic=True), FORGET, RETAIN, show_progress=False)
+    with model.disable_unlearning():
+        plain = model(PROMPT).logits
+    adjusted = model(PROMPT).logits
+    tuned = lora(model, targets=("q_proj", "gate_proj"), init=True)  # B = 0: the adapters add nothing yet
+    torch.testing.assert_close(tuned(input_ids=PROMPT).logits, adjusted, rtol=0, atol=0)
+    assert not torch.equal(adjusted, plain)
+
+    with pytest.raises(ValueError, match="Cannot fit unlearning methods on this model: 4 of its layers"):
+        model.fit(SelectivePruningConfig(ratio=0.1), FORGET, RETAIN, show_progress=False)
+    assert list(model.methods) == ["neuron_adjust"]
+    with pytest.raises(ValueError, match=r"Cannot save the base model's files \(save_base_model=True\)"):
+        model.save_pretrained(tmp_path / "full", save_base_model=True)
+    assert not (tmp_path / "full").exists()
+    model.save_pretrained(tmp_path / "light", base_model_name_or_path="some/base")
+    assert (tmp_path / "light" / "unlearn_model.safetensors").is_file()
