@@ -71,6 +71,9 @@ def set_fingerprint(value):
         ({"weights": [{"sha256": "xyz"}]}, r"weights\[0\]\.sha256 must be 64 lowercase hex digits"),
         ({"weights": [{"sample": [1, "a"]}]}, r"weights\[0\]\.sample must be a list of finite numbers"),
         ({"num_layers": "30"}, r"fingerprint'\.num_layers must be a non-negative integer"),
+        ({"parameters": {"a": 1}}, r"fingerprint'\.parameters must be a list"),
+        ({"parameters": [["w", "float32", "xyz", [1.0]]]}, r"parameters\[0\] must be \[name, dtype, 16 hex"),
+        ({"parameters": [["w", "float32", "0" * 16, None]]}, r"parameters\[0\] must be \[name, dtype"),
     ],
 )
 def test_junk_in_the_fingerprint_is_refused_before_the_base_model_loads(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from tiny_models import hook_count, tiny_llama
+from tiny_models import hook_count, random_batches, tiny_llama
 
 from unlearn_hf import NeuronAdjustConfig, SelectivePruningConfig, UnlearnedModelForCausalLM
 from unlearn_hf.persistence import FingerprintMismatchError
@@ -15,16 +15,7 @@ from unlearn_hf.persistence import FingerprintMismatchError
 VOCAB = 512
 
 
-def batches(seed: int, n: int = 3) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (2, 10), generator=gen)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    return out
-
-
-FORGET, RETAIN = batches(1), batches(2)
+FORGET, RETAIN = random_batches(1, VOCAB), random_batches(2, VOCAB)
 PROMPT = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
 
 
@@ -48,7 +39,7 @@ def test_model_with_adapter_layers_refused_and_left_unchanged():
     inner = lora(tiny_llama(vocab_size=VOCAB)).get_base_model()
     before = hook_count(inner)
     with pytest.raises(
-        ValueError, match=r"4 of its layers are PEFT adapter layers \(model\.layers\.0\.mlp\.gate_proj"
+        ValueError, match=r"4 of its modules are PEFT adapter layers \(model\.layers\.0\.mlp\.gate_proj"
     ):
         UnlearnedModelForCausalLM.from_base(inner)
     assert hook_count(inner) == before
@@ -91,7 +82,7 @@ def test_lora_on_top_of_an_unlearned_model(tmp_path):
     torch.testing.assert_close(tuned(input_ids=PROMPT).logits, adjusted, rtol=0, atol=0)
     assert not torch.equal(adjusted, plain)
 
-    with pytest.raises(ValueError, match="Cannot fit unlearning methods on this model: 4 of its layers"):
+    with pytest.raises(ValueError, match="Cannot fit unlearning methods on this model: 4 of its modules"):
         model.fit(SelectivePruningConfig(ratio=0.1), FORGET, RETAIN, show_progress=False)
     assert list(model.methods) == ["neuron_adjust"]
     with pytest.raises(ValueError, match=r"Cannot save the base model's files \(save_base_model=True\)"):

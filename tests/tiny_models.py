@@ -249,3 +249,13 @@ def hook_count(model) -> int:
     what else the process allocated, so a count without it would depend on the tests that ran before."""
     gc.collect()
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def random_batches(seed: int, vocab_size: int, n: int = 3, shape: tuple[int, int] = (2, 10)) -> list[dict]:
+    """``n`` seeded batches of random token ids in ``[3, vocab_size)`` with all-ones attention masks."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab_size, shape, generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out

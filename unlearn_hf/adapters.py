@@ -9,7 +9,7 @@ way out: ``merge_and_unload()``, which gives a plain model with the adapted weig
 model after fitting (fine-tuning it with LoRA) are left alone: the methods act on the base projections' outputs,
 before the adapters' deltas, and the unlearning still belongs to the base model's weights.
 
-``peft`` is not a dependency: its layers can only exist once it has been imported, so nothing is imported here.
+``peft`` is not a dependency and is never imported here: its objects are recognised by their classes' module.
 """
 
 from __future__ import annotations
@@ -25,39 +25,51 @@ _MERGE = (
 )
 
 
+def _is_peft_object(obj: Any) -> bool:
+    """Whether ``obj``'s class is one of PEFT's (its models, tuner layers and wrappers such as
+    ``ModulesToSaveWrapper``, which are not all subclasses of one base)."""
+    return type(obj).__module__.split(".")[0] == "peft"
+
+
 def is_peft_model(model: Any) -> bool:
-    """Whether ``model`` is a ``peft.PeftModel`` (or another wrapper of PEFT's)."""
-    peft = sys.modules.get("peft")
-    peft_model = getattr(peft, "PeftModel", None) if peft is not None else None
-    return isinstance(peft_model, type) and isinstance(model, peft_model)
+    """Whether ``model`` is a PEFT model (``PeftModel``, ``PeftMixedModel``, ...): a PEFT object that wraps a model."""
+    return _is_peft_object(model) and callable(getattr(model, "get_base_model", None))
 
 
 def adapter_layers(model: nn.Module) -> list[str]:
-    """The names of ``model``'s modules that are PEFT adapter layers (``[]`` when ``peft`` was never imported: none
-    can exist)."""
-    if "peft" not in sys.modules:
-        return []
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # a peft without the module: no layers of this kind to find
-        return []
-    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    """The names of ``model``'s modules that are PEFT's (adapter layers, wrappers of trained copies)."""
+    if "peft" not in sys.modules or not isinstance(model, nn.Module):
+        return []  # peft's classes can only exist once it was imported
+    return [name for name, module in model.named_modules() if _is_peft_object(module)]
 
 
-def check_no_adapters(model: nn.Module, action: str) -> None:
+def check_no_adapters(model: Any, action: str) -> None:
     """Refuse ``model`` for ``action`` (e.g. ``"fit unlearning methods on it"``) when it is a PEFT model or has
     PEFT adapter layers.
 
     Raises:
-        TypeError: ``model`` is a ``PeftModel``.
-        ValueError: some of its layers are adapter layers (the message names the first ones).
+        TypeError: ``model`` is a PEFT model.
+        ValueError: some of its modules are PEFT's (the message names the first ones).
     """
     if is_peft_model(model):
+        if _is_prompt_learning(model):
+            raise TypeError(
+                f"Cannot {action}: {type(model).__name__} is a PEFT prompt-learning model, whose virtual tokens "
+                "cannot be merged into the weights. Unlearning is fitted on a plain model: use "
+                "model.get_base_model() (without the learned prompt)."
+            )
         raise TypeError(f"Cannot {action}: {type(model).__name__} is a PEFT model; {_MERGE}.")
     layers = adapter_layers(model)
     if layers:
         shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
         raise ValueError(
-            f"Cannot {action}: {len(layers)} of its layers are PEFT adapter layers ({shown}), and unlearning "
+            f"Cannot {action}: {len(layers)} of its modules are PEFT adapter layers ({shown}), and unlearning "
             f"is fitted on and saved against a model's own weights; {_MERGE}."
         )
+
+
+def _is_prompt_learning(model: Any) -> bool:
+    configs = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(configs, dict) and isinstance(active, str) else None
+    return bool(getattr(config, "is_prompt_learning", False))

@@ -6,11 +6,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..adapters import check_no_adapters
 from ..data import DataSpec, _columns_of, _is_tokenized_batch
 from ..probe import architecture_id, probe
 from ..sites import FFLSite
 from ..stats import DEFAULT_STATISTICS, SiteStatistics
 from .config import resolve_layers
+
+
+def check_fit_inputs(model, tokenizer: Any) -> None:
+    """Refuse to fit on an unlearned ``model`` whose modules carry PEFT adapters (see :mod:`unlearn_hf.adapters`),
+    or with a ``tokenizer`` that does not fit its base model."""
+    check_no_adapters(model, "fit unlearning methods on this model")
+    check_tokenizer(model.get_base_model(), tokenizer)
 
 
 def check_tokenizer(model, tokenizer: Any) -> None:
@@ -135,7 +143,7 @@ def probe_forget_and_retain(
         ValueError: no retain data, a tokenizer that does not fit the model, or what :func:`probe_or_check`
             refuses.
     """
-    check_tokenizer(model.get_base_model(), tokenizer)
+    check_fit_inputs(model, tokenizer)
     sites = model.ffl_sites
     layers = resolve_layers(config.layers, len(sites))
     if retain is None:

@@ -280,6 +280,12 @@ def _is_sha(v: Any) -> bool:
     return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
 
 
+def _finite_numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+    )
+
+
 #: The fingerprint's fields and what each must be (every field is optional; present ones must match).
 _FINGERPRINT_FIELDS = {
     "model_type": (lambda v: isinstance(v, str), "a string"),
@@ -303,13 +309,7 @@ _WEIGHT_FIELDS = {
     "dtype": (lambda v: isinstance(v, str), "a string"),
     "rows": (_is_int, "a non-negative integer"),
     "sha256": (lambda v: v is None or _is_sha(v), "64 lowercase hex digits or null"),
-    "sample": (
-        lambda v: (
-            isinstance(v, list)
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-        ),
-        "a list of finite numbers",
-    ),
+    "sample": (lambda v: _finite_numbers(v), "a list of finite numbers"),
 }
 
 
@@ -321,10 +321,33 @@ def _check_fields(values: Any, fields: dict, where: str, fail) -> None:
             raise fail(f"{where}.{key} must be {what}, got {values[key]!r:.80}.")
 
 
+def _is_parameter_record(v: Any) -> bool:
+    """``[name, dtype, hash, sample]`` (see :func:`unlearn_hf.persistence.fingerprint.parameter_records`)."""
+    if not (isinstance(v, list) and len(v) == 4 and isinstance(v[0], str) and isinstance(v[1], str)):
+        return False
+    digest, sample = v[2], v[3]
+    if digest is None or sample is None:
+        return digest is None and sample is None
+    return (
+        isinstance(digest, str)
+        and len(digest) == 16
+        and all(c in "0123456789abcdef" for c in digest)
+        and _finite_numbers(sample)
+    )
+
+
 def _check_fingerprint(fp: dict, fail) -> None:
     """Validate the fingerprint's schema, so that comparing it with a model cannot fail on junk."""
     where = "'base_model.fingerprint'"
     _check_fields(fp, _FINGERPRINT_FIELDS, where, fail)
+    records = fp.get("parameters", [])
+    if not isinstance(records, list):
+        raise fail(f"{where}.parameters must be a list, got {type(records).__name__}.")
+    for i, record in enumerate(records):
+        if not _is_parameter_record(record):
+            raise fail(
+                f"{where}.parameters[{i}] must be [name, dtype, 16 hex digits, numbers] or [name, dtype, null, null], got {record!r:.80}."
+            )
     for key, fields in (("ffl_sites", _SITE_FIELDS), ("weights", _WEIGHT_FIELDS)):
         entries = fp.get(key, [])
         if not isinstance(entries, list):

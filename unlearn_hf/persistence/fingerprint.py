@@ -1,11 +1,12 @@
 """A cheap fingerprint of a base model, to refuse attaching unlearning fitted on another model.
 
 The fingerprint holds the architecture (model type, layer count, vocabulary and hidden sizes, the FFL sites'
-module names and weight shapes) and, for a few weight slices (the first rows of the input embedding and of the
-first and last FFL key projections), the sha256 of their float32 values plus a small sample of those values. Only
-these slices are read, never the whole model. When the model is loaded in another dtype than at save time
-(e.g. saved in float32, loaded in bfloat16) the hash cannot match, so the samples are compared with a tolerance
-suited to half precision instead.
+module names and weight shapes), for a few weight slices (the first rows of the input embedding and of the
+first and last FFL key projections) the sha256 of their float32 values plus a small sample of those values, and
+for every parameter a short hash and a few values of its first row (:func:`parameter_records`: a merged adapter or
+a fine-tuning changes rows of parameters the three slices never see). Only these rows are read, never the whole
+model. When the model is loaded in another dtype than at save time (e.g. saved in float32, loaded in bfloat16) the
+hashes cannot match, so the samples are compared with a tolerance suited to half precision instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,57 @@ SAMPLE_SIZE = 32
 #: Tolerance of the sample comparison across dtypes: |a - b| <= ATOL + RTOL * |b| (bf16 rounds at 2^-9 relative).
 RTOL = 2.0**-6
 ATOL = 1e-5
+
+
+#: Values of each parameter's first row that :func:`parameter_records` keeps (dtype-tolerant comparison).
+PARAMETER_SAMPLE = 4
+#: Hex digits of each parameter's hash in :func:`parameter_records`.
+PARAMETER_HASH_DIGITS = 16
+
+
+def parameter_records(model: nn.Module) -> list[list[Any]]:
+    """``[name, dtype, hash, sample]`` of every floating-point parameter of ``model`` (``named_parameters`` order):
+    ``hash``, the first 16 hex digits of the SHA-256 of its first row (all of a 1-D parameter) as float32
+    little-endian bytes; ``sample``, 4 values of that row at ``round(linspace(0, n - 1, 4))``; both ``None`` for a
+    parameter that is not materialized (meta device)."""
+    records: list[list[Any]] = []
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue  # quantized storage: its dtype says nothing comparable
+        dtype = str(p.dtype).removeprefix("torch.")
+        if p.device.type == "meta" or p.numel() == 0:
+            records.append([name, dtype, None, None])
+            continue
+        row = p.detach().reshape(p.shape[0], -1)[0] if p.ndim > 1 else p.detach().reshape(-1)
+        values = row.to("cpu", torch.float32).contiguous()
+        digest = hashlib.sha256(values.numpy().astype("<f4").tobytes()).hexdigest()[:PARAMETER_HASH_DIGITS]
+        idx = torch.linspace(0, values.numel() - 1, min(PARAMETER_SAMPLE, values.numel())).round().long()
+        records.append([name, dtype, digest, [float(v) for v in values[idx]]])
+    return records
+
+
+def compare_parameters(saved: list[list[Any]], current: list[list[Any]]) -> list[str]:
+    """The differences between two :func:`parameter_records` (parameters missing, values that differ beyond a change
+    of dtype), as sentences naming the first few."""
+    now = {r[0]: r for r in current}
+    missing, differ = [], []
+    for name, dtype, digest, sample in saved:
+        c = now.get(name)
+        if c is None:
+            missing.append(name)
+        elif digest is not None and c[2] is not None and digest != c[2]:
+            if dtype == c[1] or not _close(c[3] or [], sample or []):
+                differ.append(name)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} parameters not found in the model ({_first(missing)})")
+    if differ:
+        problems.append(f"the values of {len(differ)} of {len(saved)} parameters differ ({_first(differ)})")
+    return problems
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
@@ -91,6 +143,7 @@ def compute_fingerprint(model: nn.Module, sites: list[FFLSite]) -> dict[str, Any
             for s in sites
         ],
         "weights": weights,
+        "parameters": parameter_records(model),
     }
 
 
@@ -150,6 +203,8 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
             )
             continue
         problems.append(f"{label} ({s.get('name')}): the weight values differ")
+    if saved.get("parameters") and current.get("parameters") is not None:
+        problems += compare_parameters(saved["parameters"], current["parameters"])
     return problems
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config_file import read_config
 from .format import looks_like_local_path
-from .save import base_name, save_unlearned
+from .save import base_name, resolve_layout, save_unlearned
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -129,7 +129,7 @@ def push_unlearned(
     private: bool | None = None,
     token: str | bool | None = None,
     commit_message: str | None = None,
-    save_base_model: bool = False,
+    save_base_model: bool | None = None,
     revision: str | None = None,
     create_pr: bool = False,
     forget_skill: str | None = None,
@@ -150,7 +150,8 @@ def push_unlearned(
         repo_id: the Hub repo (``name`` or ``namespace/name``); created if it does not exist.
         private / token: as in ``HfApi.create_repo``.
         commit_message: the commit title (default: ``"Upload unlearned model (unlearn_hf)"``).
-        save_base_model: also upload the base model's files (full layout); default ``False`` (light).
+        save_base_model: also upload the base model's files (full layout); default ``None``: light, unless the
+            weights changed since the model was wrapped or loaded (see :func:`~.save.resolve_layout`).
         revision / create_pr: the branch to commit to, or open a pull request.
         forget_skill / retain_skills / forget_data / retain_data / evaluation / license / tags: what the model card
             says (they override the same keys of ``card_info``). ``forget_data``/``retain_data`` are also stored in
@@ -177,6 +178,7 @@ def push_unlearned(
             "tags": tags,
         },
     )
+    save_base_model = resolve_layout(model, save_base_model, base_model_name_or_path, {})
     local = base_name(model, base_model_name_or_path)
     if not save_base_model and is_local_base(local):
         raise ValueError(

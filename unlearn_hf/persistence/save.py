@@ -112,11 +112,50 @@ def build_checkpoint(
     return config, flat
 
 
+def resolve_layout(
+    model: Any, save_base_model: bool | None, base_model_name_or_path: str | None, kwargs: dict[str, Any]
+) -> bool:
+    """Whether a save of ``model`` writes the base model's files (the full layout).
+
+    ``save_base_model=None`` (the default) saves light unless the weights would be lost or misnamed: a
+    ``state_dict`` to write was given, or the base model's parameters changed since it was wrapped or loaded (a
+    ``Trainer`` fine-tuning the unlearned model, adapters merged into it), when a light checkpoint would name a base
+    model whose weights are not these. ``False`` then raises, unless ``base_model_name_or_path`` names the base
+    explicitly (the fingerprint checks it at load).
+    """
+    if save_base_model:
+        return True
+    if kwargs.get("state_dict") is not None:
+        if save_base_model is False:
+            raise ValueError(
+                "A state_dict was given with save_base_model=False: the light layout writes no weights, so they "
+                "would be lost. Pass save_base_model=True (or leave it unset) to write them."
+            )
+        logger.info("A state_dict was given: saving the full layout (the base model's files with it).")
+        return True
+    if base_model_name_or_path is not None or not is_unlearned_model(model):
+        return False  # a wrong type is refused by build_checkpoint
+    changed = model.weights_changed()
+    if not changed:
+        return False
+    why = (
+        f"the base model's weights changed since it was wrapped or loaded ({'; '.join(changed)}), so a light "
+        f"checkpoint would name a base model ({base_name(model, None)!r}) whose weights are not these"
+    )
+    if save_base_model is False:
+        raise ValueError(
+            f"Cannot save light: {why}. Pass save_base_model=True, or base_model_name_or_path=<where these "
+            "weights are saved>."
+        )
+    logger.warning("Saving the full layout (the base model's files with it): %s.", why)
+    return True
+
+
 def save_unlearned(
     model: Any,
     save_directory: str | os.PathLike[str],
     *,
-    save_base_model: bool = False,
+    save_base_model: bool | None = None,
     forget_data: str | None = None,
     retain_data: str | None = None,
     base_model_name_or_path: str | None = None,
@@ -131,10 +170,12 @@ def save_unlearned(
     Args:
         model: the unlearned model.
         save_directory: target folder. Other files in it are kept.
-        save_base_model: ``False`` (default): the *light* layout, only ``unlearn_config.json`` and
+        save_base_model: ``False``: the *light* layout, only ``unlearn_config.json`` and
             ``unlearn_model.safetensors``; loading resolves the base model from its recorded name (a Hub id or a
             local path) and revision. ``True``: the *full* layout, the base model's own files
-            (``model.get_base_model().save_pretrained``) are saved in the same folder.
+            (``model.get_base_model().save_pretrained``) are saved in the same folder. ``None`` (default): light,
+            unless a ``state_dict`` is given or the weights changed since the model was wrapped or loaded (see
+            :func:`resolve_layout`: a ``Trainer`` fine-tuning an unlearned model saves full checkpoints).
         forget_data / retain_data: optional text descriptions of the fitting data, stored in the config and shown
             on model cards.
         base_model_name_or_path / base_model_revision: record another base model id / revision than
@@ -158,6 +199,7 @@ def save_unlearned(
         )
     if not is_main_process:
         return None
+    save_base_model = resolve_layout(model, save_base_model, base_model_name_or_path, kwargs)
     config, flat = build_checkpoint(
         model,
         save_base_model=save_base_model,
@@ -166,10 +208,9 @@ def save_unlearned(
         base_model_name_or_path=base_model_name_or_path,
         base_model_revision=base_model_revision,
     )
-    if kwargs and not save_base_model:
-        logger.warning(
-            "Ignoring save arguments %s: they only apply with save_base_model=True.", sorted(kwargs)
-        )
+    ignored = sorted(k for k, v in kwargs.items() if v is not None)  # Trainer passes state_dict=None
+    if ignored and not save_base_model:
+        logger.warning("Ignoring save arguments %s: they only apply with save_base_model=True.", ignored)
 
     target = resolve_target(save_directory)
     recorded = config.base_model.name_or_path

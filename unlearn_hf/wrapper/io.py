@@ -9,9 +9,10 @@ from typing import Any
 class PersistenceMixin:
     """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` of an unlearned model."""
 
-    def save_pretrained(self, save_directory, *, save_base_model: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory, *, save_base_model: bool | None = None, **kwargs: Any) -> None:
         """Save the attached methods (``unlearn_config.json`` + ``unlearn_model.safetensors``) and, with
-        ``save_base_model=True``, the base model's own files in the same folder. See ``FORMAT.md``."""
+        ``save_base_model=True``, the base model's own files in the same folder; unset, they are saved when a
+        ``state_dict`` is given (``Trainer`` checkpoints). See ``FORMAT.md``."""
         from ..persistence import save_unlearned
 
         save_unlearned(self, save_directory, save_base_model=save_base_model, **kwargs)

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from ..adapters import check_no_adapters
 from ..context import _CURRENT
+from ..persistence.fingerprint import parameter_records
 
 
 def _forward_passthrough(base_cls: type) -> Any:
@@ -48,11 +49,12 @@ class RuntimeClassMixin:
             raise TypeError(
                 "This model is already an UnlearnedModelForCausalLM; attach more methods to it directly."
             )
-        check_no_adapters(model, "wrap this model")
         if not isinstance(model, PreTrainedModel):
+            check_no_adapters(model, "wrap this model")  # a PEFT model: say how to get a plain one
             raise TypeError(
                 f"Expected a transformers PreTrainedModel (a causal LM), got {type(model).__name__}."
             )
+        check_no_adapters(model, "wrap this model")
         if not model.can_generate():
             raise TypeError(f"{type(model).__name__} is not a generative (causal LM) model.")
         dyn = cls._dynamic_class(type(model))
@@ -72,6 +74,8 @@ class RuntimeClassMixin:
             )
         obj._unlearn_site_override = sites
         obj._unlearn_sites = None
+        # the weights as wrapped, to tell a save that they changed since (fine-tuning, merged adapters)
+        obj._unlearn_wrapped_parameters = parameter_records(model)
         obj._unlearn_methods = {}
         obj._unlearn_attachments = {}
         return obj

@@ -21,6 +21,7 @@ from ..methods.config import MethodConfig
 from ..methods.fit_many import fit_configs
 from ..methods.registry import METHOD_CLASSES
 from ..model_inputs import learned_position_limit
+from ..persistence.fingerprint import compare_parameters, parameter_records
 from ..sites import FFLSite, find_ffl_sites
 from .abstention import AbstentionMixin
 from .calling import CallingMixin
@@ -89,6 +90,12 @@ class UnlearnedModelForCausalLM(
             stacklevel=2,
         )
         return self._unlearn_base
+
+    def weights_changed(self) -> list[str]:
+        """How the base model's parameters differ from when it was wrapped or loaded (fine-tuned, merged adapters),
+        as sentences naming the first few; empty when they are the same (a change of dtype aside). A light
+        checkpoint names the base model it was loaded from, so a save reads this (see ``save_pretrained``)."""
+        return compare_parameters(self._unlearn_wrapped_parameters, parameter_records(self._unlearn_base))
 
     @property
     def ffl_sites(self) -> list[FFLSite]:

@@ -13,7 +13,7 @@ from ...hooks import HookRegistrar
 from ...model_inputs import eos_token_id
 from ..base import AbstainingMethod
 from ..config import resolve_layers
-from ..fitting import check_tokenizer
+from ..fitting import check_fit_inputs
 from ..registry import register_method
 from .config import AUTO, KeySpaceDetectionConfig
 from .decision import KeySpaceAttachment
@@ -84,8 +84,8 @@ class KeySpaceDetection(AbstainingMethod):
         :class:`KeySpaceDetectionConfig` and :mod:`.fit`). ``retain`` may be a mapping ``{name: queries}``: the
         budget then holds for each named set in each rendering. The fitted config holds the resolved values.
         """
+        check_fit_inputs(model, tokenizer)
         base = model.get_base_model()
-        check_tokenizer(base, tokenizer)
         refusal_ids = cls.refusal_token_ids(config, tokenizer)
         vocab = getattr(base.config, "vocab_size", None)
         if vocab is not None and refusal_ids.numel() and int(refusal_ids.max()) >= vocab:
