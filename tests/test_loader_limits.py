@@ -72,8 +72,18 @@ def set_fingerprint(value):
         ({"weights": [{"sample": [1, "a"]}]}, r"weights\[0\]\.sample must be a list of finite numbers"),
         ({"num_layers": "30"}, r"fingerprint'\.num_layers must be a non-negative integer"),
         ({"parameters": {"a": 1}}, r"fingerprint'\.parameters must be a list"),
-        ({"parameters": [["w", "float32", "xyz", [1.0]]]}, r"parameters\[0\] must be \[name, dtype, 16 hex"),
-        ({"parameters": [["w", "float32", "0" * 16, None]]}, r"parameters\[0\] must be \[name, dtype"),
+        (
+            {"parameters": [["w", "float32", [2], "xyz", [1.0]]]},
+            r"parameters\[0\] must be \[name, dtype, shape",
+        ),
+        (
+            {"parameters": [["w", "float32", [2], None, [1.0]]]},
+            r"parameters\[0\] must be \[name, dtype, shape",
+        ),
+        ({"parameters": [["w", "float32", "2x2", "0" * 16, None]]}, r"parameters\[0\] must be"),
+        ({"parameters": [["w", "float32", [2], "0" * 16]]}, r"parameters\[0\] must be"),
+        ({"parameters": [["w", "float32", [2], "0" * 16, [10**400]]]}, r"parameters\[0\] must be"),
+        ({"weights": [{"sample": [10**400]}]}, r"weights\[0\]\.sample must be a list of finite numbers"),
     ],
 )
 def test_junk_in_the_fingerprint_is_refused_before_the_base_model_loads(

@@ -4,6 +4,8 @@ model fits, saves and loads; LoRA added on top of an unlearned model leaves its 
 
 from __future__ import annotations
 
+import json
+
 import peft
 import pytest
 import torch
@@ -72,8 +74,12 @@ def test_merged_model_fits_saves_and_loads(tmp_path):
 def test_lora_on_top_of_an_unlearned_model(tmp_path):
     """Fine-tuning an unlearned model with LoRA: the methods keep acting (on the base projections' outputs) through the
     PEFT wrapper; refitting or a full save with the adapter layers in place is refused, a light save (the
-    unlearning, which belongs to the base weights) is not."""
-    model = UnlearnedModelForCausalLM.from_base(tiny_llama(vocab_size=VOCAB))
+    unlearning, which belongs to the base weights, recorded under their plain names) is not, and loads onto the
+    plain base."""
+    tiny_llama(vocab_size=VOCAB).save_pretrained(tmp_path / "base")
+    base = type(tiny_llama(vocab_size=VOCAB)).from_pretrained(tmp_path / "base")
+    names = [n for n, _ in base.named_parameters()]  # before PEFT wraps its modules in place
+    model = UnlearnedModelForCausalLM.from_base(base)
     model.fit(NeuronAdjustConfig(ratio=0.1, deterministic=True), FORGET, RETAIN, show_progress=False)
     with model.disable_unlearning():
         plain = model(PROMPT).logits
@@ -88,5 +94,10 @@ def test_lora_on_top_of_an_unlearned_model(tmp_path):
     with pytest.raises(ValueError, match=r"Cannot save the base model's files \(save_base_model=True\)"):
         model.save_pretrained(tmp_path / "full", save_base_model=True)
     assert not (tmp_path / "full").exists()
-    model.save_pretrained(tmp_path / "light", base_model_name_or_path="some/base")
-    assert (tmp_path / "light" / "unlearn_model.safetensors").is_file()
+    assert model.weights_changed() == []  # q_proj.base_layer.weight is the base's q_proj.weight
+    model.save_pretrained(tmp_path / "light")
+    saved = json.loads((tmp_path / "light" / "unlearn_config.json").read_text())
+    assert saved["layout"] == "light"
+    assert [r[0] for r in saved["base_model"]["fingerprint"]["parameters"]] == names
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "light")
+    torch.testing.assert_close(loaded(PROMPT).logits, adjusted, rtol=0, atol=0)

@@ -106,6 +106,29 @@ def test_weights_changed_in_memory(base_dir, tmp_path, caplog):
     assert layout(tmp_path / "named") == "light"
 
 
+def test_resized_embeddings_and_non_finite_rows(base_dir, tmp_path):
+    """A resize keeps row 0 (the shapes tell); a row 0 with inf values still saves (its sample is null)."""
+    model = unlearned(base_dir)
+    model.resize_token_embeddings(VOCAB + 8)
+    assert model.weights_changed() == [
+        "the shapes of 2 parameters differ (model.embed_tokens.weight, lm_head.weight)"
+    ]
+    model.save_pretrained(tmp_path / "resized")
+    assert layout(tmp_path / "resized") == "full"
+    UnlearnedModelForCausalLM.from_pretrained(tmp_path / "resized")
+
+    model = unlearned(base_dir)
+    with torch.no_grad():
+        model.get_base_model().model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "inf")
+    records = json.loads((tmp_path / "inf" / CONFIG_NAME).read_text())["base_model"]["fingerprint"][
+        "parameters"
+    ]
+    assert [r[4] for r in records if r[0] == "model.layers.0.mlp.up_proj.weight"] == [None]
+    assert layout(tmp_path / "inf") == "full"
+    UnlearnedModelForCausalLM.from_pretrained(tmp_path / "inf")
+
+
 def test_a_change_of_dtype_is_not_a_change_of_weights(base_dir, tmp_path):
     model = unlearned(base_dir).to(torch.bfloat16)
     assert model.weights_changed() == []

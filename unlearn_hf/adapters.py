@@ -15,6 +15,7 @@ before the adapters' deltas, and the unlearning still belongs to the base model'
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -38,9 +39,38 @@ def is_peft_model(model: Any) -> bool:
 
 def adapter_layers(model: nn.Module) -> list[str]:
     """The names of ``model``'s modules that are PEFT's (adapter layers, wrappers of trained copies)."""
-    if "peft" not in sys.modules or not isinstance(model, nn.Module):
+    if not _peft_loaded() or not isinstance(model, nn.Module):
         return []  # peft's classes can only exist once it was imported
     return [name for name, module in model.named_modules() if _is_peft_object(module)]
+
+
+def plain_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``model``'s named parameters as its plain model has them: the adapters' own parameters (LoRA matrices,
+    ``modules_to_save`` copies) are left out, and the weights PEFT wraps keep their plain names
+    (``q_proj.base_layer.weight`` is ``q_proj.weight``, ``down_proj.original_module.weight`` is ``down_proj.weight``)."""
+    wrappers = (
+        {name for name, module in model.named_modules() if _is_peft_object(module)} if _peft_loaded() else ()
+    )
+    for name, p in model.named_parameters():
+        parts, plain = name.split("."), []
+        i = 0
+        while i < len(parts):
+            plain.append(parts[i])
+            if ".".join(parts[: i + 1]) in wrappers:
+                if parts[i + 1] not in _WRAPPED:
+                    break  # the adapter's own parameter
+                i += 1  # skip PEFT's wrapping level
+            i += 1
+        else:
+            yield ".".join(plain), p
+
+
+#: Where PEFT modules keep the module they wrap.
+_WRAPPED = ("base_layer", "original_module")
+
+
+def _peft_loaded() -> bool:
+    return "peft" in sys.modules
 
 
 def check_no_adapters(model: Any, action: str) -> None:

@@ -280,10 +280,17 @@ def _is_sha(v: Any) -> bool:
     return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
 
 
+def _finite_number(x: Any) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond float's range
+        return False
+
+
 def _finite_numbers(v: Any) -> bool:
-    return isinstance(v, list) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
-    )
+    return isinstance(v, list) and all(_finite_number(x) for x in v)
 
 
 #: The fingerprint's fields and what each must be (every field is optional; present ones must match).
@@ -309,7 +316,7 @@ _WEIGHT_FIELDS = {
     "dtype": (lambda v: isinstance(v, str), "a string"),
     "rows": (_is_int, "a non-negative integer"),
     "sha256": (lambda v: v is None or _is_sha(v), "64 lowercase hex digits or null"),
-    "sample": (lambda v: _finite_numbers(v), "a list of finite numbers"),
+    "sample": (lambda v: v is None or _finite_numbers(v), "a list of finite numbers or null"),
 }
 
 
@@ -322,18 +329,15 @@ def _check_fields(values: Any, fields: dict, where: str, fail) -> None:
 
 
 def _is_parameter_record(v: Any) -> bool:
-    """``[name, dtype, hash, sample]`` (see :func:`unlearn_hf.persistence.fingerprint.parameter_records`)."""
-    if not (isinstance(v, list) and len(v) == 4 and isinstance(v[0], str) and isinstance(v[1], str)):
+    """``[name, dtype, shape, hash, sample]`` (see :func:`unlearn_hf.persistence.fingerprint.parameter_records`)."""
+    if not (isinstance(v, list) and len(v) == 5 and isinstance(v[0], str) and isinstance(v[1], str)):
         return False
-    digest, sample = v[2], v[3]
-    if digest is None or sample is None:
-        return digest is None and sample is None
-    return (
-        isinstance(digest, str)
-        and len(digest) == 16
-        and all(c in "0123456789abcdef" for c in digest)
-        and _finite_numbers(sample)
-    )
+    shape, digest, sample = v[2], v[3], v[4]
+    if not _is_shape(shape) or (sample is not None and not _finite_numbers(sample)):
+        return False
+    if digest is None:
+        return sample is None
+    return isinstance(digest, str) and len(digest) == 16 and all(c in "0123456789abcdef" for c in digest)
 
 
 def _check_fingerprint(fp: dict, fail) -> None:
@@ -346,7 +350,7 @@ def _check_fingerprint(fp: dict, fail) -> None:
     for i, record in enumerate(records):
         if not _is_parameter_record(record):
             raise fail(
-                f"{where}.parameters[{i}] must be [name, dtype, 16 hex digits, numbers] or [name, dtype, null, null], got {record!r:.80}."
+                f"{where}.parameters[{i}] must be [name, dtype, shape, 16 hex digits or null, finite numbers or null], got {record!r:.80}."
             )
     for key, fields in (("ffl_sites", _SITE_FIELDS), ("weights", _WEIGHT_FIELDS)):
         entries = fp.get(key, [])

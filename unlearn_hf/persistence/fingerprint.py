@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import plain_parameters
 from ..sites import FFLSite
 from .format import FingerprintMismatchError
 
@@ -39,44 +40,62 @@ PARAMETER_HASH_DIGITS = 16
 
 
 def parameter_records(model: nn.Module) -> list[list[Any]]:
-    """``[name, dtype, hash, sample]`` of every floating-point parameter of ``model`` (``named_parameters`` order):
-    ``hash``, the first 16 hex digits of the SHA-256 of its first row (all of a 1-D parameter) as float32
-    little-endian bytes; ``sample``, 4 values of that row at ``round(linspace(0, n - 1, 4))``; both ``None`` for a
-    parameter that is not materialized (meta device)."""
+    """``[name, dtype, shape, hash, sample]`` of every floating-point parameter of ``model`` (``named_parameters``
+    order, named as in the plain model: PEFT adapters added to it are left out, see
+    :func:`~unlearn_hf.adapters.plain_parameters`): ``hash``, the first 16 hex digits of the SHA-256 of its first
+    row (all of a 1-D parameter) as float32 little-endian bytes; ``sample``, 4 values of that row at
+    ``round(linspace(0, n - 1, 4))`` (``None`` when one is not finite); both ``None`` for a parameter whose values
+    are not here (meta device, or a distributed tensor's shard)."""
     records: list[list[Any]] = []
-    for name, p in model.named_parameters():
+    for name, p in plain_parameters(model):
         if not p.is_floating_point():
             continue  # quantized storage: its dtype says nothing comparable
-        dtype = str(p.dtype).removeprefix("torch.")
-        if p.device.type == "meta" or p.numel() == 0:
-            records.append([name, dtype, None, None])
+        dtype, shape = str(p.dtype).removeprefix("torch."), list(p.shape)
+        if p.device.type == "meta" or p.numel() == 0 or hasattr(p, "to_local"):
+            records.append([name, dtype, shape, None, None])
             continue
         row = p.detach().reshape(p.shape[0], -1)[0] if p.ndim > 1 else p.detach().reshape(-1)
         values = row.to("cpu", torch.float32).contiguous()
         digest = hashlib.sha256(values.numpy().astype("<f4").tobytes()).hexdigest()[:PARAMETER_HASH_DIGITS]
-        idx = torch.linspace(0, values.numel() - 1, min(PARAMETER_SAMPLE, values.numel())).round().long()
-        records.append([name, dtype, digest, [float(v) for v in values[idx]]])
+        records.append([name, dtype, shape, digest, _sample(values, PARAMETER_SAMPLE)])
     return records
+
+
+def _sample(values: torch.Tensor, n: int) -> list[float] | None:
+    """``n`` values of the flat ``values`` at ``round(linspace(0, len - 1, n))``; ``None`` when one is not finite
+    (JSON has no inf or NaN)."""
+    idx = torch.linspace(0, values.numel() - 1, min(n, values.numel())).round().long()
+    picked = values[idx]
+    return [float(v) for v in picked] if bool(torch.isfinite(picked).all()) else None
 
 
 def compare_parameters(saved: list[list[Any]], current: list[list[Any]]) -> list[str]:
     """The differences between two :func:`parameter_records` (parameters missing, values that differ beyond a change
     of dtype), as sentences naming the first few."""
     now = {r[0]: r for r in current}
-    missing, differ = [], []
-    for name, dtype, digest, sample in saved:
+    missing, reshaped, differ = [], [], []
+    for name, dtype, shape, digest, sample in saved:
         c = now.get(name)
         if c is None:
             missing.append(name)
-        elif digest is not None and c[2] is not None and digest != c[2]:
-            if dtype == c[1] or not _close(c[3] or [], sample or []):
+        elif shape != c[2]:
+            reshaped.append(name)
+        elif digest is not None and c[3] is not None and digest != c[3]:
+            if dtype == c[1] or not _samples_close(c[4], sample):
                 differ.append(name)
     problems = []
     if missing:
         problems.append(f"{len(missing)} parameters not found in the model ({_first(missing)})")
+    if reshaped:
+        problems.append(f"the shapes of {len(reshaped)} parameters differ ({_first(reshaped)})")
     if differ:
         problems.append(f"the values of {len(differ)} of {len(saved)} parameters differ ({_first(differ)})")
     return problems
+
+
+def _samples_close(current: list[float] | None, saved: list[float] | None) -> bool:
+    """Whether two samples agree within the dtype tolerance (never when one is missing)."""
+    return current is not None and saved is not None and _close(current, saved)
 
 
 def _first(names: list[str], n: int = 3) -> str:
@@ -103,8 +122,7 @@ def _weight_slice(label: str, name: str, weight: torch.Tensor) -> dict[str, Any]
     values = weight.detach()[:SLICE_ROWS].to("cpu", torch.float32).contiguous().reshape(-1)
     entry["sha256"] = hashlib.sha256(values.numpy().astype("<f4").tobytes()).hexdigest()
     if values.numel():
-        idx = torch.linspace(0, values.numel() - 1, min(SAMPLE_SIZE, values.numel())).round().long()
-        entry["sample"] = [float(v) for v in values[idx]]
+        entry["sample"] = _sample(values, SAMPLE_SIZE)
     return entry
 
 
@@ -193,7 +211,7 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
             continue
         if s["sha256"] == c["sha256"]:
             continue
-        if s.get("dtype") != c.get("dtype") and _close(c.get("sample") or [], s.get("sample") or []):
+        if s.get("dtype") != c.get("dtype") and _samples_close(c.get("sample"), s.get("sample")):
             logger.info(
                 "Fingerprint: %s matches within %s-precision tolerance (saved %s, model %s).",
                 label,

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,8 +148,15 @@ def resolve_layout(
             f"Cannot save light: {why}. Pass save_base_model=True, or base_model_name_or_path=<where these "
             "weights are saved>."
         )
-    logger.warning("Saving the full layout (the base model's files with it): %s.", why)
+    # once per model: a Trainer saves every checkpoint this way
+    log = logger.info if model in _TOLD_FULL else logger.warning
+    _TOLD_FULL.add(model)
+    log("Saving the full layout (the base model's files with it): %s.", why)
     return True
+
+
+#: Models already told that their default saves write the full layout.
+_TOLD_FULL: weakref.WeakSet = weakref.WeakSet()
 
 
 def save_unlearned(
