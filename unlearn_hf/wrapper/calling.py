@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..context import _CURRENT, _GENERATION, _REPLAY, ForwardContext, RequestState, disabled_for
+from ..methods.base import AbstainingAttachment
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,24 @@ def _carrying_context(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @torch.compiler.disable
+def _refuse_abstaining_rows_in_training(ctx: ForwardContext, active: list[Any]) -> None:
+    """A training forward (train mode, gradients on) in which a method abstains on some row is refused: the refusal
+    would replace those rows' logits, giving them an infinite loss and no gradient (a relearning run on the forget
+    data would learn nothing from it, silently). Rows that do not abstain train as usual."""
+    rows = {}
+    for a in active:
+        decided = a.decision(ctx.request) if isinstance(a, AbstainingAttachment) else None
+        if decided is not None and bool(decided.any()):
+            rows[a.name] = int(decided.sum())
+    if rows:
+        raise RuntimeError(
+            f"A training forward (train mode, gradients on) in which abstaining methods refuse rows ({rows}): the "
+            "refusal would replace those rows' logits, giving them an infinite loss and no gradient. Train inside "
+            "`with unlearned.disable_abstention():` (the methods abstain again after it), or remove them first "
+            "(remove_method)."
+        )
+
+
 def _reset_current(token: Any) -> None:
     _CURRENT.reset(token)
 
@@ -173,6 +192,8 @@ class CallingMixin:
                 "a skipped layer, or a copy made other than with copy.deepcopy). Call the unlearned model itself "
                 "(torch.compile(model) and model.compile() keep the hooks)."
             )
+        if self.training and torch.is_grad_enabled():
+            _refuse_abstaining_rows_in_training(ctx, active)
         for attachment in active:
             output = attachment.on_forward_end(ctx, output)
         cache = _cache_of(output) if isinstance(output, Mapping) else None
