@@ -186,3 +186,24 @@ def test_push_to_a_new_branch_creates_it(hub, tmp_path, smol_tokenizer, batch):
         assert CONFIG_NAME not in api.list_repo_files(repo)
         loaded = UnlearnedModelForCausalLM.from_pretrained(repo, revision="dev")
     assert_same_outputs(outputs(loaded, batch), outputs(model, batch))
+
+
+def test_a_failed_push_deletes_the_repo_it_created_and_only_that(hub, tmp_path, smol_tokenizer, monkeypatch):
+    """An upload that fails after the repo was created (network, quota) left an empty repo behind (a review). The
+    repo the push created is deleted again; a repo that existed before keeps its content."""
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama(seed=4)), smol_tokenizer, ("na",))
+    with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        model.push_to_hub("kept", save_base_model=True, base_model_name_or_path=f"{USER}/origin")
+        head = hub.head(f"{USER}/kept")
+
+        def fail(*args, **kwargs):
+            raise ConnectionError("connection reset (simulated)")
+
+        monkeypatch.setattr(HfApi, "upload_folder", fail)
+        for repo in ("new", "kept"):
+            with pytest.raises(ConnectionError, match="simulated"):
+                model.push_to_hub(repo, save_base_model=True, base_model_name_or_path=f"{USER}/origin")
+        api = HfApi()
+        assert not api.repo_exists(f"{USER}/new")
+        assert api.repo_exists(f"{USER}/kept") and hub.head(f"{USER}/kept") == head
+        assert CONFIG_NAME in api.list_repo_files(f"{USER}/kept")

@@ -122,6 +122,28 @@ def is_local_base(name: str | None) -> bool:
     return bool(name) and (looks_like_local_path(name) or os.path.isdir(name))
 
 
+def _repo_existed(api: Any, repo_id: str) -> bool:
+    """Whether the repo exists before the push (``True`` when that cannot be told: a failed push then leaves the repo
+    as it is). A name without a namespace is the token's user's, as ``create_repo`` reads it."""
+    try:
+        full = repo_id if "/" in repo_id else f"{api.whoami()['name']}/{repo_id}"
+        return bool(api.repo_exists(full, repo_type="model"))
+    except Exception:  # noqa: BLE001 - unknown means: never delete
+        return True
+
+
+def _delete_new_repo(api: Any, repo_id: str) -> None:
+    """Delete the repo a failed push created (it holds nothing of the push), or say that it is left empty."""
+    try:
+        api.delete_repo(repo_id, repo_type="model")
+    except Exception as err:  # the push's own error is the one to raise
+        logger.warning(
+            "The push failed and left the repo %s it created empty; deleting it failed: %s", repo_id, err
+        )
+    else:
+        logger.warning("The push failed: the repo %s it had created is deleted again.", repo_id)
+
+
 def push_unlearned(
     model: Any,
     repo_id: str,
@@ -200,20 +222,26 @@ def push_unlearned(
             base_model_revision=base_model_revision,
         )
         card = build_model_card(folder, repo_id, values)  # fails here, before any request, on bad card values
+        existed = _repo_existed(api, repo_id)
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         full_id = url.repo_id
-        # a new branch is created, as transformers' push_to_hub does
-        if revision is not None and not create_pr:
-            api.create_branch(full_id, branch=revision, exist_ok=True)
-        if full_id != repo_id:
-            card = build_model_card(folder, full_id, values)
-        card.save(folder / "README.md")
-        info = api.upload_folder(
-            repo_id=full_id,
-            folder_path=folder,
-            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        try:
+            # a new branch is created, as transformers' push_to_hub does
+            if revision is not None and not create_pr:
+                api.create_branch(full_id, branch=revision, exist_ok=True)
+            if full_id != repo_id:
+                card = build_model_card(folder, full_id, values)
+            card.save(folder / "README.md")
+            info = api.upload_folder(
+                repo_id=full_id,
+                folder_path=folder,
+                commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+                revision=revision,
+                create_pr=create_pr,
+            )
+        except BaseException:
+            if not existed:
+                _delete_new_repo(api, full_id)
+            raise
     logger.info("Pushed the unlearned model to %s (%s).", full_id, getattr(info, "oid", ""))
     return info
