@@ -207,7 +207,10 @@ def test_fingerprint_slices_are_what_format_md_says(base_dir, smol_tokenizer, tm
     for entry in fp["weights"]:
         rows = slices[entry["label"]].detach()[:4].float().numpy().astype("<f4")
         assert entry["sha256"] == hashlib.sha256(rows.tobytes()).hexdigest()
-    # every parameter: the first row (all of a 1-D one), 16 hex digits of its float32 SHA-256, 4 values
+    # every parameter: the first row (all of a 1-D one), 16 hex digits of its float32 SHA-256, 4 values; one record
+    # per line of the file
+    lines = (tmp_path / "saved" / CONFIG_NAME).read_text().splitlines()
+    assert sum(line.lstrip().startswith('["') for line in lines) == len(fp["parameters"])
     params = dict(base.named_parameters())
     assert [r[0] for r in fp["parameters"]] == list(params)
     for name, dtype, shape, digest, sample in fp["parameters"]:

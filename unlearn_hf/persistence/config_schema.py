@@ -148,7 +148,8 @@ class UnlearnConfig:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        """Indented JSON, with every short list (a shape, a sample, a fingerprint's parameter record) on one line."""
+        return _indented(self.to_dict(), 0) + "\n"
 
     @classmethod
     def from_dict(cls, data: Any, source: str = CONFIG_NAME) -> UnlearnConfig:
@@ -278,6 +279,24 @@ def _is_shape(v: Any) -> bool:
 
 def _is_sha(v: Any) -> bool:
     return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _is_short(value: Any, depth: int = 2) -> bool:
+    """A list of scalars (``depth`` 1), or of scalars and such lists (``depth`` 2): written on one line."""
+    return isinstance(value, list) and all(
+        not isinstance(v, (dict, list)) or (depth > 1 and _is_short(v, depth - 1)) for v in value
+    )
+
+
+def _indented(value: Any, level: int) -> str:
+    """``json.dumps(value, indent=2)``, except that short lists (:func:`_is_short`) stay on one line."""
+    if _is_short(value) or not isinstance(value, (dict, list)) or not value:
+        return json.dumps(value, allow_nan=False)
+    pad, inner = " " * level, " " * (level + 2)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k)}: {_indented(v, level + 2)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    return "[\n" + ",\n".join(f"{inner}{_indented(v, level + 2)}" for v in value) + f"\n{pad}]"
 
 
 def _finite_number(x: Any) -> bool:
