@@ -319,3 +319,38 @@ def test_detect_input_checks(separable, tok):
         unlearned.detect(ids[0])
     with pytest.raises(ValueError, match="does not match"):
         unlearned.detect(ids, torch.ones(2, ids.shape[1] + 1, dtype=torch.long))
+
+
+def test_hypercubes_follow_the_vectors_to_another_device():
+    """A KSD method attached on one device and run on another (the model moved since: ``.to("cuda")`` after fitting
+    on the CPU) moved its hypercubes along; before, the test failed on mixed devices (a review). Attached here on
+    the meta device, asked about CPU vectors: the answer is numpy's."""
+    from test_moe import moe_model
+
+    from unlearn_hf.methods.key_space_detection.key_units import RoutedUnit
+    from unlearn_hf.sites import find_ffl_sites
+
+    gen = torch.Generator().manual_seed(0)
+    mu, sigma = torch.randn(8, generator=gen), torch.rand(8, generator=gen) + 0.5
+    vectors = torch.randn(5, 8, generator=gen) * 2
+    z = np.abs(vectors.double().numpy() - mu.double().numpy()) / sigma.double().numpy()
+    layer = KeySpaceLayer(mu, sigma, k=1.5, alpha=1.0, device="meta")
+    assert layer.center.device.type == "meta"
+    np.testing.assert_allclose(layer.scaled(vectors).numpy(), z.max(-1) / 1.5, rtol=1e-15)
+    assert layer.inside(vectors).tolist() == (z.max(-1) <= 1.5).tolist() and layer.center.device.type == "cpu"
+
+    sites = [s for s in find_ffl_sites(moe_model("mixtral")) if s.routed and s.block == 0]
+    width = sites[0].d_ff
+    cubes = {
+        s.layer: (torch.randn(width, generator=gen), torch.rand(width, generator=gen) + 0.5, 2.0)
+        for s in sites
+    }
+    unit = RoutedUnit(sites, cubes, "meta")
+    keys, tokens = torch.randn(3, width, generator=gen), torch.tensor([0, 2, 3])
+    run = unit.start(4, None, torch.device("cpu"))
+    run.add(sites[1].expert, keys, tokens)
+    mu, sigma, _ = cubes[sites[1].layer]
+    want = (np.abs(keys.double().numpy() - mu.double().numpy()) / sigma.double().numpy()).max(-1) / 2.0
+    got = run.distances().numpy()
+    np.testing.assert_allclose(got[[0, 2, 3]], want, rtol=1e-15)
+    assert got[1] == np.inf

@@ -4,6 +4,7 @@ refused, and a light checkpoint of a model changed before wrapping fails on the 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import peft
@@ -127,6 +128,30 @@ def test_resized_embeddings_and_non_finite_rows(base_dir, tmp_path):
     assert [r[4] for r in records if r[0] == "model.layers.0.mlp.up_proj.weight"] == [None]
     assert layout(tmp_path / "inf") == "full"
     UnlearnedModelForCausalLM.from_pretrained(tmp_path / "inf")
+
+
+def test_copies_of_a_changed_model_are_changed_too(base_dir, tmp_path):
+    """A copy is wrapped anew over the copied weights: it keeps the original's record of the weights as wrapped
+    (a copy of a fine-tuned model saved light, and its trained weights were lost; a review)."""
+    model = unlearned(base_dir)
+    with torch.no_grad():
+        model.get_base_model().model.layers[0].mlp.up_proj.weight[0, 1] += 1e-2
+    for i, other in enumerate((copy.deepcopy(model), copy.copy(model))):
+        assert other.weights_changed() == model.weights_changed() != []
+        other.save_pretrained(tmp_path / str(i))
+        assert layout(tmp_path / str(i)) == "full"
+
+
+def test_a_small_change_after_an_upcast_is_a_change(base_dir):
+    """bfloat16 weights cast to float32 hold the same values exactly: a change below the bfloat16 tolerance made
+    after the upcast (one small training step) is a change; the upcast alone is not (a review)."""
+    model = unlearned(base_dir, AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)).float()
+    assert model.weights_changed() == []
+    with torch.no_grad():
+        model.get_base_model().model.layers[0].mlp.up_proj.weight[0, 0] *= 1 + 2**-12
+    assert model.weights_changed() == [
+        "the values of 1 of 21 parameters differ (model.layers.0.mlp.up_proj.weight)"
+    ]
 
 
 def test_a_change_of_dtype_is_not_a_change_of_weights(base_dir, tmp_path):

@@ -318,3 +318,27 @@ def test_nested_disable_blocks_of_two_models_each_keep_theirs(smol_tokenizer):
             assert torch.equal(a(**enc).logits, plain["a"])
             assert torch.equal(b(**enc).logits, changed["b"])
         assert torch.equal(a(**enc).logits, changed["a"])
+
+
+def test_sites_are_found_again_after_a_module_was_replaced():
+    """Replacing an FFL module after fitting (surgery, a wrapper of one's own) makes the next forward raise; refitting
+    then hooks the new modules, as on a freshly wrapped model (the sites were cached: the refit probed the old
+    modules and failed on a wrong diagnosis, found by a review)."""
+    from tiny_models import random_batches
+
+    forget, retain = random_batches(1, 500), random_batches(2, 500)
+    config = SelectivePruningConfig(ratio=0.1)
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(vocab_size=500))
+    unlearned.fit(config, forget, retain, show_progress=False)
+    mlp = unlearned.get_base_model().model.layers[0].mlp
+    new = type(mlp)(unlearned.config)
+    new.load_state_dict(mlp.state_dict())
+    unlearned.get_base_model().model.layers[0].mlp = new  # same weights, new modules (without the hooks)
+    with pytest.raises(RuntimeError, match="Unlearning did not run"):
+        unlearned(forget[0]["input_ids"])
+    unlearned.remove_all_methods()
+    unlearned.fit(config, forget, retain, show_progress=False)
+    assert unlearned.ffl_sites[0].key is unlearned.get_base_model().model.layers[0].mlp.down_proj
+    fresh = UnlearnedModelForCausalLM.from_base(tiny_llama(vocab_size=500))
+    fresh.fit(config, forget, retain, show_progress=False)
+    torch.testing.assert_close(unlearned(forget[0]["input_ids"]).logits, fresh(forget[0]["input_ids"]).logits)

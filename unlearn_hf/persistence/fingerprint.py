@@ -81,7 +81,7 @@ def compare_parameters(saved: list[list[Any]], current: list[list[Any]]) -> list
         elif shape != c[2]:
             reshaped.append(name)
         elif digest is not None and c[3] is not None and digest != c[3]:
-            if dtype == c[1] or not _samples_close(c[4], sample):
+            if not _rounding_only(dtype, c[1]) or not _samples_close(c[4], sample):
                 differ.append(name)
     problems = []
     if missing:
@@ -91,6 +91,22 @@ def compare_parameters(saved: list[list[Any]], current: list[list[Any]]) -> list
     if differ:
         problems.append(f"the values of {len(differ)} of {len(saved)} parameters differ ({_first(differ)})")
     return problems
+
+
+def _rounding_only(saved: str | None, current: str | None) -> bool:
+    """Whether a difference of values between a weight saved in dtype ``saved`` and the same weight in dtype
+    ``current`` can come from rounding alone: the current dtype cannot hold every saved value (float32 to bfloat16,
+    bfloat16 to float16). A wider dtype holds them exactly (bfloat16 to float32), so there any difference is a
+    change of the weights (a fine-tuning step after an upcast)."""
+    if saved == current:
+        return False
+    try:
+        s, c = (torch.finfo(getattr(torch, d)) for d in (saved, current))
+    except (TypeError, AttributeError):  # not a floating dtype torch knows: no rounding to allow for
+        return False
+    return not (
+        c.bits >= s.bits and c.eps <= s.eps and c.max >= s.max and c.smallest_normal <= s.smallest_normal
+    )
 
 
 def _samples_close(current: list[float] | None, saved: list[float] | None) -> bool:
@@ -211,7 +227,9 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
             continue
         if s["sha256"] == c["sha256"]:
             continue
-        if s.get("dtype") != c.get("dtype") and _samples_close(c.get("sample"), s.get("sample")):
+        if _rounding_only(s.get("dtype"), c.get("dtype")) and _samples_close(
+            c.get("sample"), s.get("sample")
+        ):
             logger.info(
                 "Fingerprint: %s matches within %s-precision tolerance (saved %s, model %s).",
                 label,

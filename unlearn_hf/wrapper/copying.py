@@ -57,6 +57,8 @@ class CopyingMixin:
         )
         if memo is not None:
             memo[id(self)] = new
+        # the weights as this model was wrapped, not as they are now: a copy of a fine-tuned model is fine-tuned too
+        new._unlearn_wrapped_parameters = copy.deepcopy(self._unlearn_wrapped_parameters)
         own_base = self._unlearn_base.__dict__
         for key, value in self.__dict__.items():
             if key in _NOT_COPIED or key.startswith("_unlearn_") or own_base.get(key, object()) is value:

@@ -29,6 +29,24 @@ from .copying import CopyingMixin
 from .io import PersistenceMixin
 from .runtime_class import RuntimeClassMixin
 
+
+def _sites_in_place(model: PreTrainedModel, sites: list[FFLSite]) -> bool:
+    """Whether every site's modules are still where their names say in ``model`` (an expert's: its experts
+    module)."""
+    for site in sites:
+        for name, module in ((site.pre_name, site.pre), (site.key_name, site.key)):
+            if module is None or name is None:
+                continue
+            if site.routed:  # an expert's tap: the experts module that calls it
+                name, module = name.rsplit(".", 1)[0], module.owner
+            try:
+                if model.get_submodule(name) is not module:
+                    return False
+            except AttributeError:
+                return False
+    return True
+
+
 #: Modules whose reads of ``base_model`` mean transformers' backbone (``PreTrainedModel.base_model``).
 _LIBRARY_CALLERS = ("transformers", "accelerate", "peft", "torch")
 
@@ -99,8 +117,10 @@ class UnlearnedModelForCausalLM(
 
     @property
     def ffl_sites(self) -> list[FFLSite]:
-        """The validated FFL sites of every decoder layer (found once, lazily)."""
-        if self._unlearn_sites is None:
+        """The validated FFL sites of every decoder layer (found lazily, and again when one of their modules was
+        replaced since: methods fitted or attached after that hook the new modules)."""
+        sites = self._unlearn_sites
+        if sites is None or not _sites_in_place(self._unlearn_base, sites):
             self._unlearn_sites = find_ffl_sites(self._unlearn_base, self._unlearn_site_override)
         return self._unlearn_sites
 

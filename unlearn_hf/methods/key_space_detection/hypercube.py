@@ -53,24 +53,33 @@ class KeySpaceLayer:
         scale: σ (floored, positive), ``[d_ff]``.
         k: the fitted radius multiplier.
         alpha: the user's multiplier of k.
-        device: where the test runs (the key module's device).
+        device: where the test runs (the key module's device); vectors that arrive on another device (the model
+            was moved since) move the hypercube there.
     """
 
     def __init__(self, center: torch.Tensor, scale: torch.Tensor, k: float, alpha: float, device) -> None:
-        device = torch.device(device)
-        self.dtype = distance_dtype(device)
-        self.center = center.to(device=device, dtype=self.dtype)
-        self.scale = scale.to(device=device, dtype=self.dtype)
+        self._fitted = (center.detach(), scale.detach())
+        self._place(torch.device(device))
         self.k = float(k)
         self.alpha = float(alpha)
         self.threshold = self.alpha * self.k
 
+    def _place(self, device: torch.device) -> None:
+        self.dtype = distance_dtype(device)
+        self.center, self.scale = (t.to(device=device, dtype=self.dtype) for t in self._fitted)
+
+    def _on(self, vectors: torch.Tensor) -> None:
+        if vectors.device != self.center.device:
+            self._place(vectors.device)
+
     def distance(self, vectors: torch.Tensor) -> torch.Tensor:
         """Largest standardized distance max_d |v_d − μ_d| / σ_d of each key vector ``[..., d_ff]`` -> ``[...]``."""
+        self._on(vectors)
         return standardized_distance(vectors, self.center, self.scale, self.dtype)
 
     def scaled(self, vectors: torch.Tensor) -> torch.Tensor:
         """:func:`scaled_distance` of key vectors ``[..., d_ff]`` (what calibration compares with α)."""
+        self._on(vectors)
         return scaled_distance(vectors, self.center, self.scale, self.k, self.dtype)
 
     def inside(self, vectors: torch.Tensor) -> torch.Tensor:

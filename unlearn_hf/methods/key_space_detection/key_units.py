@@ -98,15 +98,17 @@ class RoutedUnit:
         cubes: Mapping[int, tuple[torch.Tensor, torch.Tensor, float]],
         device: torch.device | str,
     ) -> None:
-        device = torch.device(device)
-        self.dtype = distance_dtype(device)
         self.sites = list(sites)
         self.owner = self.sites[0].key.owner
+        self._fitted = {s.expert: cubes[s.layer][:3] for s in self.sites if s.layer in cubes}
+        self.place(torch.device(device))
+
+    def place(self, device: torch.device) -> None:
+        """Put the hypercubes on ``device`` (where the module now runs), in its distance dtype."""
+        self.device, self.dtype = device, distance_dtype(device)
         self.cubes = {
-            s.expert: (cubes[s.layer][0].to(device, self.dtype), cubes[s.layer][1].to(device, self.dtype))
-            + (float(cubes[s.layer][2]),)
-            for s in self.sites
-            if s.layer in cubes
+            e: (mu.to(device, self.dtype), sigma.to(device, self.dtype), float(k))
+            for e, (mu, sigma, k) in self._fitted.items()
         }
 
     def tokens(self, args: tuple) -> int:
@@ -121,6 +123,8 @@ class RoutedUnit:
     def start(self, n_tokens: int, wanted: torch.Tensor | None, device: torch.device) -> UnitDistances:
         """The distances of one forward over ``n_tokens`` flattened tokens; only those flagged in ``wanted`` (bool
         ``[n_tokens]``, ``None``: all) are measured."""
+        if device != self.device:  # the model was moved since the method was attached
+            self.place(device)
         return UnitDistances(self, torch.full((n_tokens,), -1.0, dtype=self.dtype, device=device), wanted)
 
 
