@@ -342,3 +342,30 @@ def test_sites_are_found_again_after_a_module_was_replaced():
     fresh = UnlearnedModelForCausalLM.from_base(tiny_llama(vocab_size=500))
     fresh.fit(config, forget, retain, show_progress=False)
     torch.testing.assert_close(unlearned(forget[0]["input_ids"]).logits, fresh(forget[0]["input_ids"]).logits)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
+def test_dynamically_quantized_models_are_refused_with_the_way_round():
+    """torch.ao's quantized linears keep packed weights and no parameters: the refusal says so and what works
+    (quantizing the unlearned model afterwards, whose hooks carry over; checked below)."""
+    from tiny_models import random_batches
+
+    from unlearn_hf.sites import SiteError
+
+    forget, retain = random_batches(1, 500), random_batches(2, 500)
+    quantize = torch.ao.quantization.quantize_dynamic
+    model = quantize(tiny_llama(vocab_size=500), {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(
+        SiteError, match=r"quantized module with packed weights.*then quantize the unlearned model"
+    ):
+        UnlearnedModelForCausalLM.from_base(model).fit(
+            SelectivePruningConfig(ratio=0.1), forget, retain, show_progress=False
+        )
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(vocab_size=500))
+    unlearned.fit(SelectivePruningConfig(ratio=0.3), forget, retain, show_progress=False)
+    quantized = quantize(unlearned, {torch.nn.Linear}, dtype=torch.qint8)
+    ids = forget[0]["input_ids"]
+    with torch.no_grad(), quantized.disable_unlearning():
+        plain = quantized(ids).logits
+    with torch.no_grad():
+        assert not torch.equal(quantized(ids).logits, plain)

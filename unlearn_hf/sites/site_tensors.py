@@ -62,4 +62,11 @@ def module_device(module: nn.Module) -> torch.device:
         return p.device
     for b in module.buffers():
         return b.device
-    raise SiteError(f"Cannot tell the device of {type(module).__name__}: it has no parameters.")
+    kind = type(module)
+    if ".quantized" in kind.__module__:  # torch.ao's dynamically quantized layers keep packed weights, no parameters
+        raise SiteError(
+            f"{kind.__module__}.{kind.__name__} is a quantized module with packed weights, which unlearn_hf cannot "
+            "read (no parameters): attach or load the unlearning onto the float model, then quantize the unlearned "
+            "model (its hooks carry over)."
+        )
+    raise SiteError(f"Cannot tell the device of {kind.__name__}: it has no parameters.")
