@@ -32,7 +32,7 @@ def model() -> UnlearnedModelForCausalLM:
 def test_a_training_forward_that_abstains_is_refused(model):
     ids = FORGET[0]["input_ids"]
     model.eval()
-    assert math.isinf(float(model(input_ids=ids, labels=ids).loss))  # inference: the refusal, by design
+    assert math.isinf(model(input_ids=ids, labels=ids).loss.item())  # inference: the refusal, by design
     model.train()
     with pytest.raises(RuntimeError, match=r"refuse rows \(\{'math': 2\}\).*disable_abstention"):
         model(input_ids=ids, labels=ids)
