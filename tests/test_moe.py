@@ -507,3 +507,24 @@ def test_the_probe_stops_after_the_last_decoder_layer_it_needs(model_type):
         for i in first:
             a, b = part[kind].layers[i], full[kind].layers[i]
             assert a.count == b.count and torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_sites_stay_cached_while_their_modules_are_in_place(model_type):
+    """The sites are found once and kept while every site's module (an expert's: its experts module) is still in
+    the model; one replaced experts module makes them found again, over the new module."""
+    unlearned = UnlearnedModelForCausalLM.from_base(moe_model(model_type))
+    sites = unlearned.ffl_sites
+    assert unlearned.ffl_sites is sites
+    routed = next(s for s in sites if s.routed)
+    owner = routed.key.owner
+    parent = unlearned.get_base_model().get_submodule(
+        routed.key_name.rsplit(".", 1)[0].rsplit(".experts", 1)[0]
+    )
+    replacement = copy.deepcopy(owner)
+    for name, child in parent.named_children():
+        if child is owner:
+            setattr(parent, name, replacement)
+    again = unlearned.ffl_sites
+    assert again is not sites
+    assert {s.key.owner for s in again if s.routed and s.block == routed.block} == {replacement}

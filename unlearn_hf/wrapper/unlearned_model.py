@@ -31,18 +31,12 @@ from .runtime_class import RuntimeClassMixin
 
 
 def _sites_in_place(model: PreTrainedModel, sites: list[FFLSite]) -> bool:
-    """Whether every site's modules are still where their names say in ``model`` (an expert's: its experts
-    module)."""
+    """Whether every site's modules (an expert's: its experts module, which calls its taps) are still in ``model``:
+    a module replaced since (surgery, a wrapper of one's own) is not."""
+    present = {id(m) for m in model.modules()}
     for site in sites:
-        for name, module in ((site.pre_name, site.pre), (site.key_name, site.key)):
-            if module is None or name is None:
-                continue
-            if site.routed:  # an expert's tap: the experts module that calls it
-                name, module = name.rsplit(".", 1)[0], module.owner
-            try:
-                if model.get_submodule(name) is not module:
-                    return False
-            except AttributeError:
+        for module in (site.pre, site.key):
+            if module is not None and id(module.owner if site.routed else module) not in present:
                 return False
     return True
 
