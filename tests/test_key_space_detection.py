@@ -354,3 +354,22 @@ def test_hypercubes_follow_the_vectors_to_another_device():
     got = run.distances().numpy()
     np.testing.assert_allclose(got[[0, 2, 3]], want, rtol=1e-15)
     assert got[1] == np.inf
+
+
+def test_retain_sets_named_by_numbers_save_as_json(tmp_path):
+    """Calibration keys its table by the retain sets' names; names that are not strings are written as JSON writes
+    them ("0"), and the checkpoint reads back (the compact writer had written them bare; a review)."""
+    import json
+
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = UnlearnedModelForCausalLM.from_base(tiny_llama(layers=4, vocab_size=len(tok)))
+    retain = {0: OTHER * 3, 1: [o + " please" for o in OTHER] * 3}
+    model.fit(KeySpaceDetectionConfig(layers=[1]), FORGET, retain, tok, show_progress=False)
+    model.save_pretrained(tmp_path / "ksd", base_model_name_or_path="org/base")
+    saved = json.loads((tmp_path / "ksd" / "unlearn_config.json").read_text())
+    table = saved["methods"][0]["config"]["calibration"]["retain"]
+    assert set(table) == {"0", "1"}
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "ksd", base_model=model.get_base_model())
+    assert list(loaded.methods) == ["key_space_detection"]

@@ -528,3 +528,20 @@ def test_sites_stay_cached_while_their_modules_are_in_place(model_type):
     again = unlearned.ffl_sites
     assert again is not sites
     assert {s.key.owner for s in again if s.routed and s.block == routed.block} == {replacement}
+
+
+def test_the_fingerprint_reads_one_row_of_a_fused_experts_weight():
+    """``[E, out, in]`` expert weights are recorded by their first row, not by expert 0 whole (a 120B model's
+    fused weights made every wrap and save read gigabytes; a review)."""
+    import hashlib
+
+    from unlearn_hf.persistence.fingerprint import parameter_records
+
+    model = moe_model("mixtral")
+    records = {r[0]: r for r in parameter_records(model)}
+    fused = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+    assert fused
+    for name, p in fused.items():
+        row = p.detach()[0, 0].float().numpy().astype("<f4")
+        assert records[name][2] == list(p.shape)
+        assert records[name][3] == hashlib.sha256(row.tobytes()).hexdigest()[:16]

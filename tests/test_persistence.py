@@ -215,7 +215,7 @@ def test_fingerprint_slices_are_what_format_md_says(base_dir, smol_tokenizer, tm
     assert [r[0] for r in fp["parameters"]] == list(params)
     for name, dtype, shape, digest, sample in fp["parameters"]:
         p = params[name].detach()
-        row = (p.reshape(p.shape[0], -1)[0] if p.dim() > 1 else p).float().numpy().astype("<f4")
+        row = p.reshape(-1, p.shape[-1])[0].float().numpy().astype("<f4")
         assert (dtype, shape) == ("float32", list(p.shape))
         assert digest == hashlib.sha256(row.tobytes()).hexdigest()[:16]
         assert sample == [float(row[i]) for i in np.round(np.linspace(0, row.size - 1, 4)).astype(int)]

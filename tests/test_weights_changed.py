@@ -155,10 +155,16 @@ def test_a_small_change_after_an_upcast_is_a_change(base_dir):
 
 
 def test_a_change_of_dtype_is_not_a_change_of_weights(base_dir, tmp_path):
+    """A cast is not a change; the light checkpoint of the cast model (its fingerprint in bfloat16) loads onto the
+    float32 base folder, in either dtype (a review found the loader's tolerance had become one-way)."""
     model = unlearned(base_dir).to(torch.bfloat16)
     assert model.weights_changed() == []
     model.save_pretrained(tmp_path / "light")
     assert layout(tmp_path / "light") == "light"
+    for dtype in (None, torch.float32, torch.bfloat16):
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "light", **kwargs)
+        assert list(loaded.methods) == ["neuron_adjust"]
 
 
 def test_adapters_merged_before_wrapping_fail_at_load(base_dir, tmp_path):

@@ -345,7 +345,7 @@ def test_sites_are_found_again_after_a_module_was_replaced():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
-def test_dynamically_quantized_models_are_refused_with_the_way_round():
+def test_dynamically_quantized_models_are_refused_with_the_way_round(tmp_path):
     """torch.ao's quantized linears keep packed weights and no parameters: the refusal says so and what works
     (quantizing the unlearned model afterwards, whose hooks carry over; checked below)."""
     from tiny_models import random_batches
@@ -364,6 +364,9 @@ def test_dynamically_quantized_models_are_refused_with_the_way_round():
     unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(vocab_size=500))
     unlearned.fit(SelectivePruningConfig(ratio=0.3), forget, retain, show_progress=False)
     quantized = quantize(unlearned, {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"Cannot save: 15 modules are quantized with packed weights"):
+        quantized.save_pretrained(tmp_path / "q", base_model_name_or_path="org/base")
+    assert not (tmp_path / "q").exists()
     ids = forget[0]["input_ids"]
     with torch.no_grad(), quantized.disable_unlearning():
         plain = quantized(ids).logits

@@ -149,7 +149,8 @@ class UnlearnConfig:
 
     def to_json(self) -> str:
         """Indented JSON, with every short list (a shape, a sample, a fingerprint's parameter record) on one line."""
-        return _indented(self.to_dict(), 0) + "\n"
+        # through json first: its rules for keys that are not strings (1 -> "1", None -> "null") and for NaN
+        return _indented(json.loads(json.dumps(self.to_dict(), allow_nan=False)), 0) + "\n"
 
     @classmethod
     def from_dict(cls, data: Any, source: str = CONFIG_NAME) -> UnlearnConfig:

@@ -43,7 +43,7 @@ def parameter_records(model: nn.Module) -> list[list[Any]]:
     """``[name, dtype, shape, hash, sample]`` of every floating-point parameter of ``model`` (``named_parameters``
     order, named as in the plain model: PEFT adapters added to it are left out, see
     :func:`~unlearn_hf.adapters.plain_parameters`): ``hash``, the first 16 hex digits of the SHA-256 of its first
-    row (all of a 1-D parameter) as float32 little-endian bytes; ``sample``, 4 values of that row at
+    row (``p.reshape(-1, p.shape[-1])[0]``: one row of a fused experts weight too; all of a 1-D parameter) as float32 little-endian bytes; ``sample``, 4 values of that row at
     ``round(linspace(0, n - 1, 4))`` (``None`` when one is not finite); both ``None`` for a parameter whose values
     are not here (meta device, or a distributed tensor's shard)."""
     records: list[list[Any]] = []
@@ -54,7 +54,7 @@ def parameter_records(model: nn.Module) -> list[list[Any]]:
         if p.device.type == "meta" or p.numel() == 0 or hasattr(p, "to_local"):
             records.append([name, dtype, shape, None, None])
             continue
-        row = p.detach().reshape(p.shape[0], -1)[0] if p.ndim > 1 else p.detach().reshape(-1)
+        row = p.detach().reshape(-1, p.shape[-1])[0] if p.ndim else p.detach().reshape(1)
         values = row.to("cpu", torch.float32).contiguous()
         digest = hashlib.sha256(values.numpy().astype("<f4").tobytes()).hexdigest()[:PARAMETER_HASH_DIGITS]
         records.append([name, dtype, shape, digest, _sample(values, PARAMETER_SAMPLE)])
@@ -69,9 +69,16 @@ def _sample(values: torch.Tensor, n: int) -> list[float] | None:
     return [float(v) for v in picked] if bool(torch.isfinite(picked).all()) else None
 
 
-def compare_parameters(saved: list[list[Any]], current: list[list[Any]]) -> list[str]:
+def compare_parameters(
+    saved: list[list[Any]], current: list[list[Any]], *, exact_upcasts: bool = False
+) -> list[str]:
     """The differences between two :func:`parameter_records` (parameters missing, values that differ beyond a change
-    of dtype), as sentences naming the first few."""
+    of dtype), as sentences naming the first few.
+
+    A difference of values between two dtypes passes when the samples agree within the half-precision tolerance
+    (a checkpoint's base loaded in another dtype, or cast since). With ``exact_upcasts`` (the records of this very
+    model as it was wrapped, :meth:`weights_changed`) a wider dtype must hold the recorded values exactly (see
+    :func:`_rounding_only`): a small training step after an upcast is a change."""
     now = {r[0]: r for r in current}
     missing, reshaped, differ = [], [], []
     for name, dtype, shape, digest, sample in saved:
@@ -81,7 +88,8 @@ def compare_parameters(saved: list[list[Any]], current: list[list[Any]]) -> list
         elif shape != c[2]:
             reshaped.append(name)
         elif digest is not None and c[3] is not None and digest != c[3]:
-            if not _rounding_only(dtype, c[1]) or not _samples_close(c[4], sample):
+            rounding = _rounding_only(dtype, c[1]) if exact_upcasts else dtype != c[1]
+            if not rounding or not _samples_close(c[4], sample):
                 differ.append(name)
     problems = []
     if missing:
@@ -227,9 +235,7 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
             continue
         if s["sha256"] == c["sha256"]:
             continue
-        if _rounding_only(s.get("dtype"), c.get("dtype")) and _samples_close(
-            c.get("sample"), s.get("sample")
-        ):
+        if s.get("dtype") != c.get("dtype") and _samples_close(c.get("sample"), s.get("sample")):
             logger.info(
                 "Fingerprint: %s matches within %s-precision tolerance (saved %s, model %s).",
                 label,

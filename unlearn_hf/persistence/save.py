@@ -23,6 +23,7 @@ import safetensors.torch
 
 from ..adapters import check_no_adapters
 from ..context import is_unlearned_model
+from ..sites.site_tensors import QUANTIZE_AFTER, is_packed_quantized
 from ..version import __version__
 from .atomic import replace_folder, resolve_target
 from .config_schema import BaseModelInfo, SavedMethod, TensorRecord, UnlearnConfig
@@ -124,6 +125,15 @@ def resolve_layout(
     model whose weights are not these. ``False`` then raises, unless ``base_model_name_or_path`` names the base
     explicitly (the fingerprint checks it at load).
     """
+    packed = (
+        [n for n, m in model.named_modules() if is_packed_quantized(m)] if is_unlearned_model(model) else []
+    )
+    packed = [n for n in packed if n.rpartition(".")[0] not in packed]  # not their own packed parameters
+    if packed:
+        raise ValueError(
+            f"Cannot save: {len(packed)} modules are quantized with packed weights ({', '.join(packed[:3])}), which "
+            f"neither layout can record; {QUANTIZE_AFTER}."
+        )
     if save_base_model:
         return True
     if kwargs.get("state_dict") is not None:
@@ -139,9 +149,15 @@ def resolve_layout(
     changed = model.weights_changed()
     if not changed:
         return False
+    name = base_name(model, None)
+    named = (
+        f"the base model it was loaded from ({name!r}), whose weights are not these"
+        if name
+        else "no base model"
+    )
     why = (
-        f"the base model's weights changed since it was wrapped or loaded ({'; '.join(changed)}), so a light "
-        f"checkpoint would name a base model ({base_name(model, None)!r}) whose weights are not these"
+        f"the base model's weights changed since it was wrapped or loaded ({'; '.join(changed)}), and a light "
+        f"checkpoint would name {named}"
     )
     if save_base_model is False:
         raise ValueError(

@@ -62,11 +62,22 @@ def module_device(module: nn.Module) -> torch.device:
         return p.device
     for b in module.buffers():
         return b.device
-    kind = type(module)
-    if ".quantized" in kind.__module__:  # torch.ao's dynamically quantized layers keep packed weights, no parameters
+    if is_packed_quantized(module):
+        kind = type(module)
         raise SiteError(
             f"{kind.__module__}.{kind.__name__} is a quantized module with packed weights, which unlearn_hf cannot "
-            "read (no parameters): attach or load the unlearning onto the float model, then quantize the unlearned "
-            "model (its hooks carry over)."
+            f"read (no parameters): {QUANTIZE_AFTER}."
         )
-    raise SiteError(f"Cannot tell the device of {kind.__name__}: it has no parameters.")
+    raise SiteError(f"Cannot tell the device of {type(module).__name__}: it has no parameters.")
+
+
+#: What to do with a model quantized into packed weights.
+QUANTIZE_AFTER = (
+    "fit, save or load the unlearning on the float model, then quantize the unlearned model (its hooks carry over; "
+    "a light checkpoint saved before quantizing loads onto the float base)"
+)
+
+
+def is_packed_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch.ao's quantized layers, whose weights are packed (not parameters)."""
+    return ".quantized" in type(module).__module__

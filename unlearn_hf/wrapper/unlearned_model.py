@@ -105,9 +105,11 @@ class UnlearnedModelForCausalLM(
 
     def weights_changed(self) -> list[str]:
         """How the base model's parameters differ from when it was wrapped or loaded (fine-tuned, merged adapters),
-        as sentences naming the first few; empty when they are the same (a change of dtype aside). A light
+        as sentences naming the first few; empty when they are the same (a rounding cast aside). A light
         checkpoint names the base model it was loaded from, so a save reads this (see ``save_pretrained``)."""
-        return compare_parameters(self._unlearn_wrapped_parameters, parameter_records(self._unlearn_base))
+        return compare_parameters(
+            self._unlearn_wrapped_parameters, parameter_records(self._unlearn_base), exact_upcasts=True
+        )
 
     @property
     def ffl_sites(self) -> list[FFLSite]:

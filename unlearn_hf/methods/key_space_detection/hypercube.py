@@ -64,23 +64,37 @@ class KeySpaceLayer:
         self.alpha = float(alpha)
         self.threshold = self.alpha * self.k
 
-    def _place(self, device: torch.device) -> None:
-        self.dtype = distance_dtype(device)
-        self.center, self.scale = (t.to(device=device, dtype=self.dtype) for t in self._fitted)
+    def _place(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+        """``(μ, σ, dtype)`` on ``device``, set in one assignment (a forward in another thread reads the old or the
+        new placement, never a mix)."""
+        dtype = distance_dtype(device)
+        self._placed = placed = (*(t.to(device=device, dtype=dtype) for t in self._fitted), dtype)
+        return placed
 
-    def _on(self, vectors: torch.Tensor) -> None:
-        if vectors.device != self.center.device:
-            self._place(vectors.device)
+    def _on(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+        placed = self._placed
+        return placed if placed[0].device == vectors.device else self._place(vectors.device)
+
+    @property
+    def center(self) -> torch.Tensor:
+        return self._placed[0]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._placed[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._placed[2]
 
     def distance(self, vectors: torch.Tensor) -> torch.Tensor:
         """Largest standardized distance max_d |v_d − μ_d| / σ_d of each key vector ``[..., d_ff]`` -> ``[...]``."""
-        self._on(vectors)
-        return standardized_distance(vectors, self.center, self.scale, self.dtype)
+        return standardized_distance(vectors, *self._on(vectors))
 
     def scaled(self, vectors: torch.Tensor) -> torch.Tensor:
         """:func:`scaled_distance` of key vectors ``[..., d_ff]`` (what calibration compares with α)."""
-        self._on(vectors)
-        return scaled_distance(vectors, self.center, self.scale, self.k, self.dtype)
+        center, scale, dtype = self._on(vectors)
+        return scaled_distance(vectors, center, scale, self.k, dtype)
 
     def inside(self, vectors: torch.Tensor) -> torch.Tensor:
         """Bool ``[...]`` for key vectors ``[..., d_ff]``."""

@@ -103,13 +103,20 @@ class RoutedUnit:
         self._fitted = {s.expert: cubes[s.layer][:3] for s in self.sites if s.layer in cubes}
         self.place(torch.device(device))
 
-    def place(self, device: torch.device) -> None:
-        """Put the hypercubes on ``device`` (where the module now runs), in its distance dtype."""
-        self.device, self.dtype = device, distance_dtype(device)
-        self.cubes = {
-            e: (mu.to(device, self.dtype), sigma.to(device, self.dtype), float(k))
+    def place(self, device: torch.device) -> tuple[torch.device, torch.dtype, dict]:
+        """The hypercubes on ``device`` (where the module now runs) in its distance dtype, as ``(device, dtype,
+        {expert: (μ, σ, k)})`` set in one assignment (a forward in another thread reads the old or the new one)."""
+        dtype = distance_dtype(device)
+        cubes = {
+            e: (mu.to(device, dtype), sigma.to(device, dtype), float(k))
             for e, (mu, sigma, k) in self._fitted.items()
         }
+        self._placed = placed = (device, dtype, cubes)
+        return placed
+
+    @property
+    def cubes(self) -> dict:
+        return self._placed[2]
 
     def tokens(self, args: tuple) -> int:
         """How many tokens a call of the experts module with positional ``args`` computes."""
@@ -123,26 +130,28 @@ class RoutedUnit:
     def start(self, n_tokens: int, wanted: torch.Tensor | None, device: torch.device) -> UnitDistances:
         """The distances of one forward over ``n_tokens`` flattened tokens; only those flagged in ``wanted`` (bool
         ``[n_tokens]``, ``None``: all) are measured."""
-        if device != self.device:  # the model was moved since the method was attached
-            self.place(device)
-        return UnitDistances(self, torch.full((n_tokens,), -1.0, dtype=self.dtype, device=device), wanted)
+        placed = self._placed
+        if device != placed[0]:  # the model was moved since the method was attached
+            placed = self.place(device)
+        return UnitDistances(placed, torch.full((n_tokens,), -1.0, dtype=placed[1], device=device), wanted)
 
 
 class UnitDistances:
     """The scaled distances of one forward's tokens to a :class:`RoutedUnit` (``-1`` until an expert adds one)."""
 
-    def __init__(self, unit: RoutedUnit, z: torch.Tensor, wanted: torch.Tensor | None) -> None:
-        self.unit, self.z, self.wanted = unit, z, wanted
+    def __init__(self, placed: tuple, z: torch.Tensor, wanted: torch.Tensor | None) -> None:
+        _, self.dtype, self.cubes = placed  # the unit's hypercubes as this forward found them
+        self.z, self.wanted = z, wanted
 
     def add(self, expert: int, keys: torch.Tensor, token_index: torch.Tensor) -> None:
         """The key vectors ``[n, I]`` of the tokens ``token_index`` ``[n]`` routed to ``expert``."""
-        cube = self.unit.cubes.get(expert)
+        cube = self.cubes.get(expert)
         if cube is None:  # no hypercube: the expert has no say
             return
         if self.wanted is not None:
             keep = self.wanted[token_index]
             keys, token_index = keys[keep], token_index[keep]
-        z = scaled_distance(keys, cube[0], cube[1], cube[2], self.unit.dtype)
+        z = scaled_distance(keys, cube[0], cube[1], cube[2], self.dtype)
         self.z.scatter_reduce_(0, token_index.to(self.z.device), z.to(self.z.device), "amax")
 
     def distances(self) -> torch.Tensor:
