@@ -59,15 +59,26 @@ class BosRule:
         return int(ids[0] == ids[1] == self.id)
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], rule: BosRule | None = None) -> list[list[int]]:
+def encode_texts(
+    tokenizer: Any, texts: Sequence[str], rule: BosRule | None = None, drop_suffix: int = 0
+) -> list[list[int]]:
     """Token ids of ``texts`` with the tokenizer's special tokens, BOS once (``rule``: the tokenizer's
-    :class:`BosRule`, found when not given)."""
+    :class:`BosRule`, found when not given), less the last ``drop_suffix`` ids (the suffix of
+    :func:`special_tokens`, e.g. an EOS, for a text the model is to continue)."""
     rule = BosRule.of(tokenizer) if rule is None else rule
     out = []
     for text, ids in zip(texts, tokenizer(list(texts))["input_ids"]):
         ids = list(ids)
-        out.append(ids[rule.drop(text, ids) :])
+        ids = ids[rule.drop(text, ids) :]
+        out.append(ids[:-drop_suffix] if drop_suffix else ids)
     return out
+
+
+def encode_text(tokenizer: Any, text: str, rule: BosRule, special: bool = True) -> list[int]:
+    """Token ids of one ``text``; with ``special``, the tokenizer's special tokens, BOS once (``rule``)."""
+    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+    ids = list(ids.flatten().tolist() if hasattr(ids, "flatten") else ids)
+    return ids[rule.drop(text, ids) :] if special else ids
 
 
 def prompt_tensors(tokenizer: Any, text: str) -> dict[str, torch.Tensor]:
@@ -115,5 +126,4 @@ class TextTokenizer:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; with ``special``, the tokenizer's special tokens, BOS only once."""
-        ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
-        return ids[self.bos.drop(text, ids) :] if special else ids
+        return encode_text(self.tokenizer, text, self.bos, special)

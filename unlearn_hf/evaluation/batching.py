@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..model_inputs import accepts, input_device, position_ids_from_mask
-from ..tokenizing import encode_texts, special_tokens
+from ..tokenizing import BosRule, encode_texts, special_tokens
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -85,12 +85,10 @@ def encode_pairs(
     """Token ids of ``texts`` (left-truncated to ``max_length``), the index of the first answer token, and how
     many answer tokens were cut off by truncation. The answer starts where the text's ids stop matching the
     prompt's; special tokens the tokenizer appends (an EOS) are dropped."""
-    n_suffix = len(special_tokens(tokenizer).suffix)
-    full, pre = encode_texts(tokenizer, texts), encode_texts(tokenizer, prompts)
+    rule, n_suffix = BosRule.of(tokenizer), len(special_tokens(tokenizer).suffix)
+    full, pre = (encode_texts(tokenizer, t, rule, n_suffix) for t in (texts, prompts))
     out = []
     for f, p in zip(full, pre):
-        if n_suffix:
-            f, p = f[:-n_suffix], p[:-n_suffix]
         start = 0
         while start < min(len(f), len(p)) and f[start] == p[start]:
             start += 1
@@ -101,9 +99,8 @@ def encode_pairs(
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int) -> list[list[int]]:
-    n_suffix = len(special_tokens(tokenizer).suffix)
-    ids = encode_texts(tokenizer, prompts)
-    return [(s[:-n_suffix] if n_suffix else s)[-max_length:] for s in ids]
+    ids = encode_texts(tokenizer, prompts, drop_suffix=len(special_tokens(tokenizer).suffix))
+    return [s[-max_length:] for s in ids]
 
 
 def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -85,13 +85,10 @@ def mmlu_accuracy(
         side,
         show_progress,
     )
-    n_suffix = len(special_tokens(tokenizer).suffix)
-
-    bos = BosRule.of(tokenizer)
+    bos, n_suffix = BosRule.of(tokenizer), len(special_tokens(tokenizer).suffix)
 
     def encode(text: str) -> list[int]:
-        (ids,) = encode_texts(tokenizer, [text], bos)
-        return ids[:-n_suffix] if n_suffix else ids
+        return encode_texts(tokenizer, [text], bos, n_suffix)[0]
 
     letter_ids = [tokenizer(" " + x, add_special_tokens=False)["input_ids"] for x in MMLU_LETTERS]
     single = all(len(t) == 1 for t in letter_ids) and len({t[0] for t in letter_ids}) == len(letter_ids)

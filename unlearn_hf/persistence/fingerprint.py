@@ -56,9 +56,14 @@ def parameter_records(model: nn.Module) -> list[list[Any]]:
             continue
         row = p.detach().reshape(-1, p.shape[-1])[0] if p.ndim else p.detach().reshape(1)
         values = row.to("cpu", torch.float32).contiguous()
-        digest = hashlib.sha256(values.numpy().astype("<f4").tobytes()).hexdigest()[:PARAMETER_HASH_DIGITS]
+        digest = _float32_sha256(values)[:PARAMETER_HASH_DIGITS]
         records.append([name, dtype, shape, digest, _sample(values, PARAMETER_SAMPLE)])
     return records
+
+
+def _float32_sha256(values: torch.Tensor) -> str:
+    """The SHA-256 (hex) of float32 CPU ``values`` as little-endian bytes."""
+    return hashlib.sha256(values.numpy().astype("<f4").tobytes()).hexdigest()
 
 
 def _sample(values: torch.Tensor, n: int) -> list[float] | None:
@@ -144,7 +149,7 @@ def _weight_slice(label: str, name: str, weight: torch.Tensor) -> dict[str, Any]
         logger.info("Fingerprint: %s (%s) is not materialized; its values are not hashed.", label, name)
         return entry
     values = weight.detach()[:SLICE_ROWS].to("cpu", torch.float32).contiguous().reshape(-1)
-    entry["sha256"] = hashlib.sha256(values.numpy().astype("<f4").tobytes()).hexdigest()
+    entry["sha256"] = _float32_sha256(values)
     if values.numel():
         entry["sample"] = _sample(values, SAMPLE_SIZE)
     return entry

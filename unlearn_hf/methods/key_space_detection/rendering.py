@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ...tokenizing import BosRule
+from ...tokenizing import BosRule, encode_text
 
 QUESTION_FIELD = "{question}"
 
@@ -175,9 +175,7 @@ class QueryRenderer:
         return text
 
     def _ids(self, text: str, special: bool) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
-        ids = list(ids.flatten().tolist() if hasattr(ids, "flatten") else ids)
-        return ids[self._bos.drop(text, ids) :] if special else ids
+        return encode_text(self.tokenizer, text, self._bos, special)
 
     def _locate(self, text: str, question: str, name: str, *, special: bool, index: int) -> RenderedQuery:
         """Tokenize ``text`` and find the token holding the last character of ``question`` in it."""
