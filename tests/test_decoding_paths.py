@@ -239,6 +239,35 @@ def test_recheck_each_token_refuses_assisted_decoding(setup, tok, assistant):
         other.remove_all_methods()  # the base model is shared with the other tests
 
 
+@pytest.mark.parametrize("mode", ["prompt_lookup", "contrastive_search"])
+def test_a_mode_set_in_the_models_generation_config_is_seen_with_a_config_given_to_generate(setup, tok, mode):
+    """generate fills what a GenerationConfig given to the call leaves unset from the model's own (a saved
+    generation_config.json): the mode check must judge that merged config, or the saved mode runs unchecked."""
+    from transformers import GenerationConfig
+
+    _, unlearned = setup
+    method = unlearned.methods["key_space_detection"]
+    recheck = type(method)(dataclasses.replace(method.config, recheck_each_token=True), method.state)
+    other = UnlearnedModelForCausalLM.from_base(unlearned.get_base_model())
+    other.add_method("ksd", recheck)
+    saved = copy.deepcopy(other.generation_config)
+    setting, error = {
+        "prompt_lookup": (dict(prompt_lookup_num_tokens=2), "recheck_each_token"),
+        "contrastive_search": (dict(penalty_alpha=0.6, top_k=4), "cannot check"),
+    }[mode]
+    enc = encode(tok, [FORGET_PROMPT])
+    try:
+        for key, value in setting.items():
+            setattr(other.generation_config, key, value)
+        with pytest.raises(ValueError, match=error):
+            other.generate(**enc, generation_config=GenerationConfig(max_new_tokens=3, do_sample=False))
+        with pytest.raises(ValueError, match=error):
+            other.generate(**enc, max_new_tokens=3)
+    finally:
+        other.generation_config = saved
+        other.remove_all_methods()  # the base model is shared with the other tests
+
+
 @pytest.fixture(scope="module")
 def na_sp():
     """A tiny Llama with (deterministic) Neuron Adjust and Selective Pruning, which apply token by token."""

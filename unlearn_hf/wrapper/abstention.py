@@ -135,7 +135,14 @@ class AbstentionMixin:
                 f"generate(custom_generate=...) runs decoding code that unlearn_hf cannot check, so it could bypass "
                 f"the abstention of {names}. {switch_off}"
             )
-        config = copy.deepcopy(bound.arguments.get("generation_config") or self.generation_config)
+        given = bound.arguments.get("generation_config")
+        config = copy.deepcopy(given if given is not None else self.generation_config)
+        if (
+            given is not None
+        ):  # generate fills what the call's config leaves unset from the model's (a saved one)
+            for key, value in self.generation_config.to_dict().items():
+                if key != "watermarking_config" and hasattr(config, key) and getattr(config, key) is None:
+                    setattr(config, key, value)
         for key, value in extra.items():  # what generate will merge (without validating twice: no warnings)
             if hasattr(config, key):
                 setattr(config, key, value)
