@@ -159,3 +159,23 @@ def test_each_device_decides_its_own_draw(monkeypatch):
     widest_rest = max(adj.num_neurons for i, adj in attachment.layers.items() if i != 0)
     # cpu:0 drew its one layer in a block; cpu drew layer by layer into one layer's scratch (not a block of k_rest)
     assert held == {(False, rows * k_first), ("layer", rows * widest_rest)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 100])
+def test_the_first_forward_after_a_cast_draws_as_every_later_one(dtype, rows):
+    """Random mode draws its thresholds in the dtype the output is computed in (float64 for a float64 model, else
+    float32); the first forward after a cast must not draw in the layer's previous dtype (which gave it other
+    thresholds than every later identical request). One row: one block for all layers; 100 rows: layer by layer."""
+    model = tiny_llama(layers=2, vocab_size=100)
+    tok = tiny_tokenizer()
+    u = UnlearnedModelForCausalLM.from_base(model)
+    texts = ["1 + 1 = 2", "3 * 4 = 12", "10 - 7 = 3", "9 / 3 = 3"]
+    u.fit(
+        NeuronAdjustConfig(ratio=0.2, seed=1), texts, ["the cat sat", "a red fox"], tok, show_progress=False
+    )
+    ids = torch.randint(4, 100, (1, rows), generator=torch.Generator().manual_seed(0))
+    model.to(dtype)
+    with torch.no_grad():
+        first, second = (u(input_ids=ids).logits for _ in range(2))
+    assert torch.equal(first, second)
