@@ -253,6 +253,13 @@ class RunningStats:
             self._abs_sum = abs_b.clone() if n_a == 0 else self._abs_sum + abs_b
         self._count = n
 
+    def is_finite(self) -> bool:
+        """Whether every kept quantity is finite (an activation that was NaN or ±inf makes its sums so)."""
+        kept = (self.mean, self.m2) if self.track_moments else ()
+        kept += (self.abs_sum,) if self.track_abs else ()
+        kept += (self.minimum, self.maximum) if self.track_extremes else ()
+        return all(bool(torch.isfinite(t).all()) for t in kept)
+
     def merge(self, other: RunningStats) -> RunningStats:
         """Return a new object holding the statistics of both ``self`` and ``other``."""
         return self.copy().merge_(other)
@@ -312,6 +319,10 @@ class SiteStatistics:
             {i: s.merge(other.layers[i]) for i, s in self.layers.items()},
             self.architecture_id or other.architecture_id,
         )
+
+    def nonfinite_layers(self) -> list[int]:
+        """The layers whose statistics hold NaN or ±inf (see :meth:`RunningStats.is_finite`)."""
+        return [i for i, s in sorted(self.layers.items()) if s.count and not s.is_finite()]
 
     @property
     def count(self) -> int:

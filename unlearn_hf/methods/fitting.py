@@ -8,7 +8,7 @@ from typing import Any
 
 from ..adapters import check_no_adapters
 from ..data import DataSpec, _columns_of, _is_tokenized_batch
-from ..probe import architecture_id, probe
+from ..probe import architecture_id, check_finite, probe
 from ..sites import FFLSite
 from ..stats import DEFAULT_STATISTICS, SiteStatistics
 from .config import resolve_layers
@@ -106,6 +106,7 @@ def probe_or_check(
         _check_precomputed(
             data, model, role=role, site=site, mode=mode, layers=layers, sites=sites, statistics=statistics
         )
+        check_finite(data, f"The probe behind the precomputed {role} statistics")
         return data
     return probe(
         model,

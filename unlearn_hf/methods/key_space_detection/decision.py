@@ -30,7 +30,7 @@ from ...context import ForwardContext, RequestState
 from ...hooks import HookRegistrar
 from ...sites import as_token_grid
 from ..base import AbstainingAttachment
-from .hypercube import KeySpaceLayer
+from .hypercube import KeySpaceLayer, inside_at
 from .key_units import RoutedUnit, UnitDistances, wanted_tokens
 from .refusal import AbstentionLogitsProcessor, Refusal
 
@@ -152,7 +152,7 @@ class KeySpaceAttachment(AbstainingAttachment):
 
         def finish(ctx: ForwardContext, output: Any) -> None:
             z = distances(ctx, True).distances().view(-1, ctx.input_len)
-            self._observe(ctx, unit, z.shape[0], z.device, lambda r, i: z[r, i] <= self.alpha)
+            self._observe(ctx, unit, z.shape[0], z.device, lambda r, i: inside_at(z[r, i], self.alpha))
 
         reads = dict(observer=True, when=self._reads)
         hooks.forward_pre_hook(reader.owner, start, all_inputs=True, **reads)

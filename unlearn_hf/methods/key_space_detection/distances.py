@@ -141,8 +141,16 @@ def _distances(model, queries, sites, cubes, mine, window, pad_id, spec, show_pr
                 cube = cubes[unit]
                 # [B, w] (the keys' last window positions), offset 0 first
                 z = captured[unit] if isinstance(cube, RoutedUnit) else cube.scaled(captured[unit])
-                z = z.to(torch.float64).cpu().flip(1)
-                out[rows, j, :w] = torch.where(real, z, torch.inf)
+                z = torch.where(real, z.to(torch.float64).cpu().flip(1), torch.inf)
+                broken = z.isnan().any(1)
+                if broken.any():
+                    raise ValueError(
+                        f"{desc}: the model produced NaN key vectors at layer {unit} for {int(broken.sum())} of "
+                        f"{len(batch)} queries; they cannot be placed. Usual causes: float16 overflow (use bfloat16 or "
+                        "float32), or an attention implementation that gives padded rows NaN (try "
+                        "attn_implementation='sdpa')."
+                    )
+                out[rows, j, :w] = z
             bar.update(len(batch))
         meter.log(desc)
     finally:

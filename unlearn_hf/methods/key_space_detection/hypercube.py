@@ -46,7 +46,9 @@ class KeySpaceLayer:
     A vector v is inside when |v_d − μ_d| / σ_d ≤ α·k for every dimension d, i.e. when its largest standardized
     distance :meth:`distance` is at most α·k. The test is computed in float64 (float32 on devices without
     float64) and divides exactly as the fit computed k, so at α = 1 every fitted vector is inside, including the
-    ones that set k.
+    ones that set k, in the dtype the model was fitted in: in another one (a bfloat16 cast, autocast) the keys
+    round differently and a vector on the boundary may fall just outside, so an uncalibrated α = 1 has no margin
+    (calibration's α keeps one). A vector with a NaN counts as inside: the row abstains.
 
     Args:
         center: μ, ``[d_ff]``.
@@ -97,5 +99,13 @@ class KeySpaceLayer:
         return scaled_distance(vectors, center, scale, self.k, dtype)
 
     def inside(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Bool ``[...]`` for key vectors ``[..., d_ff]``."""
-        return self.distance(vectors) <= self.threshold
+        """Bool ``[...]`` for key vectors ``[..., d_ff]``; a vector with a NaN counts as inside (see
+        :func:`inside_at`)."""
+        return inside_at(self.distance(vectors), self.threshold)
+
+
+def inside_at(distances: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``distances <= threshold``, and ``True`` where a distance is NaN: a key vector with a NaN (a forward broken by
+    float16 overflow, or NaN that padding spread through the attention) cannot be placed, and a row that cannot be
+    placed abstains rather than answer (it fails closed)."""
+    return (distances <= threshold) | distances.isnan()
