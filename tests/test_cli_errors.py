@@ -326,6 +326,28 @@ def test_model_from_the_hub_loads_its_unlearning(full, folders, smol_tokenizer, 
                     load_model(repo)
 
 
+def test_a_repo_that_gained_unlearning_since_it_was_cached_loads_unlearned(folders, smol_tokenizer, tmp_path):
+    """The cache records that a plain repo had no unlearn_config.json; once an unlearned model is pushed to that
+    repo, the CLI (online) must ask the Hub about its current revision, not trust the old record (a review: it
+    loaded the plain model, with the warning that there was no unlearning); offline, the cache still decides."""
+    from huggingface_hub import HfApi
+
+    base = AutoModelForCausalLM.from_pretrained(folders["tiny"]).eval()
+    with start_hub_server(tmp_path) as hub, hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        HfApi().create_repo("user/model")
+        HfApi().upload_folder(repo_id="user/model", folder_path=folders["tiny"])
+        plain, _ = load_model("user/model")  # caches the record that the repo holds no unlearning
+        assert not isinstance(plain, UnlearnedModelForCausalLM)
+        unlearned = UnlearnedModelForCausalLM.from_base(base)
+        fit_methods(unlearned, smol_tokenizer, ("ksd",))
+        unlearned.push_to_hub("user/model", save_base_model=True, tokenizer=smol_tokenizer)
+        model, _ = load_model("user/model")
+        assert isinstance(model, UnlearnedModelForCausalLM) and sorted(model.methods) == ["ksd"]
+        with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN, offline=True):
+            model, _ = load_model("user/model")  # the last answer online is in the cache now
+            assert isinstance(model, UnlearnedModelForCausalLM)
+
+
 # a full checkpoint saved without tokenizer= (as FORMAT.md shows) found no tokenizer: its _name_or_path is its own
 # folder; the tokenizer is now also looked for at the base model it records (a review)
 @pytest.mark.parametrize("with_tokenizer", [True, False])

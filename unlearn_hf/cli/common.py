@@ -31,7 +31,8 @@ def setup_logging(quiet: bool) -> None:
 
 def has_unlearning(name: str) -> bool:
     """Whether ``name`` (a local folder or a Hub id) holds saved unlearning (``unlearn_config.json``), in either
-    layout. A Hub repo is asked through ``huggingface_hub`` (offline: the cache, which records files found missing).
+    layout. A Hub repo is asked about its current revision (the cache may describe an older one); offline, or when
+    the Hub cannot be reached, the cache answers (it also records files found missing).
 
     Raises:
         UserError: the answer cannot be known (offline, with the repo's model cached but not whether it holds
@@ -55,15 +56,15 @@ def has_unlearning(name: str) -> bool:
         return True
     if path.exists() or looks_like_local_path(name):
         return False
-    cached = try_to_load_from_cache(name, CONFIG_NAME)
-    if isinstance(cached, str):
-        return True
-    if cached is not None:  # the cache recorded that the repo has no such file
-        return False
-    try:
+    try:  # the Hub's current revision decides: the cache may describe an older one (a repo pushed to since)
         hf_hub_download(name, CONFIG_NAME)
         return True
     except LocalEntryNotFoundError as err:  # offline, or the Hub cannot be reached (before its parent class)
+        cached = try_to_load_from_cache(name, CONFIG_NAME)
+        if isinstance(cached, str):
+            return True
+        if cached is not None:  # the cache recorded that the repo had no such file when last asked
+            return False
         if isinstance(try_to_load_from_cache(name, "config.json"), str):
             raise UserError(
                 f"Cannot tell whether {name} holds unlearning: the Hub cannot be reached and the cache has its "
