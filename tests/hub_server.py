@@ -742,6 +742,7 @@ class _Handler(BaseHTTPRequestHandler):
                 header = item.get("value", {})
             else:
                 operations.append((item.get("key"), item.get("value", {})))
+        _check_card_metadata(operations)
         oid = hub.storage.commit(
             repo,
             rev,
@@ -800,6 +801,31 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
             return self._send(206, data[start : end + 1], headers, content_type=content_type)
         self._send(200, data, headers, content_type=content_type)
+
+
+def _check_card_metadata(operations: list[tuple[str, dict[str, Any]]]) -> None:
+    """Refuse a commit whose README.md metadata names a ``base_model`` that is no repo id, as the Hub does ("Error:
+    \"base_model\" ... is not valid. Use a model id from https://hf.co/models")."""
+    for key, value in operations:
+        if key != "file" or value.get("path") != "README.md":
+            continue
+        data = value.get("content", b"")
+        if isinstance(data, str):
+            data = base64.b64decode(data) if value.get("encoding") == "base64" else data.encode()
+        text = data.decode("utf-8", "replace")
+        match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
+        if not match:
+            continue
+        import yaml
+
+        meta = yaml.safe_load(match.group(1)) or {}
+        bases = meta.get("base_model", []) if isinstance(meta, dict) else []
+        for base in [bases] if isinstance(bases, str) else bases:
+            if not isinstance(base, str) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base):
+                raise HubError(
+                    400,
+                    f'Error: "base_model" with value "{base}" is not valid. Use a model id from https://hf.co/models',
+                )
 
 
 class _LoopbackHTTPServer(ThreadingHTTPServer):

@@ -207,3 +207,38 @@ def test_a_failed_push_deletes_the_repo_it_created_and_only_that(hub, tmp_path, 
         assert not api.repo_exists(f"{USER}/new")
         assert api.repo_exists(f"{USER}/kept") and hub.head(f"{USER}/kept") == head
         assert CONFIG_NAME in api.list_repo_files(f"{USER}/kept")
+
+
+def test_a_full_push_from_a_local_base_folder_has_no_local_path_in_its_card(hub, tmp_path, smol_tokenizer):
+    """The card's metadata names the base model only when it is a Hub id: the Hub refuses a `base_model` that names
+    no model (the loopback Hub does too), which failed every full push of a model loaded from a folder (a review)."""
+    tiny_llama(seed=4).save_pretrained(tmp_path / "my base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "my base")
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(base), smol_tokenizer, ("sp",))
+    with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        model.push_to_hub(f"{USER}/from-folder", save_base_model=True, forget_skill="arithmetic")
+    card = ModelCard(hub.files(f"{USER}/from-folder")["README.md"].decode())
+    assert card.data.base_model is None
+    assert str(tmp_path) not in card.content and "`my base`" in card.text
+
+
+def test_a_push_over_an_earlier_one_removes_the_files_only_the_earlier_one_wrote(
+    hub, tmp_path, smol_tokenizer
+):
+    """A light push over a full one: the full layout's base model and tokenizer files (its config's
+    companion_files) go, or plain transformers would load the old weights from the repo; a file the user put there
+    stays, as a local save keeps it (a review)."""
+    repo = f"{USER}/pushed-twice"
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama(seed=4)), smol_tokenizer, ("sp",))
+    with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        model.push_to_hub(
+            repo, save_base_model=True, tokenizer=smol_tokenizer, base_model_name_or_path=f"{USER}/origin"
+        )
+        HfApi().upload_file(path_or_fileobj=b"mine", path_in_repo="notes.txt", repo_id=repo)
+        full = set(hub.files(repo))
+        assert {"config.json", "model.safetensors", "tokenizer.json", "notes.txt"} <= full
+        model.push_to_hub(repo, save_base_model=False, base_model_name_or_path=f"{USER}/origin")
+    light = set(hub.files(repo))
+    assert {CONFIG_NAME, WEIGHTS_NAME, "README.md", "notes.txt"} <= light
+    assert not light & {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"}
+    assert json.loads(hub.files(repo)[CONFIG_NAME])["layout"] == "light"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,11 @@ def test_minimal_info_and_local_base_model() -> None:
     assert "Default settings." in card.text
     assert "https://huggingface.co/./checkpoints" not in card.text
     assert card.data.license is None
+    # no Hub id: the Hub refuses a base_model that names no model (a review), and the path stays private
+    assert card.data.base_model is None and "base_model" not in card.content.split("---")[1]
+    assert "./checkpoints" not in card.text and "`base`" in card.text
+    hub = render_model_card(dataclasses.replace(info, base_model="org/base"))
+    assert hub.data.base_model == "org/base" and "https://huggingface.co/org/base" in hub.text
 
 
 @pytest.mark.parametrize(

@@ -150,8 +150,11 @@ def render_model_card(info: ModelCardInfo) -> ModelCard:
 
     method_names = [m["name"].strip() for m in info.methods]
     tags = list(dict.fromkeys([*BASE_TAGS, *(method_tag(n) for n in method_names), *info.tags]))
+    # a local folder is no Hub id: the Hub refuses such a `base_model` in the metadata, and its path is private
+    local_base = looks_like_local_path(info.base_model) or Path(info.base_model).exists()
+    shown_base = Path(info.base_model).name if local_base else info.base_model
     card_data = ModelCardData(
-        base_model=info.base_model,
+        base_model=None if local_base else info.base_model,
         library_name="unlearn_hf",
         pipeline_tag="text-generation",
         license=info.license,
@@ -169,12 +172,11 @@ def render_model_card(info: ModelCardInfo) -> ModelCard:
         }
         for row in info.evaluation or []
     ]
-    local_base = looks_like_local_path(info.base_model) or Path(info.base_model).exists()
     card = ModelCard.from_template(
         card_data,
         template_str=_template_text(),
-        title=f"{info.repo_id.split('/')[-1]}: {info.forget_skill} unlearned from {info.base_model}",
-        base_model=info.base_model,
+        title=f"{info.repo_id.split('/')[-1]}: {info.forget_skill} unlearned from {shown_base}",
+        base_model=shown_base,
         base_model_url=None if local_base else f"https://huggingface.co/{info.base_model}",
         base_model_revision=info.base_model_revision,
         forget_skill=info.forget_skill,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import tempfile
@@ -144,6 +145,29 @@ def _delete_new_repo(api: Any, repo_id: str) -> None:
         logger.warning("The push failed: the repo %s it had created is deleted again.", repo_id)
 
 
+def _stale_companions(api: Any, repo_id: str, revision: str | None, folder: Path) -> list[str]:
+    """The files an earlier push of an unlearned model wrote to the repo (the ``companion_files`` of its config at
+    ``revision``: a full layout's base model and tokenizer files) that this push does not write: left there, a
+    light push over a full one would leave the old weights for plain ``transformers`` (and the CLI's tokenizer
+    lookup) to load. Files that no unlearned save wrote are kept, as a local save keeps them."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from .format import CONFIG_NAME
+
+    try:
+        path = api.hf_hub_download(repo_id, CONFIG_NAME, revision=revision)
+        previous = read_config(Path(path).parent).companion_files
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return []  # no unlearned model there yet (a new branch starts from main: it was asked above)
+    except ValueError as err:  # an unreadable config: its files are not ours to judge
+        logger.warning(
+            "The repo's previous %s could not be read (%s); its files are left as they are.", CONFIG_NAME, err
+        )
+        return []
+    written = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    return sorted(set(previous) - written)
+
+
 def push_unlearned(
     model: Any,
     repo_id: str,
@@ -232,12 +256,14 @@ def push_unlearned(
             if full_id != repo_id:
                 card = build_model_card(folder, full_id, values)
             card.save(folder / "README.md")
+            stale = _stale_companions(api, full_id, revision, folder) if existed else []
             info = api.upload_folder(
                 repo_id=full_id,
                 folder_path=folder,
                 commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
                 revision=revision,
                 create_pr=create_pr,
+                delete_patterns=[glob.escape(name) for name in stale] or None,
             )
         except BaseException:
             if not existed:
