@@ -251,6 +251,55 @@ def test_hand_written_cached_loop(setup, tok, cache_kw):
     assert torch.equal(greedy_loop(unlearned, batch, steps, cache_kw), got)
 
 
+def greedy_loop_without_cache(model, batch, steps):
+    """Greedy decoding that re-feeds the whole sequence at every step (no KV cache), left padded."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = (
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                .logits[:, -1]
+                .argmax(-1, keepdim=True)
+            )
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids[:, batch["input_ids"].shape[1] :]
+
+
+def test_hand_written_loop_without_a_cache(setup, tok):
+    """Each step is a new request (no cache carries it): a row that ends with the refusal's first tokens after a
+    forget question is decided with them and goes on with the refusal (a review: after the refusal's first token
+    the window no longer reached the question, and the model answered)."""
+    model, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+    steps = len(refusal_ids(tok)) + 3
+    got = greedy_loop_without_cache(unlearned, batch, steps)
+    base = greedy_loop_without_cache(model, batch, steps)
+    eos = model.generation_config.eos_token_id
+    refusal = [*refusal_ids(tok), eos]
+    for i, forget in enumerate(IS_FORGET):
+        if forget:  # the refusal, then end-of-sequence for as long as the loop goes on
+            assert got[i].tolist() == (refusal + [eos] * steps)[:steps], i
+        else:
+            assert torch.equal(got[i], base[i]), i
+
+
+def test_a_prompt_that_ends_with_the_start_of_the_refusal(setup, tok):
+    """generate() on a forget question followed by the refusal's first tokens finishes the refusal; the same
+    tokens after another prompt change nothing (its rows are the base model's)."""
+    model, unlearned = setup
+    start = tok.decode(refusal_ids(tok)[:2])
+    prompts = [FORGET[3] + start, OTHER[1] + start]
+    batch = encode(tok, prompts, "left")
+    n = batch["input_ids"].shape[1]
+    got = unlearned.generate(**batch, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    base = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert got.abstained.tolist() == [True, False]
+    eos = model.generation_config.eos_token_id
+    tail = refusal_ids(tok)[2:] + [eos] * 6
+    assert got.sequences[0, n:].tolist() == tail[:6]
+    assert torch.equal(got.sequences[1], base[1])
+
+
 def test_recheck_each_token_abstains_from_the_step_that_falls_inside(tok):
     """With ``recheck_each_token``, a row whose prompt is outside starts refusing at the first decoding step whose
     key vector is inside: teacher-force tokens that complete a forget query and compare with the step that

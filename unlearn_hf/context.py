@@ -98,6 +98,7 @@ class ForwardContext:
         prompt_end: at the prefill, how many of this forward's positions belong to the prompt (``None``: all of
             them; fewer when the forward also carries candidate tokens after the prompt, as assisted decoding's
             first forward does). The prefill's decisions read the prompt's own last tokens.
+        input_ids: this forward's token ids ``[batch, input_len]`` (``None`` when only embeddings were given).
         fired: ids of the hooks (their handles') that ran in this forward (the model checks that every hook of
             every active method did).
     """
@@ -112,6 +113,7 @@ class ForwardContext:
     is_prompt_chunk: bool = False
     labels: torch.Tensor | None = None
     prompt_end: int | None = None
+    input_ids: torch.Tensor | None = None
     fired: set[int] = field(default_factory=set)
     _last: dict[Any, Any] = field(default_factory=dict)
 

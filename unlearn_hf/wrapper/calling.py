@@ -298,4 +298,5 @@ class CallingMixin:
             is_prompt_chunk=is_chunk,
             labels=labels,
             prompt_end=prompt_end,
+            input_ids=bound.get("input_ids"),
         )

@@ -166,9 +166,54 @@ class KeySpaceAttachment(AbstainingAttachment):
         """``(index, valid)`` ``[rows, w]`` of the positions read in this forward: the prompt's trailing window
         at the prefill (or a prompt chunk), the newest position at a recheck."""
         if ctx.is_prefill or ctx.is_prompt_chunk:
-            return ctx.trailing_token_index(rows, self.window, device)
+            suffix = self._refusal_suffix(ctx, rows)
+            if suffix is None:
+                return ctx.trailing_token_index(rows, self.window, device)
+            index, valid = ctx.trailing_token_index(rows, self.window + int(suffix.max()), device)
+            reach = torch.arange(index.shape[1], device=device).unsqueeze(0)
+            return index, valid & (reach < (self.window + suffix.to(device)).unsqueeze(1))
         index = torch.full((rows, 1), ctx.input_len - 1, dtype=torch.long, device=device)
         return index, torch.ones_like(index, dtype=torch.bool)
+
+    def _refusal_suffix(self, ctx: ForwardContext, rows: int) -> torch.Tensor | None:
+        """How many of each row's last real tokens are this method's refusal so far (int64 ``[rows]``), when a
+        forward without a cache ends with the start of the refusal: a hand-written loop that re-feeds the whole
+        sequence (no KV cache) is a new request at every step, and once the refusal's first tokens follow the
+        question the window would no longer reach it. Such a row is decided on its last ``window + j`` tokens
+        (the question's end and the ``j`` refusal tokens) and, abstaining, goes on with the refusal's token
+        ``j``. ``None`` when no row ends so, or outside such a forward (generation steps, chunked or cached
+        prefills)."""
+        key = ("refusal_suffix", id(self))
+        if key in ctx._last:
+            return ctx._last[key]
+        ids, found = ctx.input_ids, None
+        if (
+            ctx.is_prefill
+            and ctx.prompt_end is None
+            and ctx.total_len == ctx.input_len
+            and ids is not None
+            and ids.ndim == 2
+            and ids.shape[0] == rows
+        ):
+            forced = self.refusal.tokens(ctx.request.eos_token_id).tolist()
+            last, real = ctx.last_token_index(rows, torch.device("cpu"))
+            ids = ids.cpu()
+            mask = None if ctx.attention_mask is None else ctx.attention_mask.cpu().bool()
+            ends = ids.gather(1, last.unsqueeze(1)).squeeze(1)
+            for r in (real & torch.isin(ends, torch.tensor(forced))).nonzero().squeeze(1).tolist():
+                tokens = ids[r, : int(last[r]) + 1]
+                tokens = (tokens if mask is None else tokens[mask[r, : int(last[r]) + 1]]).tolist()
+                # end-of-sequence repeats after the refusal (a loop that goes on past it): those count too
+                extra = 0
+                while extra + 2 < len(tokens) and tokens[-1 - extra] == forced[-1] == tokens[-2 - extra]:
+                    extra += 1
+                j = _ends_with_prefix(tokens[: len(tokens) - extra], forced)
+                j = j + extra if j == len(forced) else _ends_with_prefix(tokens, forced)
+                if j:
+                    found = torch.zeros(rows, dtype=torch.long) if found is None else found
+                    found[r] = j
+        ctx._last[key] = found
+        return found
 
     def _observe(self, ctx: ForwardContext, unit: int, rows: int, device: torch.device, inside_at) -> None:
         """Record whether each row is inside ``unit`` (``inside_at(rows [R, 1], positions [R, w]) -> bool``), and
@@ -216,6 +261,9 @@ class KeySpaceAttachment(AbstainingAttachment):
             # the prompt's end predicts the first generated token (step 0), also when the forward goes on past it
             step = 0 if ctx.is_prefill else ctx.steps_generated
             st.start = torch.full(flags.shape, step, dtype=torch.long)
+            suffix = self._refusal_suffix(ctx, flags.shape[0]) if ctx.is_prefill else None
+            if suffix is not None:  # the row re-feeds the refusal's first j tokens: it goes on from token j
+                st.start -= suffix
         else:
             new = flags & ~st.abstained
             st.start[new] = ctx.steps_generated
@@ -263,3 +311,9 @@ class KeySpaceAttachment(AbstainingAttachment):
     def _loss(ctx: ForwardContext, logits: torch.Tensor) -> torch.Tensor:
         """The model's own loss function applied to the forced logits."""
         return ctx.model.loss_function(logits=logits, labels=ctx.labels, vocab_size=logits.shape[-1])
+
+
+def _ends_with_prefix(tokens: list[int], forced: list[int]) -> int:
+    """The length of the longest prefix of ``forced`` that ``tokens`` end with, leaving at least one token (of the
+    question) before it; 0: none."""
+    return next((j for j in range(min(len(forced), len(tokens) - 1), 0, -1) if tokens[-j:] == forced[:j]), 0)
