@@ -231,6 +231,18 @@ def greedy_loop(model, batch, steps, cache_kw):
     return torch.cat(tokens, 1)
 
 
+def check_loop_rows(tok, model, got, base, steps):
+    """Rows of :data:`MIXED` from a hand-written loop: forget rows give the refusal, then end-of-sequence for as long
+    as the loop goes on; the others equal the base model's loop."""
+    eos = model.generation_config.eos_token_id
+    refusal = [*refusal_ids(tok), eos]
+    for i, forget in enumerate(IS_FORGET):
+        if forget:
+            assert got[i].tolist() == (refusal + [eos] * steps)[:steps], i
+        else:
+            assert torch.equal(got[i], base[i]), i
+
+
 # ``past_key_values`` is deprecated in transformers 5 (in favour of ``cache``) but still what most loops pass
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("cache_kw", ["cache", "past_key_values"])
@@ -240,13 +252,7 @@ def test_hand_written_cached_loop(setup, tok, cache_kw):
     steps = len(refusal_ids(tok)) + 3
     got = greedy_loop(unlearned, batch, steps, cache_kw)
     base = greedy_loop(model, batch, steps, cache_kw)
-    eos = model.generation_config.eos_token_id
-    refusal = [*refusal_ids(tok), eos]
-    for i, forget in enumerate(IS_FORGET):
-        if forget:  # the refusal, then end-of-sequence for as long as the loop goes on
-            assert got[i].tolist() == (refusal + [eos] * steps)[:steps], i
-        else:
-            assert torch.equal(got[i], base[i]), i
+    check_loop_rows(tok, model, got, base, steps)
     # a new loop is a new request: nothing carries over from the previous one
     assert torch.equal(greedy_loop(unlearned, batch, steps, cache_kw), got)
 
@@ -274,13 +280,7 @@ def test_hand_written_loop_without_a_cache(setup, tok):
     steps = len(refusal_ids(tok)) + 3
     got = greedy_loop_without_cache(unlearned, batch, steps)
     base = greedy_loop_without_cache(model, batch, steps)
-    eos = model.generation_config.eos_token_id
-    refusal = [*refusal_ids(tok), eos]
-    for i, forget in enumerate(IS_FORGET):
-        if forget:  # the refusal, then end-of-sequence for as long as the loop goes on
-            assert got[i].tolist() == (refusal + [eos] * steps)[:steps], i
-        else:
-            assert torch.equal(got[i], base[i]), i
+    check_loop_rows(tok, model, got, base, steps)
 
 
 def test_a_prompt_that_ends_with_the_start_of_the_refusal(setup, tok):
