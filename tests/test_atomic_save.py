@@ -227,6 +227,21 @@ def test_save_through_a_link_writes_into_the_real_folder(two_models, tmp_path, o
     assert leftovers(tmp_path) == [] and leftovers(real.parent) == []
 
 
+def test_dot_dot_after_a_link_saves_where_loading_looks(two_models, tmp_path, monkeypatch):
+    """``link/../ck`` is resolved as the file system resolves it (next to the link's target), where
+    ``from_pretrained`` of the same string reads; it used to be collapsed as text to ``./ck``, so the load read an
+    older checkpoint (a review)."""
+    old, new = two_models
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other" / "deep").mkdir(parents=True)
+    os.symlink(tmp_path / "other" / "deep", "link")
+    old.save_pretrained(tmp_path / "other" / "ck")
+    new.save_pretrained("link/../ck")
+    assert not (tmp_path / "ck").exists()
+    assert list(UnlearnedModelForCausalLM.from_pretrained("link/../ck").methods) == list(new.methods)
+    assert list(new.methods) != list(old.methods)
+
+
 def test_a_save_never_deletes_or_writes_outside_its_folder(two_models, tmp_path):
     """A config whose companion files walk through a linked subfolder or out of the folder: nothing outside is
     deleted; the user's links are kept as links."""

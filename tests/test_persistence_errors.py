@@ -338,3 +338,29 @@ def test_bad_saves(tmp_path, smol_tokenizer):
     with pytest.raises(NotADirectoryError):
         model.save_pretrained(tmp_path / "file", save_base_model=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_light_save_into_the_folder_its_base_model_name_points_to(tmp_path, smol_tokenizer, monkeypatch):
+    """A base model loaded from the Hub id ``org/base`` and saved light into the relative folder ``org/base``:
+    loading would look for the base model in that folder, which holds none (a review). Refused before writing."""
+    monkeypatch.chdir(tmp_path)
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama(seed=0)), smol_tokenizer, ("sp",))
+    model.get_base_model().config._name_or_path = "org/base"
+    with pytest.raises(ValueError, match="is also the path of this folder"):
+        model.save_pretrained("org/base")
+    assert not (tmp_path / "org").exists()
+    model.save_pretrained("elsewhere")  # the same model saves light anywhere else
+    assert (
+        json.loads((tmp_path / "elsewhere" / CONFIG_NAME).read_text())["base_model"]["name_or_path"]
+        == "org/base"
+    )
+
+
+def test_a_base_model_folder_without_a_model(saved, tmp_path):
+    """The recorded base is a folder that holds no model: the error says which base model of which checkpoint."""
+    folder, _ = saved
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"Could not load the base model .*empty.* of the unlearned model"):
+        UnlearnedModelForCausalLM.from_pretrained(folder, base_model_name_or_path=str(empty))

@@ -81,15 +81,16 @@ def check_replaceable(target: Path) -> None:
 
 
 def resolve_target(path: str | os.PathLike[str]) -> Path:
-    """The real folder a save writes to: ``~`` expanded, absolute, a symbolic link to a folder followed (the
-    temporaries then live next to the real folder, on its file system)."""
-    target = Path(os.path.abspath(Path(path).expanduser()))  # also resolves ".." (".." as a name would nest)
-    if target.is_symlink():
-        real = Path(os.path.realpath(target))
-        if real.exists() and not real.is_dir():
-            raise NotADirectoryError(f"{target} is a link to {real}, which is not a folder.")
-        logger.info("%s is a link; saving into %s.", target, real)
-        target = real
+    """The real folder a save writes to: ``~`` expanded, absolute, symbolic links followed (the temporaries then
+    live next to the real folder, on its file system)."""
+    given = Path(os.path.abspath(Path(path).expanduser()))
+    # links resolved as the file system resolves them, component by component (``link/../x`` is next to the link's
+    # target, where the loader, which follows the file system, looks; not ``./x``, as ``abspath`` would have it)
+    target = Path(os.path.realpath(Path(path).expanduser()))
+    if target != given:
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{given} is a link to {target}, which is not a folder.")
+        logger.info("%s resolves to %s; saving there.", given, target)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a folder.")
     return target

@@ -272,6 +272,12 @@ def _load_base(
             f"unlearned model {src.describe()}: {err}\nPass base_model_name_or_path=... or an already loaded "
             "base_model=... if it lives elsewhere."
         ) from err
+    except (
+        ValueError
+    ) as err:  # a folder or repo that holds no model (transformers: "Unrecognized model in ...")
+        raise ValueError(
+            f"Could not load the base model {name!r} of the unlearned model {src.describe()}: {err}"
+        ) from err
     if revision is not None and _COMMIT_RE.match(str(revision)):
         base.config._commit_hash = str(revision)  # remembered for a later light save (not serialized)
     return base
