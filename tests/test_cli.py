@@ -221,6 +221,11 @@ def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2, capsys):
     model_dir = out_dir / "smollm2-no-gsm8k-ksd"
     card = (model_dir / "README.md").read_text()
     assert "library_name: unlearn_hf" in card and "gsm8k" in card
+    from unlearn_hf.cli.push import read_card_info  # what `unlearn-hf push` of this folder puts on its card
+
+    info = read_card_info(model_dir)
+    assert info["forget_skill"] == "gsm8k" and info["retain_skills"] == ["mbpp", "mmlu"]
+    assert {row["method"] for row in info["evaluation"]} == {"Neuron Adjust", "Key Space Detection"}
     loaded = UnlearnedModelForCausalLM.from_pretrained(str(model_dir))
     assert list(loaded.methods) == ["key_space_detection"]
     # the saved hypercube gives the same decisions as reported: GSM8K prompts abstain at the reported rate

@@ -417,6 +417,36 @@ def test_push_uploads_the_folder_as_it_was_saved(folders, smol_tokenizer, tmp_pa
                     assert torch.equal(model(input_ids=ids).logits, expected), repo
 
 
+def test_push_puts_the_skills_that_fit_recorded_on_the_card(
+    folders, shared_data, smol_tokenizer, tmp_path, caplog
+):
+    """``fit`` records the skills beside the checkpoint (unlearn_card.json) and ``push`` puts them on the card (a
+    review: the card said the forgotten skill was "unspecified"); once the checkpoint is replaced by another save,
+    the record is for another model: ignored, with a warning; ``--forget-skill`` / ``--retain-skills`` name them."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "fitted"
+    argv = ["fit", "--model", str(folders["tiny"]), "--method", "sp", "--ratio", "0.05", "--forget", "gsm8k"]
+    argv += ["--retain", "mbpp", "--n-probe", "8", "--data-dir", str(shared_data), "--output", str(out), "-q"]
+    assert main(argv) == 0
+    with start_hub_server(tmp_path) as hub, hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        push = ["push", "--model", str(out), "--save-base-model", "-q", "--repo-id"]
+        assert main([*push, "user/fitted"]) == 0
+        card = ModelCard(hub.files("user/fitted")["README.md"].decode())
+        assert "**gsm8k** skill" in card.text and "mbpp" in card.text and "unspecified" not in card.text
+        model = UnlearnedModelForCausalLM.from_pretrained(out)
+        model.save_pretrained(out)  # another save (the same model, but the record cannot know it)
+        with caplog.at_level(logging.WARNING):
+            assert main([*push, "user/resaved"]) == 0
+        assert "describes an earlier save" in caplog.text
+        assert "unspecified" in ModelCard(hub.files("user/resaved")["README.md"].decode()).text
+        assert (
+            main([*push, "user/named", "--forget-skill", "arithmetic", "--retain-skills", "code,prose"]) == 0
+        )
+        text = ModelCard(hub.files("user/named")["README.md"].decode()).text
+        assert "**arithmetic** skill" in text and "code" in text and "prose" in text
+
+
 def test_evaluate_scores_qa_only_without_a_chat_template(folders, shared_data, tmp_path, caplog):
     out = tmp_path / "r.json"
     argv = ["evaluate", "--model", str(folders["nochat"]), "--skills", "gsm8k", "--n-eval", "2"]

@@ -15,6 +15,7 @@ from ..evaluation.runner import abstention_rates, evaluate_skills
 from ..tokenizing import prompt_tensors
 from ..wrapper import UnlearnedModelForCausalLM
 from .common import UserError, forget_and_retain, load_model, split_names
+from .push import write_card_info
 from .recipes import data_descriptions, fit_methods, method_names
 
 logger = logging.getLogger(__name__)
@@ -181,3 +182,6 @@ def _write_card(unlearned, model_dir: Path, forget, retain, args, rows) -> None:
         repo_id=f"your-name/{model_dir.name}",
     )
     render_model_card(info).save(str(model_dir / "README.md"))
+    write_card_info(
+        model_dir, info.forget_skill, info.retain_skills, rows
+    )  # what `unlearn-hf push` puts on the card

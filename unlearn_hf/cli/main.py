@@ -41,7 +41,7 @@ from .common import (
     setup_logging,
     split_names,
 )
-from .push import cmd_push
+from .push import add_push_arguments, cmd_push, write_card_info
 from .recipes import method_names
 
 logger = logging.getLogger("unlearn_hf.cli")
@@ -178,16 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(gen)
 
     push = sub.add_parser("push", help="upload a saved unlearned model folder to the Hugging Face Hub")
-    push.add_argument("--model", required=True, help="folder saved by `unlearn-hf fit` / save_pretrained")
-    push.add_argument("--repo-id", required=True)
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--token", default=None)
-    push.add_argument("--commit-message", default=None)
-    push.add_argument(
-        "--save-base-model",
-        action="store_true",
-        help="also upload the base model's files (a light folder whose base model is a local folder needs it)",
-    )
+    add_push_arguments(push)
     add_common(push)
 
     demo = sub.add_parser("demo", help="the end-to-end run: unlearn GSM8K math from SmolLM2, measured")
@@ -305,6 +296,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from err
     data = data_descriptions(forget, retain, args.n_probe, args.data_dir)
     unlearned.save_pretrained(out, save_base_model=args.save_base_model, tokenizer=tok, **data)
+    write_card_info(out, forget.name, [s.name for s in retain])
     print(f"saved {', '.join(unlearned.methods)} to {out}")
     return 0
 
