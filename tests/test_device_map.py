@@ -167,3 +167,40 @@ def test_fully_offloaded_model_fits_like_the_plain_one():
     for name, value in fitted[False][0].items():
         torch.testing.assert_close(fitted[True][0][name], value, msg=name)
     torch.testing.assert_close(fitted[True][1], fitted[False][1])
+
+
+def test_the_fingerprint_reads_offloaded_weights(checkpoint, tmp_path, smol_tokenizer):
+    """Disk-offloaded weights wait on "meta": the fingerprint reads them where accelerate keeps them, so a checkpoint
+    saved from an offloaded model, or loaded onto one, is still checked against its base model (a review: both
+    attached to another model with a warning only); a model with no weights anywhere cannot be checked: refused."""
+    from accelerate import init_empty_weights
+
+    from unlearn_hf.persistence import FingerprintMismatchError
+
+    other = tmp_path / "other"
+    tiny_llama(layers=3, seed=9).save_pretrained(other)
+    offload = dict(device_map=DEVICE_MAP, offload_folder=tmp_path / "offload")
+    dispatched = AutoModelForCausalLM.from_pretrained(checkpoint, **offload).eval()
+    unlearned = UnlearnedModelForCausalLM.from_base(dispatched)
+    unlearned.fit(SelectivePruningConfig(ratio=0.2), FORGET, RETAIN, smol_tokenizer, show_progress=False)
+    saved = tmp_path / "unlearned"
+    unlearned.save_pretrained(saved)
+    unlearned.remove_all_methods()
+    assert offloaded_on_meta(dispatched)
+    other_offloaded = AutoModelForCausalLM.from_pretrained(
+        other, device_map=DEVICE_MAP, offload_folder=tmp_path / "offload-other"
+    )
+    for base in (str(other), other_offloaded):
+        kwargs = {"base_model_name_or_path": base} if isinstance(base, str) else {"base_model": base}
+        with pytest.raises(FingerprintMismatchError, match="values of .* parameters differ"):
+            UnlearnedModelForCausalLM.from_pretrained(saved, **kwargs)
+    reload = dict(device_map=DEVICE_MAP, offload_folder=tmp_path / "offload-reload")
+    for kwargs in ({}, reload):  # its own base, plain or offloaded
+        assert list(UnlearnedModelForCausalLM.from_pretrained(saved, **kwargs).methods) == [
+            "selective_pruning"
+        ]
+    config = AutoModelForCausalLM.from_pretrained(checkpoint).config
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(FingerprintMismatchError, match="no weight values could be compared"):
+        UnlearnedModelForCausalLM.from_pretrained(saved, base_model=empty)

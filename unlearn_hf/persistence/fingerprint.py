@@ -51,14 +51,40 @@ def parameter_records(model: nn.Module) -> list[list[Any]]:
         if not p.is_floating_point():
             continue  # quantized storage: its dtype says nothing comparable
         dtype, shape = str(p.dtype).removeprefix("torch."), list(p.shape)
-        if p.device.type == "meta" or p.numel() == 0 or hasattr(p, "to_local"):
+        values = held_values(model, name, p)
+        if values is None or p.numel() == 0 or hasattr(p, "to_local"):
             records.append([name, dtype, shape, None, None])
             continue
-        row = p.detach().reshape(-1, p.shape[-1])[0] if p.ndim else p.detach().reshape(1)
+        row = values.detach().reshape(-1, p.shape[-1])[0] if p.ndim else values.detach().reshape(1)
         values = row.to("cpu", torch.float32).contiguous()
         digest = _float32_sha256(values)[:PARAMETER_HASH_DIGITS]
         records.append([name, dtype, shape, digest, _sample(values, PARAMETER_SAMPLE)])
     return records
+
+
+def held_values(model: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor | None:
+    """The values of parameter ``name`` (``p``) of ``model``: ``p`` itself, or, for a parameter that accelerate
+    offloaded (on the meta device, its values kept by its module's hook: ``device_map`` with CPU or disk offload),
+    those; ``None`` when they are nowhere (a model built without weights)."""
+    if p.device.type != "meta":
+        return p
+    prefix, _, local = name.rpartition(".")
+    try:
+        module = model.get_submodule(prefix) if prefix else model
+    except AttributeError:
+        return None
+    hook = getattr(module, "_hf_hook", None)
+    for h in (hook, *getattr(hook, "hooks", ())):
+        weights = getattr(h, "weights_map", None)
+        if weights is None:
+            continue
+        try:
+            value = weights[local]
+        except (KeyError, AttributeError, OSError, RuntimeError):
+            continue
+        if isinstance(value, torch.Tensor) and value.device.type != "meta" and value.shape == p.shape:
+            return value
+    return None
 
 
 def _float32_sha256(values: torch.Tensor) -> str:
@@ -135,7 +161,7 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def _weight_slice(label: str, name: str, weight: torch.Tensor) -> dict[str, Any]:
+def _weight_slice(label: str, name: str, weight: torch.Tensor, model: nn.Module) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "label": label,
         "name": name,
@@ -145,10 +171,11 @@ def _weight_slice(label: str, name: str, weight: torch.Tensor) -> dict[str, Any]
         "sha256": None,
         "sample": None,
     }
-    if weight.device.type == "meta" or weight.ndim == 0:
+    held = held_values(model, name, weight)
+    if held is None or weight.ndim == 0:
         logger.info("Fingerprint: %s (%s) is not materialized; its values are not hashed.", label, name)
         return entry
-    values = weight.detach()[:SLICE_ROWS].to("cpu", torch.float32).contiguous().reshape(-1)
+    values = held.detach()[:SLICE_ROWS].to("cpu", torch.float32).contiguous().reshape(-1)
     entry["sha256"] = _float32_sha256(values)
     if values.numel():
         entry["sample"] = _sample(values, SAMPLE_SIZE)
@@ -166,12 +193,12 @@ def compute_fingerprint(model: nn.Module, sites: list[FFLSite]) -> dict[str, Any
     weights = []
     if emb_weight is not None:
         weights.append(
-            _weight_slice("input embedding", names.get(id(emb_weight), "input_embeddings"), emb_weight)
+            _weight_slice("input embedding", names.get(id(emb_weight), "input_embeddings"), emb_weight, model)
         )
     for label, site in (("first FFL key projection", sites[0]), ("last FFL key projection", sites[-1])):
         w = getattr(site.key, "weight", None)
         if isinstance(w, torch.Tensor):
-            weights.append(_weight_slice(label, names.get(id(w), site.key_name + ".weight"), w))
+            weights.append(_weight_slice(label, names.get(id(w), site.key_name + ".weight"), w, model))
     return {
         "model_type": getattr(config, "model_type", None),
         "num_layers": len(sites),
@@ -252,7 +279,22 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
         problems.append(f"{label} ({s.get('name')}): the weight values differ")
     if saved.get("parameters") and current.get("parameters") is not None:
         problems += compare_parameters(saved["parameters"], current["parameters"])
+    if not problems and saved.get("weights") and not _any_values_compared(saved, current):
+        problems.append(
+            "no weight values could be compared (the saved or the given model's weights are not materialized: "
+            "a model built without weights), so nothing tells that it is the same base model"
+        )
     return problems
+
+
+def _any_values_compared(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether some weight's values are recorded on both sides (a slice's hash, or a parameter record's)."""
+    cur_w = {w.get("label"): w for w in current.get("weights") or []}
+    for w in saved.get("weights") or []:
+        if w.get("sha256") is not None and (cur_w.get(w.get("label")) or {}).get("sha256") is not None:
+            return True
+    now = {r[0]: r[3] for r in current.get("parameters") or []}
+    return any(r[3] is not None and now.get(r[0]) is not None for r in saved.get("parameters") or [])
 
 
 def check_fingerprint(
