@@ -1,6 +1,7 @@
 """Non-finite activations (float16 overflow, NaN that padding spreads through an attention implementation): a probe
 refuses them with the site and layers named, Key Space Detection's calibration names the queries it cannot place, and
-at run time a row whose key vector holds a NaN abstains (it fails closed) instead of counting as outside."""
+at run time a row whose key vector holds a NaN or an inf abstains (it fails closed) instead of counting as
+outside."""
 
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ class Poison:
     model's input ids are read by a pre-hook on the model), as a broken forward would, before any other hook of the
     site reads them."""
 
-    def __init__(self, model, module: torch.nn.Module, mark: int, on_input: bool) -> None:
-        self.mark, self.ids = mark, None
+    def __init__(
+        self, model, module: torch.nn.Module, mark: int, on_input: bool, value: float = float("nan")
+    ) -> None:
+        self.mark, self.ids, self.value = mark, None, value
         self.handles = [model.register_forward_pre_hook(self._read_ids, with_kwargs=True)]
         if on_input:
             hook = module.register_forward_pre_hook(lambda m, args: (self._spoil(args[0]),), prepend=True)
@@ -57,7 +60,7 @@ class Poison:
         if x.shape[:2] != self.ids.shape or not rows.any():
             return x
         x = x.clone()
-        x[rows, -1] = float("nan")
+        x[rows, -1] = self.value
         return x
 
     def remove(self) -> None:
@@ -73,11 +76,15 @@ def mark_id(tok) -> int:
 
 def test_a_nan_key_vector_is_inside_the_hypercube():
     layer = KeySpaceLayer(torch.zeros(4), torch.ones(4), k=2.0, alpha=1.0, device="cpu")
-    keys = torch.tensor([[0.5, 0.5, 0.5, 0.5], [9.0, 0.0, 0.0, 0.0], [0.0, float("nan"), 0.0, 0.0]])
-    assert layer.inside(keys).tolist() == [True, False, True]
+    nan, inf = float("nan"), float("inf")
+    keys = torch.tensor(
+        [[0.5, 0.5, 0.5, 0.5], [9.0, 0.0, 0.0, 0.0], [0.0, nan, 0.0, 0.0], [0.0, 0.0, -inf, 0.0]]
+    )
+    assert layer.inside(keys).tolist() == [True, False, True, True]
 
 
-def test_a_row_whose_key_is_nan_abstains_and_the_others_are_untouched(tok):
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_row_whose_key_is_not_finite_abstains_and_the_others_are_untouched(tok, value):
     """Left padding: the last position is each row's last real token, where the decision reads and the poison
     lands."""
     model, unlearned = separable_ksd(tok)
@@ -86,7 +93,7 @@ def test_a_row_whose_key_is_nan_abstains_and_the_others_are_untouched(tok):
     enc = encode(tok, rows, side="left")
     reference = unlearned.detect(**enc).tolist()
     assert reference == [False, False, True]
-    poison = Poison(model, site.key, mark_id(tok), on_input=True)
+    poison = Poison(model, site.key, mark_id(tok), on_input=True, value=value)
     try:
         assert unlearned.detect(**enc).tolist() == [False, True, True]
     finally:
@@ -134,16 +141,17 @@ def test_fits_refuse_nan_activations_and_attach_nothing(tok, method):
     assert unlearned.methods == {}
 
 
-def test_calibration_names_the_queries_it_cannot_place(tok):
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_calibration_names_the_queries_it_cannot_place(tok, value):
     """The forget questions probe cleanly; one retain question of the calibration gives a NaN key."""
     model = tiny_llama(layers=N_LAYERS)
     unlearned = UnlearnedModelForCausalLM.from_base(model)
     sites = find_ffl_sites(model)
-    poisons = [Poison(model, s.key, mark_id(tok), on_input=True) for s in sites]
+    poisons = [Poison(model, s.key, mark_id(tok), on_input=True, value=value) for s in sites]
     retain = [*OTHER, *(o + " !" for o in OTHER), OTHER[2] + " " + MARK]
     config = KeySpaceDetectionConfig(inputs="prompts", window=1, max_layers=1)
     try:
-        with pytest.raises(ValueError, match=r"NaN key vectors at layer \d+ for 1 of"):
+        with pytest.raises(ValueError, match=r"NaN or inf key vectors at layer \d+ for 1 of"):
             unlearned.fit(config, FORGET, retain, tokenizer=tok, show_progress=False)
     finally:
         for p in poisons:

@@ -151,8 +151,10 @@ class KeySpaceAttachment(AbstainingAttachment):
             return lambda ctx, inputs: distances(ctx, False).add(expert, inputs[0], inputs[1])
 
         def finish(ctx: ForwardContext, output: Any) -> None:
-            z = distances(ctx, True).distances().view(-1, ctx.input_len)
-            self._observe(ctx, unit, z.shape[0], z.device, lambda r, i: inside_at(z[r, i], self.alpha))
+            z = distances(ctx, True).z.view(-1, ctx.input_len)  # -1: no expert with a hypercube saw the token
+            self._observe(
+                ctx, unit, z.shape[0], z.device, lambda r, i: ~(z[r, i] < 0) & inside_at(z[r, i], self.alpha)
+            )
 
         reads = dict(observer=True, when=self._reads)
         hooks.forward_pre_hook(reader.owner, start, all_inputs=True, **reads)

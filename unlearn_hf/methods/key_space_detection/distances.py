@@ -140,12 +140,14 @@ def _distances(model, queries, sites, cubes, mine, window, pad_id, spec, show_pr
             for j, unit in enumerate(unit_ids):
                 cube = cubes[unit]
                 # [B, w] (the keys' last window positions), offset 0 first
-                z = captured[unit] if isinstance(cube, RoutedUnit) else cube.scaled(captured[unit])
+                routed = isinstance(cube, RoutedUnit)
+                z = captured[unit] if routed else cube.scaled(captured[unit])
                 z = torch.where(real, z.to(torch.float64).cpu().flip(1), torch.inf)
-                broken = z.isnan().any(1)
+                # a routed unit marks a token no expert with a hypercube saw with inf: there only NaN is broken
+                broken = (z.isnan() if routed else (~z.isfinite() & real)).any(1)
                 if broken.any():
                     raise ValueError(
-                        f"{desc}: the model produced NaN key vectors at layer {unit} for {int(broken.sum())} of "
+                        f"{desc}: the model produced NaN or inf key vectors at layer {unit} for {int(broken.sum())} of "
                         f"{len(batch)} queries; they cannot be placed. Usual causes: float16 overflow (use bfloat16 or "
                         "float32), or an attention implementation that gives padded rows NaN (try "
                         "attn_implementation='sdpa')."

@@ -48,7 +48,7 @@ class KeySpaceLayer:
     float64) and divides exactly as the fit computed k, so at α = 1 every fitted vector is inside, including the
     ones that set k, in the dtype the model was fitted in: in another one (a bfloat16 cast, autocast) the keys
     round differently and a vector on the boundary may fall just outside, so an uncalibrated α = 1 has no margin
-    (calibration's α keeps one). A vector with a NaN counts as inside: the row abstains.
+    (calibration's α keeps one). A vector with a NaN or an inf counts as inside: the row abstains.
 
     Args:
         center: μ, ``[d_ff]``.
@@ -99,13 +99,13 @@ class KeySpaceLayer:
         return scaled_distance(vectors, center, scale, self.k, dtype)
 
     def inside(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Bool ``[...]`` for key vectors ``[..., d_ff]``; a vector with a NaN counts as inside (see
+        """Bool ``[...]`` for key vectors ``[..., d_ff]``; a vector with a NaN or an inf counts as inside (see
         :func:`inside_at`)."""
         return inside_at(self.distance(vectors), self.threshold)
 
 
 def inside_at(distances: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``distances <= threshold``, and ``True`` where a distance is NaN: a key vector with a NaN (a forward broken by
-    float16 overflow, or NaN that padding spread through the attention) cannot be placed, and a row that cannot be
-    placed abstains rather than answer (it fails closed)."""
-    return (distances <= threshold) | distances.isnan()
+    """``distances <= threshold``, and ``True`` where a distance is not finite: a key vector with a NaN or an inf (a
+    forward broken by float16 overflow, or NaN that padding spread through the attention) cannot be placed, and a
+    row that cannot be placed abstains rather than answer (it fails closed)."""
+    return (distances <= threshold) | ~distances.isfinite()
