@@ -283,21 +283,32 @@ def test_hand_written_loop_without_a_cache(setup, tok):
     check_loop_rows(tok, model, got, base, steps)
 
 
-def test_a_prompt_that_ends_with_the_start_of_the_refusal(setup, tok):
-    """generate() on a forget question followed by the refusal's first tokens finishes the refusal; the same
-    tokens after another prompt change nothing (its rows are the base model's)."""
+def test_a_prompt_that_ends_with_the_start_of_the_refusal_is_decided_as_given(setup, tok):
+    """The rule for re-fed refusal tokens is for plain forwards only: generate (one prefill, or chunked), detect and
+    generate from embeddings decide on such a prompt as given, alike (a review of the first version: generate
+    continued the refusal while chunked prefill and embeddings answered)."""
     model, unlearned = setup
     start = tok.decode(refusal_ids(tok)[:2])
-    prompts = [FORGET[3] + start, OTHER[1] + start]
-    batch = encode(tok, prompts, "left")
+    batch = encode(tok, [FORGET[3] + start, OTHER[1] + start, FORGET[5], OTHER[2]], "left")
+    gen = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    plain = unlearned.generate(**batch, **gen)
+    chunked = unlearned.generate(**batch, **gen, prefill_chunk_size=3)
+    embeds = unlearned.generate(
+        inputs_embeds=model.get_input_embeddings()(batch["input_ids"]),
+        attention_mask=batch["attention_mask"],
+        **gen,
+    )
+    detected = unlearned.detect(**batch)
+    assert (
+        plain.abstained.tolist()
+        == detected.tolist()
+        == chunked.abstained.tolist()
+        == embeds.abstained.tolist()
+    )
+    assert detected.tolist()[2:] == [True, False]
     n = batch["input_ids"].shape[1]
-    got = unlearned.generate(**batch, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    base = model.generate(**batch, max_new_tokens=6, do_sample=False)
-    assert got.abstained.tolist() == [True, False]
-    eos = model.generation_config.eos_token_id
-    tail = refusal_ids(tok)[2:] + [eos] * 6
-    assert got.sequences[0, n:].tolist() == tail[:6]
-    assert torch.equal(got.sequences[1], base[1])
+    assert torch.equal(plain.sequences, chunked.sequences)
+    assert torch.equal(plain.sequences[:, n:], embeds.sequences)
 
 
 def test_recheck_each_token_abstains_from_the_step_that_falls_inside(tok):

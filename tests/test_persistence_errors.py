@@ -349,6 +349,16 @@ def test_a_light_save_into_the_folder_its_base_model_name_points_to(tmp_path, sm
     with pytest.raises(ValueError, match="is also the path of this folder"):
         model.save_pretrained("org/base")
     assert not (tmp_path / "org").exists()
+    (tmp_path / "org" / "base").mkdir(parents=True)  # made beforehand, empty: the same
+    with pytest.raises(ValueError, match="is also the path of this folder"):
+        model.save_pretrained("org/base")
+    (tmp_path / "org" / "base").rmdir()
+    (tmp_path / "org").rmdir()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "org").symlink_to(tmp_path / "real")  # a link on the way: the same folder
+    with pytest.raises(ValueError, match="is also the path of this folder"):
+        model.save_pretrained("real/base")
+    assert list((tmp_path / "real").iterdir()) == []
     model.save_pretrained("elsewhere")  # the same model saves light anywhere else
     assert (
         json.loads((tmp_path / "elsewhere" / CONFIG_NAME).read_text())["base_model"]["name_or_path"]

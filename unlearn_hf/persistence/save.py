@@ -244,12 +244,7 @@ def save_unlearned(
             f"{target} is the full checkpoint the base model was loaded from: a light save there replaces it and "
             "deletes the base model's files. Save with save_base_model=True, or into another folder."
         )
-    if (
-        not save_base_model
-        and recorded
-        and not into_base
-        and Path(os.path.abspath(Path(recorded).expanduser())) == target
-    ):
+    if not save_base_model and recorded and Path(os.path.realpath(Path(recorded).expanduser())) == target:
         raise ValueError(
             f"The base model's name {recorded!r} is also the path of this folder ({target}): loading the light "
             "checkpoint would look for its base model in the folder itself, which holds none. Save into another "

@@ -183,14 +183,17 @@ class KeySpaceAttachment(AbstainingAttachment):
         sequence (no KV cache) is a new request at every step, and once the refusal's first tokens follow the
         question the window would no longer reach it. Such a row is decided on its last ``window + j`` tokens
         (the question's end and the ``j`` refusal tokens) and, abstaining, goes on with the refusal's token
-        ``j``. ``None`` when no row ends so, or outside such a forward (generation steps, chunked or cached
-        prefills)."""
+        ``j``. Only in a plain forward, outside ``generate`` and ``detect`` (which decide on a prompt as given, in
+        every decoding path alike). ``None`` when no row ends so, or outside such a forward."""
         key = ("refusal_suffix", id(self))
         if key in ctx._last:
             return ctx._last[key]
         ids, found = ctx.input_ids, None
         if (
             ctx.is_prefill
+            and ctx.request.prompt_len
+            is None  # not generate's request (its paths decide on the prompt as given)
+            and ctx.request.stop_when_decided is None  # nor detect(), which answers for generate
             and ctx.prompt_end is None
             and ctx.total_len == ctx.input_len
             and ids is not None
