@@ -161,8 +161,14 @@ def test_methods_on_the_language_model_only(model_type, tmp_path):
     out = unlearned.generate(**forget[0], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert out["abstained"].tolist() == [True] and out.sequences[0, 6:].tolist() == [EOS]
     with torch.no_grad():
-        assert not bool(unlearned.detect(image["input_ids"], image["attention_mask"])[0])
+        assert not bool(unlearned.detect(**image)[0])
+        # image tokens without the image: the decision could not be generate's (a review: detect then differed)
+        with pytest.raises(ValueError, match="hold image tokens but no pixel_values"):
+            unlearned.detect(image["input_ids"], image["attention_mask"])
     assert torch.equal(unlearned.generate(**image, max_new_tokens=4, do_sample=False), plain)
+    # fitting reads input_ids and attention_mask only: a batch with an image is refused, not read without it
+    with pytest.raises(ValueError, match=r"has \[.*'pixel_values'.*\], which a fit does not pass"):
+        unlearned.fit(ksd, [image], name="with_image", show_progress=False)
 
     unlearned.fit(NeuronAdjustConfig(ratio=0.1, seed=1), forget, retain, name="na", show_progress=False)
     assert (hook_count(vision), hook_count(projector)) == own_hooks

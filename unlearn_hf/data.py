@@ -258,6 +258,10 @@ def _refuse_containers(data: Any) -> None:
         )
 
 
+#: The keys of a tokenized batch that a fit reads (``labels``, a training batch's, does not change the forward).
+_READ_KEYS = frozenset({"input_ids", "attention_mask", "select_mask", "labels"})
+
+
 def _tokenized_iter(
     batches: Iterable[tuple[int, Mapping[str, Any]]], mode: str, allow_empty: bool = False
 ) -> Iterator[TokenBatch]:
@@ -268,6 +272,17 @@ def _tokenized_iter(
                 f"Batch {i} is not a mapping with an 'input_ids' tensor. Data that is not a list, tuple or Dataset "
                 "is read as tokenized batches; pass texts as a list of strings or dicts, or a datasets.Dataset "
                 "(a dict of lists: datasets.Dataset.from_dict(...); tokenizer output: return_tensors='pt')."
+            )
+        unread = sorted(
+            k
+            for k in b
+            if k not in _READ_KEYS and not (k == "token_type_ids" and not torch.as_tensor(b[k]).any())
+        )
+        if unread:
+            raise ValueError(
+                f"Batch {i} has {unread}, which a fit does not pass to the model (it reads input_ids and "
+                "attention_mask, and select_mask where given): statistics without them would describe other "
+                "activations. Fit on text-only batches; image and other model inputs are not supported in fitting."
             )
         ids = b["input_ids"]
         mask = b.get("attention_mask")

@@ -264,13 +264,21 @@ class AbstentionMixin:
 
     @torch.no_grad()
     def detect(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, by_method: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        by_method: bool = False,
+        **model_inputs: Any,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Which rows the attached abstaining methods would refuse (bool ``[batch]``), from one forward pass;
         with ``by_method=True``, ``{method name: bool [batch]}`` (which skill makes each row abstain).
 
-        The decision is the one ``generate`` takes at the prefill (either padding side). The forward stops as soon as every abstaining method has decided (e.g. after the last layer Key
-        Space Detection reads), so this is cheaper than a full forward.
+        The decision is the one ``generate`` takes at the prefill (either padding side), given the same inputs:
+        ``model_inputs`` are the model's other inputs (an image-text model's ``pixel_values`` and the processor's
+        other image inputs); a prompt with image tokens and no ``pixel_values`` is refused, since the image
+        changes the decision. The forward stops as soon as every abstaining method has decided (e.g. after the
+        last layer Key Space Detection reads), so this is cheaper than a full forward.
         """
         if not self.has_abstention:
             raise RuntimeError("No abstaining method (e.g. Key Space Detection) is attached.")
@@ -280,9 +288,30 @@ class AbstentionMixin:
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}."
             )
+        image_token = next(
+            (
+                v
+                for k in ("image_token_id", "image_token_index")
+                if isinstance(v := getattr(self.config, k, None), int)
+            ),
+            None,
+        )
+        if (
+            image_token is not None
+            and "pixel_values" not in model_inputs
+            and bool((input_ids == image_token).any())
+        ):
+            raise ValueError(
+                "These input_ids hold image tokens but no pixel_values were given: pass the processor's image inputs "
+                "too (detect(**inputs)), as generate gets them; the image changes the decision."
+            )
         abstaining = self._active_abstaining()
         device = input_device(self)
-        inputs = {"input_ids": input_ids.to(device), "use_cache": False}
+        inputs = {
+            **{k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs.items()},
+            "input_ids": input_ids.to(device),
+            "use_cache": False,
+        }
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask.to(device)
             if accepts(self, "position_ids"):  # as generate does: the same decision
