@@ -374,3 +374,20 @@ def test_a_base_model_folder_without_a_model(saved, tmp_path):
     (empty / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"Could not load the base model .*empty.* of the unlearned model"):
         UnlearnedModelForCausalLM.from_pretrained(folder, base_model_name_or_path=str(empty))
+
+
+@pytest.mark.parametrize("header_len", [1152, 1408])
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(
+    folder, saved, smol_tokenizer, header_len
+):
+    """A safetensors file starts with its header's length: 1152 is b"\\x80\\x04...", a pickle's opening bytes; the
+    header's "{" at byte 8 tells them apart (a review: such valid saves were refused as pickles)."""
+    path = folder / WEIGHTS_NAME
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header, tensors = data[8 : 8 + n].rstrip(), data[8 + n :]
+    assert len(header) <= header_len
+    path.write_bytes(struct.pack("<Q", header_len) + header.ljust(header_len) + tensors)
+    assert path.read_bytes()[:2] in (b"\x80\x04", b"\x80\x05")
+    loaded = UnlearnedModelForCausalLM.from_pretrained(folder, base_model=tiny_llama(seed=0))
+    assert_same_outputs(saved[1], outputs(loaded, encode(smol_tokenizer)))

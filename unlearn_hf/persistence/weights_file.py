@@ -89,8 +89,12 @@ def read_weights(folder: Path, config: UnlearnConfig) -> dict[str, dict[str, tor
         )
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        kind = _sniff_pickle(head)
+        head = f.read(9)
+        # a safetensors header (JSON) starts at byte 8 with "{": the length before it may itself begin like a
+        # pickle (640 = 0x280 is b"\x80\x02..."), so only a file without it is sniffed
+        kind = _sniff_pickle(head) if head[8:9] != b"{" else None
+        head = head[:8]
+        f.seek(8)
         if kind is not None:
             raise UnlearnFormatError(
                 f"{src} is {kind}, not a safetensors file: refused (unlearn_hf never unpickles; loading a pickle "
