@@ -216,3 +216,28 @@ def test_tokenizer_output_of_lists_gets_the_return_tensors_hint(unlearned, smol_
     enc = smol_tokenizer(["a b c", "d e"], padding=True)  # lists, no return_tensors
     with pytest.raises(TypeError, match="tokenizer output of lists: tokenize with return_tensors='pt'"):
         unlearned.fit(NeuronAdjustConfig(ratio=0.1), dict(enc), ["x y z", "u v"], show_progress=False)
+
+
+def test_tokenized_batches_keep_their_other_columns_and_refuse_model_inputs(smol_tokenizer):
+    """Columns that do not change the forward (the text, labels, a dataset's ids, special_tokens_mask, all-zero
+    token_type_ids) are left alone, as a tokenized ``datasets`` column set brings them; model inputs a fit would
+    drop (images, positions) are refused by name (a review: the first version refused every other key)."""
+    enc = smol_tokenizer(
+        ["a b c", "d e f"], return_tensors="pt", padding=True, return_special_tokens_mask=True
+    )
+    batch = {
+        **enc,
+        "text": ["a b c", "d e f"],
+        "label": torch.tensor([0, 1]),
+        "idx": torch.tensor([7, 8]),
+        "token_type_ids": torch.zeros_like(enc["input_ids"]),
+    }
+    got = list(iter_token_batches([batch], smol_tokenizer)[1])
+    assert len(got) == 1 and torch.equal(got[0].input_ids, enc["input_ids"])
+    for key, value in (
+        ("pixel_values", torch.zeros(2, 3, 4, 4)),
+        ("position_ids", torch.arange(enc["input_ids"].shape[1]).expand(2, -1)),
+        ("token_type_ids", torch.ones_like(enc["input_ids"])),
+    ):
+        with pytest.raises(ValueError, match=rf"has \['{key}'\], model inputs that a fit does not pass"):
+            list(iter_token_batches([{**enc, key: value}], smol_tokenizer)[1])

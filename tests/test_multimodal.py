@@ -167,7 +167,9 @@ def test_methods_on_the_language_model_only(model_type, tmp_path):
             unlearned.detect(image["input_ids"], image["attention_mask"])
     assert torch.equal(unlearned.generate(**image, max_new_tokens=4, do_sample=False), plain)
     # fitting reads input_ids and attention_mask only: a batch with an image is refused, not read without it
-    with pytest.raises(ValueError, match=r"has \[.*'pixel_values'.*\], which a fit does not pass"):
+    with pytest.raises(
+        ValueError, match=r"has \[.*'pixel_values'.*\], model inputs that a fit does not pass"
+    ):
         unlearned.fit(ksd, [image], name="with_image", show_progress=False)
 
     unlearned.fit(NeuronAdjustConfig(ratio=0.1, seed=1), forget, retain, name="na", show_progress=False)
@@ -204,3 +206,24 @@ def test_a_vision_towers_position_table_does_not_limit_the_text(model_type):
     from unlearn_hf.model_inputs import learned_position_limit
 
     assert learned_position_limit(_model(model_type)) is None
+
+
+def test_a_text_model_loaded_from_an_image_text_checkpoint_reloads_as_the_text_model(tmp_path):
+    """Llama 4's checkpoint names the image-text class, but AutoModelForCausalLM builds its text model alone
+    (``llama4_text``): a checkpoint fitted on that text model reloads as it, not as the image-text model (a review
+    of the first version, which picked the class from the checkpoint's config alone)."""
+    from transformers import AutoModelForCausalLM
+
+    _model("llama4").save_pretrained(tmp_path / "base")
+    text = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    assert text.config.model_type == "llama4_text"
+    unlearned = UnlearnedModelForCausalLM.from_base(text)
+    unlearned.fit(
+        NeuronAdjustConfig(ratio=0.1, seed=1), _rows(0, 3, 150), _rows(1, 150, 296), show_progress=False
+    )
+    unlearned.save_pretrained(tmp_path / "light")
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "light")
+    assert type(loaded.get_base_model()) is type(text)
+    row = _rows(2, 3, 296, n=1)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(**row).logits, unlearned(**row).logits)

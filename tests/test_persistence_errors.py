@@ -391,3 +391,20 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(
     assert path.read_bytes()[:2] in (b"\x80\x04", b"\x80\x05")
     loaded = UnlearnedModelForCausalLM.from_pretrained(folder, base_model=tiny_llama(seed=0))
     assert_same_outputs(saved[1], outputs(loaded, encode(smol_tokenizer)))
+
+
+def test_an_older_fingerprint_without_values_loads_with_a_warning(folder, saved, smol_tokenizer, caplog):
+    """A checkpoint saved (by an earlier version) from a model whose weights were offloaded recorded no values:
+    only the architecture can be checked; it loads on its base with a warning, as before (a review)."""
+    path = folder / CONFIG_NAME
+    config = json.loads(path.read_text())
+    fingerprint = config["base_model"]["fingerprint"]
+    for w in fingerprint["weights"]:
+        w["sha256"], w["sample"] = None, None
+    for record in fingerprint["parameters"]:
+        record[3], record[4] = None, None
+    path.write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING):
+        loaded = UnlearnedModelForCausalLM.from_pretrained(folder, base_model=tiny_llama(seed=0))
+    assert "records no weight values" in caplog.text
+    assert_same_outputs(saved[1], outputs(loaded, encode(smol_tokenizer)))

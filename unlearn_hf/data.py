@@ -24,6 +24,7 @@ get no batch at all.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -258,8 +259,20 @@ def _refuse_containers(data: Any) -> None:
         )
 
 
-#: The keys of a tokenized batch that a fit reads (``labels``, a training batch's, does not change the forward).
-_READ_KEYS = frozenset({"input_ids", "attention_mask", "select_mask", "labels"})
+#: Batch keys that are model inputs a fit does not pass on (images, audio, positions, embeddings); other columns
+#: (labels, the text, ids, ``special_tokens_mask``) do not change the forward and are left alone.
+_FORWARD_INPUT = re.compile(
+    r"(pixel|image|video|audio)_\w+|input_features|position_ids|inputs_embeds|cache_position|aspect_ratio_\w+"
+    r"|cross_attention_mask|mm_token_type_ids"
+)
+
+
+def _changes_the_forward(key: str, value: Any) -> bool:
+    """Whether batch column ``key`` is a model input a fit would silently drop (``token_type_ids`` only when not
+    all zero: tokenizers return zeros for single texts)."""
+    if key == "token_type_ids":
+        return torch.is_tensor(value) and bool(value.any())
+    return bool(_FORWARD_INPUT.fullmatch(key))
 
 
 def _tokenized_iter(
@@ -273,14 +286,10 @@ def _tokenized_iter(
                 "is read as tokenized batches; pass texts as a list of strings or dicts, or a datasets.Dataset "
                 "(a dict of lists: datasets.Dataset.from_dict(...); tokenizer output: return_tensors='pt')."
             )
-        unread = sorted(
-            k
-            for k in b
-            if k not in _READ_KEYS and not (k == "token_type_ids" and not torch.as_tensor(b[k]).any())
-        )
+        unread = sorted(k for k in b if _changes_the_forward(k, b[k]))
         if unread:
             raise ValueError(
-                f"Batch {i} has {unread}, which a fit does not pass to the model (it reads input_ids and "
+                f"Batch {i} has {unread}, model inputs that a fit does not pass to the model (it reads input_ids and "
                 "attention_mask, and select_mask where given): statistics without them would describe other "
                 "activations. Fit on text-only batches; image and other model inputs are not supported in fitting."
             )

@@ -19,7 +19,7 @@ from .model_inputs import StopForward, accepts, input_device, position_ids_from_
 from .probe_share import _SHARE
 from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites, require_pre_sites
 from .sites.site_tensors import site_shape_error
-from .stats import DEFAULT_STATISTICS, RunningStats, SiteStatistics, check_statistics
+from .stats import DEFAULT_STATISTICS, RunningStats, SiteStatistics, check_finite, check_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -125,22 +125,6 @@ def probe(
             )
         check_finite(r, "The model")
     return results[kinds[0]] if isinstance(site, str) else results
-
-
-def check_finite(stats: SiteStatistics, source: str) -> None:
-    """Refuse statistics with NaN or ±inf values: ``source`` produced non-finite activations at their site.
-
-    Raises:
-        ValueError: naming the site and the layers.
-    """
-    bad = stats.nonfinite_layers()
-    if bad:
-        raise ValueError(
-            f"{source} produced NaN or inf activations at the {stats.site} site of layers {bad}: statistics of them "
-            "are meaningless. Usual causes: float16 overflow (use bfloat16 or float32), an attention implementation "
-            "that gives padded rows NaN (try attn_implementation='sdpa', or fewer padded rows per batch), or weights "
-            "that are not finite."
-        )
 
 
 def _probe_local(

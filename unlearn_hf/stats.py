@@ -339,3 +339,19 @@ def merge(*results: SiteStatistics) -> SiteStatistics:
     for r in results[1:]:
         out = out.merge(r)
     return out
+
+
+def check_finite(stats: SiteStatistics, source: str) -> None:
+    """Refuse statistics with NaN or ±inf values: ``source`` produced non-finite activations at their site.
+
+    Raises:
+        ValueError: naming the site and the layers.
+    """
+    bad = stats.nonfinite_layers()
+    if bad:
+        raise ValueError(
+            f"{source} produced NaN or inf activations at the {stats.site} site of layers {bad}: statistics of them "
+            "are meaningless. Usual causes: float16 overflow (use bfloat16 or float32), an attention implementation "
+            "that gives padded rows NaN (try attn_implementation='sdpa', or fewer padded rows per batch), or weights "
+            "that are not finite."
+        )

@@ -8,9 +8,9 @@ from typing import Any
 
 from ..adapters import check_no_adapters
 from ..data import DataSpec, _columns_of, _is_tokenized_batch
-from ..probe import architecture_id, check_finite, probe
+from ..probe import architecture_id, probe
 from ..sites import FFLSite
-from ..stats import DEFAULT_STATISTICS, SiteStatistics
+from ..stats import DEFAULT_STATISTICS, SiteStatistics, check_finite
 from .config import resolve_layers
 
 

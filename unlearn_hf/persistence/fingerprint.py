@@ -280,11 +280,24 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
     if saved.get("parameters") and current.get("parameters") is not None:
         problems += compare_parameters(saved["parameters"], current["parameters"])
     if not problems and saved.get("weights") and not _any_values_compared(saved, current):
-        problems.append(
-            "no weight values could be compared (the saved or the given model's weights are not materialized: "
-            "a model built without weights), so nothing tells that it is the same base model"
-        )
+        if _has_values(saved):
+            problems.append(
+                "no weight values could be compared (the given model's weights are not materialized: a model built "
+                "without weights), so nothing tells that it is the same base model"
+            )
+        else:  # an older save from a model whose weights were offloaded: it recorded none
+            logger.warning(
+                "Fingerprint: the saved fingerprint records no weight values (saved from a model whose weights were "
+                "not materialized): only the architecture is checked. Re-save it to record them."
+            )
     return problems
+
+
+def _has_values(fingerprint: dict[str, Any]) -> bool:
+    """Whether a fingerprint records some weight's values."""
+    return any(w.get("sha256") is not None for w in fingerprint.get("weights") or []) or any(
+        r[3] is not None for r in fingerprint.get("parameters") or []
+    )
 
 
 def _any_values_compared(saved: dict[str, Any], current: dict[str, Any]) -> bool:

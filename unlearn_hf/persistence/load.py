@@ -20,6 +20,7 @@ from torch import nn
 from ..context import is_unlearned_model
 from ..sites import SiteError
 from .atomic import interrupted_swap
+from .base_class import base_auto_class
 from .config_file import read_config
 from .config_schema import UnlearnConfig
 from .fingerprint import check_fingerprint
@@ -259,7 +260,7 @@ def _load_base(
         kwargs["revision"] = revision
     logger.info("Loading the base model %s%s", name, f" @ {revision}" if revision else "")
     try:
-        auto = _auto_class(name, kwargs, base_kwargs)
+        auto = base_auto_class(name, kwargs, base_kwargs, config.base_model.fingerprint.get("model_type"))
         base = auto.from_pretrained(name, *model_args, **kwargs, **base_kwargs)
     except OSError as err:
         if own_files and base_kwargs.get("use_safetensors") and _has_pickled_weights(src.folder):
@@ -281,23 +282,6 @@ def _load_base(
     if revision is not None and _COMMIT_RE.match(str(revision)):
         base.config._commit_hash = str(revision)  # remembered for a later light save (not serialized)
     return base
-
-
-def _auto_class(name: str, hub_kwargs: dict[str, Any], base_kwargs: dict[str, Any]) -> Any:
-    """The auto class that builds the base model as it was: ``AutoModelForImageTextToText`` when its config names
-    an image-text architecture (``AutoModelForCausalLM`` has no class for LLaVA's config, and builds Llama 4's text
-    model alone, without the vision weights), else ``AutoModelForCausalLM``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    config = base_kwargs.get("config")
-    if config is None or isinstance(config, (str, os.PathLike)):
-        keep = {k: v for k, v in base_kwargs.items() if k in ("trust_remote_code", "subfolder")}
-        config = AutoConfig.from_pretrained(config or name, **hub_kwargs, **keep)
-    architectures = getattr(config, "architectures", None) or []
-    if architectures and architectures[0] in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values():
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
 
 
 def _has_pickled_weights(folder: Path) -> bool:
