@@ -203,7 +203,7 @@ def run_real_path(layer, x, path, thresholds=None, draws=None) -> torch.Tensor:
         given = output.clone()
         if draws is not None:
             draws[0].start(object(), given)
-            draws[0].draw(given, group, layer.dtype, lambda: draws[1], draws[0].mode(given, group)[0])
+            draws[0].draw(given, group, lambda: draws[1], draws[0].mode(given, group)[0])
             ts = draws[0].views[0]
             assert ts.shape == (*output.shape[:-1], width if path == "full_width" else k)
             if path == "full_width":

@@ -11,7 +11,7 @@ from ...context import ForwardContext
 from ...hooks import HookRegistrar
 from ...sites import FFLSite
 from ..base import Attachment
-from .layer import NeuronAdjustLayer, compute_dtype
+from .layer import NeuronAdjustLayer
 from .sampling import Draws, LayerGroup
 
 
@@ -63,17 +63,15 @@ class NeuronAdjustAttachment(Attachment):
                 draws = ctx.request.data[name] = Draws()
             if draws.forward is not ctx or (group is not None and output.shape[:-1] != draws.lead):
                 draws.start(ctx, output)  # a new forward (or shape)
-            # drawn in the dtype this output is computed in (the layer's may still be the previous call's, after a cast)
-            dtype = compute_dtype(output.dtype)
             if group is None:
-                return adj(output, draws.draw_routed(output, layer, adj.num_neurons, dtype, seed), full=False)
+                return adj(output, draws.draw_routed(output, layer, adj.num_neurons, seed), full=False)
             full, per_layer = draws.mode(output, group)
             if per_layer:
-                thresholds = draws.draw_layer(output, group, layer, adj.num_neurons, dtype, seed)
+                thresholds = draws.draw_layer(output, group, layer, adj.num_neurons, seed)
                 return adj(output, thresholds, full=False)
             thresholds = draws.views.get(layer)
             if thresholds is None:  # first layer of this forward on this device
-                draws.draw(output, group, dtype, seed, full)
+                draws.draw(output, group, seed, full)
                 thresholds = draws.views[layer]
             return adj(output, thresholds, full=full)
 

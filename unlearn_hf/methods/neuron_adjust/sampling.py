@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ...context import ForwardContext
-from .layer import NeuronAdjustLayer, thresholds_from_uniforms, uses_full_width
+from .layer import NeuronAdjustLayer, compute_dtype, thresholds_from_uniforms, uses_full_width
 
 #: A forward whose thresholds for all the layers of a device hold at most this many values draws them in one block
 #: (a decoding step: fewer small operations per layer); a larger one draws each layer's at its hook, into one
@@ -89,12 +89,13 @@ class Draws:
             gen.manual_seed(seed())
         return gen
 
-    def draw(self, output: torch.Tensor, group: LayerGroup, dtype: torch.dtype, seed, full: bool) -> None:
+    def draw(self, output: torch.Tensor, group: LayerGroup, seed, full: bool) -> None:
         """Draw the thresholds ``max(0, logit(u))`` of every layer of ``group`` for ``output``'s leading shape in
         one block and store one view per layer, in the layout of the layers' path (``full``: full-width views with
         zeros at unselected columns, see ``uses_full_width``)."""
         device, lead = output.device, output.shape[:-1]
         gen = self._generator(device, seed)
+        dtype = compute_dtype(output.dtype)
         key = (id(group), device, dtype, full)
         cached = self.buffers.get(key)
         if cached is None:
@@ -123,16 +124,15 @@ class Draws:
         gen.set_state(state)
         return gen
 
-    def draw_routed(
-        self, output: torch.Tensor, layer: int, count: int, dtype: torch.dtype, seed
-    ) -> torch.Tensor:
+    def draw_routed(self, output: torch.Tensor, layer: int, count: int, seed) -> torch.Tensor:
         """The ``count`` thresholds (gather layout) of one expert's layer for its routed rows ``output[n, ...]``."""
         gen = self._layer_generator(output.device, layer, seed)
+        dtype = compute_dtype(output.dtype)
         u = torch.rand((*output.shape[:-1], count), generator=gen, dtype=dtype, device=output.device)
         return thresholds_from_uniforms(u)
 
     def draw_layer(
-        self, output: torch.Tensor, group: LayerGroup, layer: int, count: int, dtype: torch.dtype, seed
+        self, output: torch.Tensor, group: LayerGroup, layer: int, count: int, seed
     ) -> torch.Tensor:
         """Draw the ``count`` thresholds of ``layer`` for ``output``'s leading shape (the gather layout) into the
         group's scratch buffer and return them (valid until the next layer's draw).
@@ -142,6 +142,7 @@ class Draws:
         that state, as the one-block path reuses its views, and the request's generator does not advance."""
         device, lead = output.device, output.shape[:-1]
         gen = self._layer_generator(device, layer, seed)
+        dtype = compute_dtype(output.dtype)
         key = (id(group), device, dtype, "layer")
         cached = self.buffers.get(key)
         if cached is None:
