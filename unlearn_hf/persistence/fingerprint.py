@@ -279,8 +279,8 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
         problems.append(f"{label} ({s.get('name')}): the weight values differ")
     if saved.get("parameters") and current.get("parameters") is not None:
         problems += compare_parameters(saved["parameters"], current["parameters"])
-    if not problems and saved.get("weights") and not _any_values_compared(saved, current):
-        if _has_values(saved):
+    if not problems and saved.get("weights") and not _recorded_values(saved) & _recorded_values(current):
+        if _recorded_values(saved):
             problems.append(
                 "no weight values could be compared (the given model's weights are not materialized: a model built "
                 "without weights), so nothing tells that it is the same base model"
@@ -293,21 +293,13 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list
     return problems
 
 
-def _has_values(fingerprint: dict[str, Any]) -> bool:
-    """Whether a fingerprint records some weight's values."""
-    return any(w.get("sha256") is not None for w in fingerprint.get("weights") or []) or any(
-        r[3] is not None for r in fingerprint.get("parameters") or []
-    )
-
-
-def _any_values_compared(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether some weight's values are recorded on both sides (a slice's hash, or a parameter record's)."""
-    cur_w = {w.get("label"): w for w in current.get("weights") or []}
-    for w in saved.get("weights") or []:
-        if w.get("sha256") is not None and (cur_w.get(w.get("label")) or {}).get("sha256") is not None:
-            return True
-    now = {r[0]: r[3] for r in current.get("parameters") or []}
-    return any(r[3] is not None and now.get(r[0]) is not None for r in saved.get("parameters") or [])
+def _recorded_values(fingerprint: dict[str, Any]) -> set[tuple[str, str]]:
+    """The weights whose values a fingerprint records: ``("slice", label)`` for a hashed weight slice,
+    ``("parameter", name)`` for a parameter record with a hash."""
+    slices = {
+        ("slice", w.get("label")) for w in fingerprint.get("weights") or [] if w.get("sha256") is not None
+    }
+    return slices | {("parameter", r[0]) for r in fingerprint.get("parameters") or [] if r[3] is not None}
 
 
 def check_fingerprint(

@@ -238,13 +238,14 @@ def save_unlearned(
 
     target = resolve_target(save_directory)
     recorded = config.base_model.name_or_path
-    into_base = recorded and os.path.isdir(recorded) and Path(recorded).resolve() == target
-    if not save_base_model and into_base and any(WEIGHT_FILE.match(f) for f in _own_files(target)):
+    # the recorded base model's name, read as a path, is this very folder (as the file system resolves both)
+    names_target = bool(recorded) and Path(os.path.realpath(Path(recorded).expanduser())) == target
+    if not save_base_model and names_target and any(WEIGHT_FILE.match(f) for f in _own_files(target)):
         raise ValueError(
             f"{target} is the full checkpoint the base model was loaded from: a light save there replaces it and "
             "deletes the base model's files. Save with save_base_model=True, or into another folder."
         )
-    if not save_base_model and recorded and Path(os.path.realpath(Path(recorded).expanduser())) == target:
+    if not save_base_model and names_target:
         raise ValueError(
             f"The base model's name {recorded!r} is also the path of this folder ({target}): loading the light "
             "checkpoint would look for its base model in the folder itself, which holds none. Save into another "
