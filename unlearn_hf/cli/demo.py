@@ -182,6 +182,5 @@ def _write_card(unlearned, model_dir: Path, forget, retain, args, rows) -> None:
         repo_id=f"your-name/{model_dir.name}",
     )
     render_model_card(info).save(str(model_dir / "README.md"))
-    write_card_info(
-        model_dir, info.forget_skill, info.retain_skills, rows
-    )  # what `unlearn-hf push` puts on the card
+    # what `unlearn-hf push` puts on the card of this folder
+    write_card_info(model_dir, info.forget_skill, info.retain_skills, rows)

@@ -137,12 +137,10 @@ class AbstentionMixin:
             )
         given = bound.arguments.get("generation_config")
         config = copy.deepcopy(given if given is not None else self.generation_config)
-        if (
-            given is not None
-        ):  # generate fills what the call's config leaves unset from the model's (a saved one)
-            for key, value in self.generation_config.to_dict().items():
-                if key != "watermarking_config" and hasattr(config, key) and getattr(config, key) is None:
-                    setattr(config, key, value)
+        # generate fills what a given config leaves unset from the model's own (a saved generation_config.json)
+        for key, value in self.generation_config.to_dict().items() if given is not None else ():
+            if key != "watermarking_config" and hasattr(config, key) and getattr(config, key) is None:
+                setattr(config, key, value)
         for key, value in extra.items():  # what generate will merge (without validating twice: no warnings)
             if hasattr(config, key):
                 setattr(config, key, value)
@@ -288,16 +286,10 @@ class AbstentionMixin:
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}."
             )
-        image_token = next(
-            (
-                v
-                for k in ("image_token_id", "image_token_index")
-                if isinstance(v := getattr(self.config, k, None), int)
-            ),
-            None,
-        )
+        image_token = getattr(self.config, "image_token_id", None)
+        image_token = getattr(self.config, "image_token_index", None) if image_token is None else image_token
         if (
-            image_token is not None
+            isinstance(image_token, int)
             and "pixel_values" not in model_inputs
             and bool((input_ids == image_token).any())
         ):

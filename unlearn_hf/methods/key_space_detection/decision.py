@@ -189,11 +189,11 @@ class KeySpaceAttachment(AbstainingAttachment):
         if key in ctx._last:
             return ctx._last[key]
         ids, found = ctx.input_ids, None
+        # a plain forward: not generate's request (its paths decide on the prompt as given), nor detect()'s
+        plain = ctx.request.prompt_len is None and ctx.request.stop_when_decided is None
         if (
             ctx.is_prefill
-            and ctx.request.prompt_len
-            is None  # not generate's request (its paths decide on the prompt as given)
-            and ctx.request.stop_when_decided is None  # nor detect(), which answers for generate
+            and plain
             and ctx.prompt_end is None
             and ctx.total_len == ctx.input_len
             and ids is not None
