@@ -209,6 +209,27 @@ def test_a_failed_push_deletes_the_repo_it_created_and_only_that(hub, tmp_path, 
         assert CONFIG_NAME in api.list_repo_files(f"{USER}/kept")
 
 
+def test_private_push_refuses_an_existing_public_repo(hub, tmp_path, smol_tokenizer):
+    """``private=True`` does not change an existing repo's visibility (``create_repo(exist_ok=True)`` keeps it):
+    the push published the model the user asked to keep private (a review). It is refused before any upload and
+    the repo is left as it was; an existing private repo takes the push."""
+    model = fit_methods(UnlearnedModelForCausalLM.from_base(tiny_llama(seed=4)), smol_tokenizer, ("na",))
+    kwargs = {"save_base_model": True, "base_model_name_or_path": f"{USER}/origin"}
+    with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        model.push_to_hub("open", **kwargs)
+        model.push_to_hub("closed", private=True, **kwargs)
+        heads = {repo: hub.head(f"{USER}/{repo}") for repo in ("open", "closed")}
+        with pytest.raises(ValueError, match=r"test-user/open exists and is public"):
+            model.push_to_hub("open", private=True, commit_message="second", **kwargs)
+        assert hub.head(f"{USER}/open") == heads["open"]
+        model.push_to_hub("closed", private=True, commit_message="second", **kwargs)
+        api = HfApi()
+        assert api.list_repo_commits(f"{USER}/closed")[0].title == "second"
+        assert (
+            api.model_info(f"{USER}/closed").private is True and hub.head(f"{USER}/closed") != heads["closed"]
+        )
+
+
 def test_a_full_push_from_a_local_base_folder_has_no_local_path_in_its_card(hub, tmp_path, smol_tokenizer):
     """The card's metadata names the base model only when it is a Hub id: the Hub refuses a `base_model` that names
     no model (the loopback Hub does too), which failed every full push of a model loaded from a folder (a review)."""

@@ -194,7 +194,8 @@ def push_unlearned(
 
     Args:
         repo_id: the Hub repo (``name`` or ``namespace/name``); created if it does not exist.
-        private / token: as in ``HfApi.create_repo``.
+        private / token: as in ``HfApi.create_repo``; ``private=True`` refuses an existing public repo (the Hub
+            would keep it public).
         commit_message: the commit title (default: ``"Upload unlearned model (unlearn_hf)"``).
         save_base_model: also upload the base model's files (full layout); default ``None``: light, unless the
             weights changed since the model was wrapped or loaded (see :func:`~.save.resolve_layout`).
@@ -250,6 +251,12 @@ def push_unlearned(
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         full_id = url.repo_id
         try:
+            if private and existed and not api.model_info(full_id).private:
+                raise ValueError(
+                    f"private=True, but the repo {full_id} exists and is public: a push does not change an "
+                    "existing repo's visibility, so this one would be published. Make the repo private first "
+                    "(HfApi().update_repo_settings(repo_id, private=True)), or push to a new repo."
+                )
             # a new branch is created, as transformers' push_to_hub does
             if revision is not None and not create_pr:
                 api.create_branch(full_id, branch=revision, exist_ok=True)
