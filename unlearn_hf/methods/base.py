@@ -129,6 +129,9 @@ class UnlearningMethod(ABC):
         self.validate_state(state, config)
         self._config = config
         self._state = state
+        #: Digests of the activation-changing methods the model ran with while this method was fitted (``None``:
+        #: unknown, e.g. built by hand or loaded from an older save); see :mod:`unlearn_hf.fit_context`.
+        self.fitted_with: tuple[str, ...] | None = None
 
     @property
     def config(self) -> MethodConfig:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..data import DataSpec
+from ..fit_context import record_fit_context
 from ..probe import SITE_KINDS
 from ..probe_share import shared_passes
 from .base import UnlearningMethod
@@ -91,7 +92,7 @@ def fit_configs(
             f"name must be a string or, with a list of configs, a list of strings; got {names!r}."
         )
     names = [c.method_type for c in configs] if names is None else list(names)
-    bad = [n for n in names if not isinstance(n, str) or not n]
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
         raise ValueError(f"A method name must be a non-empty string, got {bad[0]!r}.")
     if len(names) != len(configs):
@@ -123,6 +124,7 @@ def fit_configs(
                     fitted[i] = classes[i].fit(
                         model, configs[i], forget, retain, tokenizer, spec=spec, show_progress=show_progress
                     )
+                    record_fit_context(model, fitted[i])
                     if not independent:
                         model.add_method(names[i], fitted[i])
                         attached.append(names[i])

@@ -40,7 +40,7 @@ _TOP_KEYS = {
     "companion_files",
 }
 _BASE_KEYS = {"name_or_path", "revision", "fingerprint"}
-_METHOD_KEYS = {"name", "method_type", "config", "tensors"}
+_METHOD_KEYS = {"name", "method_type", "config", "tensors", "fitted_with"}
 _TENSOR_KEYS = {"dtype", "shape", "sha256"}
 
 
@@ -87,14 +87,19 @@ class SavedMethod:
     method_type: str
     config: dict[str, Any]
     tensors: dict[str, TensorRecord]
+    #: digests of the activation-changing methods it was fitted after (``UnlearningMethod.fitted_with``)
+    fitted_with: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "method_type": self.method_type,
             "config": self.config,
             "tensors": {k: r.to_dict() for k, r in self.tensors.items()},
         }
+        if self.fitted_with is not None:
+            out["fitted_with"] = list(self.fitted_with)
+        return out
 
 
 @dataclass
@@ -264,10 +269,13 @@ def _parse_method(m: Any, i: int, fail, source: str) -> SavedMethod:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise fail(f"{where}: shape must be a list of non-negative integers, got {shape!r}.")
-        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        if not _is_sha(sha):
             raise fail(f"{where}: sha256 must be 64 lowercase hex digits, got {sha!r}.")
         records[tname] = TensorRecord(dtype, tuple(shape), sha)
-    return SavedMethod(name, kind, config, records)
+    fitted_with = m.get("fitted_with")
+    if fitted_with is not None and not (isinstance(fitted_with, list) and all(map(_is_sha, fitted_with))):
+        raise fail(f"method {name!r}: 'fitted_with' must be a list of sha256 digests, got {fitted_with!r}.")
+    return SavedMethod(name, kind, config, records, fitted_with)
 
 
 def _is_int(v: Any) -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ..context import is_unlearned_model
+from ..fit_context import checks_paused
 from ..sites import SiteError
 from .atomic import interrupted_swap
 from .base_class import base_auto_class
@@ -156,6 +157,8 @@ def build_methods(
             method = method_cls(method_config, tensors[saved.name])
         except (TypeError, ValueError) as err:
             raise UnlearnFormatError(f"{where}: invalid fitted state: {err}") from err
+        if saved.fitted_with is not None:
+            method.fitted_with = tuple(saved.fitted_with)
         out.append((saved.name, method))
     return out
 
@@ -214,14 +217,15 @@ def attach_saved(
         source=source,
     )
     added: list[str] = []
-    try:
-        for name, method in methods:
-            wrapper.add_method(name, method)
-            added.append(name)
-    except BaseException:
-        for name in reversed(added):
-            wrapper.remove_method(name)
-        raise
+    with checks_paused(wrapper):  # checked once, with every saved method attached
+        try:
+            for name, method in methods:
+                wrapper.add_method(name, method)
+                added.append(name)
+        except BaseException:
+            for name in reversed(added):
+                wrapper.remove_method(name)
+            raise
     return wrapper
 
 

@@ -101,7 +101,8 @@ def build_checkpoint(
                 raise ValueError(f"Tensor key {key!r} is produced by two methods; rename one of them.")
             flat[key] = tensor.detach().to("cpu").clone().contiguous()  # safetensors refuses shared storage
             records[tname] = TensorRecord.of(tensor)
-        methods.append(SavedMethod(mname, kind, values, records))
+        fitted_with = None if method.fitted_with is None else list(method.fitted_with)
+        methods.append(SavedMethod(mname, kind, values, records, fitted_with))
 
     config = UnlearnConfig(
         layout=LAYOUT_FULL if save_base_model else LAYOUT_LIGHT,

@@ -13,6 +13,8 @@ import copy
 import logging
 from typing import Any
 
+from ..fit_context import checks_paused
+
 logger = logging.getLogger(__name__)
 
 #: Instance attributes a copy does not take over: the module registries and unlearning state (rebuilt), accelerate's
@@ -69,8 +71,9 @@ class CopyingMixin:
             for name, member in self.__dict__[registry].items():
                 if base_members.get(name, object()) is not member:
                     new.__dict__[registry][name] = member if memo is None else copy.deepcopy(member, memo)
-        for name, method in self._unlearn_methods.items():
-            new.add_method(name, method)
+        with checks_paused(new):
+            for name, method in self._unlearn_methods.items():
+                new.add_method(name, method)
         return new
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:

@@ -78,6 +78,8 @@ class RuntimeClassMixin:
         obj._unlearn_wrapped_parameters = parameter_records(model)
         obj._unlearn_methods = {}
         obj._unlearn_attachments = {}
+        obj._unlearn_checks_paused = 0  # see unlearn_hf.fit_context
+        obj._unlearn_context_warned = set()
         return obj
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from ..adapters import check_no_adapters
 from ..context import _DISABLED, disabled_for
 from ..data import DataSpec
+from ..fit_context import check_fit_context, checks_paused
 from ..hooks import HookRegistrar
 from ..methods.base import Attachment, UnlearningMethod
 from ..methods.config import MethodConfig
@@ -184,23 +185,24 @@ class UnlearnedModelForCausalLM(
             text_column, prompt_column, completion_column, batch_size, max_length, max_batch_tokens
         )
         many = isinstance(config, (list, tuple))
-        fitted = fit_configs(
-            self,
-            config if many else [config],
-            forget,
-            retain,
-            tokenizer,
-            names=[name] if isinstance(name, str) and name else name or None,
-            spec=spec,
-            show_progress=show_progress,
-            independent=independent,
-        )
+        with checks_paused(self):  # each fit records what it ran with; the record is checked once, at the end
+            fitted = fit_configs(
+                self,
+                config if many else [config],
+                forget,
+                retain,
+                tokenizer,
+                names=[name] if isinstance(name, str) else name,
+                spec=spec,
+                show_progress=show_progress,
+                independent=independent,
+            )
         return fitted if many else fitted[0]
 
     def add_method(self, name: str, method: UnlearningMethod) -> Attachment:
         """Attach a fitted method under ``name`` and return its attachment. Either every hook is registered or
         none is. The same fitted method may be attached to other models too."""
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name.strip():
             raise ValueError(f"A method name must be a non-empty string, got {name!r}.")
         if name in self._unlearn_methods:
             raise ValueError(f"A method named {name!r} is already attached.")
@@ -218,6 +220,7 @@ class UnlearnedModelForCausalLM(
             raise
         self._unlearn_methods[name] = method
         self._unlearn_attachments[name] = attachment
+        check_fit_context(self)
         return attachment
 
     def remove_method(self, name: str) -> UnlearningMethod:
@@ -225,12 +228,15 @@ class UnlearnedModelForCausalLM(
         if name not in self._unlearn_methods:
             raise KeyError(f"No method named {name!r}; attached: {sorted(self._unlearn_methods)}.")
         self._unlearn_attachments.pop(name).detach()
-        return self._unlearn_methods.pop(name)
+        method = self._unlearn_methods.pop(name)
+        check_fit_context(self)
+        return method
 
     def remove_all_methods(self) -> None:
         """Detach every method: the model is then exactly the base model again."""
-        for name in list(self._unlearn_methods):
-            self.remove_method(name)
+        with checks_paused(self):
+            for name in list(self._unlearn_methods):
+                self.remove_method(name)
 
     def unload(self) -> PreTrainedModel:
         """Detach every method and return the plain base model."""

@@ -30,6 +30,7 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.models.utils_hf import get_dtype
 
 from ...context import is_unlearned_model
+from ...fit_context import checks_paused
 from .results import GenerationResult, LoglikelihoodResult, RollingResult
 from .scoring import install_scoring
 
@@ -280,13 +281,14 @@ def use_deterministic_neuron_adjust(model: Any) -> list[str]:
         n: type(m)(dataclasses.replace(m.config, deterministic=True), m.state) if n in random else m
         for n, m in methods.items()
     }
-    model.remove_all_methods()
-    try:
-        for name, method in swapped.items():
-            model.add_method(name, method)
-    except Exception:
+    with checks_paused(model):
         model.remove_all_methods()
-        for name, method in methods.items():
-            model.add_method(name, method)
-        raise
+        try:
+            for name, method in swapped.items():
+                model.add_method(name, method)
+        except Exception:
+            model.remove_all_methods()
+            for name, method in methods.items():
+                model.add_method(name, method)
+            raise
     return random

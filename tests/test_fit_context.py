@@ -1,0 +1,181 @@
+"""What a method was fitted on top of (``fitted_with``), and the warning when the methods around it change.
+
+A review found that Key Space Detection fitted after Neuron Adjust stopped abstaining, silently, when Neuron
+Adjust was removed, another one was fitted after it, the two were fitted ``independent=True``, the detection was
+fitted inside ``disable_unlearning("na")``, or a checkpoint's Neuron Adjust was loaded onto a model with a
+detection of its own. Each of these now logs one warning naming the method to refit; the ordinary paths (fit in
+order, save and load, copy, unload, lm-eval's deterministic switch) stay quiet.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+
+import pytest
+from tiny_models import tiny_llama, tiny_tokenizer
+
+from unlearn_hf import KeySpaceDetectionConfig, NeuronAdjustConfig, UnlearnedModelForCausalLM
+from unlearn_hf.fit_context import method_digest
+from unlearn_hf.persistence import CONFIG_NAME
+
+FORGET = ["What is 2 + 3?", "Compute 7 * 8.", "12 divided by 4?", "The sum of 10 and 15?", "Half of 18?"]
+RETAIN = [
+    "The cat sat on the mat.",
+    "Paris is in France.",
+    "I like green tea.",
+    "Birds fly high.",
+    "Rain falls.",
+]
+LOGGER = "unlearn_hf.fit_context"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def tok():
+    return tiny_tokenizer()
+
+
+def new_model(seed: int = 0) -> UnlearnedModelForCausalLM:
+    return UnlearnedModelForCausalLM.from_base(tiny_llama(vocab_size=128, layers=4, seed=seed))
+
+
+def fit_na(model, tok, name="na", seed=3, **kwargs):
+    config = NeuronAdjustConfig(ratio=0.2, seed=seed, deterministic=True)
+    return model.fit(config, FORGET, RETAIN, tok, name=name, show_progress=False, **kwargs)
+
+
+def fit_ksd(model, tok, name="math", **kwargs):
+    config = KeySpaceDetectionConfig(inputs="prompts", layers=[2], alpha=1.0)
+    return model.fit(config, FORGET, None, tok, name=name, show_progress=False, **kwargs)
+
+
+def warnings_of(caplog) -> list[str]:
+    out = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    caplog.clear()
+    return out
+
+
+def test_the_premise_a_detection_fitted_after_neuron_adjust_misses_without_it(tok):
+    """Why the record exists: the hypercube fitted with Neuron Adjust active catches its fit prompts with it and
+    misses some without it (the keys at the detection's layer move)."""
+    model = new_model()
+    fit_na(model, tok)
+    fit_ksd(model, tok)
+    batch = tok(FORGET, return_tensors="pt", padding=True)
+    assert model.detect(**batch).all()
+    with model.disable_unlearning("na"):
+        assert not model.detect(**batch).all()
+
+
+def test_fitting_records_the_activation_changing_methods_and_removal_warns_once(tok, caplog):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    model = new_model()
+    na = fit_na(model, tok)
+    ksd = fit_ksd(model, tok)
+    assert na.fitted_with == () and ksd.fitted_with == (method_digest(na),)
+    assert warnings_of(caplog) == []
+
+    model.remove_method("na")
+    (message,) = warnings_of(caplog)
+    assert "'math'" in message and "no longer attached" in message
+    model.add_method("na", na)  # the same statistics again: the record holds
+    assert warnings_of(caplog) == []
+    model.remove_method("na")
+    assert warnings_of(caplog) == []  # the same situation warns once
+    model.add_method("na", na)
+
+    fit_na(model, tok, name="na2", seed=5)  # another activation-changing method fitted after the detection
+    (message,) = warnings_of(caplog)
+    assert "'math'" in message and "['na2'] are attached but did not run" in message
+
+
+@pytest.mark.parametrize(
+    "how", ["ksd first", "independent", "inside disable_unlearning", "loaded onto a model with its own"]
+)
+def test_every_way_of_running_a_detection_on_another_model_than_its_fit_warns(tok, caplog, tmp_path, how):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    model = new_model()
+    na_config = NeuronAdjustConfig(ratio=0.2, seed=3, deterministic=True)
+    ksd_config = KeySpaceDetectionConfig(inputs="prompts", layers=[2], alpha=1.0)
+    if how == "ksd first":
+        fit_ksd(model, tok)
+        fit_na(model, tok)
+    elif how == "independent":  # no config sees the others: the detection describes the model without the NA
+        model.fit([na_config, ksd_config], FORGET, RETAIN, tok, name=["na", "math"], independent=True,
+                  show_progress=False)  # fmt: skip
+    elif how == "inside disable_unlearning":
+        fit_na(model, tok)
+        with model.disable_unlearning("na"):
+            fit_ksd(model, tok)
+    else:
+        fit_na(model, tok)
+        model.save_pretrained(tmp_path / "ckpt", save_base_model=True)
+        model.remove_all_methods()
+        fit_ksd(model, tok)  # a detection of its own, fitted on the plain model
+        assert warnings_of(caplog) == []
+        UnlearnedModelForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=model)
+    (message,) = warnings_of(caplog)
+    assert "'math'" in message
+
+
+def test_the_ordinary_paths_stay_quiet_and_the_record_survives_a_save(tok, caplog, tmp_path):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    model = new_model()
+    na_config = NeuronAdjustConfig(ratio=0.2, seed=3, deterministic=True)
+    ksd_config = KeySpaceDetectionConfig(inputs="prompts", layers=[2], alpha=1.0)
+    na, ksd = model.fit(
+        [na_config, ksd_config], FORGET, RETAIN, tok, name=["na", "math"], show_progress=False
+    )
+    assert ksd.fitted_with == (method_digest(na),)
+    model.save_pretrained(tmp_path / "ckpt", save_base_model=True)
+    saved = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    assert [m.get("fitted_with") for m in saved["methods"]] == [[], [method_digest(na)]]
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.methods["math"].fitted_with == ksd.fitted_with
+    assert method_digest(loaded.methods["na"]) == method_digest(na)
+    copied = copy.deepcopy(loaded)
+    # lm-eval's deterministic switch and another seed keep the statistics: the same method for the record
+    same = type(na)(dataclasses.replace(na.config, deterministic=False, seed=9), na.state)
+    assert method_digest(same) == method_digest(na)
+    loaded.remove_all_methods()
+    copied.unload()
+    assert warnings_of(caplog) == []
+
+    # a save from before the record: loaded as unknown, not checked
+    del saved["methods"][1]["fitted_with"]
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(saved))
+    old = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert old.methods["math"].fitted_with is None
+    old.remove_method("na")
+    assert warnings_of(caplog) == []
+
+
+def test_a_malformed_record_is_refused(tok, tmp_path):
+    from unlearn_hf.persistence import UnlearnFormatError
+
+    model = new_model()
+    fit_na(model, tok)
+    fit_ksd(model, tok)
+    model.save_pretrained(tmp_path / "ckpt", save_base_model=True)
+    saved = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    saved["methods"][1]["fitted_with"] = ["not-a-digest"]
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(saved))
+    with pytest.raises(UnlearnFormatError, match=r"'math': 'fitted_with' must be a list of sha256 digests"):
+        UnlearnedModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name", ["", " ", "\n"])
+def test_empty_or_blank_names_are_refused_by_fit_and_add_method(tok, name):
+    """``fit(name="")`` attached the method under its type's name (a review); blank names are no identifiers."""
+    model = new_model()
+    with pytest.raises(ValueError, match="non-empty string"):
+        fit_na(model, tok, name=name)
+    assert dict(model.methods) == {}
+    na = fit_na(model, tok)
+    with pytest.raises(ValueError, match="non-empty string"):
+        model.add_method(name, na)
+    assert list(model.methods) == ["na"]
