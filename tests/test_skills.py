@@ -273,8 +273,50 @@ def test_an_mlqa_answer_that_is_not_text_is_named(tmp_path):
     }
     (tmp_path / "mlqa" / "dev").mkdir(parents=True)
     (tmp_path / "mlqa" / "dev" / "dev-context-en-question-en.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match=r"question q-7 has an answer that is not text: \[None\]"):
+    with pytest.raises(
+        ValueError, match=r"question q-7 has an answer that is not text or is empty: \[None\]"
+    ):
         get_skill("mlqa-en", tmp_path).eval_items()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("skill", ["gsm8k", "mbpp", "mlqa-en"])
+def test_an_empty_answer_is_named_not_scored(tmp_path, skill):
+    """An item whose answer is empty was scored on nothing (the separator token alone: GSM8K printed 0.000 with no
+    word; a review); now the loader names the file, the row and the column."""
+    from unlearn_hf.evaluation.data_files import DataFileError
+
+    if skill == "gsm8k":
+        rows = [
+            {"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"},
+            {"question": "q", "answer": " "},
+        ]
+        write_jsonl(tmp_path / "gsm8k" / "train.jsonl", rows[:1])
+        write_jsonl(tmp_path / "gsm8k" / "test.jsonl", rows)
+        error, message = DataFileError, r"test.jsonl: row 1, column 'answer' is empty"
+    elif skill == "mbpp":
+        write_jsonl(tmp_path / "mbpp" / "mbpp.jsonl", [MBPP_ROW, {**MBPP_ROW, "task_id": 602, "code": ""}])
+        error, message = DataFileError, r"mbpp.jsonl: row 1, column 'code' is empty"
+    else:
+        doc = {
+            "data": [
+                {
+                    "paragraphs": [
+                        {"context": "c", "qas": [QA, {**QA, "id": "q-2", "answers": [{"text": ""}]}]}
+                    ]
+                }
+            ]
+        }
+        path = tmp_path / "mlqa" / "dev" / "dev-context-en-question-en.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(doc))
+        error, message = ValueError, r"question q-2 has an answer that is not text or is empty: \[''\]"
+    with pytest.raises(error, match=message):
+        get_skill(skill, tmp_path).eval_items()
 
 
 MBPP_ROW = {"task_id": 601, "text": "t", "code": "c", "test_list": ["assert True"]}

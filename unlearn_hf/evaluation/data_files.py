@@ -146,7 +146,8 @@ def check_columns(
     rows: Iterable[Mapping[str, Any]], required: Sequence[str], source: str, text: Sequence[str] = ()
 ) -> None:
     """Raise ``KeyError`` naming the first row of ``source`` that lacks one of the ``required`` columns, and
-    :class:`DataFileError` for the first whose ``text`` columns do not hold strings."""
+    :class:`DataFileError` for the first whose ``text`` columns do not hold text (an empty answer would be scored
+    on nothing: its item would count as wrong, or as right, for no reason)."""
     for i, row in enumerate(rows):
         missing = [c for c in required if c not in row]
         if missing:
@@ -156,6 +157,8 @@ def check_columns(
                 raise DataFileError(
                     f"{source}: row {i}, column {c!r} must be text, got {type(row[c]).__name__}."
                 )
+            if not row[c].strip():
+                raise DataFileError(f"{source}: row {i}, column {c!r} is empty.")
 
 
 def unix_newlines(text: str) -> str:

@@ -311,9 +311,11 @@ def _load_mlqa(spec: SkillSpec, data_dir: Path | None) -> SkillSplits:
     for r in rows:
         if not r["answers"]:
             raise ValueError(f"{source}: question {r['id']} has no answer.")
-        if not isinstance(r["answers"], list) or not all(isinstance(a, str) for a in r["answers"]):
+        if not isinstance(r["answers"], list) or not all(
+            isinstance(a, str) and a.strip() for a in r["answers"]
+        ):
             raise ValueError(
-                f"{source}: question {r['id']} has an answer that is not text: {r['answers']!r}."
+                f"{source}: question {r['id']} has an answer that is not text or is empty: {r['answers']!r}."
             )
         group = groups.setdefault(r["context"], len(groups))
         item = EvalItem(
