@@ -135,7 +135,7 @@ def test_the_bos_rule_drops_only_a_bos_the_tokenizer_added(bos_tokenizer, smol_t
     chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     expected = list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
     assert encode_prompts(tok, [chat, "hi"], 512) == [expected, tok("hi")["input_ids"]]
-    ((ids, start, lost),) = encode_pairs(tok, [chat], [chat + "4"], 512)
+    ((ids, start, lost, _),) = encode_pairs(tok, [chat], [chat + "4"], 512)
     assert ids[: len(expected)] == expected and start == len(expected) and lost == 0
 
 

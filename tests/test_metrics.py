@@ -219,6 +219,34 @@ def test_answer_token_accuracy_tuples_and_truncation(model, tokenizer):
     assert math.isnan(answer_token_accuracy(model, tokenizer, []).score)
 
 
+def test_a_model_with_learned_positions_is_scored_within_its_table_and_cut_items_are_counted(
+    tokenizer, caplog
+):
+    """A GPT-2-like model with fewer positions than ``max_length`` crashed with ``IndexError`` in the middle of an
+    evaluation (the fit clamps, the metrics did not), and prompts cut on the left were not reported (a review).
+    Now every metric runs within the position table (the same scores as asking for that window), and the items
+    that lost their start are counted and logged."""
+    n_positions = 24
+    config = AutoConfig.for_model(
+        "gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=n_positions, vocab_size=len(tokenizer)
+    )
+    torch.manual_seed(0)
+    gpt = AutoModelForCausalLM.from_config(config).eval()
+    lengths = [len(tokenizer(it.text)["input_ids"]) for it in EVAL_ITEMS]
+    longer = sum(n > n_positions for n in lengths)
+    assert 0 < longer < len(EVAL_ITEMS)  # the premise: some items are cut, some are not
+    with caplog.at_level("WARNING", logger="unlearn_hf.evaluation.token_accuracy"):
+        result = answer_token_accuracy(gpt, tokenizer, EVAL_ITEMS, max_length=512, batch_size=3)
+    assert result.details["n_truncated_items"] == longer
+    assert f"{longer} of {len(EVAL_ITEMS)} items are longer than max_length={n_positions}" in caplog.text
+    window = answer_token_accuracy(gpt, tokenizer, EVAL_ITEMS, max_length=n_positions, batch_size=3)
+    assert result.per_item == window.per_item and result.score == window.score
+    mc = mmlu_accuracy(gpt, tokenizer, MC, shots=1, max_length=2048)
+    assert mc.per_item == mmlu_accuracy(gpt, tokenizer, MC, shots=1, max_length=n_positions).per_item
+    texts = generate_completions(gpt, tokenizer, EVAL_ITEMS[:4], max_new_tokens=6, max_length=512)
+    assert texts == generate_completions(gpt, tokenizer, EVAL_ITEMS[:4], max_new_tokens=6, max_length=18)
+
+
 class FakeAbstainingModel(torch.nn.Module):
     """Wraps a model; abstains on prompts containing ``marker``; scoring must run with abstention disabled."""
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model_inputs import input_device
-from .batching import batches, encode_prompts, pad, pad_token_id, resolve_padding_side
+from .batching import batches, encode_prompts, pad, pad_token_id, position_window, resolve_padding_side
 from .items import EvalItem
 
 
@@ -65,7 +65,7 @@ def detect_abstention(
     texts = [p.prompt if isinstance(p, EvalItem) else p for p in prompts]
     if not texts or not has_abstention(model):
         return [False] * len(texts)
-    seqs = encode_prompts(tokenizer, texts, max_length)
+    seqs = encode_prompts(tokenizer, texts, position_window(model, max_length))
     return detect_ids(
         model,
         seqs,

@@ -7,13 +7,31 @@ EOS) are dropped.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ..model_inputs import accepts, input_device, position_ids_from_mask
+from ..model_inputs import accepts, input_device, learned_position_limit, position_ids_from_mask
 from ..tokenizing import BosRule, encode_texts, special_tokens
+
+logger = logging.getLogger(__name__)
+
+
+def position_window(model: Any, max_length: int, reserve: int = 0) -> int:
+    """``max_length``, or less for a model with learned position embeddings (GPT-2's ``wpe``): a longer input would
+    index past its table (an ``IndexError`` in the middle of an evaluation). ``reserve``: positions kept free for
+    the tokens generated after the prompt."""
+    limit = learned_position_limit(model) if isinstance(model, torch.nn.Module) else None  # or a stand-in
+    if limit is None or max_length + reserve <= limit:
+        return max_length
+    if limit - reserve < 1:
+        raise ValueError(f"The model has {limit} positions: no room for a prompt and {reserve} new tokens.")
+    logger.info(
+        "max_length %d is cut to %d: the model has %d learned positions.", max_length, limit - reserve, limit
+    )
+    return limit - reserve
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -81,10 +99,10 @@ def forward_at(
 
 def encode_pairs(
     tokenizer: Any, prompts: Sequence[str], texts: Sequence[str], max_length: int
-) -> list[tuple[list[int], int, int]]:
-    """Token ids of ``texts`` (left-truncated to ``max_length``), the index of the first answer token, and how
-    many answer tokens were cut off by truncation. The answer starts where the text's ids stop matching the
-    prompt's; special tokens the tokenizer appends (an EOS) are dropped."""
+) -> list[tuple[list[int], int, int, int]]:
+    """Token ids of ``texts`` (left-truncated to ``max_length``), the index of the first answer token, how many
+    answer tokens were cut off by truncation, and how many tokens were cut. The answer starts where the text's ids
+    stop matching the prompt's; special tokens the tokenizer appends (an EOS) are dropped."""
     rule, n_suffix = BosRule.of(tokenizer), len(special_tokens(tokenizer).suffix)
     full, pre = (encode_texts(tokenizer, t, rule, n_suffix) for t in (texts, prompts))
     out = []
@@ -94,7 +112,7 @@ def encode_pairs(
             start += 1
         cut = max(0, len(f) - max_length)
         lost = max(0, cut + 1 - start)  # answer tokens without a preceding position in the window
-        out.append((f[cut:], max(start - cut, 1), lost))
+        out.append((f[cut:], max(start - cut, 1), lost, cut))
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model_inputs import input_device
-from .batching import batches, encode_prompts, pad, pad_token_id
+from .batching import batches, encode_prompts, pad, pad_token_id, position_window
 from .items import ANSWER_STOP, EvalItem
 
 
@@ -35,7 +35,7 @@ def generate_completions(
         tuple(stop) if stop is not None else p.stop if isinstance(p, EvalItem) else ANSWER_STOP
         for p in prompts
     ]
-    seqs = encode_prompts(tokenizer, texts, max_length)
+    seqs = encode_prompts(tokenizer, texts, position_window(model, max_length, reserve=max_new_tokens))
     pad_id, device = pad_token_id(tokenizer), input_device(model)
     out: list[str] = [""] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: -len(seqs[i]))

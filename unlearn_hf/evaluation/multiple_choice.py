@@ -16,6 +16,7 @@ from .batching import (
     encode_prompts,
     forward_at,
     pad_token_id,
+    position_window,
     resolve_padding_side,
 )
 from .items import EvalItem
@@ -72,6 +73,7 @@ def mmlu_accuracy(
     pad_id, side = pad_token_id(tokenizer), resolve_padding_side(tokenizer, padding_side)
     if not items:
         return MetricResult("mmlu_accuracy", float("nan"), 0)
+    max_length = position_window(model, max_length)
     for it in items:
         if it.label is None or it.choices is None:
             raise ValueError(f"Item {it.id!r} has no choices/label; mmlu_accuracy needs MMLU items.")
@@ -94,6 +96,7 @@ def mmlu_accuracy(
     single = all(len(t) == 1 for t in letter_ids) and len({t[0] for t in letter_ids}) == len(letter_ids)
     contexts: dict[int, list[int]] = {}
     used_shots: list[int] = []
+    n_cut = 0  # items longer than max_length even without shots: they lose their start
     for i, it in enumerate(items):
         if abstained[i]:
             continue
@@ -102,8 +105,16 @@ def mmlu_accuracy(
         while len(ids) + 1 > max_length and k > 0:
             k -= 1
             ids = encode(mmlu_prompt(it, k))
+        n_cut += len(ids) + max(len(t) for t in letter_ids) > max_length
         contexts[i] = ids[-(max_length - max(len(t) for t in letter_ids)) :]
         used_shots.append(k)
+    if n_cut:
+        logger.warning(
+            "%d of %d MMLU items are longer than max_length=%d tokens without shots: they lose their start.",
+            n_cut,
+            len(items),
+            max_length,
+        )
 
     rows: list[
         tuple[int, int, list[int], list[int]]

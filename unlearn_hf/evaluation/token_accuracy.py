@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,9 +11,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .abstention import detect_ids, scoring_context
-from .batching import batches, encode_pairs, encode_prompts, forward_at, pad_token_id, resolve_padding_side
+from .batching import (
+    batches,
+    encode_pairs,
+    encode_prompts,
+    forward_at,
+    pad_token_id,
+    position_window,
+    resolve_padding_side,
+)
 from .items import EvalItem
 from .results import MetricResult
+
+logger = logging.getLogger(__name__)
 
 
 def _as_items(items: Sequence[EvalItem | tuple[str, str]]) -> list[EvalItem]:
@@ -58,8 +69,18 @@ def answer_token_accuracy(
     pad_id, side = pad_token_id(tokenizer), resolve_padding_side(tokenizer, padding_side)
     if not items:
         return MetricResult("answer_token_accuracy", float("nan"), 0, details={"n_tokens": 0, "n_correct": 0})
+    max_length = position_window(model, max_length)
     encoded = encode_pairs(tokenizer, [it.prompt for it in items], [it.text for it in items], max_length)
-    n_tokens = [len(ids) - start for ids, start, _ in encoded]
+    n_cut = sum(1 for *_, cut in encoded if cut)
+    if n_cut:
+        logger.warning(
+            "%d of %d items are longer than max_length=%d tokens: their prompts lose their start (the scores read "
+            "the answers after what is left).",
+            n_cut,
+            len(items),
+            max_length,
+        )
+    n_tokens = [len(ids) - start for ids, start, *_ in encoded]
     abstained = detect_ids(
         model,
         encode_prompts(tokenizer, [it.prompt for it in items], max_length),
@@ -98,6 +119,7 @@ def answer_token_accuracy(
             "n_tokens": total,
             "n_correct": sum(correct),
             "macro": sum(scored) / len(scored) if scored else float("nan"),
-            "n_truncated_tokens": sum(lost for _, _, lost in encoded),
+            "n_truncated_tokens": sum(lost for _, _, lost, _ in encoded),
+            "n_truncated_items": n_cut,
         },
     )
