@@ -159,6 +159,13 @@ BAD_INPUTS = [
     ([*FIT[:-4], "--data-dir", "{empty}", "--output", "{out}"], "no items"),
     (["fit", "--model", "{good}", *FIT[3:]], "is already an unlearned model"),
     ([*EVAL, "--formats", "pirate"], "Unknown prompt formats ['pirate']"),
+    ([*EVAL, "--formats", ""], "--formats '' names no format"),  # was a traceback after the model loaded
+    ([*EVAL, "--formats", " , "], "--formats ' , ' names no format"),
+    (
+        [*EVAL, "--limit", "3"],
+        "--limit: lm-eval options; add --harness lm-eval",
+    ),  # the native harness ignored it
+    ([*EVAL, "--num-fewshot", "0", "--tasks", "x"], "--tasks, --num-fewshot: lm-eval options"),
     ([*EVAL, "--skills", ","], "No skill names given"),
     ([*EVAL, "--n-eval", "-3"], "--n-eval: must be in [1, inf]"),
     ([*EVAL, "--output", "{tiny}"], "is a folder; give a file name"),

@@ -218,10 +218,11 @@ def check_format_names(requested: str | None) -> None:
     """Refuse unknown prompt format names (before any model is loaded)."""
     from ..evaluation.prompts import PROMPT_FORMATS
 
-    formats = split_names(requested or "qa")
+    formats = split_names(requested) if requested is not None else ["qa"]
     bad = [f for f in formats if f not in PROMPT_FORMATS]
     if bad or not formats:
-        raise UserError(f"Unknown prompt formats {bad}; choose from {', '.join(PROMPT_FORMATS)}.")
+        what = f"Unknown prompt formats {bad}" if bad else f"--formats {requested!r} names no format"
+        raise UserError(f"{what}; choose from {', '.join(PROMPT_FORMATS)}.")
 
 
 def formats_for(requested: str | None, tokenizer: Any, model: str) -> list[str]:

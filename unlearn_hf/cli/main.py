@@ -311,8 +311,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .harness import evaluate_lm_eval
 
         return evaluate_lm_eval(args, output)
-    if args.tasks is not None:
-        raise UserError("--tasks names lm-eval tasks; add --harness lm-eval.")
+    lm_eval_only = [
+        flag
+        for flag, value in (
+            ("--tasks", args.tasks),
+            ("--limit", args.limit),
+            ("--num-fewshot", args.num_fewshot),
+        )
+        if value is not None
+    ]
+    if lm_eval_only:  # the native harness would ignore them
+        raise UserError(f"{', '.join(lm_eval_only)}: lm-eval options; add --harness lm-eval.")
     skills = load_skills(split_names(args.skills), args.data_dir)
     model, tok = load_model(args.model, args.dtype)
     formats = formats_for(args.formats, tok, args.model)
