@@ -436,3 +436,20 @@ def test_calibration_prefers_the_wider_margin_among_layers_that_forget_alike():
         forget_tolerance=0.0,
     )
     assert cal.layers == [4]
+
+
+def test_forget_queries_cut_to_max_length_are_counted_in_a_warning(tok, caplog):
+    """Queries longer than ``max_length`` lost their start with no word (Neuron Adjust's fit says so; a review).
+    The count in the warning is every rendering longer than the window (brute force over the renderings)."""
+    questions = [
+        f"{q} " + "and then some more words " * (8 if i % 2 else 0) for i, q in enumerate(QUESTIONS[:6])
+    ]
+    config = KeySpaceDetectionConfig(layers=[2], alpha=1.0)
+    renderer = QueryRenderer(tok, system_prompt=config.system_prompt, templates=config.templates)
+    rows = [r for q in questions for r in renderer.render([q])[0]]
+    longer = sum(r.question_end + 1 > 40 for r in rows)
+    assert 0 < longer < len(rows)
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(layers=N_LAYERS))
+    with caplog.at_level("WARNING", logger="unlearn_hf.methods.key_space_detection.fit"):
+        unlearned.fit(config, questions, None, tok, max_length=40, show_progress=False)
+    assert f"{longer} of {len(rows)} rendered forget queries are longer than max_length=40" in caplog.text

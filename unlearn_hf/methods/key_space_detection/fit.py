@@ -233,7 +233,17 @@ def fit_key_space(
                 retain_groups += [f"{name}/{r.rendering}" for r in rows]
     candidates = fixed or (list(units) if calibrating and config.layers == AUTO else middle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [r.input_ids[: r.question_end + 1][-spec.max_length :] for r in fit_rows]
+    prompts = [r.input_ids[: r.question_end + 1] for r in fit_rows]
+    long = sum(len(p) > spec.max_length for p in prompts)
+    if long:  # the decision reads a question's last tokens: those are kept
+        logger.warning(
+            "%d of %d rendered forget queries are longer than max_length=%d tokens: only their end is read (pass "
+            "max_length=... to read more).",
+            long,
+            len(prompts),
+            spec.max_length,
+        )
+    prompts = [p[-spec.max_length :] for p in prompts]
     batches = [
         dict(zip(("input_ids", "attention_mask"), pad_left([prompts[i] for i in b], pad, spec.max_length)))
         for b in spec.plan([len(p) for p in prompts], input_device(model))
