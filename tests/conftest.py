@@ -5,6 +5,7 @@ Helpers live in modules of their own (``tiny_models``, ``helpers_*``), never her
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: Modules that run the real model for minutes: scheduled first, so that ``-n 2 --dist loadfile`` does not leave
+#: one of them for the end of the run, on one worker.
+SLOW_FIRST = (
+    "test_integration_na_sp.py",
+    "test_integration_ksd.py",
+    "test_integration_lm_eval.py",
+    "test_cli.py",
+)
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    # a stable sort: the order within a file is kept
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
