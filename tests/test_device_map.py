@@ -204,3 +204,20 @@ def test_the_fingerprint_reads_offloaded_weights(checkpoint, tmp_path, smol_toke
         empty = AutoModelForCausalLM.from_config(config)
     with pytest.raises(FingerprintMismatchError, match="no weight values could be compared"):
         UnlearnedModelForCausalLM.from_pretrained(saved, base_model=empty)
+
+
+@pytest.mark.parametrize("config", [NeuronAdjustConfig(ratio=0.2), KeySpaceDetectionConfig(alpha=1.0)])
+def test_a_model_whose_weights_were_never_loaded_is_refused_before_probing(config):
+    """A model built on the meta device (``init_empty_weights``) failed deep in the probe with "Tensor.item() cannot
+    be called on meta tensors"; it is refused up front, by name, and nothing is attached. Offloaded weights (meta
+    parameters under accelerate's hooks) still fit: the tests above."""
+    from tiny_models import tiny_tokenizer
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_llama(vocab_size=128).config)
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    with pytest.raises(ValueError, match=r"model.embed_tokens.weight is on the meta device"):
+        unlearned.fit(
+            config, ["x y z", "q r s", "t u v"], ["a b c", "d e f"], tiny_tokenizer(), show_progress=False
+        )
+    assert dict(unlearned.methods) == {}

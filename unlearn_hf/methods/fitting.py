@@ -19,6 +19,20 @@ def check_fit_inputs(model, tokenizer: Any) -> None:
     or with a ``tokenizer`` that does not fit its base model."""
     check_no_adapters(model, "fit unlearning methods on this model")
     check_tokenizer(model.get_base_model(), tokenizer)
+    check_weights_loaded(model.get_base_model())
+
+
+def check_weights_loaded(model) -> None:
+    """Refuse a model whose weights were never loaded (built on the ``meta`` device, e.g. under accelerate's
+    ``init_empty_weights``): its probe would fail deep inside a forward. Weights that accelerate offloads (meta
+    parameters under its hooks) are loaded at every forward and pass."""
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None and not any(hasattr(m, "_hf_hook") for m in model.modules()):
+        raise ValueError(
+            f"The model's weights are not loaded ({meta} is on the meta device: a model built under "
+            "init_empty_weights or torch.device('meta')): load them (from_pretrained, load_state_dict(..., "
+            "assign=True)) before fitting."
+        )
 
 
 def check_tokenizer(model, tokenizer: Any) -> None:
