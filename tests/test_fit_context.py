@@ -15,6 +15,7 @@ import json
 import logging
 
 import pytest
+import torch
 from tiny_models import tiny_llama, tiny_tokenizer
 
 from unlearn_hf import KeySpaceDetectionConfig, NeuronAdjustConfig, UnlearnedModelForCausalLM
@@ -179,3 +180,66 @@ def test_empty_or_blank_names_are_refused_by_fit_and_add_method(tok, name):
     with pytest.raises(ValueError, match="non-empty string"):
         model.add_method(name, na)
     assert list(model.methods) == ["na"]
+
+
+def test_only_methods_that_change_what_a_fit_read_count(tok, caplog):
+    """A review: a detection on layer 1 warned when Neuron Adjust was fitted on layer 3 after it, though nothing it
+    reads changed (its decisions were identical). The record keeps what changes the sites a fit probes
+    (``changed_sites`` / ``probe_sites``, as ``fit([...])`` shares passes)."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    model = new_model()
+    ksd = model.fit(
+        KeySpaceDetectionConfig(inputs="prompts", layers=[1], alpha=1.0),
+        FORGET,
+        None,
+        tok,
+        show_progress=False,
+    )
+    batch = tok(FORGET, return_tensors="pt", padding=True)
+    before = model.detect(**batch)
+    model.fit(
+        NeuronAdjustConfig(ratio=0.2, layers=[3], deterministic=True),
+        FORGET,
+        RETAIN,
+        tok,
+        name="late",
+        show_progress=False,
+    )
+    assert torch.equal(model.detect(**batch), before) and warnings_of(caplog) == []
+    model.fit(
+        NeuronAdjustConfig(ratio=0.2, layers=[0], deterministic=True), FORGET, RETAIN, tok, name="early"
+    )
+    # the detection and the later Neuron Adjust both read what the one on layer 0 changes
+    messages = warnings_of(caplog)
+    assert sorted(m.split()[1] for m in messages) == ["'key_space_detection'", "'late'"], messages
+    assert all("['early']" in m for m in messages)
+    assert ksd.fitted_with == ()
+
+
+def test_the_same_statistics_attached_twice_count_twice(tok, caplog):
+    """A review: the record was compared as a set, so a second attachment of the same Neuron Adjust (or of an equal
+    one) under another name went unnoticed while the detection fitted on one of them missed forget prompts."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    model = new_model()
+    na = fit_na(model, tok)
+    fit_ksd(model, tok)
+    model.add_method("na_again", na)
+    messages = warnings_of(caplog)
+    assert any("'math'" in m and "['na_again'] are attached" in m for m in messages), messages
+
+
+def test_lm_evals_deterministic_switch_keeps_the_records_and_stays_quiet(tok, caplog):
+    """A review: the switch rebuilt each random-mode Neuron Adjust without its record, which warned about a stack
+    fitted in order and dropped the record from the user's model (and from its next save)."""
+    from unlearn_hf.integrations.lm_eval.model import use_deterministic_neuron_adjust
+
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    model = new_model()
+    fit_na(model, tok, name="na1")
+    model.fit(NeuronAdjustConfig(ratio=0.2, seed=4), FORGET, RETAIN, tok, name="na2", show_progress=False)
+    fit_ksd(model, tok)
+    records = {n: m.fitted_with for n, m in model.methods.items()}
+    assert use_deterministic_neuron_adjust(model) == ["na2"]
+    assert model.methods["na2"].config.deterministic
+    assert {n: m.fitted_with for n, m in model.methods.items()} == records
+    assert warnings_of(caplog) == []

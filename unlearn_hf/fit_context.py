@@ -8,7 +8,10 @@ answered, with nothing to say so. So every fit records the methods that changed 
 (:attr:`UnlearningMethod.fitted_with`: the digests of their fitted tensors, saved with the method), and the model
 checks that record against the methods attached (switched off or not: ``disable_unlearning`` is for a block of
 calls) after every change of its methods (attach, remove, fit, load) and logs a warning, once per situation,
-naming the method to refit. Methods fitted on top of a method (their own record names it) are expected to run with
+naming the method to refit. Only methods that change an activation the fit read count (a method changes the
+activations from its first changed site on, a fit reads up to the last site it probes: ``changed_sites`` and
+``probe_sites``, as :mod:`unlearn_hf.methods.fit_many` shares passes), each attachment once (the same statistics
+attached twice run twice). Methods fitted on top of a method (their own record names it) are expected to run with
 it: stacking Neuron Adjust on Neuron Adjust, then a detection on both, warns nowhere.
 
 A digest covers a method's type and fitted tensors, not its config: the same statistics under another seed or in
@@ -20,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from .context import disabled_for
+from .probe import SITE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +48,42 @@ def method_digest(method: Any) -> str:
     return digest
 
 
-def active_changers(model: Any, excluding: Any = None, *, in_context: bool = False) -> dict[str, str]:
-    """``{digest: name}`` of the attached methods of ``model`` that change activations (not abstaining ones),
-    ``excluding`` one method object; ``in_context``: only those running here (not switched off by
-    ``disable_unlearning``)."""
+def site_positions(sites: dict[str, list[int]] | None, n_layers: int) -> list[int]:
+    """Positions of sites in forward order: ``2 * layer`` for the pre-activation, ``2 * layer + 1`` for the key;
+    ``None`` (unknown) is every site."""
+    if sites is None:
+        return list(range(2 * n_layers))
+    return [2 * i + SITE_KINDS.index(kind) for kind, layers in sites.items() for i in layers]
+
+
+def _affects(changer: Any, method: Any, n_layers: int) -> bool:
+    """Whether ``changer`` changes an activation ``method``'s fit read: its first changed site comes before the last
+    site ``method`` probes (a method that names no sites reads them all)."""
+    changed = site_positions(type(changer).changed_sites(changer.config, n_layers), n_layers)
+    read = site_positions(type(method).probe_sites(method.config, n_layers) or None, n_layers)
+    return bool(changed) and min(changed) <= max(read, default=2 * n_layers - 1)
+
+
+def changers(
+    model: Any, method: Any, *, name: str | None = None, in_context: bool = False
+) -> list[tuple[str, str]]:
+    """``(digest, name)`` of the methods attached to ``model`` that change activations ``method`` reads (not
+    abstaining ones), other than ``method`` attached as ``name``; ``in_context``: only those running here (not
+    switched off by ``disable_unlearning``). A method attached twice is there twice."""
     disabled = disabled_for(model) if in_context else frozenset()
     if disabled is None:
-        return {}
-    return {
-        method_digest(m): n
+        return []
+    n_layers = len(model.ffl_sites)
+    return [
+        (method_digest(m), n)
         for n, m in model.methods.items()
-        if not m.abstains and n not in disabled and m is not excluding
-    }
+        if not m.abstains and n not in disabled and n != name and _affects(m, method, n_layers)
+    ]
 
 
 def record_fit_context(model: Any, method: Any) -> None:
     """Record on a just-fitted ``method`` the activation-changing methods ``model`` ran with while it probed."""
-    method.fitted_with = tuple(sorted(active_changers(model, excluding=method, in_context=True)))
+    method.fitted_with = tuple(sorted(d for d, _ in changers(model, method, in_context=True)))
 
 
 @contextlib.contextmanager
@@ -84,19 +108,20 @@ def check_fit_context(model: Any) -> None:
         if recorded is None:
             continue
         mine = method_digest(method)
-        now = {  # a method fitted on top of this one (its record names this one) is expected to run with it
-            d: n
-            for d, n in active_changers(model, excluding=method).items()
+        now = [  # a method fitted on top of this one (its record names this one) is expected to run with it
+            (d, n)
+            for d, n in changers(model, method, name=name)
             if mine not in (model.methods[n].fitted_with or ())
-        }
-        if set(recorded) == set(now):
+        ]
+        extra = Counter(d for d, _ in now) - Counter(recorded)
+        gone = sum((Counter(recorded) - Counter(d for d, _ in now)).values())
+        if not extra and not gone:
             continue
         key = (name, recorded, tuple(sorted(now)))
         if key in model._unlearn_context_warned:
             continue
         model._unlearn_context_warned.add(key)
-        added = sorted(now[d] for d in set(now) - set(recorded))
-        gone = len(set(recorded) - set(now))
+        added = sorted(n for d, k in extra.items() for n in [n for dd, n in now if dd == d][-k:])
         what = []
         if gone:
             what.append(f"{gone} method(s) it was fitted after are no longer attached (removed or refitted)")

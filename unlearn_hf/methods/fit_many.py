@@ -27,8 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..data import DataSpec
-from ..fit_context import record_fit_context
-from ..probe import SITE_KINDS
+from ..fit_context import record_fit_context, site_positions
 from ..probe_share import shared_passes
 from .base import UnlearningMethod
 from .config import MethodConfig
@@ -36,25 +35,19 @@ from .config import MethodConfig
 logger = logging.getLogger(__name__)
 
 
-def _positions(sites: dict[str, list[int]] | None, n_layers: int) -> list[int]:
-    """Positions of sites in forward order: ``2 * layer`` for the pre-activation, ``2 * layer + 1`` for the key;
-    ``None`` (unknown) is every site."""
-    if sites is None:
-        return list(range(2 * n_layers))
-    return [2 * i + SITE_KINDS.index(kind) for kind, layers in sites.items() for i in layers]
-
-
 def share_groups(classes: Sequence[type], configs: Sequence[MethodConfig], n_layers: int) -> list[list[int]]:
     """Consecutive groups of config indices in which every probe reads only sites that the configs before it in
     the group do not change, so that one pass can serve the whole group."""
     groups: list[list[int]] = []
     for j, (cls, config) in enumerate(zip(classes, configs)):
-        reads = _positions(cls.probe_sites(config, n_layers), n_layers)
+        reads = site_positions(cls.probe_sites(config, n_layers), n_layers)
         last_read = max(reads, default=-1)
         if groups:
             group = groups[-1]
             changed = [
-                p for i in group for p in _positions(classes[i].changed_sites(configs[i], n_layers), n_layers)
+                p
+                for i in group
+                for p in site_positions(classes[i].changed_sites(configs[i], n_layers), n_layers)
             ]
             if last_read < min(changed, default=2 * n_layers):
                 group.append(j)

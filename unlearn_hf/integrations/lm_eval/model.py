@@ -277,10 +277,7 @@ def use_deterministic_neuron_adjust(model: Any) -> list[str]:
     random = [n for n, m in methods.items() if isinstance(m, NeuronAdjust) and not m.config.deterministic]
     if not random:
         return []
-    swapped = {
-        n: type(m)(dataclasses.replace(m.config, deterministic=True), m.state) if n in random else m
-        for n, m in methods.items()
-    }
+    swapped = {n: _deterministic(m) if n in random else m for n, m in methods.items()}
     with checks_paused(model):
         model.remove_all_methods()
         try:
@@ -292,3 +289,10 @@ def use_deterministic_neuron_adjust(model: Any) -> list[str]:
                 model.add_method(name, method)
             raise
     return random
+
+
+def _deterministic(method: Any) -> Any:
+    """The same Neuron Adjust (statistics and fit record) in deterministic mode."""
+    new = type(method)(dataclasses.replace(method.config, deterministic=True), method.state)
+    new.fitted_with = method.fitted_with
+    return new
