@@ -412,6 +412,11 @@ def test_push_uploads_the_folder_as_it_was_saved(folders, smol_tokenizer, tmp_pa
         )
         assert "model.safetensors" in HfApi().list_repo_files("user/light")
         capsys.readouterr()
+        head = hub.head("user/full")  # public: --private would publish (a review found this a traceback)
+        assert main(["push", "--model", str(full), "--repo-id", "user/full", "--private", "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "exists and is public" in err and len(err.splitlines()) == 1, err
+        assert hub.head("user/full") == head
         with hub_env("http://127.0.0.1:9", tmp_path / "cache2", token=TOKEN):  # no Hub listening there
             assert main(["push", "--model", str(full), "--repo-id", "user/x", "-q"]) == 2
         err = capsys.readouterr().err.strip()

@@ -120,7 +120,12 @@ def cmd_push(args: argparse.Namespace) -> int:
             **card,
         )
     except Exception as err:  # the Hub's answer (401, 404...) or no network: the user's to fix, one line
-        if isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("httpx", "httpx2", "requests"):
+        # ValueError: push_unlearned's refusals (private=True on a public repo, a local base, card values)
+        if isinstance(err, (OSError, ValueError)) or type(err).__module__.split(".")[0] in (
+            "httpx",
+            "httpx2",
+            "requests",
+        ):
             raise UserError(f"Cannot push to {args.repo_id!r}: {_one_line(err)}") from err
         raise
     print(f"pushed to {url}")
