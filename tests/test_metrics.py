@@ -243,6 +243,9 @@ def test_a_model_with_learned_positions_is_scored_within_its_table_and_cut_items
     assert result.per_item == window.per_item and result.score == window.score
     mc = mmlu_accuracy(gpt, tokenizer, MC, shots=1, max_length=2048)
     assert mc.per_item == mmlu_accuracy(gpt, tokenizer, MC, shots=1, max_length=n_positions).per_item
+    letters = max(len(tokenizer(" " + x, add_special_tokens=False)["input_ids"]) for x in "ABCD")
+    zero_shot = [len(tokenizer(mmlu_prompt(it, 0))["input_ids"]) for it in MC]
+    assert mc.details["n_truncated_items"] == sum(n > n_positions - letters for n in zero_shot) > 0
     texts = generate_completions(gpt, tokenizer, EVAL_ITEMS[:4], max_new_tokens=6, max_length=512)
     assert texts == generate_completions(gpt, tokenizer, EVAL_ITEMS[:4], max_new_tokens=6, max_length=18)
 

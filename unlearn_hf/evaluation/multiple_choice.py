@@ -67,7 +67,8 @@ def mmlu_accuracy(
 
     Returns:
         :class:`MetricResult` with per-item 0/1 scores; ``details["predictions"]`` holds the chosen indices
-        (-1 for abstained items) and ``details["mean_shots"]`` the shots actually used.
+        (-1 for abstained items), ``details["mean_shots"]`` the shots actually used and
+        ``details["n_truncated_items"]`` the items that lost their start even so.
     """
     items = list(items)
     pad_id, side = pad_token_id(tokenizer), resolve_padding_side(tokenizer, padding_side)
@@ -96,7 +97,7 @@ def mmlu_accuracy(
     single = all(len(t) == 1 for t in letter_ids) and len({t[0] for t in letter_ids}) == len(letter_ids)
     contexts: dict[int, list[int]] = {}
     used_shots: list[int] = []
-    n_cut = 0  # items longer than max_length even without shots: they lose their start
+    n_cut = 0  # items still longer than max_length with the shots they keep: they lose their start
     for i, it in enumerate(items):
         if abstained[i]:
             continue
@@ -105,12 +106,13 @@ def mmlu_accuracy(
         while len(ids) + 1 > max_length and k > 0:
             k -= 1
             ids = encode(mmlu_prompt(it, k))
-        n_cut += len(ids) + max(len(t) for t in letter_ids) > max_length
-        contexts[i] = ids[-(max_length - max(len(t) for t in letter_ids)) :]
+        room = max_length - max(len(t) for t in letter_ids)
+        n_cut += len(ids) > room
+        contexts[i] = ids[-room:]
         used_shots.append(k)
     if n_cut:
         logger.warning(
-            "%d of %d MMLU items are longer than max_length=%d tokens without shots: they lose their start.",
+            "%d of %d MMLU items are longer than max_length=%d tokens after dropping shots: they lose their start.",
             n_cut,
             len(items),
             max_length,
@@ -162,6 +164,7 @@ def mmlu_accuracy(
             "predictions": predictions,
             "shots": shots,
             "mean_shots": sum(used_shots) / len(used_shots) if used_shots else float("nan"),
+            "n_truncated_items": n_cut,
         },
     )
 
