@@ -322,6 +322,12 @@ def test_cli_evaluate_with_lm_eval_writes_both_reports(saved, tasks, tmp_path, c
         (["--tasks", "no_such_lm_eval_task"], "cannot load the tasks"),
         (["--tasks", "TASK", "--num-fewshot", "50"], "more few-shot documents"),
         (["--tasks", "TASK", "--num-fewshot", "-1"], "--num-fewshot"),
+        # the native harness's options were silently ignored (a review)
+        (
+            ["--tasks", "TASK", "--skills", "gsm8k", "--n-eval", "3"],
+            "--skills, --n-eval: options of the native",
+        ),
+        (["--tasks", "TASK", "--data-dir", "."], "--data-dir: options of the native harness"),
     ],
 )
 def test_cli_lm_eval_user_errors_are_one_line(saved, tasks, extra, message, capsys):

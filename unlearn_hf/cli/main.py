@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--model", default="smollm2", help="'smollm2', a saved unlearned folder, a model folder or Hub id"
     )
-    ev.add_argument("--skills", default="gsm8k,mbpp,mmlu", help="comma-separated skill names")
+    ev.add_argument("--skills", default=None, help="comma-separated skill names (default: gsm8k,mbpp,mmlu)")
     ev.add_argument(
         "--formats",
         default=None,
@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", default=None, help="lm-eval: comma-separated task names or YAML paths")
     ev.add_argument("--limit", type=POSITIVE_INT, default=None, help="lm-eval: documents per task")
     ev.add_argument("--num-fewshot", type=number(int, 0), default=None, help="lm-eval: few-shot examples")
-    ev.add_argument("--n-eval", type=POSITIVE_INT, default=50, help="held-out items per skill")
+    ev.add_argument(
+        "--n-eval", type=POSITIVE_INT, default=None, help="held-out items per skill (default: 50)"
+    )
     ev.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     ev.add_argument("--output", default=None, help="write the results JSON here")
     add_data(ev)
@@ -307,21 +309,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     output = output_file(args.output)
     check_format_names(args.formats)
-    if args.harness == "lm-eval":
+    lm_eval = args.harness == "lm-eval"
+    # options of the other harness would be ignored: refused
+    other = (
+        {"--skills": args.skills, "--n-eval": args.n_eval, "--data-dir": args.data_dir}
+        if lm_eval
+        else {
+            "--tasks": args.tasks,
+            "--limit": args.limit,
+            "--num-fewshot": args.num_fewshot,
+        }
+    )
+    given = [flag for flag, value in other.items() if value is not None]
+    if given:
+        raise UserError(
+            f"{', '.join(given)}: "
+            + (
+                "options of the native harness; lm-eval reads --tasks"
+                if lm_eval
+                else "lm-eval options; add --harness lm-eval."
+            )
+        )
+    if lm_eval:
         from .harness import evaluate_lm_eval
 
         return evaluate_lm_eval(args, output)
-    lm_eval_only = [
-        flag
-        for flag, value in (
-            ("--tasks", args.tasks),
-            ("--limit", args.limit),
-            ("--num-fewshot", args.num_fewshot),
-        )
-        if value is not None
-    ]
-    if lm_eval_only:  # the native harness would ignore them
-        raise UserError(f"{', '.join(lm_eval_only)}: lm-eval options; add --harness lm-eval.")
+    args.skills = args.skills or "gsm8k,mbpp,mmlu"
+    args.n_eval = args.n_eval or 50
     skills = load_skills(split_names(args.skills), args.data_dir)
     model, tok = load_model(args.model, args.dtype)
     formats = formats_for(args.formats, tok, args.model)
