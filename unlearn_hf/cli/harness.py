@@ -9,6 +9,23 @@ from pathlib import Path
 from .common import UserError, formats_for, load_model, split_names
 
 
+def check_harness_options(args: argparse.Namespace, lm_eval: bool) -> None:
+    """Refuse the options of the other harness (``evaluate`` would ignore them)."""
+    other = (
+        {"--skills": args.skills, "--n-eval": args.n_eval, "--data-dir": args.data_dir}
+        if lm_eval
+        else {"--tasks": args.tasks, "--limit": args.limit, "--num-fewshot": args.num_fewshot}
+    )
+    given = [flag for flag, value in other.items() if value is not None]
+    if given:
+        what = (
+            "options of the native harness; lm-eval reads --tasks"
+            if lm_eval
+            else "lm-eval options; add --harness lm-eval."
+        )
+        raise UserError(f"{', '.join(given)}: {what}")
+
+
 def evaluate_lm_eval(args: argparse.Namespace, output: Path | None) -> int:
     """Run lm-eval's tasks on ``args.model`` once per format; print our table, write our report to ``output`` and
     lm-eval's own results beside it (``<output>.lm_eval.json``)."""

@@ -306,33 +306,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation import build_report, markdown_table, write_json
     from ..evaluation.runner import evaluate_skills
+    from .harness import check_harness_options, evaluate_lm_eval
 
     output = output_file(args.output)
     check_format_names(args.formats)
     lm_eval = args.harness == "lm-eval"
-    # options of the other harness would be ignored: refused
-    other = (
-        {"--skills": args.skills, "--n-eval": args.n_eval, "--data-dir": args.data_dir}
-        if lm_eval
-        else {
-            "--tasks": args.tasks,
-            "--limit": args.limit,
-            "--num-fewshot": args.num_fewshot,
-        }
-    )
-    given = [flag for flag, value in other.items() if value is not None]
-    if given:
-        raise UserError(
-            f"{', '.join(given)}: "
-            + (
-                "options of the native harness; lm-eval reads --tasks"
-                if lm_eval
-                else "lm-eval options; add --harness lm-eval."
-            )
-        )
+    check_harness_options(args, lm_eval)
     if lm_eval:
-        from .harness import evaluate_lm_eval
-
         return evaluate_lm_eval(args, output)
     args.skills = args.skills or "gsm8k,mbpp,mmlu"
     args.n_eval = args.n_eval or 50
