@@ -241,3 +241,23 @@ def test_tokenized_batches_keep_their_other_columns_and_refuse_model_inputs(smol
     ):
         with pytest.raises(ValueError, match=rf"has \['{key}'\], model inputs that a fit does not pass"):
             list(iter_token_batches([{**enc, key: value}], smol_tokenizer)[1])
+
+
+@pytest.mark.parametrize("method", ["neuron_adjust", "selective_pruning", "key_space_detection"])
+def test_an_error_in_the_data_names_the_data_set_it_is_in(unlearned, smol_tokenizer, method):
+    """Forget and retain are read alike, so "Example 2 is a NoneType" or "Query 2 is an empty question" did not say
+    which of the two sets to look in (a review). The message now starts with the set: forget, retain, or the named
+    retain set of a detection."""
+    good = [f"What is {a} + {b}?" for a in range(4) for b in range(3)]
+    bad = ["The cat sat.", "Paris is in France.", None]
+    if method == "key_space_detection":  # calibrated (the default): the retain questions are read
+        config, where = KeySpaceDetectionConfig(), "retain \\(code\\)"
+        bad[2] = " "
+        calls = [(good, {"code": bad}, where), (bad, None, "forget")]
+    else:
+        config = (NeuronAdjustConfig if method == "neuron_adjust" else SelectivePruningConfig)(ratio=0.1)
+        calls = [(good, bad, "retain"), (bad, good, "forget")]
+    for forget, retain, where in calls:
+        with pytest.raises((ValueError, TypeError), match=f"^The {where} data: "):
+            unlearned.fit(config, forget, retain, smol_tokenizer, show_progress=False)
+        assert not unlearned.methods

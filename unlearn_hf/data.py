@@ -17,8 +17,7 @@ batches are read as given.
 Sharding (data-parallel probing, see :mod:`unlearn_hf.distributed`): with ``shard=(rank, world_size)``,
 :func:`iter_token_batches` yields only this process's share. The data is cut into the same batches as without
 sharding and batch ``i`` goes to rank ``i % world_size``, so every example is probed exactly once, in exactly
-the batch it would have been in on one process (tokenized batches: batch ``i`` of the iterable). A rank may
-get no batch at all.
+the batch it would have been in on one process (tokenized batches: batch ``i`` of the iterable); a rank may get none.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from .batch_plan import default_batch_tokens, plan_batches
+from .data_errors import DataError, DataTypeError
 from .model_inputs import last_token_mask
 from .sharding import ShardBatches, check_shard, fingerprint_rows, owns_batch, shard_batch_indices
 from .tokenizing import TextTokenizer
@@ -120,7 +120,7 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
     if columns is not None:  # datasets.Dataset (or anything column-addressable)
         missing = [c for c in needed if c not in columns]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"Column(s) {missing} not found in the data set; available columns: {columns}."
                 + (f" Token mode {mode!r} needs prompt_column and completion_column." if wants_pairs else "")
             )
@@ -133,7 +133,7 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
     for i, item in enumerate(data):
         if isinstance(item, str):
             if wants_pairs:
-                raise ValueError(
+                raise DataError(
                     f"Token mode {mode!r} needs prompt + completion pairs (dicts or a Dataset with prompt_column "
                     "and completion_column), got plain strings."
                 )
@@ -141,12 +141,14 @@ def _records(data: Any, spec: DataSpec, mode: str) -> list[tuple[str, str | None
         elif isinstance(item, Mapping):
             missing = [k for k in needed if k not in item]
             if missing:
-                raise ValueError(f"Example {i} has no key(s) {missing}; available keys: {sorted(item)}.")
+                raise DataError(f"Example {i} has no key(s) {missing}; available keys: {sorted(item)}.")
             records.append((item[needed[0]], item[needed[1]] if len(needed) == 2 else None))
         elif isinstance(item, Sequence) and len(item) == 2 and all(isinstance(s, str) for s in item):
             records.append((item[0], item[1]) if mode != "last" else (item[0], None))
         else:
-            raise TypeError(f"Example {i} is a {type(item).__name__}; expected a string, a dict or a pair.")
+            raise DataTypeError(
+                f"Example {i} is a {type(item).__name__}; expected a string, a dict or a pair."
+            )
     return _check_text(records, wants_pairs)
 
 
@@ -155,7 +157,7 @@ def _check_text(records: list[tuple[Any, Any]], pairs: bool) -> list[tuple[str, 
     for i, (a, b) in enumerate(records):
         for value in (a, b) if pairs or b is not None else (a,):
             if not isinstance(value, str):
-                raise TypeError(f"Example {i} does not hold text (got {type(value).__name__}).")
+                raise DataTypeError(f"Example {i} does not hold text (got {type(value).__name__}).")
     return records
 
 
@@ -208,7 +210,7 @@ def iter_token_batches(
         raise ValueError(f"Unknown token mode {mode!r}; choose one of {TOKEN_MODES}.")
     rank, world_size = check_shard(shard) if shard is not None else (0, 1)
     if isinstance(data, str):
-        raise TypeError("Pass a list of strings, not a single string.")
+        raise DataTypeError("Pass a list of strings, not a single string.")
     if isinstance(data, Mapping) and _is_tokenized_batch(data):
         data = [data]
     _refuse_containers(data)
@@ -218,7 +220,7 @@ def iter_token_batches(
             indexed = ((i, b) for i, b in indexed if owns_batch(i, rank, world_size))
         return None, _tokenized_iter(indexed, mode, allow_empty=shard is not None)
     if len(data) == 0:
-        raise ValueError("The data set is empty: at least one example is needed.")
+        raise DataError("The data set is empty: at least one example is needed.")
     if _columns_of(data) is None and _is_tokenized_batch(data[0]):
         mine = shard_batch_indices(len(data), rank, world_size)
         n = sum(int(data[i]["input_ids"].shape[0]) for i in mine)
@@ -232,7 +234,7 @@ def iter_token_batches(
     rows = _encode_rows(records, tok, spec.max_length)
     empty = [i for i, (ids, _) in enumerate(rows) if not ids]
     if empty:  # refused whatever the batching (a batch of empty rows alone would have no tokens at all)
-        raise ValueError(
+        raise DataError(
             f"{len(empty)} of {len(rows)} examples tokenize to no tokens at all (empty strings?), e.g. example(s) "
             f"{empty[:5]}: remove them."
         )
@@ -249,11 +251,11 @@ def _refuse_containers(data: Any) -> None:
     """Refuse, in words, the ``datasets`` containers that are not one data set: a ``DatasetDict`` (several splits)
     and a streaming ``IterableDataset`` (no length: the fit sorts examples by length and plans batches)."""
     if isinstance(data, Mapping) and data and all(_columns_of(v) is not None for v in data.values()):
-        raise ValueError(
+        raise DataError(
             f"The data is a {type(data).__name__} of splits {list(data)}: pass one split, e.g. data[{next(iter(data))!r}]."
         )
     if (_columns_of(data) is not None or hasattr(data, "take")) and not hasattr(data, "__len__"):
-        raise ValueError(
+        raise DataError(
             f"A streaming {type(data).__name__} has no length, and a fit sorts its examples by length: pass a "
             "datasets.Dataset or a list (e.g. datasets.Dataset.from_list(list(data.take(n))))."
         )
@@ -281,14 +283,14 @@ def _tokenized_iter(
     seen, warned = allow_empty, False
     for i, b in batches:
         if not _is_tokenized_batch(b):
-            raise TypeError(
+            raise DataTypeError(
                 f"Batch {i} is not a mapping with an 'input_ids' tensor. Data that is not a list, tuple or Dataset "
                 "is read as tokenized batches; pass texts as a list of strings or dicts, or a datasets.Dataset "
                 "(a dict of lists: datasets.Dataset.from_dict(...); tokenizer output: return_tensors='pt')."
             )
         unread = sorted(k for k in b if _changes_the_forward(k, b[k]))
         if unread:
-            raise ValueError(
+            raise DataError(
                 f"Batch {i} has {unread}, model inputs that a fit does not pass to the model (it reads input_ids and "
                 "attention_mask, and select_mask where given): statistics without them would describe other "
                 "activations. Fit on text-only batches; image and other model inputs are not supported in fitting."
@@ -305,9 +307,7 @@ def _tokenized_iter(
             )
         mask = torch.ones_like(ids) if mask is None else mask
         if mask.shape != ids.shape:
-            raise ValueError(
-                f"Batch {i}: attention_mask {tuple(mask.shape)} != input_ids {tuple(ids.shape)}."
-            )
+            raise DataError(f"Batch {i}: attention_mask {tuple(mask.shape)} != input_ids {tuple(ids.shape)}.")
         if mode == "last":
             select = last_token_mask(mask)
         elif "select_mask" in b:
@@ -315,11 +315,11 @@ def _tokenized_iter(
         elif mode == "all":
             select = mask.bool()
         else:
-            raise ValueError(f"Token mode {mode!r} on tokenized batches needs a 'select_mask' in each batch.")
+            raise DataError(f"Token mode {mode!r} on tokenized batches needs a 'select_mask' in each batch.")
         seen = True
         yield TokenBatch(ids, mask, select)
     if not seen:
-        raise ValueError("The data set is empty: the iterable yielded no batches.")
+        raise DataError("The data set is empty: the iterable yielded no batches.")
 
 
 def _encode(tok: TextTokenizer, prompt: str, completion: str | None) -> tuple[list[int], int]:

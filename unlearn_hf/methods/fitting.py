@@ -8,6 +8,7 @@ from typing import Any
 
 from ..adapters import check_no_adapters
 from ..data import DataSpec, _columns_of, _is_tokenized_batch
+from ..data_errors import DataError, DataTypeError
 from ..probe import architecture_id, probe
 from ..sites import FFLSite
 from ..stats import DEFAULT_STATISTICS, SiteStatistics, check_finite
@@ -122,20 +123,23 @@ def probe_or_check(
         )
         check_finite(data, f"The probe behind the precomputed {role} statistics")
         return data
-    return probe(
-        model,
-        data,
-        tokenizer,
-        site=site,
-        mode=mode,
-        layers=layers,
-        sites=sites,
-        spec=spec,
-        statistics=statistics,
-        show_progress=show_progress,
-        desc=f"probing {role}",
-        experts_own_forward=experts_own_forward,
-    )
+    try:
+        return probe(
+            model,
+            data,
+            tokenizer,
+            site=site,
+            mode=mode,
+            layers=layers,
+            sites=sites,
+            spec=spec,
+            statistics=statistics,
+            show_progress=show_progress,
+            desc=f"probing {role}",
+            experts_own_forward=experts_own_forward,
+        )
+    except (DataError, DataTypeError) as err:  # which of the two data sets: forget and retain read alike
+        raise type(err)(f"The {role} data: {err}") from err
 
 
 def probe_forget_and_retain(

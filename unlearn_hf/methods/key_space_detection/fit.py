@@ -21,7 +21,7 @@ from .config import AUTO, MAX_WINDOW, KeySpaceDetectionConfig
 from .distances import pad_left, trailing_distances
 from .hypercube import hypercube_radius
 from .key_units import key_units, unit_of, unit_readers, units_cut_by_generate
-from .rendering import QueryRenderer
+from .rendering import QueryRenderer, RenderedQuery
 
 #: What the probe keeps of the query keys besides their extremes (the hypercube's centre, scale and radius).
 STATISTICS = ("moments",)
@@ -71,6 +71,14 @@ def read_queries(data: Any, spec: DataSpec, role: str) -> list[Any]:
         )
         raise ValueError(f"The {role} data is empty: {need}.")
     return out
+
+
+def _render(renderer: QueryRenderer, queries: list[Any], role: str) -> list[list[RenderedQuery]]:
+    """``renderer.render(queries)``, its errors ("Query 3: ...") naming the data set they are about."""
+    try:
+        return renderer.render(queries)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"The {role} data: {err}") from err
 
 
 def _is_token_batches(data: Any) -> bool:
@@ -209,7 +217,7 @@ def fit_key_space(
         if calibrating
         else (range(len(queries)), [])
     )
-    rendered = renderer.render(queries)  # every query at once: an error names its index in the forget data
+    rendered = _render(renderer, queries, "forget")  # every query at once: an error names its index
     fit_rows = [r for i in fit_idx for r in rendered[i]]
     retain_rows, retain_groups, groups = [], [], {}
     if calibrating:  # read and rendered before any forward: bad retain data fails at once
@@ -228,7 +236,7 @@ def fit_key_space(
                 "calibration)."
             )
         for name, data in groups.items():
-            for rows in renderer.render(read_queries(data, spec, f"retain ({name})")):
+            for rows in _render(renderer, read_queries(data, spec, f"retain ({name})"), f"retain ({name})"):
                 retain_rows += rows
                 retain_groups += [f"{name}/{r.rendering}" for r in rows]
     candidates = fixed or (list(units) if calibrating and config.layers == AUTO else middle)
