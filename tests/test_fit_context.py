@@ -209,10 +209,10 @@ def test_only_methods_that_change_what_a_fit_read_count(tok, caplog):
     model.fit(
         NeuronAdjustConfig(ratio=0.2, layers=[0], deterministic=True), FORGET, RETAIN, tok, name="early"
     )
-    # the detection and the later Neuron Adjust both read what the one on layer 0 changes
-    messages = warnings_of(caplog)
-    assert sorted(m.split()[1] for m in messages) == ["'key_space_detection'", "'late'"], messages
-    assert all("['early']" in m for m in messages)
+    # the detection reads what the one on layer 0 changes; the Neuron Adjust on layer 3 too, but methods that change
+    # activations stack (in any order of layers: a review found the order of layers decided it)
+    (message,) = warnings_of(caplog)
+    assert "'key_space_detection'" in message and "['early']" in message
     assert ksd.fitted_with == ()
 
 

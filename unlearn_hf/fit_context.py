@@ -11,8 +11,12 @@ calls) after every change of its methods (attach, remove, fit, load) and logs a 
 naming the method to refit. Only methods that change an activation the fit read count (a method changes the
 activations from its first changed site on, a fit reads up to the last site it probes: ``changed_sites`` and
 ``probe_sites``, as :mod:`unlearn_hf.methods.fit_many` shares passes), each attachment once (the same statistics
-attached twice run twice). Methods fitted on top of a method (their own record names it) are expected to run with
-it: stacking Neuron Adjust on Neuron Adjust, then a detection on both, warns nowhere.
+attached twice run twice).
+
+What warns: a method it was fitted after is gone (removed, refitted), for every method; and, for a detection,
+also a method that changes what it reads and was not there when it was fitted (fitted after it, attached around
+it). Methods that change activations stack: Neuron Adjust fitted after Neuron Adjust is expected to change what
+the first one reads, so stacking them in any order of layers, then a detection on top, warns nowhere.
 
 A digest covers a method's type and fitted tensors, not its config: the same statistics under another seed or in
 deterministic mode are the same method here.
@@ -99,21 +103,18 @@ def checks_paused(model: Any) -> Iterator[None]:
 
 
 def check_fit_context(model: Any) -> None:
-    """Warn (once per situation) for every attached method whose fit saw other activation-changing methods than
-    the ones attached now. Methods without a record (loaded from an older save) are not checked."""
+    """Warn (once per situation) for every attached method a method it was fitted after is gone from, and for every
+    detection that also meets methods it was not fitted with (see the module docstring). Methods without a record
+    (loaded from an older save) are not checked."""
     if model._unlearn_checks_paused:
         return
     for name, method in model.methods.items():
         recorded = getattr(method, "fitted_with", None)
         if recorded is None:
             continue
-        mine = method_digest(method)
-        now = [  # a method fitted on top of this one (its record names this one) is expected to run with it
-            (d, n)
-            for d, n in changers(model, method, name=name)
-            if mine not in (model.methods[n].fitted_with or ())
-        ]
-        extra = Counter(d for d, _ in now) - Counter(recorded)
+        now = changers(model, method, name=name)
+        # methods stack: one that changes activations is expected to run under later ones (not a detection)
+        extra = Counter(d for d, _ in now) - Counter(recorded) if method.abstains else Counter()
         gone = sum((Counter(recorded) - Counter(d for d, _ in now)).values())
         if not extra and not gone:
             continue
