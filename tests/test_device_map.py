@@ -221,3 +221,10 @@ def test_a_model_whose_weights_were_never_loaded_is_refused_before_probing(confi
             config, ["x y z", "q r s", "t u v"], ["a b c", "d e f"], tiny_tokenizer(), show_progress=False
         )
     assert dict(unlearned.methods) == {}
+    # the weights assigned, the rotary table (a buffer no state dict holds) left on meta: named too (a review)
+    model.load_state_dict(tiny_llama(vocab_size=128).state_dict(), assign=True)
+    with pytest.raises(ValueError, match=r"rotary_emb.inv_freq is on the meta device"):
+        unlearned.fit(
+            config, ["x y z", "q r s", "t u v"], ["a b c", "d e f"], tiny_tokenizer(), show_progress=False
+        )
+    assert dict(unlearned.methods) == {}

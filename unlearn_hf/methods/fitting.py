@@ -3,11 +3,13 @@ statistics in its place."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..adapters import check_no_adapters
-from ..data import DataSpec, _columns_of, _is_tokenized_batch
+from ..data import DataSpec, _columns_of, _is_tokenized_batch, _records, _refuse_containers
 from ..data_errors import DataError, DataTypeError
 from ..probe import architecture_id, probe
 from ..sites import FFLSite
@@ -24,15 +26,21 @@ def check_fit_inputs(model, tokenizer: Any) -> None:
 
 
 def check_weights_loaded(model) -> None:
-    """Refuse a model whose weights were never loaded (built on the ``meta`` device, e.g. under accelerate's
-    ``init_empty_weights``): its probe would fail deep inside a forward. Weights that accelerate offloads (meta
-    parameters under its hooks) are loaded at every forward and pass."""
-    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
-    if meta is not None and not any(hasattr(m, "_hf_hook") for m in model.modules()):
+    """Refuse a model whose weights or buffers were never loaded (on the ``meta`` device: built under accelerate's
+    ``init_empty_weights``, or a rotary table a state dict does not hold): its probe would fail deep inside a
+    forward. Tensors that accelerate offloads (meta under its hook on their module or a module above) are loaded at
+    every forward and pass."""
+    hooked = {n for n, m in model.named_modules() if hasattr(m, "_hf_hook")}
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    meta = next(
+        (n for n, t in tensors if t.is_meta and not any(n.startswith(f"{h}.") or not h for h in hooked)),
+        None,
+    )
+    if meta is not None:
         raise ValueError(
-            f"The model's weights are not loaded ({meta} is on the meta device: a model built under "
-            "init_empty_weights or torch.device('meta')): load them (from_pretrained, load_state_dict(..., "
-            "assign=True)) before fitting."
+            f"The model is not loaded: {meta} is on the meta device (a model built under init_empty_weights or "
+            "torch.device('meta'); load_state_dict(..., assign=True) leaves the buffers a state dict does not hold, "
+            "such as rotary tables, there). Load it with from_pretrained, or build it on a real device, before fitting."
         )
 
 
@@ -123,7 +131,7 @@ def probe_or_check(
         )
         check_finite(data, f"The probe behind the precomputed {role} statistics")
         return data
-    try:
+    with data_role(role):
         return probe(
             model,
             data,
@@ -138,8 +146,32 @@ def probe_or_check(
             desc=f"probing {role}",
             experts_own_forward=experts_own_forward,
         )
-    except (DataError, DataTypeError) as err:  # which of the two data sets: forget and retain read alike
+
+
+@contextlib.contextmanager
+def data_role(role: str) -> Iterator[None]:
+    """Name the data set in the data errors raised within (forget and retain are read alike, so "Example 2 is a
+    NoneType" does not say which to look in): "The retain data: Example 2 ..."."""
+    try:
+        yield
+    except (DataError, DataTypeError) as err:
         raise type(err)(f"The {role} data: {err}") from err
+
+
+def check_examples(data: Any, spec: DataSpec, mode: str, role: str) -> None:
+    """Check the examples of text data as a fit reads them, before a fit splits them (``ratio="auto"`` holds some
+    out), so that an error names the example's index in the data given. Tokenized batches are checked as read."""
+    if (
+        data is None
+        or isinstance(data, (str, SiteStatistics))
+        or not isinstance(data, Sequence)
+        and _columns_of(data) is None
+    ):
+        return
+    with data_role(role):
+        _refuse_containers(data)
+        if len(data) and (_columns_of(data) is not None or not _is_tokenized_batch(data[0])):
+            _records(data, spec, mode)
 
 
 def probe_forget_and_retain(
