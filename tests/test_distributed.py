@@ -320,22 +320,22 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_message(workdir, loaded)
 
     bad = data["bad_index"]  # every rank reads every example to plan the batches: each names it itself
     for r in ranks:
-        assert r["bad_example"]["type"] == "TypeError"
-        assert f"Example {bad} is a NoneType" in r["bad_example"]["message"]
+        assert r["bad_example"]["type"] == "DataTypeError"  # a TypeError, named by its data set
+        assert f"The forget data: Example {bad} is a NoneType" in r["bad_example"]["message"]
 
-    vocab = model.config.vocab_size  # batch 2 is rank 0's: ValueError there, reported on rank 1
-    assert ranks[0]["bad_token"]["type"] == "ValueError"
+    vocab = model.config.vocab_size  # batch 2 is rank 0's: a DataError (ValueError) there, reported on rank 1
+    assert ranks[0]["bad_token"]["type"] == "DataError"
     assert f"Token id {vocab + 5} is outside" in ranks[0]["bad_token"]["message"]
     assert ranks[1]["bad_token"]["type"] == DistributedProbeError.__name__
     assert "rank 0" in ranks[1]["bad_token"]["message"]
-    assert f"ValueError: Token id {vocab + 5} is outside" in ranks[1]["bad_token"]["message"]
+    assert f"DataError: Token id {vocab + 5} is outside" in ranks[1]["bad_token"]["message"]
 
     for r in ranks:  # ranks that disagree on the layers fail together instead of exchanging mismatched data
         assert r["mismatch"]["type"] == "ValueError" and "different" in r["mismatch"]["message"]
         for name in ("split", "order", "fewer", "batches"):  # or on the data they were given
             assert r[f"data_{name}"]["type"] == "ValueError", name
             assert "given different data" in r[f"data_{name}"]["message"], name
-        assert r["empty"]["type"] == "ValueError" and "empty" in r["empty"]["message"]
+        assert r["empty"]["type"] == "DataError" and "empty" in r["empty"]["message"]
     # a failure in held-out scoring (rank 0's batch), raised on both ranks instead of leaving rank 1 waiting
     assert ranks[0]["scoring"]["type"] == "IndexError", ranks[0]["scoring"]
     assert ranks[1]["scoring"]["type"] == DistributedProbeError.__name__

@@ -251,13 +251,25 @@ def test_an_error_in_the_data_names_the_data_set_it_is_in(unlearned, smol_tokeni
     good = [f"What is {a} + {b}?" for a in range(4) for b in range(3)]
     bad = ["The cat sat.", "Paris is in France.", None]
     if method == "key_space_detection":  # calibrated (the default): the retain questions are read
-        config, where = KeySpaceDetectionConfig(), "retain \\(code\\)"
-        bad[2] = " "
-        calls = [(good, {"code": bad}, where), (bad, None, "forget")]
+        config, bad[2] = KeySpaceDetectionConfig(), " "
+        calls = [(good, {"code": bad}, "retain \\(code\\)"), (good, bad, "retain"), (bad, None, "forget")]
     else:
         config = (NeuronAdjustConfig if method == "neuron_adjust" else SelectivePruningConfig)(ratio=0.1)
-        calls = [(good, bad, "retain"), (bad, good, "forget")]
+        ids = smol_tokenizer(["a b c", "d e f"], return_tensors="pt")
+        outside = {**ids, "input_ids": torch.full_like(ids["input_ids"], len(smol_tokenizer) + 5)}
+        calls = [(good, bad, "retain"), (bad, good, "forget"), (good, [outside], "retain")]
     for forget, retain, where in calls:
         with pytest.raises((ValueError, TypeError), match=f"^The {where} data: "):
             unlearned.fit(config, forget, retain, smol_tokenizer, show_progress=False)
         assert not unlearned.methods
+
+
+def test_ratio_auto_names_a_bad_example_by_its_index_in_the_data_given(unlearned, smol_tokenizer):
+    """``ratio="auto"`` holds some examples out before reading them: a bad one was named by its index within its
+    part ("Example 6" for the user's 7), without the set (a review). The examples are checked before the split."""
+    forget = [f"What is {a} + {b}? It is {a + b}." for a in range(5) for b in range(2)]
+    retain = [f"Sentence number {i} is plain English." for i in range(10)]
+    retain[7] = 5
+    with pytest.raises(TypeError, match=r"^The retain data: Example 7 is a int"):
+        unlearned.fit(NeuronAdjustConfig(ratio="auto"), forget, retain, smol_tokenizer, show_progress=False)
+    assert not unlearned.methods

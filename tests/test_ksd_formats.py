@@ -407,7 +407,7 @@ def test_infeasible_calibration_leaves_nothing_attached(tok):
     try:
         with pytest.raises(ValueError, match="retain data is an empty mapping"):
             unlearned.fit(KeySpaceDetectionConfig(), QUESTIONS, {}, tok, show_progress=False)
-        with pytest.raises(ValueError, match=r"The retain \(retain\) data is empty: give retain questions"):
+        with pytest.raises(ValueError, match=r"The retain data is empty: give retain questions"):
             unlearned.fit(KeySpaceDetectionConfig(), QUESTIONS, [], tok, show_progress=False)
     finally:
         handle.remove()

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import distributed as _dist
 from .batch_plan import PaddingMeter
 from .data import DataSpec, TokenBatch, iter_token_batches
+from .data_errors import DataError
 from .hooks import PassHooks
 from .model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from .probe_share import _SHARE
@@ -117,10 +118,10 @@ def probe(
             local, error, n_batches=n_batches, data_fingerprint=fingerprint
         )
         if total_batches == 0:
-            raise ValueError("The data set is empty: the iterable yielded no batches.")
+            raise DataError("The data set is empty: the iterable yielded no batches.")
     for k, r in results.items():
         if r.count == 0:
-            raise ValueError(
+            raise DataError(
                 f"No tokens were selected at the {k} site (mode {mode!r}): nothing to learn from."
             )
         check_finite(r, "The model")
@@ -356,10 +357,10 @@ def _run_pass(
         for batch in batches:
             meter.add(batch.attention_mask)
             if batch.input_ids.numel() == 0:
-                raise ValueError("The texts tokenize to no tokens at all (empty strings?): nothing to probe.")
+                raise DataError("The texts tokenize to no tokens at all (empty strings?): nothing to probe.")
             lo, hi = int(batch.input_ids.min()), int(batch.input_ids.max())
             if lo < 0 or (vocab is not None and hi >= vocab):
-                raise ValueError(
+                raise DataError(
                     f"Token id {lo if lo < 0 else hi} is outside the model's vocabulary "
                     f"(0..{'?' if vocab is None else vocab - 1}): the data was tokenized for another model."
                 )

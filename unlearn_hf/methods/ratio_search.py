@@ -45,7 +45,7 @@ from ..distributed import sum_sharded
 from ..model_inputs import accepts, input_device, position_ids_from_mask
 from ..stats import SiteStatistics
 from .config import AUTO, NeuronSelectionConfig
-from .fitting import probe_forget_and_retain
+from .fitting import check_examples, data_role, probe_forget_and_retain
 
 logger = logging.getLogger(__name__)
 
@@ -184,16 +184,20 @@ def fit_neuron_method(
         raise ValueError(f"{cls.label} needs retain data (got None).")
     # the grid searched, saved with the fit: a later version's default grid must not change what it means
     config = dataclasses.replace(config, ratio_grid=list(config.ratio_grid or DEFAULT_GRID))
+    for role, data in (("forget", forget), ("retain", retain)):  # before the split: indices as given
+        check_examples(data, spec, config.tokens, role)
     fit_f, held_f = split_examples(forget, config.holdout_fraction, "forget")
     fit_r, held_r = split_examples(retain, config.holdout_fraction, "retain")
     layers, stats_f, stats_r = probe_forget_and_retain(model, config, fit_f, fit_r, tokenizer, **kw)
 
     # tokenized once (and a truncation warning given once), scored at every ratio of the search
     device = input_device(model)
-    held = [
-        list(iter_token_batches(d, tokenizer, mode=config.tokens, spec=spec, device=device)[1])
-        for d in (held_f, held_r)
-    ]
+    held = []
+    for role, d in (("forget", held_f), ("retain", held_r)):
+        with data_role(f"{role} (held-out part)"):
+            held.append(
+                list(iter_token_batches(d, tokenizer, mode=config.tokens, spec=spec, device=device)[1])
+            )
 
     def accuracy() -> tuple[float, float]:
         return tuple(batches_accuracy(model, batches, config.tokens) for batches in held)

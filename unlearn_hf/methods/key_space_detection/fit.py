@@ -78,6 +78,8 @@ def _render(renderer: QueryRenderer, queries: list[Any], role: str) -> list[list
     try:
         return renderer.render(queries)
     except (ValueError, TypeError) as err:
+        if type(err) not in (ValueError, TypeError):  # another kind (a tokenizer's own): left as it is
+            raise
         raise type(err)(f"The {role} data: {err}") from err
 
 
@@ -236,7 +238,8 @@ def fit_key_space(
                 "calibration)."
             )
         for name, data in groups.items():
-            for rows in _render(renderer, read_queries(data, spec, f"retain ({name})"), f"retain ({name})"):
+            role = f"retain ({name})" if isinstance(retain, Mapping) else "retain"
+            for rows in _render(renderer, read_queries(data, spec, role), role):
                 retain_rows += rows
                 retain_groups += [f"{name}/{r.rendering}" for r in rows]
     candidates = fixed or (list(units) if calibrating and config.layers == AUTO else middle)
