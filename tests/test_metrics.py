@@ -250,6 +250,20 @@ def test_a_model_with_learned_positions_is_scored_within_its_table_and_cut_items
     assert texts == generate_completions(gpt, tokenizer, EVAL_ITEMS[:4], max_new_tokens=6, max_length=18)
 
 
+def test_mmlu_drops_shots_by_the_rule_that_cuts_with_multi_token_letters():
+    """With answer letters of two tokens (a character-level tokenizer) an item kept a shot that did not fit, then
+    lost its start, while its zero-shot prompt would have fit (a review): shots are now dropped by the room the
+    context has before the longest letter, the rule that cuts."""
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    item = MC[0]
+    one, zero = (len(tok(mmlu_prompt(item, k))["input_ids"]) for k in (1, 0))
+    assert len(tok(" A", add_special_tokens=False)["input_ids"]) == 2 and zero + 2 < one
+    result = mmlu_accuracy(tiny_llama(vocab_size=128), tok, [item], shots=1, max_length=one + 1)
+    assert result.details["mean_shots"] == 0 and result.details["n_truncated_items"] == 0
+
+
 class FakeAbstainingModel(torch.nn.Module):
     """Wraps a model; abstains on prompts containing ``marker``; scoring must run with abstention disabled."""
 

@@ -97,22 +97,22 @@ def mmlu_accuracy(
     single = all(len(t) == 1 for t in letter_ids) and len({t[0] for t in letter_ids}) == len(letter_ids)
     contexts: dict[int, list[int]] = {}
     used_shots: list[int] = []
-    n_cut = 0  # items still longer than max_length with the shots they keep: they lose their start
+    room = max_length - max(len(t) for t in letter_ids)  # the context's room before the longest answer letter
+    n_cut = 0  # items longer than that even without shots: they lose their start
     for i, it in enumerate(items):
         if abstained[i]:
             continue
         k = min(shots, len(it.shots))
         ids = encode(mmlu_prompt(it, k))
-        while len(ids) + 1 > max_length and k > 0:
+        while len(ids) > room and k > 0:  # shots go first, then the prompt's start
             k -= 1
             ids = encode(mmlu_prompt(it, k))
-        room = max_length - max(len(t) for t in letter_ids)
         n_cut += len(ids) > room
         contexts[i] = ids[-room:]
         used_shots.append(k)
     if n_cut:
         logger.warning(
-            "%d of %d MMLU items are longer than max_length=%d tokens after dropping shots: they lose their start.",
+            "%d of %d MMLU items are longer than max_length=%d tokens without shots: they lose their start.",
             n_cut,
             len(items),
             max_length,
