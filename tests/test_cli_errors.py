@@ -167,6 +167,7 @@ BAD_INPUTS = [
     ),  # the native harness ignored it
     ([*EVAL, "--num-fewshot", "0", "--tasks", "x"], "--tasks, --num-fewshot: lm-eval options"),
     ([*EVAL, "--skills", ","], "No skill names given"),
+    ([*EVAL, "--skills", ""], "No skill names given"),  # not the default skills (a review)
     ([*EVAL, "--n-eval", "-3"], "--n-eval: must be in [1, inf]"),
     ([*EVAL, "--output", "{tiny}"], "is a folder; give a file name"),
     (

@@ -314,8 +314,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_harness_options(args, lm_eval)
     if lm_eval:
         return evaluate_lm_eval(args, output)
-    args.skills = args.skills or "gsm8k,mbpp,mmlu"
-    args.n_eval = args.n_eval or 50
+    args.skills = "gsm8k,mbpp,mmlu" if args.skills is None else args.skills
+    args.n_eval = 50 if args.n_eval is None else args.n_eval
     skills = load_skills(split_names(args.skills), args.data_dir)
     model, tok = load_model(args.model, args.dtype)
     formats = formats_for(args.formats, tok, args.model)
