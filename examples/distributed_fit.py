@@ -80,7 +80,7 @@ def main() -> None:
     ]
     forget = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in gsm8k]
     retain = [f"{r['text']}\n{r['code'].replace(chr(13) + chr(10), chr(10))}" for r in mbpp]
-    queries = [f"Question: {r['question']}\nAnswer:" for r in gsm8k]
+    queries = [r["question"] for r in gsm8k]  # bare: Key Space Detection renders them as the model meets them
 
     unlearned = UnlearnedModelForCausalLM.from_base(model)
     configs = {

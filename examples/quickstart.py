@@ -26,8 +26,9 @@ unlearned.fit(
     retain=code.probe_texts(100),
     tokenizer=tok,
 )
-# Key Space Detection: the hypercube of math questions at the middle layer's key site
-unlearned.fit(KeySpaceDetectionConfig(alpha=1.0), forget=math.probe_queries(100), tokenizer=tok)
+# Key Space Detection: the hypercube of math questions (bare, rendered as the model meets them) at the middle
+# layer's key site
+unlearned.fit(KeySpaceDetectionConfig(alpha=1.0), forget=math.probe_questions(100), tokenizer=tok)
 
 prompts = [math.eval_items(1)[0].prompt, code.eval_items(1)[0].prompt]
 tok.padding_side = "left"

@@ -545,3 +545,14 @@ def test_report_files(tmp_path, monkeypatch, caplog):
     assert sorted(p.name for p in (tmp_path / "no-plot").iterdir()) == ["report.json", "report.md"]
     with pytest.raises(ValueError, match="Baseline"):
         build_report(scores, baseline="nope")
+
+
+def test_a_report_of_one_model_in_several_formats_has_no_drops():
+    """``unlearn-hf evaluate`` printed the chat format's score as a "drop" from the same model's QA score, and the
+    QA column as "(baseline)" (a review): formats of one model are not a model and its variants."""
+    scores = {"m [qa]": {"gsm8k": 0.5, "mbpp": 0.4}, "m [chat]": {"gsm8k": 0.25, "mbpp": 0.4}}
+    report = build_report(scores, relative=False)
+    assert report["baseline"] is None and report["relative_drop"] == {}
+    table = markdown_table(report)
+    assert "drop" not in table and "baseline" not in table and "0.250" in table
+    assert build_report(scores)["relative_drop"] == {"m [chat]": {"gsm8k": 0.5, "mbpp": 0.0}}

@@ -3,7 +3,7 @@
 A method is fitted on the model *as it runs*, with the methods already attached active: Key Space Detection
 fitted after Neuron Adjust describes the adjusted model's key vectors. Remove that Neuron Adjust afterwards, fit
 another one after the detection, attach the detection to a model without it, or fit it inside
-``disable_unlearning("na")``, and the hypercube no longer describes what the model computes: forget queries are
+``disable_unlearning("neuron_adjust")``, and the hypercube no longer describes what the model computes: forget queries are
 answered, with nothing to say so. So every fit records the methods that changed activations while it probed
 (:attr:`UnlearningMethod.fitted_with`: the digests of their fitted tensors, saved with the method), and the model
 checks that record against the methods attached (switched off or not: ``disable_unlearning`` is for a block of

@@ -70,7 +70,7 @@ def evaluate_lm_eval(args: argparse.Namespace, output: Path | None) -> int:
         "formats": formats,
         "limit": args.limit,
     }
-    report = build_report(scores, metadata=meta)
+    report = build_report(scores, metadata=meta, relative=False)  # formats of one model: no drop between them
     print(markdown_table(report))
     if output is not None:
         write_json(report, output)

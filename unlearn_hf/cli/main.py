@@ -331,7 +331,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         for fmt in formats
     }
-    report = build_report(scores, metadata={"model": args.model, "n_eval": args.n_eval, "formats": formats})
+    meta = {"model": args.model, "n_eval": args.n_eval, "formats": formats}
+    report = build_report(scores, metadata=meta, relative=False)  # formats of one model: no drop between them
     print(markdown_table(report))
     if output is not None:
         write_json(report, output)

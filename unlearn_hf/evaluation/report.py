@@ -37,6 +37,7 @@ def build_report(
     scores: Mapping[str, Mapping[str, float | MetricResult | None]],
     baseline: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    relative: bool = True,
 ) -> dict[str, Any]:
     """Collect scores of several models (the baseline and the unlearned variants) on several skills.
 
@@ -44,6 +45,8 @@ def build_report(
         scores: ``{model_or_method: {skill: score or MetricResult}}``.
         baseline: the model the relative drops are measured against (default: the first one).
         metadata: anything JSON-serialisable to keep with the results (model name, settings, timings).
+        relative: report relative drops against the baseline; ``False`` for columns that are not a model and its
+            variants (one model in several prompt formats): no baseline, no drops.
 
     Returns:
         The report dict (see the module docstring).
@@ -51,15 +54,15 @@ def build_report(
     if not scores:
         raise ValueError("scores is empty: nothing to report.")
     models = list(scores)
-    baseline = baseline if baseline is not None else models[0]
-    if baseline not in scores:
+    baseline = None if not relative else baseline if baseline is not None else models[0]
+    if relative and baseline not in scores:
         raise ValueError(f"Baseline {baseline!r} is not among the models: {models}.")
     skills: list[str] = []
     for per_skill in scores.values():
         skills.extend(s for s in per_skill if s not in skills)
     values = {m: {s: _value(scores[m].get(s)) for s in skills} for m in models}
     drops: dict[str, dict[str, float | None]] = {}
-    for m in models:
+    for m in models if relative else []:
         if m == baseline:
             continue
         drops[m] = {}
@@ -108,7 +111,7 @@ def markdown_table(report: Mapping[str, Any], digits: int = 3) -> str:
         if score is None:
             return "–"
         text = f"{score:.{digits}f}"
-        if model != baseline:
+        if baseline is not None and model != baseline:
             drop = report["relative_drop"][model].get(skill)
             text += " (drop n/a)" if drop is None else f" (drop {100 * drop:.1f}%)"
         return text

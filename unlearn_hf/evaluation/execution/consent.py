@@ -18,7 +18,6 @@ def check_allowed(allow_code_execution: bool | None) -> None:
         raise CodeExecutionNotAllowedError(
             "pass@1 runs model-generated Python programs (MBPP/HumanEval completions and their tests) on this "
             "machine, in a contained child process that is still not a VM (see unlearn_hf.evaluation.execution "
-            "and the README's 'Code execution' section). To allow it, pass allow_code_execution=True, set the "
-            f"environment variable {ALLOW_CODE_EXECUTION_ENV}=1, or use the command-line flag "
-            "--allow-code-execution."
+            "and the README's 'Code execution' section). To allow it, pass allow_code_execution=True or set the "
+            f"environment variable {ALLOW_CODE_EXECUTION_ENV}=1 (the command line runs no generated code)."
         )
