@@ -3,8 +3,8 @@
 A method is fitted on the model *as it runs*, with the methods already attached active: Key Space Detection
 fitted after Neuron Adjust describes the adjusted model's key vectors. Remove that Neuron Adjust afterwards, fit
 another one after the detection, attach the detection to a model without it, or fit it inside
-``disable_unlearning("neuron_adjust")``, and the hypercube no longer describes what the model computes: forget queries are
-answered, with nothing to say so. So every fit records the methods that changed activations while it probed
+``disable_unlearning("neuron_adjust")``, and the hypercube no longer describes what the model computes: forget
+queries are answered, with nothing to say so. So every fit records the methods that changed activations while it probed
 (:attr:`UnlearningMethod.fitted_with`: the digests of their fitted tensors, saved with the method), and the model
 checks that record against the methods attached (switched off or not: ``disable_unlearning`` is for a block of
 calls) after every change of its methods (attach, remove, fit, load) and logs a warning, once per situation,
@@ -86,8 +86,20 @@ def changers(
 
 
 def record_fit_context(model: Any, method: Any) -> None:
-    """Record on a just-fitted ``method`` the activation-changing methods ``model`` ran with while it probed."""
-    method.fitted_with = tuple(sorted(d for d, _ in changers(model, method, in_context=True)))
+    """Record on a just-fitted ``method`` the activation-changing methods ``model`` ran with while it probed, and
+    warn when a detection reads activations that random draws change (its decisions then depend on the draws)."""
+    found = changers(model, method, in_context=True)
+    method.fitted_with = tuple(sorted(d for d, _ in found))
+    random = sorted(n for n, m in model.methods.items() if m.stochastic and (method_digest(m), n) in found)
+    if method.abstains and random:
+        logger.warning(
+            "%s reads activations that %s change with random draws (drawn per position of the batch): its decisions "
+            "depend on them, so a prompt can abstain alone and not in a batch, or under one seed and not another. "
+            "For decisions that do not, fit %s with deterministic=True.",
+            type(method).__name__,
+            random,
+            "them" if len(random) > 1 else "it",
+        )
 
 
 @contextlib.contextmanager

@@ -148,6 +148,11 @@ class UnlearningMethod(ABC):
         return self.config.method_type
 
     @property
+    def stochastic(self) -> bool:
+        """Whether the attached method's output depends on random draws (and so on the batch's shape and seed)."""
+        return False
+
+    @property
     def abstains(self) -> bool:
         """Whether the method makes the model abstain (refuse) rather than change activations."""
         return isinstance(self, AbstainingMethod)

@@ -112,6 +112,11 @@ class NeuronAdjust(NeuronSelectionMethod):
             validate_curve(state, config)
 
     @property
+    def stochastic(self) -> bool:
+        """Random replacement (the default) draws per position of the batch; deterministic replacement does not."""
+        return not self.config.deterministic
+
+    @property
     def ratio_curve(self) -> RatioCurve | None:
         """What ``ratio="auto"`` measured and chose (``None`` for a fixed ratio)."""
         return RatioCurve.from_state(self.state)
