@@ -556,3 +556,5 @@ def test_a_report_of_one_model_in_several_formats_has_no_drops():
     table = markdown_table(report)
     assert "drop" not in table and "baseline" not in table and "0.250" in table
     assert build_report(scores)["relative_drop"] == {"m [chat]": {"gsm8k": 0.5, "mbpp": 0.0}}
+    with pytest.raises(ValueError, match="a report without drops has no baseline"):
+        build_report(scores, baseline="m [qa]", relative=False)

@@ -54,6 +54,10 @@ def build_report(
     if not scores:
         raise ValueError("scores is empty: nothing to report.")
     models = list(scores)
+    if not relative and baseline is not None:
+        raise ValueError(
+            f"baseline={baseline!r} with relative=False: a report without drops has no baseline."
+        )
     baseline = None if not relative else baseline if baseline is not None else models[0]
     if relative and baseline not in scores:
         raise ValueError(f"Baseline {baseline!r} is not among the models: {models}.")
@@ -144,7 +148,12 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike, title: str |
     ax.set_ylim(
         0, 1.05 * max([1.0] + [v for m in models for v in report["scores"][m].values() if v is not None])
     )
-    ax.set_title(title or f"Skill scores: {report['baseline']} (baseline) vs unlearned")
+    default = (
+        "Skill scores"
+        if report["baseline"] is None
+        else f"Skill scores: {report['baseline']} (baseline) vs unlearned"
+    )
+    ax.set_title(title or default)
     ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
