@@ -74,6 +74,40 @@ def test_fit_save_evaluate_generate(tiny_dir, shared_data, tmp_path, capsys):
 
     loaded = UnlearnedModelForCausalLM.from_pretrained(str(out_dir))
     assert set(loaded.methods) == {"selective_pruning", "key_space_detection"}
+    # --deterministic reaches Neuron Adjust's config (a detection over random draws decides by the batch)
+    na_dir = tmp_path / "na-det"
+    args = [
+        "--forget",
+        "gsm8k",
+        "--retain",
+        "mbpp",
+        "--n-probe",
+        "8",
+        "--ratio",
+        "0.05",
+        "--data-dir",
+        str(shared_data),
+    ]
+    assert (
+        main(
+            [
+                "fit",
+                "--model",
+                str(tiny_dir),
+                "--method",
+                "na",
+                *args,
+                "--deterministic",
+                "--output",
+                str(na_dir),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert (
+        UnlearnedModelForCausalLM.from_pretrained(str(na_dir)).methods["neuron_adjust"].config.deterministic
+    )
 
     results = tmp_path / "results.json"
     code = main(

@@ -201,6 +201,10 @@ BAD_INPUTS = [
         "--ratio does not apply to --method ksd; it is an option of na, sp",
     ),
     ([*FIT, "--layers", "1"], "--layers does not apply to --method na; it is an option of ksd"),
+    (
+        [*FIT[:4], "ksd", *FIT[5:], "--deterministic"],
+        "--deterministic does not apply to --method ksd; it is an option of na",
+    ),
     ([*FIT, "--refusal", "No."], "--refusal does not apply to --method na"),
     ([*FIT, "--method", "na"], "--method na is given twice"),
     ([*FIT[:-1], ""], "--output is empty"),

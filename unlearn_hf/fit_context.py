@@ -95,7 +95,7 @@ def record_fit_context(model: Any, method: Any) -> None:
         logger.warning(
             "%s reads activations that %s change with random draws (drawn per position of the batch): its decisions "
             "depend on them, so a prompt can abstain alone and not in a batch, or under one seed and not another. "
-            "For decisions that do not, fit %s with deterministic=True.",
+            "For decisions that do not, fit %s with deterministic=True (unlearn-hf fit --deterministic).",
             type(method).__name__,
             random,
             "them" if len(random) > 1 else "it",

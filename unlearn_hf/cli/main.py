@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--refusal", default="I can't help with that.", help="ksd refusal text")
     fit.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0)
     fit.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="na: deterministic replacement, so that a ksd fitted after it decides alike alone and in a batch",
+    )
+    fit.add_argument(
         "--batch-size",
         type=POSITIVE_INT,
         default=None,
@@ -290,6 +295,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             templates=args.templates,
             max_false_rate=args.max_false_rate,
             seed=args.seed,
+            deterministic=args.deterministic,
             batch_size=args.batch_size,
             max_batch_tokens=args.max_batch_tokens,
             show_progress=not args.quiet,
