@@ -19,16 +19,23 @@ model, tok = load_smollm2()
 math, code = get_skill("gsm8k", "../shared/data"), get_skill("mbpp", "../shared/data")
 unlearned = UnlearnedModelForCausalLM.from_base(model)
 
-# Neuron Adjust: statistics of math (forget) and code (retain) text at every FFL pre-activation
+# Neuron Adjust: statistics of math (forget) and code (retain) text at every FFL pre-activation; deterministic
+# replacement, so that the detection fitted on top decides the same for a prompt alone and in a batch
 unlearned.fit(
-    NeuronAdjustConfig(ratio=0.03, seed=0),
+    NeuronAdjustConfig(ratio=0.03, deterministic=True),
     forget=math.probe_texts(100),
     retain=code.probe_texts(100),
     tokenizer=tok,
 )
-# Key Space Detection: the hypercube of math questions (bare, rendered as the model meets them) at the middle
-# layer's key site
-unlearned.fit(KeySpaceDetectionConfig(alpha=1.0), forget=math.probe_questions(100), tokenizer=tok)
+# Key Space Detection: the hypercube of math questions (bare; rendered bare, through the chat template and in the
+# QA template the evaluation below uses), with the layer, window and alpha calibrated on held-out math and code
+# questions (at most 2% of code abstains)
+unlearned.fit(
+    KeySpaceDetectionConfig(templates=["Question: {question}\nAnswer:"]),
+    forget=math.probe_questions(100),
+    retain={"code": code.probe_questions(100)},
+    tokenizer=tok,
+)
 
 prompts = [math.eval_items(1)[0].prompt, code.eval_items(1)[0].prompt]
 tok.padding_side = "left"
