@@ -265,3 +265,26 @@ def test_a_detection_over_random_replacement_says_its_decisions_depend_on_the_dr
     else:
         (message,) = messages
         assert "['na'] change with random draws" in message and "deterministic=True" in message
+
+
+def test_a_detection_warns_when_the_methods_under_it_come_back_in_another_order(tok, caplog):
+    """A review: two Neuron Adjusts on one layer, a detection on top; removing the first warned, attaching it again
+    (now after the second: hooks on one module run in attach order) was quiet while the detection changed 2 of 10
+    decisions. The record keeps the order the methods ran in."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    model = new_model()
+    first = model.fit(NeuronAdjustConfig(ratio=0.5, layers=[1], seed=3, deterministic=True), FORGET, RETAIN, tok,
+                      name="a", show_progress=False)  # fmt: skip
+    second = model.fit(NeuronAdjustConfig(ratio=0.5, layers=[1], seed=4, deterministic=True), FORGET, RETAIN, tok,
+                       name="b", show_progress=False)  # fmt: skip
+    ksd = fit_ksd(model, tok)
+    assert ksd.fitted_with == (method_digest(first), method_digest(second))
+    assert warnings_of(caplog) == []
+    model.remove_method("a")
+    assert any("'math'" in m and "no longer attached" in m for m in warnings_of(caplog))
+    model.add_method("a", first)
+    messages = warnings_of(caplog)
+    assert any("'math'" in m and "another order" in m for m in messages), messages
+    model.remove_method("b")
+    model.add_method("b", second)  # the fitted order again: quiet
+    assert [m for m in warnings_of(caplog) if "another order" in m] == []

@@ -11,11 +11,11 @@ calls) after every change of its methods (attach, remove, fit, load) and logs a 
 naming the method to refit. Only methods that change an activation the fit read count (a method changes the
 activations from its first changed site on, a fit reads up to the last site it probes: ``changed_sites`` and
 ``probe_sites``, as :mod:`unlearn_hf.methods.fit_many` shares passes), each attachment once (the same statistics
-attached twice run twice).
+attached twice run twice), in the order they ran.
 
 What warns: a method it was fitted after is gone (removed, refitted), for every method; and, for a detection,
 also a method that changes what it reads and was not there when it was fitted (fitted after it, attached around
-it). Methods that change activations stack: Neuron Adjust fitted after Neuron Adjust is expected to change what
+it), and the same methods attached again in another order. Methods that change activations stack: Neuron Adjust fitted after Neuron Adjust is expected to change what
 the first one reads, so stacking them in any order of layers, then a detection on top, warns nowhere.
 
 A digest covers a method's type and fitted tensors, not its config: the same statistics under another seed or in
@@ -89,7 +89,7 @@ def record_fit_context(model: Any, method: Any) -> None:
     """Record on a just-fitted ``method`` the activation-changing methods ``model`` ran with while it probed, and
     warn when a detection reads activations that random draws change (its decisions then depend on the draws)."""
     found = changers(model, method, in_context=True)
-    method.fitted_with = tuple(sorted(d for d, _ in found))
+    method.fitted_with = tuple(d for d, _ in found)  # in the order they ran (attach order)
     random = sorted(n for n, m in model.methods.items() if m.stochastic and (method_digest(m), n) in found)
     if method.abstains and random:
         logger.warning(
@@ -125,10 +125,13 @@ def check_fit_context(model: Any) -> None:
         if recorded is None:
             continue
         now = changers(model, method, name=name)
+        digests = [d for d, _ in now]
         # methods stack: one that changes activations is expected to run under later ones (not a detection)
-        extra = Counter(d for d, _ in now) - Counter(recorded) if method.abstains else Counter()
-        gone = sum((Counter(recorded) - Counter(d for d, _ in now)).values())
-        if not extra and not gone:
+        extra = Counter(digests) - Counter(recorded) if method.abstains else Counter()
+        gone = sum((Counter(recorded) - Counter(digests)).values())
+        # the same methods in another order (removed and attached again): on one module, hooks run in attach order
+        reordered = method.abstains and not extra and not gone and digests != list(recorded)
+        if not (extra or gone or reordered):
             continue
         key = (name, recorded, tuple(sorted(now)))
         if key in model._unlearn_context_warned:
@@ -140,6 +143,8 @@ def check_fit_context(model: Any) -> None:
             what.append(f"{gone} method(s) it was fitted after are no longer attached (removed or refitted)")
         if added:
             what.append(f"{added} are attached but did not run when it was fitted")
+        if reordered:
+            what.append("the methods it was fitted after now run in another order")
         logger.warning(
             "%s %r no longer describes the model it runs in: %s. Its statistics describe the activations it was "
             "fitted on, so %s; refit it after the methods it should run with.",
