@@ -40,30 +40,10 @@ def test_version_and_help():
 
 def test_fit_save_evaluate_generate(tiny_dir, shared_data, tmp_path, capsys):
     out_dir = tmp_path / "unlearned"
-    code = main(
-        [
-            "fit",
-            "--model",
-            str(tiny_dir),
-            "--method",
-            "sp",
-            "--method",
-            "ksd",
-            "--forget",
-            "gsm8k",
-            "--retain",
-            "mbpp",
-            "--n-probe",
-            "8",
-            "--ratio",
-            "0.05",
-            "--data-dir",
-            str(shared_data),
-            "--output",
-            str(out_dir),
-            "--quiet",
-        ]
-    )
+    data = ["--forget", "gsm8k", "--retain", "mbpp", "--n-probe", "8", "--ratio", "0.05"]
+    data += ["--data-dir", str(shared_data)]
+    fit = ["fit", "--model", str(tiny_dir)]
+    code = main([*fit, "--method", "sp", "--method", "ksd", *data, "--output", str(out_dir), "--quiet"])
     assert code == 0
     assert (out_dir / "unlearn_config.json").is_file() and (out_dir / "unlearn_model.safetensors").is_file()
     config = json.loads((out_dir / "unlearn_config.json").read_text())
@@ -76,35 +56,7 @@ def test_fit_save_evaluate_generate(tiny_dir, shared_data, tmp_path, capsys):
     assert set(loaded.methods) == {"selective_pruning", "key_space_detection"}
     # --deterministic reaches Neuron Adjust's config (a detection over random draws decides by the batch)
     na_dir = tmp_path / "na-det"
-    args = [
-        "--forget",
-        "gsm8k",
-        "--retain",
-        "mbpp",
-        "--n-probe",
-        "8",
-        "--ratio",
-        "0.05",
-        "--data-dir",
-        str(shared_data),
-    ]
-    assert (
-        main(
-            [
-                "fit",
-                "--model",
-                str(tiny_dir),
-                "--method",
-                "na",
-                *args,
-                "--deterministic",
-                "--output",
-                str(na_dir),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert main([*fit, "--method", "na", *data, "--deterministic", "--output", str(na_dir), "-q"]) == 0
     assert (
         UnlearnedModelForCausalLM.from_pretrained(str(na_dir)).methods["neuron_adjust"].config.deterministic
     )

@@ -149,12 +149,17 @@ def probe_or_check(
 
 
 @contextlib.contextmanager
-def data_role(role: str) -> Iterator[None]:
+def data_role(role: str, plain: bool = False) -> Iterator[None]:
     """Name the data set in the data errors raised within (forget and retain are read alike, so "Example 2 is a
-    NoneType" does not say which to look in): "The retain data: Example 2 ..."."""
+    NoneType" does not say which to look in): "The retain data: Example 2 ...". ``plain``: plain ``ValueError`` /
+    ``TypeError`` too (code that reads only the data, such as rendering queries; other kinds are left as they are)."""
     try:
         yield
-    except (DataError, DataTypeError) as err:
+    except (ValueError, TypeError) as err:
+        if not isinstance(err, (DataError, DataTypeError)) and not (
+            plain and type(err) in (ValueError, TypeError)
+        ):
+            raise
         raise type(err)(f"The {role} data: {err}") from err
 
 

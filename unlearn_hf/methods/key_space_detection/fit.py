@@ -15,7 +15,7 @@ from ...data import DataSpec, _refuse_containers, holdout_split
 from ...model_inputs import input_device
 from ...stats import SiteStatistics
 from ..config import resolve_layers
-from ..fitting import probe_or_check
+from ..fitting import data_role, probe_or_check
 from .calibration import ALPHA_GRID, calibrate
 from .config import AUTO, MAX_WINDOW, KeySpaceDetectionConfig
 from .distances import pad_left, trailing_distances
@@ -75,12 +75,8 @@ def read_queries(data: Any, spec: DataSpec, role: str) -> list[Any]:
 
 def _render(renderer: QueryRenderer, queries: list[Any], role: str) -> list[list[RenderedQuery]]:
     """``renderer.render(queries)``, its errors ("Query 3: ...") naming the data set they are about."""
-    try:
+    with data_role(role, plain=True):
         return renderer.render(queries)
-    except (ValueError, TypeError) as err:
-        if type(err) not in (ValueError, TypeError):  # another kind (a tokenizer's own): left as it is
-            raise
-        raise type(err)(f"The {role} data: {err}") from err
 
 
 def _is_token_batches(data: Any) -> bool:
