@@ -3,6 +3,7 @@ selection, reproducibility, dtypes, the untouched parts of the model, and bad in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from fractions import Fraction
@@ -95,7 +96,7 @@ STATS = {
 #: The width of the synthetic layer's site and its six selected columns, in state order (any order).
 WIDTH = 16
 NEURONS = torch.tensor([9, 3, 14, 6, 0, 11])
-PATHS = ["gather", "full_width"]
+PATHS = ["gather", "gather_large", "full_width"]
 
 
 def synthetic_layer(dtype=torch.float32) -> tuple[NeuronAdjustLayer, tuple[np.ndarray, ...]]:
@@ -155,6 +156,18 @@ def full_output(x: torch.Tensor, neurons: torch.Tensor, width: int, seed: int = 
     return out
 
 
+@contextlib.contextmanager
+def large_gather(on: bool):
+    """Within the block, every gather-path call gathers and writes back as large calls do (``on``) or as small ones
+    do (not ``on``), whatever its row count."""
+    saved = layer_module.LARGE_GATHER_MIN_ROWS
+    layer_module.LARGE_GATHER_MIN_ROWS = 1 if on else 10**9
+    try:
+        yield
+    finally:
+        layer_module.LARGE_GATHER_MIN_ROWS = saved
+
+
 def run_real_path(layer, x, path, thresholds=None, draws=None) -> torch.Tensor:
     """What the layer's real call writes to its K selected neurons for values ``x[..., K]`` (state order):
     ``[..., K]`` in ``x``'s dtype.
@@ -163,7 +176,8 @@ def run_real_path(layer, x, path, thresholds=None, draws=None) -> torch.Tensor:
     and -0.0 included, elsewhere), and every call is checked to take ``path`` (``"gather"`` rewrites the output in
     place, ``"full_width"`` returns a new tensor and leaves the output alone) and to leave the unselected columns
     unchanged bit for bit. ``"gather"`` is one call (rows of random values appended when the output would be small
-    enough for the full width); ``"full_width"`` cuts the rows into calls ``[rows, 1, width]`` of at most
+    enough for the full width), ``"gather_large"`` the same call through the gather and write-back of large calls
+    (:func:`large_gather`); ``"full_width"`` cuts the rows into calls ``[rows, 1, width]`` of at most
     ``FULL_WIDTH_MAX_NUMEL`` values, like decoding steps.
 
     Args:
@@ -179,13 +193,14 @@ def run_real_path(layer, x, path, thresholds=None, draws=None) -> torch.Tensor:
     lead, rows = x.shape[:-1], x.reshape(-1, k)
     th = None if thresholds is None else thresholds.reshape(-1, k)
     limit = layer_module.FULL_WIDTH_MAX_NUMEL
-    step = len(rows) if path == "gather" else limit // width
+    gather = path.startswith("gather")
+    step = len(rows) if gather else limit // width
     group = LayerGroup({0: layer}) if draws is not None else None
     results = []
     for start in range(0, len(rows), step):
         xs, ts = rows[start : start + step], None if th is None else th[start : start + step]
         output = full_output(xs, neurons, width, seed=start)
-        if path == "gather":
+        if gather:
             pad = max(0, limit // width + 1 - len(xs))
             if pad:  # too small to gather: more rows
                 output = torch.cat(
@@ -208,15 +223,16 @@ def run_real_path(layer, x, path, thresholds=None, draws=None) -> torch.Tensor:
             assert ts.shape == (*output.shape[:-1], width if path == "full_width" else k)
             if path == "full_width":
                 assert (ts[..., others] == 0).all()
-        got = layer(given, ts)
+        with large_gather(path == "gather_large"):
+            got = layer(given, ts)
         assert got.shape == output.shape and got.dtype == output.dtype
-        if path == "gather":
+        if gather:
             assert got is given  # rewritten in place
         else:
             assert got is not given and torch.equal(bits(given), bits(output))
         # unselected columns unchanged bit for bit; only a full-width call on a half-precision output (computed in
         # float32 and cast back) may rewrite the sign and payload of a NaN, which stays a NaN (torch's cast)
-        exact_nan = path == "gather" or output.dtype == layer.dtype
+        exact_nan = gather or output.dtype == layer.dtype
         assert_same_bits(got[..., others], output[..., others], exact_nan)
         results.append(got[..., neurons].reshape(-1, k)[: len(xs)])
     return torch.cat(results).reshape(*lead, k)
@@ -402,6 +418,45 @@ def test_full_width_path_equals_gather_path(rows, stochastic):
     assert torch.equal(got[..., others].view(torch.int32), out[..., others].view(torch.int32))
     torch.testing.assert_close(got[..., neurons], want[..., neurons], rtol=2e-7, atol=0)
     assert not uses_full_width(torch.zeros(1, 1, layer_module.FULL_WIDTH_MAX_NUMEL + 1))
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_large_gather_equals_small_gather_on_views_and_under_autograd(stochastic):
+    """The gather and write-back of large calls give the values and gradients of the small calls' ones, on a view
+    of a wider output (the gate half of a fused gate/up projection) rewritten in place, and out of place under
+    autograd."""
+    width, rows = 64, 300
+    t = {k: torch.tensor(v, dtype=torch.float32) for k, v in STATS.items()}
+    neurons = torch.tensor([9, 3, 40, 17, 63, 0])
+    layer = NeuronAdjustLayer(neurons, *t.values(), width=width)
+    fused = torch.randn(2, rows // 2, 2 * width, generator=torch.Generator().manual_seed(5)) * 2
+    sel = None
+    if stochastic:
+        sel = thresholds_from_uniforms(
+            torch.rand(2, rows // 2, 6, generator=torch.Generator().manual_seed(6))
+        )
+    results = []
+    for on in (False, True):
+        given = fused.clone()
+        with large_gather(on):
+            got = layer(given[..., :width], sel, full=False)
+        assert got.data_ptr() == given.data_ptr()  # the view, rewritten in place
+        assert torch.equal(given[..., width:], fused[..., width:])
+        leaf = fused[..., :width].clone().requires_grad_(True)
+        with large_gather(on):
+            out = layer(leaf * 1.0, sel, full=False)
+        out.pow(2).sum().backward()
+        results.append((given, out.detach(), leaf.grad))
+    (a, out_a, grad_a), (b, out_b, grad_b) = results
+    assert torch.equal(a, b) and torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
+    assert torch.equal(out_a, a[..., :width])
+    changed = set((a[..., :width] != fused[..., :width]).any(dim=(0, 1)).nonzero().flatten().tolist())
+    assert len(changed) >= 4 and changed <= set(neurons.tolist())
+    # a replaced value's gradient flows through the mirror image (slope -σR/σF), a kept one's through x
+    slope = torch.zeros(width).index_copy_(0, neurons, -t["retain_std"] / t["forget_std"])
+    replaced = a[..., :width] != fused[..., :width]
+    expected = 2 * out_a * torch.where(replaced, slope, torch.ones(width))
+    torch.testing.assert_close(grad_a, expected)
 
 
 def test_zero_width_statistics_are_refused():
@@ -592,14 +647,16 @@ def stats_of(na, layer):
 
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize(
-    ("path", "draw"), [("gather", "block"), ("gather", "per_layer"), ("full_width", "block")]
+    ("path", "draw"),
+    [("gather", "block"), ("gather", "per_layer"), ("gather_large", "per_layer"), ("full_width", "block")],
 )
 @pytest.mark.parametrize("rows", [(4, 12), (1, 2)], ids=["4x12", "1x2"])
 def test_only_selected_pre_activation_columns_change(deterministic, path, draw, rows, monkeypatch):
     """Only the selected columns change, each as the numpy rule says given the draws Neuron Adjust makes: one block
     per forward (the layers' columns side by side in layer order) for a small forward, one draw per layer from the
     same generator, in layer order, for a large one."""
-    monkeypatch.setattr(layer_module, "FULL_WIDTH_MAX_NUMEL", 0 if path == "gather" else 10**9)
+    monkeypatch.setattr(layer_module, "FULL_WIDTH_MAX_NUMEL", 10**9 if path == "full_width" else 0)
+    monkeypatch.setattr(layer_module, "LARGE_GATHER_MIN_ROWS", 1 if path == "gather_large" else 10**9)
     monkeypatch.setattr(sampling, "GROUP_DRAW_MAX_NUMEL", 0 if draw == "per_layer" else 10**9)
     model = tiny_llama(layers=3)
     weights = {k: v.clone() for k, v in model.named_parameters()}
