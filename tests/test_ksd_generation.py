@@ -257,6 +257,87 @@ def test_hand_written_cached_loop(setup, tok, cache_kw):
     assert torch.equal(greedy_loop(unlearned, batch, steps, cache_kw), got)
 
 
+def continue_loop(model, cache, first, mask, position, steps):
+    """Greedy steps of a hand-written loop on ``cache`` from the first tokens ``first`` ``[rows, 1]``; ``mask``: the rows'
+    attention mask so far, ``position``: their last positions ``[rows, 1]``."""
+    nxt, tokens = first, []
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens.append(nxt)
+            mask, position = torch.cat([mask, torch.ones_like(nxt)], 1), position + 1
+            out = model(
+                input_ids=nxt, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
+            )
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    return torch.cat(tokens, 1)
+
+
+def loop_with_row_change(model, batch, steps, change, rows):
+    """A hand-written greedy loop that changes the batch after the prefill with ``change(cache)`` (a cache method),
+    the rows of the original batch going on being ``rows`` (in their new order)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=DynamicCache(), use_cache=True
+        )
+    change(out.cache)
+    first = out.logits[rows, -1].argmax(-1, keepdim=True)
+    return continue_loop(model, out.cache, first, mask[rows], position[rows, -1:], steps)
+
+
+ROW_CHANGES = {
+    # drop finished rows (two forget rows and an other), the rest in a new order
+    "batch_select_indices": (lambda c: c.batch_select_indices(torch.tensor([3, 1, 5])), [3, 1, 5]),
+    "boolean mask": (
+        lambda c: c.batch_select_indices(torch.tensor([False, True, True, False, True, False])),
+        [1, 2, 4],
+    ),
+    # a hand-written beam search reorders rows
+    "reorder_cache": (lambda c: c.reorder_cache(torch.tensor([5, 4, 3, 2, 1, 0])), [5, 4, 3, 2, 1, 0]),
+    # one prefill, several samples per prompt
+    "batch_repeat_interleave": (
+        lambda c: c.batch_repeat_interleave(2),
+        torch.arange(len(MIXED)).repeat_interleave(2).tolist(),
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(ROW_CHANGES))
+def test_a_loop_that_changes_the_caches_rows_keeps_each_rows_decision(setup, tok, change):
+    """Dropping finished rows, reordering them or expanding a prompt into samples with the cache's own methods
+    keeps each row's decision with the row: a retain row dropped next to an abstaining one was given the refusal,
+    and expanded samples of a refused prompt answered (the decisions stayed in the prefill's row order; a review)."""
+    model, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+    steps = len(refusal_ids(tok)) + 2
+    fn, rows = ROW_CHANGES[change]
+    got = loop_with_row_change(unlearned, batch, steps, fn, rows)
+    base = loop_with_row_change(model, batch, steps, fn, rows)
+    eos = model.generation_config.eos_token_id
+    refusal = [*refusal_ids(tok), eos]
+    assert any(IS_FORGET[r] for r in rows) and not all(IS_FORGET[r] for r in rows)
+    for i, r in enumerate(rows):
+        if IS_FORGET[r]:
+            assert got[i].tolist() == (refusal + [eos] * steps)[:steps], (i, r)
+        else:
+            assert torch.equal(got[i], base[i]), (i, r)
+
+
+def test_rows_changed_behind_the_caches_back_are_refused(setup, tok):
+    """Rows dropped layer by layer (not through the cache's own method) leave the decisions of the old rows: the next
+    step is refused with an error that says why, instead of forcing the refusal onto the wrong rows."""
+    _, unlearned = setup
+    batch = encode(tok, MIXED, "left")
+
+    def by_hand(cache):
+        for layer in cache.layers:
+            layer.batch_select_indices(torch.tensor([1, 2]))
+
+    with pytest.raises(RuntimeError, match="has 2 rows but its request decided abstention for 6"):
+        loop_with_row_change(unlearned, batch, 2, by_hand, [1, 2])
+
+
 def greedy_loop_without_cache(model, batch, steps):
     """Greedy decoding that re-feeds the whole sequence at every step (no KV cache), left padded."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -425,18 +506,11 @@ def test_a_copied_prompt_cache_keeps_the_decision_and_not_a_copy_of_the_model(se
     cache_copy, model_copy = copy.deepcopy([out.past_key_values, unlearned])  # the same, cache first
     assert model_copy is not unlearned and cache_copy._unlearn_request.owner is unlearned
     steps = len(refusal_ids(tok)) + 2
-    runs = []
-    for cache in [*copies, out.past_key_values]:
-        nxt, m, pos, tokens = out.logits[:, -1].argmax(-1, keepdim=True), mask, position[:, -1:], []
-        with torch.no_grad():
-            for _ in range(steps):
-                tokens.append(nxt)
-                m, pos = torch.cat([m, torch.ones_like(nxt)], 1), pos + 1
-                step = unlearned(
-                    input_ids=nxt, attention_mask=m, position_ids=pos, cache=cache, use_cache=True
-                )
-                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
-        runs.append(torch.cat(tokens, 1))
+    first = out.logits[:, -1].argmax(-1, keepdim=True)
+    runs = [
+        continue_loop(unlearned, cache, first, mask, position[:, -1:], steps)
+        for cache in [*copies, out.past_key_values]
+    ]
     eos = model.generation_config.eos_token_id
     for i, forget in enumerate(IS_FORGET):
         if forget:

@@ -10,6 +10,7 @@ call, or attached to the KV cache for hand-written decoding loops.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -70,6 +71,15 @@ class RequestState:
             if owner is self.owner:  # the rest of this deepcopy copies the model as it would have
                 del memo[key]
         return new
+
+    def select_rows(self, apply: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a change of the request's rows (``apply`` maps a ``[rows, ...]`` tensor to the new rows: see
+        :mod:`unlearn_hf.cache_rows`) to the per-row state of every method that keeps one (a ``select_rows`` method
+        of its data)."""
+        for value in self.data.values():
+            select = getattr(value, "select_rows", None)
+            if select is not None:
+                select(apply)
 
     def decided(self, name: str) -> None:
         """Called by an abstaining method once its decision for this request is final; raises

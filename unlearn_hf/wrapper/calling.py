@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..cache_rows import follow_row_changes
 from ..context import _CURRENT, _GENERATION, _REPLAY, ForwardContext, RequestState, disabled_for
 from ..methods.base import AbstainingAttachment
 
@@ -200,6 +201,7 @@ class CallingMixin:
         if cache is not None and _GENERATION.get() is None:
             with contextlib.suppress(AttributeError):  # legacy tuple caches cannot carry state
                 cache._unlearn_request = ctx.request
+                follow_row_changes(cache)
         return output
 
     def _silent_methods(self, ctx: ForwardContext, active: list[Any]) -> list[str]:

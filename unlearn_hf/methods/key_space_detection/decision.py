@@ -56,6 +56,13 @@ class AbstentionState:
     routed: dict[int, UnitDistances] = field(default_factory=dict)
     any: bool = False
 
+    def select_rows(self, apply) -> None:
+        """Follow a change of the request's rows (its KV cache's ``batch_select_indices`` and the like)."""
+        if self.abstained is not None:
+            self.abstained, self.start = apply(self.abstained), apply(self.start)
+            self.any = bool(self.abstained.any())
+        self.carry = {unit: (apply(flags), apply(valid)) for unit, (flags, valid) in self.carry.items()}
+
 
 def combine_layers(per_layer: dict[int, torch.Tensor], rule: str) -> torch.Tensor:
     """Combine per-layer inside flags with the ``rule`` (``"all"`` or ``"any"``)."""
@@ -296,20 +303,27 @@ class KeySpaceAttachment(AbstainingAttachment):
                 f"Key Space Detection did not run at layers {sorted(self.layers)} during the prefill: the key "
                 "modules were not called."
             )
-        if st is None or not st.any:
+        if st is None or st.abstained is None:
             return output
-        force = self.refusal.force
-        if isinstance(output, tuple):  # return_dict=False: (loss?, logits, ...)
-            at = 1 if ctx.labels is not None else 0
-            force(output[at], st.abstained, st.start, ctx.steps_generated, ctx.request)
-            if at == 1:
-                output = (self._loss(ctx, output[1]), *output[1:])
+        at = (1 if ctx.labels is not None else 0) if isinstance(output, tuple) else None  # return_dict=False
+        if at is not None:
+            logits = output[at]
+        else:
+            logits = output.get("logits") if hasattr(output, "get") else getattr(output, "logits", None)
+        if logits is not None and logits.shape[0] != st.abstained.shape[0]:
+            raise RuntimeError(
+                f"This forward has {logits.shape[0]} rows but its request decided abstention for "
+                f"{st.abstained.shape[0]}: the rows of the KV cache it continues were changed other than through the "
+                "cache's batch_select_indices, batch_repeat_interleave or reorder_cache (which carry the decisions "
+                "along). Run the prompts again to start a new request."
+            )
+        if not st.any or logits is None:
             return output
-        logits = output.get("logits") if hasattr(output, "get") else getattr(output, "logits", None)
-        if logits is not None:
-            force(logits, st.abstained, st.start, ctx.steps_generated, ctx.request)
-            if ctx.labels is not None and output.get("loss") is not None:
-                output["loss"] = self._loss(ctx, logits)
+        self.refusal.force(logits, st.abstained, st.start, ctx.steps_generated, ctx.request)
+        if at == 1:
+            output = (self._loss(ctx, logits), *output[1:])
+        elif at is None and ctx.labels is not None and output.get("loss") is not None:
+            output["loss"] = self._loss(ctx, logits)
         return output
 
     @staticmethod
