@@ -297,6 +297,29 @@ def test_user_files_are_kept_and_another_models_files_are_overwritten_with_a_war
     assert list(UnlearnedModelForCausalLM.from_pretrained(target).methods) == ["na"]
 
 
+def test_a_light_save_into_another_models_folder_is_refused(two_models, tmp_path):
+    """A light save into a folder that holds a plain model (its config.json and weights, written by no unlearn_hf
+    save) is refused before anything is written: it kept them, so AutoModelForCausalLM and the CLI's tokenizer
+    loaded the other model next to this checkpoint's methods (a review). The user's tokenizer files alone are fine,
+    and a full save replaces the other model's files."""
+    old, new = two_models
+    target = tmp_path / "ckpt"
+    old.get_base_model().save_pretrained(target)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"another model's files .*config\.json, model\.safetensors"):
+        new.save_pretrained(target, save_base_model=False)
+    assert snapshot(target) == before and not leftovers(tmp_path)
+    new.save_pretrained(target, save_base_model=True)
+    assert list(UnlearnedModelForCausalLM.from_pretrained(target).methods) == list(new.methods)
+    new.save_pretrained(target, save_base_model=False)  # its own full save's files: replaced by the light one
+    assert not (target / "model.safetensors").exists() and not (target / "config.json").exists()
+    tokenizer_only = tmp_path / "tok"
+    tokenizer_only.mkdir()
+    (tokenizer_only / "tokenizer_config.json").write_text("{}")
+    new.save_pretrained(tokenizer_only, save_base_model=False)
+    assert (tokenizer_only / "tokenizer_config.json").read_text() == "{}"
+
+
 def test_a_failed_save_leaves_the_old_folder_and_no_temporary(two_models, tmp_path, monkeypatch):
     old, new = two_models
     target = tmp_path / "ckpt"

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from unlearn_hf import NeuronAdjustConfig, UnlearnedModelForCausalLM
 from unlearn_hf.persistence import CONFIG_NAME, FingerprintMismatchError
+from unlearn_hf.persistence.fingerprint import parameter_records
 
 VOCAB = 512
 PROMPT = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -105,6 +106,27 @@ def test_weights_changed_in_memory(base_dir, tmp_path, caplog):
     # naming the base explicitly is the user's word (the fingerprint checks it at load)
     model.save_pretrained(tmp_path / "named", base_model_name_or_path="me/tuned")
     assert layout(tmp_path / "named") == "light"
+
+
+def test_a_given_state_dict_is_what_the_fingerprint_records(base_dir, tmp_path):
+    """``save_pretrained(state_dict=sd)`` writes ``sd`` as the base weights: the fingerprint records ``sd``, not the
+    weights in memory. It recorded the model in memory, so a checkpoint whose ``sd`` differed in a recorded row never
+    loaded: its own base files failed the check (a review)."""
+    model = unlearned(base_dir)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    name = "model.layers.1.mlp.up_proj.weight"
+    sd[name][0, 0] += 0.5
+    model.save_pretrained(tmp_path / "ckpt", state_dict=sd)
+    loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.get_base_model().state_dict()[name], sd[name])
+    saved = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())["base_model"]["fingerprint"]
+    recorded = {r[0]: r for r in saved["parameters"]}[name]
+    fresh = UnlearnedModelForCausalLM.from_base(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt"))
+    assert recorded == {r[0]: r for r in parameter_records(fresh.get_base_model())}[name]
+    with pytest.raises(
+        FingerprintMismatchError, match="up_proj"
+    ):  # the model in memory is not the checkpoint's base
+        UnlearnedModelForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=model.get_base_model())
 
 
 def test_resized_embeddings_and_non_finite_rows(base_dir, tmp_path):

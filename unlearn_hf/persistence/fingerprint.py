@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,19 +40,20 @@ PARAMETER_SAMPLE = 4
 PARAMETER_HASH_DIGITS = 16
 
 
-def parameter_records(model: nn.Module) -> list[list[Any]]:
+def parameter_records(model: nn.Module, weights: Mapping[str, torch.Tensor] | None = None) -> list[list[Any]]:
     """``[name, dtype, shape, hash, sample]`` of every floating-point parameter of ``model`` (``named_parameters``
     order, named as in the plain model: PEFT adapters added to it are left out, see
     :func:`~unlearn_hf.adapters.plain_parameters`): ``hash``, the first 16 hex digits of the SHA-256 of its first
     row (``p.reshape(-1, p.shape[-1])[0]``: one row of a fused experts weight too; all of a 1-D parameter) as float32 little-endian bytes; ``sample``, 4 values of that row at
     ``round(linspace(0, n - 1, 4))`` (``None`` when one is not finite); both ``None`` for a parameter whose values
-    are not here (meta device, or a distributed tensor's shard)."""
+    are not here (meta device, or a distributed tensor's shard). ``weights``: the values to record instead of the
+    model's, by name (the ``state_dict`` a save writes, see :func:`held_values`)."""
     records: list[list[Any]] = []
     for name, p in plain_parameters(model):
         if not p.is_floating_point():
             continue  # quantized storage: its dtype says nothing comparable
         dtype, shape = str(p.dtype).removeprefix("torch."), list(p.shape)
-        values = held_values(model, name, p)
+        values = held_values(model, name, p, weights)
         if values is None or p.numel() == 0 or hasattr(p, "to_local"):
             records.append([name, dtype, shape, None, None])
             continue
@@ -62,10 +64,17 @@ def parameter_records(model: nn.Module) -> list[list[Any]]:
     return records
 
 
-def held_values(model: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor | None:
-    """The values of parameter ``name`` (``p``) of ``model``: ``p`` itself, or, for a parameter that accelerate
-    offloaded (on the meta device, its values kept by its module's hook: ``device_map`` with CPU or disk offload),
-    those; ``None`` when they are nowhere (a model built without weights)."""
+def held_values(
+    model: nn.Module, name: str, p: torch.Tensor, weights: Mapping[str, torch.Tensor] | None = None
+) -> torch.Tensor | None:
+    """The values of parameter ``name`` (``p``) of ``model``: ``weights[name]`` when ``weights`` has it (a save's
+    ``state_dict``: what the checkpoint holds, not what the model holds in memory; ``None`` when its shape is not
+    ``p``'s), else ``p`` itself, or, for a parameter that accelerate offloaded (on the meta device, its values kept
+    by its module's hook: ``device_map`` with CPU or disk offload), those; ``None`` when they are nowhere (a model
+    built without weights)."""
+    if weights is not None and name in weights:
+        given = weights[name]
+        return given if isinstance(given, torch.Tensor) and given.shape == p.shape else None
     if p.device.type != "meta":
         return p
     prefix, _, local = name.rpartition(".")
@@ -75,11 +84,11 @@ def held_values(model: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor | 
         return None
     hook = getattr(module, "_hf_hook", None)
     for h in (hook, *getattr(hook, "hooks", ())):
-        weights = getattr(h, "weights_map", None)
-        if weights is None:
+        offloaded = getattr(h, "weights_map", None)
+        if offloaded is None:
             continue
         try:
-            value = weights[local]
+            value = offloaded[local]
         except (KeyError, AttributeError, OSError, RuntimeError):
             continue
         if isinstance(value, torch.Tensor) and value.device.type != "meta" and value.shape == p.shape:
@@ -161,7 +170,9 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def _weight_slice(label: str, name: str, weight: torch.Tensor, model: nn.Module) -> dict[str, Any]:
+def _weight_slice(
+    label: str, name: str, weight: torch.Tensor, model: nn.Module, weights: Mapping[str, torch.Tensor] | None
+) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "label": label,
         "name": name,
@@ -171,7 +182,7 @@ def _weight_slice(label: str, name: str, weight: torch.Tensor, model: nn.Module)
         "sha256": None,
         "sample": None,
     }
-    held = held_values(model, name, weight)
+    held = held_values(model, name, weight, weights)
     if held is None or weight.ndim == 0:
         logger.info("Fingerprint: %s (%s) is not materialized; its values are not hashed.", label, name)
         return entry
@@ -182,23 +193,30 @@ def _weight_slice(label: str, name: str, weight: torch.Tensor, model: nn.Module)
     return entry
 
 
-def compute_fingerprint(model: nn.Module, sites: list[FFLSite]) -> dict[str, Any]:
-    """The fingerprint of ``model`` (the plain base model) with its FFL ``sites``, as a JSON-ready dict."""
+def compute_fingerprint(
+    model: nn.Module, sites: list[FFLSite], weights: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """The fingerprint of ``model`` (the plain base model) with its FFL ``sites``, as a JSON-ready dict; ``weights``:
+    the values a save writes instead of the model's (its ``state_dict``), by parameter name."""
     config = getattr(model, "config", None)
     names = _param_names(model)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     emb_weight = getattr(emb, "weight", None)
     vocab = int(emb_weight.shape[0]) if emb_weight is not None else getattr(config, "vocab_size", None)
     hidden = int(emb_weight.shape[1]) if emb_weight is not None and emb_weight.ndim == 2 else None
-    weights = []
+    slices = []
     if emb_weight is not None:
-        weights.append(
-            _weight_slice("input embedding", names.get(id(emb_weight), "input_embeddings"), emb_weight, model)
+        slices.append(
+            _weight_slice(
+                "input embedding", names.get(id(emb_weight), "input_embeddings"), emb_weight, model, weights
+            )
         )
     for label, site in (("first FFL key projection", sites[0]), ("last FFL key projection", sites[-1])):
         w = getattr(site.key, "weight", None)
         if isinstance(w, torch.Tensor):
-            weights.append(_weight_slice(label, names.get(id(w), site.key_name + ".weight"), w, model))
+            slices.append(
+                _weight_slice(label, names.get(id(w), site.key_name + ".weight"), w, model, weights)
+            )
     return {
         "model_type": getattr(config, "model_type", None),
         "num_layers": len(sites),
@@ -216,8 +234,8 @@ def compute_fingerprint(model: nn.Module, sites: list[FFLSite]) -> dict[str, Any
             }
             for s in sites
         ],
-        "weights": weights,
-        "parameters": parameter_records(model),
+        "weights": slices,
+        "parameters": parameter_records(model, weights),
     }
 
 

@@ -50,8 +50,10 @@ def build_checkpoint(
     retain_data: str | None = None,
     base_model_name_or_path: str | None = None,
     base_model_revision: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> tuple[UnlearnConfig, dict[str, torch.Tensor]]:
-    """The config and the flat ``{<method>.<tensor>: tensor}`` dict of ``model``'s attached methods, validated."""
+    """The config and the flat ``{<method>.<tensor>: tensor}`` dict of ``model``'s attached methods, validated
+    (``state_dict``: the base weights the save writes, which the fingerprint records instead of the model's)."""
     if not is_unlearned_model(model):
         raise TypeError(f"Expected an UnlearnedModelForCausalLM, got {type(model).__name__}.")
     if not model.methods:
@@ -106,7 +108,7 @@ def build_checkpoint(
 
     config = UnlearnConfig(
         layout=LAYOUT_FULL if save_base_model else LAYOUT_LIGHT,
-        base_model=BaseModelInfo(name, revision, compute_fingerprint(base, model.ffl_sites)),
+        base_model=BaseModelInfo(name, revision, compute_fingerprint(base, model.ffl_sites, state_dict)),
         methods=methods,
         library_version=__version__,
         forget_data=forget_data,
@@ -232,6 +234,7 @@ def save_unlearned(
         retain_data=retain_data,
         base_model_name_or_path=base_model_name_or_path,
         base_model_revision=base_model_revision,
+        state_dict=kwargs.get("state_dict") if save_base_model else None,
     )
     ignored = sorted(k for k, v in kwargs.items() if v is not None)  # Trainer passes state_dict=None
     if ignored and not save_base_model:
@@ -251,6 +254,15 @@ def save_unlearned(
             f"The base model's name {recorded!r} is also the path of this folder ({target}): loading the light "
             "checkpoint would look for its base model in the folder itself, which holds none. Save into another "
             "folder, or with save_base_model=True."
+        )
+
+    foreign = set() if save_base_model or not target.is_dir() else _model_files(target) - _own_files(target)
+    if foreign:
+        raise ValueError(
+            f"{target} holds another model's files that no unlearn_hf save wrote ({', '.join(sorted(foreign))}): next "
+            "to a light checkpoint, AutoModelForCausalLM.from_pretrained and tools that read the folder would load "
+            "them, not the base model it names. Save into another folder, or with save_base_model=True (which "
+            "replaces them)."
         )
 
     def write(tmp: Path) -> list[str]:
@@ -289,6 +301,11 @@ def save_unlearned(
 
 #: File names of transformers model weights (single file, shards, their index; pickle ones included).
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def _model_files(folder: Path) -> set[str]:
+    """The files of ``folder`` that make it a transformers model: its ``config.json`` and weight files."""
+    return {p.name for p in folder.iterdir() if p.name == "config.json" or WEIGHT_FILE.match(p.name)}
 
 
 def _own_files(folder: Path) -> set[str]:
