@@ -20,6 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 from helpers_persistence import assert_same_outputs, encode, fit_methods, outputs
+from safetensors import SafetensorError
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
@@ -326,13 +327,16 @@ def test_a_failed_save_leaves_the_old_folder_and_no_temporary(two_models, tmp_pa
     old.save_pretrained(target, save_base_model=True)
     before = snapshot(target)
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full (simulated)")
+    for error in (OSError(28, "No space left on device (simulated)"), SafetensorError("IoError (simulated)")):
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
-    with pytest.raises(OSError, match="simulated"):
-        new.save_pretrained(target, save_base_model=True)
-    assert snapshot(target) == before and leftovers(tmp_path) == []
+        def crash(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(safetensors.torch, "save_file", crash)
+        # an AtomicSaveError (an OSError, which the CLI reports in one line), saying the folder is unchanged
+        with pytest.raises(atomic.AtomicSaveError, match=r"simulated.*the folder is unchanged"):
+            new.save_pretrained(target, save_base_model=True)
+        assert snapshot(target) == before and leftovers(tmp_path) == []
 
 
 def test_saving_into_a_file_is_refused_before_anything_is_written(two_models, tmp_path):

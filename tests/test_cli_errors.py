@@ -277,6 +277,52 @@ def test_a_user_error_in_a_real_process_is_one_line_on_stderr(folders, shared_da
     )
 
 
+@pytest.mark.parametrize("command", ["fit", "evaluate", "demo"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(
+    command, folders, shared_data, tmp_path, capsys, monkeypatch
+):
+    """An --output on a read-only file system (or without permission) is refused in one line before the model is
+    loaded: it failed with a traceback from mkdir, or after the whole fit or evaluation (a review)."""
+    import unlearn_hf.cli.arguments as arguments
+    import unlearn_hf.cli.main as cli
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        arguments.os,
+        "access",
+        lambda p, mode: real_access(p, mode) and not Path(p).is_relative_to(read_only),
+    )
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(cli, "load_model", no_work)
+    monkeypatch.setattr("unlearn_hf.cli.demo.run_demo", no_work)
+    out = str(read_only / "sub" / ("results.json" if command == "evaluate" else "model"))
+    argv = {
+        "fit": [
+            "fit",
+            "--model",
+            str(folders["tiny"]),
+            "--method",
+            "na",
+            "--forget",
+            "gsm8k",
+            "--retain",
+            "mbpp",
+        ],
+        "evaluate": ["evaluate", "--model", str(folders["tiny"]), "--skills", "gsm8k"],
+        "demo": ["demo"],
+    }[command]
+    code = main([*argv, "--data-dir", str(shared_data), "--output", out, "-q"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and f"cannot write into {read_only}" in lines[0], err
+    assert not (read_only / "sub").exists()
+
+
 def test_unexpected_failures_exit_1_with_a_traceback(folders, monkeypatch):
     """A bug is not a user error: it keeps its traceback (and Python's exit code 1)."""
     import unlearn_hf.cli.main as cli

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -89,8 +90,16 @@ def output_folder(path: str) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"--output {path!r}: {parent} is not a folder.")
+            check_writable(path, parent)  # a save writes beside the folder, then swaps it in
             break
     return out
+
+
+def check_writable(path: str, folder: Path) -> None:
+    """Refuse, before any work, an ``--output`` whose nearest existing folder this process cannot write to (a
+    read-only file system, no permission): the error came after the whole fit or evaluation."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--output {path!r}: cannot write into {folder} (read-only or no permission).")
 
 
 def output_file(path: str | None) -> Path | None:
@@ -103,6 +112,11 @@ def output_file(path: str | None) -> Path | None:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:  # found now, not after the whole evaluation
         raise UserError(f"--output {path!r}: {str(blocking)!r} is a file, not a folder.")
+    check_writable(path, next(p for p in out.absolute().parents if p.exists()))
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UserError(
+            f"--output {path!r}: the file exists and cannot be written (read-only or no permission)."
+        )
     return out
 
 

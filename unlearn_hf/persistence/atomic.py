@@ -36,6 +36,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 logger = logging.getLogger(__name__)
 
 TMP_MARK = ".unlearn-tmp-"
@@ -46,7 +48,8 @@ _AT_FDCWD = -100
 
 class AtomicSaveError(OSError):
     """A folder that cannot be replaced atomically (a mount point, a mount inside it, a parent folder this process
-    cannot write to). Nothing was written."""
+    cannot write to), or a save that failed to write (a full disk, a read-only file system). The folder is
+    unchanged."""
 
 
 def check_replaceable(target: Path) -> None:
@@ -306,25 +309,7 @@ def replace_folder(
         clean_stale(target)
         tmp, old = new_temporary(target), None
         try:
-            written = set(write(tmp))
-            fsync_tree(tmp)  # what this save wrote; the carried files below hold old data
-            carried: list[str] = []
-            if target.is_dir():
-                previous = own_old_files(target)
-                foreign = sorted(
-                    r
-                    for r in written
-                    if r not in previous and (target / r).exists() and not (target / r).is_dir()
-                )
-                if foreign:
-                    logger.warning(
-                        "Overwriting %s in %s: files that no earlier unlearn_hf save wrote there (another model's?).",
-                        foreign,
-                        target,
-                    )
-                carried = carry_over(target, tmp, lambda r: r in previous or r in written)
-                copy_mode_and_owner(target, tmp)
-                fsync_tree(tmp, files=False)
+            carried = _prepare(target, tmp, write, own_old_files)
             cwd = _cwd_inside(target)
             old = swap_in(tmp, target)
             tmp = None
@@ -339,6 +324,41 @@ def replace_folder(
             except OSError as err:  # the new checkpoint is in place: a leftover is cleaned by the next save
                 logger.warning("Saved, but could not delete the previous folder %s: %s", old, err)
     return carried
+
+
+def _prepare(
+    target: Path, tmp: Path, write: Callable[[Path], list[str]], own_old_files: Callable[[Path], set[str]]
+) -> list[str]:
+    """Fill the temporary folder ``tmp`` for :func:`replace_folder`: what ``write`` writes, then the old folder's files
+    that are carried over; returns those. An I/O failure (a full disk, a read-only file system) is an
+    :class:`AtomicSaveError` that says the folder is unchanged."""
+    try:
+        written = set(write(tmp))
+        fsync_tree(tmp)  # what this save wrote; the carried files below hold old data
+        carried: list[str] = []
+        if target.is_dir():
+            previous = own_old_files(target)
+            foreign = sorted(
+                r
+                for r in written
+                if r not in previous and (target / r).exists() and not (target / r).is_dir()
+            )
+            if foreign:
+                logger.warning(
+                    "Overwriting %s in %s: files that no earlier unlearn_hf save wrote there (another model's?).",
+                    foreign,
+                    target,
+                )
+            carried = carry_over(target, tmp, lambda r: r in previous or r in written)
+            copy_mode_and_owner(target, tmp)
+            fsync_tree(tmp, files=False)
+        return carried
+    except AtomicSaveError:
+        raise
+    except (OSError, SafetensorError) as err:
+        raise AtomicSaveError(
+            f"Could not write the checkpoint {target} ({err}); the folder is unchanged."
+        ) from err
 
 
 def _cwd_inside(target: Path) -> Path | None:
