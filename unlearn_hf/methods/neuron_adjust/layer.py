@@ -59,7 +59,8 @@ class NeuronAdjustLayer:
     both factors being affine in x. Where d > 0 (pF > pR), x is replaced by its mirror image
     x' = μR − zF·σR = μR + μF·σR/σF − x·σR/σF: always in deterministic mode, otherwise with probability
     sigmoid(d) = pF / (pF + pR): given uniforms u, x is replaced where ``d > max(0, logit(u))``, i.e. where
-    d > 0 and u < sigmoid(d). Other values, and all unselected neurons, are left exactly as they were.
+    d > 0 and u < sigmoid(d). Other values, and all unselected neurons, are left exactly as they were (an infinite
+    value of a selected neuron comes back NaN from the gather path).
 
     Accuracy: unlike the expanded quadratic a·x² + b·x + c, the factored form is backward stable even for a σ
     floored at a tiny ε: the computed d (and x') is the exact value for an input within a few float32 ulps
