@@ -366,6 +366,18 @@ def test_far_tails_use_log_space(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_kept_values_are_kept_bit_for_bit_even_huge_or_negative_zero(path):
+    """A selected value that is not replaced comes back with its bits: -0.0 and values near the float32 maximum
+    included (selecting between x and its mirror image arithmetically, x + w·(x' − x), turned -0.0 into +0.0 and
+    huge values into NaN; a review)."""
+    layer, _ = synthetic_layer()
+    k = layer.num_neurons
+    x = torch.tensor([[-0.0] * k, [3e38] * k, [-3e38] * k, [1e35] * k], dtype=torch.float32)
+    out = run_real_path(layer, x, path, torch.full_like(x, float("inf")))  # no threshold is exceeded
+    assert torch.equal(bits(out), bits(x))
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_values_decide_like_float32(dtype, path):
     layer, ref = synthetic_layer(dtype)

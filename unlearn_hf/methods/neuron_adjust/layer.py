@@ -33,8 +33,8 @@ FULL_WIDTH_MAX_NUMEL = 4096
 
 #: Calls with at least this many rows gather the selected columns and write them back with ``aten.index`` /
 #: ``aten.index_put_``, the others with ``index_select`` / ``index_copy_`` (same values). Measured on SmolLM2's width
-#: (d_ff 1536, 2 threads), per call of the whole gather path, 46 / 150 selected columns: 44 / 105 µs against 58 / 98
-#: at 128 rows, 100 / 260 against 92 / 161 at 256, 317 / 480 against 207 / 390 at 512, 1053 / 2585 against 747 / 1621
+#: (d_ff 1536, 2 threads), per call of the whole gather path, 46 / 150 selected columns: 41 / 115 µs against 54 / 120
+#: at 128 rows, 92 / 299 against 93 / 196 at 256, 285 / 540 against 191 / 435 at 512, 856 / 2603 against 717 / 1664
 #: at 2048 (prefill and scoring batches).
 LARGE_GATHER_MIN_ROWS = 256
 
@@ -59,8 +59,7 @@ class NeuronAdjustLayer:
     both factors being affine in x. Where d > 0 (pF > pR), x is replaced by its mirror image
     x' = μR − zF·σR = μR + μF·σR/σF − x·σR/σF: always in deterministic mode, otherwise with probability
     sigmoid(d) = pF / (pF + pR): given uniforms u, x is replaced where ``d > max(0, logit(u))``, i.e. where
-    d > 0 and u < sigmoid(d). Other values, and all unselected neurons, are left exactly as they were (an infinite
-    value of a selected neuron comes back NaN from the gather path).
+    d > 0 and u < sigmoid(d). Other values, and all unselected neurons, are left exactly as they were.
 
     Accuracy: unlike the expanded quadratic a·x² + b·x + c, the factored form is backward stable even for a σ
     floored at a tiny ε: the computed d (and x') is the exact value for an input within a few float32 ulps
@@ -71,10 +70,9 @@ class NeuronAdjustLayer:
     each inside a SmolLM2 decode step), so their number is what counts. Two paths, same arithmetic:
 
     * gather (calls with more than :data:`FULL_WIDTH_MAX_NUMEL` values: prefill, batched decoding): eight operations on
-      the selected columns only: ``index_select``, three ``addcmul`` for d, a comparison in place (d becomes 0/1),
-      one ``addcmul`` for the mirror image, ``lerp`` by those weights (exact for 0 and 1; on a CPU 9 against 18 µs
-      for ``where`` on a boolean mask at 512 x 46), ``index_copy_`` (into the output, in place); from
-      :data:`LARGE_GATHER_MIN_ROWS` rows the gather and the write-back are ``aten.index`` / ``aten.index_put_``;
+      the selected columns only: ``index_select``, three ``addcmul`` for d, a comparison, one ``addcmul`` for
+      the mirror image, ``where``, ``index_copy_`` (into the output, in place); from :data:`LARGE_GATHER_MIN_ROWS`
+      rows the gather and the write-back are ``aten.index`` / ``aten.index_put_``;
     * full width (decoding one or two sequences of a small model, with ``width`` given): the same six
       arithmetic operations on every column of the output, with coefficients that make d = −inf for unselected
       neurons, and no gather or scatter: measured 17% cheaper per call at batch 1 on SmolLM2 (and 40% dearer at
@@ -174,7 +172,7 @@ class NeuronAdjustLayer:
             self.sum_slope,
         )
         log_ratio, mirror_bias, mirror_slope = self.log_ratio, self.mirror_bias, self.mirror_slope
-        addcmul, lerp = torch.addcmul, torch.lerp
+        addcmul, gt, where = torch.addcmul, torch.gt, torch.where
         index, index_put, index_put_ = (
             torch.ops.aten.index,
             torch.ops.aten.index_put,
@@ -194,10 +192,10 @@ class NeuronAdjustLayer:
             if x.dtype is not dtype:
                 x = x.to(dtype)
             d = addcmul(log_ratio, addcmul(hd_bias, x, hd_slope), addcmul(sum_bias, x, sum_slope))
-            # d becomes the 0/1 weight of the mirror image in place (a 0-dim zero tensor, not the Python scalar 0,
-            # which would become a new tensor at every call); lerp with weights 0 and 1 returns x and x' exactly
-            replace = (d.detach() if d.requires_grad else d).gt_(zero if thresholds is None else thresholds)
-            new = lerp(x, addcmul(mirror_bias, x, mirror_slope), replace)
+            # a 0-dim zero tensor, not the Python scalar 0, which would become a new tensor at every call
+            new = where(
+                gt(d, zero if thresholds is None else thresholds), addcmul(mirror_bias, x, mirror_slope), x
+            )
             if new.dtype is not output.dtype:
                 new = new.to(output.dtype)
             if large:
