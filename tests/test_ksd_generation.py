@@ -8,9 +8,11 @@ the refusal's own tokenization for rows that do.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import threading
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -293,11 +295,14 @@ ROW_CHANGES = {
         lambda c: c.batch_select_indices(torch.tensor([False, True, True, False, True, False])),
         [1, 2, 4],
     ),
-    # a hand-written beam search reorders rows
-    "reorder_cache": (lambda c: c.reorder_cache(torch.tensor([5, 4, 3, 2, 1, 0])), [5, 4, 3, 2, 1, 0]),
+    # a hand-written beam search reorders rows (arguments by keyword too)
+    "reorder_cache": (
+        lambda c: c.reorder_cache(beam_idx=torch.tensor([5, 4, 3, 2, 1, 0])),
+        [5, 4, 3, 2, 1, 0],
+    ),
     # one prefill, several samples per prompt
     "batch_repeat_interleave": (
-        lambda c: c.batch_repeat_interleave(2),
+        lambda c: c.batch_repeat_interleave(repeats=2),
         torch.arange(len(MIXED)).repeat_interleave(2).tolist(),
     ),
 }
@@ -336,6 +341,26 @@ def test_rows_changed_behind_the_caches_back_are_refused(setup, tok):
 
     with pytest.raises(RuntimeError, match="has 2 rows but its request decided abstention for 6"):
         loop_with_row_change(unlearned, batch, 2, by_hand, [1, 2])
+    # where no row abstains, the refusal forces nothing: the loop goes on as the base model's
+    others = encode(tok, [t for t in MIXED if t not in FORGET], "left")
+    got = loop_with_row_change(unlearned, others, 3, by_hand, [1, 2])
+    assert torch.equal(got, loop_with_row_change(setup[0], others, 3, by_hand, [1, 2]))
+
+
+def test_a_returned_cache_is_freed_with_its_last_reference(setup, tok):
+    """The cache a forward returns follows row changes without referring to itself: it (and the GPU memory of its
+    tensors) is freed when its last reference goes, not at the next garbage collection (a review)."""
+    _, unlearned = setup
+    with torch.no_grad():
+        out = unlearned(**encode(tok, MIXED, "left"), cache=DynamicCache(), use_cache=True)
+    alive = weakref.ref(out.cache)
+    assert type(out.cache).__name__ == "DynamicCache" and isinstance(out.cache, DynamicCache)
+    gc.disable()
+    try:
+        del out
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 def greedy_loop_without_cache(model, batch, steps):

@@ -310,7 +310,7 @@ class KeySpaceAttachment(AbstainingAttachment):
             logits = output[at]
         else:
             logits = output.get("logits") if hasattr(output, "get") else getattr(output, "logits", None)
-        if logits is not None and logits.shape[0] != st.abstained.shape[0]:
+        if st.any and logits is not None and logits.shape[0] != st.abstained.shape[0]:
             raise RuntimeError(
                 f"This forward has {logits.shape[0]} rows but its request decided abstention for "
                 f"{st.abstained.shape[0]}: the rows of the KV cache it continues were changed other than through the "
