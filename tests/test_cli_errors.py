@@ -292,7 +292,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(
     monkeypatch.setattr(
         arguments.os,
         "access",
-        lambda p, mode: real_access(p, mode) and not Path(p).is_relative_to(read_only),
+        # its folders cannot be written to, an existing file in it can
+        lambda p, mode: real_access(p, mode) and not (Path(p).is_dir() and Path(p).is_relative_to(read_only)),
     )
 
     def no_work(*args, **kwargs):
@@ -321,6 +322,10 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and f"cannot write into {read_only}" in lines[0], err
     assert not (read_only / "sub").exists()
+    if command == "evaluate":  # an existing file that can be written is rewritten in place: the work starts
+        (read_only / "results.json").write_text("{}")
+        with pytest.raises(AssertionError, match="the work started"):
+            main([*argv, "--data-dir", str(shared_data), "--output", str(read_only / "results.json"), "-q"])
 
 
 def test_unexpected_failures_exit_1_with_a_traceback(folders, monkeypatch):

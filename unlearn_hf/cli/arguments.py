@@ -90,8 +90,9 @@ def output_folder(path: str) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"--output {path!r}: {parent} is not a folder.")
-            check_writable(path, parent)  # a save writes beside the folder, then swaps it in
             break
+    # a save writes beside the folder (a link's target), then swaps it in
+    check_writable(path, next(p for p in out.resolve().parents if p.exists()))
     return out
 
 
@@ -112,11 +113,11 @@ def output_file(path: str | None) -> Path | None:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:  # found now, not after the whole evaluation
         raise UserError(f"--output {path!r}: {str(blocking)!r} is a file, not a folder.")
-    check_writable(path, next(p for p in out.absolute().parents if p.exists()))
-    if out.exists() and not os.access(out, os.W_OK):
-        raise UserError(
-            f"--output {path!r}: the file exists and cannot be written (read-only or no permission)."
-        )
+    if out.exists():  # rewritten in place
+        if not os.access(out, os.W_OK):
+            raise UserError(f"--output {path!r}: the file cannot be written (read-only or no permission).")
+    else:
+        check_writable(path, next(p for p in out.resolve().parents if p.exists()))
     return out
 
 
