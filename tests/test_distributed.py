@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +40,6 @@ N_PROCS = 2
 TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(scenario: str, workdir: Path) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
@@ -60,10 +53,8 @@ def torchrun(scenario: str, workdir: Path) -> subprocess.CompletedProcess:
         "torch.distributed.run",
         "--nproc_per_node",
         str(N_PROCS),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
+        # the rendezvous binds a free port itself: a port picked here first could be taken by another test meanwhile
+        "--standalone",
         str(WORKER),
         scenario,
         str(workdir),
