@@ -147,9 +147,10 @@ def test_honest_programs_and_mechanisms(machine):
     assert failed.status == "failed" and "AssertionError: wrong" in failed.stderr
     assert "candidate.py" in failed.stderr and "guards.py" not in failed.stderr  # no supervisor frames
     assert "SyntaxError" in run("def f(:\n").stderr
-    start = time.monotonic()
-    slow = run("while True:\n    pass\n", timeout=1)
-    assert slow.status == "timeout" and slow.returncode is None and time.monotonic() - start < 5
+    slow = run(
+        "while True:\n    pass\n", timeout=1
+    )  # killed at its timeout: the status says so, no clock needed
+    assert slow.status == "timeout" and slow.returncode is None
     files = run("open('f.txt', 'w').write('x')\nimport os\nassert os.listdir('.') == ['f.txt']\n")
     assert files.passed, files.stderr
     if os.geteuid() == 0:  # root can always hand the program to another uid
@@ -321,9 +322,8 @@ for _ in range(40):
 print(f"forked {{n}}", file=sys.stderr)
 assert n == 40
 """
-    start = time.monotonic()
     result = run(program)
-    assert result.status == "failed" and time.monotonic() - start < 5
+    assert result.status == "failed"  # ended by the limits, not by the run's timeout ("timeout")
     if guards == "guards":
         assert "os.fork is disabled" in result.stderr
     elif machine.provides("separate-uid", "pid-namespace"):
