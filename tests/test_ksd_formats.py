@@ -73,6 +73,23 @@ def test_renderings_locate_the_question_end(tok):
     ).endswith("have?")
 
 
+@pytest.mark.parametrize("question", ["Answer", "assistant", "user", "A"])
+def test_a_question_whose_text_the_format_also_holds_ends_where_it_ends(tok, question):
+    """The question's end is found by position (what the format puts after it), not by searching for its text: a
+    question "Answer" in "Question: {question}\nAnswer:" ended at the template's own "Answer", and "assistant" in
+    the chat prompt's generation prompt, so the fit read template tokens (a review)."""
+    renderer = QueryRenderer(
+        tok, system_prompt="Be brief.", templates=["Question: {question}\nAnswer:", "{question}\nA:"]
+    )
+    for r in renderer.render([question])[0]:
+        tail = tok.decode(r.input_ids[r.question_end + 1 :])
+        expected = {"bare": "", "template_0": "\nAnswer:", "template_1": "\nA:"}.get(
+            r.rendering, "<|im_end|>\n<|im_start|>assistant\n"
+        )
+        assert tail == expected, (r.rendering, tail)
+        assert tok.decode(r.input_ids[: r.question_end + 1]).endswith(question), r.rendering
+
+
 @pytest.mark.parametrize(
     "kwargs, query, message",
     [

@@ -18,6 +18,10 @@ from typing import Any
 from ...tokenizing import BosRule, encode_text
 
 QUESTION_FIELD = "{question}"
+#: Stands for the question in a second rendering that tells what a format puts after the question (its suffix), so
+#: that the question's end is found by position, not by searching for its text (which the format's own text may
+#: hold too: a question "Answer" in "Question: {question}\nAnswer:", or "assistant" in a chat prompt).
+_SENTINEL = "unlearnhfquestionsentinel"
 
 
 @dataclass(frozen=True)
@@ -149,18 +153,23 @@ class QueryRenderer:
             raise ValueError(f"Query {index} is an empty question.")
         out = []
         if self.bare:
-            out.append(self._locate(question, question, "bare", special=True, index=index))
+            out.append(self._locate(question, "", question, "bare", special=True, index=index))
         if self.has_chat:
             msgs = messages or [{"role": "user", "content": question}]
-            out.append(self._locate(self._chat(msgs, index), question, "chat", special=False, index=index))
+            names = ["chat"]
             if self.system_prompt:
-                if msgs[0].get("role") != "system":
+                names.append("chat_system")
+            for name in names:
+                if name == "chat_system" and msgs[0].get("role") != "system":
                     msgs = [{"role": "system", "content": self.system_prompt}, *msgs]
                 text = self._chat(msgs, index)
-                out.append(self._locate(text, question, "chat_system", special=False, index=index))
+                stand_in = [*msgs[:-1], {**msgs[-1], "content": _SENTINEL}]
+                suffix = _after_sentinel(self._chat(stand_in, index))
+                out.append(self._locate(text, suffix, question, name, special=False, index=index))
         for i, template in enumerate(self.templates):
             text = template.replace(QUESTION_FIELD, question)
-            out.append(self._locate(text, question, f"template_{i}", special=True, index=index))
+            suffix = template[template.index(QUESTION_FIELD) + len(QUESTION_FIELD) :]
+            out.append(self._locate(text, suffix, question, f"template_{i}", special=True, index=index))
         return out
 
     def _chat(self, messages: list[dict[str, str]], index: int) -> str:
@@ -177,16 +186,27 @@ class QueryRenderer:
     def _ids(self, text: str, special: bool) -> list[int]:
         return encode_text(self.tokenizer, text, self._bos, special)
 
-    def _locate(self, text: str, question: str, name: str, *, special: bool, index: int) -> RenderedQuery:
-        """Tokenize ``text`` and find the token holding the last character of ``question`` in it."""
+    def _locate(
+        self, text: str, suffix: str | None, question: str, name: str, *, special: bool, index: int
+    ) -> RenderedQuery:
+        """Tokenize ``text`` and find the token holding the last character of ``question`` in it: the last
+        non-space character before the format's ``suffix`` (what it puts after any question), when ``text`` ends
+        with it; otherwise the last place ``text`` holds the question's text."""
         stripped = question.strip()
-        start = text.rfind(stripped)
-        if start < 0:
-            raise ValueError(
-                f"Query {index}: the {name} rendering does not contain the question's text verbatim, so its end "
-                "cannot be located."
-            )
-        end = start + len(stripped)  # one past the question's last character
+        if (
+            suffix is not None
+            and text.endswith(suffix)
+            and text[: len(text) - len(suffix)].rstrip().endswith(stripped)
+        ):
+            end = len(text[: len(text) - len(suffix)].rstrip())  # one past the question's last character
+        else:
+            start = text.rfind(stripped)
+            if start < 0:
+                raise ValueError(
+                    f"Query {index}: the {name} rendering does not contain the question's text verbatim, so its end "
+                    "cannot be located."
+                )
+            end = start + len(stripped)
         if getattr(self.tokenizer, "is_fast", False):
             enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
             ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
@@ -199,3 +219,9 @@ class QueryRenderer:
         ids = self._ids(text, special)
         head = self._ids(text[:end], special)
         return RenderedQuery(ids, min(len(head), len(ids)) - 1, name)
+
+
+def _after_sentinel(text: str) -> str | None:
+    """What a rendering of the stand-in question puts after it (``None`` when the stand-in is not in it verbatim)."""
+    at = text.rfind(_SENTINEL)
+    return None if at < 0 else text[at + len(_SENTINEL) :]
