@@ -78,6 +78,30 @@ def test_greedy_left_padded_mixed_batch(setup, tok):
     assert torch.equal(unlearned.generate(**batch, **kw), out.sequences)
 
 
+def test_detect_without_a_mask_reads_padding_as_generate_does(setup, tok):
+    """Given no attention mask, ``generate`` infers one from the pad token (when it is not end-of-sequence);
+    ``detect`` read every position as real, so its decision on padded rows could differ from generate's (a review).
+    Both forwards now get the same mask."""
+    _, unlearned = setup
+    padded = copy.deepcopy(tok)
+    padded.pad_token = "<|endoftext|>"
+    unlearned.generation_config.pad_token_id = padded.pad_token_id
+    assert padded.pad_token_id != unlearned.generation_config.eos_token_id
+    ids = encode(padded, MIXED, "left")["input_ids"]
+    masks = []
+    handle = unlearned.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    try:
+        decided = unlearned.detect(ids)
+        out = unlearned.generate(ids, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    expected = (ids != padded.pad_token_id).long()
+    assert (expected == 0).any() and torch.equal(masks[0], expected) and torch.equal(masks[1], expected)
+    assert decided.tolist() == out.abstained.tolist() == IS_FORGET
+
+
 def test_refusal_survives_other_logits_processors(setup, tok):
     """min_new_tokens would ban end-of-sequence, repetition penalties and n-gram bans would alter the refusal: the
     abstention processor runs after them all, so abstaining rows still say the refusal and end."""

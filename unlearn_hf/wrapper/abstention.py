@@ -297,6 +297,8 @@ class AbstentionMixin:
                 "These input_ids hold image tokens but no pixel_values were given: pass the processor's image inputs "
                 "too (detect(**inputs)), as generate gets them; the image changes the decision."
             )
+        if attention_mask is None:  # the mask generate infers from padding: the same rows are real
+            attention_mask = mask_as_generate_infers(input_ids, self.generation_config)
         abstaining = self._active_abstaining()
         device = input_device(self)
         inputs = {
@@ -327,3 +329,14 @@ class AbstentionMixin:
             }
         flags = self.combine_abstention(decisions)
         return flags if flags is not None else torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def mask_as_generate_infers(input_ids: torch.Tensor, config: Any) -> torch.Tensor | None:
+    """The attention mask ``generate`` infers for ``input_ids`` given none (transformers'
+    ``_prepare_attention_mask_for_generation``): ``input_ids != pad`` when the pad token occurs in them and is not an
+    end-of-sequence token; otherwise ``None`` (every position is real)."""
+    pad, eos = config.pad_token_id, config.eos_token_id
+    if pad is None or not bool((input_ids == pad).any()):
+        return None
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return None if pad in eos_ids else (input_ids != pad).long()
