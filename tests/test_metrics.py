@@ -558,3 +558,23 @@ def test_a_report_of_one_model_in_several_formats_has_no_drops():
     assert build_report(scores)["relative_drop"] == {"m [chat]": {"gsm8k": 0.5, "mbpp": 0.0}}
     with pytest.raises(ValueError, match="a report without drops has no baseline"):
         build_report(scores, baseline="m [qa]", relative=False)
+
+
+def test_abstention_is_measured_on_the_items_each_skill_is_scored_on(shared_data, monkeypatch):
+    """The demo scores MMLU on fewer items than the other skills: its abstention rate was measured on as many items as
+    the largest skill's (50 where 40 were scored), a rate the 40 scored items could not give (a review)."""
+    import unlearn_hf.evaluation.runner as runner
+
+    seen = {}
+
+    def rate(model, tokenizer, prompts, batch_size=8):
+        seen[len(seen)] = prompts
+        return len(prompts)
+
+    monkeypatch.setattr(runner, "abstention_rate", rate)
+    skills = [get_skill("gsm8k", shared_data), get_skill("mmlu", shared_data)]
+    model = type("Abstaining", (), {"has_abstention": True})()
+    assert runner.abstention_rates(model, None, skills, {"gsm8k": 5, "mmlu": 3}) == {"gsm8k": 5, "mmlu": 3}
+    assert runner.abstention_rates(model, None, skills, 4) == {"gsm8k": 4, "mmlu": 4}
+    first = [runner.render_item(i, None, "qa").prompt for i in skills[1].eval_items(3)]
+    assert seen[1] == first  # the first items, the ones scored

@@ -94,7 +94,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         scores[label] = evaluate_skills(unlearned, tok, skills, n_eval, **eval_kw)
         abstention[label] = {
             fmt: abstention_rates(
-                unlearned, tok, skills, max(n_eval.values()), batch_size=args.batch_size, prompt_format=fmt
+                unlearned, tok, skills, n_eval, batch_size=args.batch_size, prompt_format=fmt
             )
             for fmt in formats
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from .abstention import abstention_rate
@@ -55,20 +56,21 @@ def abstention_rates(
     model: Any,
     tokenizer: Any,
     skills: list[Skill],
-    n_items: int,
+    n_items: int | Mapping[str, int],
     *,
     batch_size: int = 8,
     prompt_format: str = "qa",
 ) -> dict[str, float]:
     """Share of each skill's held-out prompts (in ``prompt_format``) the model abstains on (0 without abstaining
-    methods)."""
+    methods): its first ``n_items`` (per skill name when a mapping: the items it is scored on)."""
     if not getattr(model, "has_abstention", False):
         return {s.name: 0.0 for s in skills}
+    counts = n_items if isinstance(n_items, Mapping) else {s.name: n_items for s in skills}
     return {
         s.name: abstention_rate(
             model,
             tokenizer,
-            [render_item(i, tokenizer, prompt_format).prompt for i in s.eval_items(n_items)],
+            [render_item(i, tokenizer, prompt_format).prompt for i in s.eval_items(counts[s.name])],
             batch_size=batch_size,
         )
         for s in skills
