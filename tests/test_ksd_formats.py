@@ -470,3 +470,39 @@ def test_forget_queries_cut_to_max_length_are_counted_in_a_warning(tok, caplog):
     with caplog.at_level("WARNING", logger="unlearn_hf.methods.key_space_detection.fit"):
         unlearned.fit(config, questions, None, tok, max_length=40, show_progress=False)
     assert f"{longer} of {len(rows)} rendered forget queries are longer than max_length=40" in caplog.text
+
+
+def test_what_a_fit_cannot_use_is_said(tok, caplog):
+    """A fit warns about what it was given but does not use as meant, each found by a review: retain data with
+    nothing left to calibrate (the budget was silently unchecked), a window that does not reach the question's end in
+    a rendering (those prompts were decided on template tokens and never abstained), repeated forget questions or
+    ones also given as retain questions (calibration held out copies of fitted questions and reported 100%), and
+    chat renderings a tokenizer without a chat template cannot make."""
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(layers=N_LAYERS))
+
+    def warnings_of(config, forget, retain, tokenizer=tok):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="unlearn_hf.methods.key_space_detection.fit"):
+            unlearned.fit(config, forget, retain, tokenizer, name="probe", show_progress=False)
+        unlearned.remove_method("probe")
+        return " ".join(r.getMessage() for r in caplog.records)
+
+    fixed = KeySpaceDetectionConfig(layers=[1], alpha=1.0, window=1)
+    said = warnings_of(fixed, QUESTIONS, {"other": RETAIN})
+    assert "nothing is calibrated" in said and "max_false_rate=0.02 is not checked" in said
+    assert "window 1 does not reach the question's end in the chat, chat_system rendering(s)" in said
+    assert "does not reach" not in warnings_of(
+        KeySpaceDetectionConfig(layers=[1], alpha=1.0), QUESTIONS, None
+    )
+    calibrated = KeySpaceDetectionConfig(max_false_rate=0.2, calibration_fraction=0.25)
+    assert "repeat" not in warnings_of(calibrated, QUESTIONS, {"other": RETAIN})
+    said = warnings_of(calibrated, QUESTIONS[:10] * 2, {"other": RETAIN + QUESTIONS[:1]})
+    assert "10 forget questions repeat an earlier one and 1 are also retain questions" in said
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    said = warnings_of(KeySpaceDetectionConfig(layers=[1], alpha=1.0), QUESTIONS, None, plain)
+    assert "the tokenizer has no chat template" in said
+    prompts = KeySpaceDetectionConfig(
+        inputs="prompts", templates=["Q: {question}"], layers=[1], alpha=1.0, window=1
+    )
+    assert "templates are not used" in warnings_of(prompts, FORGET, None)

@@ -19,6 +19,7 @@ from ..fitting import data_role, probe_or_check
 from .calibration import ALPHA_GRID, calibrate
 from .config import AUTO, MAX_WINDOW, KeySpaceDetectionConfig
 from .distances import pad_left, trailing_distances
+from .fit_checks import warn_repeated, warn_unreached, warn_unused_settings
 from .hypercube import hypercube_radius
 from .key_units import key_units, unit_of, unit_readers, units_cut_by_generate
 from .rendering import QueryRenderer, RenderedQuery
@@ -199,6 +200,7 @@ def fit_key_space(
         )
     autos = [f for f in ("layers", "alpha", "window") if getattr(config, f) == AUTO]
     calibrating = retain is not None and bool(autos)
+    warn_unused_settings(config, renderer, retain, autos)
     if retain is None and autos:
         logger.info(
             "Key Space Detection: no retain data, so %s not calibrated: the middle layer, alpha=1 and the narrowest "
@@ -233,11 +235,15 @@ def fit_key_space(
                 "The retain data is an empty mapping: give at least one named retain set, or retain=None (no "
                 "calibration)."
             )
+        retain_queries = []
         for name, data in groups.items():
             role = f"retain ({name})" if isinstance(retain, Mapping) else "retain"
-            for rows in _render(renderer, read_queries(data, spec, role), role):
+            group = read_queries(data, spec, role)
+            retain_queries += group
+            for rows in _render(renderer, group, role):
                 retain_rows += rows
                 retain_groups += [f"{name}/{r.rendering}" for r in rows]
+        warn_repeated(queries, retain_queries)
     candidates = fixed or (list(units) if calibrating and config.layers == AUTO else middle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [r.input_ids[: r.question_end + 1] for r in fit_rows]
@@ -272,6 +278,7 @@ def fit_key_space(
         windows = list(range(narrowest, min(MAX_WINDOW, narrowest + config.max_window_slack) + 1))
     if not calibrating:
         alpha = 1.0 if config.alpha == AUTO else config.alpha
+        warn_unreached(fit_rows, windows[0])
         return _result(config, _fitted(cubes, units, candidates), alpha, windows[0], None)
 
     held = [r for i in held_idx for r in rendered[i]]
@@ -299,6 +306,7 @@ def fit_key_space(
         max_layers=config.max_layers,
         widths=[sites[u].d_ff for u in candidates],
     )
+    warn_unreached(fit_rows, cal.window)
     worst = min(cal.forget_rate.values())
     logger.info(
         "Key Space Detection calibrated: layers %s, window %d, alpha %.4f; held-out forget abstention %s; false "

@@ -1,0 +1,74 @@
+"""Warnings about what a Key Space Detection fit was given but cannot use as the user meant: settings it ignores,
+renderings its decision cannot reach, duplicated questions that leak into calibration (``fit.py`` calls them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .rendering import QueryRenderer, RenderedQuery
+
+logger = logging.getLogger(__name__.rpartition(".")[0] + ".fit")
+
+
+def warn_unused_settings(config: Any, renderer: QueryRenderer, retain: Any, autos: list[str]) -> None:
+    """Settings and data the fit does not use: retain data with nothing to calibrate, templates of prompts used as
+    given, the chat renderings of a tokenizer without a chat template."""
+    if retain is not None and not autos:
+        logger.warning(
+            "Key Space Detection: retain data was given but layers, alpha and window are all fixed, so nothing is "
+            "calibrated and max_false_rate=%s is not checked; leave one of them 'auto' to calibrate.",
+            config.max_false_rate,
+        )
+    if config.inputs == "prompts" and config.templates:
+        logger.warning(
+            "Key Space Detection: inputs='prompts' uses the prompts as given; templates are not used."
+        )
+    if config.inputs == "questions" and config.chat_template and not renderer.has_chat:
+        logger.warning(
+            "Key Space Detection: the tokenizer has no chat template, so the chat renderings (and system_prompt) "
+            "are skipped; a chat message list is fitted on its last user turn alone."
+        )
+
+
+def warn_repeated(queries: Sequence[Any], retain_queries: Sequence[Any]) -> None:
+    """Forget questions given more than once, or also as retain questions: calibration may hold out a copy of a
+    fitted question (its held-out abstention then overstates) or count one question on both sides."""
+    keys = [_key(q) for q in queries]
+    copies = sum(n - 1 for n in Counter(keys).values())
+    both = len(set(keys) & {_key(q) for q in retain_queries})
+    if copies or both:
+        logger.warning(
+            "Key Space Detection: %d forget questions repeat an earlier one and %d are also retain questions: "
+            "calibration's held-out rates count them as new questions and overstate (remove the repeats).",
+            copies,
+            both,
+        )
+
+
+def warn_unreached(rows: Sequence[RenderedQuery], window: int) -> None:
+    """Renderings whose questions end farther from the prompt's end than the decision's window reaches: those prompts
+    are decided on template tokens, not on the question."""
+    far: dict[str, int] = {}
+    for r in rows:
+        if r.trailing + 1 > window:
+            far[r.rendering] = max(far.get(r.rendering, 0), r.trailing + 1)
+    if far:
+        logger.warning(
+            "Key Space Detection: window %d does not reach the question's end in the %s rendering(s) (they need "
+            "up to %s): their prompts are decided on the format's closing tokens, not on the question.",
+            window,
+            ", ".join(sorted(far)),
+            max(far.values()),
+        )
+
+
+def _key(query: Any) -> str:
+    if isinstance(query, str):
+        return query.strip()
+    if isinstance(query, Sequence) and all(isinstance(m, Mapping) for m in query):
+        return json.dumps([dict(m) for m in query], sort_keys=True, default=str)
+    return repr(query)
