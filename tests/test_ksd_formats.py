@@ -107,8 +107,16 @@ def test_bad_queries_and_templates(tok, kwargs, query, message):
 
 def test_failing_chat_template_is_named(tok):
     tok.chat_template = "{{ raise_exception('this template refuses everything') }}"
-    with pytest.raises(ValueError, match="chat template failed to render"):
+    with pytest.raises(ValueError, match="chat template failed to render its chat rendering"):
         QueryRenderer(tok).render(["What is 2 plus 2?"])
+    # a template that refuses system turns (as Gemma 2's does): the message names the rendering and the way out
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+        "{{ m['content'] }}\n{% endfor %}"
+    )
+    with pytest.raises(ValueError, match=r"its chat_system rendering \(.*system_prompt=''\): no system"):
+        QueryRenderer(tok, system_prompt="Be brief.").render(["What is 2 plus 2?"])
+    assert len(QueryRenderer(tok, system_prompt="").render(["What is 2 plus 2?"])[0]) == 2
 
 
 def test_config_validation():

@@ -162,9 +162,9 @@ class QueryRenderer:
             for name in names:
                 if name == "chat_system" and msgs[0].get("role") != "system":
                     msgs = [{"role": "system", "content": self.system_prompt}, *msgs]
-                text = self._chat(msgs, index)
+                text = self._chat(msgs, index, name)
                 stand_in = [*msgs[:-1], {**msgs[-1], "content": _SENTINEL}]
-                suffix = _after_sentinel(self._chat(stand_in, index))
+                suffix = _after_sentinel(self._chat(stand_in, index, name))
                 out.append(self._locate(text, suffix, question, name, special=False, index=index))
         for i, template in enumerate(self.templates):
             text = template.replace(QUESTION_FIELD, question)
@@ -172,12 +172,15 @@ class QueryRenderer:
             out.append(self._locate(text, suffix, question, f"template_{i}", special=True, index=index))
         return out
 
-    def _chat(self, messages: list[dict[str, str]], index: int) -> str:
+    def _chat(self, messages: list[dict[str, str]], index: int, name: str = "chat") -> str:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # jinja errors, templates refusing roles...
+            hint = (
+                " (a template without system turns: pass system_prompt='')" if name == "chat_system" else ""
+            )
             raise ValueError(
-                f"Query {index}: the tokenizer's chat template failed to render it: {err}"
+                f"Query {index}: the tokenizer's chat template failed to render its {name} rendering{hint}: {err}"
             ) from err
         if not isinstance(text, str):
             raise ValueError(f"Query {index}: the chat template rendered {type(text).__name__}, not text.")
