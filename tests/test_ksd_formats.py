@@ -508,7 +508,9 @@ def test_what_a_fit_cannot_use_is_said(tok, caplog):
     assert "10 forget questions repeat an earlier one and 1 are also retain questions" in said
     plain = copy.deepcopy(tok)
     plain.chat_template = None
-    said = warnings_of(KeySpaceDetectionConfig(layers=[1], alpha=1.0), QUESTIONS, None, plain)
+    assert "no chat template" not in warnings_of(KeySpaceDetectionConfig(layers=[1]), QUESTIONS, None, plain)
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    said = warnings_of(KeySpaceDetectionConfig(layers=[1], alpha=1.0), chats, None, plain)
     assert "the tokenizer has no chat template" in said
     prompts = KeySpaceDetectionConfig(
         inputs="prompts", templates=["Q: {question}"], layers=[1], alpha=1.0, window=1

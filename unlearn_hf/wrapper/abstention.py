@@ -272,7 +272,9 @@ class AbstentionMixin:
         """Which rows the attached abstaining methods would refuse (bool ``[batch]``), from one forward pass;
         with ``by_method=True``, ``{method name: bool [batch]}`` (which skill makes each row abstain).
 
-        The decision is the one ``generate`` takes at the prefill (either padding side), given the same inputs:
+        The decision is the one ``generate`` takes at the prefill (either padding side), given the same inputs
+        (without ``attention_mask``, the mask is inferred from the model's ``generation_config.pad_token_id`` as
+        ``generate`` infers it; a pad token given to ``generate`` only is not seen here: pass the mask):
         ``model_inputs`` are the model's other inputs (an image-text model's ``pixel_values`` and the processor's
         other image inputs); a prompt with image tokens and no ``pixel_values`` is refused, since the image
         changes the decision. The forward stops as soon as every abstaining method has decided (e.g. after the

@@ -200,7 +200,7 @@ def fit_key_space(
         )
     autos = [f for f in ("layers", "alpha", "window") if getattr(config, f) == AUTO]
     calibrating = retain is not None and bool(autos)
-    warn_unused_settings(config, renderer, retain, autos)
+    warn_unused_settings(config, renderer, retain, autos, queries)
     if retain is None and autos:
         logger.info(
             "Key Space Detection: no retain data, so %s not calibrated: the middle layer, alpha=1 and the narrowest "

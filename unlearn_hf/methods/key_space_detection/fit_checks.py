@@ -14,9 +14,12 @@ from .rendering import QueryRenderer, RenderedQuery
 logger = logging.getLogger(__name__.rpartition(".")[0] + ".fit")
 
 
-def warn_unused_settings(config: Any, renderer: QueryRenderer, retain: Any, autos: list[str]) -> None:
+def warn_unused_settings(
+    config: Any, renderer: QueryRenderer, retain: Any, autos: list[str], queries: Sequence[Any]
+) -> None:
     """Settings and data the fit does not use: retain data with nothing to calibrate, templates of prompts used as
-    given, the chat renderings of a tokenizer without a chat template."""
+    given, the chat renderings of a tokenizer without a chat template (a warning when chat message lists are given,
+    which are then cut to their last user turn; otherwise a log line: the default asks for chat renderings)."""
     if retain is not None and not autos:
         logger.warning(
             "Key Space Detection: retain data was given but layers, alpha and window are all fixed, so nothing is "
@@ -28,7 +31,8 @@ def warn_unused_settings(config: Any, renderer: QueryRenderer, retain: Any, auto
             "Key Space Detection: inputs='prompts' uses the prompts as given; templates are not used."
         )
     if config.inputs == "questions" and config.chat_template and not renderer.has_chat:
-        logger.warning(
+        chats = any(not isinstance(q, str) for q in queries)
+        (logger.warning if chats else logger.info)(
             "Key Space Detection: the tokenizer has no chat template, so the chat renderings (and system_prompt) "
             "are skipped; a chat message list is fitted on its last user turn alone."
         )
