@@ -303,22 +303,22 @@ class KeySpaceAttachment(AbstainingAttachment):
                 f"Key Space Detection did not run at layers {sorted(self.layers)} during the prefill: the key "
                 "modules were not called."
             )
-        if st is None or st.abstained is None:
+        if st is None or not st.any:  # nothing to force (a decoding step of a request no row abstains in)
             return output
         at = (1 if ctx.labels is not None else 0) if isinstance(output, tuple) else None  # return_dict=False
         if at is not None:
             logits = output[at]
         else:
             logits = output.get("logits") if hasattr(output, "get") else getattr(output, "logits", None)
-        if st.any and logits is not None and logits.shape[0] != st.abstained.shape[0]:
+        if logits is None:
+            return output
+        if logits.shape[0] != st.abstained.shape[0]:
             raise RuntimeError(
                 f"This forward has {logits.shape[0]} rows but its request decided abstention for "
                 f"{st.abstained.shape[0]}: the rows of the KV cache it continues were changed other than through the "
                 "cache's batch_select_indices, batch_repeat_interleave or reorder_cache (which carry the decisions "
                 "along). Run the prompts again to start a new request."
             )
-        if not st.any or logits is None:
-            return output
         self.refusal.force(logits, st.abstained, st.start, ctx.steps_generated, ctx.request)
         if at == 1:
             output = (self._loss(ctx, logits), *output[1:])

@@ -196,12 +196,11 @@ class QueryRenderer:
         non-space character before the format's ``suffix`` (what it puts after any question), when ``text`` ends
         with it; otherwise the last place ``text`` holds the question's text."""
         stripped = question.strip()
-        if (
-            suffix is not None
-            and text.endswith(suffix)
-            and text[: len(text) - len(suffix)].rstrip().endswith(stripped)
-        ):
-            end = len(text[: len(text) - len(suffix)].rstrip())  # one past the question's last character
+        head = (
+            text[: len(text) - len(suffix)].rstrip() if suffix is not None and text.endswith(suffix) else None
+        )
+        if head is not None and head.endswith(stripped):
+            end = len(head)  # one past the question's last character
         else:
             start = text.rfind(stripped)
             if start < 0:
