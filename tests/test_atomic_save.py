@@ -332,7 +332,8 @@ def test_a_failed_save_leaves_the_old_folder_and_no_temporary(two_models, tmp_pa
         def crash(*args, error=error, **kwargs):
             raise error
 
-        monkeypatch.setattr(safetensors.torch, "save_file", crash)
+        monkeypatch.setattr(safetensors.torch, "save_file", crash)  # the base model's weights
+        monkeypatch.setattr(safetensors.torch, "save", crash)  # the fitted tensors
         # an AtomicSaveError (an OSError, which the CLI reports in one line), saying the folder is unchanged
         with pytest.raises(atomic.AtomicSaveError, match=r"simulated.*the folder is unchanged"):
             new.save_pretrained(target, save_base_model=True)

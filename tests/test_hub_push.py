@@ -266,3 +266,18 @@ def test_a_push_over_an_earlier_one_removes_the_files_only_the_earlier_one_wrote
     assert {CONFIG_NAME, WEIGHTS_NAME, "README.md", "notes.txt"} <= light
     assert not light & {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"}
     assert json.loads(hub.files(repo)[CONFIG_NAME])["layout"] == "light"
+
+
+def test_pushing_an_unchanged_model_again_makes_no_commit(hub, tmp_path, smol_tokenizer):
+    """The same fit saves the same bytes (safetensors' header metadata is written sorted), so huggingface_hub sees
+    every file unchanged and the second push commits nothing: before, unlearn_model.safetensors differed at every
+    save and each push uploaded it again."""
+    repo = f"{USER}/pushed-unchanged"
+    model = fit_methods(
+        UnlearnedModelForCausalLM.from_base(tiny_llama(seed=5)), smol_tokenizer, ("ksd", "na", "sp")
+    )
+    with hub_env(hub.endpoint, tmp_path / "cache", token=TOKEN):
+        model.push_to_hub(repo, base_model_name_or_path=f"{USER}/origin")
+        first, files = hub.head(repo), hub.files(repo)
+        model.push_to_hub(repo, base_model_name_or_path=f"{USER}/origin")
+    assert hub.head(repo) == first and hub.files(repo) == files

@@ -181,6 +181,27 @@ def test_file_contents_match_format_md(base_dir, smol_tokenizer, tmp_path):
             assert hashlib.sha256(body[start:end]).hexdigest() == rec["sha256"]
 
 
+def test_the_same_fit_saves_the_same_bytes(base_dir, smol_tokenizer, tmp_path):
+    """safetensors writes its header metadata in a per-process random order (three keys here: six orders), so each
+    save of the same fit made another file and push_to_hub uploaded it again; the keys are written sorted."""
+    model = fit_methods(
+        UnlearnedModelForCausalLM.from_base(load_base(base_dir)), smol_tokenizer, ("ksd", "na", "sp")
+    )
+    files = set()
+    for i in range(5):
+        model.save_pretrained(tmp_path / f"s{i}")
+        files.add((tmp_path / f"s{i}" / WEIGHTS_NAME).read_bytes())
+    assert len(files) == 1
+    header, _ = _read_safetensors_header(tmp_path / "s0" / WEIGHTS_NAME)
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    size = struct.unpack("<Q", next(iter(files))[:8])[0]
+    assert size % 8 == 0  # the data section stays aligned as safetensors writes it
+    loaded = safetensors.torch.load_file(tmp_path / "s0" / WEIGHTS_NAME)
+    for name, method in model.methods.items():
+        for key, tensor in method.state_dict().items():
+            assert torch.equal(loaded[f"{name}.{key}"], tensor.cpu())
+
+
 def test_fingerprint_slices_are_what_format_md_says(base_dir, smol_tokenizer, tmp_path):
     base = load_base(base_dir)
     model = fit_methods(UnlearnedModelForCausalLM.from_base(base), smol_tokenizer, ("sp",))
@@ -237,7 +258,7 @@ def test_crash_while_writing_tensors_keeps_old_content(
     def crash(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(safetensors.torch, "save", crash)
     with pytest.raises(OSError, match="simulated"):
         new.save_pretrained(tmp_path / "saved")
     with pytest.raises(OSError, match="simulated"):

@@ -19,8 +19,6 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
-
 from ..adapters import check_no_adapters
 from ..context import is_unlearned_model
 from ..sites.site_tensors import QUANTIZE_AFTER, is_packed_quantized
@@ -29,7 +27,7 @@ from .atomic import replace_folder, resolve_target
 from .config_schema import BaseModelInfo, SavedMethod, TensorRecord, UnlearnConfig
 from .fingerprint import compute_fingerprint
 from .format import CONFIG_NAME, LAYOUT_FULL, LAYOUT_LIGHT, WEIGHTS_NAME
-from .weights_file import tensor_key, weights_metadata
+from .weights_file import tensor_key, weights_metadata, write_weights
 
 if TYPE_CHECKING:
     import torch
@@ -277,7 +275,7 @@ def save_unlearned(
                 f"The base model or tokenizer wrote {clash}, which are the unlearning files' names."
             )
         config.companion_files = companions
-        safetensors.torch.save_file(flat, str(tmp / WEIGHTS_NAME), metadata=weights_metadata(config))
+        write_weights(tmp / WEIGHTS_NAME, flat, weights_metadata(config))
         (tmp / CONFIG_NAME).write_text(config.to_json(), encoding="utf-8")
         return [*companions, WEIGHTS_NAME, CONFIG_NAME]
 

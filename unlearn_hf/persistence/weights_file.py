@@ -49,6 +49,26 @@ def weights_metadata(config: UnlearnConfig) -> dict[str, str]:
     }
 
 
+def write_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` and the header ``metadata`` to ``path`` as safetensors, the same bytes for the same content.
+
+    ``safetensors`` writes the metadata map in an order that changes from process to process, so saving the same
+    fitted model twice gave two different files (and ``push_to_hub`` uploaded an unchanged file again): the header
+    is written again here with the metadata's keys sorted (the tensors' entries and data are left as written)."""
+    import safetensors.torch
+
+    data = memoryview(safetensors.torch.save(tensors, metadata=metadata))
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8 : 8 + size]))
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        f.write(data[8 + size :])
+
+
 def _sniff_pickle(head: bytes) -> str | None:
     """Name the container when ``head`` starts like a pickle-based file."""
     if head.startswith(b"PK\x03\x04"):
