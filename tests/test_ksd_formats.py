@@ -475,9 +475,32 @@ def test_forget_queries_cut_to_max_length_are_counted_in_a_warning(tok, caplog):
     longer = sum(r.question_end + 1 > 40 for r in rows)
     assert 0 < longer < len(rows)
     unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(layers=N_LAYERS))
-    with caplog.at_level("WARNING", logger="unlearn_hf.methods.key_space_detection.fit"):
+    with caplog.at_level("WARNING", logger="unlearn_hf.methods.key_space_detection"):
         unlearned.fit(config, questions, None, tok, max_length=40, show_progress=False)
     assert f"{longer} of {len(rows)} rendered forget queries are longer than max_length=40" in caplog.text
+
+
+def test_calibration_queries_cut_to_max_length_are_counted_in_a_warning(tok, caplog):
+    """The calibration pass cut long held-out and retain renderings to their end with no word (a review): their
+    keys are read with less context than at generate time. The count is brute force over the renderings."""
+    retain = [
+        f"{r} " + "with a much longer tail of words " * (6 if i % 2 else 0) for i, r in enumerate(RETAIN)
+    ]
+    config = KeySpaceDetectionConfig(max_false_rate=0.5, calibration_fraction=0.25)
+    renderer = QueryRenderer(tok, system_prompt=config.system_prompt, templates=config.templates)
+    forget_rows = [r for q in QUESTIONS for r in renderer.render([q])[0]]
+    retain_rows = [r for q in retain for r in renderer.render([q])[0]]
+    limit = max(len(r.input_ids) for r in forget_rows)  # no forget rendering is cut, held out or not
+    longer = sum(len(r.input_ids) > limit for r in retain_rows)
+    assert 0 < longer < len(retain_rows)
+    unlearned = UnlearnedModelForCausalLM.from_base(tiny_llama(layers=N_LAYERS))
+    with caplog.at_level("WARNING", logger="unlearn_hf.methods.key_space_detection"):
+        unlearned.fit(config, QUESTIONS, {"other": retain}, tok, max_length=limit, show_progress=False)
+    total = len(forget_rows) // 4 + len(retain_rows)  # a quarter of the forget questions is held out
+    assert (
+        f"{longer} of {total} queries of the calibrating pass are longer than max_length={limit}"
+        in caplog.text
+    )
 
 
 def test_what_a_fit_cannot_use_is_said(tok, caplog):

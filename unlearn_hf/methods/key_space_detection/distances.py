@@ -3,6 +3,7 @@ key unit (:mod:`.key_units`), in one forward per batch (all units at once, stopp
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,23 @@ from ...sites import FFLSite, as_token_grid
 from .hypercube import KeySpaceLayer
 from .key_units import RoutedUnit, wanted_tokens
 from .rendering import RenderedQuery
+
+logger = logging.getLogger(__name__)
+
+
+def warn_long(rows: Sequence[Sequence[int]], max_length: int, what: str) -> None:
+    """Warn how many of ``rows`` are longer than ``max_length`` tokens: :func:`pad_left` keeps only their end, so
+    their keys are read with less context than the model has at generate time."""
+    long = sum(len(r) > max_length for r in rows)
+    if long:
+        logger.warning(
+            "%d of %d %s are longer than max_length=%d tokens: only their end is read (pass max_length=... to "
+            "read more).",
+            long,
+            len(rows),
+            what,
+            max_length,
+        )
 
 
 def pad_left(
@@ -110,6 +128,7 @@ def _distances(model, queries, sites, cubes, mine, window, pad_id, spec, show_pr
     device = input_device(model)
     positions = accepts(model, "position_ids")
     meter = PaddingMeter()
+    warn_long([q.input_ids for q in queries], spec.max_length, f"queries of the {desc} pass")
     plan = spec.plan([min(len(q.input_ids), spec.max_length) for q in queries], device)
     own = sum(len(batch) for b, batch in enumerate(plan) if mine(b))
     bar = tqdm(total=own, desc=desc, disable=not show_progress or not is_main_process(), unit="q")

@@ -18,7 +18,7 @@ from ..config import resolve_layers
 from ..fitting import data_role, probe_or_check
 from .calibration import ALPHA_GRID, calibrate
 from .config import AUTO, MAX_WINDOW, KeySpaceDetectionConfig
-from .distances import pad_left, trailing_distances
+from .distances import pad_left, trailing_distances, warn_long
 from .fit_checks import warn_repeated, warn_unreached, warn_unused_settings
 from .hypercube import hypercube_radius
 from .key_units import key_units, unit_of, unit_readers, units_cut_by_generate
@@ -247,15 +247,9 @@ def fit_key_space(
     candidates = fixed or (list(units) if calibrating and config.layers == AUTO else middle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [r.input_ids[: r.question_end + 1] for r in fit_rows]
-    long = sum(len(p) > spec.max_length for p in prompts)
-    if long:  # the decision reads a question's last tokens: those are kept
-        logger.warning(
-            "%d of %d rendered forget queries are longer than max_length=%d tokens: only their end is read (pass "
-            "max_length=... to read more).",
-            long,
-            len(prompts),
-            spec.max_length,
-        )
+    warn_long(
+        prompts, spec.max_length, "rendered forget queries"
+    )  # the decision reads a question's last tokens
     prompts = [p[-spec.max_length :] for p in prompts]
     batches = [
         dict(zip(("input_ids", "attention_mask"), pad_left([prompts[i] for i in b], pad, spec.max_length)))
