@@ -73,6 +73,28 @@ def test_renderings_locate_the_question_end(tok):
     ).endswith("have?")
 
 
+def test_a_chat_list_with_its_own_system_turn_is_rendered_with_and_without_it(tok, caplog):
+    """Its chat and chat_system renderings were the same prompt twice (the config's system prompt was only added to
+    lists without one), and nothing covered the question asked without a system turn (a review)."""
+    renderer = QueryRenderer(tok, system_prompt="Be brief.")
+    q = "How many legs do 3 spiders have?"
+    own = [{"role": "system", "content": "You are a maths tutor."}, {"role": "user", "content": q}]
+    by = {r.rendering: r.input_ids for r in renderer.render([own])[0]}
+    chat = lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    assert tok.decode(by["chat_system"]) == chat(own)
+    assert tok.decode(by["chat"]) == chat(own[1:]) and "maths tutor" not in tok.decode(by["chat"])
+    # a list without one gets the config's, as a plain question does
+    plain = {r.rendering: r.input_ids for r in renderer.render([q])[0]}
+    listed = {r.rendering: r.input_ids for r in renderer.render([own[1:]])[0]}
+    assert listed == plain and "Be brief." in tok.decode(plain["chat_system"])
+    # and a one-message list is the same question as its string in the repeated-question warning
+    from unlearn_hf.methods.key_space_detection.fit_checks import warn_repeated
+
+    with caplog.at_level("WARNING", logger="unlearn_hf.methods.key_space_detection"):
+        warn_repeated([q, own[1:]], [[{"role": "user", "content": " " + q}]])
+    assert "1 forget questions repeat an earlier one and 1 are also retain questions" in caplog.text
+
+
 @pytest.mark.parametrize("question", ["Answer", "assistant", "user", "A"])
 def test_a_question_whose_text_the_format_also_holds_ends_where_it_ends(tok, question):
     """The question's end is found by position (what the format puts after it), not by searching for its text: a

@@ -60,7 +60,9 @@ class KeySpaceDetectionConfig(MethodConfig):
         calibration_fraction: share of the forget questions held out to calibrate, in (0, 1).
         inputs: ``"questions"`` (rendered by the library) or ``"prompts"`` (already formatted).
         chat_template: render questions with the tokenizer's chat template (when it has one).
-        system_prompt: also render them with this system prompt in the chat template (``""``: don't).
+        system_prompt: also render them with this system prompt in the chat template (``""``: don't). A chat
+            message list with its own system turn is rendered with it (``"chat_system"``) and without it
+            (``"chat"``).
         templates: more renderings: strings holding ``{question}`` (e.g. ``"Question: {question}\\nAnswer:"``).
         bare_question: render the bare question.
         max_window_slack: how far past the fitted renderings' closing tokens ``window="auto"`` may look.

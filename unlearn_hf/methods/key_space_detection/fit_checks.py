@@ -74,5 +74,7 @@ def _key(query: Any) -> str:
     if isinstance(query, str):
         return query.strip()
     if isinstance(query, Sequence) and all(isinstance(m, Mapping) for m in query):
+        if len(query) == 1 and query[0].get("role") == "user" and isinstance(query[0].get("content"), str):
+            return query[0]["content"].strip()  # the same question as the plain string
         return json.dumps([dict(m) for m in query], sort_keys=True, default=str)
     return repr(query)

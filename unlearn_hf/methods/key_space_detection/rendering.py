@@ -156,12 +156,12 @@ class QueryRenderer:
             out.append(self._locate(question, "", question, "bare", special=True, index=index))
         if self.has_chat:
             msgs = messages or [{"role": "user", "content": question}]
-            names = ["chat"]
-            if self.system_prompt:
-                names.append("chat_system")
-            for name in names:
-                if name == "chat_system" and msgs[0].get("role") != "system":
-                    msgs = [{"role": "system", "content": self.system_prompt}, *msgs]
+            variants = [("chat", msgs)]
+            if self.system_prompt:  # with and without a system turn: the list's own one, else the config's
+                own = msgs[0].get("role") == "system"
+                system = msgs if own else [{"role": "system", "content": self.system_prompt}, *msgs]
+                variants = [("chat", msgs[1:] if own else msgs), ("chat_system", system)]
+            for name, msgs in variants:
                 text = self._chat(msgs, index, name)
                 stand_in = [*msgs[:-1], {**msgs[-1], "content": _SENTINEL}]
                 suffix = _after_sentinel(self._chat(stand_in, index, name))
