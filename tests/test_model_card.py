@@ -199,3 +199,16 @@ def test_every_registered_method_has_a_summary_for_its_card() -> None:
 
     discover()
     assert METHOD_CLASSES and all(cls.summary.strip() for cls in METHOD_CLASSES.values())
+
+
+def test_several_forget_skills_are_named_together() -> None:
+    """Several Key Space Detection skills on one model: the card named one (a review)."""
+    card = render_model_card(_info(forget_skill=["math", "python", "French"]))
+    assert "**math, python and French** skills are suppressed" in card.text
+    assert "restores the math, python and French skills" in card.text
+    assert "| Forgotten skills | **math, python and French** |" in card.text
+    one = render_model_card(_info(forget_skill=["math"]))
+    assert one.text == render_model_card(_info()).text  # a list of one is the string
+    for bad in ([], ["math", " "], [3]):
+        with pytest.raises(ValueError, match="forget_skill must be a non-empty string or a list of them"):
+            render_model_card(_info(forget_skill=bad))

@@ -25,13 +25,14 @@ _EVAL_KEYS = ("skill", "metric", "before", "after")
 class ModelCardInfo:
     """What the model card says about an unlearned model.
 
+    ``forget_skill``: the unlearned skill, or a list of them (several Key Space Detection skills on one model).
     ``methods`` holds one dict per method: ``{"name": "neuron_adjust", "config": {...}}``. ``evaluation`` rows are
     ``{"method"?, "skill", "metric", "before", "after", "relative_drop"?}`` with ``relative_drop`` a fraction
     (``(before - after) / before``, computed when missing).
     """
 
     base_model: str
-    forget_skill: str
+    forget_skill: str | list[str]
     methods: list[dict[str, Any]]
     repo_id: str
     base_model_revision: str | None = None
@@ -105,8 +106,10 @@ def _percent(value: Any) -> str:
 def _validate(info: ModelCardInfo) -> None:
     for name in ("base_model", "forget_skill", "repo_id"):
         value = getattr(info, name)
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"ModelCardInfo.{name} must be a non-empty string, got {value!r}.")
+        several = name == "forget_skill" and isinstance(value, (list, tuple))
+        if not all(isinstance(v, str) and v.strip() for v in (value if several else [value])) or value == []:
+            kind = "a non-empty string or a list of them" if name == "forget_skill" else "a non-empty string"
+            raise ValueError(f"ModelCardInfo.{name} must be {kind}, got {value!r}.")
     if not info.methods:
         raise ValueError("ModelCardInfo.methods is empty: list at least one unlearning method.")
     for i, method in enumerate(info.methods):
@@ -148,6 +151,8 @@ def render_model_card(info: ModelCardInfo) -> ModelCard:
     else:
         library_version = info.library_version
 
+    skills = [info.forget_skill] if isinstance(info.forget_skill, str) else list(info.forget_skill)
+    forget_skill = _cell(skills[0] if len(skills) == 1 else ", ".join(skills[:-1]) + " and " + skills[-1])
     method_names = [m["name"].strip() for m in info.methods]
     tags = list(dict.fromkeys([*BASE_TAGS, *(method_tag(n) for n in method_names), *info.tags]))
     # a local folder is no Hub id: the Hub refuses such a `base_model` in the metadata, and its path is private
@@ -175,11 +180,13 @@ def render_model_card(info: ModelCardInfo) -> ModelCard:
     card = ModelCard.from_template(
         card_data,
         template_str=_template_text(),
-        title=f"{info.repo_id.split('/')[-1]}: {info.forget_skill} unlearned from {shown_base}",
+        title=f"{info.repo_id.split('/')[-1]}: {forget_skill} unlearned from {shown_base}",
         base_model=shown_base,
         base_model_url=None if local_base else f"https://huggingface.co/{info.base_model}",
         base_model_revision=info.base_model_revision,
-        forget_skill=info.forget_skill,
+        forget_skill=forget_skill,
+        skill_word="skills" if len(skills) > 1 else "skill",
+        several_skills=len(skills) > 1,
         retain_skills=[_cell(skill) for skill in info.retain_skills],
         forget_data=_cell(info.forget_data) if info.forget_data else None,
         retain_data=_cell(info.retain_data) if info.retain_data else None,

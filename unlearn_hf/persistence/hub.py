@@ -178,7 +178,7 @@ def push_unlearned(
     save_base_model: bool | None = None,
     revision: str | None = None,
     create_pr: bool = False,
-    forget_skill: str | None = None,
+    forget_skill: str | list[str] | None = None,
     retain_skills: list[str] | None = None,
     forget_data: str | None = None,
     retain_data: str | None = None,
@@ -201,7 +201,8 @@ def push_unlearned(
             weights changed since the model was wrapped or loaded (see :func:`~.save.resolve_layout`).
         revision / create_pr: the branch to commit to, or open a pull request.
         forget_skill / retain_skills / forget_data / retain_data / evaluation / license / tags: what the model card
-            says (they override the same keys of ``card_info``). ``forget_data``/``retain_data`` are also stored in
+            says (they override the same keys of ``card_info``); ``forget_skill`` may list several skills (one Key
+            Space Detection per skill). ``forget_data``/``retain_data`` are also stored in
             ``unlearn_config.json``. ``evaluation``: rows ``{"skill", "metric", "before", "after", "method"?}`` or a
             dict ``{skill: {"metric", "before", "after"}}``.
         card_info: a dict or :class:`unlearn_hf.model_card.ModelCardInfo` with the same keys.
