@@ -204,6 +204,10 @@ def _failure(workdir: Path, rank: int) -> None:
     other = token_batches(data)
     other[0]["input_ids"][0, 0] = (other[0]["input_ids"][0, 0] + rank) % model.config.vocab_size
     results["data_batches"] = _record(lambda: probe(model, other, site="pre", show_progress=False))
+    # a stream of batches already split per rank (a DistributedSampler's DataLoader, a per-rank generator): it was
+    # sharded a second time, each rank probing half of its half, and merged without a word (a review)
+    mine = token_batches(data)[rank::2]
+    results["data_stream"] = _record(lambda: probe(model, iter(mine), site="pre", show_progress=False))
     # 4. A stream of batches that is empty on every rank: the same error as on one process.
     results["empty"] = _record(lambda: probe(model, iter([]), site="pre", show_progress=False))
     # 4b. A failure in ratio="auto"'s held-out scoring (after the probe's exchange), on rank 0 only: a token id

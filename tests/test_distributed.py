@@ -180,6 +180,7 @@ def test_text_shards_cover_every_example_once_in_the_single_process_batches(n, b
 
 def test_tokenized_batches_and_generators_shard_by_batch_index():
     batches = [{"input_ids": torch.full((i % 3 + 1, 4), i)} for i in range(7)]
+    prints = set()
     for world in (1, 2, 3, 8):
         seen = []
         for rank in range(world):
@@ -189,8 +190,13 @@ def test_tokenized_batches_and_generators_shard_by_batch_index():
             assert n == sum(i % 3 + 1 for i in ids)
             n_gen, gen = iter_token_batches(iter(batches), shard=(rank, world))
             assert n_gen is None and [int(b.input_ids[0, 0]) for b in gen] == ids
+            prints.add(gen.fingerprint)  # the whole stream's, once it is exhausted: the same on every rank
+            _, split = iter_token_batches(iter(batches[rank::world]), shard=(rank, world))
+            list(split)
+            if world > 1:  # a stream that is already one rank's share tells itself apart
+                assert split.fingerprint != gen.fingerprint
             seen += ids
-        assert sorted(seen) == list(range(7))
+        assert sorted(seen) == list(range(7)) and len(prints) == 1
 
 
 def test_bad_example_errors_name_the_global_index_on_every_rank():
@@ -323,7 +329,7 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_message(workdir, loaded)
 
     for r in ranks:  # ranks that disagree on the layers fail together instead of exchanging mismatched data
         assert r["mismatch"]["type"] == "ValueError" and "different" in r["mismatch"]["message"]
-        for name in ("split", "order", "fewer", "batches"):  # or on the data they were given
+        for name in ("split", "order", "fewer", "batches", "stream"):  # or on the data they were given
             assert r[f"data_{name}"]["type"] == "ValueError", name
             assert "given different data" in r[f"data_{name}"]["message"], name
         assert r["empty"]["type"] == "DataError" and "empty" in r["empty"]["message"]

@@ -33,7 +33,7 @@ import torch
 from .batch_plan import default_batch_tokens, plan_batches
 from .data_errors import DataError, DataTypeError
 from .model_inputs import last_token_mask
-from .sharding import ShardBatches, check_shard, fingerprint_rows, owns_batch, shard_batch_indices
+from .sharding import ShardBatches, StreamShard, check_shard, fingerprint_rows, shard_batch_indices
 from .tokenizing import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -215,10 +215,10 @@ def iter_token_batches(
         data = [data]
     _refuse_containers(data)
     if not isinstance(data, Sequence) and _columns_of(data) is None:  # a generator of tokenized batches
-        indexed = enumerate(data)
-        if shard is not None:
-            indexed = ((i, b) for i, b in indexed if owns_batch(i, rank, world_size))
-        return None, _tokenized_iter(indexed, mode, allow_empty=shard is not None)
+        if shard is None:
+            return None, _tokenized_iter(enumerate(data), mode)
+        stream = StreamShard(enumerate(data), rank, world_size)
+        return None, ShardBatches(_tokenized_iter(stream, mode, allow_empty=True), stream.fingerprint)
     if len(data) == 0:
         raise DataError("The data set is empty: at least one example is needed.")
     if _columns_of(data) is None and _is_tokenized_batch(data[0]):

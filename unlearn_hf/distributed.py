@@ -332,7 +332,8 @@ def exchange_statistics(
         raise ValueError(
             "The ranks were given different data (other examples, fewer, or the same in another order): every rank "
             "must pass the same full data, in the same order; each probes its own share of it. Do not split the "
-            "data per rank yourself (e.g. data[rank::world_size]) or shuffle it with a per-rank seed."
+            "data per rank yourself (e.g. data[rank::world_size], a DistributedSampler or a per-rank generator of "
+            "batches) or shuffle it with a per-rank seed."
         )
     layout = _layout(local)
     flat, counts = _pack(local)

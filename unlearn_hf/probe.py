@@ -174,7 +174,7 @@ def _probe_local(
     n_examples, batches = iter_token_batches(
         data, tokenizer, mode=mode, spec=spec, shard=shard, device=device
     )
-    fingerprint = getattr(batches, "fingerprint", 0)
+    stream = batches  # its fingerprint is read after the pass (a stream's is known once it is exhausted)
     pass_kw = dict(
         by_layer=by_layer,
         track=track,
@@ -187,7 +187,8 @@ def _probe_local(
     )
     share = _SHARE.get()
     if share is None or not share.covers(layer_ids, statistics):
-        return (*_run_pass(model, batches, kinds, layer_ids, desc=desc, **pass_kw), fingerprint)
+        stats, n_batches = _run_pass(model, batches, kinds, layer_ids, desc=desc, **pass_kw)
+        return stats, n_batches, getattr(stream, "fingerprint", 0)
     batches = list(batches)
     key = (mode, track, experts_own_forward, _digest(batches))
     if key in share.memo:
@@ -203,7 +204,7 @@ def _probe_local(
         k: SiteStatistics(k, mode, {i: full[k].layers[i].copy() for i in layer_ids}, full[k].architecture_id)
         for k in kinds
     }
-    return subset, n_batches, fingerprint
+    return subset, n_batches, getattr(stream, "fingerprint", 0)
 
 
 #: The largest fraction of a batch's rows (its padding, or the tokens a mode leaves out) that a dense site's

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+import torch
 
 
 def owns_batch(index: int, rank: int, world_size: int) -> bool:
@@ -45,10 +47,41 @@ def fingerprint_rows(rows: Iterable[Sequence[int]]) -> int:
 
 
 class ShardBatches(Iterator):
-    """This rank's batches, with the :func:`fingerprint_rows` of the whole data (0: unknown, e.g. a generator)."""
+    """This rank's batches, with the :func:`fingerprint_rows` of the whole data (an int, or a function giving it
+    once the batches are exhausted: :class:`StreamShard`)."""
 
-    def __init__(self, batches: Iterator[Any], fingerprint: int) -> None:
-        self._batches, self.fingerprint = batches, fingerprint
+    def __init__(self, batches: Iterator[Any], fingerprint: int | Callable[[], int]) -> None:
+        self._batches, self._fingerprint = batches, fingerprint
 
     def __next__(self) -> Any:
         return next(self._batches)
+
+    @property
+    def fingerprint(self) -> int:
+        return self._fingerprint() if callable(self._fingerprint) else self._fingerprint
+
+
+class StreamShard(Iterator):
+    """Rank ``rank``'s ``(index, batch)`` pairs of a stream of tokenized batches (a generator, a ``DataLoader``),
+    hashing the ``input_ids`` of every batch of the stream as it passes, this rank's or not: :meth:`fingerprint`
+    is the whole stream's once it is exhausted. A stream that is already one rank's share (a ``DistributedSampler``,
+    a per-rank generator) then disagrees with the other ranks' instead of being sharded a second time unseen."""
+
+    def __init__(self, indexed: Iterable[tuple[int, Any]], rank: int, world_size: int) -> None:
+        self._indexed, self._rank, self._world_size = iter(indexed), rank, world_size
+        self._hash = hashlib.sha1()
+
+    def __next__(self) -> tuple[int, Any]:
+        for i, batch in self._indexed:
+            ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+            if torch.is_tensor(ids):
+                self._hash.update(repr((tuple(ids.shape), str(ids.dtype))).encode())
+                self._hash.update(ids.detach().cpu().contiguous().numpy().tobytes())
+            else:  # refused by the reader of the batches, on every rank
+                self._hash.update(type(batch).__name__.encode())
+            if owns_batch(i, self._rank, self._world_size):
+                return i, batch
+        raise StopIteration
+
+    def fingerprint(self) -> int:
+        return int.from_bytes(self._hash.digest()[:8], "little") >> 2
