@@ -1,5 +1,6 @@
-"""Which tokens a fit reads: prompt / completion masks exact at the boundary (BPE would merge across a joined
-text), truncation on the side that matters, and a warning that counts truncated rows."""
+"""Which tokens a fit reads: a prompt/completion pair is the text it joins, with the prompt/completion boundary
+exact (BPE merges across the join; SentencePiece marks a word start where a part starts alone; a tokenizer may
+append EOS), truncation on the side that matters, and a warning that counts truncated rows."""
 
 from __future__ import annotations
 
@@ -7,25 +8,36 @@ import logging
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 from unlearn_hf.data import DataSpec, iter_token_batches
 
 PAIRS = [
-    {"prompt": "Q: hi\nA: ", "completion": "Paris"},  # " Paris" would be one token of the joined text
+    {"prompt": "Q: hi\nA: ", "completion": "Paris"},  # " Paris" is one token of the joined text
     {"prompt": "Question: What is the capital of France?\nAnswer:", "completion": " Paris, on the Seine."},
     {"prompt": "2 + 2 =", "completion": "4"},
 ]
+SPEC = DataSpec(prompt_column="prompt", completion_column="completion", batch_size=8)
 
 
-def expected_rows(tok, part: str) -> list[list[int]]:
-    """The ids a fit must read, computed independently: the prompt's ids (with special tokens) or the
-    completion's own ids."""
+def expected_rows(tok, pairs, part: str) -> list[list[int]]:
+    """The ids a fit must read, computed independently from the character offsets of the joined text: its tokens
+    that lie within the prompt's characters (from the start on; special tokens there included), or the others."""
     out = []
-    for p in PAIRS:
-        prompt = tok(p["prompt"])["input_ids"]
-        completion = tok(p["completion"], add_special_tokens=False)["input_ids"]
-        out.append(prompt if part == "prompt" else completion)
+    for p in pairs:
+        enc = tok(p["prompt"] + p["completion"], return_offsets_mapping=True)
+        n = 0
+        while n < len(enc["input_ids"]) and enc["offset_mapping"][n][1] <= len(p["prompt"]):
+            n += 1
+        out.append(enc["input_ids"][:n] if part == "prompt" else enc["input_ids"][n:])
     return out
+
+
+def read_rows(tok, pairs, part: str) -> list[list[int]]:
+    _, batches = iter_token_batches(pairs, tok, mode=part, spec=SPEC)
+    (batch,) = list(batches)
+    return [batch.input_ids[r][batch.select[r]].tolist() for r in range(len(pairs))], batch
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -37,18 +49,56 @@ def test_prompt_and_completion_masks_are_exact_at_the_boundary(smol_tokenizer, s
     old_side = tok.padding_side
     tok.padding_side = side
     try:
-        spec = DataSpec(prompt_column="prompt", completion_column="completion", batch_size=8)
-        _, batches = iter_token_batches(PAIRS, tok, mode=part, spec=spec)
-        (batch,) = list(batches)
+        got, batch = read_rows(tok, PAIRS, part)
     finally:
         tok.padding_side = old_side
-    got = [batch.input_ids[r][batch.select[r]].tolist() for r in range(len(PAIRS))]
-    assert sorted(got) == sorted(expected_rows(tok, part))  # rows come longest first, not in reading order
+    assert sorted(got) == sorted(expected_rows(tok, PAIRS, part))  # rows come longest first
     assert all(got)  # "Q: hi\nA: " + "Paris" used to select no completion token at all
     real = batch.attention_mask.bool()
     assert torch.equal(
         real[:, 0] if side == "right" else real[:, -1], torch.ones(len(PAIRS), dtype=torch.bool)
     )
+    rows = sorted(batch.input_ids[r][real[r]].tolist() for r in range(len(PAIRS)))
+    assert rows == sorted(tok(p["prompt"] + p["completion"])["input_ids"] for p in PAIRS)  # the joined texts
+
+
+def sentencepiece_like(eos: bool) -> PreTrainedTokenizerFast:
+    """A Llama-2-style fast tokenizer (Metaspace, a word-start marker before the first word) adding BOS, and EOS
+    too with ``eos`` (Llama's add_eos_token=True)."""
+    corpus = ["What is the capital of France? Paris", "Q: 2+3=5", "The answer is 42.", "Paris is big"] * 50
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    backend.train_from_iterator(corpus, trainer)
+    single = "<s> $A </s>" if eos else "<s> $A"
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+
+
+@pytest.mark.parametrize("eos", [False, True])
+def test_a_pair_reads_the_text_it_joins_with_sentencepiece_and_an_appended_eos(eos):
+    """Part by part, "2+3=" + "5" was read as "2+3= 5" (the completion alone got a word-start marker) and an EOS the
+    tokenizer appends came between prompt and completion (a review)."""
+    tok = sentencepiece_like(eos)
+    pairs = [
+        {"prompt": "Q: 2+3=", "completion": "5"},
+        {"prompt": "What is the capital of France?", "completion": " Paris"},
+        {"prompt": "What is the capital of France? ", "completion": "Paris"},
+    ]
+    alone = tok(pairs[0]["completion"], add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone)[0].startswith("\u2581")  # the marker part by part would add
+    for part in ("prompt", "completion"):
+        got, batch = read_rows(tok, pairs, part)
+        assert sorted(got) == sorted(expected_rows(tok, pairs, part))
+        assert all(got)
+    rows = [batch.input_ids[r][batch.attention_mask[r].bool()].tolist() for r in range(len(pairs))]
+    assert sorted(rows) == sorted(tok(p["prompt"] + p["completion"])["input_ids"] for p in pairs)
+    assert all((row[-1] == tok.eos_token_id) == eos for row in rows)  # EOS last, after the completion
 
 
 def test_truncated_rows_are_counted_in_one_warning(smol_tokenizer, caplog):

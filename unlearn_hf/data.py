@@ -323,14 +323,14 @@ def _tokenized_iter(
 
 
 def _encode(tok: TextTokenizer, prompt: str, completion: str | None) -> tuple[list[int], int]:
-    """``(token ids, number of prompt tokens)``. A pair is tokenized part by part and the ids concatenated (the
-    prompt with the tokenizer's special tokens, the completion without), so the boundary is exact: tokenizing the
-    joined text lets BPE merge across it (``"A: " + "Paris"`` gives one token ``" Paris"``) and a count of the
-    prompt's own tokens then misplaces it."""
-    ids = tok.encode(prompt)
-    n_prompt = len(ids)
-    if completion is not None:
-        ids += tok.encode(completion, special=False)
+    """``(token ids, number of prompt tokens)``. A pair is tokenized as the text it joins (part by part, SentencePiece
+    read ``"2+3=" + "5"`` as ``"2+3= 5"`` and an appended EOS came between the parts); its prompt tokens are those it
+    shares from the start with the prompt tokenized alone (``"A: " + "Paris"``: ``" Paris"`` is a completion token)."""
+    alone = tok.encode(prompt)
+    if completion is None:
+        return alone, len(alone)
+    ids = tok.encode(prompt + completion)
+    n_prompt = next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), min(len(alone), len(ids)))
     return ids, n_prompt
 
 
