@@ -95,6 +95,22 @@ def test_split_is_seeded_disjoint_and_keeps_order():
     assert split_examples(data, 0.2, "forget") == (fit, held)  # the same every run
 
 
+def test_copies_of_an_example_are_never_on_both_sides_of_the_split():
+    """With every retain text given twice, 10 of 12 held-out rows were also fitted on and nothing said so (a review):
+    the held-out drop was partly measured in-sample. Copies now go together; without copies nothing changes."""
+    texts = [f"text {i}" for i in range(30)]
+    data = texts + [f"  {t}" for t in texts[::-1]] + [{"prompt": "p", "completion": "c"}] * 3
+    fit, held = split_examples(data, 0.2, "retain")
+    key = lambda x: str(x).strip()  # noqa: E731  (the split's notion of a copy, written again)
+    assert not {key(x) for x in fit} & {key(x) for x in held}
+    assert len(fit) + len(held) == len(data) and len(held) >= round(0.2 * len(data))
+    assert all(x in data for x in held) and [x for x in data if x in fit] == fit  # each part in its order
+    distinct = [f"text {i}" for i in range(23)]  # no copies: the seeded permutation's rows, as before
+    assert split_examples(distinct, 0.2, "forget") == tuple(
+        [distinct[i] for i in part] for part in reference_split(23, 0.2)
+    )
+
+
 def test_split_accepts_datasets_and_refuses_what_cannot_be_held_out():
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(10)]})

@@ -170,21 +170,6 @@ def _shard_rows(data: Any, rows: list[int]) -> Any:
     return [data[i] for i in rows]
 
 
-def holdout_split(n: int, fraction: float, too_few: str) -> tuple[list[int], list[int]]:
-    """Deterministic ``(fit, held-out)`` row indices of ``n`` examples: a permutation seeded with 0 (the same in every
-    run and process), ``round(fraction * n)`` held out (at least one), each part in its original order.
-
-    Raises:
-        ValueError: fewer than 2 rows would remain to fit on; the message is ``too_few`` formatted with ``n`` and
-            ``n_held``.
-    """
-    n_held = max(1, round(fraction * n))
-    if n - n_held < 2:
-        raise ValueError(too_few.format(n=n, n_held=n_held))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
-    return sorted(perm[n_held:]), sorted(perm[:n_held])
-
-
 def iter_token_batches(
     data: Any,
     tokenizer: Any = None,

@@ -38,10 +38,10 @@ from ..data import (
     _is_tokenized_batch,
     _refuse_containers,
     _shard_rows,
-    holdout_split,
     iter_token_batches,
 )
 from ..distributed import sum_sharded
+from ..holdout import example_key, holdout_split, repeated
 from ..model_inputs import accepts, input_device, position_ids_from_mask
 from ..stats import SiteStatistics
 from .config import AUTO, NeuronSelectionConfig
@@ -292,7 +292,8 @@ def search_ratio(
 # -- held-out data ----------------------------------------------------------------------------------------------
 def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
     """Split examples (a list of strings/dicts/pairs or a ``datasets.Dataset``) into ``(fit, held-out)`` by a
-    seeded permutation, keeping each part's order; at least one held out and two fitted.
+    seeded permutation, keeping each part's order and copies of one example together; at least one held out and two
+    fitted (:func:`~unlearn_hf.holdout.holdout_split`).
 
     Raises:
         ValueError: precomputed statistics, tokenized batches or an iterator (their examples cannot be held
@@ -317,8 +318,16 @@ def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
             f"ratio='auto' holds out {role} examples, which tokenized batches do not allow; give the texts or a "
             "fixed ratio."
         )
+    keys = [example_key(row) for row in data]
+    copies = repeated(keys)
+    if copies:
+        logger.info(
+            "ratio='auto': %d %s examples repeat an earlier one; copies are held out together or not at all.",
+            copies,
+            role,
+        )
     fit, held = holdout_split(
-        len(data),
+        keys,
         fraction,
         f"{{n}} {role} example(s) are too few for ratio='auto' to hold out {{n_held}} and fit on at least 2; give "
         "more examples or a fixed ratio.",

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ...data import DataSpec, _refuse_containers, holdout_split
+from ...data import DataSpec, _refuse_containers
+from ...holdout import example_key, holdout_split
 from ...model_inputs import input_device
 from ...stats import SiteStatistics
 from ..config import resolve_layers
@@ -209,7 +210,7 @@ def fit_key_space(
         )
     fit_idx, held_idx = (
         holdout_split(
-            len(queries),
+            [example_key(q) for q in queries],
             config.calibration_fraction,
             "{n} forget questions are too few to hold out {n_held} for calibration and fit on at least 2; give "
             "more questions, no retain data, or fixed layers, alpha and window.",

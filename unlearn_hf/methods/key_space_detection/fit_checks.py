@@ -3,12 +3,11 @@ renderings its decision cannot reach, duplicated questions that leak into calibr
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from ...holdout import example_key, repeated
 from .rendering import QueryRenderer, RenderedQuery
 
 logger = logging.getLogger(__name__.rpartition(".")[0] + ".fit")
@@ -39,15 +38,16 @@ def warn_unused_settings(
 
 
 def warn_repeated(queries: Sequence[Any], retain_queries: Sequence[Any]) -> None:
-    """Forget questions given more than once, or also as retain questions: calibration may hold out a copy of a
-    fitted question (its held-out abstention then overstates) or count one question on both sides."""
-    keys = [_key(q) for q in queries]
-    copies = sum(n - 1 for n in Counter(keys).values())
-    both = len(set(keys) & {_key(q) for q in retain_queries})
+    """Forget questions given more than once (they weigh more in the hypercube; calibration holds copies out together)
+    or also as retain questions (calibration counts them on both sides)."""
+    keys = [example_key(q) for q in queries]
+    copies = repeated(keys)
+    both = len(set(keys) & {example_key(q) for q in retain_queries})
     if copies or both:
         logger.warning(
             "Key Space Detection: %d forget questions repeat an earlier one and %d are also retain questions: "
-            "calibration's held-out rates count them as new questions and overstate (remove the repeats).",
+            "repeats weigh more in the fit, and a question on both sides is counted as forget and as retain by "
+            "calibration (remove them).",
             copies,
             both,
         )
@@ -68,13 +68,3 @@ def warn_unreached(rows: Sequence[RenderedQuery], window: int) -> None:
             ", ".join(sorted(far)),
             max(far.values()),
         )
-
-
-def _key(query: Any) -> str:
-    if isinstance(query, str):
-        return query.strip()
-    if isinstance(query, Sequence) and all(isinstance(m, Mapping) for m in query):
-        if len(query) == 1 and query[0].get("role") == "user" and isinstance(query[0].get("content"), str):
-            return query[0]["content"].strip()  # the same question as the plain string
-        return json.dumps([dict(m) for m in query], sort_keys=True, default=str)
-    return repr(query)

@@ -1,0 +1,58 @@
+"""The held-out split of a fit's examples (``ratio="auto"``'s scoring, Key Space Detection's calibration): seeded,
+disjoint, and copies of one example never on both sides."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+
+def example_key(example: Any) -> str:
+    """What makes two examples the same: a text (stripped), a record's fields, a chat message list (one user message
+    is the same question as its text)."""
+    if isinstance(example, str):
+        return example.strip()
+    if isinstance(example, Mapping):
+        return json.dumps(dict(example), sort_keys=True, default=str)
+    if isinstance(example, Sequence) and all(isinstance(m, Mapping) for m in example):
+        if (
+            len(example) == 1
+            and example[0].get("role") == "user"
+            and isinstance(example[0].get("content"), str)
+        ):
+            return example[0]["content"].strip()
+        return json.dumps([dict(m) for m in example], sort_keys=True, default=str)
+    return repr(example)
+
+
+def holdout_split(keys: Sequence[str], fraction: float, too_few: str) -> tuple[list[int], list[int]]:
+    """Deterministic ``(fit, held-out)`` indices of examples with the given :func:`example_key` ``keys``: distinct
+    examples are drawn in a permutation seeded with 0 (the same in every run and process) until ``round(fraction * n)``
+    rows (at least one) are held out; every copy of an example goes with it, so a held-out example was never fitted
+    on (without copies: the permutation's first rows). Each part keeps its original order.
+
+    Raises:
+        ValueError: fewer than 2 rows would remain to fit on; the message is ``too_few`` formatted with ``n`` and
+            ``n_held``.
+    """
+    first: dict[str, int] = {}
+    group = [first.setdefault(k, len(first)) for k in keys]
+    n, n_held, sizes = len(group), max(1, round(fraction * len(group))), Counter(group)
+    held, count = set(), 0
+    for g in torch.randperm(len(first), generator=torch.Generator().manual_seed(0)).tolist():
+        if count >= n_held:
+            break
+        held.add(g)
+        count += sizes[g]
+    if n - count < 2:
+        raise ValueError(too_few.format(n=n, n_held=n_held))
+    return [i for i in range(n) if group[i] not in held], [i for i in range(n) if group[i] in held]
+
+
+def repeated(keys: Sequence[str]) -> int:
+    """How many examples repeat an earlier one."""
+    return sum(c - 1 for c in Counter(keys).values())
