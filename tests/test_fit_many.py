@@ -167,6 +167,13 @@ def test_bad_lists_are_refused_before_probing(model, smol_tokenizer):
             unlearned.fit([NeuronAdjustConfig(), "sp"], FORGET, RETAIN, smol_tokenizer, **KW)
         with pytest.raises(ValueError, match="empty list"):
             unlearned.fit([], FORGET, RETAIN, smol_tokenizer, **KW)
+        # a generator is read once: the second config saw no batches, and the error said the data was empty
+        batches = [dict(smol_tokenizer(FORGET[:2], return_tensors="pt", padding=True))]
+        both = [NeuronAdjustConfig(), SelectivePruningConfig()]
+        with pytest.raises(ValueError, match="the forget data .* a generator can be read only once"):
+            unlearned.fit(both, (b for b in batches), batches, **KW)
+        with pytest.raises(ValueError, match="the retain data .* a list_iterator can be read only once"):
+            unlearned.fit(both, batches, iter(batches), **KW)
     finally:
         handle.remove()
     assert calls == [] and dict(unlearned.methods) == {}

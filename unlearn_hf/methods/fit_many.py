@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..data import DataSpec
@@ -97,6 +97,13 @@ def fit_configs(
             )
         if names.count(n) > 1:
             raise ValueError(f"The method name {n!r} is given twice; pass distinct names=[...].")
+    for role, data in (("forget", forget), ("retain", retain)):
+        if len(configs) > 1 and isinstance(data, Iterator):
+            raise ValueError(
+                f"fit() of {len(configs)} configs reads the {role} data for each of them, and a "
+                f"{type(data).__name__} can be read only once: pass the batches as a list (list(...)) or a loader "
+                "that can be iterated again (a DataLoader)."
+            )
     classes = [model.method_classes[c.method_type] for c in configs]
     n_layers = len(model.ffl_sites)
     groups = [list(range(len(configs)))] if independent else share_groups(classes, configs, n_layers)
