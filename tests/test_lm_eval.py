@@ -123,6 +123,53 @@ def test_multiple_choice_abstained_items_are_wrong_at_every_batch_size(setup, to
         assert out["higher_is_better"]["ul_mc"]["abstained"] is False
 
 
+def test_a_run_resumed_from_lm_evals_cache_scores_what_an_uncached_run_scores(setup, tok, tasks, tmp_path):
+    """--use_cache stored HFLM's values as it computed them, before the decision: a run interrupted and resumed from
+    the cache scored refused documents as answered (a review). The interruption is a KeyboardInterrupt in the
+    scoring forwards, after some of them."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    _, unlearned = setup
+
+    def evaluate_cached(lm, task):
+        return simple_evaluate(
+            model=lm,
+            tasks=[str(tasks[task])],
+            task_manager=TaskManager(include_defaults=False),
+            bootstrap_iters=0,
+            use_cache=str(tmp_path / f"cache_{task}"),
+        )["results"]
+
+    def lm():
+        return UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=1)
+
+    real, calls, stop = HFLM._model_call, [0], [math.inf]
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] >= stop[0]:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    for task in ("mc", "rolling"):
+        calls[0], stop[0], HFLM._model_call = 0, math.inf, counted
+        try:
+            expected = run(lm(), tasks[task])["results"]
+        finally:
+            HFLM._model_call = real
+        assert expected[f"ul_{task}"]["abstained,none"] > 0
+        # interrupted at the last forward: every request but one was scored (the short forget ones come last)
+        calls[0], stop[0], HFLM._model_call = 0, calls[0], counted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                evaluate_cached(lm(), task)
+        finally:
+            HFLM._model_call = real
+        assert evaluate_cached(lm(), task) == expected  # resumed: the cached requests and the rest
+        assert evaluate_cached(lm(), task) == expected  # every request from the cache
+
+
 def test_generate_until_returns_the_refusal_and_the_base_models_answers(setup, tok, tasks):
     model, unlearned = setup
     out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=1), tasks["gen"])

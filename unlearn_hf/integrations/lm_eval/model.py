@@ -19,11 +19,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lm_eval.api.model import CacheHook
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
@@ -184,9 +187,22 @@ class UnlearnedLM(HFLM):
             self._late[tuple(row.tolist())] = bool(flag)
         return out.sequences
 
+    @contextlib.contextmanager
+    def _final_values_cached(self) -> Iterator[None]:
+        """Silence lm-eval's cache hook while HFLM scores: with ``--use_cache`` it stores every request's value as
+        HFLM computes it, before the decision turns it into the refusal, so a run interrupted and resumed from the
+        cache scored refused requests as answered (a review). ``CachingLM`` stores the final values when the call
+        returns."""
+        hook, self.cache_hook = self.cache_hook, CacheHook(None)
+        try:
+            yield
+        finally:
+            self.cache_hook = hook
+
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[LoglikelihoodResult]:
         # every request is scored, so the batches (and the answered requests' values) are the base model's
-        scores = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        with self._final_values_cached():
+            scores = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         out = []
         for req, (logprob, greedy) in zip(requests, scores, strict=True):
             refused = bool(self.abstainers(self._context_tokens(*req.args)))
@@ -198,7 +214,8 @@ class UnlearnedLM(HFLM):
         return out
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[RollingResult]:
-        scores = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        with self._final_values_cached():
+            scores = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         out = []
         for req, logprob in zip(requests, scores, strict=True):
             # the text is the request: decided on its first max_length tokens (the first window the model reads)
@@ -222,7 +239,8 @@ class UnlearnedLM(HFLM):
             )
         answered = [req for req, r in zip(requests, refusals) if r is None]
         self._late.clear()
-        texts = iter(super().generate_until(answered, disable_tqdm=disable_tqdm) if answered else [])
+        with self._final_values_cached():
+            texts = iter(super().generate_until(answered, disable_tqdm=disable_tqdm) if answered else [])
         # with recheck_each_token an answer may turn into the refusal: generate reported that row as abstained
         return [
             GenerationResult(refusal, True)
