@@ -231,7 +231,7 @@ def test_the_same_statistics_attached_twice_count_twice(tok, caplog):
 def test_lm_evals_deterministic_switch_keeps_the_records_and_stays_quiet(tok, caplog):
     """A review: the switch rebuilt each random-mode Neuron Adjust without its record, which warned about a stack
     fitted in order and dropped the record from the user's model (and from its next save)."""
-    from unlearn_hf.integrations.lm_eval.model import use_deterministic_neuron_adjust
+    from unlearn_hf.integrations.lm_eval.model import deterministic_neuron_adjust
 
     caplog.set_level(logging.WARNING, logger=LOGGER)
     model = new_model()
@@ -240,9 +240,12 @@ def test_lm_evals_deterministic_switch_keeps_the_records_and_stays_quiet(tok, ca
     fit_ksd(model, tok)
     assert ["random draws" in m for m in warnings_of(caplog)] == [True]  # na2 draws at random
     records = {n: m.fitted_with for n, m in model.methods.items()}
-    assert use_deterministic_neuron_adjust(model) == ["na2"]
-    assert model.methods["na2"].config.deterministic
-    assert {n: m.fitted_with for n, m in model.methods.items()} == records
+    before = dict(model.methods)
+    with deterministic_neuron_adjust(model) as switched:
+        assert switched == ["na2"]
+        assert model.methods["na2"].config.deterministic
+        assert {n: m.fitted_with for n, m in model.methods.items()} == records
+    assert dict(model.methods) == before
     assert warnings_of(caplog) == []
 
 

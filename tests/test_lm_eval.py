@@ -272,9 +272,15 @@ def test_neuron_adjust_scores_do_not_depend_on_the_batch_size(tok, tasks, shared
     )
     a, b = scores(random_lm, 1), scores(random_lm, 4)
     assert a != b  # the draws follow the batch shape
+    before = dict(unlearned.methods)
     lm = UnlearnedLM(pretrained=unlearned, tokenizer=tok)
-    assert list(unlearned.methods) == names and unlearned.methods[names[0]].config.deterministic
+    seen = []  # the methods while lm-eval scores
+    call = lm._model_call
+    lm._model_call = lambda *a, **k: seen.append(dict(unlearned.methods)) or call(*a, **k)
     one, four = scores(lm, 1), scores(lm, 4)
+    assert seen and all(list(m) == names and m[names[0]].config.deterministic for m in seen)
+    # the user's model is as it was after the evaluation: the same method objects (a review: it stayed deterministic)
+    assert dict(unlearned.methods) == before and not unlearned.methods[names[0]].config.deterministic
     flat = [(x[0][0], y[0][0]) for p, q in zip(one, four) for x, y in zip(p, q)]
     assert all(
         x == y or abs(x - y) <= 1e-4 * abs(x) for x, y in flat

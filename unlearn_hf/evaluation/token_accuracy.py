@@ -56,10 +56,12 @@ def answer_token_accuracy(
         model: a causal LM (or an unlearned model with abstention).
         tokenizer: its tokenizer.
         items: :class:`EvalItem` s or ``(prompt, answer)`` tuples (answer appended as is).
-        batch_size: rows per forward pass (the result does not depend on it).
+        batch_size: rows per forward pass (the result does not depend on it, except through a method that draws at
+            random per batch row: Neuron Adjust fitted without ``deterministic=True``).
         max_length: longer texts are truncated on the left (the prompt's start goes first).
         show_progress: show tqdm bars.
-        padding_side: ``"left"``/``"right"``; default the tokenizer's (the result does not depend on it).
+        padding_side: ``"left"``/``"right"``; default the tokenizer's (the result does not depend on it, with the
+            same exception).
 
     Returns:
         :class:`MetricResult` with ``score`` = correct / all answer tokens (micro), per-item accuracies, the

@@ -14,7 +14,8 @@
   Every value carries its decision (:mod:`.results`), from which :mod:`.scoring` scores the document as wrong and
   reports the ``abstained`` metric.
 - *Neuron Adjust scores deterministically* (``deterministic_neuron_adjust=True``, the default): its random
-  replacement draws depend on the batch shape, so scores would change with lm-eval's batch size.
+  replacement draws depend on the batch shape, so scores would change with lm-eval's batch size. The switch lasts
+  each scoring call only: the model in memory is as it was between and after them.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class UnlearnedLM(HFLM):
         revision / dtype / device / trust_remote_code: as for ``HFLM`` (``device`` falls back to the CPU when
             CUDA is asked for and missing).
         ignore_fingerprint: load even if the base model differs from the one the unlearning was fitted on.
-        deterministic_neuron_adjust: switch Neuron Adjust methods to deterministic replacement while scoring.
+        deterministic_neuron_adjust: switch Neuron Adjust methods to deterministic replacement while scoring (each
+            scoring call re-attaches them deterministic, and the methods that were attached afterwards).
         kwargs: the other ``HFLM`` arguments (``batch_size``, ``max_length``, ``add_bos_token``, ...).
     """
 
@@ -105,12 +107,12 @@ class UnlearnedLM(HFLM):
         super().__init__(
             pretrained=pretrained, tokenizer=tokenizer, trust_remote_code=trust_remote_code, **kwargs
         )
-        if deterministic_neuron_adjust:  # after everything that can fail: no half-changed model on an error
-            switched = use_deterministic_neuron_adjust(pretrained)
-            if switched:
-                logger.warning(
-                    "Neuron Adjust %s scores with deterministic replacement (batch-independent).", switched
-                )
+        self.deterministic_neuron_adjust = deterministic_neuron_adjust
+        if deterministic_neuron_adjust and random_neuron_adjust(pretrained):
+            logger.warning(
+                "Neuron Adjust %s scores with deterministic replacement (batch-independent) while lm-eval scores.",
+                random_neuron_adjust(pretrained),
+            )
         self.pretrained = name
         self._decisions: dict[tuple[int, ...], tuple[str, ...]] = {}
         self._decisions_for: tuple = ()
@@ -188,21 +190,35 @@ class UnlearnedLM(HFLM):
         return out.sequences
 
     @contextlib.contextmanager
-    def _final_values_cached(self) -> Iterator[None]:
-        """Silence lm-eval's cache hook while HFLM scores: with ``--use_cache`` it stores every request's value as
-        HFLM computes it, before the decision turns it into the refusal, so a run interrupted and resumed from the
-        cache scored refused requests as answered (a review). ``CachingLM`` stores the final values when the call
-        returns."""
+    def _scoring(self) -> Iterator[None]:
+        """One request type's call: Neuron Adjust deterministic for its duration (the user's model is as it was
+        after it), and lm-eval's cache hook silent while HFLM scores: with ``--use_cache`` it stored every request's
+        value as HFLM computed it, before the decision turns it into the refusal, so a run interrupted and resumed
+        from the cache scored refused requests as answered (a review). ``CachingLM`` stores the final values when
+        the call returns."""
         hook, self.cache_hook = self.cache_hook, CacheHook(None)
+        switch = self.deterministic_neuron_adjust
         try:
-            yield
+            with deterministic_neuron_adjust(self.model) if switch else contextlib.nullcontext():
+                yield
         finally:
             self.cache_hook = hook
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[LoglikelihoodResult]:
+        with self._scoring():
+            return self._loglikelihood(requests, disable_tqdm)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[RollingResult]:
+        with self._scoring():
+            return self._loglikelihood_rolling(requests, disable_tqdm)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[GenerationResult]:
+        with self._scoring():
+            return self._generate_until(requests, disable_tqdm)
+
+    def _loglikelihood(self, requests: list[Any], disable_tqdm: bool) -> list[LoglikelihoodResult]:
         # every request is scored, so the batches (and the answered requests' values) are the base model's
-        with self._final_values_cached():
-            scores = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        scores = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         out = []
         for req, (logprob, greedy) in zip(requests, scores, strict=True):
             refused = bool(self.abstainers(self._context_tokens(*req.args)))
@@ -213,9 +229,8 @@ class UnlearnedLM(HFLM):
             )
         return out
 
-    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[RollingResult]:
-        with self._final_values_cached():
-            scores = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+    def _loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool) -> list[RollingResult]:
+        scores = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         out = []
         for req, logprob in zip(requests, scores, strict=True):
             # the text is the request: decided on its first max_length tokens (the first window the model reads)
@@ -223,7 +238,7 @@ class UnlearnedLM(HFLM):
             out.append(RollingResult(float("-inf"), True) if refused else RollingResult(logprob, False))
         return out
 
-    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[GenerationResult]:
+    def _generate_until(self, requests: list[Any], disable_tqdm: bool) -> list[GenerationResult]:
         refusals: list[str | None] = []
         contexts: list[tuple[int, ...]] = []
         for req in requests:
@@ -239,8 +254,7 @@ class UnlearnedLM(HFLM):
             )
         answered = [req for req, r in zip(requests, refusals) if r is None]
         self._late.clear()
-        with self._final_values_cached():
-            texts = iter(super().generate_until(answered, disable_tqdm=disable_tqdm) if answered else [])
+        texts = iter(super().generate_until(answered, disable_tqdm=disable_tqdm) if answered else [])
         # with recheck_each_token an answer may turn into the refusal: generate reported that row as abstained
         return [
             GenerationResult(refusal, True)
@@ -286,27 +300,41 @@ def _load(
     return model, tokenizer
 
 
-def use_deterministic_neuron_adjust(model: Any) -> list[str]:
-    """Re-attach the model's random-mode Neuron Adjust methods in deterministic mode (same statistics, same order
-    of methods); returns their names."""
+def random_neuron_adjust(model: Any) -> list[str]:
+    """The names of the model's Neuron Adjust methods in random mode."""
     from ...methods import NeuronAdjust
 
-    methods = dict(model.methods)
-    random = [n for n, m in methods.items() if isinstance(m, NeuronAdjust) and not m.config.deterministic]
+    return [n for n, m in model.methods.items() if isinstance(m, NeuronAdjust) and not m.config.deterministic]
+
+
+@contextlib.contextmanager
+def deterministic_neuron_adjust(model: Any) -> Iterator[list[str]]:
+    """Within the block, the model's random-mode Neuron Adjust methods run in deterministic mode (the same statistics
+    and fit records, re-attached in the same order of methods); after it, the methods that were attached are
+    again. Yields their names."""
+    methods, random = dict(model.methods), random_neuron_adjust(model)
     if not random:
-        return []
-    swapped = {n: _deterministic(m) if n in random else m for n, m in methods.items()}
+        yield []
+        return
+    _attach_all(model, {n: _deterministic(m) if n in random else m for n, m in methods.items()}, methods)
+    try:
+        yield random
+    finally:
+        _attach_all(model, methods, methods)
+
+
+def _attach_all(model: Any, methods: dict[str, Any], fallback: dict[str, Any]) -> None:
+    """Replace the attached methods by ``methods`` (in order); on an error, by ``fallback``."""
     with checks_paused(model):
         model.remove_all_methods()
         try:
-            for name, method in swapped.items():
+            for name, method in methods.items():
                 model.add_method(name, method)
         except Exception:
             model.remove_all_methods()
-            for name, method in methods.items():
+            for name, method in fallback.items():
                 model.add_method(name, method)
             raise
-    return random
 
 
 def _deterministic(method: Any) -> Any:
