@@ -442,6 +442,10 @@ def test_relative_drop():
         ("Total = 12 - 4", "4"),
         ("x = -5", "-5"),
         ("it cost -$5", "-5"),
+        # a decimal without its leading zero was read as the integer after the point (a review: ".5" matched 5)
+        ("It is .5", "0.5"),
+        ("a drop of -.25 then", "-0.25"),
+        ("It was 3.5.", "3.5"),
     ],
 )
 def test_extract_last_number(text, expected):
