@@ -310,6 +310,8 @@ def test_loads_a_checkpoint_folder_and_refuses_a_plain_one(saved, setup, tok, ta
     setup[0].save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="not an unlearned model"):
         UnlearnedLM(pretrained=str(tmp_path / "plain"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):  # it said "not an unlearned model"
+        UnlearnedLM(pretrained=str(tmp_path / "missing"), device="cpu")
 
 
 def test_loads_an_unlearned_hub_repo_with_its_tokenizer(setup, tok, tasks, tmp_path):

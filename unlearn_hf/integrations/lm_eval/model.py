@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -275,8 +276,11 @@ def _load(
 ) -> tuple[Any, Any]:
     """Load an unlearned checkpoint (refusing a plain model) and its tokenizer, on ``device``."""
     from ...cli.common import has_unlearning, load_tokenizer, saved_base_name
+    from ...persistence.format import looks_like_local_path
     from ...wrapper import UnlearnedModelForCausalLM
 
+    if looks_like_local_path(name) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"pretrained={name!r}: no such file or folder.")
     if not has_unlearning(name):
         raise ValueError(
             f"{name!r} holds no unlearn_config.json, so it is not an unlearned model; evaluate a plain model with "
