@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,6 +242,57 @@ def test_tokenized_batches_keep_their_other_columns_and_refuse_model_inputs(smol
     ):
         with pytest.raises(ValueError, match=rf"has \['{key}'\], model inputs that a fit does not pass"):
             list(iter_token_batches([{**enc, key: value}], smol_tokenizer)[1])
+
+
+def test_tokenized_batches_a_fit_cannot_read_are_named_before_any_forward(smol_tokenizer):
+    """A review: a 1-D or 3-D batch, float ids and a select_mask of another shape failed inside the forward with an
+    index or broadcast error, an empty batch was called 'empty strings?', and a mask of 2s (packed sequences) was read
+    as a padding mask, changing the positions unseen."""
+    enc = dict(smol_tokenizer(["a b c", "d e"], return_tensors="pt", padding=True))
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    for batch, error, message in (
+        (
+            {"input_ids": ids[0]},
+            ValueError,
+            r"shape \(\d+,\); a batch is \[rows, tokens\] \(one row: input_ids\[None\]\)",
+        ),
+        ({"input_ids": ids[None]}, ValueError, r"shape \(1, 2, \d+\); a batch is \[rows, tokens\]"),
+        ({"input_ids": ids.float()}, TypeError, "input_ids are torch.float32; token ids are integers"),
+        ({"input_ids": ids[:0]}, ValueError, r"Batch 1 is empty \(input_ids of shape \(0, \d+\)\)"),
+        ({**enc, "select_mask": mask[:, :1]}, ValueError, r"select_mask \(2, 1\) != input_ids"),
+        ({**enc, "attention_mask": mask * 2}, ValueError, "values other than 0 and 1"),
+    ):
+        with pytest.raises(error, match=message):
+            list(iter_token_batches([enc, batch], smol_tokenizer)[1])
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("a b c", "a single string, not examples"),
+        (Path("train.jsonl"), "a path, not examples: .*load_dataset"),
+        ({"a b c", "d e f"}, "a set, which has no order"),
+        (np.array(["a b c", "d e f"]), r"a numpy ndarray: pass a list or a Dataset \(data.tolist\(\)\)"),
+    ],
+    ids=["string", "path", "set", "numpy"],
+)
+@pytest.mark.parametrize("method", ["neuron_adjust", "key_space_detection"])
+def test_what_is_no_collection_of_examples_is_named(unlearned, smol_tokenizer, data, message, method):
+    """A review: a Path failed with "'PosixPath' object is not iterable", a set or a numpy array were read as tokenized
+    batches ("Batch 0 is not a mapping"); a set would have been read in no fixed order."""
+    import pandas as pd
+
+    if method == "neuron_adjust":
+        config, retain = NeuronAdjustConfig(ratio=0.1), ["x y z", "u v w"]
+    else:
+        config, retain = KeySpaceDetectionConfig(layers=[0], alpha=1.0), None
+        message = message.replace("a single string, not examples", "not one string")
+    with pytest.raises(TypeError, match=message):
+        unlearned.fit(config, data, retain, smol_tokenizer, show_progress=False)
+    if method == "neuron_adjust":
+        with pytest.raises(TypeError, match=r"pandas Series: pass a list or a Dataset \(data.tolist\(\)\)"):
+            unlearned.fit(config, pd.Series(["a b c", "d e"]), retain, smol_tokenizer, show_progress=False)
+    assert not unlearned.methods
 
 
 @pytest.mark.parametrize("method", ["neuron_adjust", "selective_pruning", "key_space_detection"])

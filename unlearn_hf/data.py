@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .batch_plan import default_batch_tokens, plan_batches
-from .data_errors import DataError, DataTypeError
+from .data_errors import DataError, DataTypeError, check_batch, refuse_non_examples
 from .model_inputs import last_token_mask
 from .sharding import ShardBatches, StreamShard, check_shard, fingerprint_rows, shard_batch_indices
 from .tokenizing import TextTokenizer
@@ -194,8 +194,6 @@ def iter_token_batches(
     if mode not in TOKEN_MODES:
         raise ValueError(f"Unknown token mode {mode!r}; choose one of {TOKEN_MODES}.")
     rank, world_size = check_shard(shard) if shard is not None else (0, 1)
-    if isinstance(data, str):
-        raise DataTypeError("Pass a list of strings, not a single string.")
     if isinstance(data, Mapping) and _is_tokenized_batch(data):
         data = [data]
     _refuse_containers(data)
@@ -234,7 +232,9 @@ def iter_token_batches(
 
 def _refuse_containers(data: Any) -> None:
     """Refuse, in words, the ``datasets`` containers that are not one data set: a ``DatasetDict`` (several splits)
-    and a streaming ``IterableDataset`` (no length: the fit sorts examples by length and plans batches)."""
+    and a streaming ``IterableDataset`` (no length: the fit sorts examples by length and plans batches); and what is
+    no collection of examples (:func:`~unlearn_hf.data_errors.refuse_non_examples`)."""
+    refuse_non_examples(data)
     if isinstance(data, Mapping) and data and all(_columns_of(v) is not None for v in data.values()):
         raise DataError(
             f"The data is a {type(data).__name__} of splits {list(data)}: pass one split, e.g. data[{next(iter(data))!r}]."
@@ -280,6 +280,7 @@ def _tokenized_iter(
                 "attention_mask, and select_mask where given): statistics without them would describe other "
                 "activations. Fit on text-only batches; image and other model inputs are not supported in fitting."
             )
+        check_batch(i, b)
         ids = b["input_ids"]
         mask = b.get("attention_mask")
         if mask is None and ids.ndim == 2 and ids.shape[0] > 1 and not warned:
@@ -291,8 +292,6 @@ def _tokenized_iter(
                 ids.shape[0],
             )
         mask = torch.ones_like(ids) if mask is None else mask
-        if mask.shape != ids.shape:
-            raise DataError(f"Batch {i}: attention_mask {tuple(mask.shape)} != input_ids {tuple(ids.shape)}.")
         if mode == "last":
             select = last_token_mask(mask)
         elif "select_mask" in b:

@@ -1,5 +1,14 @@
 """Errors about the data a fit reads: :mod:`unlearn_hf.data` raises them naming the example, batch or column,
-and a fit puts the data set's role in front ("The retain data: Example 3 is a NoneType ...")."""
+and a fit puts the data set's role in front ("The retain data: Example 3 is a NoneType ..."); and the checks that
+refuse data a fit cannot read before it is read."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
 
 
 class DataError(ValueError):
@@ -9,3 +18,49 @@ class DataError(ValueError):
 
 class DataTypeError(TypeError):
     """The data a fit reads is of the wrong kind (see :class:`DataError`)."""
+
+
+def refuse_non_examples(data: Any) -> None:
+    """Refuse, in words, what is not a collection of examples or batches: a path (load the file first), a set (no
+    order), numpy / pandas containers (their rows would be read as tokenized batches)."""
+    if isinstance(data, (str, bytes)) or isinstance(data, os.PathLike):
+        kind = "path" if isinstance(data, os.PathLike) else "single string"
+        raise DataTypeError(
+            f"The data is a {kind}, not examples: pass a list of texts, or load a file first "
+            "(datasets.load_dataset('json', data_files=...)['train'], or 'csv' / 'parquet' / 'text')."
+        )
+    if isinstance(data, (set, frozenset)):
+        raise DataTypeError("The data is a set, which has no order: pass a list (sorted(...) or list(...)).")
+    module = type(data).__module__.split(".")[0]
+    if module in ("numpy", "pandas"):
+        hint = (
+            "datasets.Dataset.from_pandas(frame)" if type(data).__name__ == "DataFrame" else "data.tolist()"
+        )
+        raise DataTypeError(
+            f"The data is a {module} {type(data).__name__}: pass a list or a Dataset ({hint})."
+        )
+
+
+def check_batch(i: int, batch: Mapping[str, Any]) -> None:
+    """Refuse a tokenized batch whose ``input_ids``, ``attention_mask`` or ``select_mask`` a fit cannot read, naming
+    batch ``i`` and what is wrong (before a forward fails on it with a shape or index error)."""
+    ids = batch["input_ids"]
+    if ids.ndim != 2:
+        one = " (one row: input_ids[None])" if ids.ndim == 1 else ""
+        raise DataError(f"Batch {i}: input_ids has shape {tuple(ids.shape)}; a batch is [rows, tokens]{one}.")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise DataTypeError(f"Batch {i}: input_ids are {ids.dtype}; token ids are integers.")
+    if ids.numel() == 0:
+        raise DataError(f"Batch {i} is empty (input_ids of shape {tuple(ids.shape)}): leave it out.")
+    for key in ("attention_mask", "select_mask"):
+        value = batch.get(key)
+        if value is None:
+            continue
+        if not torch.is_tensor(value) or value.shape != ids.shape:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise DataError(f"Batch {i}: {key} {shape} != input_ids {tuple(ids.shape)}.")
+        if key == "attention_mask" and bool(((value != 0) & (value != 1)).any()):
+            raise DataError(
+                f"Batch {i}: attention_mask holds values other than 0 and 1 (a packed-sequence mask?); a fit reads "
+                "a 0/1 padding mask."
+            )

@@ -304,9 +304,9 @@ def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
             f"ratio='auto' holds out {role} examples to measure the drops, so it needs examples, not precomputed "
             "statistics; give the examples or a fixed ratio."
         )
-    if isinstance(data, str):
-        raise TypeError("Pass a list of strings, not a single string.")
-    _refuse_containers(data)  # a DatasetDict or a streaming data set: the same words as a fixed-ratio fit's
+    _refuse_containers(
+        data
+    )  # a string, a path, a DatasetDict or a streaming data set: the same words as a fixed-ratio fit's
     is_table = _columns_of(data) is not None
     if not is_table and not isinstance(data, (list, tuple)):
         raise ValueError(

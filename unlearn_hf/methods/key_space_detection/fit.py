@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ...data import DataSpec, _refuse_containers
+from ...data_errors import refuse_non_examples
 from ...holdout import example_key, holdout_split
 from ...model_inputs import input_device
 from ...stats import SiteStatistics
@@ -51,11 +52,13 @@ def read_queries(data: Any, spec: DataSpec, role: str) -> list[Any]:
     if names is None and (
         isinstance(data, Mapping) or hasattr(data, "columns")
     ):  # iterating would yield names
-        _refuse_containers(data)  # a DatasetDict: its own words
+        if isinstance(data, Mapping):
+            _refuse_containers(data)  # a DatasetDict: its own words
         raise TypeError(
             f"The {role} data is a {type(data).__name__} of columns: pass a list of questions (e.g. "
             f"list(df[{column!r}])) or a datasets.Dataset (Dataset.from_pandas(df) / Dataset.from_dict(d))."
         )
+    refuse_non_examples(data)  # a path, a set, a numpy array
     if names is not None:
         if column not in names:
             raise ValueError(
