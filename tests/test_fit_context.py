@@ -228,27 +228,6 @@ def test_the_same_statistics_attached_twice_count_twice(tok, caplog):
     assert any("'math'" in m and "['na_again'] are attached" in m for m in messages), messages
 
 
-def test_lm_evals_deterministic_switch_keeps_the_records_and_stays_quiet(tok, caplog):
-    """A review: the switch rebuilt each random-mode Neuron Adjust without its record, which warned about a stack
-    fitted in order and dropped the record from the user's model (and from its next save)."""
-    from unlearn_hf.integrations.lm_eval.model import deterministic_neuron_adjust
-
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    model = new_model()
-    fit_na(model, tok, name="na1")
-    model.fit(NeuronAdjustConfig(ratio=0.2, seed=4), FORGET, RETAIN, tok, name="na2", show_progress=False)
-    fit_ksd(model, tok)
-    assert ["random draws" in m for m in warnings_of(caplog)] == [True]  # na2 draws at random
-    records = {n: m.fitted_with for n, m in model.methods.items()}
-    before = dict(model.methods)
-    with deterministic_neuron_adjust(model) as switched:
-        assert switched == ["na2"]
-        assert model.methods["na2"].config.deterministic
-        assert {n: m.fitted_with for n, m in model.methods.items()} == records
-    assert dict(model.methods) == before
-    assert warnings_of(caplog) == []
-
-
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_a_detection_over_random_replacement_says_its_decisions_depend_on_the_draws(
     tok, caplog, deterministic

@@ -84,6 +84,41 @@ def test_scores_do_not_depend_on_the_batch_in_deterministic_mode(deterministic):
     assert torch.allclose(one, many, atol=1e-5) == deterministic
 
 
+def test_deterministic_block_replaces_as_the_deterministic_config_in_its_thread_only():
+    """NeuronAdjust.deterministic(): inside the block the random-mode method computes exactly what the same state
+    fitted with deterministic=True computes, nothing is re-attached, and another thread keeps drawing. (lm-eval's
+    model re-attached the methods instead: for a moment none was attached, the user's handles were replaced, and the
+    change outlived the evaluation; reviews.)"""
+    import threading
+
+    from unlearn_hf import NeuronAdjust
+
+    tok = tiny_tokenizer()
+    u = UnlearnedModelForCausalLM.from_base(tiny_llama(layers=2, vocab_size=100))
+    forget = ["1 + 1 = 2", "3 * 4 = 12", "10 - 7 = 3", "9 / 3 = 3"]
+    other = ["the cat sat", "a red fox", "blue sky today", "green tea"]
+    method = u.fit(NeuronAdjustConfig(ratio=0.3, seed=1), forget, other, tok, show_progress=False)
+    det = NeuronAdjust(NeuronAdjustConfig(ratio=0.3, seed=1, deterministic=True), method.state)
+    twin = UnlearnedModelForCausalLM.from_base(u.get_base_model())
+    batch = tok(["12 + 30 = 42", "a much longer other text"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        drawn = u(**batch).logits
+        attached = (dict(u.methods), dict(u.attachments))
+        with method.deterministic():
+            assert method.deterministic_now and (dict(u.methods), dict(u.attachments)) == attached
+            inside = u(**batch).logits
+            elsewhere = []
+            thread = threading.Thread(target=lambda: elsewhere.append(u(**batch).logits))
+            thread.start()
+            thread.join()
+        twin.remove_all_methods()
+        twin.add_method("neuron_adjust", det)
+        assert torch.equal(inside, twin(**batch).logits)  # bit for bit the deterministic rule
+        assert not torch.allclose(inside, drawn)
+        assert torch.equal(elsewhere[0], drawn)  # the other thread drew, from the same seed
+        assert not method.deterministic_now and torch.equal(u(**batch).logits, drawn)
+
+
 def test_draws_hold_one_layer_in_a_large_forward_and_drop_the_prefill_when_decoding(monkeypatch):
     """A forward above GROUP_DRAW_MAX_NUMEL draws layer by layer into one buffer of the largest layer's size; the
     decoding steps after it hold only their own small block, not the prefill's buffer."""

@@ -15,13 +15,12 @@
   reports the ``abstained`` metric.
 - *Neuron Adjust scores deterministically* (``deterministic_neuron_adjust=True``, the default): its random
   replacement draws depend on the batch shape, so scores would change with lm-eval's batch size. The switch lasts
-  each scoring call only: the model in memory is as it was between and after them.
+  each scoring call, in its thread only (:meth:`NeuronAdjust.deterministic`): the methods stay attached as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,6 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.models.utils_hf import get_dtype
 
 from ...context import is_unlearned_model
-from ...fit_context import checks_paused
 from .results import GenerationResult, LoglikelihoodResult, RollingResult
 from .scoring import install_scoring
 
@@ -65,8 +63,8 @@ class UnlearnedLM(HFLM):
         revision / dtype / device / trust_remote_code: as for ``HFLM`` (``device`` falls back to the CPU when
             CUDA is asked for and missing).
         ignore_fingerprint: load even if the base model differs from the one the unlearning was fitted on.
-        deterministic_neuron_adjust: switch Neuron Adjust methods to deterministic replacement while scoring (each
-            scoring call re-attaches them deterministic, and the methods that were attached afterwards).
+        deterministic_neuron_adjust: random-mode Neuron Adjust methods replace deterministically while lm-eval
+            scores (:meth:`NeuronAdjust.deterministic`, within each scoring call and its thread).
         kwargs: the other ``HFLM`` arguments (``batch_size``, ``max_length``, ``add_bos_token``, ...).
     """
 
@@ -137,7 +135,11 @@ class UnlearnedLM(HFLM):
         """The abstaining methods that refuse a request whose context is ``tokens`` (empty: it is answered),
         decided on those tokens alone (batch of one, no padding)."""
         # methods attached, removed or switched off (disable_unlearning) since: decide anew
-        attached = (tuple(self.model.methods.items()), tuple(self.model._active_abstaining()))
+        attached = (
+            tuple(self.model.methods.items()),
+            tuple(self.model._active_abstaining()),
+            tuple(getattr(m, "deterministic_now", None) for m in self.model.methods.values()),
+        )
         if attached != self._decisions_for:
             self._decisions, self._decisions_for = {}, attached
         key = tuple(tokens[-self.max_length :])
@@ -192,15 +194,17 @@ class UnlearnedLM(HFLM):
 
     @contextlib.contextmanager
     def _scoring(self) -> Iterator[None]:
-        """One request type's call: Neuron Adjust deterministic for its duration (the user's model is as it was
-        after it), and lm-eval's cache hook silent while HFLM scores: with ``--use_cache`` it stored every request's
+        """One request type's call: random-mode Neuron Adjust deterministic for its duration, in this thread only
+        (:meth:`NeuronAdjust.deterministic`: nothing is re-attached), and lm-eval's cache hook silent while HFLM
+        scores: with ``--use_cache`` it stored every request's
         value as HFLM computed it, before the decision turns it into the refusal, so a run interrupted and resumed
         from the cache scored refused requests as answered (a review). ``CachingLM`` stores the final values when
         the call returns."""
         hook, self.cache_hook = self.cache_hook, CacheHook(None)
-        switch = self.deterministic_neuron_adjust
         try:
-            with deterministic_neuron_adjust(self.model) if switch else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                for name in random_neuron_adjust(self.model) if self.deterministic_neuron_adjust else []:
+                    stack.enter_context(self.model.methods[name].deterministic())
                 yield
         finally:
             self.cache_hook = hook
@@ -309,40 +313,3 @@ def random_neuron_adjust(model: Any) -> list[str]:
     from ...methods import NeuronAdjust
 
     return [n for n, m in model.methods.items() if isinstance(m, NeuronAdjust) and not m.config.deterministic]
-
-
-@contextlib.contextmanager
-def deterministic_neuron_adjust(model: Any) -> Iterator[list[str]]:
-    """Within the block, the model's random-mode Neuron Adjust methods run in deterministic mode (the same statistics
-    and fit records, re-attached in the same order of methods); after it, the methods that were attached are
-    again. Yields their names."""
-    methods, random = dict(model.methods), random_neuron_adjust(model)
-    if not random:
-        yield []
-        return
-    _attach_all(model, {n: _deterministic(m) if n in random else m for n, m in methods.items()}, methods)
-    try:
-        yield random
-    finally:
-        _attach_all(model, methods, methods)
-
-
-def _attach_all(model: Any, methods: dict[str, Any], fallback: dict[str, Any]) -> None:
-    """Replace the attached methods by ``methods`` (in order); on an error, by ``fallback``."""
-    with checks_paused(model):
-        model.remove_all_methods()
-        try:
-            for name, method in methods.items():
-                model.add_method(name, method)
-        except Exception:
-            model.remove_all_methods()
-            for name, method in fallback.items():
-                model.add_method(name, method)
-            raise
-
-
-def _deterministic(method: Any) -> Any:
-    """The same Neuron Adjust (statistics and fit record) in deterministic mode."""
-    new = type(method)(dataclasses.replace(method.config, deterministic=True), method.state)
-    new.fitted_with = method.fitted_with
-    return new

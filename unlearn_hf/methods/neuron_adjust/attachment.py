@@ -3,6 +3,7 @@ them on the pre-activation outputs."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -13,6 +14,12 @@ from ...sites import FFLSite
 from ..base import Attachment
 from .layer import NeuronAdjustLayer
 from .sampling import Draws, LayerGroup
+
+#: The random-mode methods that replace deterministically in this thread/task (:meth:`NeuronAdjust.deterministic`):
+#: their ids.
+DETERMINISTIC_HERE: ContextVar[frozenset[int]] = ContextVar(
+    "unlearn_hf_na_deterministic", default=frozenset()
+)
 
 
 class NeuronAdjustAttachment(Attachment):
@@ -55,9 +62,11 @@ class NeuronAdjustAttachment(Attachment):
         routed to it), so it draws its thresholds at its hook, from the request's generator, replayed in a
         recomputation like a large forward's."""
         seed = self.method.current_seed
-        name = self.name
+        name, method, forced = self.name, id(self.method), DETERMINISTIC_HERE.get
 
         def hook(ctx: ForwardContext, output: torch.Tensor) -> torch.Tensor:
+            if method in forced():  # NeuronAdjust.deterministic: as the deterministic hook, nothing drawn
+                return adj(output)
             draws = ctx.request.data.get(name)
             if draws is None:
                 draws = ctx.request.data[name] = Draws()

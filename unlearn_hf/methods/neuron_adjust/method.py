@@ -13,7 +13,7 @@ from ...sites import module_device, require_pre_sites
 from ..ratio_search import RatioCurve, curve_spec, validate_curve
 from ..registry import register_method
 from ..selection import NeuronSelectionMethod, check_selection, scorable_layers, select_global, split_by_layer
-from .attachment import NeuronAdjustAttachment
+from .attachment import DETERMINISTIC_HERE, NeuronAdjustAttachment
 from .config import NeuronAdjustConfig
 from .layer import NeuronAdjustLayer, weight_dtype
 
@@ -165,3 +165,26 @@ class NeuronAdjust(NeuronSelectionMethod):
             yield
         finally:
             _SEED_OVERRIDES.reset(token)
+
+    @property
+    def deterministic_now(self) -> bool:
+        """Whether this method replaces deterministically here: ``config.deterministic``, or inside
+        :meth:`deterministic`."""
+        return self.config.deterministic or id(self) in DETERMINISTIC_HERE.get()
+
+    @contextlib.contextmanager
+    def deterministic(self) -> Iterator[None]:
+        """Within the block (in this thread/task), a random-mode method replaces deterministically, whenever
+        pF > pR, exactly as ``config.deterministic=True`` would (scores then do not depend on the batch shape);
+        other threads keep drawing, and the method stays attached as it is. lm-eval's model scores under it.
+
+        Example::
+
+            with unlearned.methods["neuron_adjust"].deterministic():
+                scores = evaluate_skills(unlearned, tokenizer, skills)
+        """
+        token = DETERMINISTIC_HERE.set(DETERMINISTIC_HERE.get() | {id(self)})
+        try:
+            yield
+        finally:
+            DETERMINISTIC_HERE.reset(token)
