@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .batch_plan import default_batch_tokens, plan_batches
-from .data_errors import DataError, DataTypeError, check_batch, refuse_non_examples
+from .data_errors import DataError, DataTypeError, as_list, check_batch, refuse_non_examples
 from .model_inputs import last_token_mask
 from .sharding import ShardBatches, StreamShard, check_shard, fingerprint_rows, shard_batch_indices
 from .tokenizing import TextTokenizer
@@ -194,6 +194,7 @@ def iter_token_batches(
     if mode not in TOKEN_MODES:
         raise ValueError(f"Unknown token mode {mode!r}; choose one of {TOKEN_MODES}.")
     rank, world_size = check_shard(shard) if shard is not None else (0, 1)
+    data = as_list(data)
     if isinstance(data, Mapping) and _is_tokenized_batch(data):
         data = [data]
     _refuse_containers(data)

@@ -21,8 +21,8 @@ class DataTypeError(TypeError):
 
 
 def refuse_non_examples(data: Any) -> None:
-    """Refuse, in words, what is not a collection of examples or batches: a path (load the file first), a set (no
-    order), numpy / pandas containers (their rows would be read as tokenized batches)."""
+    """Refuse, in words, what is not a collection of examples or batches: a string, a path (load the file first), a
+    set (no order), a pandas DataFrame (iterating it yields its column names)."""
     if isinstance(data, (str, bytes)) or isinstance(data, os.PathLike):
         kind = "path" if isinstance(data, os.PathLike) else "single string"
         raise DataTypeError(
@@ -31,14 +31,18 @@ def refuse_non_examples(data: Any) -> None:
         )
     if isinstance(data, (set, frozenset)):
         raise DataTypeError("The data is a set, which has no order: pass a list (sorted(...) or list(...)).")
-    module = type(data).__module__.split(".")[0]
-    if module in ("numpy", "pandas"):
-        hint = (
-            "datasets.Dataset.from_pandas(frame)" if type(data).__name__ == "DataFrame" else "data.tolist()"
-        )
+    if type(data).__module__.split(".")[0] == "pandas" and type(data).__name__ == "DataFrame":
         raise DataTypeError(
-            f"The data is a {module} {type(data).__name__}: pass a list or a Dataset ({hint})."
+            "The data is a pandas DataFrame: pass a Dataset (datasets.Dataset.from_pandas(frame)) or a column's "
+            "values (list(frame['text']))."
         )
+
+
+def as_list(data: Any) -> Any:
+    """A numpy array or a pandas Series of examples as a list (neither is a ``Sequence``: they were read as tokenized
+    batches); other data as it is."""
+    kind = (type(data).__module__.split(".")[0], type(data).__name__)
+    return data.tolist() if kind in (("numpy", "ndarray"), ("pandas", "Series")) else data
 
 
 def check_batch(i: int, batch: Mapping[str, Any]) -> None:

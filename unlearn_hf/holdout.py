@@ -31,8 +31,8 @@ def example_key(example: Any) -> str:
 
 def holdout_split(keys: Sequence[str], fraction: float, too_few: str) -> tuple[list[int], list[int]]:
     """Deterministic ``(fit, held-out)`` indices of examples with the given :func:`example_key` ``keys``: distinct
-    examples are drawn in a permutation seeded with 0 (the same in every run and process) until ``round(fraction * n)``
-    rows (at least one) are held out; every copy of an example goes with it, so a held-out example was never fitted
+    examples are taken in a permutation seeded with 0 (the same in every run and process), each with all its copies,
+    while they fit in ``round(fraction * n)`` rows (at least one example), so a held-out example was never fitted
     on (without copies: the permutation's first rows). Each part keeps its original order.
 
     Raises:
@@ -42,12 +42,15 @@ def holdout_split(keys: Sequence[str], fraction: float, too_few: str) -> tuple[l
     first: dict[str, int] = {}
     group = [first.setdefault(k, len(first)) for k in keys]
     n, n_held, sizes = len(group), max(1, round(fraction * len(group))), Counter(group)
+    order = torch.randperm(len(first), generator=torch.Generator().manual_seed(0)).tolist()
     held, count = set(), 0
-    for g in torch.randperm(len(first), generator=torch.Generator().manual_seed(0)).tolist():
-        if count >= n_held:
-            break
-        held.add(g)
-        count += sizes[g]
+    for g in order:  # examples whose copies fit in what is left to hold out
+        if count + sizes[g] <= n_held:
+            held.add(g)
+            count += sizes[g]
+    if not held:  # every example has more copies than that: the one with the fewest
+        g = min(order, key=lambda g: sizes[g])
+        held, count = {g}, sizes[g]
     if n - count < 2:
         raise ValueError(too_few.format(n=n, n_held=n_held))
     return [i for i in range(n) if group[i] not in held], [i for i in range(n) if group[i] in held]

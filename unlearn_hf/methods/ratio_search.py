@@ -36,10 +36,12 @@ from ..data import (
     TokenBatch,
     _columns_of,
     _is_tokenized_batch,
+    _records,
     _refuse_containers,
     _shard_rows,
     iter_token_batches,
 )
+from ..data_errors import as_list
 from ..distributed import sum_sharded
 from ..holdout import example_key, holdout_split, repeated
 from ..model_inputs import accepts, input_device, position_ids_from_mask
@@ -186,8 +188,8 @@ def fit_neuron_method(
     config = dataclasses.replace(config, ratio_grid=list(config.ratio_grid or DEFAULT_GRID))
     for role, data in (("forget", forget), ("retain", retain)):  # before the split: indices as given
         check_examples(data, spec, config.tokens, role)
-    fit_f, held_f = split_examples(forget, config.holdout_fraction, "forget")
-    fit_r, held_r = split_examples(retain, config.holdout_fraction, "retain")
+    fit_f, held_f = split_examples(forget, config.holdout_fraction, "forget", spec, config.tokens)
+    fit_r, held_r = split_examples(retain, config.holdout_fraction, "retain", spec, config.tokens)
     layers, stats_f, stats_r = probe_forget_and_retain(model, config, fit_f, fit_r, tokenizer, **kw)
 
     # tokenized once (and a truncation warning given once), scored at every ratio of the search
@@ -290,7 +292,9 @@ def search_ratio(
 
 
 # -- held-out data ----------------------------------------------------------------------------------------------
-def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
+def split_examples(
+    data: Any, fraction: float, role: str, spec: DataSpec | None = None, mode: str = "all"
+) -> tuple[Any, Any]:
     """Split examples (a list of strings/dicts/pairs or a ``datasets.Dataset``) into ``(fit, held-out)`` by a
     seeded permutation, keeping each part's order and copies of one example together; at least one held out and two
     fitted (:func:`~unlearn_hf.holdout.holdout_split`).
@@ -304,9 +308,9 @@ def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
             f"ratio='auto' holds out {role} examples to measure the drops, so it needs examples, not precomputed "
             "statistics; give the examples or a fixed ratio."
         )
-    _refuse_containers(
-        data
-    )  # a string, a path, a DatasetDict or a streaming data set: the same words as a fixed-ratio fit's
+    data = as_list(data)  # a numpy array or pandas Series of texts
+    # a string, a path, a DatasetDict or a streaming data set: the same words as a fixed-ratio fit's
+    _refuse_containers(data)
     is_table = _columns_of(data) is not None
     if not is_table and not isinstance(data, (list, tuple)):
         raise ValueError(
@@ -318,7 +322,9 @@ def split_examples(data: Any, fraction: float, role: str) -> tuple[Any, Any]:
             f"ratio='auto' holds out {role} examples, which tokenized batches do not allow; give the texts or a "
             "fixed ratio."
         )
-    keys = [example_key(row) for row in data]
+    # what the fit reads of each example decides which are copies (a Dataset's other columns, e.g. an id, do not)
+    records = _records(data, spec or DataSpec(), mode)
+    keys = [example_key(p) if c is None else repr((p.strip(), c.strip())) for p, c in records]
     copies = repeated(keys)
     if copies:
         logger.info(
