@@ -446,6 +446,7 @@ def test_relative_drop():
         ("It is .5", "0.5"),
         ("a drop of -.25 then", "-0.25"),
         ("It was 3.5.", "3.5"),
+        ("Total: 7...5 items?", "5"),  # an ellipsis is no decimal point (a review of the mend)
     ],
 )
 def test_extract_last_number(text, expected):

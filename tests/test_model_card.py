@@ -209,6 +209,7 @@ def test_several_forget_skills_are_named_together() -> None:
     assert "| Forgotten skills | **math, python and French** |" in card.text
     one = render_model_card(_info(forget_skill=["math"]))
     assert one.text == render_model_card(_info()).text  # a list of one is the string
-    for bad in ([], ["math", " "], [3]):
+    assert "> skills cannot be recovered." in card.text
+    for bad in ([], (), ["math", " "], [3]):
         with pytest.raises(ValueError, match="forget_skill must be a non-empty string or a list of them"):
             render_model_card(_info(forget_skill=bad))

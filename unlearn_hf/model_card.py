@@ -107,7 +107,7 @@ def _validate(info: ModelCardInfo) -> None:
     for name in ("base_model", "forget_skill", "repo_id"):
         value = getattr(info, name)
         several = name == "forget_skill" and isinstance(value, (list, tuple))
-        if not all(isinstance(v, str) and v.strip() for v in (value if several else [value])) or value == []:
+        if not all(isinstance(v, str) and v.strip() for v in (value if several else [value])) or not value:
             kind = "a non-empty string or a list of them" if name == "forget_skill" else "a non-empty string"
             raise ValueError(f"ModelCardInfo.{name} must be {kind}, got {value!r}.")
     if not info.methods:

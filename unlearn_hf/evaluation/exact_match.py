@@ -11,7 +11,7 @@ from .results import MetricResult
 
 #: A number, its minus sign only where no digit precedes it (``2019-2020`` and ``12 - 4`` end in 2020 and 4: a
 #: range or a subtraction, not a negative number); ``.5`` is 0.5 (it was read as 5, matching a gold 5).
-_NUMBER = re.compile(r"(?:(?<!\d)(?<!\d\s)-)?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+_NUMBER = re.compile(r"(?:(?<!\d)(?<!\d\s)-)?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\d.])\.\d+)")
 
 
 def normalize_number(text: str | None) -> str | None:

@@ -286,9 +286,12 @@ def _load(
     if looks_like_local_path(name) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"pretrained={name!r}: no such file or folder.")
     if not has_unlearning(name):
+        where = (
+            "" if Path(name).expanduser().exists() else " (no local folder: as a Hub repo, or not reached)"
+        )
         raise ValueError(
-            f"{name!r} holds no unlearn_config.json, so it is not an unlearned model; evaluate a plain model with "
-            "lm-eval's 'hf' model."
+            f"{name!r} holds no unlearn_config.json{where}, so it is not an unlearned model; evaluate a plain model "
+            "with lm-eval's 'hf' model."
         )
     torch_dtype = dtype if dtype in (None, "auto") else get_dtype(dtype)
     model = UnlearnedModelForCausalLM.from_pretrained(

@@ -62,7 +62,7 @@ class KeySpaceDetectionConfig(MethodConfig):
         chat_template: render questions with the tokenizer's chat template (when it has one).
         system_prompt: also render them with this system prompt in the chat template (``""``: don't). A chat
             message list with its own system turn is rendered with it (``"chat_system"``) and without it
-            (``"chat"``).
+            (``"chat"``); with ``""``, once, as given (``"chat"``).
         templates: more renderings: strings holding ``{question}`` (e.g. ``"Question: {question}\\nAnswer:"``).
         bare_question: render the bare question.
         max_window_slack: how far past the fitted renderings' closing tokens ``window="auto"`` may look.
