@@ -91,8 +91,9 @@ def test_a_chat_list_with_its_own_system_turn_is_rendered_with_and_without_it(to
     from unlearn_hf.methods.key_space_detection.fit_checks import warn_repeated
 
     with caplog.at_level("WARNING", logger="unlearn_hf.methods.key_space_detection"):
-        warn_repeated([q, own[1:]], [[{"role": "user", "content": " " + q}]])
-    assert "1 forget questions repeat an earlier one and 1 are also retain questions" in caplog.text
+        warn_repeated([q, own[1:], own], [[{"role": "user", "content": " " + q}]])
+    # the list with its own system turn too: its chat rendering is the string's (held out together, a review)
+    assert "2 forget questions repeat an earlier one and 1 are also retain questions" in caplog.text
 
 
 @pytest.mark.parametrize("question", ["Answer", "assistant", "user", "A"])

@@ -12,20 +12,18 @@ import torch
 
 
 def example_key(example: Any) -> str:
-    """What makes two examples the same: a text (stripped), a record's fields, a chat message list (one user message
-    is the same question as its text)."""
+    """What makes two examples the same: a text (stripped), a record's fields, a chat message list without its own
+    system turn (one user message is the same question as its text: their bare and chat renderings are the same)."""
     if isinstance(example, str):
         return example.strip()
     if isinstance(example, Mapping):
         return json.dumps(dict(example), sort_keys=True, default=str)
-    if isinstance(example, Sequence) and all(isinstance(m, Mapping) for m in example):
-        if (
-            len(example) == 1
-            and example[0].get("role") == "user"
-            and isinstance(example[0].get("content"), str)
-        ):
-            return example[0]["content"].strip()
-        return json.dumps([dict(m) for m in example], sort_keys=True, default=str)
+    if isinstance(example, Sequence) and example and all(isinstance(m, Mapping) for m in example):
+        # its own system turn aside: Key Space Detection renders such a list without it too
+        turns = list(example[1:] if example[0].get("role") == "system" else example)
+        if len(turns) == 1 and turns[0].get("role") == "user" and isinstance(turns[0].get("content"), str):
+            return turns[0]["content"].strip()
+        return json.dumps([dict(m) for m in turns], sort_keys=True, default=str)
     return repr(example)
 
 
