@@ -10,6 +10,7 @@ checkpointing recomputes with the methods, and a forward that bypasses the hooks
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -401,6 +402,41 @@ def test_pickling_is_refused_with_a_pointer_to_save_pretrained(setup):
         pickle.dumps(unlearned)
     with pytest.raises(TypeError, match="save_pretrained"):
         torch.save(unlearned, io.BytesIO())
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_backward_recomputes_in_the_forwards_context_variables(reentrant):
+    """A forward inside NeuronAdjust.deterministic() and its backward after the block: the recomputation read the
+    block's switch at backward time and drew at random, so the gradients were not the forward's (a review). They
+    equal those of the same state fitted deterministic=True, without checkpointing."""
+    from unlearn_hf import NeuronAdjust
+
+    forget, retain = random_batches(0, 3, 400), random_batches(1, 30000, 49000)
+    ids = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def grads(deterministic_config: bool, checkpointing: bool):
+        model = tiny_llama(layers=N_LAYERS)
+        unlearned = UnlearnedModelForCausalLM.from_base(model)
+        config = NeuronAdjustConfig(ratio=0.2, deterministic=deterministic_config)
+        method = unlearned.fit(config, forget, retain, show_progress=False)
+        unlearned.train()
+        if checkpointing:
+            unlearned.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+            )
+        block = contextlib.nullcontext() if deterministic_config else method.deterministic()
+        with block:
+            loss = unlearned(input_ids=ids, labels=ids).loss
+        loss.backward()  # after the block
+        assert isinstance(method, NeuronAdjust)
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss, got = grads(False, True)
+    want_loss, want = grads(True, False)
+    assert torch.equal(loss, want_loss) and len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")

@@ -11,6 +11,7 @@ the backward pass inside the forward's context.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -46,9 +47,11 @@ def _carrying_context(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
     recomputed activations are the ones the forward saved."""
 
     def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        ctx = _CURRENT.get()
-        if ctx is None:
+        if _CURRENT.get() is None:
             return checkpoint(function, *args, **kwargs)
+        # every context variable of the forward, not only its context: a backward run after a block such as
+        # NeuronAdjust.deterministic() (or on another thread) recomputed with random draws (a review)
+        forward = contextvars.copy_context()
         calls = 0
 
         def replayable(*a: Any, **k: Any) -> Any:
@@ -56,12 +59,12 @@ def _carrying_context(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
             calls += 1
             if calls == 1:  # the forward itself, already in its context
                 return function(*a, **k)
-            current, replay = _CURRENT.set(ctx), _REPLAY.set(True)
-            try:
+
+            def again() -> Any:
+                _REPLAY.set(True)
                 return function(*a, **k)
-            finally:
-                _REPLAY.reset(replay)
-                _CURRENT.reset(current)
+
+            return forward.copy().run(again)
 
         return checkpoint(replayable, *args, **kwargs)
 
