@@ -196,10 +196,9 @@ class UnlearnedLM(HFLM):
     def _scoring(self) -> Iterator[None]:
         """One request type's call: random-mode Neuron Adjust deterministic for its duration, in this thread only
         (:meth:`NeuronAdjust.deterministic`: nothing is re-attached), and lm-eval's cache hook silent while HFLM
-        scores: with ``--use_cache`` it stored every request's
-        value as HFLM computed it, before the decision turns it into the refusal, so a run interrupted and resumed
-        from the cache scored refused requests as answered (a review). ``CachingLM`` stores the final values when
-        the call returns."""
+        scores: with ``--use_cache`` it stored every request's value as HFLM computed it, before the decision turns
+        it into the refusal, so a run interrupted and resumed from the cache scored refused requests as answered (a
+        review). ``CachingLM`` stores the final values when the call returns."""
         hook, self.cache_hook = self.cache_hook, CacheHook(None)
         try:
             with contextlib.ExitStack() as stack:
