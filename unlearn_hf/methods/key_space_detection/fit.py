@@ -58,7 +58,7 @@ def read_queries(data: Any, spec: DataSpec, role: str) -> list[Any]:
             f"The {role} data is a {type(data).__name__} of columns: pass a list of questions (e.g. "
             f"list(df[{column!r}])) or a datasets.Dataset (Dataset.from_pandas(df) / Dataset.from_dict(d))."
         )
-    refuse_non_examples(data)  # a path, a set, a numpy array
+    refuse_non_examples(data)  # a path, a set
     if names is not None:
         if column not in names:
             raise ValueError(
@@ -251,9 +251,8 @@ def fit_key_space(
     candidates = fixed or (list(units) if calibrating and config.layers == AUTO else middle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [r.input_ids[: r.question_end + 1] for r in fit_rows]
-    warn_long(
-        prompts, spec.max_length, "rendered forget queries"
-    )  # the decision reads a question's last tokens
+    # the decision reads a question's last tokens: those are kept
+    warn_long(prompts, spec.max_length, "rendered forget queries")
     prompts = [p[-spec.max_length :] for p in prompts]
     batches = [
         dict(zip(("input_ids", "attention_mask"), pad_left([prompts[i] for i in b], pad, spec.max_length)))
