@@ -256,6 +256,11 @@ def test_curve_is_saved_loaded_and_validated(setup, tmp_path):
     loaded = UnlearnedModelForCausalLM.from_pretrained(tmp_path / "m")
     again = loaded.methods["neuron_adjust"]
     assert again.ratio_curve == method.ratio_curve and again.config == config
+    # what `unlearn-hf fit` prints: the chosen ratio (it printed the method's name only; a review)
+    from unlearn_hf.cli.common import fitted_summary
+
+    chosen = GRID[int(method.state["ratio_chosen"].item())]
+    assert fitted_summary(loaded.methods) == f"neuron_adjust (ratio='auto' chose {chosen:g})"
     state = dict(method.state)
     bad = state[CURVE].clone()
     bad[0, 0] = 0.07

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +243,12 @@ def formats_for(requested: str | None, tokenizer: Any, model: str) -> list[str]:
     if "chat" in formats and not has_chat:
         raise UserError(f"--formats chat needs a chat template, and {model}'s tokenizer has none.")
     return formats
+
+
+def fitted_summary(methods: Mapping[str, Any]) -> str:
+    """The fitted methods' names, each with the ratio that ``ratio="auto"`` chose where it chose one (a review: the
+    CLI named the methods only, and the ratio was in a saved tensor)."""
+    curves = {name: getattr(method, "ratio_curve", None) for name, method in methods.items()}
+    return ", ".join(
+        f"{n} (ratio='auto' chose {c.ratio:g})" if c is not None else n for n, c in curves.items()
+    )

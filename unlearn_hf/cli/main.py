@@ -34,6 +34,7 @@ from .arguments import (
 from .common import (
     UserError,
     check_format_names,
+    fitted_summary,
     forget_and_retain,
     formats_for,
     load_model,
@@ -305,7 +306,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     data = data_descriptions(forget, retain, args.n_probe, args.data_dir)
     unlearned.save_pretrained(out, save_base_model=args.save_base_model, tokenizer=tok, **data)
     write_card_info(out, forget.name, [s.name for s in retain])
-    print(f"saved {', '.join(unlearned.methods)} to {out}")
+    print(f"saved {fitted_summary(unlearned.methods)} to {out}")
     return 0
 
 
