@@ -426,6 +426,13 @@ def test_override_missing_module():
     model = tiny_model("llama")
     with pytest.raises(SiteError, match=r"'model\.layers\.0\.mlp\.nope' from the override does not exist"):
         find_ffl_sites(model, {"pre": "mlp.nope", "key": "mlp.down_proj"})
+    # from_base names it at once (the README's fused-model override pasted onto a Llama failed only at fit)
+    from unlearn_hf import UnlearnedModelForCausalLM
+
+    with pytest.raises(SiteError, match=r"'model\.layers\.0\.mlp\.gate_up_proj' from the override does not"):
+        UnlearnedModelForCausalLM.from_base(model, sites={"pre": "mlp.gate_up_proj", "key": "mlp.down_proj"})
+    good = UnlearnedModelForCausalLM.from_base(model, sites={"pre": "mlp.gate_proj", "key": "mlp.down_proj"})
+    assert [s.pre for s in good.ffl_sites] == [layer.mlp.gate_proj for layer in model.model.layers]
 
 
 def test_override_mismatched_widths():

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from ..adapters import check_no_adapters
 from ..context import _CURRENT
 from ..persistence.fingerprint import parameter_records
+from ..sites import find_ffl_sites
 
 
 def _forward_passthrough(base_cls: type) -> Any:
@@ -73,7 +74,8 @@ class RuntimeClassMixin:
                 functools.partial(fwd.func, obj), obj._old_forward
             )
         obj._unlearn_site_override = sites
-        obj._unlearn_sites = None
+        # named sites are checked now: a name that is not in the model failed only at the first fit (a review)
+        obj._unlearn_sites = None if sites is None else find_ffl_sites(model, sites)
         # the weights as wrapped, to tell a save that they changed since (fine-tuning, merged adapters)
         obj._unlearn_wrapped_parameters = parameter_records(model)
         obj._unlearn_methods = {}
