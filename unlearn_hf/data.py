@@ -216,12 +216,9 @@ def iter_token_batches(
     records = _records(data, spec, mode)
     tok = TextTokenizer.of(tokenizer, mode)
     rows = _encode_rows(records, tok, spec.max_length)
-    empty = [i for i, (ids, _) in enumerate(rows) if not ids]
-    if empty:  # refused whatever the batching (a batch of empty rows alone would have no tokens at all)
-        raise DataError(
-            f"{len(empty)} of {len(rows)} examples tokenize to no tokens at all (empty strings?), e.g. example(s) "
-            f"{empty[:5]}: remove them."
-        )
+    refuse_empty(
+        [ids for ids, _ in rows]
+    )  # whatever the batching (a batch of empty rows has no tokens at all)
     plan = spec.plan([len(ids) for ids, _ in rows], device)
     if shard is None:
         return sum(len(b) for b in plan), _text_iter(rows, plan, tok, mode)
@@ -305,6 +302,16 @@ def _tokenized_iter(
         yield TokenBatch(ids, mask, select)
     if not seen:
         raise DataError("The data set is empty: the iterable yielded no batches.")
+
+
+def refuse_empty(rows: list[list[int]]) -> None:
+    """Refuse examples whose token ids are empty, naming the first five by their index in ``rows``."""
+    empty = [i for i, ids in enumerate(rows) if not ids]
+    if empty:
+        raise DataError(
+            f"{len(empty)} of {len(rows)} examples tokenize to no tokens at all (empty strings?), e.g. example(s) "
+            f"{empty[:5]}: remove them."
+        )
 
 
 def _encode(tok: TextTokenizer, prompt: str, completion: str | None) -> tuple[list[int], int]:

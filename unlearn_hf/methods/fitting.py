@@ -9,11 +9,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..adapters import check_no_adapters
-from ..data import DataSpec, _columns_of, _is_tokenized_batch, _records, _refuse_containers
-from ..data_errors import DataError, DataTypeError
+from ..data import (
+    DataSpec,
+    _columns_of,
+    _encode,
+    _is_tokenized_batch,
+    _records,
+    _refuse_containers,
+    refuse_empty,
+)
+from ..data_errors import DataError, DataTypeError, as_list
 from ..probe import architecture_id, probe
 from ..sites import FFLSite
 from ..stats import DEFAULT_STATISTICS, SiteStatistics, check_finite
+from ..tokenizing import TextTokenizer
 from .config import resolve_layers
 
 
@@ -163,9 +172,11 @@ def data_role(role: str, plain: bool = False) -> Iterator[None]:
         raise type(err)(f"The {role} data: {err}") from err
 
 
-def check_examples(data: Any, spec: DataSpec, mode: str, role: str) -> None:
+def check_examples(data: Any, spec: DataSpec, mode: str, role: str, tokenizer: Any = None) -> None:
     """Check the examples of text data as a fit reads them, before a fit splits them (``ratio="auto"`` holds some
-    out), so that an error names the example's index in the data given. Tokenized batches are checked as read."""
+    out), so that an error names the example's index in the data given; with ``tokenizer``, also that each has
+    tokens (it was named by its index within its part). Tokenized batches are checked as read."""
+    data = as_list(data)
     if (
         data is None
         or isinstance(data, (str, SiteStatistics))
@@ -176,7 +187,10 @@ def check_examples(data: Any, spec: DataSpec, mode: str, role: str) -> None:
     with data_role(role):
         _refuse_containers(data)
         if len(data) and (_columns_of(data) is not None or not _is_tokenized_batch(data[0])):
-            _records(data, spec, mode)
+            records = _records(data, spec, mode)
+            if tokenizer is not None:
+                tok = TextTokenizer.of(tokenizer, mode)
+                refuse_empty([_encode(tok, p, c)[0] for p, c in records])
 
 
 def probe_forget_and_retain(

@@ -187,7 +187,7 @@ def fit_neuron_method(
     # the grid searched, saved with the fit: a later version's default grid must not change what it means
     config = dataclasses.replace(config, ratio_grid=list(config.ratio_grid or DEFAULT_GRID))
     for role, data in (("forget", forget), ("retain", retain)):  # before the split: indices as given
-        check_examples(data, spec, config.tokens, role)
+        check_examples(data, spec, config.tokens, role, tokenizer)
     fit_f, held_f = split_examples(forget, config.holdout_fraction, "forget", spec, config.tokens)
     fit_r, held_r = split_examples(retain, config.holdout_fraction, "retain", spec, config.tokens)
     layers, stats_f, stats_r = probe_forget_and_retain(model, config, fit_f, fit_r, tokenizer, **kw)
