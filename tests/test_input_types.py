@@ -354,6 +354,8 @@ def test_ratio_auto_names_a_bad_example_by_its_index_in_the_data_given(unlearned
     with pytest.raises(TypeError, match=r"^The retain data: Example 7 is a int"):
         unlearned.fit(NeuronAdjustConfig(ratio="auto"), forget, retain, smol_tokenizer, show_progress=False)
     retain[7] = ""  # an empty text, found when tokenized: it was named by its index within its part
-    with pytest.raises(ValueError, match=r"^The retain data: 1 of 10 examples tokenize to no tokens .* \[7\]"):
+    with pytest.raises(
+        ValueError, match=r"^The retain data: 1 of 10 examples tokenize to no tokens .* \[7\]"
+    ):
         unlearned.fit(NeuronAdjustConfig(ratio="auto"), forget, retain, smol_tokenizer, show_progress=False)
     assert not unlearned.methods

@@ -257,6 +257,25 @@ def test_fingerprint_mismatch(folder, saved, smol_tokenizer, caplog):
     assert "ignore_fingerprint=True" in caplog.text and list(forced.methods) == ["na", "ksd"]
 
 
+def test_saved_site_names_this_model_lacks_are_a_fingerprint_difference(folder, caplog):
+    """Sites saved under other module paths (a checkpoint of another layout): refused as a fingerprint mismatch, or
+    attached to the detected sites with ignore_fingerprint=True. When from_base began checking named sites at once,
+    the load raised a raw SiteError in both cases (a review)."""
+
+    def rename(config):
+        for site in config["base_model"]["fingerprint"]["ffl_sites"]:
+            for key in ("pre", "key"):
+                if site.get(key):
+                    site[key] = site[key].replace("model.layers", "model.decoder.layers")
+
+    edit_config(folder, rename)
+    with pytest.raises(FingerprintMismatchError):
+        attach(folder)
+    with caplog.at_level(logging.WARNING):
+        forced = attach(folder, ignore_fingerprint=True)
+    assert list(forced.methods) == ["na", "ksd"] and "ignore_fingerprint=True" in caplog.text
+
+
 def test_failed_attach_leaves_no_hooks(folder):
     # a smaller vocabulary: NA attaches, then KSD's refusal tokens do not fit: all or nothing
     small = tiny_llama(seed=0, vocab_size=500)

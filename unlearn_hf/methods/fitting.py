@@ -184,12 +184,12 @@ def check_examples(data: Any, spec: DataSpec, mode: str, role: str, tokenizer: A
         and _columns_of(data) is None
     ):
         return
+    tok = None if tokenizer is None else TextTokenizer.of(tokenizer, mode)  # its own error, not the data's
     with data_role(role):
         _refuse_containers(data)
         if len(data) and (_columns_of(data) is not None or not _is_tokenized_batch(data[0])):
             records = _records(data, spec, mode)
-            if tokenizer is not None:
-                tok = TextTokenizer.of(tokenizer, mode)
+            if tok is not None:
                 refuse_empty([_encode(tok, p, c)[0] for p, c in records])
 
 

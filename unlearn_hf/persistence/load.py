@@ -178,9 +178,8 @@ def _wrap(wrapper_cls: type, base: nn.Module, config: UnlearnConfig) -> Any:
         return wrapper
     if detected is not None and len(detected) != len(saved):
         return wrapper  # another architecture: the fingerprint check reports it
-    candidate = wrapper_cls.from_base(base, sites=SavedSites(saved))
-    try:
-        candidate.ffl_sites  # noqa: B018 - validates the saved names against this model
+    try:  # from_base checks the saved names against this model
+        candidate = wrapper_cls.from_base(base, sites=SavedSites(saved))
     except SiteError as err:
         if detected is None:
             raise FingerprintMismatchError(
