@@ -23,7 +23,7 @@ class DataTypeError(TypeError):
 def refuse_non_examples(data: Any) -> None:
     """Refuse, in words, what is not a collection of examples or batches: a string, a path (load the file first), a
     set (no order), a pandas DataFrame (iterating it yields its column names)."""
-    if isinstance(data, (str, bytes)) or isinstance(data, os.PathLike):
+    if isinstance(data, (str, bytes, os.PathLike)):
         kind = "path" if isinstance(data, os.PathLike) else "single string"
         raise DataTypeError(
             f"The data is a {kind}, not examples: pass a list of texts, or load a file first "

@@ -91,14 +91,15 @@ def output_folder(path: str) -> Path:
             if not parent.is_dir():
                 raise UserError(f"--output {path!r}: {parent} is not a folder.")
             break
-    # a save writes beside the folder (a link's target), then swaps it in
-    check_writable(path, next(p for p in out.resolve().parents if p.exists()))
+    check_writable(path, out)  # a save writes beside the folder (a link's target), then swaps it in
     return out
 
 
-def check_writable(path: str, folder: Path) -> None:
-    """Refuse, before any work, an ``--output`` whose nearest existing folder this process cannot write to (a
-    read-only file system, no permission): the error came after the whole fit or evaluation."""
+def check_writable(path: str, out: Path) -> None:
+    """Refuse, before any work, an ``--output`` ``out`` whose nearest existing parent folder (links resolved) this
+    process cannot write to (a read-only file system, no permission): the error came after the whole fit or
+    evaluation."""
+    folder = next(p for p in out.resolve().parents if p.exists())
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"--output {path!r}: cannot write into {folder} (read-only or no permission).")
 
@@ -117,7 +118,7 @@ def output_file(path: str | None) -> Path | None:
         if not os.access(out, os.W_OK):
             raise UserError(f"--output {path!r}: the file cannot be written (read-only or no permission).")
     else:
-        check_writable(path, next(p for p in out.resolve().parents if p.exists()))
+        check_writable(path, out)
     return out
 
 

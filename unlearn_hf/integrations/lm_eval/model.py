@@ -107,10 +107,11 @@ class UnlearnedLM(HFLM):
             pretrained=pretrained, tokenizer=tokenizer, trust_remote_code=trust_remote_code, **kwargs
         )
         self.deterministic_neuron_adjust = deterministic_neuron_adjust
-        if deterministic_neuron_adjust and random_neuron_adjust(pretrained):
+        switched = random_neuron_adjust(pretrained) if deterministic_neuron_adjust else []
+        if switched:
             logger.warning(
                 "Neuron Adjust %s scores with deterministic replacement (batch-independent) while lm-eval scores.",
-                random_neuron_adjust(pretrained),
+                switched,
             )
         self.pretrained = name
         self._decisions: dict[tuple[int, ...], tuple[str, ...]] = {}
