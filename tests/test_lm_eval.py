@@ -382,7 +382,6 @@ def test_cli_evaluate_with_lm_eval_writes_both_reports(saved, tasks, tmp_path, c
     [
         ([], "needs --tasks"),
         (["--tasks", "no/such/task.yaml"], "no such YAML file"),
-        (["--tasks", "no_such_lm_eval_task"], "cannot load the tasks"),
         (["--tasks", "TASK", "--num-fewshot", "50"], "more few-shot documents"),
         (["--tasks", "TASK", "--num-fewshot", "-1"], "--num-fewshot"),
         # the native harness's options were silently ignored (a review)
@@ -403,6 +402,24 @@ def test_cli_lm_eval_user_errors_are_one_line(saved, tasks, extra, message, caps
         code = exit_.code
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not lm-eval's bars
     assert code == 2 and len(errors) == 1 and message in errors[0]
+
+
+def test_cli_unknown_task_is_refused_before_the_model_loads(saved, tasks, monkeypatch, capsys):
+    """A misspelt task name failed only after the model was loaded (minutes for a Hub model): now it is refused
+    first, naming the name that matches no task (a YAML path beside it is fine)."""
+    from unlearn_hf.cli import harness
+
+    loads = []
+    monkeypatch.setattr(harness, "load_model", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    code = main(
+        ["evaluate", "--harness", "lm-eval", "--model", str(saved), "--formats", "qa", "--quiet"]
+        + ["--tasks", f"{tasks['mc']},gsm8k_typo_task"]
+    )
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and not loads and len(errors) == 1
+    assert (
+        "no task named gsm8k_typo_task" in errors[0] and str(tasks["mc"]) not in errors[0].split("named")[1]
+    )
 
 
 def test_cli_tasks_without_the_lm_eval_harness_is_an_error(capsys):

@@ -34,7 +34,13 @@ def evaluate_lm_eval(args: argparse.Namespace, output: Path | None) -> int:
     try:
         from lm_eval.utils import handle_non_serializable
 
-        from ..integrations.lm_eval.run import YAML_SUFFIXES, TaskLoadError, evaluate_with_lm_eval, summary
+        from ..integrations.lm_eval.run import (
+            YAML_SUFFIXES,
+            TaskLoadError,
+            evaluate_with_lm_eval,
+            summary,
+            task_manager_for,
+        )
     except ImportError as err:
         raise UserError(
             f"--harness lm-eval needs lm-eval ({err}): pip install 'unlearn_hf[lm-eval]'."
@@ -46,6 +52,10 @@ def evaluate_lm_eval(args: argparse.Namespace, output: Path | None) -> int:
     if missing:
         raise UserError(f"--tasks: no such YAML file {missing}.")
     tasks = [str(Path(t).expanduser()) if t.endswith(YAML_SUFFIXES) else t for t in tasks]
+    try:
+        manager = task_manager_for(tasks)  # before the model load: a misspelt name fails at once
+    except TaskLoadError as err:
+        raise UserError(f"lm-eval cannot load the tasks {tasks}: {err}") from err
     model, tok = load_model(args.model, args.dtype)
     formats = formats_for(args.formats, tok, args.model)
     results, scores = {}, {}
@@ -59,6 +69,7 @@ def evaluate_lm_eval(args: argparse.Namespace, output: Path | None) -> int:
                 batch_size=args.batch_size,
                 limit=args.limit,
                 num_fewshot=args.num_fewshot,
+                task_manager=manager,
             )
         except TaskLoadError as err:
             raise UserError(f"lm-eval cannot load the tasks {tasks}: {err}") from err

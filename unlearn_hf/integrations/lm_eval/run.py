@@ -35,6 +35,25 @@ def checked_task_manager(include_defaults: bool) -> Any:
     return CheckedTaskManager(include_defaults=include_defaults)
 
 
+def task_manager_for(tasks: list[str]) -> Any:
+    """A task manager for ``tasks`` (registered names, lm-eval's glob patterns, YAML paths) once every name matches a
+    registered task: called before a model is loaded, so that a misspelt name costs no model load.
+
+    Raises:
+        TaskLoadError: naming the tasks that match none.
+    """
+    names = [t for t in tasks if not t.endswith(YAML_SUFFIXES)]
+    # lm-eval's own task index takes seconds to build: skipped when every task is a YAML file
+    manager = checked_task_manager(include_defaults=bool(names))
+    unknown = [t for t in names if not manager.match_tasks([t])]
+    if unknown:
+        raise TaskLoadError(
+            f"lm-eval has no task named {', '.join(unknown)} (`lm-eval ls tasks` lists them; a YAML file's path "
+            "must end in .yaml or .yml)"
+        )
+    return manager
+
+
 def evaluate_with_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -45,6 +64,7 @@ def evaluate_with_lm_eval(
     limit: int | float | None = None,
     num_fewshot: int | None = None,
     log_samples: bool = False,
+    task_manager: Any = None,
 ) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` results for ``model`` on ``tasks`` (registered names or YAML paths).
 
@@ -64,14 +84,15 @@ def evaluate_with_lm_eval(
         raise ValueError(f"Unknown prompt format {prompt_format!r}; choose from {', '.join(CHAT_TEMPLATE)}.")
     if not tasks:
         raise ValueError("No lm-eval tasks given.")
+    if task_manager is None:
+        task_manager = task_manager_for(tasks)
     lm_class = UnlearnedLM if is_unlearned_model(model) else HFLM
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         results = simple_evaluate(
             model=lm,
             tasks=list(tasks),
-            # lm-eval's own task index takes seconds to build: skip it when every task is a YAML file
-            task_manager=checked_task_manager(not all(t.endswith(YAML_SUFFIXES) for t in tasks)),
+            task_manager=task_manager,
             num_fewshot=num_fewshot,
             limit=limit,
             apply_chat_template=CHAT_TEMPLATE[prompt_format],
