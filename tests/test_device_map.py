@@ -228,3 +228,44 @@ def test_a_model_whose_weights_were_never_loaded_is_refused_before_probing(confi
             config, ["x y z", "q r s", "t u v"], ["a b c", "d e f"], tiny_tokenizer(), show_progress=False
         )
     assert dict(unlearned.methods) == {}
+
+
+def test_an_offloaded_experts_slice_is_hashed(tmp_path):
+    """The fingerprint's key-projection slices of a mixture of experts are one expert's rows of a 3-D weight, a view
+    named ``...experts.down_proj[e].weight``: offloaded, they were never hashed (that name is no parameter for
+    accelerate's offload map), so a checkpoint loaded onto a model whose sliced expert differs, with either side
+    offloaded (a review). Now the view is taken of the offloaded weight: refused every way, its own base accepted."""
+    from accelerate import cpu_offload
+    from helpers_na import token_batches
+    from test_moe import moe_model
+
+    from unlearn_hf.persistence import FingerprintMismatchError
+
+    def base(changed: bool, offload: bool):
+        model = moe_model("mixtral")
+        if changed:  # the last site's expert only (its down rows are all the slice holds of the last layer)
+            experts, last = model.model.layers[-1].mlp.experts, model.config.num_local_experts - 1
+            with torch.no_grad():
+                experts.down_proj[last].normal_(0, 0.5)
+        if offload:
+            cpu_offload(model, execution_device=torch.device("cpu"))
+            assert model.model.layers[-1].mlp.experts.down_proj.is_meta
+        return model
+
+    saved = {}
+    for offload in (False, True):
+        unlearned = UnlearnedModelForCausalLM.from_base(base(False, offload))
+        unlearned.fit(
+            SelectivePruningConfig(ratio=0.1),
+            token_batches(0, 3, 64, n=1),
+            token_batches(1, 64, 128, n=1),
+            show_progress=False,
+        )
+        saved[offload] = tmp_path / f"fitted-offloaded-{offload}"
+        unlearned.save_pretrained(saved[offload], save_base_model=False, base_model_name_or_path="tiny")
+    for fitted_offloaded, path in saved.items():
+        for offload in (False, True):
+            with pytest.raises(FingerprintMismatchError, match=r"experts\.down_proj\[\d+\]\.weight"):
+                UnlearnedModelForCausalLM.from_pretrained(path, base_model=base(True, offload))
+            loaded = UnlearnedModelForCausalLM.from_pretrained(path, base_model=base(False, offload))
+            assert list(loaded.methods) == ["selective_pruning"], (fitted_offloaded, offload)

@@ -182,7 +182,9 @@ def _weight_slice(
         "sha256": None,
         "sample": None,
     }
-    held = held_values(model, name, weight, weights)
+    held = _held_view(model, weight, weights) if _is_parameter_view(model, weight) else None
+    if held is None:
+        held = held_values(model, name, weight, weights)
     if held is None or weight.ndim == 0:
         logger.info("Fingerprint: %s (%s) is not materialized; its values are not hashed.", label, name)
         return entry
@@ -191,6 +193,25 @@ def _weight_slice(
     if values.numel():
         entry["sample"] = _sample(values, SAMPLE_SIZE)
     return entry
+
+
+def _is_parameter_view(model: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a view of one of ``model``'s parameters (one expert's slice of a 3-D experts weight)."""
+    return weight._base is not None and id(weight._base) in _param_names(model)
+
+
+def _held_view(
+    model: nn.Module, weight: torch.Tensor, weights: Mapping[str, torch.Tensor] | None
+) -> torch.Tensor | None:
+    """The values of ``weight``, a view of a parameter of ``model``: the same view of the parameter's held values
+    (:func:`held_values`: what a save writes, or what accelerate keeps of an offloaded expert weight), ``None`` when
+    they are nowhere or laid out otherwise."""
+    base = weight._base
+    full = held_values(model, _param_names(model)[id(base)], base, weights)
+    if full is None or full.stride() != base.stride():
+        return None
+    offset = full.storage_offset() + weight.storage_offset() - base.storage_offset()
+    return full.as_strided(weight.shape, weight.stride(), offset)
 
 
 def compute_fingerprint(
