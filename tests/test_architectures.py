@@ -182,6 +182,38 @@ def _positions_when_generating(unlearned, row) -> dict[int, int]:
     return seen
 
 
+def test_gemma3n_layers_with_activation_sparsity_have_no_pre_activation_site():
+    """A Gemma 3n layer with activation sparsity cuts its gate at a Gaussian quantile before the activation: the
+    gate projection's output is not what enters it, so Neuron Adjust read and shifted the wrong values there, and
+    the recomputed cut-off moved neurons it never selected (a review: 75 of 80 changed neurons not selected). Such
+    a layer has no pre-activation site (Neuron Adjust refused, naming it); the others keep theirs, and Neuron
+    Adjust there changes, at the activation's input, exactly the neurons it selected."""
+    model = _kv_shared_model("gemma3n_text", laurel_rank=8, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])
+    unlearned = UnlearnedModelForCausalLM.from_base(model)
+    sites = unlearned.ffl_sites
+    assert sites[0].pre is None and "transforms the gate first" in sites[0].pre_missing
+    assert [s.pre_name for s in sites[1:]] == [f"model.layers.{i}.mlp.gate_proj" for i in (1, 2, 3)]
+    forget, retain = _rows(0, FORGET), _rows(1, RETAIN)
+    with pytest.raises(ValueError, match=r"layers \[0\] do not have: layer 0 \(mlp\): the output of"):
+        unlearned.fit(NeuronAdjustConfig(ratio=0.2, deterministic=True), forget, retain, show_progress=False)
+    assert not unlearned.methods
+    mlp = model.model.layers[1].mlp
+    seen = []
+    handle = mlp.act_fn.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    try:
+        na = unlearned.fit(
+            NeuronAdjustConfig(ratio=0.2, deterministic=True, layers=[1]), forget, retain, show_progress=False
+        )
+        with torch.no_grad():
+            unlearned(**forget[0])
+            with unlearned.disable_unlearning():
+                unlearned(**forget[0])
+    finally:
+        handle.remove()
+    changed = (seen[0] != seen[1]).flatten(0, -2).any(0).nonzero().flatten().tolist()
+    assert changed and changed == sorted(na.state["neuron_index"].tolist())
+
+
 def test_ksd_never_decides_at_layers_that_generate_runs_over_the_last_position_only():
     """The default KSD layer of a Gemma 4 with KV-shared layers was one of them: the fit saw every position, and
     every detect / generate then failed (the layer ran over 1 of 7 positions; a review)."""
