@@ -117,6 +117,32 @@ def test_merge_refuses_mismatched_results(model, smol_tokenizer):
         merge(a, b)
 
 
+def test_statistics_of_other_weights_of_one_architecture_are_refused(smol_tokenizer):
+    """Two checkpoints of one architecture (a base model and its fine-tune: here two seeds) had one id, so their
+    statistics merged, and a fit on one took the other's, selecting other neurons without a word (a review). The id
+    now reads each parameter's first row: one weight changed anywhere is another model; the same weights, built
+    again, are the same."""
+    from unlearn_hf import SelectivePruningConfig, UnlearnedModelForCausalLM
+
+    def stats(model):
+        return [
+            probe(model, t, smol_tokenizer, site="key", show_progress=False) for t in (TEXTS[:3], TEXTS[3:])
+        ]
+
+    base = tiny_llama(layers=2, seed=0)
+    tuned = tiny_llama(layers=2, seed=0)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.o_proj.weight[0, 0] += 1e-3  # one weight, one step of a fine-tune
+    merge(stats(base)[0], stats(tiny_llama(layers=2, seed=0))[1])  # the same weights: merged
+    with pytest.raises(ValueError, match="probed on different models"):
+        merge(stats(base)[0], stats(tuned)[1])
+    unlearned = UnlearnedModelForCausalLM.from_base(base)
+    with pytest.raises(ValueError, match="probed on a different model"):
+        unlearned.fit(SelectivePruningConfig(ratio=0.1), *stats(tuned), show_progress=False)
+    assert not unlearned.methods
+    unlearned.fit(SelectivePruningConfig(ratio=0.1), *stats(base), show_progress=False)
+
+
 def test_query_mode_takes_last_real_token(model, smol_tokenizer):
     tok = smol_tokenizer
     for side in ("left", "right"):

@@ -296,7 +296,8 @@ class SiteStatistics:
         site: ``"pre"`` (pre-activation) or ``"key"`` (input of the output projection).
         mode: which tokens were counted (``"all"``, ``"prompt"``, ``"completion"`` or ``"last"``).
         layers: layer index -> :class:`RunningStats`.
-        architecture_id: short description of the probed model, used to refuse merging unrelated results.
+        architecture_id: short id of the probed model and its weights (:func:`~unlearn_hf.probe.architecture_id`),
+            used to refuse merging or fitting with statistics of another model.
     """
 
     site: str
@@ -312,7 +313,9 @@ class SiteStatistics:
                 f"with {other.site}/{other.mode}/{sorted(other.layers)}."
             )
         if self.architecture_id and other.architecture_id and self.architecture_id != other.architecture_id:
-            raise ValueError("Cannot merge statistics probed on different models.")
+            raise ValueError(
+                "Cannot merge statistics probed on different models (or other weights of one model)."
+            )
         return SiteStatistics(
             self.site,
             self.mode,

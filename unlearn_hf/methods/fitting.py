@@ -85,7 +85,7 @@ def _check_precomputed(
     if sorted(data.layers) != sorted(layers):
         problems.append(f"layers {sorted(data.layers)} != {sorted(layers)}")
     if data.architecture_id and data.architecture_id != architecture_id(model):
-        problems.append("they were probed on a different model")
+        problems.append("they were probed on a different model (or other weights of this one)")
     if sites is not None and not problems:
         by_layer = {s.layer: s for s in sites}
         for i in sorted(data.layers):
