@@ -320,6 +320,9 @@ def test_loads_a_checkpoint_folder_and_refuses_a_plain_one(saved, setup, tok, ta
         UnlearnedLM(pretrained=str(tmp_path / "plain"), device="cpu")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):  # it said "not an unlearned model"
         UnlearnedLM(pretrained=str(tmp_path / "missing"), device="cpu")
+    # a pathlib.Path is a folder too (it was refused as "pretrained must be an unlearned checkpoint"; a review)
+    by_path = UnlearnedLM(pretrained=saved, dtype="float32", device="cpu", batch_size=4)
+    assert run(by_path, tasks["mc"])["results"] == out["results"]
 
 
 def test_loads_an_unlearned_hub_repo_with_its_tokenizer(setup, tok, tasks, tmp_path):

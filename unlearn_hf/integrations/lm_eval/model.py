@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,8 @@ class UnlearnedLM(HFLM):
             raise ValueError(
                 f"unlearn_hf models are causal LMs; backend={kwargs['backend']!r} is not supported."
             )
-        if isinstance(pretrained, str):
-            name = pretrained
+        if isinstance(pretrained, (str, os.PathLike)):
+            name = pretrained = os.fspath(pretrained)
             pretrained, tokenizer = _load(
                 pretrained, tokenizer, revision, dtype, device, trust_remote_code, ignore_fingerprint
             )
@@ -238,7 +239,7 @@ class UnlearnedLM(HFLM):
         scores = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         out = []
         for req, logprob in zip(requests, scores, strict=True):
-            # the text is the request: decided on its first max_length tokens (the first window the model reads)
+            # the text is the request: decided on its first max_length tokens (those the first window scores)
             refused = bool(self.abstainers(self.tok_encode(req.args[0])[: self.max_length]))
             out.append(RollingResult(float("-inf"), True) if refused else RollingResult(logprob, False))
         return out
