@@ -234,6 +234,28 @@ def test_loglikelihood_decides_on_the_context_as_lm_eval_feeds_it(setup, tok, ma
     assert [len(c) for c in sorted(decided, key=len)] == sorted(min(n, max_length + 1 - n_cont) for n in full)
 
 
+def test_a_context_holding_the_pad_tokens_id_is_decided_on_every_token(setup, tok):
+    """lm-eval feeds every token of a context, the pad token's id too; the decision was made without a mask, so
+    detect inferred one from the pad id as generate does and left those tokens out (here ":" as the pad token: the
+    questions, decided at "Answer" instead of ":", were answered; a review)."""
+    _, unlearned = setup
+    lm = UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=1)
+    colon = tok(":", add_special_tokens=False)["input_ids"][-1]
+    old = unlearned.generation_config.pad_token_id
+    unlearned.generation_config.pad_token_id = colon
+    try:
+        for question in FORGET[:3]:
+            ids = lm.tok_encode(question)
+            row = torch.tensor([ids])
+            assert colon in ids and not bool(
+                unlearned.detect(row)[0]
+            )  # the premise: a mask inferred, answered
+            assert bool(unlearned.detect(row, attention_mask=torch.ones_like(row))[0])
+            assert lm.abstainers(ids) == ("key_space_detection",)
+    finally:
+        unlearned.generation_config.pad_token_id = old
+
+
 def test_rolling_loglikelihood_decides_on_the_text_itself(setup, tok, tasks):
     model, unlearned = setup
     out = run(UnlearnedLM(pretrained=unlearned, tokenizer=tok, batch_size=2), tasks["rolling"])

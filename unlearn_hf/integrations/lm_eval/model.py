@@ -149,7 +149,9 @@ class UnlearnedLM(HFLM):
             if not key or not self.model.has_abstention:
                 self._decisions[key] = ()
             else:
-                by = self.model.detect(torch.tensor([key], dtype=torch.long), by_method=True)
+                ids = torch.tensor([key], dtype=torch.long)
+                # every token is real, the pad token's id too: lm-eval feeds it (no mask to infer from padding)
+                by = self.model.detect(ids, attention_mask=torch.ones_like(ids), by_method=True)
                 self._decisions[key] = tuple(n for n, flags in by.items() if bool(flags[0]))
         return self._decisions[key]
 
