@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -22,9 +24,12 @@ DATA = shared_data_dir()
 # (probe, eval) sizes on the shared copies
 SIZES = {
     "gsm8k": (7473, 1319),
-    "mbpp": (374, 500),
+    "mbpp": (
+        374,
+        497,
+    ),  # 500 test tasks, 3 of them train tasks (test_copies_of_probe_items_are_not_evaluated)
     "humaneval": (82, 82),
-    "mmlu": (7010, 7032),
+    "mmlu": (7010, 6981),  # 7032 even test rows, 51 of them repeat an odd row
     "mlqa-en": (582, 566),
     "mlqa-de": (255, 257),
     "mlqa-es": (254, 246),
@@ -61,6 +66,37 @@ def test_counts_and_disjoint_splits(name):
         assert not contexts(probe) & contexts(evals)
 
 
+def _normalised(*texts: str) -> tuple[str, ...]:
+    return tuple(re.sub(r"\s+", " ", t).strip().lower() for t in texts)
+
+
+def test_copies_of_probe_items_are_not_evaluated():
+    """A data set's splits hold copies: three MBPP test tasks are train tasks, and MMLU's test files repeat
+    questions within and across subjects (51 even rows repeat an odd row). The evaluation items were scored after a
+    fit on the probe items they copy (a review); they are left out, counted here from the raw files."""
+    raw = [json.loads(line) for line in open(DATA / "mbpp" / "mbpp.jsonl", encoding="utf-8")]
+    train = {_normalised(r["text"]) for r in raw if 601 <= r["task_id"] <= 974}
+    copies = sorted(
+        r["task_id"] for r in raw if 11 <= r["task_id"] <= 510 and _normalised(r["text"]) in train
+    )
+    assert copies == [216, 217, 248]
+    mbpp_ids = {int(it.id.rsplit("/", 1)[1]) for it in get_skill("mbpp", DATA).eval_items()}
+    assert not mbpp_ids & set(copies) and len(mbpp_ids) == 500 - len(copies)
+    odd, even = [], []
+    for path in sorted((DATA / "mmlu" / "test").glob("*.csv")):
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [
+                _normalised(r["question"], *(r[f"choice{j}"] for j in range(4))) for r in csv.DictReader(f)
+            ]
+        odd += rows[1::2]
+        even += rows[0::2]
+    repeated = [r for r in even if r in set(odd)]
+    assert len(repeated) == 51 and len(even) == 7032
+    mmlu = get_skill("mmlu", DATA)
+    kept = {_normalised(it.question.split("\nA. ")[0], *it.choices) for it in mmlu.eval_items()}
+    assert len(mmlu.eval_items()) == len(even) - len(repeated) and not kept & set(repeated)
+
+
 def test_gsm8k_template():
     skill = get_skill("gsm8k", DATA)
     item = skill.eval_items(1)[0]
@@ -76,7 +112,8 @@ def test_mbpp_splits_templates_and_crlf():
     skill = get_skill("mbpp", DATA)
     probe_ids = [int(it.id.rsplit("/", 1)[1]) for it in skill.probe_items()]
     eval_ids = [int(it.id.rsplit("/", 1)[1]) for it in skill.eval_items()]
-    assert probe_ids == list(range(601, 975)) and eval_ids == list(range(11, 511))
+    assert probe_ids == list(range(601, 975))
+    assert eval_ids == [i for i in range(11, 511) if i not in (216, 217, 248)]  # train tasks 872, 602, 704
     by_id = {r["task_id"]: r for r in raw}
     item = skill.eval_items(1)[0]
     assert item.prompt == f"Question: {by_id[11]['text']}\nAnswer:"

@@ -2,7 +2,8 @@
 
 Every skill reads either a local folder laid out like the project's ``shared/data/<name>`` copies (``data_dir``
 may be the folder of all skills or the skill's own folder) or, with ``data_dir=None``, the Hugging Face Hub
-through ``datasets.load_dataset``. Probing and evaluation use disjoint parts:
+through ``datasets.load_dataset``. Probing and evaluation use disjoint parts (an evaluation item that repeats a probe item, case and whitespace aside,
+is left out):
 
 | skill | probe (fit) | eval |
 |---|---|---|
@@ -130,12 +131,31 @@ class Skill:
         if which not in self._splits:
             loader = LOADERS[self.spec.name.split("-")[0]]
             probe, evals, self._dev = loader(self.spec, self.data_dir)
+            evals = _without_copies(evals, probe, self.name)
             for items, part in ((probe, "probe"), (evals, "eval")):
                 if self.seed is not None:
                     random.Random(f"{self.seed}/{self.name}/{part}").shuffle(items)
             self._splits["probe"], self._splits["eval"] = probe, evals
             logger.debug("Loaded skill %s: %d probe / %d eval items", self.name, len(probe), len(evals))
         return self._splits[which]
+
+
+def _copy_key(item: EvalItem) -> tuple[str, ...]:
+    """What makes two items the same question: their prompt and choices, case and whitespace aside."""
+    return tuple(" ".join(t.casefold().split()) for t in (item.prompt, *(item.choices or ())))
+
+
+def _without_copies(evals: list[EvalItem], probe: list[EvalItem], name: str) -> list[EvalItem]:
+    """``evals`` less the items that repeat a probe item (:func:`_copy_key`): a data set's splits can hold copies
+    (MMLU's test rows repeat across subjects, three MBPP test tasks are train tasks), and a model fitted on the
+    probe items must not be scored on them."""
+    seen = {_copy_key(it) for it in probe}
+    kept = [it for it in evals if _copy_key(it) not in seen]
+    if len(kept) < len(evals):
+        logger.info(
+            "Skill %s: %d evaluation items repeat a probe item; left out.", name, len(evals) - len(kept)
+        )
+    return kept
 
 
 def _take(items: list[EvalItem], n: int | None, name: str, part: str) -> list[EvalItem]:
