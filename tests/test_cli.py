@@ -212,6 +212,15 @@ def test_short_demo_on_smollm2(shared_data, tmp_path, smollm2, capsys):
     info = read_card_info(model_dir)
     assert info["forget_skill"] == "gsm8k" and info["retain_skills"] == ["mbpp", "mmlu"]
     assert {row["method"] for row in info["evaluation"]} == {"Neuron Adjust", "Key Space Detection"}
+    # each row says what was scored, on which split and how many items (it said "score" on "held-out data")
+    expected = {
+        "gsm8k (test split, 6 held-out items)": "teacher-forced answer-token accuracy",
+        "mbpp (test split, 6 held-out items)": "teacher-forced answer-token accuracy",
+        "mmlu (test split, even rows, 3 held-out items)": "5-shot multiple-choice accuracy",
+    }
+    assert {row["skill"] for row in info["evaluation"]} <= set(expected)
+    assert all(row["metric"].startswith(expected[row["skill"]]) for row in info["evaluation"])
+    assert "gsm8k (test split, 6 held-out items)" in card
     loaded = UnlearnedModelForCausalLM.from_pretrained(str(model_dir))
     assert list(loaded.methods) == ["key_space_detection"]
     # the saved hypercube gives the same decisions as reported: GSM8K prompts abstain at the reported rate

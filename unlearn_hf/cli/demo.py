@@ -21,6 +21,18 @@ from .recipes import data_descriptions, fit_methods, method_names
 logger = logging.getLogger(__name__)
 
 
+def _card_skill(skill, n: int) -> str:
+    """A model card's skill cell: the skill, where its evaluation items come from and how many were scored."""
+    return f"{skill.name} ({skill.spec.eval_part}, {n} held-out items)"
+
+
+def _card_metric(skill: str) -> str:
+    """A model card's metric cell: what the demo scored on ``skill`` (an abstained item scores 0)."""
+    if skill == "mmlu":
+        return "5-shot multiple-choice accuracy (abstention decided on the QA prompt; abstained = 0)"
+    return "teacher-forced answer-token accuracy, QA template (abstained = 0)"
+
+
 def _say(quiet: bool, text: str) -> None:
     print(text, flush=True) if not quiet else None
 
@@ -140,11 +152,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     saved = UnlearnedModelForCausalLM.from_base(model)
     saved.add_method(fitted[keep].method_type, fitted[keep])
     model_dir = out_dir / f"smollm2-no-{forget.name}-{keep}"
+    by_name = {skill.name: skill for skill in skills}
     evaluation_rows = [
         {
             "method": label,
-            "skill": s,
-            "metric": "score",
+            "skill": _card_skill(by_name[s], n_eval[s]),
+            "metric": _card_metric(s),
             "before": report["scores"]["base"][s],
             "after": report["scores"][label][s],
             "relative_drop": report["relative_drop"][label][s],

@@ -17,6 +17,7 @@ class SkillSpec:
         hub_path / hub_config: the Hugging Face Hub data set used when no ``data_dir`` is given.
         folder: name of the skill's folder inside a local data root.
         description: one line for reports.
+        eval_part: where its evaluation items come from (for reports and model cards).
     """
 
     name: str
@@ -25,17 +26,28 @@ class SkillSpec:
     hub_config: str | None
     folder: str
     description: str = ""
+    eval_part: str = ""
 
 
 SPECS: dict[str, SkillSpec] = {
-    "gsm8k": SkillSpec("gsm8k", "math", "openai/gsm8k", "main", "gsm8k", "grade-school math word problems"),
+    "gsm8k": SkillSpec(
+        "gsm8k", "math", "openai/gsm8k", "main", "gsm8k", "grade-school math word problems", "test split"
+    ),
     "mbpp": SkillSpec(
-        "mbpp", "python", "google-research-datasets/mbpp", "full", "mbpp", "basic Python tasks"
+        "mbpp", "python", "google-research-datasets/mbpp", "full", "mbpp", "basic Python tasks", "test split"
     ),
     "humaneval": SkillSpec(
-        "humaneval", "python", "openai/openai_humaneval", None, "humaneval", "Python function completion"
+        "humaneval",
+        "python",
+        "openai/openai_humaneval",
+        None,
+        "humaneval",
+        "Python function completion",
+        "even positions",
     ),
-    "mmlu": SkillSpec("mmlu", "knowledge", "cais/mmlu", "all", "mmlu", "57-subject multiple choice"),
+    "mmlu": SkillSpec(
+        "mmlu", "knowledge", "cais/mmlu", "all", "mmlu", "57-subject multiple choice", "test split, even rows"
+    ),
     **{
         f"mlqa-{lang}": SkillSpec(
             f"mlqa-{lang}",
@@ -44,6 +56,7 @@ SPECS: dict[str, SkillSpec] = {
             f"mlqa.{lang}.{lang}",
             "mlqa",
             f"MLQA reading ({lang})",
+            "dev split, even contexts",
         )
         for lang in MLQA_LANGUAGES
     },
