@@ -121,7 +121,7 @@ def test_statistics_of_other_weights_of_one_architecture_are_refused(smol_tokeni
     """Two checkpoints of one architecture (a base model and its fine-tune: here two seeds) had one id, so their
     statistics merged, and a fit on one took the other's, selecting other neurons without a word (a review). The id
     now reads each parameter's first row: one weight changed anywhere is another model; the same weights, built
-    again, are the same."""
+    again, offloaded or cast, are the same."""
     from unlearn_hf import SelectivePruningConfig, UnlearnedModelForCausalLM
 
     def stats(model):
@@ -140,7 +140,18 @@ def test_statistics_of_other_weights_of_one_architecture_are_refused(smol_tokeni
     with pytest.raises(ValueError, match="probed on a different model"):
         unlearned.fit(SelectivePruningConfig(ratio=0.1), *stats(tuned), show_progress=False)
     assert not unlearned.methods
-    unlearned.fit(SelectivePruningConfig(ratio=0.1), *stats(base), show_progress=False)
+    probed = stats(base)
+    # the same weights elsewhere keep the id (the first version read in-memory rows exactly; a review): offloaded by
+    # accelerate, or cast to bfloat16 after the probe
+    from accelerate import cpu_offload
+
+    offloaded = tiny_llama(layers=2, seed=0)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.model.layers[0].mlp.down_proj.weight.is_meta
+    merge(probed[0], stats(offloaded)[1])
+    base.to(torch.bfloat16)
+    unlearned.fit(SelectivePruningConfig(ratio=0.1), *probed, show_progress=False)
+    assert list(unlearned.methods) == ["selective_pruning"]
 
 
 def test_query_mode_takes_last_real_token(model, smol_tokenizer):

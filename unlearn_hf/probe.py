@@ -12,11 +12,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as _dist
-from .adapters import plain_parameters
 from .batch_plan import PaddingMeter
 from .data import DataSpec, TokenBatch, iter_token_batches
 from .data_errors import DataError
 from .hooks import PassHooks
+from .model_identity import architecture_id
 from .model_inputs import StopForward, accepts, input_device, position_ids_from_mask
 from .probe_share import _SHARE
 from .sites import FFLSite, SiteError, as_token_grid, find_ffl_sites, require_pre_sites
@@ -26,26 +26,6 @@ from .stats import DEFAULT_STATISTICS, RunningStats, SiteStatistics, check_finit
 logger = logging.getLogger(__name__)
 
 SITE_KINDS = ("pre", "key")
-
-
-def architecture_id(model: nn.Module) -> str:
-    """A short id of the model, kept with probe statistics to refuse merging or using statistics of another model:
-    its architecture and size, and the first row of each parameter held in memory (two checkpoints of one
-    architecture, a base model and its fine-tune, differ there; an offloaded parameter is not read). Not the saved
-    checkpoint's fingerprint: see :mod:`unlearn_hf.persistence`."""
-    config = getattr(model, "config", None)
-    parts = [
-        str(getattr(config, "model_type", type(model).__name__)),
-        str(getattr(config, "vocab_size", "")),
-        str(sum(1 for _ in model.parameters())),
-        str(sum(p.numel() for p in model.parameters())),
-    ]
-    digest = hashlib.sha1("|".join(parts).encode())
-    for _, p in plain_parameters(model):
-        if p.is_floating_point() and p.numel() and not p.is_meta and not hasattr(p, "to_local"):
-            row = p.detach().reshape(-1, p.shape[-1])[0] if p.ndim else p.detach().reshape(1)
-            digest.update(row.to("cpu", torch.float32).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ from ..data import (
     refuse_empty,
 )
 from ..data_errors import DataError, DataTypeError, as_list
-from ..probe import architecture_id, probe
+from ..model_identity import architecture_id
+from ..probe import probe
 from ..sites import FFLSite
 from ..stats import DEFAULT_STATISTICS, SiteStatistics, check_finite
 from ..tokenizing import TextTokenizer

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..adapters import plain_parameters
+from ..model_identity import held_values
 from ..sites import FFLSite
 from .format import FingerprintMismatchError
 
@@ -62,38 +63,6 @@ def parameter_records(model: nn.Module, weights: Mapping[str, torch.Tensor] | No
         digest = _float32_sha256(values)[:PARAMETER_HASH_DIGITS]
         records.append([name, dtype, shape, digest, _sample(values, PARAMETER_SAMPLE)])
     return records
-
-
-def held_values(
-    model: nn.Module, name: str, p: torch.Tensor, weights: Mapping[str, torch.Tensor] | None = None
-) -> torch.Tensor | None:
-    """The values of parameter ``name`` (``p``) of ``model``: ``weights[name]`` when ``weights`` has it (a save's
-    ``state_dict``: what the checkpoint holds, not what the model holds in memory; ``None`` when its shape is not
-    ``p``'s), else ``p`` itself, or, for a parameter that accelerate offloaded (on the meta device, its values kept
-    by its module's hook: ``device_map`` with CPU or disk offload), those; ``None`` when they are nowhere (a model
-    built without weights)."""
-    if weights is not None and name in weights:
-        given = weights[name]
-        return given if isinstance(given, torch.Tensor) and given.shape == p.shape else None
-    if p.device.type != "meta":
-        return p
-    prefix, _, local = name.rpartition(".")
-    try:
-        module = model.get_submodule(prefix) if prefix else model
-    except AttributeError:
-        return None
-    hook = getattr(module, "_hf_hook", None)
-    for h in (hook, *getattr(hook, "hooks", ())):
-        offloaded = getattr(h, "weights_map", None)
-        if offloaded is None:
-            continue
-        try:
-            value = offloaded[local]
-        except (KeyError, AttributeError, OSError, RuntimeError):
-            continue
-        if isinstance(value, torch.Tensor) and value.device.type != "meta" and value.shape == p.shape:
-            return value
-    return None
 
 
 def _float32_sha256(values: torch.Tensor) -> str:
