@@ -188,13 +188,27 @@ def test_gemma3n_layers_with_activation_sparsity_have_no_pre_activation_site():
     the recomputed cut-off moved neurons it never selected (a review: 75 of 80 changed neurons not selected). Such
     a layer has no pre-activation site (Neuron Adjust refused, naming it); the others keep theirs, and Neuron
     Adjust there changes, at the activation's input, exactly the neurons it selected."""
-    model = _kv_shared_model("gemma3n_text", laurel_rank=8, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])
+    from accelerate import cpu_offload
+
+    def sparse_model():
+        return _kv_shared_model(
+            "gemma3n_text", laurel_rank=8, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0]
+        )
+
+    offloaded = sparse_model()  # its weights on "meta": the same sites (the layer's flag, not a run, tells)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    model = sparse_model()
     unlearned = UnlearnedModelForCausalLM.from_base(model)
     sites = unlearned.ffl_sites
-    assert sites[0].pre is None and "transforms the gate first" in sites[0].pre_missing
-    assert [s.pre_name for s in sites[1:]] == [f"model.layers.{i}.mlp.gate_proj" for i in (1, 2, 3)]
+    from unlearn_hf.sites import find_ffl_sites
+
+    for found in (sites, find_ffl_sites(offloaded)):
+        assert found[0].pre is None and "sparsifies the gate" in found[0].pre_missing
+        assert [s.pre_name for s in found[1:]] == [f"model.layers.{i}.mlp.gate_proj" for i in (1, 2, 3)]
     forget, retain = _rows(0, FORGET), _rows(1, RETAIN)
-    with pytest.raises(ValueError, match=r"layers \[0\] do not have: layer 0 \(mlp\): the output of"):
+    with pytest.raises(
+        ValueError, match=r"layers \[0\] do not have: layer 0 \(mlp\): it sparsifies the gate"
+    ):
         unlearned.fit(NeuronAdjustConfig(ratio=0.2, deterministic=True), forget, retain, show_progress=False)
     assert not unlearned.methods
     mlp = model.model.layers[1].mlp
@@ -212,6 +226,41 @@ def test_gemma3n_layers_with_activation_sparsity_have_no_pre_activation_site():
         handle.remove()
     changed = (seen[0] != seen[1]).flatten(0, -2).any(0).nonzero().flatten().tolist()
     assert changed and changed == sorted(na.state["neuron_index"].tolist())
+
+
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [
+        ("bitnet", {}),  # a norm between act(gate) * up and the down projection
+        (  # the gate scaled by a positive constant before the activation (a published checkpoint's multipliers)
+            "falcon_h1",
+            dict(
+                head_dim=8,
+                mamba_d_ssm=32,
+                mamba_n_heads=4,
+                mamba_d_head=8,
+                mamba_d_state=8,
+                mamba_n_groups=1,
+                mlp_multipliers=[0.8838834764831844, 0.5859375],
+            ),
+        ),
+    ],
+)
+def test_a_gate_that_enters_the_activation_keeps_its_site(model_type, extra):
+    """A check of this stop's first mend (act(gate) * up had to give the key input) took these layers' sites away,
+    though their gate's output is what enters the activation, up to a positive scale that Neuron Adjust's z-scores
+    do not see (a review); only a layer that sparsifies its gate loses its site."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from unlearn_hf.sites import find_ffl_sites
+
+    config = AutoConfig.for_model(model_type, **small_text_kwargs(num_hidden_layers=2, **extra))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    container = {"bitnet": "mlp", "falcon_h1": "feed_forward"}[model_type]
+    assert [s.pre_name for s in find_ffl_sites(model)] == [
+        f"model.layers.{i}.{container}.gate_proj" for i in (0, 1)
+    ]
 
 
 def test_ksd_never_decides_at_layers_that_generate_runs_over_the_last_position_only():

@@ -214,19 +214,16 @@ def discover_in_layer(
             len(gates) != 1 and len(ups) == 2
         ):  # names that do not tell (w1 / w3): the layer's computation does
             gates = [g] if (g := gate_of_pair(layer, runs, ups, key_name, act)) else []
-        elif (
-            len(gates) == 1
-            and len(ups) == 2
-            and not enters_activation(layer, runs, ups, gates[0], key_name, act)
-        ):
-            return SitePair(
-                None,
-                key_name,
-                pre_missing=f"{where}: the output of {gates[0]} is not what enters the activation (act(gate) * up "
-                f"does not give the input of {key_name}: the FFL transforms the gate first, as Gemma 3n's activation "
-                "sparsity does), so Neuron Adjust's formula has no site here (it can use the layers without one).",
-            )
         ups = gates if len(gates) == 1 else ups
+    sparsity = getattr(scope, "activation_sparsity", 0.0)
+    if len(ups) == 1 and isinstance(sparsity, (int, float)) and sparsity > 0:
+        return SitePair(
+            None,
+            key_name,
+            pre_missing=f"{where}: it sparsifies the gate before the activation (activation_sparsity={sparsity}, as "
+            f"Gemma 3n's first layers do), so what enters the activation is not the output of {ups[0]} and Neuron "
+            "Adjust's formula has no site here (it can use the layers without it).",
+        )
     if len(ups) == 1:
         return SitePair(ups[0], key_name)
     fused = [n for n, (i, o) in linears if i == hidden and o == 2 * d_ff]
@@ -316,19 +313,6 @@ def gate_of_pair(
         if found:
             return found[0] if len(found) == 1 else None
     return None
-
-
-def enters_activation(
-    layer: nn.Module, prefix: str | None, ups: Sequence[str], gate: str, key: str, act: str | None
-) -> bool:
-    """Whether the output of ``gate``, the gate of the two projections ``ups`` by its name, is what enters the
-    activation: ``act(gate) * up`` equals the input of ``key`` when the FFL runs on a random input (the config's
-    activation, else a common one). ``True`` when the check cannot run (the names are trusted then)."""
-    got = _run_ffl(layer, prefix, ups, key)
-    if got is None:
-        return True
-    up = next(n for n in ups if n != gate)
-    return any(_reproduces(got[gate], got[up], got["key"], fn) for fn in _activations(act))
 
 
 def fused_gate_layout(
