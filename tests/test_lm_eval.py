@@ -13,6 +13,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -429,22 +430,28 @@ def test_cli_lm_eval_user_errors_are_one_line(saved, tasks, extra, message, caps
     assert code == 2 and len(errors) == 1 and message in errors[0]
 
 
-def test_cli_unknown_task_is_refused_before_the_model_loads(saved, tasks, monkeypatch, capsys):
+def test_cli_unknown_task_is_refused_before_the_model_loads(saved, tasks, monkeypatch, capsys, tmp_path):
     """A misspelt task name failed only after the model was loaded (minutes for a Hub model): now it is refused
     first, naming the name that matches no task (a YAML path beside it is fine)."""
     from unlearn_hf.cli import harness
 
     loads = []
     monkeypatch.setattr(harness, "load_model", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    # a glob pattern too: lm-eval's evaluation does not expand it (it failed after the model load; a review)
     code = main(
         ["evaluate", "--harness", "lm-eval", "--model", str(saved), "--formats", "qa", "--quiet"]
-        + ["--tasks", f"{tasks['mc']},gsm8k_typo_task"]
+        + ["--tasks", f"{tasks['mc']},gsm8k_typo_task,gsm8k*"]
     )
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert code == 2 and not loads and len(errors) == 1
-    assert (
-        "no task named gsm8k_typo_task" in errors[0] and str(tasks["mc"]) not in errors[0].split("named")[1]
-    )
+    named = errors[0].split("no task named ")[1]
+    assert named.startswith("gsm8k_typo_task, gsm8k* (") and str(tasks["mc"]) not in named
+    # a task file whose name does not end in a lower-case .yaml is still a file (lm-eval loads it)
+    from unlearn_hf.integrations.lm_eval.run import task_manager_for
+
+    upper = tmp_path / "task.YAML"
+    upper.write_text(Path(tasks["mc"]).read_text())
+    task_manager_for([str(upper)])
 
 
 def test_cli_tasks_without_the_lm_eval_harness_is_an_error(capsys):

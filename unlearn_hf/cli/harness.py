@@ -51,7 +51,7 @@ def evaluate_lm_eval(args: argparse.Namespace, output: Path | None) -> int:
     missing = [t for t in tasks if t.endswith(YAML_SUFFIXES) and not Path(t).expanduser().is_file()]
     if missing:
         raise UserError(f"--tasks: no such YAML file {missing}.")
-    tasks = [str(Path(t).expanduser()) if t.endswith(YAML_SUFFIXES) else t for t in tasks]
+    tasks = [str(Path(t).expanduser()) if Path(t).expanduser().is_file() else t for t in tasks]
     try:
         manager = task_manager_for(tasks)  # before the model load: a misspelt name fails at once
     except TaskLoadError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from ...context import is_unlearned_model
@@ -36,20 +37,23 @@ def checked_task_manager(include_defaults: bool) -> Any:
 
 
 def task_manager_for(tasks: list[str]) -> Any:
-    """A task manager for ``tasks`` (registered names, lm-eval's glob patterns, YAML paths) once every name matches a
-    registered task: called before a model is loaded, so that a misspelt name costs no model load.
+    """A task manager for ``tasks`` (registered task, group or tag names, and task files) once every name is one
+    lm-eval registered: called before a model is loaded, so that a misspelt name costs no model load. A task file
+    is a path that exists or ends in .yaml / .yml.
 
     Raises:
-        TaskLoadError: naming the tasks that match none.
+        TaskLoadError: naming the tasks that are none of these (a glob pattern included: lm-eval's evaluation does
+            not expand it).
     """
-    names = [t for t in tasks if not t.endswith(YAML_SUFFIXES)]
-    # lm-eval's own task index takes seconds to build: skipped when every task is a YAML file
+    names = [t for t in tasks if not t.endswith(YAML_SUFFIXES) and not Path(t).expanduser().is_file()]
+    # lm-eval's own task index takes seconds to build: skipped when every task is a file
     manager = checked_task_manager(include_defaults=bool(names))
-    unknown = [t for t in names if not manager.match_tasks([t])]
+    known = set(manager.all_tasks) if names else set()
+    unknown = [t for t in names if t not in known]
     if unknown:
         raise TaskLoadError(
-            f"lm-eval has no task named {', '.join(unknown)} (`lm-eval ls tasks` lists them; a YAML file's path "
-            "must end in .yaml or .yml)"
+            f"lm-eval has no task named {', '.join(unknown)} (`lm-eval ls tasks` lists them; name tasks one by one, "
+            "without glob patterns; a task file must exist)"
         )
     return manager
 
