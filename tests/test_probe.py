@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -121,8 +123,9 @@ def test_statistics_of_other_weights_of_one_architecture_are_refused(smol_tokeni
     """Two checkpoints of one architecture (a base model and its fine-tune: here two seeds) had one id, so their
     statistics merged, and a fit on one took the other's, selecting other neurons without a word (a review). The id
     now reads each parameter's first row: one weight changed anywhere is another model; the same weights, built
-    again, offloaded or cast, are the same."""
+    again, offloaded or cast, are the same model."""
     from unlearn_hf import SelectivePruningConfig, UnlearnedModelForCausalLM
+    from unlearn_hf.model_identity import architecture_id, same_model
 
     def stats(model):
         return [
@@ -149,6 +152,12 @@ def test_statistics_of_other_weights_of_one_architecture_are_refused(smol_tokeni
     cpu_offload(offloaded, execution_device=torch.device("cpu"))
     assert offloaded.model.layers[0].mlp.down_proj.weight.is_meta
     merge(probed[0], stats(offloaded)[1])
+    # in one dtype the rows are compared as stored; across dtypes (a float16 load of a bfloat16 checkpoint rounds
+    # some values apart from a bfloat16 one, 55% of real rows; a review) only the architecture can be
+    assert not same_model(
+        architecture_id(tuned.to(torch.bfloat16)), architecture_id(copy.deepcopy(base).bfloat16())
+    )
+    assert same_model(architecture_id(base), architecture_id(copy.deepcopy(base).half()))
     base.to(torch.bfloat16)
     unlearned.fit(SelectivePruningConfig(ratio=0.1), *probed, show_progress=False)
     assert list(unlearned.methods) == ["selective_pruning"]

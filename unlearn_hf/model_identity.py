@@ -46,11 +46,12 @@ def held_values(
 
 
 def architecture_id(model: nn.Module) -> str:
-    """A short id of the model, kept with probe statistics to refuse merging or using statistics of another model:
-    its architecture and size, and the first row of each parameter (two checkpoints of one architecture, a base
-    model and its fine-tune, differ there), read where it is held (an offloaded parameter from accelerate's hook)
-    and rounded to bfloat16, so that the same weights in another dtype or place keep the id. Not the saved
-    checkpoint's fingerprint: see :mod:`unlearn_hf.persistence`."""
+    """A short id of the model, kept with probe statistics to refuse merging or using statistics of another model
+    (:func:`same_model`): ``"<architecture>:<dtypes>:<weights>"``, a hash of the model type and size, the floating
+    dtypes of its parameters, and a hash of each parameter's first row as it is stored (two checkpoints of one
+    architecture, a base model and its fine-tune, differ there); ``-`` for the weights when a parameter is not in
+    memory (offloaded by accelerate: it is not read from disk for this). Not the saved checkpoint's fingerprint:
+    see :mod:`unlearn_hf.persistence`."""
     config = getattr(model, "config", None)
     parts = [
         str(getattr(config, "model_type", type(model).__name__)),
@@ -58,12 +59,28 @@ def architecture_id(model: nn.Module) -> str:
         str(sum(1 for _ in model.parameters())),
         str(sum(p.numel() for p in model.parameters())),
     ]
-    digest = hashlib.sha1("|".join(parts).encode())
-    for name, p in plain_parameters(model):
-        if not p.is_floating_point() or not p.numel() or hasattr(p, "to_local"):
-            continue
-        values = held_values(model, name, p)
-        if values is not None:
-            row = values.detach().reshape(-1, p.shape[-1])[0] if p.ndim else values.detach().reshape(1)
-            digest.update(row.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    architecture = hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+    floating = [(n, p) for n, p in plain_parameters(model) if p.is_floating_point() and p.numel()]
+    dtypes = ",".join(sorted({str(p.dtype).removeprefix("torch.") for _, p in floating}))
+    if any(p.is_meta or hasattr(p, "to_local") for _, p in floating):
+        return f"{architecture}:{dtypes}:-"
+    digest = hashlib.sha1()
+    for _, p in floating:
+        row = p.detach().reshape(-1, p.shape[-1])[0] if p.ndim else p.detach().reshape(1)
+        digest.update(row.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return f"{architecture}:{dtypes}:{digest.hexdigest()[:16]}"
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether statistics with the ids ``a`` and ``b`` (:func:`architecture_id`; empty: unknown) may come from one
+    model: the same architecture, and, when both hold every weight in the same dtypes, the same first rows. Across
+    dtypes (a model probed in float32, fitted in bfloat16) or with offloaded weights only the architecture can be
+    compared: a rounding of the weights is not told from a change of them."""
+    if not a or not b:
+        return True
+    pa, pb = a.split(":"), b.split(":")
+    if len(pa) != 3 or len(pb) != 3:
+        return a == b
+    if pa[0] != pb[0]:
+        return False
+    return pa[1] != pb[1] or "-" in (pa[2], pb[2]) or pa[2] == pb[2]

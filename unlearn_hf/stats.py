@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import stats_chunks as chunks
+from .model_identity import same_model
 
 #: Pending sums are folded into the statistics after this many vectors (bounds the cancellation of Σx² − n·mean²).
 _FOLD_ROWS = 1 << 16
@@ -296,7 +297,7 @@ class SiteStatistics:
         site: ``"pre"`` (pre-activation) or ``"key"`` (input of the output projection).
         mode: which tokens were counted (``"all"``, ``"prompt"``, ``"completion"`` or ``"last"``).
         layers: layer index -> :class:`RunningStats`.
-        architecture_id: short id of the probed model and its weights (:func:`~unlearn_hf.probe.architecture_id`),
+        architecture_id: short id of the probed model and its weights (:func:`~unlearn_hf.model_identity.architecture_id`),
             used to refuse merging or fitting with statistics of another model.
     """
 
@@ -312,7 +313,7 @@ class SiteStatistics:
                 f"Cannot merge statistics of site/mode/layers {self.site}/{self.mode}/{sorted(self.layers)} "
                 f"with {other.site}/{other.mode}/{sorted(other.layers)}."
             )
-        if self.architecture_id and other.architecture_id and self.architecture_id != other.architecture_id:
+        if not same_model(self.architecture_id, other.architecture_id):
             raise ValueError(
                 "Cannot merge statistics probed on different models (or other weights of one model)."
             )

@@ -19,7 +19,7 @@ from ..data import (
     refuse_empty,
 )
 from ..data_errors import DataError, DataTypeError, as_list
-from ..model_identity import architecture_id
+from ..model_identity import architecture_id, same_model
 from ..probe import probe
 from ..sites import FFLSite
 from ..stats import DEFAULT_STATISTICS, SiteStatistics, check_finite
@@ -85,7 +85,7 @@ def _check_precomputed(
         problems.append(f"token mode {data.mode!r} != {mode!r}")
     if sorted(data.layers) != sorted(layers):
         problems.append(f"layers {sorted(data.layers)} != {sorted(layers)}")
-    if data.architecture_id and data.architecture_id != architecture_id(model):
+    if not same_model(data.architecture_id, architecture_id(model)):
         problems.append("they were probed on a different model (or other weights of this one)")
     if sites is not None and not problems:
         by_layer = {s.layer: s for s in sites}
