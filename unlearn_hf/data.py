@@ -34,7 +34,7 @@ from .batch_plan import default_batch_tokens, plan_batches
 from .data_errors import DataError, DataTypeError, as_list, check_batch, refuse_non_examples
 from .model_inputs import last_token_mask
 from .sharding import ShardBatches, StreamShard, check_shard, fingerprint_rows, shard_batch_indices
-from .tokenizing import TextTokenizer
+from .tokenizing import TextTokenizer, shared_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +216,8 @@ def iter_token_batches(
     records = _records(data, spec, mode)
     tok = TextTokenizer.of(tokenizer, mode)
     rows = _encode_rows(records, tok, spec.max_length)
-    refuse_empty(
-        [ids for ids, _ in rows]
-    )  # whatever the batching (a batch of empty rows has no tokens at all)
+    # refused whatever the batching (a batch of empty rows has no tokens at all)
+    refuse_empty([ids for ids, _ in rows])
     plan = spec.plan([len(ids) for ids, _ in rows], device)
     if shard is None:
         return sum(len(b) for b in plan), _text_iter(rows, plan, tok, mode)
@@ -314,7 +313,7 @@ def refuse_empty(rows: list[list[int]]) -> None:
         )
 
 
-def _encode(tok: TextTokenizer, prompt: str, completion: str | None) -> tuple[list[int], int]:
+def encode_pair(tok: TextTokenizer, prompt: str, completion: str | None) -> tuple[list[int], int]:
     """``(token ids, number of prompt tokens)``. A pair is tokenized as the text it joins (part by part, SentencePiece
     read ``"2+3=" + "5"`` as ``"2+3= 5"`` and an appended EOS came between the parts); its prompt tokens are those it
     shares from the start with the prompt tokenized alone (``"A: " + "Paris"``: ``" Paris"`` is a completion token)."""
@@ -322,15 +321,14 @@ def _encode(tok: TextTokenizer, prompt: str, completion: str | None) -> tuple[li
     if completion is None:
         return alone, len(alone)
     ids = tok.encode(prompt + completion)
-    n_prompt = next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), min(len(alone), len(ids)))
-    return ids, n_prompt
+    return ids, shared_prefix_length(alone, ids)
 
 
 def _encode_rows(
     records: list[tuple[str, str | None]], tok: TextTokenizer, max_length: int
 ) -> list[tuple[list[int], int]]:
     """Token ids and prompt-token count of each record, truncated to ``max_length`` on the tokenizer's side."""
-    rows = [_encode(tok, p, c) for p, c in records]
+    rows = [encode_pair(tok, p, c) for p, c in records]
     long = sum(len(ids) > max_length for ids, _ in rows)
     if long:
         kept = "end" if tok.truncation_side == "left" else "beginning"

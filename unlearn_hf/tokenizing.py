@@ -127,3 +127,9 @@ class TextTokenizer:
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; with ``special``, the tokenizer's special tokens, BOS only once."""
         return encode_text(self.tokenizer, text, self.bos, special)
+
+
+def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many token ids ``a`` and ``b`` share from the start (where a prompt tokenized alone stops matching the
+    prompt + answer text tokenized whole: the first answer token)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..model_inputs import accepts, input_device, learned_position_limit, position_ids_from_mask
-from ..tokenizing import BosRule, encode_texts, special_tokens
+from ..tokenizing import BosRule, encode_texts, shared_prefix_length, special_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,7 @@ def encode_pairs(
     full, pre = (encode_texts(tokenizer, t, rule, n_suffix) for t in (texts, prompts))
     out = []
     for f, p in zip(full, pre):
-        start = 0
-        while start < min(len(f), len(p)) and f[start] == p[start]:
-            start += 1
+        start = shared_prefix_length(f, p)
         cut = max(0, len(f) - max_length)
         lost = max(0, cut + 1 - start)  # answer tokens without a preceding position in the window
         out.append((f[cut:], max(start - cut, 1), lost, cut))

@@ -12,10 +12,10 @@ from ..adapters import check_no_adapters
 from ..data import (
     DataSpec,
     _columns_of,
-    _encode,
     _is_tokenized_batch,
     _records,
     _refuse_containers,
+    encode_pair,
     refuse_empty,
 )
 from ..data_errors import DataError, DataTypeError, as_list
@@ -191,7 +191,7 @@ def check_examples(data: Any, spec: DataSpec, mode: str, role: str, tokenizer: A
         if len(data) and (_columns_of(data) is not None or not _is_tokenized_batch(data[0])):
             records = _records(data, spec, mode)
             if tok is not None:
-                refuse_empty([_encode(tok, p, c)[0] for p, c in records])
+                refuse_empty([encode_pair(tok, p, c)[0] for p, c in records])
 
 
 def probe_forget_and_retain(

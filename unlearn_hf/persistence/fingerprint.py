@@ -140,7 +140,12 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 
 
 def _weight_slice(
-    label: str, name: str, weight: torch.Tensor, model: nn.Module, weights: Mapping[str, torch.Tensor] | None
+    label: str,
+    name: str,
+    weight: torch.Tensor,
+    model: nn.Module,
+    weights: Mapping[str, torch.Tensor] | None,
+    names: dict[int, str],
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "label": label,
@@ -151,9 +156,7 @@ def _weight_slice(
         "sha256": None,
         "sample": None,
     }
-    held = _held_view(model, weight, weights) if _is_parameter_view(model, weight) else None
-    if held is None:
-        held = held_values(model, name, weight, weights)
+    held = _slice_values(model, name, weight, weights, names)
     if held is None or weight.ndim == 0:
         logger.info("Fingerprint: %s (%s) is not materialized; its values are not hashed.", label, name)
         return entry
@@ -164,23 +167,23 @@ def _weight_slice(
     return entry
 
 
-def _is_parameter_view(model: nn.Module, weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is a view of one of ``model``'s parameters (one expert's slice of a 3-D experts weight)."""
-    return weight._base is not None and id(weight._base) in _param_names(model)
-
-
-def _held_view(
-    model: nn.Module, weight: torch.Tensor, weights: Mapping[str, torch.Tensor] | None
+def _slice_values(
+    model: nn.Module,
+    name: str,
+    weight: torch.Tensor,
+    weights: Mapping[str, torch.Tensor] | None,
+    names: dict[int, str],
 ) -> torch.Tensor | None:
-    """The values of ``weight``, a view of a parameter of ``model``: the same view of the parameter's held values
-    (:func:`held_values`: what a save writes, or what accelerate keeps of an offloaded expert weight), ``None`` when
-    they are nowhere or laid out otherwise."""
+    """The values of a fingerprinted ``weight`` (:func:`held_values`). One expert's slice of a 3-D experts weight is
+    a view whose name is no parameter's (``names``: the model's, by ``id``), so accelerate's offload map does not know
+    it: it is taken as the same view of its parameter's held values (what a save writes, or what accelerate keeps)."""
     base = weight._base
-    full = held_values(model, _param_names(model)[id(base)], base, weights)
-    if full is None or full.stride() != base.stride():
-        return None
-    offset = full.storage_offset() + weight.storage_offset() - base.storage_offset()
-    return full.as_strided(weight.shape, weight.stride(), offset)
+    if base is not None and id(base) in names:
+        full = held_values(model, names[id(base)], base, weights)
+        if full is not None and full.stride() == base.stride():
+            offset = full.storage_offset() + weight.storage_offset() - base.storage_offset()
+            return full.as_strided(weight.shape, weight.stride(), offset)
+    return held_values(model, name, weight, weights)
 
 
 def compute_fingerprint(
@@ -198,14 +201,19 @@ def compute_fingerprint(
     if emb_weight is not None:
         slices.append(
             _weight_slice(
-                "input embedding", names.get(id(emb_weight), "input_embeddings"), emb_weight, model, weights
+                "input embedding",
+                names.get(id(emb_weight), "input_embeddings"),
+                emb_weight,
+                model,
+                weights,
+                names,
             )
         )
     for label, site in (("first FFL key projection", sites[0]), ("last FFL key projection", sites[-1])):
         w = getattr(site.key, "weight", None)
         if isinstance(w, torch.Tensor):
             slices.append(
-                _weight_slice(label, names.get(id(w), site.key_name + ".weight"), w, model, weights)
+                _weight_slice(label, names.get(id(w), site.key_name + ".weight"), w, model, weights, names)
             )
     return {
         "model_type": getattr(config, "model_type", None),
