@@ -14,7 +14,8 @@ from benchmarks.lm_eval_formats import evaluate, gsm8k_mc, mmlu_mc
 from unlearn_hf import KeySpaceDetectionConfig, UnlearnedModelForCausalLM
 from unlearn_hf.integrations.lm_eval.model import UnlearnedLM
 
-N_DOCS = 20
+#: Documents per task: 10 GSM8K + 10 MMLU, 4 choices each, 80 requests (five batches of 16) per evaluation.
+N_DOCS = 10
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,9 @@ def test_lm_eval_on_smollm2_abstains_per_context_and_scores_answered_items_as_th
             else:  # bit-identical to the base model in the same batches
                 assert [r[0] for r in s16["resps"]] == [r[0] for r in b["resps"]]
     rates = {n: r["abstained,none"] for n, r in sixteen["results"].items()}
-    # measured on the first 40 + 40 such items: GSM8K 38/40 abstained, MMLU non-math 0/40; on these first 20 + 20:
-    # GSM8K 20/20 and MMLU 0/20, unchanged when the fit's α is 0.8 or 1.6 instead of 1: no item near the boundary
+    # measured on the first 40 + 40 such items: GSM8K 38/40 abstained, MMLU non-math 0/40; on the first 20 + 20
+    # (these 10 + 10 among them): GSM8K 20/20 and MMLU 0/20, unchanged when the fit's α is 0.8 or 1.6 instead of 1: no
+    # item near the boundary
     assert rates["gsm8k_mc"] >= 0.8 and rates["mmlu_other_mc"] <= 0.05, rates
 
     # through the chat template lm-eval renders "Question: …\nAnswer:" inside the user turn: the decision is the
