@@ -2,11 +2,11 @@
 more than MBPP (code), measured with the teacher-forced answer-token accuracy (METHOD.md §7).
 
 Forget: GSM8K train, question + answer. Retain: MBPP train (task_id 601-974), task + code (CRLF normalised by
-the skill loader). One probe of both FFL sites feeds both methods (precomputed statistics are part of the fit
-API). Evaluation: 50 GSM8K test items and 50 MBPP test items (task_id 11-510), before and after.
+the skill loader). Neuron Adjust is fitted on precomputed statistics (part of the fit API), Selective Pruning with
+``ratio="auto"`` on texts. Evaluation: 50 GSM8K test items and 50 MBPP test items (task_id 11-510), before and after.
 
 Measured when written (64 + 64 probe items, 50 + 50 eval items): base 0.657 / 0.664; Neuron Adjust 0.03:
-relative drop 12.6% GSM8K vs 1.1% MBPP; Selective Pruning 0.03: 43.7% vs 3.5%.
+relative drop 12.6% GSM8K vs 1.1% MBPP; Selective Pruning 0.03 (the ratio ``"auto"`` chooses): 43.7% vs 3.5%.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ def skills(shared_data):
 
 @pytest.fixture(scope="module")
 def statistics(smollm2, skills):
-    """``(forget, retain)``: ``{"pre": ..., "key": ...}`` statistics of GSM8K and MBPP probe texts."""
+    """``(forget, retain)``: pre-activation statistics of GSM8K and MBPP probe texts."""
     model, tok = smollm2
     gsm8k, mbpp = skills
     texts = mbpp.probe_texts(N_PROBE)
     assert not any("\r" in t for t in texts)  # CRLF normalised
-    kw = dict(site=("pre", "key"), spec=DataSpec(batch_size=8, max_length=256), show_progress=False)
+    kw = dict(site="pre", spec=DataSpec(batch_size=8, max_length=256), show_progress=False)
     return probe(model, gsm8k.probe_texts(N_PROBE), tok, **kw), probe(model, texts, tok, **kw)
 
 
@@ -70,24 +70,14 @@ def unlearned(smollm2):
     wrapper.remove_all_methods()
 
 
-# Margins on drop(GSM8K) − drop(MBPP), re-measured with probe/eval batches of 8/8 and 5/5 on 1 thread: Neuron
-# Adjust 0.116 / 0.119 (margin 0.05: 0.066 to spare, ~20x the 0.0035 the batch layout moved it; the MBPP drop
-# moved 1.1% -> 0.7%), Selective Pruning 0.40 / 0.40 (margin 0.15); the base scores were identical
-@pytest.mark.parametrize(
-    "config,margin",
-    [
-        (NeuronAdjustConfig(ratio=0.03, seed=0), 0.05),
-        (SelectivePruningConfig(ratio=0.03), 0.15),
-    ],
-    ids=["neuron_adjust", "selective_pruning"],
-)
-def test_forgetting_gsm8k_hurts_math_more_than_code(
-    smollm2, unlearned, statistics, eval_items, base_scores, config, margin
-):
+def test_forgetting_gsm8k_hurts_math_more_than_code(smollm2, unlearned, statistics, eval_items, base_scores):
+    # margin on drop(GSM8K) − drop(MBPP), re-measured with probe/eval batches of 8/8 and 5/5 on 1 thread: 0.116 /
+    # 0.119 (margin 0.05: 0.066 to spare, ~20x the 0.0035 the batch layout moved it; the MBPP drop moved 1.1% ->
+    # 0.7%); the base scores were identical
+    config, margin = NeuronAdjustConfig(ratio=0.03, seed=0), 0.05
     model, tok = smollm2
     forget, retain = statistics
-    site = "pre" if config.method_type == "neuron_adjust" else "key"
-    method = unlearned.fit(config, forget[site], retain[site])
+    method = unlearned.fit(config, forget, retain)
     assert method.state["layer_index"].numel() == round(config.ratio * 30 * 1536)
     after = scores(unlearned, tok, eval_items)
     drop = {k: relative_drop(base_scores[k], after[k]) for k in after}
