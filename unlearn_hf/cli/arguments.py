@@ -64,15 +64,51 @@ def ratio_or_auto(text: str) -> Any:
     return "auto" if text == "auto" else number(float, 0, 1, open_low=True)(text)
 
 
+def ratio_list(text: str) -> list[float]:
+    """An argparse type: comma-separated distinct fractions in (0, 1] (``--ratio-grid 0.01,0.03,0.1``)."""
+    parse = number(float, 0, 1, open_low=True)
+    values = [parse(v.strip()) for v in text.split(",") if v.strip()]
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated ratios, got {text!r}")
+    return sorted(values)
+
+
 POSITIVE_INT = number(int, 1)
 
 
+def add_ratio_options(p: argparse.ArgumentParser) -> None:
+    """``--ratio``, ``--max-retain-drop`` and ``--ratio-grid`` (Neuron Adjust and Selective Pruning) of ``fit`` and
+    ``demo``."""
+    p.add_argument(
+        "--ratio",
+        type=ratio_or_auto,
+        default="auto",
+        help="fraction of neurons for na/sp, or 'auto' (default): the ratio of --ratio-grid with the largest forget "
+        "drop within --max-retain-drop on held-out examples",
+    )
+    p.add_argument(
+        "--max-retain-drop",
+        type=FRACTION,
+        default=None,
+        help="na/sp with --ratio auto: largest relative drop of held-out retain accuracy (0.05)",
+    )
+    p.add_argument(
+        "--ratio-grid",
+        type=ratio_list,
+        default=None,
+        help="na/sp with --ratio auto: comma-separated ratios to try, e.g. 0.01,0.03,0.1 (default: "
+        "unlearn_hf.methods.ratio_search.DEFAULT_GRID)",
+    )
+
+
 def check_retain_budget(args: argparse.Namespace) -> None:
-    """``--max-retain-drop`` budgets ``--ratio auto`` only: with a fixed ratio it would be silently ignored."""
-    if args.max_retain_drop is not None and args.ratio != "auto":
-        raise UserError(
-            f"--max-retain-drop applies to --ratio auto only; --ratio {args.ratio} is fixed (drop one of them)."
-        )
+    """``--max-retain-drop`` and ``--ratio-grid`` set up ``--ratio auto`` only: with a fixed ratio they would be
+    silently ignored."""
+    for flag, value in (("--max-retain-drop", args.max_retain_drop), ("--ratio-grid", args.ratio_grid)):
+        if value is not None and args.ratio != "auto":
+            raise UserError(
+                f"{flag} applies to --ratio auto only; --ratio {args.ratio} is fixed (drop one of them)."
+            )
 
 
 def output_folder(path: str) -> Path:

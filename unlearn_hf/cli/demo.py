@@ -79,24 +79,29 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         _say(quiet, f"fitting {label} ...")
         unlearned = UnlearnedModelForCausalLM.from_base(model)
         t0 = time.perf_counter()
-        fitted[m] = fit_methods(
-            unlearned,
-            tok,
-            [m],
-            forget,
-            retain,
-            n_probe=args.n_probe,
-            ratio=args.ratio,
-            max_retain_drop=args.max_retain_drop,
-            alpha=args.alpha,
-            max_batch_tokens=args.max_batch_tokens,
-            show_progress=not quiet,
-        )[m]
+        try:
+            fitted[m] = fit_methods(
+                unlearned,
+                tok,
+                [m],
+                forget,
+                retain,
+                n_probe=args.n_probe,
+                ratio=args.ratio,
+                max_retain_drop=args.max_retain_drop,
+                ratio_grid=args.ratio_grid,
+                alpha=args.alpha,
+                max_batch_tokens=args.max_batch_tokens,
+                show_progress=not quiet,
+            )[m]
+        except ValueError as err:  # the fit's refusal of this data or model, as `fit` says it
+            raise UserError(str(err)) from err
         timings[f"fit_{m}_s"] = round(time.perf_counter() - t0, 1)
         curve = getattr(fitted[m], "ratio_curve", None)
         if curve is not None:
             chosen[label] = {
                 "ratio": curve.ratio,
+                "ratios": curve.ratios,
                 "held_out_forget_drop": round(curve.forget_drop[curve.chosen], 4),
                 "held_out_retain_drop": round(curve.retain_drop[curve.chosen], 4),
                 "max_retain_drop": fitted[m].config.max_retain_drop,

@@ -19,17 +19,16 @@ from ..tokenizing import prompt_tensors
 from ..version import __version__
 from .arguments import (
     DEFAULT_DATA,
-    FRACTION,
     N_PROBE_HELP,
     POSITIVE_INT,
     Parser,
     add_common,
     add_data,
+    add_ratio_options,
     check_retain_budget,
     number,
     output_file,
     output_folder,
-    ratio_or_auto,
 )
 from .common import (
     UserError,
@@ -88,19 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--retain", default="mbpp", help="comma-separated skills to keep ('' with ksd alone: no calibration)"
     )
     fit.add_argument("--n-probe", type=POSITIVE_INT, default=200, help=N_PROBE_HELP)
-    fit.add_argument(
-        "--ratio",
-        type=ratio_or_auto,
-        default="auto",
-        help="fraction of neurons for na/sp, or 'auto': the largest forget drop within --max-retain-drop on "
-        "held-out examples (default auto)",
-    )
-    fit.add_argument(
-        "--max-retain-drop",
-        type=FRACTION,
-        default=None,
-        help="na/sp with --ratio auto: largest relative drop of held-out retain accuracy (0.05)",
-    )
+    add_ratio_options(fit)
     fit.add_argument(
         "--layers",
         default=None,
@@ -200,18 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--n-eval-mmlu", type=POSITIVE_INT, default=40, help="MMLU items (5-shot prompts are long)"
     )
-    demo.add_argument(
-        "--ratio",
-        type=ratio_or_auto,
-        default="auto",
-        help="neuron ratio for NA and SP, or 'auto' (default): chosen on held-out examples",
-    )
-    demo.add_argument(
-        "--max-retain-drop",
-        type=FRACTION,
-        default=None,
-        help="with --ratio auto: largest relative drop of held-out retain accuracy (0.05)",
-    )
+    add_ratio_options(demo)
     demo.add_argument(
         "--alpha", type=number(float, 0, open_low=True), default=None, help="KSD alpha (default: calibrated)"
     )
@@ -290,6 +266,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             n_probe=args.n_probe,
             ratio=args.ratio,
             max_retain_drop=args.max_retain_drop,
+            ratio_grid=args.ratio_grid,
             alpha=args.alpha,
             layers=layers,
             refusal=args.refusal,

@@ -63,7 +63,7 @@ class NeuronAdjust(NeuronSelectionMethod):
         "retain skill's in forward hooks, on every prompt; the base weights are unchanged. Retain skills lose "
         "some accuracy too: see the evaluation."
     )
-    cli_options = ("ratio", "max_retain_drop", "seed", "deterministic")
+    cli_options = ("ratio", "max_retain_drop", "ratio_grid", "seed", "deterministic")
 
     @classmethod
     def from_statistics(cls, config, layers, stats_f, stats_r, ratio, extra_state=None):

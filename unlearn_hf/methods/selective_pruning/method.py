@@ -29,7 +29,7 @@ class SelectivePruning(NeuronSelectionMethod):
         "data), on every prompt; the base weights are unchanged. Retain skills lose some accuracy too: see the "
         "evaluation."
     )
-    cli_options = ("ratio", "max_retain_drop")
+    cli_options = ("ratio", "max_retain_drop", "ratio_grid")
 
     @classmethod
     def from_statistics(cls, config, layers, stats_f, stats_r, ratio, extra_state=None):
