@@ -95,8 +95,9 @@ def test_paper_setting_separates_gsm8k_from_mbpp_and_mmlu(unlearned_smollm2, sha
             assert tok.decode(out.sequences[i, n:], skip_special_tokens=True) != method.config.refusal
 
 
-#: Held-out questions per set, fitted questions (the issue's targets allow ≤ 200) in the format tests.
-N_HELD, N_FIT_FORMATS = 60, 160
+#: Held-out questions per set, fitted questions (the issue's targets allow ≤ 200) in the format tests; the sets to
+#: keep that no format ever abstained on (0 of 60 each, measured) are read at their first N_HELD_KEEP questions.
+N_HELD, N_HELD_KEEP, N_FIT_FORMATS = 60, 40, 160
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,7 @@ def format_rates(smollm2, shared_data):
         del sets["mmlu_math"]  # reported by the benchmark; abstaining there is not a false abstention
         # long prompts: only the QA template, where one layer alone abstained most (23% at layer 8)
         mlqa = {"mlqa_en": sets.pop("mlqa_en")}
+        sets.update({name: sets[name][:N_HELD_KEEP] for name in ("mbpp", "humaneval", "mmlu_other")})
         rates = {**measure(unlearned, tok, sets), **measure(unlearned, tok, mlqa, format_names=["qa"])}
         # the choice travels with the rates, so that a failure names it (measured: layers [8, 13], window 15)
         yield rates, (method.config.layers, method.config.window, round(method.config.alpha, 4))
@@ -135,9 +137,10 @@ def test_default_ksd_abstains_however_the_question_is_asked(format_rates):
     (``Context: … Question: …``, unlike every calibration question) do not. The bounds are the issue's targets:
     ≥ 95% of GSM8K in the fitted formats, ≥ 90% in unseen wordings, ≤ 2% false abstention. Measured (calibration
     chose layers 8 and 13 under "all"): GSM8K 58-59 of 60 in every format (the bound is 57), 0 of 60 MBPP,
-    HumanEval and MMLU, 1 of 60 MLQA-en (the bound is 1). Every held-out query's score lies ≥ 0.2% (relative) from
-    α, far beyond float rounding (~1e-6), so the counts are the model's and the data's, not the machine's. Before
-    pairs of layers, one layer (8) abstained on 23% of MLQA-en."""
+    HumanEval and MMLU (0 of their first 40 read here, where the bound is 0), 1 of 60 MLQA-en (the bound is 1).
+    Every held-out query's score lies ≥ 0.2% (relative) from α, far beyond float rounding (~1e-6), so the counts are
+    the model's and the data's, not the machine's. Before pairs of layers, one layer (8) abstained on 23% of
+    MLQA-en."""
     rates, chosen = format_rates
     for fmt, rate in rates["gsm8k"].items():
         bound = 0.90 if fmt.startswith("unseen") else 0.95
