@@ -62,6 +62,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_environment_report():
+    """lm-eval's ``simple_evaluate`` adds torch's environment report to every result (``collect_env``: ``pip list``
+    and more in subprocesses, ~1 s per evaluation, two thirds of a tiny model's); no test reads it, so in-process
+    runs get a placeholder (a launched ``lm_eval`` process still collects it)."""
+    from torch.utils import collect_env
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(collect_env, "get_pretty_env_info", lambda: "(not collected in the tests)")
+    yield
+    patch.undo()
+
+
 #: Modules that run the real model for minutes: scheduled first, so that ``-n 2 --dist loadfile`` does not leave
 #: one of them for the end of the run, on one worker.
 SLOW_FIRST = (
