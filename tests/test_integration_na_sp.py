@@ -3,10 +3,11 @@ more than MBPP (code), measured with the teacher-forced answer-token accuracy (M
 
 Forget: GSM8K train, question + answer. Retain: MBPP train (task_id 601-974), task + code (CRLF normalised by
 the skill loader). Neuron Adjust is fitted on precomputed statistics (part of the fit API), Selective Pruning with
-``ratio="auto"`` on texts. Evaluation: 50 GSM8K test items and 50 MBPP test items (task_id 11-510), before and after.
+``ratio="auto"`` on texts. Evaluation: 30 GSM8K test items and 30 MBPP test items (task_id 11-510), before and after.
 
-Measured when written (64 + 64 probe items, 50 + 50 eval items): base 0.657 / 0.664; Neuron Adjust 0.03:
-relative drop 12.6% GSM8K vs 1.1% MBPP; Selective Pruning 0.03 (the ratio ``"auto"`` chooses): 43.7% vs 3.5%.
+Measured (64 + 64 probe items; 30 + 30 eval items, 50 + 50 in brackets): base 0.666 / 0.671 (0.657 / 0.664);
+Neuron Adjust 0.03: relative drop 12.2% GSM8K vs 0.9% MBPP (12.6% vs 1.1%); Selective Pruning at the ratio
+``"auto"`` chooses (0.03): 34.4% vs 2.5% (34.2% vs 2.9%).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 pytestmark = pytest.mark.slow
 
 N_PROBE = 64
-N_EVAL = 50
+N_EVAL = 30
 EVAL = dict(batch_size=8, max_length=256)
 
 
@@ -71,9 +72,8 @@ def unlearned(smollm2):
 
 
 def test_forgetting_gsm8k_hurts_math_more_than_code(smollm2, unlearned, statistics, eval_items, base_scores):
-    # margin on drop(GSM8K) − drop(MBPP), re-measured with probe/eval batches of 8/8 and 5/5 on 1 thread: 0.116 /
-    # 0.119 (margin 0.05: 0.066 to spare, ~20x the 0.0035 the batch layout moved it; the MBPP drop moved 1.1% ->
-    # 0.7%); the base scores were identical
+    # margin on drop(GSM8K) − drop(MBPP), measured with eval batches of 8 and 5 on 1 thread: 0.113 / 0.110 (margin
+    # 0.05: 0.06 to spare, ~20x the 0.003 the batch layout moved it; 0.116 / 0.119 on 50 + 50 items)
     config, margin = NeuronAdjustConfig(ratio=0.03, seed=0), 0.05
     model, tok = smollm2
     forget, retain = statistics
@@ -116,8 +116,9 @@ def test_auto_ratio_meets_the_retain_budget_on_independent_items(
     after = scores(unlearned, tok, eval_items)
     drop = {k: relative_drop(base_scores[k], after[k]) for k in after}
     logger.info("auto: %s\nindependent test items: relative drop %s", curve.table(), drop)
-    # measured when written: held-out retain drop 0.7% at 0.03 (chosen), 6.7% at 0.1 (beyond the budget, so the
-    # budget is what decided); independent test items: MBPP drop 2.9% (2.1 points within the 5% budget), GSM8K 34.2%
+    # measured: held-out retain drop 0.7% at 0.03 (chosen), 6.7% at 0.1 (beyond the budget, so the budget is what
+    # decided); independent test items: MBPP drop 2.5% (2.5 points within the 5% budget), GSM8K 34.4% (on 50 + 50
+    # items: 2.9% and 34.2%)
     assert curve.retain_drop[curve.chosen] <= config.max_retain_drop < curve.retain_drop[-1]
     assert method.state["layer_index"].numel() == round(curve.ratio * 30 * 1536)
     assert drop["mbpp"] <= config.max_retain_drop
