@@ -101,6 +101,11 @@ def add_ratio_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def ratio_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of :func:`add_ratio_options` as ``fit_methods`` takes them."""
+    return {"ratio": args.ratio, "max_retain_drop": args.max_retain_drop, "ratio_grid": args.ratio_grid}
+
+
 def check_retain_budget(args: argparse.Namespace) -> None:
     """``--max-retain-drop`` and ``--ratio-grid`` set up ``--ratio auto`` only: with a fixed ratio they would be
     silently ignored."""

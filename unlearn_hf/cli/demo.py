@@ -14,6 +14,7 @@ from ..evaluation import build_report, markdown_table, save_report
 from ..evaluation.runner import abstention_rates, evaluate_skills
 from ..tokenizing import prompt_tensors
 from ..wrapper import UnlearnedModelForCausalLM
+from .arguments import ratio_settings
 from .common import UserError, forget_and_retain, load_model, split_names
 from .push import write_card_info
 from .recipes import data_descriptions, fit_methods, method_names
@@ -87,9 +88,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 forget,
                 retain,
                 n_probe=args.n_probe,
-                ratio=args.ratio,
-                max_retain_drop=args.max_retain_drop,
-                ratio_grid=args.ratio_grid,
+                **ratio_settings(args),
                 alpha=args.alpha,
                 max_batch_tokens=args.max_batch_tokens,
                 show_progress=not quiet,

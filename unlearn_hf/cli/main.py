@@ -29,6 +29,7 @@ from .arguments import (
     number,
     output_file,
     output_folder,
+    ratio_settings,
 )
 from .common import (
     UserError,
@@ -264,9 +265,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             forget,
             retain,
             n_probe=args.n_probe,
-            ratio=args.ratio,
-            max_retain_drop=args.max_retain_drop,
-            ratio_grid=args.ratio_grid,
+            **ratio_settings(args),
             alpha=args.alpha,
             layers=layers,
             refusal=args.refusal,
